@@ -1,0 +1,205 @@
+"""
+softtokens.py: the learnable soft text tokens, and nothing else.
+
+SoftREPA eq. 12 gives each layer k (an MM-DiT block, or the UNet's chosen blocks) its own m soft
+tokens, optionally time dependent:
+
+    s^(k,t) = Embedding(k, t) = tokens[k] + time_table[bin(t), k]        in R^(m x d)
+
+where t is the denoiser's timestep in [0, 1000] (SD3: sigma * 1000) and bin(t) = min(int(t), 999) // 10
+picks one of 100 rows. The time row is added to every one of the layer's m tokens. This is exactly how
+the authors' released tokens are used (../shared/official-softrepa-tokens/README.md): their
+`dc_tokens` is our `tokens` and the rows of their `dc_t_tokens` embedding are our `time_table`.
+
+AGSM (Alg. 1, eq. 17) trains two sets, psi+ for matched pairs and psi- for mismatched pairs, and
+computes its alignment reward with an EMA copy of each (hat psi+-). `PairTokens` holds the four and
+their EMA update. A forward pass can use a different set per batch row (hooks.py): the sets are
+addressed by their position in `sets`, which is why the constants POS, NEG, EMA_POS, EMA_NEG exist.
+
+Files are safetensors with metadata saying how to attach them (family, layers, tokens, width, ...);
+`import_softrepa` reads the authors' released .pth files without running code from them.
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+TIME_BINS = 100
+POS, NEG, EMA_POS, EMA_NEG = 0, 1, 2, 3  # positions in PairTokens.sets
+
+
+def time_bin(timesteps):
+    """Row of the time table for denoiser timesteps in [0, 1000]: int cast, 1000 -> 999, then // 10."""
+    return timesteps.long().clamp(0, 10 * TIME_BINS - 1) // 10
+
+
+class SoftTokens(nn.Module):
+    """m soft tokens of width d for each of L layers, plus an optional table of TIME_BINS time rows."""
+
+    def __init__(self, layers, n_tokens, width, time_table=True, init_std=0.02, init_tokens=None):
+        super().__init__()
+        # N(0, 0.02) for SD3 / SDXL (SoftREPA Table 5); SD1.5 starts from the unconditional ("")
+        # text embedding instead (SoftREPA app. B: random init degraded SD1.5), passed as init_tokens.
+        start = torch.randn(layers, n_tokens, width) * init_std
+        if init_tokens is not None:
+            start = init_tokens.detach().float().reshape(1, n_tokens, width).expand(layers, -1, -1).clone()
+        self.tokens = nn.Parameter(start)
+        # The time rows start at zero so that at step 0 every timestep sees the same tokens.
+        self.time_table = nn.Parameter(torch.zeros(TIME_BINS, layers, width)) if time_table else None
+
+    @property
+    def shape(self):
+        return tuple(self.tokens.shape)  # (layers, n_tokens, width)
+
+    def forward(self, timesteps):
+        """(B,) timesteps -> (B, L, m, d) tokens s^(k,t) for every layer k (SoftREPA eq. 12)."""
+        tokens = self.tokens.unsqueeze(0).expand(len(timesteps), -1, -1, -1)
+        if self.time_table is None:
+            return tokens
+        rows = self.time_table[time_bin(timesteps).to(self.tokens.device)]  # (B, L, d)
+        return tokens + rows.unsqueeze(2)
+
+
+def tokens_for_rows(sets, timesteps, choice=None):
+    """Per-row tokens for one batched forward in which row b uses set `choice[b]`, -1 meaning none.
+
+    Returns (tokens (B, L, m, d), used (B,) bool or None when every row has tokens). The rows without
+    tokens get zeros here; hooks.py hides them from attention with a mask, so those rows compute what
+    the model computes without tokens."""
+    if choice is None:
+        return sets[0](timesteps), None
+    choice = choice.to(timesteps.device)
+    per_set = torch.stack([s(timesteps) for s in sets])                 # (S, B, L, m, d)
+    rows = torch.arange(len(timesteps), device=timesteps.device)
+    tokens = per_set[choice.clamp(min=0), rows]                          # (B, L, m, d)
+    used = choice >= 0
+    return tokens * used.view(-1, 1, 1, 1).to(tokens.dtype), used
+
+
+class PairTokens(nn.Module):
+    """AGSM's dual parameterisation (sec. 3.3, Alg. 1): psi+ and psi-, and their EMA copies."""
+
+    def __init__(self, layers, n_tokens, width, time_table=True, init_std=0.02, init_tokens=None):
+        super().__init__()
+        make = lambda: SoftTokens(layers, n_tokens, width, time_table, init_std, init_tokens)  # noqa: E731
+        self.pos, self.neg = make(), make()
+        self.neg.load_state_dict(self.pos.state_dict())  # both start from the same point
+        self.ema_pos, self.ema_neg = make(), make()
+        self.ema_pos.load_state_dict(self.pos.state_dict())
+        self.ema_neg.load_state_dict(self.neg.state_dict())
+        self.ema_pos.requires_grad_(False)
+        self.ema_neg.requires_grad_(False)
+
+    @property
+    def sets(self):
+        return [self.pos, self.neg, self.ema_pos, self.ema_neg]  # indexed by POS, NEG, EMA_POS, EMA_NEG
+
+    def trainable(self):
+        return list(self.pos.parameters()) + list(self.neg.parameters())
+
+    @torch.no_grad()
+    def update_ema(self, decay):
+        """hat psi <- decay * hat psi + (1 - decay) * psi. AGSM does not state its decay; ours is a flag."""
+        for ema, live in ((self.ema_pos, self.pos), (self.ema_neg, self.neg)):
+            for e, p in zip(ema.parameters(), live.parameters()):
+                e.lerp_(p, 1.0 - decay)
+
+
+def uncond_init(bb, n_tokens):
+    """The first n_tokens after BOS of the backbone's unconditional ("") text embedding (SD1.5 init)."""
+    import models
+    hidden = models.encode_prompts(bb, [""])["encoder_hidden_states"][0]
+    return hidden[1:1 + n_tokens].float().cpu()
+
+
+def make_tokens(bb, loss, n_tokens=None, layers=None, time_table=None, init=None, seed=0):
+    """The soft tokens for backbone `bb` with the paper defaults of its family (models.FAMILIES),
+    each overridable: a SoftTokens for softrepa / dsm, a PairTokens for agsm."""
+    import hooks
+    facts = bb.facts
+    n_tokens = n_tokens or facts["n_tokens"]
+    layers = layers or facts["token_layers"]
+    time_table = facts["time_table"] if time_table is None else time_table
+    init = init or facts["init"]
+    torch.manual_seed(seed)
+    init_tokens = uncond_init(bb, n_tokens) if init == "uncond" else None
+    cls = PairTokens if loss == "agsm" else SoftTokens
+    return cls(layers, n_tokens, hooks.token_width(bb.denoiser), time_table, 0.02, init_tokens)
+
+
+# -----------------------------------------------------------------------------
+# Files. One safetensors file holds one or more named sets ("tokens", or "pos", "neg", "ema_pos",
+# "ema_neg") and metadata that says how to attach them. safetensors cannot run code when loaded.
+
+def save(path, tokens, **meta):
+    from safetensors.torch import save_file
+    named = {"tokens": tokens} if isinstance(tokens, SoftTokens) else dict(
+        pos=tokens.pos, neg=tokens.neg, ema_pos=tokens.ema_pos, ema_neg=tokens.ema_neg)
+    first = next(iter(named.values()))
+    layers, n_tokens, width = first.shape
+    meta = {"layers": layers, "n_tokens": n_tokens, "width": width,
+            "time_bins": TIME_BINS if first.time_table is not None else 0, "sets": list(named), **meta}
+    tensors = {}
+    for name, s in named.items():
+        tensors[f"{name}.tokens"] = s.tokens.detach().float().cpu().contiguous()
+        if s.time_table is not None:
+            tensors[f"{name}.time_table"] = s.time_table.detach().float().cpu().contiguous()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def load(path, which=None):
+    """(SoftTokens or PairTokens, metadata) from a file written by `save`. `which` picks one set of a
+    pair file ("pos", "ema_pos", ...) and returns it as a SoftTokens."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        raise SystemExit(f"no token file at {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "sets" not in meta:
+        raise SystemExit(f"{path} is not a soft-token file of this project (no metadata); "
+                         f"for the released SoftREPA .pth files use softtokens.import_softrepa")
+
+    def build(name):
+        s = SoftTokens(meta["layers"], meta["n_tokens"], meta["width"], meta["time_bins"] > 0)
+        s.tokens.data.copy_(tensors[f"{name}.tokens"])
+        if s.time_table is not None:
+            s.time_table.data.copy_(tensors[f"{name}.time_table"])
+        return s
+
+    if which is not None or meta["sets"] == ["tokens"]:
+        name = which or "tokens"
+        if name not in meta["sets"]:
+            raise SystemExit(f"{path} has token sets {meta['sets']}, not '{name}'")
+        return build(name), meta
+    pair = PairTokens(meta["layers"], meta["n_tokens"], meta["width"], meta["time_bins"] > 0)
+    for name in meta["sets"]:
+        getattr(pair, name).load_state_dict(build(name).state_dict())
+    return pair, meta
+
+
+def import_softrepa(folder, family):
+    """The tokens the SoftREPA authors released, as a SoftTokens. `folder` holds dc_tokens.pth and,
+    for SD3 / SD1.5, dc_t_tokens.pth (a pickled nn.Embedding). weights_only=True with nn.Embedding as
+    the one allowed class: the pickle can rebuild that module and tensors, and run nothing else."""
+    def read(name):
+        with torch.serialization.safe_globals([torch.nn.Embedding]):
+            obj = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+        return (obj.weight if isinstance(obj, nn.Module) else obj).detach().float()
+
+    tokens = read("dc_tokens.pth")
+    if tokens.dim() == 2:          # UNet files: one set (m, d) shared by the chosen blocks
+        tokens = tokens.unsqueeze(0)
+    layers, n_tokens, width = tokens.shape
+    has_time = os.path.exists(os.path.join(folder, "dc_t_tokens.pth"))
+    s = SoftTokens(layers, n_tokens, width, time_table=has_time)
+    s.tokens.data.copy_(tokens)
+    if has_time:
+        # (100, L * d): row t holds the L layers' d-wide chunks one after another (chunk k for layer k)
+        s.time_table.data.copy_(read("dc_t_tokens.pth").view(TIME_BINS, layers, width))
+    return s

@@ -1,0 +1,291 @@
+"""hooks.py: attach / remove, SoftREPA Alg. 1 on the MM-DiT, UNet placement after BOS, per-row sets,
+gradients, gradient checkpointing and low precision. Test-size random-weight denoisers of each family."""
+import pytest
+import torch
+
+import hooks
+import models
+import softtokens
+
+FAMILIES = ["sd3", "sd1.5", "sdxl"]
+
+
+def inputs(family, batch=4, seed=0, n_text=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(batch, n_text, 32, generator=g)}
+    if family == "sd3":
+        cond["pooled_projections"] = torch.randn(batch, 16, generator=g)
+    if family == "sdxl":
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 16, generator=g),
+                                     "time_ids": torch.randn(batch, 6, generator=g)}
+    t = torch.tensor([3.0, 250.0, 999.0, 1000.0])[:batch]
+    return x, t, cond
+
+
+def run(model, x, t, cond):
+    with torch.no_grad():
+        return model(x, timestep=t, **cond, return_dict=False)[0]
+
+
+def random_tokens(model, layers, n_tokens=3, seed=0, time_table=True):
+    torch.manual_seed(seed)
+    s = softtokens.SoftTokens(layers, n_tokens, hooks.token_width(model), time_table)
+    s.tokens.data.normal_(0, 1)
+    if time_table:
+        s.time_table.data.normal_(0, 0.5)
+    return s
+
+
+def layers_for(family):
+    return 2 if family == "sd3" else 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_bitwise(family):
+    model = models.tiny_denoiser(family)
+    x, t, cond = inputs(family)
+    before = run(model, x, t, cond)
+    handle = hooks.attach(model, random_tokens(model, layers_for(family)), blocks=("down", "mid", "up"))
+    with_tokens = run(model, x, t, cond)
+    handle.remove()
+    after = run(model, x, t, cond)
+    assert not torch.allclose(with_tokens, before, atol=1e-4)
+    assert torch.equal(after, before)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+# ---------------------------------------------------------------------------------------------
+# MM-DiT: SoftREPA Algorithm 1
+
+def reference_mmdit(model, x, t, cond, tokens):
+    """Alg. 1 written out: blocks called one by one with explicit concatenation and cut."""
+    height, width = x.shape[-2:]
+    image = model.pos_embed(x)
+    temb = model.time_text_embed(t, cond["pooled_projections"])
+    text = model.context_embedder(cond["encoder_hidden_states"])
+    n = text.shape[1]
+    per_layer = tokens(t)  # (B, L, m, d)
+    for k, block in enumerate(model.transformer_blocks):
+        if k < per_layer.shape[1]:
+            text = torch.cat([per_layer[:, k], text], dim=1)            # line 8
+        text, image = block(hidden_states=image, encoder_hidden_states=text, temb=temb)
+        if text is not None:
+            text = text[:, -n:]                                          # line 13
+    image = model.proj_out(model.norm_out(image, temb))
+    p = model.config.patch_size
+    image = image.reshape(x.shape[0], height // p, width // p, p, p, model.out_channels)
+    return torch.einsum("nhwpqc->nchpwq", image).reshape(x.shape[0], model.out_channels, height, width)
+
+
+def test_mmdit_matches_handwritten_algorithm_1():
+    model = models.tiny_denoiser("sd3")
+    x, t, cond = inputs("sd3")
+    tokens = random_tokens(model, 3)
+    handle = hooks.attach(model, tokens)
+    hooked = run(model, x, t, cond)
+    handle.remove()
+    with torch.no_grad():
+        reference = reference_mmdit(model, x, t, cond, tokens)
+    torch.testing.assert_close(hooked, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_mmdit_each_layer_token_matters_and_streams_keep_length():
+    model = models.tiny_denoiser("sd3")
+    x, t, cond = inputs("sd3")
+    tokens = random_tokens(model, 3)
+    lengths_in, lengths_out = [], []
+    probes = []
+    for block in model.transformer_blocks:
+        probes.append(block.register_forward_pre_hook(
+            lambda mod, args, kwargs: lengths_in.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True))
+    handle = hooks.attach(model, tokens)
+    for block in model.transformer_blocks:   # registered after attach: sees the cut output
+        probes.append(block.register_forward_hook(
+            lambda mod, args, out: lengths_out.append(None if out[0] is None else out[0].shape[1])))
+    base = run(model, x, t, cond)
+    n = cond["encoder_hidden_states"].shape[1]
+    # the probes registered before attach see the stream before our prepend: n at every block
+    assert lengths_in == [n] * len(model.transformer_blocks)
+    last = model.transformer_blocks[-1].context_pre_only
+    assert lengths_out == [n] * (len(model.transformer_blocks) - 1) + [None if last else n]
+    for k in range(3):
+        # a random change (a constant shift would vanish in the block's LayerNorm)
+        change = torch.randn_like(tokens.tokens[k])
+        with torch.no_grad():
+            tokens.tokens[k] += change
+        assert not torch.allclose(run(model, x, t, cond), base, atol=1e-5), f"layer {k} tokens had no effect"
+        with torch.no_grad():
+            tokens.tokens[k] -= change
+    for p in probes:
+        p.remove()
+    handle.remove()
+
+
+def test_mmdit_blocks_past_L_see_no_tokens():
+    """Tokens for layers >= L do not exist: with L = 2 the third block's input is the plain stream."""
+    model = models.tiny_denoiser("sd3")
+    x, t, cond = inputs("sd3")
+    seen = {}
+    handle = hooks.attach(model, random_tokens(model, 2))
+    def record(k):
+        def hook(module, args, kwargs):
+            seen[k] = kwargs["encoder_hidden_states"].shape[1]
+        return hook
+    for k, block in enumerate(model.transformer_blocks):   # after attach: sees what the block computes on
+        block.register_forward_pre_hook(record(k), with_kwargs=True)
+    run(model, x, t, cond)
+    n = cond["encoder_hidden_states"].shape[1]
+    assert seen == {0: n + 3, 1: n + 3, 2: n, 3: n, 4: n, 5: n}
+    handle.remove()
+    with pytest.raises(ValueError, match="need 7 blocks"):
+        hooks.attach(model, random_tokens(model, 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet: tokens right after BOS in the chosen blocks' cross-attention
+
+@pytest.mark.parametrize("family,where", [("sd1.5", ("down",)), ("sdxl", ("down", "mid")), ("sd1.5", ("up",))])
+def test_unet_placement_after_bos(family, where):
+    model = models.tiny_denoiser(family)
+    x, t, cond = inputs(family)
+    tokens = random_tokens(model, 1)
+    handle = hooks.attach(model, tokens, blocks=where)
+    chosen = {id(b) for b in hooks.unet_blocks(model, where)}
+    seen = []
+    for part in (model.down_blocks, [model.mid_block], model.up_blocks):
+        for block in part:
+            for name, mod in block.named_modules():
+                if name.endswith("attn2"):
+                    mod.register_forward_pre_hook(
+                        lambda m, args, kwargs, inside=id(block) in chosen:
+                            seen.append((inside, kwargs["encoder_hidden_states"])), with_kwargs=True)
+    run(model, x, t, cond)
+    handle.remove()
+    text = cond["encoder_hidden_states"]
+    n, m = text.shape[1], 3
+    expected_tokens = tokens(t).squeeze(1)  # (B, m, d)
+    assert any(inside for inside, _ in seen) and any(not inside for inside, _ in seen)
+    for inside, seq in seen:
+        if inside:
+            assert seq.shape[1] == n + m
+            torch.testing.assert_close(seq[:, :1], text[:, :1])                 # BOS first
+            torch.testing.assert_close(seq[:, 1:1 + m], expected_tokens)        # then the soft tokens
+            torch.testing.assert_close(seq[:, 1 + m:], text[:, 1:])             # then the rest
+        else:
+            assert seq.shape[1] == n
+            torch.testing.assert_close(seq, text)
+
+
+def test_unet_layer_count_must_fit_blocks():
+    model = models.tiny_denoiser("sdxl")
+    with pytest.raises(ValueError, match="use 1 \\(shared\\)"):
+        hooks.attach(model, random_tokens(model, 5), blocks=("down", "mid"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row token sets in one batched forward
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_rows_equal_separate_forwards(family):
+    model = models.tiny_denoiser(family)
+    x, t, cond = inputs(family)
+    pair = softtokens.PairTokens(layers_for(family), 3, hooks.token_width(model))
+    for i, s in enumerate(pair.sets):   # four different sets
+        torch.manual_seed(i)
+        s.tokens.data.normal_(0, 1)
+        s.time_table.data.normal_(0, 0.5)
+    plain = run(model, x, t, cond)
+    handle = hooks.attach(model, pair.sets, blocks=("down", "mid"))
+    choice = torch.tensor([softtokens.POS, softtokens.NEG, softtokens.EMA_POS, -1])
+    with handle.rows(choice):
+        mixed = run(model, x, t, cond)
+    separate = []
+    for set_index in choice.tolist():
+        with handle.rows(torch.full((4,), set_index)):
+            separate.append(run(model, x, t, cond))
+    handle.remove()
+    for row, set_index in enumerate(choice.tolist()):
+        torch.testing.assert_close(mixed[row], separate[row][row], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[3], plain[3], rtol=1e-5, atol=1e-5)   # the no-token row
+    assert not torch.allclose(mixed[0], plain[0], atol=1e-4)
+
+
+def test_choice_length_must_match_batch():
+    model = models.tiny_denoiser("sd1.5")
+    x, t, cond = inputs("sd1.5")
+    handle = hooks.attach(model, random_tokens(model, 1))
+    with handle.rows(torch.zeros(3, dtype=torch.long)), pytest.raises(ValueError, match="3 rows but the batch has 4"):
+        run(model, x, t, cond)
+
+
+def test_width_mismatch_is_one_line_naming_both_shapes():
+    model = models.tiny_denoiser("sd3")
+    wrong = softtokens.SoftTokens(5, 4, 1536)
+    with pytest.raises(ValueError) as err:
+        hooks.attach(model, wrong)
+    message = str(err.value)
+    assert "\n" not in message and "(5, 4, 1536)" in message and "32" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: only the soft tokens learn; checkpointing and precision
+
+@pytest.mark.parametrize("family", ["sd3", "sd1.5"])
+def test_only_soft_tokens_get_gradients(family):
+    model = models.tiny_denoiser(family).requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = random_tokens(model, layers_for(family))
+    handle = hooks.attach(model, tokens)
+    opt = torch.optim.AdamW(tokens.parameters(), lr=1e-2)
+    x, t, cond = inputs(family)
+    start = tokens.tokens.detach().clone()
+    model(x, timestep=t, **cond, return_dict=False)[0].square().mean().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert tokens.tokens.grad is not None and tokens.tokens.grad.abs().sum() > 0
+    assert tokens.time_table.grad.abs().sum() > 0
+    opt.step()
+    handle.remove()
+    assert not torch.equal(tokens.tokens.detach(), start)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd1.5"])
+def test_gradient_checkpointing_gives_same_gradients(family):
+    """With checkpointing, blocks are recomputed during backward, after later forwards (AGSM's EMA pass);
+    the recomputation must use the tokens of its own forward."""
+    grads = []
+    for checkpointing in (False, True):
+        model = models.tiny_denoiser(family).requires_grad_(False)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        torch.manual_seed(1)
+        pair = softtokens.PairTokens(layers_for(family), 3, hooks.token_width(model))
+        pair.ema_pos.tokens.data.normal_(0, 1)
+        handle = hooks.attach(model, pair.sets)
+        x, t, cond = inputs(family)
+        with handle.rows(torch.tensor([0, 1, 1, 0])):
+            out = model(x, timestep=t, **cond, return_dict=False)[0]
+        with torch.no_grad(), handle.rows(torch.tensor([2, 3, 3, 2])):
+            model(x, timestep=t, **cond, return_dict=False)
+        out.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in pair.trainable()]))
+        handle.remove()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd1.5"])
+def test_bf16_model_with_fp32_tokens(family):
+    model = models.tiny_denoiser(family).to(torch.bfloat16)
+    x, t, cond = inputs(family)
+    cond = {k: v.to(torch.bfloat16) for k, v in cond.items()}
+    tokens = random_tokens(model, layers_for(family))
+    handle = hooks.attach(model, tokens)
+    out = model(x.to(torch.bfloat16), timestep=t, **cond, return_dict=False)[0]
+    out.float().square().mean().backward()
+    handle.remove()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert tokens.tokens.grad.dtype == torch.float32 and tokens.tokens.grad.abs().sum() > 0

@@ -1,0 +1,167 @@
+"""softtokens.py: eq. 12 semantics, the AGSM pair and its EMA, files, and the released SoftREPA tokens."""
+import os
+
+import pytest
+import torch
+
+import hooks
+import models
+import softtokens
+
+RELEASED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "official-softrepa-tokens")
+needs_released = pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")
+
+
+def test_time_bins():
+    t = torch.tensor([0.0, 9.99, 10.0, 500.5, 999.0, 1000.0])
+    assert softtokens.time_bin(t).tolist() == [0, 0, 1, 50, 99, 99]
+
+
+def test_forward_adds_the_time_row_to_every_token_of_its_layer():
+    s = softtokens.SoftTokens(3, 4, 8)
+    s.time_table.data.normal_()
+    out = s(torch.tensor([123.0, 7.0]))
+    assert out.shape == (2, 3, 4, 8)
+    expected = s.tokens + s.time_table[12].unsqueeze(1)
+    torch.testing.assert_close(out[0], expected)
+    torch.testing.assert_close(out[1], s.tokens + s.time_table[0].unsqueeze(1))
+    no_time = softtokens.SoftTokens(3, 4, 8, time_table=False)
+    torch.testing.assert_close(no_time(torch.tensor([5.0]))[0], no_time.tokens)
+
+
+def test_parameter_count_matches_paper_sd3():
+    """SoftREPA: 4 tokens x 5 layers of width 1536 with the time table ~ 0.8-0.9M (AGSM Table 1: 0.9M)."""
+    s = softtokens.SoftTokens(5, 4, 1536)
+    count = sum(p.numel() for p in s.parameters())
+    assert count == 5 * 4 * 1536 + 100 * 5 * 1536 == 798_720
+    assert round(count / 1e6, 1) == 0.8
+
+
+def test_tokens_for_rows_zeroes_unused_rows():
+    sets = [softtokens.SoftTokens(1, 2, 4) for _ in range(2)]
+    t = torch.tensor([10.0, 20.0, 30.0])
+    tokens, used = softtokens.tokens_for_rows(sets, t, torch.tensor([1, -1, 0]))
+    torch.testing.assert_close(tokens[0], sets[1](t)[0])
+    torch.testing.assert_close(tokens[2], sets[0](t)[2])
+    assert used.tolist() == [True, False, True] and tokens[1].abs().sum() == 0
+
+
+def test_pair_tokens_start_equal_and_ema_moves_toward_live():
+    pair = softtokens.PairTokens(2, 3, 8)
+    for s in pair.sets[1:]:
+        torch.testing.assert_close(s.tokens, pair.pos.tokens)
+    assert all(not p.requires_grad for p in pair.ema_pos.parameters())
+    assert len(pair.trainable()) == 4
+    with torch.no_grad():
+        pair.pos.tokens += 1.0
+    old = pair.ema_pos.tokens.clone()
+    pair.update_ema(0.9)
+    torch.testing.assert_close(pair.ema_pos.tokens, old + 0.1)
+    torch.testing.assert_close(pair.ema_neg.tokens, pair.neg.tokens)
+
+
+def test_uncond_init_uses_the_empty_prompt_embedding():
+    bb = models.build_tiny("tiny-sd1.5")
+    s = softtokens.make_tokens(bb, "softrepa")
+    hidden = models.encode_prompts(bb, [""])["encoder_hidden_states"][0]
+    assert s.shape == (1, 4, 128)
+    torch.testing.assert_close(s.tokens[0], hidden[1:5])
+
+
+@pytest.mark.parametrize("loss", ["softrepa", "agsm"])
+def test_save_load_roundtrip_with_metadata(tmp_path, loss):
+    bb = models.build_tiny("tiny-sd3")
+    tokens = softtokens.make_tokens(bb, loss)
+    with torch.no_grad():
+        for p in tokens.parameters():
+            p.normal_()
+    path = tmp_path / "tokens.safetensors"
+    softtokens.save(str(path), tokens, model="tiny-sd3", loss=loss)
+    loaded, meta = softtokens.load(str(path))
+    assert meta["model"] == "tiny-sd3" and meta["loss"] == loss
+    assert (meta["layers"], meta["n_tokens"], meta["width"], meta["time_bins"]) == (2, 4, 128, 100)
+    assert type(loaded) is type(tokens)
+    for a, b in zip(loaded.state_dict().values(), tokens.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    if loss == "agsm":
+        pos, _ = softtokens.load(str(path), which="pos")
+        torch.testing.assert_close(pos.tokens, tokens.pos.tokens)
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_load_refuses_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SystemExit, match="not a soft-token file"):
+        softtokens.load(str(tmp_path / "other.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' released tokens
+
+@needs_released
+@pytest.mark.parametrize("family,shape,has_time", [("sd3", (5, 4, 1536), True), ("sd1.5", (1, 4, 768), True),
+                                                   ("sdxl", (1, 4, 2048), False)])
+def test_import_released_shapes(family, shape, has_time):
+    s = softtokens.import_softrepa(os.path.join(RELEASED, family), family)
+    assert s.shape == shape
+    assert (s.time_table is not None) == has_time
+
+
+@needs_released
+def test_import_released_sd3_time_rows_are_per_layer_chunks():
+    s = softtokens.import_softrepa(os.path.join(RELEASED, "sd3"), "sd3")
+    with torch.serialization.safe_globals([torch.nn.Embedding]):
+        table = torch.load(os.path.join(RELEASED, "sd3", "dc_t_tokens.pth"), map_location="cpu",
+                           weights_only=True).weight
+    out = s(torch.tensor([437.0]))[0]                      # bin 43
+    for k in range(5):
+        torch.testing.assert_close(out[k], s.tokens[k] + table[43, k * 1536:(k + 1) * 1536])
+
+
+def sd3_shaped_model():
+    """An SD3-shaped MM-DiT (text stream 1536 wide, 6 blocks so that 5 carry tokens) with random weights.
+    Built on the meta device and filled in place: a normal construction would spend seconds on init."""
+    from diffusers import SD3Transformer2DModel
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
+                                      attention_head_dim=64, num_attention_heads=24, joint_attention_dim=32,
+                                      caption_projection_dim=1536, pooled_projection_dim=16, pos_embed_max_size=4)
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=g)
+        for name, b in model.named_buffers():   # positional embedding: recompute (it is not random)
+            if name.endswith("pos_embed.pos_embed"):
+                from diffusers.models.embeddings import get_2d_sincos_pos_embed
+                b.copy_(torch.as_tensor(get_2d_sincos_pos_embed(1536, 4, base_size=2, interpolation_scale=1.0,
+                                                                output_type="pt")).float().unsqueeze(0))
+    return model.eval()
+
+
+@needs_released
+def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
+    sd3 = softtokens.import_softrepa(os.path.join(RELEASED, "sd3"), "sd3")
+    model = sd3_shaped_model()
+    x = torch.randn(1, 4, 4, 4)
+    cond = {"encoder_hidden_states": torch.randn(1, 5, 32), "pooled_projections": torch.randn(1, 16)}
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        base = model(x, timestep=t, **cond, return_dict=False)[0]
+        handle = hooks.attach(model, sd3)
+        tuned = model(x, timestep=t, **cond, return_dict=False)[0]
+        handle.remove()
+    assert not torch.allclose(base, tuned, atol=1e-4)
+    del model
+
+    sd15 = softtokens.import_softrepa(os.path.join(RELEASED, "sd1.5"), "sd1.5")
+    unet = models.tiny_denoiser("sd1.5", cross_attention_dim=768)
+    cond = {"encoder_hidden_states": torch.randn(1, 7, 768)}
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        base = unet(x, timestep=t, **cond, return_dict=False)[0]
+        handle = hooks.attach(unet, sd15, blocks=("down",))
+        tuned = unet(x, timestep=t, **cond, return_dict=False)[0]
+        handle.remove()
+    assert not torch.allclose(base, tuned, atol=1e-4)

@@ -3,6 +3,8 @@ losses.py: every training loss of the two papers, on the B x B pair matrix.
 
 A training step draws B images x_0^i and their B captions c^j. Every image is paired with every
 caption: pair (i, j) is matched (positive, D+) when i == j and mismatched (negative, D-) otherwise.
+(With train.py --gather-text the other ranks' captions are appended as extra negatives: a B x K
+matrix, K > B, with the matched pairs still on the diagonal of its first B columns.)
 Both papers use one noise level t_i and one noise eps_i per image row, shared by all B captions of
 that row (SoftREPA eq. 14; AGSM Alg. 1 lines 4-6), so the only thing that differs along a row is
 the caption. Shapes used throughout:
@@ -35,8 +37,7 @@ def matched(errors):
 
 
 def mismatched(errors):
-    B = errors.shape[0]
-    return errors[~torch.eye(B, dtype=torch.bool, device=errors.device)]
+    return errors[~torch.eye(*errors.shape, dtype=torch.bool, device=errors.device)]
 
 
 def classifier_accuracy(errors):
@@ -123,7 +124,7 @@ def plackett_luce_weights(errors_ema, tau):
 def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.07,
                  bradley_terry=False):
     """The alignment-guided targets (B, B, C, H, W) of eq. 15 / 16 for every pair, and the weights w."""
-    B = pred_ema.shape[0]
+    B, K = pred_ema.shape[:2]
     pred_ema = pred_ema.float()
     errors_ema = pair_errors(pred_ema, target)
     if bradley_terry:
@@ -132,10 +133,10 @@ def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_n
         w = plackett_luce_weights(errors_ema, tau)                          # (B, B)
         weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)         # sum_k w_ik pred_ema(i, k)
         delta = pred_ema - weighted_mean.unsqueeze(1)                       # Delta_ij (eq. 13 / 33)
-    eye = torch.eye(B, dtype=torch.bool, device=pred_ema.device)
+    eye = torch.eye(B, K, dtype=torch.bool, device=pred_ema.device)
     gamma = torch.where(eye, gamma_pos, -gamma_neg).to(pred_ema)            # gamma_z (eq. 11)
     scale = guidance_weight_flow(timesteps) if prediction == "flow" else guidance_weight_eps(timesteps)
-    shape = (B, B) + (1,) * (pred_ema.dim() - 2)
+    shape = (B, K) + (1,) * (pred_ema.dim() - 2)
     guidance = (gamma * scale.to(pred_ema).view(B, 1)).view(shape) * delta
     return target.float().unsqueeze(1) + guidance, w
 
@@ -145,18 +146,18 @@ def bradley_terry_delta(pred_ema, errors_ema, tau):
     c^i and c^j, so its weights are a softmax over {i, j} only. A mismatched pair's Delta comes from its
     own comparison; the matched pair's Delta is the mean over its B - 1 comparisons. (The paper gives
     no formula; this is the PL derivation above restricted to two candidates.)"""
-    B = pred_ema.shape[0]
+    B, K = pred_ema.shape[:2]
     rows = torch.arange(B, device=pred_ema.device)
-    own = errors_ema[rows, rows].unsqueeze(1).expand(B, B)                    # err(i, i) beside err(i, j)
+    own = errors_ema[rows, rows].unsqueeze(1).expand(B, K)                    # err(i, i) beside err(i, j)
     w_other = torch.softmax(torch.stack([-own, -errors_ema], dim=-1) / tau, dim=-1)[..., 1]   # (B, B)
     positive = pred_ema[rows, rows].unsqueeze(1)                              # (B, 1, C, H, W)
-    shape = (B, B) + (1,) * (pred_ema.dim() - 2)
+    shape = (B, K) + (1,) * (pred_ema.dim() - 2)
     w2 = w_other.view(shape)
     pair_mean = (1 - w2) * positive + w2 * pred_ema                           # two-candidate weighted mean
     delta_neg = pred_ema - pair_mean                                          # Delta for (i, j), j != i
     delta_pos_each = positive - pair_mean                                     # the matched pair vs c^j
-    off = ~torch.eye(B, dtype=torch.bool, device=pred_ema.device)
-    delta_pos = (delta_pos_each * off.view(shape)).sum(1) / max(B - 1, 1)
+    off = ~torch.eye(B, K, dtype=torch.bool, device=pred_ema.device)
+    delta_pos = (delta_pos_each * off.view(shape)).sum(1) / max(K - 1, 1)
     delta = delta_neg.clone()
     delta[rows, rows] = delta_pos
     return delta, w_other
@@ -170,14 +171,8 @@ def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamm
     with torch.no_grad():
         targets, _ = agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
                                   bradley_terry)
-    B = pred.shape[0]
-    per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)         # (B, B)
+    per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)         # (B, K)
     loss = matched(per_pair).mean()
-    if B > 1:
+    if per_pair.shape[1] > 1:
         loss = loss + mismatched(per_pair).mean()
     return loss
-
-
-def temperature_for_sum(numel):
-    """The tau that makes softmax(-mean_err / tau) equal the literal Alg. 1 softmax(-||.||^2 / 2)."""
-    return 2.0 / numel if numel else math.inf

@@ -260,14 +260,20 @@ def encode_prompts(bb, prompts, grad=False):
         else:
             hidden, _ = bb.pipe.encode_prompt(prompts, device, 1, False)
             pooled = None
+    return cond_from_features(bb, hidden, pooled)
+
+
+def cond_from_features(bb, hidden, pooled):
+    """The denoiser's text kwargs from text-encoder features (also used by data.py's encoding cache)."""
+    facts = bb.facts
     cond = {"encoder_hidden_states": hidden}
     if facts["pooled"] == "pooled_projections":
         cond["pooled_projections"] = pooled
     elif facts["pooled"] == "text_time":
         # SDXL micro-conditioning: (original size, crop top-left, target size), all at the training size
         size = facts["size"]
-        time_ids = torch.tensor([size, size, 0, 0, size, size], device=device, dtype=hidden.dtype)
-        cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+        time_ids = torch.tensor([size, size, 0, 0, size, size], device=hidden.device, dtype=hidden.dtype)
+        cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(hidden), 1)}
     return cond
 
 

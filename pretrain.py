@@ -47,18 +47,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def batch_loss(bb, images, captions, noise, u):
+    """The pretraining objective on one batch: DSM or flow matching, text encoder included."""
+    x0 = models.encode_images(bb, images)
+    x_t, timesteps = models.add_noise(bb, x0, noise, u)
+    cond = models.encode_prompts(bb, captions, grad=True)
+    pred = models.denoise(bb, x_t, timesteps, cond)
+    return (pred.float() - models.target(bb, x0, noise).float()).pow(2).mean()
+
+
 def train_step(bb, opt, images, captions, generator, uncond_prob):
     """One optimiser step of denoiser + text encoder on a batch; returns the loss before the step."""
     B = images.shape[0]
     drop = torch.rand(B, generator=generator) < uncond_prob
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    x0 = models.encode_images(bb, images)
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
     u = torch.rand(B, generator=generator)
-    x_t, timesteps = models.add_noise(bb, x0, noise, u)
-    cond = models.encode_prompts(bb, captions, grad=True)
-    pred = models.denoise(bb, x_t, timesteps, cond)
-    loss = (pred.float() - models.target(bb, x0, noise).float()).pow(2).mean()
+    loss = batch_loss(bb, images, captions, noise, u)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -130,9 +135,12 @@ def main(argv=None):
         if not torch.isfinite(torch.tensor(loss)):
             raise SystemExit(f"loss is {loss} at step {step}: stopping; last good weights are in {ckpt_path}")
         sched.step()
+        # EMA with warm-up: a plain 0.999 would keep 0.999^1000 = 37% of the random init after 1000 steps,
+        # and a blend of weights (unlike a blend of outputs) that far apart draws noise.
+        decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(list(ema.denoiser.parameters()) + list(ema.text_encoder.parameters()), params):
-                e.lerp_(p, 1 - args.ema)
+                e.lerp_(p, 1 - decay)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")

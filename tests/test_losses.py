@@ -121,3 +121,21 @@ def test_bradley_terry_differs_from_plackett_luce_with_more_texts():
 def test_dsm_loss_is_the_matched_mean():
     errors = torch.tensor([[1.0, 9.0], [9.0, 3.0]])
     assert losses.dsm_loss(errors).item() == 2.0
+
+
+def test_agsm_accepts_extra_gathered_negatives():
+    """train.py --gather-text: B images x K captions, K > B, matched pairs on the first B columns' diagonal.
+    Extra captions that predict exactly like an existing one only re-weight; the per-pair formula holds."""
+    g = torch.Generator().manual_seed(6)
+    pred_ema, target = torch.randn(2, 5, 1, 2, 2, generator=g), torch.randn(2, 1, 2, 2, generator=g)
+    targets, w = losses.agsm_targets(pred_ema, target, torch.zeros(2), "epsilon", 1.0, 0.5, tau=0.4)
+    assert targets.shape == (2, 5, 1, 2, 2) and w.shape == (2, 5)
+    for i in range(2):
+        mean_pred = (w[i].view(5, 1, 1, 1) * pred_ema[i]).sum(0)
+        for j in range(5):
+            gamma = 1.0 if i == j else -0.5
+            torch.testing.assert_close(targets[i, j], target[i] + gamma * (pred_ema[i, j] - mean_pred))
+    loss = losses.agsm_loss(pred_ema, pred_ema, target, torch.zeros(2), "epsilon", 1.0, 0.5, tau=0.4)
+    per_pair = (pred_ema - targets).pow(2).flatten(2).mean(2)
+    eye = torch.eye(2, 5, dtype=torch.bool)
+    assert loss.item() == pytest.approx(per_pair[eye].mean().item() + per_pair[~eye].mean().item(), rel=1e-6)

@@ -1,0 +1,385 @@
+"""
+data.py: the image-caption pairs that train.py trains on, and the optional encoding cache.
+
+Sources, picked by `--data`:
+  shapes      the shapes world's endless stream (shapes.py), for the tiny-* models
+  COCO        a folder holding annotations/captions_{train,val}{2014,2017}.json and the image folder
+              {train,val}{2014,2017}/, or the captions_*.json file itself. Every image has ~5
+              captions; a random one is used per image and epoch (as SoftREPA's COCO loader does).
+  JSONL       one pair per line: {"image": path, "caption": str} (or "captions": [...], "file_name",
+              "text"); relative paths are relative to the file
+  folder      image files, each with a caption file of the same name ending in .txt (one per line)
+  cache       a folder written by `python data.py cache` (below)
+Images are resized (shorter side) and centre-cropped to the training size, in [-1, 1].
+
+Order. What a batch holds is a function of (seed, step, rank) alone, so that a resumed run sees
+exactly the data an uninterrupted one would have seen, without saving any loader state:
+  epoch e has its own permutation of the images and its own caption draw, from the seed (seed, e);
+  a step takes world x batch images of it, rank r the r-th run of `batch`; the last incomplete
+  global batch of an epoch is dropped (used only as spare images, see below).
+A corrupt or missing image is skipped: its slot takes the next readable image after the step's
+images in the epoch order (deterministic, so resuming repeats it exactly). Each rank counts the
+distinct unreadable images it has met; train.py sums them over ranks into its log.
+
+Encoding cache (real backbones). Latents and frozen text-encoder outputs cost a VAE and up to three
+text encoders per step; `python data.py cache` computes them once. The released SoftREPA code writes
+three .pt files per sample in fp32 (COCO: 9.1 TB for SD3 by their README). Here each field goes to a
+few large raw shard files (one per ~`--shard-gb`), stored in bf16 (or fp16) and memory-mapped when
+training, so a batch reads only its own rows. `python data.py sizes` prints the bytes per sample:
+
+    SD3 at 1024: latents 16x128x128 + text 333x4096 (CLIP-L/G 77 + T5 256 tokens) + pooled 2048
+                 = 1,628,160 numbers = 3.26 MB in bf16, 6.51 MB in fp32
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# -----------------------------------------------------------------------------
+# Reading the pairs: a list of records (image path, [captions])
+
+def find_coco(folder, split):
+    """(captions json, image folder) of a COCO root: 2017 layout first, then 2014."""
+    for year in ("2017", "2014"):
+        ann = os.path.join(folder, "annotations", f"captions_{split}{year}.json")
+        if os.path.exists(ann):
+            return ann, os.path.join(folder, f"{split}{year}")
+    return None, None
+
+
+def read_coco(ann, images):
+    """COCO captions json -> records. The 2014 and 2017 files have the same fields; only the file
+    names differ (COCO_train2014_000000000009.jpg vs 000000000009.jpg), and they are in the json."""
+    if not os.path.isdir(images):
+        raise SystemExit(f"{ann}: its image folder {images} does not exist (expected next to annotations/)")
+    with open(ann) as f:
+        coco = json.load(f)
+    captions = {}
+    for a in coco["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+    return [(os.path.join(images, im["file_name"]), captions[im["id"]])
+            for im in sorted(coco["images"], key=lambda im: im["id"]) if im["id"] in captions]
+
+
+def read_jsonl(path):
+    root, records = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            image = item.get("image", item.get("file_name"))
+            caps = item.get("captions", item.get("caption", item.get("text")))
+            if image is None or caps is None:
+                raise SystemExit(f"{path}:{n}: a line needs an image (\"image\") and a caption (\"caption\")")
+            records.append((os.path.join(root, image), [caps] if isinstance(caps, str) else list(caps)))
+    return records
+
+
+def read_folder(folder):
+    records = []
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        text = os.path.join(folder, stem + ".txt")
+        if ext.lower() in IMAGE_EXTS and os.path.exists(text):
+            with open(text) as f:
+                caps = [c.strip() for c in f if c.strip()]
+            if caps:
+                records.append((os.path.join(folder, name), caps))
+    return records
+
+
+def read_records(path, split="train"):
+    """Records of a COCO root / captions json / JSONL file / image+txt folder; one-line errors."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--data {path}: no such file or folder")
+    if os.path.isdir(path):
+        ann, images = find_coco(path, split)
+        records = read_coco(ann, images) if ann else read_folder(path)
+    elif path.endswith(".json"):  # captions_train2017.json: the images are in ../train2017/
+        name = os.path.basename(path)[len("captions_"):-len(".json")]
+        records = read_coco(path, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), name))
+    elif path.endswith(".jsonl"):
+        records = read_jsonl(path)
+    else:
+        raise SystemExit(f"--data {path}: expected a COCO folder, a captions_*.json, a .jsonl or a folder of images")
+    if not records:
+        raise SystemExit(f"--data {path}: found no image-caption pairs (COCO: annotations/captions_{split}2017.json; "
+                         f"folder: image files with same-named .txt captions)")
+    return records
+
+
+def load_image(path, size):
+    """(3, size, size) in [-1, 1]: shorter side resized to `size` (bicubic), then centre-cropped."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        array = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def try_load(path, size):
+    """The image, or None if it cannot be read (missing, truncated, not an image)."""
+    from PIL import Image
+    try:
+        return load_image(path, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's ways to fail
+        return None
+
+
+# -----------------------------------------------------------------------------
+# Sources and batches
+
+def open_source(spec, size, seed, split="train", workers=4):
+    """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it."""
+    if spec == "shapes":
+        return dict(kind="shapes", seed=seed, size=size)
+    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "cache.json")):
+        return open_cache(spec, size, seed)
+    if glob.glob(os.path.join(spec, "shard-*.bin")):
+        raise SystemExit(f"--data {spec}: an unfinished encoding cache (no cache.json): run `python data.py cache` again")
+    records = read_records(spec, split)
+    return dict(kind="files", spec=spec, records=records, size=size, seed=seed, bad=set(),
+                pool=ThreadPoolExecutor(max(1, workers)), epoch=None)
+
+
+def epoch_order(seed, epoch, n):
+    """The epoch's image permutation and one random number per image that picks its caption."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(n), rng.integers(0, 2 ** 31, n)
+
+
+def slots(source, step, rank, world, batch):
+    """(order, picks, first position, epoch) of this rank's images at `step`."""
+    n = len(source["records"]) if source["kind"] == "files" else source["n"]
+    per_epoch = n // (world * batch)
+    if per_epoch == 0:
+        raise SystemExit(f"the data has {n} images, fewer than one global batch ({world} ranks x {batch})")
+    epoch = step // per_epoch
+    if source["epoch"] is None or source["epoch"][0] != epoch:
+        source["epoch"] = (epoch, *epoch_order(source["seed"], epoch, n))
+    _, order, picks = source["epoch"]
+    return order, picks, ((step % per_epoch) * world + rank) * batch, epoch
+
+
+def get_batch(source, step, rank=0, world=1, batch=4):
+    """This rank's `batch` pairs of global step `step`: {"images" (B,3,H,W) or "latents"/"hidden"/
+    "pooled" (cache), "captions": [B str], "new_bad": unreadable images first met in this call}."""
+    if source["kind"] == "shapes":
+        import shapes
+        rng = np.random.default_rng([source["seed"], step, rank])
+        specs = [shapes.random_spec(rng, shapes.CATEGORIES[rng.integers(len(shapes.CATEGORIES))])
+                 for _ in range(batch)]
+        images = np.stack([shapes.render(s, source["size"], rng) for s in specs])
+        return dict(images=shapes.to_tensor(images), captions=[shapes.caption(s) for s in specs], new_bad=0)
+    order, picks, start, _ = slots(source, step, rank, world, batch)
+    if source["kind"] == "cache":
+        return cache_batch(source, order[start:start + batch], picks[order[start:start + batch]])
+    records, size, bad = source["records"], source["size"], source["bad"]
+    chosen = [int(i) for i in order[start:start + batch]]
+    loaded = list(source["pool"].map(lambda i: None if i in bad else try_load(records[i][0], size), chosen))
+    new_bad, spare = 0, start + batch
+    for k in range(batch):
+        while loaded[k] is None:                   # slot k is unreadable: take the next spare image
+            if chosen[k] not in bad:
+                bad.add(chosen[k])
+                new_bad += 1
+                print(f"skipping unreadable image {records[chosen[k]][0]} (rank {rank})", file=sys.stderr)
+            if spare >= start + batch + len(order):
+                raise SystemExit(f"--data {source['spec']}: no readable image left")
+            chosen[k] = int(order[spare % len(order)])
+            spare += 1
+            loaded[k] = None if chosen[k] in bad else try_load(records[chosen[k]][0], size)
+    captions = [records[i][1][picks[i] % len(records[i][1])] for i in chosen]
+    return dict(images=torch.stack(loaded), captions=captions, new_bad=new_bad)
+
+
+# -----------------------------------------------------------------------------
+# Encoding cache: raw shards of bf16/fp16 rows, memory-mapped
+#   cache.json                   model, size, dtype, captions per image, field shapes, shard list
+#   shard-00000.json             the shard's images and captions
+#   shard-00000.latents.bin      (n, C, h, w)         one latent per image
+#   shard-00000.hidden.bin       (n, K, tokens, d)    K captions' text features per image
+#   shard-00000.pooled.bin       (n, K, p)            (families with a pooled text feature)
+
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bytes_per_sample(latent, text, pooled, bytes_per_number):
+    """Bytes of one (image, caption) sample: latent (C, h, w), text (tokens, d), pooled width."""
+    return (int(np.prod(latent)) + int(np.prod(text)) + pooled) * bytes_per_number
+
+
+# The real families' feature shapes at their training size (VAE /8; SD3: CLIP-L+G 77 tokens and
+# T5 256 tokens, all at 4096 wide, pooled CLIP-L+G 768+1280; SDXL: CLIP-L+G 77 x (768+1280), pooled
+# 1280; SD1.5: CLIP-L 77 x 768).
+REAL_SHAPES = {"sd3": ((16, 128, 128), (333, 4096), 2048),
+               "sdxl": ((4, 128, 128), (77, 2048), 1280),
+               "sd1.5": ((4, 64, 64), (77, 768), 0)}
+
+
+COCO_TRAIN2017 = (118_287, 591_753)  # images, captions
+RELEASED_TB = {"sd3": 9.1, "sdxl": 1.4, "sd1.5": 1.1}  # the SoftREPA README's COCO encodings
+
+
+def print_sizes():
+    images, captions = COCO_TRAIN2017
+    print("bytes per (image, caption) sample of the encoding cache (ours: bf16; the released code: fp32 .pt files)")
+    for name, (latent, text, pooled) in REAL_SHAPES.items():
+        bf16, fp32 = bytes_per_sample(latent, text, pooled, 2), bytes_per_sample(latent, text, pooled, 4)
+        all5 = images * bytes_per_sample(latent, (0,), 0, 2) + captions * bytes_per_sample((0,), text, pooled, 2)
+        print(f"  {name:6s} latents {'x'.join(map(str, latent))} + text {'x'.join(map(str, text))} + pooled "
+              f"{pooled}: bf16 {bf16:,} B ({bf16 / 1e6:.2f} MB), fp32 {fp32:,} B ({fp32 / 1e6:.2f} MB)")
+        print(f"         COCO train2017 in bf16: one caption per image {images * bf16 / 1e12:.2f} TB, all "
+              f"{captions:,} captions {all5 / 1e12:.2f} TB; fp32 one per image {images * fp32 / 1e12:.2f} TB; "
+              f"released README: {RELEASED_TB[name]} TB")
+
+
+def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batch=8, shard_gb=4.0, seed=0):
+    """Encode `records` once with backbone `bb` into shards under `out`; returns the cache meta.
+    K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5)."""
+    import models
+    from tqdm import tqdm
+    os.makedirs(out, exist_ok=True)
+    dtype, rng = STORE_DTYPES[store], np.random.default_rng(seed)
+    K, fields, shards, skipped = captions_per_image, None, [], 0
+    files, rows, shard_rows, kept = {}, 0, 0, []
+
+    def close_shard(files, rows, kept):
+        name = f"shard-{len(shards):05d}"
+        field_shapes = {f: shape for f, (_, shape) in files.items()}
+        for mm, _ in files.values():
+            mm.flush()
+        del mm
+        files.clear()  # unmap before cutting the preallocated files to the rows written
+        for f, shape in field_shapes.items():
+            os.truncate(os.path.join(out, f"{name}.{f}.bin"), rows * int(np.prod(shape)) * 2)
+        header = os.path.join(out, f"{name}.json")
+        with open(header + ".tmp", "w") as fh:
+            json.dump({"count": rows, "images": [r[0] for r in kept], "captions": [r[1] for r in kept]}, fh)
+        os.replace(header + ".tmp", header)
+        shards.append({"name": name, "count": rows})
+
+    for start in tqdm(range(0, len(records), batch), desc="encoding cache"):
+        part = [(r, try_load(r[0], size)) for r in records[start:start + batch]]
+        skipped += sum(im is None for _, im in part)
+        part = [(r, im) for r, im in part if im is not None]
+        if not part:
+            continue
+        caps = [[r[1][i % len(r[1])] for i in (range(K) if K >= len(r[1]) else rng.permutation(len(r[1]))[:K])]
+                for r, _ in part]
+        with torch.no_grad():
+            latents = models.encode_images(bb, torch.stack([im for _, im in part]))
+            cond = models.encode_prompts(bb, [c for cs in caps for c in cs])
+        pooled = cond.get("pooled_projections", cond.get("added_cond_kwargs", {}).get("text_embeds"))
+        values = {"latents": latents, "hidden": cond["encoder_hidden_states"].unflatten(0, (len(part), K))}
+        if pooled is not None:
+            values["pooled"] = pooled.unflatten(0, (len(part), K))
+        if fields is None:
+            fields = {f: list(v.shape[1:]) for f, v in values.items()}
+            per_image = sum(int(np.prod(s)) for s in fields.values()) * 2
+            shard_rows = max(1, int(shard_gb * 1e9 // per_image))
+        for b, (record, _) in enumerate(part):
+            if not files:  # open the next shard: one preallocated file per field
+                name = f"shard-{len(shards):05d}"
+                files = {f: (np.memmap(os.path.join(out, f"{name}.{f}.bin"), np.int16, "w+",
+                                       shape=(shard_rows, *s)), s) for f, s in fields.items()}
+                rows, kept = 0, []
+            for f, v in values.items():  # bf16 / fp16 bits stored as int16 (numpy has no bf16)
+                files[f][0][rows] = v[b].to(dtype).view(torch.int16).cpu().numpy()
+            kept.append((record[0], caps[b]))
+            rows += 1
+            if rows == shard_rows:
+                close_shard(files, rows, kept)
+    if files:
+        close_shard(files, rows, kept)
+    meta = dict(model=bb.name, size=size, store=store, captions_per_image=K, fields=fields, shards=shards,
+                images=sum(s["count"] for s in shards), skipped=skipped)
+    with open(os.path.join(out, "cache.json.tmp"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    os.replace(os.path.join(out, "cache.json.tmp"), os.path.join(out, "cache.json"))  # written last: complete
+    return meta
+
+
+def open_cache(folder, size, seed):
+    with open(os.path.join(folder, "cache.json")) as fh:
+        meta = json.load(fh)
+    if meta["size"] != size:
+        raise SystemExit(f"cache {folder} was encoded at {meta['size']} px, training is at {size}: pass --size {meta['size']}")
+    maps, captions = {f: [] for f in meta["fields"]}, []
+    for shard in meta["shards"]:
+        for f, shape in meta["fields"].items():
+            maps[f].append(np.memmap(os.path.join(folder, f"{shard['name']}.{f}.bin"), np.int16, "r",
+                                     shape=(shard["count"], *shape)))
+        with open(os.path.join(folder, f"{shard['name']}.json")) as fh:
+            captions += json.load(fh)["captions"]
+    offsets = np.cumsum([0] + [s["count"] for s in meta["shards"]])
+    return dict(kind="cache", meta=meta, maps=maps, offsets=offsets, captions=captions, n=int(offsets[-1]),
+                seed=seed, epoch=None, dtype=STORE_DTYPES[meta["store"]])
+
+
+def cache_batch(source, indices, picks):
+    """Rows `indices` of the cache, caption (pick mod K) of each; copies just those rows from disk."""
+    K = source["meta"]["captions_per_image"]
+    out = {f: [] for f in source["maps"]}
+    captions = []
+    for i, pick in zip(indices.tolist(), picks.tolist()):
+        shard = int(np.searchsorted(source["offsets"], i, side="right") - 1)
+        row, k = i - source["offsets"][shard], pick % K
+        for f, maps in source["maps"].items():
+            out[f].append(torch.from_numpy(np.array(maps[shard][row] if f == "latents" else maps[shard][row, k])))
+        captions.append(source["captions"][i][k])
+    batch = {f: torch.stack(v).view(source["dtype"]) for f, v in out.items()}
+    batch.setdefault("pooled", None)
+    return dict(batch, captions=captions, new_bad=0)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cache", help="encode a data set once into memory-mapped shards")
+    c.add_argument("--model", required=True)
+    c.add_argument("--data", required=True, help="COCO folder, captions_*.json, .jsonl or image+txt folder")
+    c.add_argument("--out", required=True)
+    c.add_argument("--split", default="train")
+    c.add_argument("--size", type=int, default=None, help="image size (default: the family's)")
+    c.add_argument("--captions-per-image", type=int, default=1, help="captions kept per image (COCO has 5)")
+    c.add_argument("--store", default="bf16", choices=list(STORE_DTYPES))
+    c.add_argument("--batch", type=int, default=8)
+    c.add_argument("--shard-gb", type=float, default=4.0)
+    c.add_argument("--pretrained", default=None)
+    c.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
+    c.add_argument("--seed", type=int, default=0)
+    sub.add_parser("sizes", help="print the cache's bytes per sample for the real families")
+    args = p.parse_args(argv)
+    if args.command == "sizes":
+        return print_sizes()
+    import models
+    facts = models.check_name(args.model)
+    records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bb = (models.build_tiny(args.model, args.seed) if args.random_init
+          else models.load(args.model, args.pretrained, device=device, dtype=STORE_DTYPES[args.store]
+                           if device == "cuda" else torch.float32))
+    meta = write_cache(bb, records, args.out, args.size or facts["size"], args.captions_per_image, args.store,
+                       args.batch, args.shard_gb, args.seed)
+    print(f"wrote {meta['images']} images in {len(meta['shards'])} shards to {args.out} ({meta['skipped']} unreadable skipped)")
+
+
+if __name__ == "__main__":
+    main()

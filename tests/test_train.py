@@ -1,0 +1,151 @@
+"""train.py on random-weight tiny backbones: DDP keeps the tokens identical on both ranks, a resumed run
+ends where an uninterrupted one does, a COCO folder with a corrupt image trains and reports it, NaN
+stops the run and keeps the last good checkpoint, bad input fails at start in one line."""
+import csv
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+
+FAST = ["--random-init", "--batch", "2", "--threads", "1", "--workers", "1"]
+
+
+def rows(out):
+    with open(os.path.join(out, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rank(rank, world, port, argv, folder):
+    """One torchrun-like rank: the environment torchrun would set, then train.main in this process."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    result = train.main(argv)
+    torch.save(result["tokens"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+
+
+def test_two_rank_gloo_run_keeps_tokens_identical(tmp_path):
+    out = str(tmp_path / "run")
+    argv = FAST + ["--model", "tiny-sd3", "--loss", "agsm", "--steps", "2", "--out", out]
+    # a one-process run of the same command first: it is compared with below, and it imports diffusers
+    # here, so that the forked ranks inherit it (importing it anew costs ~15 s on this machine)
+    single = train.main(FAST + ["--model", "tiny-sd3", "--loss", "agsm", "--steps", "2", "--out", str(tmp_path / "one")])
+    mp.start_processes(run_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    # training happened, and both ranks' data went into it: a one-process run differs
+    import softtokens
+    saved, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
+    assert meta["world"] == 2 and meta["loss"] == "agsm" and meta["steps"] == 2
+    assert torch.equal(saved.pos.tokens, ranks[0]["pos.tokens"])
+    assert not torch.equal(single["tokens"].pos.tokens, ranks[0]["pos.tokens"])
+    assert [r["step"] for r in rows(out)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("model, loss", [("tiny-sd1.5", "agsm"), ("tiny-sd3", "dsm")])
+def test_resume_ends_like_an_uninterrupted_run(tmp_path, model, loss):
+    # restart period and EMA decay given explicitly: their defaults derive from --steps
+    argv = FAST + ["--model", model, "--loss", loss, "--restart-every", "3", "--ema-decay", "0.9", "--ckpt-every", "1"]
+    whole = train.main(argv + ["--steps", "4", "--out", str(tmp_path / "whole")])
+    first = train.main(argv + ["--steps", "2", "--out", str(tmp_path / "split")])
+    first_tokens = {k: v.clone() for k, v in first["tokens"].state_dict().items()}
+    resumed = train.main(argv + ["--steps", "4", "--out", str(tmp_path / "split"), "--resume", "latest"])
+    assert resumed["step"] == 4
+    a, b = whole["tokens"].state_dict(), resumed["tokens"].state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+        assert not torch.equal(first_tokens[name], b[name]) or "ema" in name, name  # steps 3-4 did move them
+    # the log of the split run has every step once, and its numbers match the whole run's
+    split, full = rows(str(tmp_path / "split")), rows(str(tmp_path / "whole"))
+    assert [r["step"] for r in split] == ["1", "2", "3", "4"]
+    assert [r["loss"] for r in split] == [r["loss"] for r in full]
+    # a resumed run is the same run: a contradicting recipe flag is refused in one line
+    with pytest.raises(SystemExit, match="batch=2"):
+        train.main(argv + ["--steps", "6", "--batch", "3", "--out", str(tmp_path / "split"), "--resume", "latest"])
+
+
+def write_coco(root, n_images=4, corrupt=1, year="2017"):
+    from PIL import Image
+    os.makedirs(root / "annotations")
+    os.makedirs(root / f"train{year}")
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(n_images):
+        name = f"{i:012d}.jpg" if year == "2017" else f"COCO_train{year}_{i:012d}.jpg"
+        path = root / f"train{year}" / name
+        if i < corrupt:
+            path.write_bytes(b"\xff\xd8\xff this is not a jpeg")
+        else:
+            array = rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)
+            Image.fromarray(array).save(path)
+        images.append({"id": 100 + i, "file_name": name, "height": 40, "width": 56})
+        annotations += [{"id": 10 * i + k, "image_id": 100 + i, "caption": f"a red square number {k}"}
+                        for k in range(5)]
+    with open(root / "annotations" / f"captions_train{year}.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations}, f)
+
+
+def test_coco_folder_with_a_corrupt_image_trains_and_reports_it(tmp_path, capsys):
+    write_coco(tmp_path / "coco")
+    out = str(tmp_path / "run")
+    # 4 images, batch 2: each epoch is 2 steps, so 4 steps read every image twice
+    result = train.main(FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--steps", "4",
+                                "--data", str(tmp_path / "coco"), "--out", out])
+    assert result["step"] == 4 and result["skipped"] == 1  # counted once, though met in both epochs
+    assert [r["skipped"] for r in rows(out)][-1] == "1"
+    captured = capsys.readouterr()
+    assert "skipping unreadable image" in captured.err and "000000000000.jpg" in captured.err
+    assert "1 unreadable images skipped" in captured.out
+    assert os.path.exists(os.path.join(out, "tokens.safetensors"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    # lr 1e30: the first step throws the tokens to ~1e30 and the second forward overflows
+    with pytest.raises(SystemExit):
+        train.main(FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--steps", "4", "--lr", "1e30",
+                           "--ckpt-every", "1", "--out", out])
+    printed = capsys.readouterr().out
+    assert ("loss is nan" in printed or "loss is inf" in printed) and "Last good checkpoint" in printed
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["tokens"].values())
+    assert not os.path.exists(os.path.join(out, "tokens.safetensors"))
+
+
+def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--model", "tiny-sd1.5", "--loss", "softrepa", "--steps", "2", "--val-every", "2",
+                       "--val-n", "1", "--val-steps", "3", "--out", out])
+    log = rows(out)
+    assert [r["step"] for r in log] == ["0", "1", "2"]           # step 0: the untrained tokens
+    for r in (log[0], log[2]):
+        assert 0.0 <= float(r["score_mean"]) <= 1.0
+    assert log[1]["score_mean"] == ""                           # no validation at step 1, and no fake number
+    assert ("heldout_acc" in log[0]) == (train.heldout_module() is not None)
+    assert sorted(os.listdir(os.path.join(out, "val"))) == ["step0000000.png", "step0000002.png"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "sd4"], "unknown model 'sd4'"),
+    (["--model", "sd3", "--random-init"], "--random-init"),
+    (["--model", "tiny-sd3", "--loss", "dsm", "--gather-text"], "--gather-text"),
+    (["--model", "tiny-sd3", "--data", "/no/such/coco"], "/no/such/coco: no such file"),
+    (["--model", "tiny-sd3", "--resume", "/no/such/ckpt.pt"], "no such checkpoint"),
+])
+def test_bad_input_fails_at_start_in_one_line(tmp_path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out", str(tmp_path / "run")])
+    assert message in str(e.value) and "\n" not in str(e.value)

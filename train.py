@@ -1,0 +1,474 @@
+"""
+train.py: train soft tokens on a frozen text-to-image diffusion model, with SoftREPA's contrastive
+loss, AGSM's alignment-guided score matching, or plain score matching on matched pairs (dsm).
+
+    python train.py --model tiny-sd3 --loss agsm                                 # one process
+    torchrun --nproc_per_node=2 train.py --model sd3 --loss agsm --data /data/coco   # 2 GPUs, nccl
+    torchrun --nproc_per_node=2 train.py --model tiny-sd3 --loss agsm            # 2 CPU cores, gloo
+
+One step (SoftREPA eq. 14 and Alg. 1; AGSM Alg. 1):
+  - B images x0^i and their captions c^i (data.py). Every image meets every caption: the B x B pair
+    matrix, matched pairs (i, i) on the diagonal. One noise level t_i and one noise eps_i per image
+    row, shared by the row's captions, so along a row only the caption differs (AGSM Alg. 1 l. 4-6).
+  - All B*B pairs go through the frozen denoiser in one batched forward with the soft tokens
+    attached (hooks.py); losses.py turns the predictions into the loss:
+      softrepa  cross-entropy over each row's denoising errors (SoftREPA eqs. 9-14) + dweight * DSM
+      agsm      psi+ on the diagonal, psi- off it (AGSM eq. 17); the targets (eqs. 13-16) come from a
+                no-grad forward with the EMA tokens; after the step the EMA update
+      dsm       the positive-only baseline (AGSM Table 4 (i)): the diagonal alone, B pairs
+  - AdamW on the tokens only (the backbone is frozen), CosineAnnealingWarmRestarts (both papers'
+    Table 5 / 11: lr 1e-3, wd 1e-4).
+DDP inline as in nanoGPT: torchrun starts one process per device; each rank draws its own images,
+all start from the same tokens (same seed, and a broadcast), the token gradients are averaged with
+one all-reduce, so every rank takes the same optimizer step and the tokens stay identical (checked at
+every checkpoint). Rank 0 alone writes files.
+Resuming (--resume latest) continues the same run exactly: the data and the noise of a step are
+functions of (seed, step, rank), and the checkpoint holds tokens, EMA, optimizer, scheduler and step.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import hooks
+import losses
+import models
+import shapes
+import softtokens
+
+# Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
+# refuses a command line that contradicts them (a run is only resumable as the same run).
+TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "restart_every", "grad_clip",
+              "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
+              "gamma_neg", "bradley_terry", "ema_decay", "gather_text", "world"]
+VAL_PROMPTS = ["a photo of three apples on a wooden table", "a red bus parked next to a blue car",
+               "a cat sitting to the left of a dog", "two people riding bicycles down a city street"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
+    p.add_argument("--loss", default="agsm", choices=["softrepa", "agsm", "dsm"])
+    p.add_argument("--data", default=None, help="'shapes' (tiny-* default), a COCO folder, captions_*.json, "
+                   ".jsonl, a folder of images + .txt, or an encoding cache (python data.py cache)")
+    p.add_argument("--val-data", default=None, help="held-out pairs for eval.classifier_accuracy (real models)")
+    p.add_argument("--pretrained", default=None, help="local folder of the backbone (default: the hub / weights/)")
+    p.add_argument("--random-init", action="store_true", help="tiny-* only: random-weight backbone (tests)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")
+    # the recipe: None means the paper default for the model (models.FAMILIES)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="images per rank; the pair matrix is batch x batch")
+    p.add_argument("--size", type=int, default=None, help="training image size")
+    p.add_argument("--lr", type=float, default=None, help="1e-3 (both papers)")
+    p.add_argument("--wd", type=float, default=None, help="1e-4 (both papers)")
+    p.add_argument("--min-lr", type=float, default=None, help="1e-5 (the released SoftREPA code)")
+    p.add_argument("--restart-every", type=int, default=None, help="cosine restart period in steps (default "
+                   "min(25000, steps): the released code restarts every 10 x 2500 iterations)")
+    p.add_argument("--grad-clip", type=float, default=None, help="max token-gradient norm (default 0: off)")
+    p.add_argument("--n-tokens", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="token layers (MM-DiT blocks with tokens)")
+    p.add_argument("--blocks", default=None, help="UNet block groups with tokens, e.g. down,mid")
+    p.add_argument("--time-table", default=None, choices=["on", "off"])
+    p.add_argument("--init", default=None, choices=["normal", "uncond"])
+    p.add_argument("--tau", type=float, default=None, help="temperature of the error softmax (0.07)")
+    p.add_argument("--scale", type=float, default=None, help="SoftREPA logit scale (4)")
+    p.add_argument("--dweight", type=float, default=None, help="SoftREPA: weight of the DSM term")
+    p.add_argument("--gamma-pos", type=float, default=None)
+    p.add_argument("--gamma-neg", type=float, default=None)
+    p.add_argument("--bradley-terry", action="store_const", const=True, default=None, help="AGSM Table 7")
+    p.add_argument("--ema-decay", type=float, default=None, help="AGSM EMA tokens (default 1 - 10/steps within [0.9, 0.999])")
+    p.add_argument("--gather-text", action="store_const", const=True, default=None,
+                   help="softrepa: all ranks' captions as negatives (pair matrix B x world*B)")
+    # machinery
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen backbone in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' (<out>/ckpt.pt if there is one)")
+    p.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: never)")
+    p.add_argument("--val-n", type=int, default=8, help="tiny-*: eval prompts per shapes category")
+    p.add_argument("--val-steps", type=int, default=None, help="sampling steps (default: the family's)")
+    p.add_argument("--log-every", type=int, default=10, help="a stdout line every N steps (the CSV gets every step)")
+    return p.parse_args(argv)
+
+
+def resolve(args, facts):
+    """Fill every unset recipe value with the model family's paper default (models.FAMILIES)."""
+    recipe = facts["agsm" if args.loss == "dsm" else args.loss]
+    defaults = dict(data="shapes" if facts["hub"] is None else None, size=facts["size"], batch=recipe["batch"],
+                    seed=0, lr=1e-3, wd=1e-4, min_lr=1e-5, grad_clip=0.0, n_tokens=facts["n_tokens"],
+                    layers=facts["token_layers"], blocks=",".join(facts["token_blocks"] or ()),
+                    time_table="on" if facts["time_table"] else "off", init=facts["init"], tau=0.07, scale=4.0,
+                    dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
+                    gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, gather_text=False)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.steps = args.steps or recipe["steps"]
+    args.restart_every = args.restart_every or min(25000, args.steps)
+    args.ema_decay = args.ema_decay or min(0.999, max(0.9, 1 - 10 / args.steps))  # horizon ~ a tenth of the run
+    if args.data is None:
+        raise SystemExit(f"--data is required for {args.model}: a COCO folder, a .jsonl, a folder or a cache")
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (peak RSS)
+
+
+def save_grid(images, path, cols):
+    from PIL import Image
+    tiles = [shapes.to_uint8(im) for im in images]
+    h, w = tiles[0].shape[:2]
+    rows = math.ceil(len(tiles) / cols)
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for k, tile in enumerate(tiles):
+        grid[k // cols * h:(k // cols + 1) * h, k % cols * w:(k % cols + 1) * w] = tile
+    scale = max(1, 256 // w)  # blow the 32 px shapes up so that they can be looked at
+    Image.fromarray(grid).resize((cols * w * scale, rows * h * scale), Image.NEAREST).save(path)
+
+
+def validate(bb, handle, args, step):
+    """Sample a fixed prompt grid with the current tokens (saved as an image); tiny-*: the shapes checker's
+    scores of those samples; and eval.classifier_accuracy on held-out pairs when eval.py provides it."""
+    import sample
+    tiny = bb.facts["hub"] is None
+    if tiny:  # the first val_n prompts of every category of the fixed eval set, one fixed seed each
+        records = [r for c in shapes.CATEGORIES for r in [r for r in shapes.load_eval_set()
+                                                         if r["spec"]["category"] == c][:args.val_n]]
+        prompts = [r["prompt"] for r in records]
+    else:
+        records = [{"image": path, "prompt": caps[0], "captions": caps}
+                   for path, caps in data.read_records(args.val_data, "val")[:6 * args.val_n]] if args.val_data else []
+        prompts = VAL_PROMPTS
+    images = torch.cat([sample.generate(bb, prompts[i:i + 16], range(i, i + len(prompts[i:i + 16])), args.val_steps,
+                                        handle=handle)
+                        for i in range(0, len(prompts), 16)])
+    os.makedirs(os.path.join(args.out, "val"), exist_ok=True)
+    save_grid(images, os.path.join(args.out, "val", f"step{step:07d}.png"), args.val_n if tiny else len(prompts))
+    result = {}
+    if tiny:
+        result.update({f"score_{k}": v for k, v in shapes.score(images, [r["spec"] for r in records]).items()})
+    evaluation = heldout_module()
+    if evaluation is not None and records:
+        result["heldout_acc"] = evaluation.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
+    return result
+
+
+def gather_captions(cond, rank, world):
+    """Every rank's caption features as more negatives, this rank's first: matched pairs stay on the diagonal."""
+    if isinstance(cond, dict):
+        return {k: gather_captions(v, rank, world) for k, v in cond.items()}
+    parts = [torch.empty_like(cond) for _ in range(world)]
+    dist.all_gather(parts, cond.contiguous())
+    return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
+
+
+def heldout_module():
+    """eval.py (held-out diffusion-classifier accuracy), or None while it does not exist: then the
+    column is left out rather than filled with a made-up number."""
+    try:
+        import eval as evaluation
+    except ModuleNotFoundError as e:
+        if e.name != "eval":
+            raise
+        return None
+    return evaluation if hasattr(evaluation, "classifier_accuracy") else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    facts = models.check_name(args.model)  # one-line errors before anything heavy
+    if args.random_init and facts["hub"] is not None:
+        raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
+    if args.gather_text and args.loss == "dsm":
+        raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    # ---- DDP (nanoGPT): torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; nccl on CUDA, gloo on CPU
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    master = rank == 0
+    args.world = world
+    args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss}")
+
+    # ---- resume: the checkpoint's trajectory settings win over unset flags; contradicting ones are an error
+    ckpt_path, state = os.path.join(args.out, "ckpt.pt"), None
+    if args.resume:
+        path = ckpt_path if args.resume == "latest" else args.resume
+        if os.path.exists(path):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = json.loads(state["config"])
+            for key in TRAJECTORY:
+                if getattr(args, key) is None:
+                    setattr(args, key, saved[key])
+                elif getattr(args, key) != saved[key]:
+                    raise SystemExit(f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
+                                     f": pass the same value, or start a new run in another --out")
+        elif args.resume != "latest":
+            raise SystemExit(f"--resume {path}: no such checkpoint")
+    resolve(args, facts)
+    precision = args.precision or ("bf16" if use_cuda else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    source = data.open_source(args.data, args.size, args.seed, workers=args.workers)  # a wrong path fails here
+    if source["kind"] == "cache" and source["meta"]["model"] != args.model:
+        raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
+
+    # ---- the frozen backbone and the soft tokens (same seed on every rank -> same initial tokens)
+    if args.random_init:
+        bb = models.build_tiny(args.model, seed=args.seed)
+        for module in (bb.denoiser, bb.text_encoder):
+            module.to(device) if dtype == torch.float32 else module.to(device, dtype)
+        bb.alphas_cumprod = None if bb.alphas_cumprod is None else bb.alphas_cumprod.to(device)
+    else:
+        bb = models.load(args.model, args.pretrained, device=device, dtype=dtype)
+    if args.grad_checkpointing:
+        bb.denoiser.enable_gradient_checkpointing()
+    tokens = softtokens.make_tokens(bb, args.loss, args.n_tokens, args.layers, args.time_table == "on",
+                                    args.init, seed=args.seed).to(device)
+    params = tokens.trainable() if args.loss == "agsm" else list(tokens.parameters())
+    if ddp:
+        for t in tokens.parameters():
+            dist.broadcast(t.data, 0)
+    blocks = tuple(b for b in args.blocks.split(",") if b)
+    handle = hooks.attach(bb.denoiser, tokens.sets if args.loss == "agsm" else tokens, blocks=blocks or None)
+    if args.compile:
+        bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=args.restart_every, eta_min=args.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 token gradients underflow
+    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    step, skipped, last_saved = 0, 0, None
+    if state is not None:
+        tokens.load_state_dict(state["tokens"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if use_cuda and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        step, skipped = state["step"], state["skipped"]
+        last_saved = step
+        if source["kind"] == "files":
+            source["bad"] = set(state["bad_images"].tolist())
+        if master:
+            print(f"resumed {ckpt_path if args.resume == 'latest' else args.resume} at step {step}")
+
+    def checkpoint():
+        """All ranks: check the tokens agree, pool the unreadable-image lists; rank 0: write atomically."""
+        nonlocal last_saved
+        flat = torch.cat([t.detach().flatten() for t in tokens.parameters()])
+        bad = sorted(source.get("bad", ()))
+        if ddp:
+            reference = flat.clone()
+            dist.broadcast(reference, 0)
+            differ = (reference != flat).any().float()
+            dist.all_reduce(differ, op=dist.ReduceOp.MAX)
+            if differ.item():
+                raise SystemExit(f"step {step}: the tokens differ between ranks (they must be identical)")
+            everyone = [None] * world
+            dist.all_gather_object(everyone, bad)
+            bad = sorted(set().union(*everyone))
+        if master:
+            blob = dict(tokens=tokens.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        scaler=scaler.state_dict(), step=step, skipped=skipped, rng_cpu=torch.get_rng_state(),
+                        bad_images=torch.tensor(bad, dtype=torch.long), config=json.dumps(vars(args)))
+            if use_cuda:
+                blob["rng_cuda"] = torch.cuda.get_rng_state(device)
+            torch.save(blob, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-write keeps the previous one
+        last_saved = step
+
+    # ---- logging (rank 0): CSV every step, a stdout line every log_every steps, TensorBoard if installed
+    tiny = facts["hub"] is None
+    columns = ["step", "loss", "err_matched", "err_mismatched", "acc", "lr", "steps_per_s", "pairs_per_s",
+               "peak_mem_gb", "skipped"]
+    if args.val_every:
+        columns += [f"score_{c}" for c in shapes.CATEGORIES + ["mean"]] if tiny else []
+        columns += ["heldout_acc"] if heldout_module() is not None and (tiny or args.val_data) else []
+    csv_path, board, kept = os.path.join(args.out, "log.csv"), None, []
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        if step and os.path.exists(csv_path):  # resumed: forget the rows logged after the checkpoint
+            with open(csv_path) as f:
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        log = open(csv_path, "w", newline="")
+        writer = csv.DictWriter(log, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            board = SummaryWriter(os.path.join(args.out, "tb"))
+        except ImportError:
+            pass
+
+    def record(row):
+        if master:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            log.flush()
+            for k, v in row.items() if board is not None else ():
+                board.add_scalar(k, v, row["step"])
+
+    if args.val_every and step == 0 and master:  # the untrained tokens: the first point of the curve
+        record({"step": 0, **validate(bb, handle, args, 0)})
+    B, pairs = args.batch, (args.batch if args.loss == "dsm" else args.batch * args.batch * (world if args.gather_text else 1))
+    if master:
+        print(f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "
+              f"{pairs // B} texts per rank per step, {sum(p.numel() for p in params):,} trainable numbers")
+    bar = tqdm(total=args.steps, initial=step, desc=f"{args.model} {args.loss}", disable=not master, file=sys.stdout)
+    while step < args.steps:
+        t0 = time.time()
+        # ---- this rank's B pairs of global step `step` (a function of seed, step, rank: data.py)
+        batch = data.get_batch(source, step, rank, world, B)
+        with torch.no_grad():
+            if "latents" in batch:  # encoding cache
+                x0 = batch["latents"].to(device, dtype)
+                pooled = None if batch["pooled"] is None else batch["pooled"].to(device, dtype)
+                cond = models.cond_from_features(bb, batch["hidden"].to(device, dtype), pooled)
+            else:
+                x0 = models.encode_images(bb, batch["images"].to(device))
+                cond = models.encode_prompts(bb, batch["captions"])
+        if args.gather_text:
+            cond = gather_captions(cond, rank, world)
+        K = len(cond["encoder_hidden_states"])  # captions per image row
+
+        # ---- one t and eps per image row; the generator's seed depends on (seed, step, rank) only, so
+        # a resumed run draws the same noise as an uninterrupted one
+        g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0]))
+        u = torch.rand(B, generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device).to(x0.dtype)
+        x_t, timesteps = models.add_noise(bb, x0, noise, u)
+        target = models.target(bb, x0, noise)
+
+        # ---- the pair matrix, flattened: pair (i, j) = image row i with caption j is batch row i*K + j
+        if args.loss == "dsm":
+            rows = cols = torch.arange(B, device=device)
+        else:
+            rows = torch.arange(B, device=device).repeat_interleave(K)
+            cols = torch.arange(K, device=device).repeat(B)
+        x_pairs, t_pairs, cond_pairs = x_t[rows], timesteps[rows], models.index_cond(cond, cols)
+        shape = (B, 1 if args.loss == "dsm" else K, *x0.shape[1:])
+        with autocast:
+            if args.loss == "agsm":  # the set each pair uses: psi+ if matched, psi- if not (AGSM Alg. 1 l. 7)
+                matched = rows == cols
+                # (the order of the two forwards does not matter: hooks.py hands a block recomputed under
+                # gradient checkpointing the tokens of its own forward)
+                with torch.no_grad(), handle.rows(torch.where(matched, softtokens.EMA_POS, softtokens.EMA_NEG)):
+                    pred_ema = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
+                with handle.rows(torch.where(matched, softtokens.POS, softtokens.NEG)):
+                    pred = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
+            else:
+                pred = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
+        errors = losses.pair_errors(pred, target)  # (B, K); dsm: (B, 1), the matched pairs
+        if args.loss == "softrepa":
+            loss = losses.softrepa_loss(errors, args.tau, args.scale, args.dweight)
+        elif args.loss == "agsm":
+            loss = losses.agsm_loss(pred, pred_ema, target, timesteps, facts["prediction"], args.gamma_pos,
+                                    args.gamma_neg, args.tau, args.bradley_terry)
+        else:
+            loss = losses.dsm_loss(torch.diag(errors[:, 0]))  # the diagonal of the pair matrix
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+
+        # ---- one all-reduce carries the token gradients and the logged numbers: every rank then holds
+        # the mean gradient of the global batch and steps identically
+        with torch.no_grad():
+            diagonal = errors[:, 0] if args.loss == "dsm" else errors.diagonal()
+            off = (errors.sum() - diagonal.sum()) / max(errors.numel() - B, 1)
+            accuracy = losses.classifier_accuracy(errors) if errors.shape[1] > 1 else torch.zeros((), device=device)
+            stats = torch.stack([loss.detach().float(), diagonal.mean(), off, accuracy.float(),
+                                 torch.tensor(float(batch["new_bad"]), device=device)])
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.flatten() for g in grads] + [stats])
+            if ddp:
+                dist.all_reduce(flat)
+                flat[:-1] /= world  # means; the last entry (new unreadable images) stays a sum
+            offset = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(p)
+                offset += g.numel()
+            loss_mean, err_pos, err_neg, acc, new_bad = flat[offset:].tolist()
+        if not math.isfinite(loss_mean):  # every rank sees the same reduced loss, so all stop together
+            if master:
+                saved = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none yet"
+                print(f"\nloss is {loss_mean} at step {step}: stopping, tokens not updated. Last good checkpoint: "
+                      f"{saved}; try a lower --lr or --precision fp32")
+            if ddp:
+                dist.destroy_process_group()
+            raise SystemExit(1)
+        if args.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        if args.loss == "agsm":
+            tokens.update_ema(args.ema_decay)  # hat psi <- decay hat psi + (1 - decay) psi
+        step += 1
+        skipped += int(new_bad)
+
+        # ---- log (rank 0). For agsm the in-batch accuracy is that of the training forward (psi+ on the
+        # diagonal, psi- off it); the held-out accuracy (validation) ranks captions with psi+ alone.
+        dt = time.time() - t0
+        row = dict(step=step, loss=loss_mean, err_matched=err_pos, lr=lr, steps_per_s=1 / dt,
+                   pairs_per_s=pairs * world / dt, peak_mem_gb=peak_memory_gb(device), skipped=skipped)
+        if args.loss != "dsm":  # dsm computes the diagonal only: no mismatched pairs to report
+            row.update(err_mismatched=err_neg, acc=acc)
+        if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
+            row.update(validate(bb, handle, args, step))
+            tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout"))))
+        record(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_mean:.4f}", acc="" if args.loss == "dsm" else f"{acc:.2f}", skipped=skipped)
+        if master and (step % args.log_every == 0 or step == args.steps):
+            tqdm.write(f"step {step}: loss {loss_mean:.4f} err+ {err_pos:.4f}"
+                       + ("" if args.loss == "dsm" else f" err- {err_neg:.4f} acc {acc:.2f}")
+                       + f" lr {lr:.2e} {1 / dt:.2f} steps/s {pairs * world / dt:.1f} pairs/s "
+                       f"peak {row['peak_mem_gb']:.2f} GB skipped {skipped}")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+
+    # ---- the trained tokens, with what sample.py needs to attach them again
+    tokens_path = os.path.join(args.out, "tokens.safetensors")
+    if master:
+        softtokens.save(tokens_path, tokens, model=args.model, loss=args.loss, arch=facts["arch"],
+                        blocks=list(blocks), steps=step, batch=B, world=world, lr=args.lr, seed=args.seed,
+                        gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg, dweight=args.dweight,
+                        ema_decay=args.ema_decay, data=args.data)
+        print(f"wrote {tokens_path} after {step} steps ({skipped} unreadable images skipped)")
+        log.close()
+    if ddp:
+        dist.destroy_process_group()
+    return dict(tokens=tokens, step=step, skipped=skipped, out=args.out, tokens_path=tokens_path, rank=rank)
+
+
+if __name__ == "__main__":
+    main()

@@ -61,10 +61,17 @@ def unet_blocks(model, where):
             if b is not None and getattr(b, "has_cross_attention", False)]
 
 
+_SIGNATURES = {}  # forward signature per module class: inspect.signature costs ~20 us, hooks run per block
+
+
 def _bind(module, args, kwargs):
     """All arguments of a call as keywords (a hook then reads and replaces them by name)."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    return dict(bound.arguments)
+    cls = type(module)
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    arguments = dict(_SIGNATURES[cls].bind(module, *args, **kwargs).arguments)
+    del arguments[next(iter(arguments))]  # self
+    return arguments
 
 
 class NoTokenRowsAttention:

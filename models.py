@@ -36,10 +36,13 @@ import torch.nn as nn
 #   softrepa / agsm: the papers' training hyper-parameters; batch = images per step, so a step sees
 #                batch x batch image-text pairs (SoftREPA Table 5 "16 (4, 12)" = 4 images x 4 texts).
 #   sample:      paper sampling defaults (SoftREPA sec. 4, AGSM app. F).
+#   vae_factor, size_multiple, max_size: image side -> latent side, and the sides the denoiser takes
+#                (UNet: 2^(levels-1) latent pixels; MM-DiT: the patch, up to its positional table).
 FAMILIES = {
     "sd3": dict(
         arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3-medium-diffusers",
         pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024,
+        vae_factor=8, size_multiple=16, max_size=3072,
         latent_scale=1.5305, latent_shift=0.0609, flow_shift=3.0,
         n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=30000),
@@ -49,6 +52,7 @@ FAMILIES = {
     "sdxl": dict(
         arch="unet", prediction="epsilon", hub="stabilityai/stable-diffusion-xl-base-1.0",
         pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024,
+        vae_factor=8, size_multiple=32, max_size=None,
         latent_scale=0.13025, latent_shift=0.0, flow_shift=None,
         n_tokens=8, token_layers=1, token_blocks=("down", "mid"), time_table=False, init="normal",
         softrepa=dict(batch=4, dweight=10.0, steps=30000),
@@ -58,6 +62,7 @@ FAMILIES = {
     "sd1.5": dict(
         arch="unet", prediction="epsilon", hub="stable-diffusion-v1-5/stable-diffusion-v1-5",
         pipeline="StableDiffusionPipeline", pooled=None, size=512,
+        vae_factor=8, size_multiple=64, max_size=None,
         latent_scale=0.18215, latent_shift=0.0, flow_shift=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
         softrepa=dict(batch=8, dweight=10.0, steps=26000),
@@ -67,6 +72,7 @@ FAMILIES = {
     # The offline shapes world (pixel space, 32x32). Same architectures, tiny sizes, our own weights.
     "tiny-sd3": dict(
         arch="mmdit", prediction="flow", hub=None, pipeline=None, pooled="pooled_projections", size=32,
+        vae_factor=1, size_multiple=4, max_size=32,
         latent_scale=1.0, latent_shift=0.0, flow_shift=1.0,
         n_tokens=4, token_layers=2, token_blocks=None, time_table=True, init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=300),
@@ -75,6 +81,7 @@ FAMILIES = {
     ),
     "tiny-sd1.5": dict(
         arch="unet", prediction="epsilon", hub=None, pipeline=None, pooled=None, size=32,
+        vae_factor=1, size_multiple=4, max_size=None,
         latent_scale=1.0, latent_shift=0.0, flow_shift=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
         softrepa=dict(batch=4, dweight=10.0, steps=300),
@@ -292,13 +299,15 @@ def cat_conds(conds):
 # -----------------------------------------------------------------------------
 # Images <-> latents. Real families: the VAE, with SD3's shift (z - shift) * scale. Tiny: pixel space.
 
-def encode_images(bb, images):
-    """images (B, 3, H, W) in [-1, 1] -> latents x0."""
+def encode_images(bb, images, mode=False):
+    """images (B, 3, H, W) in [-1, 1] -> latents x0: a sample of the VAE posterior, as in training,
+    or with mode=True its mean (deterministic; what image editing starts from)."""
     if bb.pipe is None:
         return images.to(bb.device, bb.dtype)
     vae = bb.pipe.vae
     with torch.no_grad():
-        z = vae.encode(images.to(bb.device, vae.dtype)).latent_dist.sample()
+        posterior = vae.encode(images.to(bb.device, vae.dtype)).latent_dist
+        z = posterior.mode() if mode else posterior.sample()
     return ((z - bb.facts["latent_shift"]) * bb.facts["latent_scale"]).to(bb.dtype)
 
 
@@ -314,9 +323,7 @@ def decode_latents(bb, latents):
 
 def latent_shape(bb, size=None):
     size = size or bb.facts["size"]
-    if bb.pipe is None:
-        return (3, size, size)
-    factor = 2 ** (len(bb.pipe.vae.config.block_out_channels) - 1)
+    factor = bb.facts["vae_factor"]
     return (bb.denoiser.config.in_channels, size // factor, size // factor)
 
 

@@ -6,20 +6,18 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import edit  # noqa: E402
-import hooks  # noqa: E402
-import models  # noqa: E402
-import sample  # noqa: E402
-import shapes  # noqa: E402
-import softtokens  # noqa: E402
+import edit
+import hooks
+import models
+import sample
+import shapes
+import softtokens
 
 torch.set_num_threads(1)
 SPEC = {"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}

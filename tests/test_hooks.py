@@ -289,3 +289,25 @@ def test_bf16_model_with_fp32_tokens(family):
     handle.remove()
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert tokens.tokens.grad.dtype == torch.float32 and tokens.tokens.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The stock pipelines: tokens act through the pipeline's own calls and CFG batch, and come off
+
+@pytest.mark.parametrize("family", ["sd1.5", "sdxl"])
+def test_stock_unet_pipelines_with_tokens(tmp_path, family):
+    import tiny_pipelines
+    pipe = (tiny_pipelines.sd15_pipeline if family == "sd1.5" else tiny_pipelines.sdxl_pipeline)(tmp_path)
+
+    def draw():
+        return pipe("a red cube", num_inference_steps=2, guidance_scale=7.0, height=16, width=16,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    before = draw()
+    tokens = random_tokens(pipe.unet, 1, n_tokens=4)
+    handle = hooks.attach(pipe.unet, tokens, blocks=models.FAMILIES[family]["token_blocks"])
+    with_tokens = draw()
+    handle.remove()
+    after = draw()
+    assert (with_tokens - before).abs().max() > 1e-5
+    assert torch.equal(after, before)

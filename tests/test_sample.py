@@ -5,18 +5,17 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hooks  # noqa: E402
-import models  # noqa: E402
-import sample  # noqa: E402
-import softtokens  # noqa: E402
+import hooks
+import models
+import sample
+import softtokens
+import tiny_pipelines
 
 torch.set_num_threads(1)
 TINY = ["tiny-sd3", "tiny-sd1.5"]
@@ -251,42 +250,8 @@ def test_released_softrepa_folder_reads():
 # -----------------------------------------------------------------------------
 # The README's example: tokens in the stock StableDiffusion3Pipeline, on random tiny components
 
-def tiny_sd3_pipeline(folder):
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = letters + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-    def clip(seed):  # eos_token_id=2: CLIP pools at the argmax id, the last of this vocabulary (EOS)
-        torch.manual_seed(seed)
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=16, bos_token_id=len(vocab) - 2, eos_token_id=2,
-            pad_token_id=len(vocab) - 1)).eval()
-
-    torch.manual_seed(0)  # joint_attention_dim 32 = the two CLIPs' 16 + 16 hidden widths; pooled 16 + 16
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=16).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), sample_size=16, shift_factor=0.0609,
-                        scaling_factor=1.5305).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=clip(1), tokenizer=tokenizer, text_encoder_2=clip(2), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_stock_sd3_pipeline_with_tokens(tmp_path):
-    pipe = tiny_sd3_pipeline(tmp_path)
+    pipe = tiny_pipelines.sd3_pipeline(tmp_path)
 
     def draw():
         return pipe("a red cube", num_inference_steps=2, guidance_scale=4.0, height=16, width=16,

@@ -4,14 +4,12 @@
 
 import copy
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import shapes  # noqa: E402
+import shapes
 
 
 def test_checker_scores_100_on_rendered_images():

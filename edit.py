@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 import models
 import sample
+import shapes
 
 # The editors and their paper settings (AGSM app. F). Step counts and thresholds are for 50 steps.
 METHODS = {
@@ -358,9 +359,13 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
     p.add_argument("--pretrained", default=None, help="local folder of the backbone (default: hub / weights/)")
     p.add_argument("--random-init", action="store_true", help="tiny models with random weights (tests)")
-    p.add_argument("--image", required=True, help="the source image (any format PIL reads)")
-    p.add_argument("--src", required=True, help="the source prompt (describes --image)")
-    p.add_argument("--tgt", required=True, help="the target prompt (the edit)")
+    p.add_argument("--image", default=None, help="the source image (any format PIL reads)")
+    p.add_argument("--src", default=None, help="the source prompt (describes --image)")
+    p.add_argument("--tgt", default=None, help="the target prompt (the edit)")
+    p.add_argument("--shapes-check", type=int, default=0, metavar="N",
+                   help="tiny-*: instead of one edit, N rendered single objects with a colour or shape change, "
+                        "every method of the family, success counted by the shapes checker (with and without "
+                        "--tokens)")
     p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}; masactrl and pnp mean their "
                                                   f"ddim+ forms (default: flowedit for flow models, direct+pnp "
                                                   f"for UNets)")
@@ -397,11 +402,61 @@ def read_image(path, size=None):
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def shapes_edit_cases(n, seed=0):
+    """n rendered single objects and an edit of each: the colour (even cases) or the shape (odd ones)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    images, sources, targets, target_specs = [], [], [], []
+    for i in range(n):
+        spec = shapes.random_spec(rng, "colors")
+        new = dict(spec["objects"][0])
+        if i % 2 == 0:
+            new["color"] = str(rng.choice([c for c in shapes.COLORS if c != new["color"]]))
+        else:
+            new["shape"] = str(rng.choice([s for s in shapes.SHAPES if s != new["shape"]]))
+        target = {"category": "colors", "objects": [new]}
+        images.append(shapes.to_tensor(shapes.render(spec, rng=seed + i)[None])[0])
+        sources.append(shapes.caption(spec))
+        targets.append(shapes.caption(target))
+        target_specs.append(target)
+    return torch.stack(images), sources, targets, target_specs
+
+
+def shapes_check(bb, n, sets, info, seed=0):
+    """How many of n shapes edits each method gets right (the target's colour-shape binding present),
+    without and with the soft tokens on the target branch."""
+    images, sources, targets, specs = shapes_edit_cases(n, seed)
+    methods = [m for m, settings in METHODS.items() if settings["prediction"] == bb.facts["prediction"]]
+    results = {}
+    for method in methods:
+        row = {}
+        for label in ("plain", "tokens") if sets is not None else ("plain",):
+            handle = sample.attach_tokens(bb, sets, info["blocks"]) if label == "tokens" else None
+            try:
+                edited = edit(bb, images, sources, targets, method, handle, seed=seed)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            row[label] = sum(shapes.check(e, s) for e, s in zip(edited, specs))
+        results[method] = row
+        print(f"{method:18s} " + "  ".join(f"{k} {v}/{n}" for k, v in row.items()), flush=True)
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     facts = models.check_name(args.model)
     if args.random_init and not args.model.startswith("tiny-"):
         raise SystemExit("--random-init builds the tiny models only")
+    if args.shapes_check:
+        if not args.model.startswith("tiny-"):
+            raise SystemExit("--shapes-check edits shapes-world images: use it with tiny-sd3 or tiny-sd1.5")
+        sets, info = sample.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return shapes_check(sample.load_backbone(args), args.shapes_check, sets, info, args.seed)
+    if args.image is None or args.src is None or args.tgt is None:
+        raise SystemExit("edit.py needs --image, --src and --tgt (or --shapes-check N on a tiny model)")
     method = check_method(args.model, args.method or ("flowedit" if facts["prediction"] == "flow" else "direct+pnp"))
     if args.steps is not None and args.steps < 2:
         raise SystemExit("--steps must be at least 2")

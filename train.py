@@ -165,8 +165,8 @@ def validate(bb, handle, args, step):
     result = {}
     if tiny:
         result.update({f"score_{k}": v for k, v in shapes.score(images, [r["spec"] for r in records]).items()})
-    evaluation = heldout_module()
-    if evaluation is not None and records:
+    if records:
+        import eval as evaluation  # held-out diffusion-classifier accuracy (SoftREPA eqs. 15-18)
         result["heldout_acc"] = evaluation.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
     return result
 
@@ -178,18 +178,6 @@ def gather_captions(cond, rank, world):
     parts = [torch.empty_like(cond) for _ in range(world)]
     dist.all_gather(parts, cond.contiguous())
     return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
-
-
-def heldout_module():
-    """eval.py (held-out diffusion-classifier accuracy), or None while it does not exist: then the
-    column is left out rather than filled with a made-up number."""
-    try:
-        import eval as evaluation
-    except ModuleNotFoundError as e:
-        if e.name != "eval":
-            raise
-        return None
-    return evaluation if hasattr(evaluation, "classifier_accuracy") else None
 
 
 def main(argv=None):
@@ -309,7 +297,7 @@ def main(argv=None):
                "peak_mem_gb", "skipped"]
     if args.val_every:
         columns += [f"score_{c}" for c in shapes.CATEGORIES + ["mean"]] if tiny else []
-        columns += ["heldout_acc"] if heldout_module() is not None and (tiny or args.val_data) else []
+        columns += ["heldout_acc"] if tiny or args.val_data else []
     csv_path, board, kept = os.path.join(args.out, "log.csv"), None, []
     if master:
         os.makedirs(args.out, exist_ok=True)

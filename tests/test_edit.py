@@ -284,3 +284,13 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as e:
             edit.main(base + argv)
         assert message in str(e.value) and "\n" not in str(e.value), (argv, e.value)
+
+
+def test_shapes_edit_cases_need_an_edit():
+    """Every case's source image fails its target spec, so a method that returns the source scores 0."""
+    images, sources, targets, specs = edit.shapes_edit_cases(6, seed=3)
+    assert len(images) == 6 and images.shape[1:] == (3, 32, 32)
+    for image, src, tgt, spec in zip(images, sources, targets, specs):
+        assert src != tgt and tgt == shapes.caption(spec)
+        assert not shapes.check(image, spec)
+        assert shapes.check(image, {"category": "colors", "objects": [dict(zip(("color", "shape"), src.split()[1:]))]})

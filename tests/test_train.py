@@ -134,7 +134,7 @@ def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
     for r in (log[0], log[2]):
         assert 0.0 <= float(r["score_mean"]) <= 1.0
     assert log[1]["score_mean"] == ""                           # no validation at step 1, and no fake number
-    assert ("heldout_acc" in log[0]) == (train.heldout_module() is not None)
+    assert 0.0 <= float(log[0]["heldout_acc"]) <= 1.0 and log[1]["heldout_acc"] == ""
     assert sorted(os.listdir(os.path.join(out, "val"))) == ["step0000000.png", "step0000002.png"]
 
 

@@ -615,10 +615,15 @@ def replicates(run, metrics, scorers, args):
     """[(variant, seed, {column: value})] of one run folder, reusing <run>/eval_metrics.json."""
     records = read_records(run)
     cache_path = os.path.join(run, "eval_metrics.json")
+    # the settings a cached value depends on: a cache computed with others is stale, not reusable
+    settings = {k: getattr(args, k, None) for k in ("model", "classifier_n", "candidates", "ref", "pie")}
     cache = {}
     if not args.recompute and os.path.exists(cache_path):
         with open(cache_path) as f:
             cache = json.load(f)
+        if cache.get("_settings") != settings:
+            cache = {}
+    cache["_settings"] = settings
     variants = sorted({r.get("variant", "") for r in records}) or [""]
     out = []
     for variant in variants:
@@ -708,7 +713,7 @@ def read_curve(run, column):
     return steps, values
 
 
-def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="val_mean"):
+def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="score_mean"):
     """Left: one metric against another, a point per row with +- bars (AGSM Fig. 5). Right: each run's
     validation curve from its training CSV (AGSM Fig. 4). Returns (points, curves) drawn."""
     import matplotlib
@@ -757,7 +762,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="results file (default: eval.json beside the first run)")
     p.add_argument("--plot", nargs="?", const="", default=None, help="PNG path (default: eval.png beside the runs)")
     p.add_argument("--tradeoff", nargs=2, default=["fid", "imagereward"], metavar=("X", "Y"))
-    p.add_argument("--curve", default="val_mean", help="training-CSV column of the validation curves")
+    p.add_argument("--curve", default="score_mean", help="training-CSV column of the validation curves")
     p.add_argument("--to-geneval", metavar="RUN", help="write RUN's images in GenEval's layout, then exit")
     p.add_argument("--geneval-prompts", help="GenEval's prompts/evaluation_metadata.jsonl (for --to-geneval)")
     return p.parse_args(argv)

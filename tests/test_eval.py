@@ -233,6 +233,10 @@ def test_table_groups_seeds_and_variants(tmp_path, capsys):
         png.write_bytes(b"")
     again = ev.main(["--runs", str(tmp_path / "base-seed1"), "--json", str(out)])
     assert again["base"]["metrics"]["shapes_mean"]["values"] == [0.5]
+    # ... but one with other settings does: the (now unreadable) images are read again
+    from PIL import UnidentifiedImageError
+    with pytest.raises((UnidentifiedImageError, SystemExit)):
+        ev.main(["--runs", str(tmp_path / "base-seed1"), "--json", str(out), "--classifier-n", "3"])
 
 
 def test_geneval_layout_and_results(tmp_path):
@@ -309,12 +313,12 @@ def test_plot_from_synthetic_training_csv(tmp_path):
         run = tmp_path / name
         specs = eval_specs(1)
         write_run(run, specs, rendered(specs))
-        rows = ["step,loss,val_counting,val_mean"]
+        rows = ["step,loss,score_counting,score_mean"]   # the columns train.py writes
         rows += [f"{s},{1 / (s + 1):.3f},,{slope * s:.3f}" for s in range(0, 50, 10)]
         rows.insert(3, "15,0.5,,")                                        # a step without validation
         (run / "log.csv").write_text("\n".join(rows) + "\n")
         runs.append(str(run))
-    steps, values = ev.read_curve(runs[0], "val_mean")
+    steps, values = ev.read_curve(runs[0], "score_mean")
     assert steps == [0, 10, 20, 30, 40] and values == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
     assert ev.read_curve(runs[0], "val_missing") == ([], [])
     png = tmp_path / "figure.png"

@@ -35,19 +35,6 @@ import losses
 import models
 import softtokens
 
-# The real denoisers' configs (the diffusers configs of the hub checkpoints).
-REAL_CONFIGS = {
-    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, pos_embed_max_size=192),
-    "sd1.5": dict(sample_size=64, cross_attention_dim=768),  # the rest: UNet2DConditionModel's defaults
-    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816),
-}
 TEXT_SHAPES = {"sd3": ((333, 4096), 2048), "sdxl": ((77, 2048), 1280), "sd1.5": ((77, 768), None),
                "tiny-sd3": ((16, 128), 128), "tiny-sd1.5": ((16, 128), None)}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense
@@ -56,13 +43,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 def build(name, device, dtype):
     """Backbone with random weights: the shapes-world tiny one, or the real-size denoiser alone."""
     facts = models.check_name(name)
-    if facts["hub"] is None:
-        bb = models.build_tiny(name)
-    else:
-        from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-        cls = SD3Transformer2DModel if facts["arch"] == "mmdit" else UNet2DConditionModel
-        torch.manual_seed(0)
-        bb = models.Backbone(name, facts, cls(**REAL_CONFIGS[name]).eval())
+    bb = models.build_tiny(name) if facts["hub"] is None else models.real_size_backbone(name)
     bb.denoiser.requires_grad_(False).to(device)
     if dtype != torch.float32:
         bb.denoiser.to(dtype)

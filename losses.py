@@ -18,7 +18,6 @@ Denoising score matching (DDPM, SD1.5/SDXL): || eps_theta(x_t, t, c) - eps ||^2,
 x_t = (1 - t) x0 + t eps (SoftREPA eq. 11; AGSM eqs. 38-39). Both are the same code here: the target
 is chosen by models.target.
 """
-import math
 
 import torch
 import torch.nn.functional as F

@@ -196,6 +196,34 @@ TINY_DENOISER_CONFIGS = {
 }
 
 
+# The real denoisers at full size (the diffusers configs of the hub checkpoints), for timing with random
+# weights (bench.py, sample.py --bench): the cost of a step does not depend on the weights.
+REAL_DENOISER_CONFIGS = {
+    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=192),
+    "sd1.5": dict(sample_size=64, cross_attention_dim=768),  # the rest: UNet2DConditionModel's defaults
+    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
+
+
+def real_size_backbone(name, seed=0):
+    """A real family's denoiser at full size with random weights, and no text encoders or VAE."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    facts = check_name(name)
+    cls = SD3Transformer2DModel if facts["arch"] == "mmdit" else UNet2DConditionModel
+    torch.manual_seed(seed)
+    bb = Backbone(name, facts, cls(**REAL_DENOISER_CONFIGS[name]).eval().requires_grad_(False))
+    if facts["prediction"] == "epsilon":
+        bb.alphas_cumprod = ddpm_alphas_cumprod()
+    return bb
+
+
 def tiny_denoiser(name, seed=0, **overrides):
     """A random-weight denoiser with the architecture of family `name` at a small size."""
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel

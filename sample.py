@@ -33,6 +33,7 @@ import torch
 
 import hooks
 import models
+import shapes
 import softtokens
 
 
@@ -231,7 +232,6 @@ def check_prompts(name, prompts):
     """The tiny models read only the shapes world's words (shapes.VOCAB), at most shapes.MAX_LEN tokens."""
     if not name.startswith("tiny-"):
         return
-    import shapes
     for prompt in prompts:
         words = prompt.lower().split()
         unknown = sorted({w for w in words if w not in shapes.WORD_TO_ID})
@@ -240,14 +240,9 @@ def check_prompts(name, prompts):
                              f"({'unknown words ' + ', '.join(unknown) if unknown else 'too long'})")
 
 
-def to_uint8(image):
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8 (shapes.to_uint8's rounding, so eval sees the same)."""
-    return np.round((image.float().clamp(-1, 1).numpy() + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
-
-
 def save_image(image, path):
     from PIL import Image
-    Image.fromarray(to_uint8(image)).save(path)
+    Image.fromarray(shapes.to_uint8(image)).save(path)
 
 
 def save_grid(images, path, per_cell=1, columns=None, min_side=96):
@@ -265,7 +260,7 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96):
         cell, within = divmod(k, per_cell)
         r, c = divmod(cell, columns)
         y, x = r * (h + gap), c * (cell_w + gap) + within * (w + gap // 2)
-        canvas[y:y + h, x:x + w] = to_uint8(image)
+        canvas[y:y + h, x:x + w] = shapes.to_uint8(image)
     scale = max(1, math.ceil(min_side / h))
     grid = Image.fromarray(canvas)
     if scale > 1:
@@ -276,23 +271,14 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96):
 # -----------------------------------------------------------------------------
 # Efficiency (SoftREPA Table 1: latency and peak memory with and without soft tokens).
 
-# SD3-medium's transformer (stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json)
-# and its text stream: 77 CLIP + 256 T5 tokens of width 4096, pooled CLIP features of width 2048.
-SD3_MEDIUM_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
-SD3_TEXT_TOKENS = 77 + 256
+SD3_TEXT_TOKENS = 77 + 256  # SD3's text stream: 77 CLIP + 256 T5 tokens of width 4096
 
 
 def random_real_backbone(name, seed=0):
-    """A real family's denoiser at full size with random weights, without text encoders or VAE (for
-    --bench: the denoiser is what runs every step, and its cost does not depend on the weights)."""
+    """SD3's transformer at full size with random weights (models.REAL_DENOISER_CONFIGS), for --bench."""
     if name != "sd3":
         raise SystemExit("--random-init builds the tiny models, and SD3's real-size transformer for --bench")
-    from diffusers import SD3Transformer2DModel
-    torch.manual_seed(seed)
-    denoiser = SD3Transformer2DModel(**SD3_MEDIUM_CONFIG).eval().requires_grad_(False)
-    return models.Backbone(name, models.FAMILIES[name], denoiser)
+    return models.real_size_backbone(name, seed)
 
 
 def random_text(bb, batch, seed=0):

@@ -132,18 +132,6 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (peak RSS)
 
 
-def save_grid(images, path, cols):
-    from PIL import Image
-    tiles = [shapes.to_uint8(im) for im in images]
-    h, w = tiles[0].shape[:2]
-    rows = math.ceil(len(tiles) / cols)
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
-    for k, tile in enumerate(tiles):
-        grid[k // cols * h:(k // cols + 1) * h, k % cols * w:(k % cols + 1) * w] = tile
-    scale = max(1, 256 // w)  # blow the 32 px shapes up so that they can be looked at
-    Image.fromarray(grid).resize((cols * w * scale, rows * h * scale), Image.NEAREST).save(path)
-
-
 def validate(bb, handle, args, step):
     """Sample a fixed prompt grid with the current tokens (saved as an image); tiny-*: the shapes checker's
     scores of those samples; and eval.classifier_accuracy on held-out pairs when eval.py provides it."""
@@ -161,7 +149,8 @@ def validate(bb, handle, args, step):
                                         handle=handle)
                         for i in range(0, len(prompts), 16)])
     os.makedirs(os.path.join(args.out, "val"), exist_ok=True)
-    save_grid(images, os.path.join(args.out, "val", f"step{step:07d}.png"), args.val_n if tiny else len(prompts))
+    sample.save_grid(images, os.path.join(args.out, "val", f"step{step:07d}.png"),
+                     columns=args.val_n if tiny else len(prompts), min_side=256)
     result = {}
     if tiny:
         result.update({f"score_{k}": v for k, v in shapes.score(images, [r["spec"] for r in records]).items()})

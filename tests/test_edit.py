@@ -5,7 +5,6 @@
 # were; every method end to end from the command line; one-line input errors before any model loads.
 
 import json
-import os
 
 import numpy as np
 import pytest

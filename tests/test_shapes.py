@@ -3,7 +3,6 @@
 # eval set must be consistent. CPU only, a few seconds.
 
 import copy
-import os
 
 import numpy as np
 import pytest

@@ -11,6 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import eval as evaluation
+import models
+import sample
+import shapes
 import train
 
 FAST = ["--random-init", "--batch", "2", "--threads", "1", "--workers", "1"]
@@ -131,10 +135,22 @@ def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
                        "--val-n", "1", "--val-steps", "3", "--out", out])
     log = rows(out)
     assert [r["step"] for r in log] == ["0", "1", "2"]           # step 0: the untrained tokens
-    for r in (log[0], log[2]):
-        assert 0.0 <= float(r["score_mean"]) <= 1.0
+    for r in (log[0], log[2]):   # one prompt per category: each score is that image's verdict, 0 or 1
+        per_category = [float(r[f"score_{c}"]) for c in shapes.CATEGORIES]
+        assert set(per_category) <= {0.0, 1.0}
+        assert float(r["score_mean"]) == pytest.approx(np.mean(per_category), abs=1e-5)
     assert log[1]["score_mean"] == ""                           # no validation at step 1, and no fake number
-    assert 0.0 <= float(log[0]["heldout_acc"]) <= 1.0 and log[1]["heldout_acc"] == ""
+    assert log[1]["heldout_acc"] == ""
+    # the logged held-out accuracy at step 2 is that of the saved tokens, recomputed here
+    bb = models.build_tiny("tiny-sd1.5", seed=0)
+    sets, info = sample.read_tokens(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5")
+    handle = sample.attach_tokens(bb, sets, info["blocks"])
+    records = evaluation.classifier_records(1)
+    try:
+        expected = evaluation.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
+    finally:
+        handle.remove()
+    assert float(log[2]["heldout_acc"]) == pytest.approx(expected, abs=1e-5)
     assert sorted(os.listdir(os.path.join(out, "val"))) == ["step0000000.png", "step0000002.png"]
 
 

@@ -97,7 +97,7 @@ def make_configs(bb, B, size, device, dtype):
                 pred_ema = models.denoise(bb, x, t, cond).view(shape)
             with handle.rows(torch.where(matched, softtokens.POS, softtokens.NEG)):
                 pred = models.denoise(bb, x, t, cond).view(shape)
-            loss = losses.agsm_loss(pred, pred_ema, target, timesteps, facts["prediction"], 1.0, 1.0)
+            loss, _ = losses.agsm_loss(pred, pred_ema, target, timesteps, facts["prediction"], 1.0, 1.0)
         else:
             errors = losses.pair_errors(models.denoise(bb, x, t, cond).view(shape), target)
             loss = losses.dsm_loss(torch.diag(errors[:, 0])) if loss_name == "dsm" else losses.softrepa_loss(errors)

@@ -282,7 +282,8 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
         caps = [[r[1][i % len(r[1])] for i in (range(K) if K >= len(r[1]) else rng.permutation(len(r[1]))[:K])]
                 for r, _ in part]
         with torch.no_grad():
-            latents = models.encode_images(bb, torch.stack([im for _, im in part]))
+            # the posterior mean: a cache holds one latent per image, so no single random draw of it
+            latents = models.encode_images(bb, torch.stack([im for _, im in part]), mode=True)
             cond = models.encode_prompts(bb, [c for cs in caps for c in cs])
         pooled = cond.get("pooled_projections", cond.get("added_cond_kwargs", {}).get("text_embeds"))
         values = {"latents": latents, "hidden": cond["encoder_hidden_states"].unflatten(0, (len(part), K))}

@@ -5,9 +5,13 @@ A training step draws B images x_0^i and their B captions c^j. Every image is pa
 caption: pair (i, j) is matched (positive, D+) when i == j and mismatched (negative, D-) otherwise.
 (With train.py --gather-text the other ranks' captions are appended as extra negatives: a B x K
 matrix, K > B, with the matched pairs still on the diagonal of its first B columns.)
-Both papers use one noise level t_i and one noise eps_i per image row, shared by all B captions of
-that row (SoftREPA eq. 14; AGSM Alg. 1 lines 4-6), so the only thing that differs along a row is
-the caption. Shapes used throughout:
+Along a row only the caption differs: the row's image is noised once and every caption sees the same
+x_t. (Both authors' codes go further and draw one t and one eps for the whole step, every image alike;
+AGSM Alg. 1 lines 4-5 draw them once per step as well. train.py follows that by default and keeps one
+draw per image row as --noise-per-row; the losses below work with either.)
+Captions can repeat within a batch (a small dataset, or the shapes world): a "mismatched" pair whose
+caption equals the row's own is really matched. `duplicates` marks such pairs, and every loss here
+leaves them out of its negatives. Shapes used throughout:
 
     pred     (B, B, C, H, W)  the denoiser's output for pair (i, j): image i noised, caption j
     target   (B, C, H, W)     eps_i (DSM) or v_i = eps_i - x0_i (flow matching) of image row i
@@ -24,27 +28,40 @@ import torch.nn.functional as F
 
 
 def pair_errors(pred, target):
-    """(B, B) mean squared error over C, H, W of each pair against its row's target.
-    The per-element mean (not the sum of the papers' ||.||^2) is what SoftREPA's released code uses;
-    it keeps the numbers independent of the latent size, and the temperatures below absorb the scale."""
+    """(B, K) mean squared error over C, H, W of each pair against its row's target.
+    The per-element mean (not the sum of the papers' ||.||^2) is what both released codes use
+    (F.mse_loss(...).mean(dim=(2, 3, 4))); it keeps the numbers independent of the latent size, and the
+    temperatures below absorb the scale."""
     diff = pred.float() - target.float().unsqueeze(1)
     return diff.pow(2).flatten(2).mean(dim=2)
+
+
+def duplicates(row_captions, column_captions):
+    """(B, K) bool: pair (i, j) is off the diagonal but its caption equals row i's own caption."""
+    same = torch.tensor([[a == b for b in column_captions] for a in row_captions])
+    return same & ~torch.eye(len(row_captions), len(column_captions), dtype=torch.bool)
+
+
+def _off_diagonal(errors, exclude=None):
+    off = ~torch.eye(*errors.shape, dtype=torch.bool, device=errors.device)
+    return off if exclude is None else off & ~exclude.to(errors.device)
 
 
 def matched(errors):
     return errors.diagonal()
 
 
-def mismatched(errors):
-    return errors[~torch.eye(*errors.shape, dtype=torch.bool, device=errors.device)]
+def mismatched(errors, exclude=None):
+    return errors[_off_diagonal(errors, exclude)]
 
 
-def classifier_accuracy(errors):
-    """In-batch diffusion classifier: does the matched caption give the lowest error in its row?
-    (SoftREPA eqs. 15-18: the denoising error is a log-likelihood up to a constant, so argmin_j is the
-    maximum-likelihood caption.)"""
-    rows = torch.arange(errors.shape[0], device=errors.device)
-    return (errors.argmin(dim=1) == rows).float().mean()
+def classifier_accuracy(errors, exclude=None):
+    """In-batch diffusion classifier: does the matched caption give a strictly lower error than every
+    other caption of its row? (SoftREPA eqs. 15-18: the denoising error is a log-likelihood up to a
+    constant, so argmin_j is the maximum-likelihood caption.) A tie counts as wrong, so a text-blind
+    model scores 0 rather than 1/K by the luck of argmin; excluded (duplicate) captions do not compete."""
+    others = errors.masked_fill(~_off_diagonal(errors, exclude), float("inf"))
+    return (matched(errors) < others.min(dim=1).values).float().mean()
 
 
 # -----------------------------------------------------------------------------
@@ -62,16 +79,19 @@ def dsm_loss(errors):
 # i.e. a cross-entropy with logits l(x_i, y_j) and label i. The similarity is the denoising error
 # passed through exp (eqs. 10-11, 13):  l(x, y) = exp(-err(x, y) / tau(t)),  where the exp bounds the
 # logits in (0, 1] (unbounded logits -err were unstable, sec. 3). The released code multiplies by a
-# scale (4) so that the logits span a useful range, uses a constant tau = 0.07, and can learn both;
-# it adds `dweight` times the plain DSM/FM loss of the matched pairs (10 for SD1.5/SDXL, 0 for SD3;
-# SoftREPA app. B and Table 6).
+# scale (4) so that the logits span a useful range and uses a constant tau = 0.07. (Its ContrastiveLoss
+# wraps tau and the scale in nn.Parameter, but the optimizer receives only the soft tokens, so both stay
+# constant; here they are plain numbers.) It adds `dweight` times the plain DSM/FM loss of the matched
+# pairs (10 for SD1.5/SDXL, 0 for SD3; SoftREPA app. B and Table 6).
 
 def softrepa_logits(errors, tau=0.07, scale=4.0):
     return scale * torch.exp(-errors / tau)
 
 
-def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0):
+def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None):
     logits = softrepa_logits(errors, tau, scale)
+    if exclude is not None:   # a duplicate caption is no negative: out of the softmax's denominator
+        logits = logits.masked_fill(exclude.to(logits.device), float("-inf"))
     labels = torch.arange(errors.shape[0], device=errors.device)
     contrastive = F.cross_entropy(logits, labels)            # eq. 14
     return contrastive + dweight * dsm_loss(errors)
@@ -99,14 +119,19 @@ def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0):
 #     v_tgt(i, j) = v_i + gamma_ij * B(t) * (v_ema(i, j) - sum_k w_ik v_ema(i, k)).
 # (App. D evaluates the EMA velocity at x_{t+d}; as d -> 0 that is the x_t we have.)
 #
-# Normalisation of the error in the softmax: the paper writes ||.||^2 (a sum over all elements) and
-# leaves its scale to A(t). We use the per-element mean, as SoftREPA's code does, divided by a
-# temperature tau. tau = 2 / (C*H*W) reproduces the literal Alg. 1 with A(t) = 1.
+# The softmax's temperature. The AGSM code (train.py, AGSMObjective.forward) computes the reward as the
+# per-element mean, reward = -mse(v, v_ema).mean(C, H, W), and weights softmax(reward / 0.1): tau = 0.1,
+# our default. Alg. 1 line 8 writes w = softmax(-||eps_ema - eps||^2), the SUM over the C*H*W elements
+# with no temperature, which is the per-element mean at tau = 1 / (C*H*W) (train.py --paper-tau). Eq. 14
+# with A(t) = 1 would add a 1/2, tau = 2 / (C*H*W); Alg. 1 has none. (The per-element scale matters:
+# with tau = 0.1 and error gaps of a few hundredths the weights are nearly uniform; with the sum they
+# are nearly one-hot.)
 
-def guidance_weight_eps(t, alphas_cumprod=None):
+def guidance_weight_eps(t):
     """tilde A(t) of eq. 15, = lambda_t beta_t sqrt(1 - abar_t) / (alpha_t (1 - abar_{t-1})) (eq. 37).
-    The paper chooses lambda_t so that tilde A(t) = 1 in every experiment (sec. 4); so do we. To try
-    another schedule, return it here as a (B,) tensor for DDPM timesteps t."""
+    The paper chooses lambda_t so that tilde A(t) = 1 in every experiment (sec. 4), and so does its code;
+    so do we: a (B,) tensor of ones for the DDPM timesteps t. (Another schedule would need the noise
+    schedule too: eq. 37's abar_t is models.ddpm_alphas_cumprod()[t].)"""
     return torch.ones_like(t, dtype=torch.float32)
 
 
@@ -115,25 +140,31 @@ def guidance_weight_flow(t):
     return torch.ones_like(t, dtype=torch.float32)
 
 
-def plackett_luce_weights(errors_ema, tau):
-    """w_ij = softmax_j(r_ij) with r_ij = -err_ema(i, j) / tau (eqs. 7, 14; Alg. 1 line 8)."""
-    return torch.softmax(-errors_ema / tau, dim=1)
+def plackett_luce_weights(errors_ema, tau, exclude=None):
+    """w_ij = softmax_j(r_ij) with r_ij = -err_ema(i, j) / tau (eqs. 7, 14; Alg. 1 line 8); duplicate
+    captions (exclude) get no weight: a caption is one choice, however often it appears in the batch."""
+    rewards = -errors_ema / tau
+    if exclude is not None:
+        rewards = rewards.masked_fill(exclude.to(rewards.device), float("-inf"))
+    return torch.softmax(rewards, dim=1)
 
 
-def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.07,
-                 bradley_terry=False):
-    """The alignment-guided targets (B, B, C, H, W) of eq. 15 / 16 for every pair, and the weights w."""
+def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
+                 bradley_terry=False, exclude=None):
+    """The alignment-guided targets (B, K, C, H, W) of eq. 15 / 16 for every pair, and the weights w."""
     B, K = pred_ema.shape[:2]
     pred_ema = pred_ema.float()
     errors_ema = pair_errors(pred_ema, target)
     if bradley_terry:
         delta, w = bradley_terry_delta(pred_ema, errors_ema, tau)
     else:
-        w = plackett_luce_weights(errors_ema, tau)                          # (B, B)
+        w = plackett_luce_weights(errors_ema, tau, exclude)                 # (B, K)
         weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)         # sum_k w_ik pred_ema(i, k)
         delta = pred_ema - weighted_mean.unsqueeze(1)                       # Delta_ij (eq. 13 / 33)
     eye = torch.eye(B, K, dtype=torch.bool, device=pred_ema.device)
     gamma = torch.where(eye, gamma_pos, -gamma_neg).to(pred_ema)            # gamma_z (eq. 11)
+    if exclude is not None:
+        gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)           # a duplicate gets no guidance
     scale = guidance_weight_flow(timesteps) if prediction == "flow" else guidance_weight_eps(timesteps)
     shape = (B, K) + (1,) * (pred_ema.dim() - 2)
     guidance = (gamma * scale.to(pred_ema).view(B, 1)).view(shape) * delta
@@ -162,16 +193,34 @@ def bradley_terry_delta(pred_ema, errors_ema, tau):
     return delta, w_other
 
 
-def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.07,
-              bradley_terry=False):
+def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
+              bradley_terry=False, exclude=None, plain_sum=False):
     """Eq. 17: E_{D+} || pred_psi+ - tgt ||^2 + E_{D-} || pred_psi- - tgt ||^2, target detached.
     `pred` holds psi+ predictions on the diagonal and psi- ones elsewhere (one batched forward, hooks.py);
-    `pred_ema` the same with the EMA tokens, computed without gradient."""
+    `pred_ema` the same with the EMA tokens, computed without gradient. Returns (loss, weights w).
+
+    Weighting of the two terms: the code (AGSMObjective.forward) averages the matched and the
+    mismatched pairs separately and adds the means, pos.sum() / B + neg.sum() / (B K - B), so the B
+    matched pairs weigh as much as the B(K-1) mismatched ones, as eq. 17's two expectations do. Alg. 1
+    line 12 writes one plain sum over all pairs (plain_sum=True), which gives psi- K-1 times the weight.
+    Our default follows the code."""
     with torch.no_grad():
-        targets, _ = agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
-                                  bradley_terry)
+        targets, w = agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
+                                  bradley_terry, exclude)
     per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)         # (B, K)
+    negatives = mismatched(per_pair, exclude)
+    if plain_sum:
+        return matched(per_pair).sum() + negatives.sum(), w
     loss = matched(per_pair).mean()
-    if per_pair.shape[1] > 1:
-        loss = loss + mismatched(per_pair).mean()
-    return loss
+    if negatives.numel():
+        loss = loss + negatives.mean()
+    return loss, w
+
+
+def agsm_diagnostics(w, exclude=None):
+    """The AGSM code's two training diagnostics, from the Plackett-Luce weights w (B, K): the win rate,
+    how often the matched caption gets more weight than the strongest negative, and the mean margin
+    w_ii - max_{j != i} w_ij. A text-blind model has margin 0 and wins by chance."""
+    negatives = w.masked_fill(~_off_diagonal(w, exclude), 0.0).max(dim=1).values
+    margin = matched(w) - negatives
+    return (margin > 0).float().mean(), margin.mean()

@@ -15,8 +15,9 @@ train.py, sample.py, edit.py and eval.py only ever call the functions of this fi
     pred = denoise(bb, x_t, timesteps, cond)   # epsilon (DDPM) or velocity (flow)
     loss = (pred - target(bb, x0, noise)) ** 2
 
-The tiny-* models are the offline "shapes world" (see shapes.py and pretrain.py): pixel space
-(no VAE), one small CLIP text encoder with a word-level vocabulary, weights shipped in weights/.
+The tiny-* models are the offline "shapes world" (see shapes.py and pretrain.py): like the real
+families they denoise VAE latents (a small AutoencoderKL, 32x32x3 <-> 8x8x4, shared by both tiny
+families), with one small CLIP text encoder of a word-level vocabulary; weights shipped in weights/.
 `tiny_denoiser(family)` builds random-weight denoisers with each real family's architecture for
 the tests.
 """
@@ -38,12 +39,14 @@ import torch.nn as nn
 #   sample:      paper sampling defaults (SoftREPA sec. 4, AGSM app. F).
 #   vae_factor, size_multiple, max_size: image side -> latent side, and the sides the denoiser takes
 #                (UNet: 2^(levels-1) latent pixels; MM-DiT: the patch, up to its positional table).
+#                The latent normalisation (x0 = (z - shift) * scale) is not in this table: like the
+#                stock pipelines we read it from the VAE's own config (scaling_factor, shift_factor).
 FAMILIES = {
     "sd3": dict(
         arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3-medium-diffusers",
         pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024,
         vae_factor=8, size_multiple=16, max_size=3072,
-        latent_scale=1.5305, latent_shift=0.0609, flow_shift=3.0,
+        flow_shift=3.0,
         n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=100000),
@@ -53,7 +56,7 @@ FAMILIES = {
         arch="unet", prediction="epsilon", hub="stabilityai/stable-diffusion-xl-base-1.0",
         pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024,
         vae_factor=8, size_multiple=32, max_size=None,
-        latent_scale=0.13025, latent_shift=0.0, flow_shift=None,
+        flow_shift=None,
         n_tokens=8, token_layers=1, token_blocks=("down", "mid"), time_table=False, init="normal",
         softrepa=dict(batch=4, dweight=10.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=1000),
@@ -63,17 +66,17 @@ FAMILIES = {
         arch="unet", prediction="epsilon", hub="stable-diffusion-v1-5/stable-diffusion-v1-5",
         pipeline="StableDiffusionPipeline", pooled=None, size=512,
         vae_factor=8, size_multiple=64, max_size=None,
-        latent_scale=0.18215, latent_shift=0.0, flow_shift=None,
+        flow_shift=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
         softrepa=dict(batch=8, dweight=10.0, steps=26000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=100000),
         sample=dict(steps=30, cfg=7.0),
     ),
-    # The offline shapes world (pixel space, 32x32). Same architectures, tiny sizes, our own weights.
+    # The offline shapes world (32x32 images, 8x8x4 latents). Same architectures, tiny sizes, our own weights.
     "tiny-sd3": dict(
         arch="mmdit", prediction="flow", hub=None, pipeline=None, pooled="pooled_projections", size=32,
-        vae_factor=1, size_multiple=4, max_size=32,
-        latent_scale=1.0, latent_shift=0.0, flow_shift=1.0,
+        vae_factor=4, size_multiple=4, max_size=32,
+        flow_shift=1.0,
         n_tokens=4, token_layers=2, token_blocks=None, time_table=True, init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=300),
@@ -81,8 +84,8 @@ FAMILIES = {
     ),
     "tiny-sd1.5": dict(
         arch="unet", prediction="epsilon", hub=None, pipeline=None, pooled=None, size=32,
-        vae_factor=1, size_multiple=4, max_size=None,
-        latent_scale=1.0, latent_shift=0.0, flow_shift=None,
+        vae_factor=4, size_multiple=8, max_size=None,
+        flow_shift=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
         softrepa=dict(batch=4, dweight=10.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=300),
@@ -100,6 +103,7 @@ class Backbone:
     denoiser: nn.Module                 # SD3Transformer2DModel or UNet2DConditionModel
     pipe: object = None                 # real models: the stock diffusers pipeline (text encoders, VAE)
     text_encoder: nn.Module = None      # tiny models: one CLIPTextModel with our word vocabulary
+    vae: nn.Module = None               # AutoencoderKL (real: pipe.vae); None: the denoiser works on pixels
     alphas_cumprod: torch.Tensor = field(default=None, repr=False)  # DDPM families
 
     @property
@@ -136,8 +140,8 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     facts = check_name(name)
     if facts["hub"] is None:
         bb = load_tiny(name, pretrained or os.path.join(WEIGHTS_DIR, name))
-        bb.denoiser.to(device, dtype)
-        bb.text_encoder.to(device, dtype)
+        for module in (bb.denoiser, bb.text_encoder, bb.vae):
+            module.to(device) if dtype == torch.float32 else module.to(device, dtype)  # (diffusers warns on a no-op cast)
     else:
         import diffusers
         source = pretrained or facts["hub"]
@@ -154,10 +158,10 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
             if isinstance(module, nn.Module):
                 module.requires_grad_(False).eval()
         denoiser = pipe.transformer if facts["arch"] == "mmdit" else pipe.unet
-        bb = Backbone(name, facts, denoiser, pipe=pipe)
-    bb.denoiser.requires_grad_(False).eval()
-    if bb.text_encoder is not None:
-        bb.text_encoder.requires_grad_(False).eval()
+        bb = Backbone(name, facts, denoiser, pipe=pipe, vae=pipe.vae)
+    for module in (bb.denoiser, bb.text_encoder, bb.vae):
+        if module is not None:
+            module.requires_grad_(False).eval()
     if facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod().to(device)
     return bb
@@ -167,19 +171,26 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
 # `tiny_denoiser` gives each real family's architecture at test size.
 TINY_TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                         max_position_embeddings=16, projection_dim=128)
+# The shapes world's autoencoder: the real families' AutoencoderKL at 0.23M parameters. Three blocks halve
+# the side twice, 32x32x3 -> 8x8x4 (vae_factor 4); the denoisers then see 64 latent positions and the
+# decoder draws the crisp edges (a pixel-space denoiser of the same cost drew blocky fragments). No
+# attention in its middle block: 64 positions of flat colours need none. scaling_factor / shift_factor
+# are measured on renders after training (pretrain.py) and saved with the weights, as in the hub configs.
+TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                       down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                       layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
 TINY_DENOISER_CONFIGS = {
-    # Sized for CPU pretraining (pretrain.py): patch 4 gives the DiT 64 image tokens; the UNet has no
-    # attention at full resolution, where self-attention over 1024 pixels would dominate its cost.
-    "tiny-sd3": dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=4,
+    # Sized for CPU pretraining (pretrain.py) and CPU token training: patch 1 on the 8x8 latents gives the
+    # DiT 64 image tokens; the UNet has two levels (8x8 and 4x4), cross-attention at both.
+    "tiny-sd3": dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
                      attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
                      caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=8),
-    "tiny-sd1.5": dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(16, 32, 64),
-                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                       cross_attention_dim=128, attention_head_dim=4, norm_num_groups=8),
-    # test-size versions of the real families (random weights; shapes of the real text streams kept
-    # where a test needs them: see tests/conftest.py)
+    "tiny-sd1.5": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                       block_out_channels=(32, 64),
+                       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                       cross_attention_dim=128, attention_head_dim=8, norm_num_groups=8),
+    # test-size versions of the real families (random weights; the tests build their text features)
     "sd3": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
                 attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                 caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=8),
@@ -244,35 +255,71 @@ def tiny_text_encoder(seed=0):
     return CLIPTextModel(config).eval()
 
 
-def build_tiny(name, seed=0):
-    """A random-weight shapes-world backbone (what pretrain.py starts from)."""
+def tiny_vae(seed=0, scaling_factor=1.0, shift_factor=0.0):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(**TINY_VAE_CONFIG, scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
+
+
+def build_tiny(name, seed=0, vae=None):
+    """A random-weight shapes-world backbone (what pretrain.py starts from); `vae` defaults to a random one."""
     facts = check_name(name)
-    bb = Backbone(name, facts, tiny_denoiser(name, seed), text_encoder=tiny_text_encoder(seed + 1))
+    bb = Backbone(name, facts, tiny_denoiser(name, seed), text_encoder=tiny_text_encoder(seed + 1),
+                  vae=vae if vae is not None else tiny_vae(seed + 2))
     if facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod()
     return bb
 
 
+TINY_VAE_DIR = os.path.join(WEIGHTS_DIR, "tiny-vae")
+
+
+def load_tiny_vae(folder=TINY_VAE_DIR):
+    """The trained shapes-world autoencoder, with the latent normalisation stored beside its weights."""
+    from safetensors import safe_open
+    path = os.path.join(folder, "vae.safetensors")
+    if not os.path.exists(path):
+        raise SystemExit(f"no autoencoder weights at {path}; rebuild them with `python pretrain.py --model tiny-vae`")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    vae = tiny_vae(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
+    vae.load_state_dict(state)
+    return vae
+
+
+def save_tiny_vae(vae, folder=TINY_VAE_DIR):
+    save_weights(vae, os.path.join(folder, "vae.safetensors"), model="tiny-vae",
+                 scaling_factor=str(vae.config.scaling_factor), shift_factor=str(vae.config.shift_factor))
+
+
 def load_tiny(name, folder):
+    """weights/<name>/{denoiser,text_encoder}.safetensors, and the shared autoencoder beside them."""
     from safetensors.torch import load_file
     files = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
     missing = [f for f in files.values() if not os.path.exists(f)]
     if missing:
         raise SystemExit(f"{name}: no weights at {missing[0]}; rebuild them with `python pretrain.py --model {name}`")
-    bb = build_tiny(name)
+    vae_folder = os.path.join(os.path.dirname(os.path.abspath(folder)), "tiny-vae")
+    bb = build_tiny(name, vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR))
     bb.denoiser.load_state_dict(load_file(files["denoiser"]))
     bb.text_encoder.load_state_dict(load_file(files["text_encoder"]))
     return bb
 
 
-def save_tiny(bb, folder):
+def save_weights(module, path, **metadata):
+    """A module's weights as fp32 safetensors, written atomically (a crash keeps the previous file)."""
     from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp")
+    save_file(state, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def save_tiny(bb, folder):
     for part, module in (("denoiser", bb.denoiser), ("text_encoder", bb.text_encoder)):
-        state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
-        tmp = os.path.join(folder, f".{part}.safetensors.tmp")
-        save_file(state, tmp, metadata={"model": bb.name})
-        os.replace(tmp, os.path.join(folder, f"{part}.safetensors"))
+        save_weights(module, os.path.join(folder, f"{part}.safetensors"), model=bb.name)
 
 
 # -----------------------------------------------------------------------------
@@ -325,28 +372,33 @@ def cat_conds(conds):
 
 
 # -----------------------------------------------------------------------------
-# Images <-> latents. Real families: the VAE, with SD3's shift (z - shift) * scale. Tiny: pixel space.
+# Images <-> latents, one path for every family: the AutoencoderKL, then the normalisation of its config,
+# x0 = (z - shift_factor) * scaling_factor (SD3: shift 0.0609, scale 1.5305; SD1.5: no shift, 0.18215),
+# chosen so that the latents the denoiser sees have about zero mean and unit variance.
+
+def latent_normalisation(vae):
+    return vae.config.scaling_factor, (getattr(vae.config, "shift_factor", None) or 0.0)
+
 
 def encode_images(bb, images, mode=False):
     """images (B, 3, H, W) in [-1, 1] -> latents x0: a sample of the VAE posterior, as in training,
     or with mode=True its mean (deterministic; what image editing starts from)."""
-    if bb.pipe is None:
+    if bb.vae is None:
         return images.to(bb.device, bb.dtype)
-    vae = bb.pipe.vae
+    scale, shift = latent_normalisation(bb.vae)
     with torch.no_grad():
-        posterior = vae.encode(images.to(bb.device, vae.dtype)).latent_dist
+        posterior = bb.vae.encode(images.to(bb.device, bb.vae.dtype)).latent_dist
         z = posterior.mode() if mode else posterior.sample()
-    return ((z - bb.facts["latent_shift"]) * bb.facts["latent_scale"]).to(bb.dtype)
+    return ((z - shift) * scale).to(bb.dtype)
 
 
 def decode_latents(bb, latents):
     """latents -> images (B, 3, H, W) in [-1, 1]."""
-    if bb.pipe is None:
+    if bb.vae is None:
         return latents.clamp(-1, 1)
-    vae = bb.pipe.vae
-    z = latents / bb.facts["latent_scale"] + bb.facts["latent_shift"]
+    scale, shift = latent_normalisation(bb.vae)
     with torch.no_grad():
-        return vae.decode(z.to(vae.dtype)).sample.clamp(-1, 1)
+        return bb.vae.decode((latents / scale + shift).to(bb.vae.dtype)).sample.clamp(-1, 1)
 
 
 def latent_shape(bb, size=None):

@@ -1,165 +1,292 @@
 """
-pretrain.py: train the shapes world's tiny backbones from scratch (issue "the shapes world").
+pretrain.py: train the shapes world's tiny backbones from scratch.
 
 The papers start from SD1.5 / SDXL / SD3, trained on billions of pairs, and freeze them. Our offline
-stand-ins are trained here, on the endless shapes stream (shapes.py), as those models were:
-  tiny-sd3:   SD3Transformer2DModel, conditional flow matching  || v_theta(x_t, t, c) - (eps - x0) ||^2
-  tiny-sd1.5: UNet2DConditionModel, DDPM epsilon-prediction     || eps_theta(x_t, t, c) - eps ||^2
-each with its CLIPTextModel (our word vocabulary) trained jointly from scratch and then frozen, like
-the real text encoders. 10% of captions are replaced by "" so that classifier-free guidance works.
+stand-ins are trained here on the endless shapes stream (shapes.py), in the same two stages as the
+real models:
+  1. tiny-vae:   an AutoencoderKL, 32x32x3 <-> 8x8x4, reconstruction loss + a tiny KL term (as the
+                 SD VAEs, whose KL weight is ~1e-6). Afterwards its latent normalisation is measured on
+                 renders, shift = mean(z), scale = 1 / std(z), and saved with the weights (the hub VAEs
+                 carry theirs in their configs: SD3 shift 0.0609, scale 1.5305).
+  2. tiny-sd3:   SD3Transformer2DModel on those latents, conditional flow matching
+                     || v_theta(x_t, t, c) - (eps - x0) ||^2,  x_t = (1 - t) x0 + t eps,
+                 with SD3's logit-normal t = sigmoid(n), n ~ N(0, 1), which spends the steps on the
+                 middle noise levels where the layout of the image is decided.
+     tiny-sd1.5: UNet2DConditionModel on the same latents, DDPM epsilon-prediction || eps_theta - eps ||^2,
+                 t uniform over the 1000 steps.
+Each denoiser trains its CLIPTextModel (our word vocabulary) jointly from scratch; both are then frozen,
+like the real text encoders. 10% of captions are replaced by "" so that classifier-free guidance works.
 The weights used for sampling are an EMA of the trained ones.
 
-We stop on purpose before alignment is solved (single objects and colours mostly right; counting,
-position and colour attribution clearly not) so that the soft tokens have room to improve it.
+Captions as loose as web alt-text. A fraction `--loose` of the pretraining captions leave out the count,
+a colour, the relation or an object ("some circles", "a circle and a square"; shapes.loose_caption):
+true of the image but incomplete. A model trained only on precise captions of a world this small would
+eventually bind every word; real models learn from alt-text and bind weakly, which is the failure the
+soft tokens are meant to fix (SD3-medium's GenEval: single objects 0.98, counting 0.63, position 0.34,
+colour attribution 0.36). The token-training data keeps precise captions.
 
-    python pretrain.py --model tiny-sd3 --steps 6000        # writes weights/tiny-sd3/*.safetensors
+    python pretrain.py --model tiny-vae --steps 3000                      # weights/tiny-vae/
+    python pretrain.py --model tiny-sd3 --minutes 60 --snapshot-every 1000   # weights/tiny-sd3/
+    python pretrain.py --model tiny-sd3 --score runs/pretrain-tiny-sd3/snapshots/*  # dev-set scores
+Snapshots are chosen on the dev prompt set (data/shapes_dev.jsonl); data/shapes_eval.jsonl is for the
+final measurement only (`--score ... --set eval`).
 """
 import argparse
 import copy
 import csv
+import glob
+import math
 import os
+import shutil
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import models
+import sample
 import shapes
+
+TINY = [n for n in models.FAMILIES if n.startswith("tiny-")]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-sd3", choices=[n for n in models.FAMILIES if n.startswith("tiny-")])
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--model", default="tiny-sd3", choices=["tiny-vae"] + TINY)
+    p.add_argument("--steps", type=int, default=100000, help="at most this many steps (see also --minutes)")
+    p.add_argument("--minutes", type=float, default=0, help="stop cleanly after this wall time (0: no limit)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (tiny-vae), 5e-4 (denoisers)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--loose", type=float, default=0.25, help="fraction of loose (alt-text-like) captions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="weights folder (default weights/<model>)")
-    p.add_argument("--work", default=None, help="checkpoints and logs (default runs/pretrain-<model>)")
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=0, help="score the eval set every N steps (0: at the end)")
-    p.add_argument("--eval-n", type=int, default=20, help="eval prompts per category")
+    p.add_argument("--vae", default=models.TINY_VAE_DIR, help="denoisers: the trained autoencoder's folder")
+    p.add_argument("--work", default=None, help="checkpoints, snapshots and logs (default runs/pretrain-<model>)")
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from <work>/ckpt.pt")
-    return p.parse_args(argv)
+    p.add_argument("--score", nargs="+", default=None, metavar="WEIGHTS",
+                   help="score weight folders with the protocol instead of training")
+    p.add_argument("--set", default="dev", choices=["dev", "eval"], help="--score: the prompt set")
+    p.add_argument("--n-per-category", type=int, default=0, help="--score: first N prompts per category (0: all)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1:
+        p.error("--steps and --batch must be at least 1")
+    args.lr = args.lr or (1e-3 if args.model == "tiny-vae" else 5e-4)
+    return args
 
 
-def batch_loss(bb, images, captions, noise, u):
-    """The pretraining objective on one batch: DSM or flow matching, text encoder included."""
-    x0 = models.encode_images(bb, images)
-    x_t, timesteps = models.add_noise(bb, x0, noise, u)
+# -----------------------------------------------------------------------------
+# The two objectives
+
+def vae_loss(vae, images, generator):
+    """Reconstruction (L1 + L2: L1 keeps the flat colours' edges sharp) + 1e-6 KL, through a posterior
+    sample z = mu + sigma * n, as the SD VAEs are trained."""
+    posterior = vae.encode(images).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(images.device)
+    recon = vae.decode(z).sample
+    return (recon - images).abs().mean() + (recon - images).pow(2).mean() + 1e-6 * posterior.kl().mean()
+
+
+def denoiser_loss(bb, images, captions, generator):
+    """DSM (tiny-sd1.5) or flow matching (tiny-sd3) on one batch, the text encoder trained with it."""
+    x0 = models.encode_images(bb, images)                      # frozen VAE: a posterior sample, normalised
+    B, device = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    if bb.facts["prediction"] == "flow":
+        u = torch.sigmoid(torch.randn(B, generator=generator))  # logit-normal(0, 1) (SD3 sec. 3.1)
+    else:
+        u = torch.rand(B, generator=generator)                  # uniform over the DDPM steps
+    x_t, timesteps = models.add_noise(bb, x0, noise, u.to(device))
     cond = models.encode_prompts(bb, captions, grad=True)
     pred = models.denoise(bb, x_t, timesteps, cond)
     return (pred.float() - models.target(bb, x0, noise).float()).pow(2).mean()
 
 
-def train_step(bb, opt, images, captions, generator, uncond_prob):
-    """One optimiser step of denoiser + text encoder on a batch; returns the loss before the step."""
-    B = images.shape[0]
-    drop = torch.rand(B, generator=generator) < uncond_prob
-    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    noise = torch.randn(images.shape, generator=generator)
-    u = torch.rand(B, generator=generator)
-    loss = batch_loss(bb, images, captions, noise, u)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    opt.step()
-    return loss.item()
+# -----------------------------------------------------------------------------
+# Scoring: the evaluation protocol of shapes.py (4 seeds per prompt, fixed by rule; bootstrap CIs)
 
-
-def evaluate(bb, n_per_category, seed=0, batch=64):
-    """Sample the first n prompts of each category of the fixed eval set; exact per-category scores."""
-    import sample
-    records = shapes.load_eval_set()
-    chosen = [r for c in shapes.CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n_per_category]]
+def protocol_images(bb, records, which, batch=128):
+    pairs = shapes.protocol_seeds(len(records), which=which)
     images = []
-    for i in range(0, len(chosen), batch):
-        part = chosen[i:i + batch]
-        images.append(sample.generate(bb, [r["prompt"] for r in part], [seed + i + k for k in range(len(part))]))
-    return shapes.score(torch.cat(images), [r["spec"] for r in chosen])
+    for i in tqdm(range(0, len(pairs), batch), desc=f"sample {which}", leave=False):
+        part = pairs[i:i + batch]
+        images.append(sample.generate(bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part]))
+    return torch.cat(images)
 
+
+def protocol_records(which, n_per_category=0):
+    records = shapes.load_dev_set() if which == "dev" else shapes.load_eval_set()
+    if n_per_category:
+        records = [r for c in shapes.CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n_per_category]]
+    return records
+
+
+def score_folders(args):
+    records = protocol_records(args.set, args.n_per_category)
+    for folder in args.score:
+        bb = models.load(args.model, pretrained=folder, device=args.device)
+        scores = shapes.protocol_scores(protocol_images(bb, records, args.set), [r["spec"] for r in records])
+        print(f"{folder} [{args.set}, {len(records)} prompts x {shapes.SAMPLES_PER_PROMPT}]: {shapes.format_scores(scores)}",
+              flush=True)
+
+
+def vae_report(vae, n=480, seed=123):
+    """PSNR of reconstructions (posterior mean) and the share the exact checker still accepts."""
+    specs = [shapes.random_spec(np.random.default_rng([seed, i]), shapes.CATEGORIES[i % 6]) for i in range(n)]
+    images = shapes.to_tensor(np.stack([shapes.render(s, rng=np.random.default_rng([seed, i])) for i, s in enumerate(specs)]))
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images.to(vae.device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
+    mse = ((recon - images) / 2).pow(2).mean().item()   # on [0, 1]
+    accepted = np.mean([shapes.check(r, s) for r, s in zip(recon, specs)])
+    return {"psnr": 10 * math.log10(1 / mse), "checker_accepts": float(accepted)}
+
+
+@torch.no_grad()
+def measure_normalisation(vae, generator, n=2048, batch=256):
+    """shift = E[z], scale = 1 / std(z) over posterior samples of renders: the denoiser then sees latents
+    with zero mean and unit variance, the scale its noise schedule assumes."""
+    data = shapes.stream(10_000, batch)
+    zs = []
+    for _ in range(n // batch):
+        images, _, _ = next(data)
+        posterior = vae.encode(images.to(vae.device)).latent_dist
+        zs.append(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(vae.device))
+    z = torch.cat(zs).float()
+    return 1.0 / z.std().item(), z.mean().item()
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.score:
+        return score_folders(args)
+    device = torch.device(args.device)
+    is_vae = args.model == "tiny-vae"
     out = args.out or os.path.join(models.WEIGHTS_DIR, args.model)
     work = args.work or os.path.join("runs", f"pretrain-{args.model}")
     os.makedirs(work, exist_ok=True)
     ckpt_path = os.path.join(work, "ckpt.pt")
+    if os.path.exists(ckpt_path + ".tmp"):
+        os.remove(ckpt_path + ".tmp")                 # a write that was killed half-way
 
-    bb = models.build_tiny(args.model, seed=args.seed)
-    bb.denoiser.train()
-    bb.text_encoder.train()
-    params = list(bb.denoiser.parameters()) + list(bb.text_encoder.parameters())
+    # ---- what is trained: the autoencoder alone, or a denoiser + its text encoder on the frozen VAE
+    if is_vae:
+        trained = {"vae": models.tiny_vae(args.seed)}
+    else:
+        bb = models.build_tiny(args.model, seed=args.seed, vae=models.load_tiny_vae(args.vae))
+        bb.vae.requires_grad_(False).to(device)
+        trained = {"denoiser": bb.denoiser, "text_encoder": bb.text_encoder}
+    for module in trained.values():
+        module.to(device).train()
+    ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in trained.items()}
+    params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    schedule = lambda s: min(1.0, (s + 1) / args.warmup)  # noqa: E731  linear warm-up, then constant
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    ema = copy.deepcopy(bb)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))  # warm-up, then constant
     generator = torch.Generator().manual_seed(args.seed)
     step = 0
     if args.resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        bb.denoiser.load_state_dict(state["denoiser"])
-        bb.text_encoder.load_state_dict(state["text_encoder"])
-        ema.denoiser.load_state_dict(state["ema_denoiser"])
-        ema.text_encoder.load_state_dict(state["ema_text_encoder"])
+        for k in trained:
+            trained[k].load_state_dict(state[k])
+            ema[k].load_state_dict(state[f"ema_{k}"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         generator.set_state(state["generator"])
         step = state["step"]
-        print(f"resumed at step {step}")
-    data = shapes.stream(args.seed + step, args.batch)  # a resumed run continues on fresh data
+        sched.base_lrs = [args.lr for _ in opt.param_groups]   # a resumed run may continue at another --lr
+        for group in opt.param_groups:
+            group["lr"] = args.lr * sched.lr_lambdas[0](step)
+        print(f"resumed at step {step} (lr {args.lr:g})")
+    data = shapes.stream(args.seed + step, args.batch, loose=0.0 if is_vae else args.loose)  # fresh data on resume
 
-    def save_checkpoint():
-        state = dict(denoiser=bb.denoiser.state_dict(), text_encoder=bb.text_encoder.state_dict(),
-                     ema_denoiser=ema.denoiser.state_dict(), ema_text_encoder=ema.text_encoder.state_dict(),
-                     opt=opt.state_dict(), sched=sched.state_dict(), generator=generator.get_state(), step=step)
+    def sampling_copy():
+        """The EMA weights as a Backbone (denoisers) or the EMA autoencoder."""
+        if is_vae:
+            return ema["vae"]
+        copy_bb = models.build_tiny(args.model, vae=bb.vae)
+        copy_bb.denoiser, copy_bb.text_encoder = ema["denoiser"], ema["text_encoder"]
+        return copy_bb
+
+    def save(folder):
+        if is_vae:
+            return models.save_tiny_vae(ema["vae"], folder)
+        models.save_tiny(sampling_copy(), folder)
+
+    def checkpoint():
+        state = {k: m.state_dict() for k, m in trained.items()}
+        state.update({f"ema_{k}": m.state_dict() for k, m in ema.items()})
+        state.update(opt=opt.state_dict(), sched=sched.state_dict(), generator=generator.get_state(), step=step)
         torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
-        models.save_tiny(ema, out)
+        os.replace(ckpt_path + ".tmp", ckpt_path)    # atomic: a kill mid-write keeps the previous one
 
-    log = open(os.path.join(work, "log.csv"), "a", newline="")
+    log_path = os.path.join(work, "log.csv")
+    new_log = not (step and os.path.exists(log_path))
+    if not new_log:   # resumed: keep the rows up to the checkpoint (a new file renamed over the old one)
+        with open(log_path) as f:
+            kept = [row for row in f if not row[:1].isdigit() or int(row.split(",")[0]) <= step]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "w" if new_log else "a", newline="")
     writer = csv.writer(log)
-    if step == 0:
-        writer.writerow(["step", "loss", "lr", "seconds"] + [f"score_{c}" for c in shapes.CATEGORIES] + ["score_mean"])
+    if new_log:
+        writer.writerow(["step", "loss", "lr", "seconds"])
     start = time.time()
     bar = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.model}")
-    while step < args.steps:
+    while step < args.steps and not (args.minutes and time.time() - start > 60 * args.minutes):
         images, captions, _ = next(data)
-        loss = train_step(bb, opt, images, captions, generator, args.uncond_prob)
-        if not torch.isfinite(torch.tensor(loss)):
-            raise SystemExit(f"loss is {loss} at step {step}: stopping; last good weights are in {ckpt_path}")
+        images = images.to(device)
+        if is_vae:
+            loss = vae_loss(trained["vae"], images, generator)
+        else:
+            drop = torch.rand(len(captions), generator=generator) < args.uncond_prob
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            loss = denoiser_loss(bb, images, captions, generator)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"loss is {loss.item()} at step {step}: stopping; the last good state is {ckpt_path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
         sched.step()
-        # EMA with warm-up: a plain 0.999 would keep 0.999^1000 = 37% of the random init after 1000 steps,
-        # and a blend of weights (unlike a blend of outputs) that far apart draws noise.
+        # EMA with warm-up: a plain 0.999 would keep 0.999^1000 = 37% of the random init after 1000 steps
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(list(ema.denoiser.parameters()) + list(ema.text_encoder.parameters()), params):
-                e.lerp_(p, 1 - decay)
+            for k in trained:
+                for e, p in zip(ema[k].parameters(), trained[k].parameters()):
+                    e.lerp_(p, 1 - decay)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        scores = {}
-        if args.eval_every and step % args.eval_every == 0:
-            ema.denoiser.eval()
-            ema.text_encoder.eval()
-            scores = evaluate(ema, args.eval_n)
-            tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
-        writer.writerow([step, f"{loss:.5f}", f"{sched.get_last_lr()[0]:.2e}", f"{time.time() - start:.1f}"]
-                        + [f"{scores[c]:.3f}" if scores else "" for c in shapes.CATEGORIES + ["mean"]])
-        log.flush()
-        if step % args.ckpt_every == 0 or step == args.steps:
-            save_checkpoint()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        writer.writerow([step, f"{loss.item():.5f}", f"{sched.get_last_lr()[0]:.2e}", f"{time.time() - start:.1f}"])
+        if step % args.ckpt_every == 0:
+            log.flush()
+            checkpoint()
+            save(out)
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            save(os.path.join(work, "snapshots", f"step{step:06d}"))
     bar.close()
-    ema.denoiser.eval()
-    ema.text_encoder.eval()
-    scores = evaluate(ema, args.eval_n)
-    print(f"{args.model} after {step} steps: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    log.close()
+    checkpoint()
+    if is_vae:   # the latent normalisation of the final EMA autoencoder, stored in its config
+        scale, shift = measure_normalisation(ema["vae"], generator)
+        ema["vae"].register_to_config(scaling_factor=scale, shift_factor=shift)
+        print(f"tiny-vae after {step} steps: scaling_factor {scale:.4f}, shift_factor {shift:.4f}, "
+              + ", ".join(f"{k} {v:.3f}" for k, v in vae_report(ema["vae"]).items()))
+    save(out)
+    if args.snapshot_every and not is_vae:
+        save(os.path.join(work, "snapshots", f"step{step:06d}"))
+    print(f"{args.model}: {step} steps in {(time.time() - start) / 60:.1f} min; weights in {out}")
 
 
 if __name__ == "__main__":

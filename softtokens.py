@@ -13,11 +13,14 @@ the authors' released tokens are used (../shared/official-softrepa-tokens/README
 
 AGSM (Alg. 1, eq. 17) trains two sets, psi+ for matched pairs and psi- for mismatched pairs, and
 computes its alignment reward with an EMA copy of each (hat psi+-). `PairTokens` holds the four and
-their EMA update. A forward pass can use a different set per batch row (hooks.py): the sets are
-addressed by their position in `sets`, which is why the constants POS, NEG, EMA_POS, EMA_NEG exist.
+their EMA update. As in the AGSM code (transformer.py: one `soft_tokens` parameter of shape (2, L, m, d),
+index 0 = psi+, 1 = psi-, and one `soft_t_tokens` table), psi+ and psi- have their own tokens but share
+ONE time table, which both losses train; the EMA copies share theirs likewise. A forward pass can use a
+different set per batch row (hooks.py): the sets are addressed by their position in `sets`, which is
+why the constants POS, NEG, EMA_POS, EMA_NEG exist.
 
 Files are safetensors with metadata saying how to attach them (family, layers, tokens, width, ...);
-`import_softrepa` reads the authors' released .pth files without running code from them.
+`import_softrepa` and `import_agsm` read the authors' released .pth files without running code in them.
 """
 import json
 import os
@@ -45,8 +48,9 @@ class SoftTokens(nn.Module):
         if init_tokens is not None:
             start = init_tokens.detach().float().reshape(1, n_tokens, width).expand(layers, -1, -1).clone()
         self.tokens = nn.Parameter(start)
-        # The time rows start at zero so that at step 0 every timestep sees the same tokens.
-        self.time_table = nn.Parameter(torch.zeros(TIME_BINS, layers, width)) if time_table else None
+        # The time rows start at N(0, 0.02) too, as both authors' codes initialise their nn.Embedding
+        # (SoftREPA and AGSM transformer.py); zeros would make every timestep start with the same tokens.
+        self.time_table = nn.Parameter(torch.randn(TIME_BINS, layers, width) * init_std) if time_table else None
 
     @property
     def shape(self):
@@ -78,16 +82,21 @@ def tokens_for_rows(sets, timesteps, choice=None):
 
 
 class PairTokens(nn.Module):
-    """AGSM's dual parameterisation (sec. 3.3, Alg. 1): psi+ and psi-, and their EMA copies."""
+    """AGSM's dual parameterisation (sec. 3.3, Alg. 1): psi+ and psi-, and their EMA copies. psi+ and
+    psi- share one time table (the same Parameter object in both), as in the AGSM code."""
 
     def __init__(self, layers, n_tokens, width, time_table=True, init_std=0.02, init_tokens=None):
         super().__init__()
-        make = lambda: SoftTokens(layers, n_tokens, width, time_table, init_std, init_tokens)  # noqa: E731
-        self.pos, self.neg = make(), make()
-        self.neg.load_state_dict(self.pos.state_dict())  # both start from the same point
-        self.ema_pos, self.ema_neg = make(), make()
-        self.ema_pos.load_state_dict(self.pos.state_dict())
-        self.ema_neg.load_state_dict(self.neg.state_dict())
+        self.pos = SoftTokens(layers, n_tokens, width, time_table, init_std, init_tokens)
+        self.neg = SoftTokens(layers, n_tokens, width, False)
+        self.ema_pos = SoftTokens(layers, n_tokens, width, time_table, init_std, init_tokens)
+        self.ema_neg = SoftTokens(layers, n_tokens, width, False)
+        self.neg.time_table, self.ema_neg.time_table = self.pos.time_table, self.ema_pos.time_table   # shared
+        with torch.no_grad():   # all four start from the same point (the AGSM code copies psi+ to psi-)
+            for s in (self.neg, self.ema_pos, self.ema_neg):
+                s.tokens.copy_(self.pos.tokens)
+            if time_table:
+                self.ema_pos.time_table.copy_(self.pos.time_table)
         self.ema_pos.requires_grad_(False)
         self.ema_neg.requires_grad_(False)
 
@@ -95,22 +104,42 @@ class PairTokens(nn.Module):
     def sets(self):
         return [self.pos, self.neg, self.ema_pos, self.ema_neg]  # indexed by POS, NEG, EMA_POS, EMA_NEG
 
+    def _unique(self, *sets):
+        """The distinct parameters of `sets`, in order (the shared time table once)."""
+        return list({id(p): p for s in sets for p in s.parameters()}.values())
+
     def trainable(self):
-        return list(self.pos.parameters()) + list(self.neg.parameters())
+        return self._unique(self.pos, self.neg)
 
     @torch.no_grad()
     def update_ema(self, decay):
-        """hat psi <- decay * hat psi + (1 - decay) * psi. AGSM does not state its decay; ours is a flag."""
-        for ema, live in ((self.ema_pos, self.pos), (self.ema_neg, self.neg)):
-            for e, p in zip(ema.parameters(), live.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        """hat psi <- decay * hat psi + (1 - decay) * psi, each distinct parameter once (AGSM train.py
+        update_ema; its decay 0.9999 per step at 100k steps, train.py scales it with the run)."""
+        for e, p in zip(self._unique(self.ema_pos, self.ema_neg), self._unique(self.pos, self.neg)):
+            e.lerp_(p, 1.0 - decay)
 
 
 def uncond_init(bb, n_tokens):
-    """The first n_tokens after BOS of the backbone's unconditional ("") text embedding (SD1.5 init)."""
+    """SD1.5's init: the BOS vector of the unconditional ("") text embedding, copied n_tokens times. This
+    is what the AGSM code does (encode_prompt([""])[0][0, :1].expand(n, -1)), and the released SoftREPA
+    SD1.5 tokens are four identical vectors: the BOS state is the same for every prompt (CLIP is causal),
+    so the tokens start as extra copies of a position the UNet already reads."""
     import models
     hidden = models.encode_prompts(bb, [""])["encoder_hidden_states"][0]
-    return hidden[1:1 + n_tokens].float().cpu()
+    return hidden[:1].expand(n_tokens, -1).float().cpu()
+
+
+def token_movement(tokens, initial):
+    """How far tokens moved from `initial` (a state_dict of the same module): the cosine between the
+    current and the initial token vectors, averaged over tokens (each MM-DiT block sees its tokens through
+    a LayerNorm without affine, so only their direction matters), and the relative L2 change."""
+    now = {k: v.detach().float().cpu() for k, v in tokens.state_dict().items() if k.endswith("tokens") and "ema" not in k}
+    cos, rel = [], []
+    for k, v in now.items():
+        v0 = initial[k].float().cpu()
+        cos.append(torch.nn.functional.cosine_similarity(v.flatten(0, -2), v0.flatten(0, -2), dim=-1).mean())
+        rel.append((v - v0).norm() / v0.norm().clamp(min=1e-12))
+    return float(torch.stack(cos).mean()), float(torch.stack(rel).mean())
 
 
 def make_tokens(bb, loss, n_tokens=None, layers=None, time_table=None, init=None, seed=0):
@@ -142,9 +171,9 @@ def save(path, tokens, **meta):
             "time_bins": TIME_BINS if first.time_table is not None else 0, "sets": list(named), **meta}
     tensors = {}
     for name, s in named.items():
-        tensors[f"{name}.tokens"] = s.tokens.detach().float().cpu().contiguous()
-        if s.time_table is not None:
-            tensors[f"{name}.time_table"] = s.time_table.detach().float().cpu().contiguous()
+        tensors[f"{name}.tokens"] = s.tokens.detach().float().cpu().contiguous().clone()
+        if s.time_table is not None:   # (psi+ and psi- share theirs: written under both names, as copies)
+            tensors[f"{name}.time_table"] = s.time_table.detach().float().cpu().contiguous().clone()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
@@ -188,9 +217,7 @@ def import_softrepa(folder, family):
     for SD3 / SD1.5, dc_t_tokens.pth (a pickled nn.Embedding). weights_only=True with nn.Embedding as
     the one allowed class: the pickle can rebuild that module and tensors, and run nothing else."""
     def read(name):
-        with torch.serialization.safe_globals([torch.nn.Embedding]):
-            obj = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-        return (obj.weight if isinstance(obj, nn.Module) else obj).detach().float()
+        return _read_released(os.path.join(folder, name))
 
     tokens = read("dc_tokens.pth")
     if tokens.dim() == 2:          # UNet files: one set (m, d) shared by the chosen blocks
@@ -203,3 +230,42 @@ def import_softrepa(folder, family):
         # (100, L * d): row t holds the L layers' d-wide chunks one after another (chunk k for layer k)
         s.time_table.data.copy_(read("dc_t_tokens.pth").view(TIME_BINS, layers, width))
     return s
+
+
+def _read_released(path):
+    """A released .pth: a tensor or a pickled nn.Embedding, loaded with weights_only=True and nn.Embedding
+    as the one allowed class (the pickle can rebuild that module and tensors, and run nothing else)."""
+    import pickle
+    import re
+    try:
+        with torch.serialization.safe_globals([torch.nn.Embedding]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise SystemExit(f"refused to load {path}: its pickle asks for {asked.group(1) if asked else 'an object'}, "
+                         f"which is neither a tensor nor an nn.Embedding, and nothing in it was run; token "
+                         f"files should be plain tensors or safetensors") from None
+    return (obj.weight if isinstance(obj, nn.Module) else obj).detach().float()
+
+
+def import_agsm(folder):
+    """The tokens the AGSM authors released (checkpoints/{sd3,sd1.5,sdxl}/), as a PairTokens: soft_tokens.pth
+    is one tensor (2, L, m, d) -- (2, m, d) for the UNets -- with psi+ at index 0 and psi- at 1, and
+    soft_t_tokens.pth, if present, the shared time table, an nn.Embedding(100, L * d). The release holds no
+    EMA copies: theirs start equal to the live tokens."""
+    tokens = _read_released(os.path.join(folder, "soft_tokens.pth"))
+    if tokens.dim() == 3:          # UNet files: (2, m, d), one set per sign shared by the chosen blocks
+        tokens = tokens.unsqueeze(1)
+    if tokens.dim() != 4 or tokens.shape[0] != 2:
+        raise SystemExit(f"{folder}/soft_tokens.pth has shape {tuple(tokens.shape)}, not (2, L, m, d) or (2, m, d)")
+    _, layers, n_tokens, width = tokens.shape
+    time_path = os.path.join(folder, "soft_t_tokens.pth")
+    pair = PairTokens(layers, n_tokens, width, time_table=os.path.exists(time_path))
+    with torch.no_grad():
+        for s, i in ((pair.pos, 0), (pair.neg, 1), (pair.ema_pos, 0), (pair.ema_neg, 1)):
+            s.tokens.copy_(tokens[i])
+        if pair.pos.time_table is not None:
+            table = _read_released(time_path).view(TIME_BINS, layers, width)
+            pair.pos.time_table.copy_(table)
+            pair.ema_pos.time_table.copy_(table)
+    return pair

@@ -8,16 +8,18 @@ loss, AGSM's alignment-guided score matching, or plain score matching on matched
 
 One step (SoftREPA eq. 14 and Alg. 1; AGSM Alg. 1):
   - B images x0^i and their captions c^i (data.py). Every image meets every caption: the B x B pair
-    matrix, matched pairs (i, i) on the diagonal. One noise level t_i and one noise eps_i per image
-    row, shared by the row's captions, so along a row only the caption differs (AGSM Alg. 1 l. 4-6).
+    matrix, matched pairs (i, i) on the diagonal. One noise level t and one noise eps for the whole
+    step, as both authors' codes do (torch.randint(min_t, max_t, (1,)); AGSM Alg. 1 lines 4-5); with
+    --noise-per-row each image row draws its own. Either way only the caption differs along a row.
+    Pairs whose caption repeats the row's own are no negatives (losses.duplicates).
   - All B*B pairs go through the frozen denoiser in one batched forward with the soft tokens
     attached (hooks.py); losses.py turns the predictions into the loss:
       softrepa  cross-entropy over each row's denoising errors (SoftREPA eqs. 9-14) + dweight * DSM
       agsm      psi+ on the diagonal, psi- off it (AGSM eq. 17); the targets (eqs. 13-16) come from a
                 no-grad forward with the EMA tokens; after the step the EMA update
       dsm       the positive-only baseline (AGSM Table 4 (i)): the diagonal alone, B pairs
-  - AdamW on the tokens only (the backbone is frozen), CosineAnnealingWarmRestarts (both papers'
-    Table 5 / 11: lr 1e-3, wd 1e-4).
+  - AdamW on the tokens only (the backbone is frozen), lr 1e-3, wd 1e-4 (both papers' Table 5 / 11), and
+    the authors' schedule scaled to the run's length (lr_at_step below).
 DDP inline as in nanoGPT: torchrun starts one process per device; each rank draws its own images,
 all start from the same tokens (same seed, and a broadcast), the token gradients are averaged with
 one all-reduce, so every rank takes the same optimizer step and the tokens stay identical (checked at
@@ -49,9 +51,12 @@ import softtokens
 
 # Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
 # refuses a command line that contradicts them (a run is only resumable as the same run).
-TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "restart_every", "grad_clip",
+TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "lr_period", "grad_clip",
               "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
-              "gamma_neg", "bradley_terry", "ema_decay", "gather_text", "world"]
+              "gamma_neg", "bradley_terry", "plain_sum", "noise_per_row", "ema_decay", "gather_text", "world"]
+# The authors' runs, for the schedule rule: iterations, and iterations per step of their scheduler
+# (SoftREPA: 30k iterations, the scheduler stepped every 500; AGSM: 100k, stepped every --num_iter 2500).
+PAPER_RUNS = {"softrepa": (30000, 500), "agsm": (100000, 2500), "dsm": (100000, 2500)}
 VAL_PROMPTS = ["a photo of three apples on a wooden table", "a red bus parked next to a blue car",
                "a cat sitting to the left of a dog", "two people riding bicycles down a city street"]
 
@@ -73,21 +78,29 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="1e-3 (both papers)")
     p.add_argument("--wd", type=float, default=None, help="1e-4 (both papers)")
     p.add_argument("--min-lr", type=float, default=None, help="1e-5 (the released SoftREPA code)")
-    p.add_argument("--restart-every", type=int, default=None, help="cosine restart period in steps (default "
-                   "min(25000, steps): the released code restarts every 10 x 2500 iterations)")
+    p.add_argument("--lr-period", type=int, default=None, help="steps per scheduler step (default: the "
+                   "authors' period scaled to --steps, see lr_at_step)")
     p.add_argument("--grad-clip", type=float, default=None, help="max token-gradient norm (default 0: off)")
     p.add_argument("--n-tokens", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="token layers (MM-DiT blocks with tokens)")
     p.add_argument("--blocks", default=None, help="UNet block groups with tokens, e.g. down,mid")
     p.add_argument("--time-table", default=None, choices=["on", "off"])
     p.add_argument("--init", default=None, choices=["normal", "uncond"])
-    p.add_argument("--tau", type=float, default=None, help="temperature of the error softmax (0.07)")
+    p.add_argument("--tau", type=float, default=None, help="temperature of the error softmax (softrepa 0.07, "
+                   "agsm 0.1: the authors' codes)")
+    p.add_argument("--paper-tau", action="store_const", const=True, default=None,
+                   help="agsm: tau = 1/(C*H*W), the plain sum of AGSM Alg. 1 line 8")
+    p.add_argument("--plain-sum", action="store_const", const=True, default=None,
+                   help="agsm: one plain sum over all pairs (AGSM Alg. 1 line 12) instead of the code's two means")
+    p.add_argument("--noise-per-row", action="store_const", const=True, default=None,
+                   help="one t and eps per image row instead of one per step (the authors' codes)")
     p.add_argument("--scale", type=float, default=None, help="SoftREPA logit scale (4)")
     p.add_argument("--dweight", type=float, default=None, help="SoftREPA: weight of the DSM term")
     p.add_argument("--gamma-pos", type=float, default=None)
     p.add_argument("--gamma-neg", type=float, default=None)
     p.add_argument("--bradley-terry", action="store_const", const=True, default=None, help="AGSM Table 7")
-    p.add_argument("--ema-decay", type=float, default=None, help="AGSM EMA tokens (default 1 - 10/steps within [0.9, 0.999])")
+    p.add_argument("--ema-decay", type=float, default=None, help="AGSM EMA tokens (default 1 - 10/steps: the "
+                   "code's 0.9999 at 100k steps, its horizon a tenth of any run)")
     p.add_argument("--gather-text", action="store_const", const=True, default=None,
                    help="softrepa: all ranks' captions as negatives (pair matrix B x world*B)")
     # machinery
@@ -120,10 +133,27 @@ def resolve(args, facts):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.steps = args.steps or recipe["steps"]
-    args.restart_every = args.restart_every or min(25000, args.steps)
-    args.ema_decay = args.ema_decay or min(0.999, max(0.9, 1 - 10 / args.steps))  # horizon ~ a tenth of the run
+    args.tau = args.tau or (1.0 if args.paper_tau else 0.1 if args.loss == "agsm" else 0.07)
+    args.paper_tau, args.plain_sum, args.noise_per_row = bool(args.paper_tau), bool(args.plain_sum), bool(args.noise_per_row)
+    # The schedule rule for runs of any length: the authors step CosineAnnealingWarmRestarts(T_0=10) once
+    # every `period` iterations, and their runs hold paper_steps / period such periods (SoftREPA 60, AGSM
+    # 40). Keeping that number fixed, period = steps * paper_period / paper_steps, gives a run of any length
+    # the same shape of schedule: 6 (SoftREPA) or 4 (AGSM) cosine cycles, constant within each period.
+    paper_steps, paper_period = PAPER_RUNS[args.loss]
+    args.lr_period = args.lr_period or max(1, round(args.steps * paper_period / paper_steps))
+    # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
+    # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction for any length.
+    args.ema_decay = args.ema_decay or max(0.0, 1 - 10 / args.steps)
     if args.data is None:
         raise SystemExit(f"--data is required for {args.model}: a COCO folder, a .jsonl, a folder or a cache")
+
+
+def lr_at_step(step, period, min_lr_ratio, cycle=10):
+    """The lr multiplier at `step`: CosineAnnealingWarmRestarts(T_0=cycle, eta_min) stepped once every
+    `period` steps, as the authors' loops do: lr = min + (max - min) (1 + cos(pi e / cycle)) / 2 with
+    e = (step // period) mod cycle, constant within each period."""
+    e = (step // period) % cycle
+    return min_lr_ratio + (1 - min_lr_ratio) * (1 + math.cos(math.pi * e / cycle)) / 2
 
 
 def peak_memory_gb(device):
@@ -158,6 +188,26 @@ def validate(bb, handle, args, step):
         import eval as evaluation  # held-out diffusion-classifier accuracy (SoftREPA eqs. 15-18)
         result["heldout_acc"] = evaluation.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
     return result
+
+
+@torch.no_grad()
+def movement(bb, tokens, initial_tokens, handle, n=8):
+    """How far the tokens have moved (SoftREPA/AGSM do not report this; the std of the tokens cannot show
+    it, as each MM-DiT block sees them through a LayerNorm without affine): the cosine of the tokens to
+    their initial values, their relative L2 change, and the relative change of the denoiser's output
+    that the (psi+) tokens cause, ||f_tokens - f_plain|| / ||f_plain||, on n fixed eval prompts at t = 0.5."""
+    cos, change = softtokens.token_movement(tokens, initial_tokens)
+    prompts = [r["prompt"] for r in shapes.load_eval_set()[::60][:n]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((len(prompts),) + models.latent_shape(bb), generator=g).to(bb.device, bb.dtype)
+    cond = models.encode_prompts(bb, prompts)
+    t = torch.full((len(prompts),), 500.0, device=bb.device)
+    with handle.rows(torch.full((len(prompts),), -1, dtype=torch.long)):
+        plain = models.denoise(bb, x, t, cond).float()
+    with handle.rows(None):
+        with_tokens = models.denoise(bb, x, t, cond).float()
+    return dict(token_cos=cos, token_change=change,
+                output_change=float((with_tokens - plain).norm() / plain.norm().clamp(min=1e-12)))
 
 
 def gather_captions(cond, rank, world):
@@ -227,6 +277,7 @@ def main(argv=None):
         bb.denoiser.enable_gradient_checkpointing()
     tokens = softtokens.make_tokens(bb, args.loss, args.n_tokens, args.layers, args.time_table == "on",
                                     args.init, seed=args.seed).to(device)
+    initial_tokens = {k: v.detach().clone().cpu() for k, v in tokens.state_dict().items()}  # for `movement`
     params = tokens.trainable() if args.loss == "agsm" else list(tokens.parameters())
     if ddp:
         for t in tokens.parameters():
@@ -236,12 +287,13 @@ def main(argv=None):
     if args.compile:
         bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=args.restart_every, eta_min=args.min_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at_step(step, args.lr_period, args.min_lr / args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 token gradients underflow
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
     step, skipped, last_saved = 0, 0, None
     if state is not None:
         tokens.load_state_dict(state["tokens"])
+        initial_tokens = state["initial_tokens"]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -271,7 +323,8 @@ def main(argv=None):
             dist.all_gather_object(everyone, bad)
             bad = sorted(set().union(*everyone))
         if master:
-            blob = dict(tokens=tokens.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+            blob = dict(tokens=tokens.state_dict(), initial_tokens=initial_tokens, optimizer=opt.state_dict(),
+                        scheduler=sched.state_dict(),
                         scaler=scaler.state_dict(), step=step, skipped=skipped, rng_cpu=torch.get_rng_state(),
                         bad_images=torch.tensor(bad, dtype=torch.long), config=json.dumps(vars(args)))
             if use_cuda:
@@ -282,9 +335,10 @@ def main(argv=None):
 
     # ---- logging (rank 0): CSV every step, a stdout line every log_every steps, TensorBoard if installed
     tiny = facts["hub"] is None
-    columns = ["step", "loss", "err_matched", "err_mismatched", "acc", "lr", "steps_per_s", "pairs_per_s",
-               "peak_mem_gb", "skipped"]
+    columns = ["step", "loss", "err_matched", "err_mismatched", "acc", "win_rate", "score_margin", "lr",
+               "steps_per_s", "pairs_per_s", "peak_mem_gb", "skipped"]
     if args.val_every:
+        columns += ["token_cos", "token_change", "output_change"]
         columns += [f"score_{c}" for c in shapes.CATEGORIES + ["mean"]] if tiny else []
         columns += ["heldout_acc"] if tiny or args.val_data else []
     csv_path, board, kept = os.path.join(args.out, "log.csv"), None, []
@@ -313,7 +367,7 @@ def main(argv=None):
                 board.add_scalar(k, v, row["step"])
 
     if args.val_every and step == 0 and master:  # the untrained tokens: the first point of the curve
-        record({"step": 0, **validate(bb, handle, args, 0)})
+        record({"step": 0, **validate(bb, handle, args, 0), **movement(bb, tokens, initial_tokens, handle)})
     B, pairs = args.batch, (args.batch if args.loss == "dsm" else args.batch * args.batch * (world if args.gather_text else 1))
     if master:
         print(f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "
@@ -331,15 +385,24 @@ def main(argv=None):
             else:
                 x0 = models.encode_images(bb, batch["images"].to(device))
                 cond = models.encode_prompts(bb, batch["captions"])
+        captions = list(batch["captions"])
         if args.gather_text:
             cond = gather_captions(cond, rank, world)
+            everyone = [None] * world
+            dist.all_gather_object(everyone, captions)
+            captions_cols = captions + [c for r in range(world) if r != rank for c in everyone[r]]
+        else:
+            captions_cols = captions
         K = len(cond["encoder_hidden_states"])  # captions per image row
+        # a "mismatched" pair whose caption equals the row's own is matched: no negative (losses.py)
+        exclude = None if args.loss == "dsm" else losses.duplicates(captions, captions_cols).to(device)
 
-        # ---- one t and eps per image row; the generator's seed depends on (seed, step, rank) only, so
-        # a resumed run draws the same noise as an uninterrupted one
+        # ---- one t and one eps for the whole step (the authors' codes), or one per image row; the
+        # generator's seed depends on (seed, step, rank) only, so a resumed run draws the same noise
         g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0]))
-        u = torch.rand(B, generator=g, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device).to(x0.dtype)
+        draws = B if args.noise_per_row else 1
+        u = torch.rand(draws, generator=g, device=device).expand(B)
+        noise = torch.randn((draws,) + tuple(x0.shape[1:]), generator=g, device=device).to(x0.dtype).expand_as(x0)
         x_t, timesteps = models.add_noise(bb, x0, noise, u)
         target = models.target(bb, x0, noise)
 
@@ -363,11 +426,14 @@ def main(argv=None):
             else:
                 pred = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
         errors = losses.pair_errors(pred, target)  # (B, K); dsm: (B, 1), the matched pairs
+        tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau   # Alg. 1 l. 8: the sum over C*H*W
+        win_rate = margin = torch.zeros((), device=device)
         if args.loss == "softrepa":
-            loss = losses.softrepa_loss(errors, args.tau, args.scale, args.dweight)
+            loss = losses.softrepa_loss(errors, tau, args.scale, args.dweight, exclude)
         elif args.loss == "agsm":
-            loss = losses.agsm_loss(pred, pred_ema, target, timesteps, facts["prediction"], args.gamma_pos,
-                                    args.gamma_neg, args.tau, args.bradley_terry)
+            loss, w = losses.agsm_loss(pred, pred_ema, target, timesteps, facts["prediction"], args.gamma_pos,
+                                       args.gamma_neg, tau, args.bradley_terry, exclude, args.plain_sum)
+            win_rate, margin = losses.agsm_diagnostics(w, exclude)
         else:
             loss = losses.dsm_loss(torch.diag(errors[:, 0]))  # the diagonal of the pair matrix
         opt.zero_grad(set_to_none=True)
@@ -377,10 +443,11 @@ def main(argv=None):
         # the mean gradient of the global batch and steps identically
         with torch.no_grad():
             diagonal = errors[:, 0] if args.loss == "dsm" else errors.diagonal()
-            off = (errors.sum() - diagonal.sum()) / max(errors.numel() - B, 1)
-            accuracy = losses.classifier_accuracy(errors) if errors.shape[1] > 1 else torch.zeros((), device=device)
-            stats = torch.stack([loss.detach().float(), diagonal.mean(), off, accuracy.float(),
-                                 torch.tensor(float(batch["new_bad"]), device=device)])
+            negatives = losses.mismatched(errors, exclude) if errors.shape[1] > 1 else errors.new_zeros(1)
+            off = negatives.mean() if negatives.numel() else errors.new_zeros(())
+            accuracy = losses.classifier_accuracy(errors, exclude) if errors.shape[1] > 1 else torch.zeros((), device=device)
+            stats = torch.stack([loss.detach().float(), diagonal.mean(), off, accuracy.float(), win_rate.float(),
+                                 margin.float(), torch.tensor(float(batch["new_bad"]), device=device)])
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.flatten() for g in grads] + [stats])
             if ddp:
@@ -390,7 +457,7 @@ def main(argv=None):
             for p, g in zip(params, grads):
                 p.grad = flat[offset:offset + g.numel()].view_as(p)
                 offset += g.numel()
-            loss_mean, err_pos, err_neg, acc, new_bad = flat[offset:].tolist()
+            loss_mean, err_pos, err_neg, acc, win_rate, margin, new_bad = flat[offset:].tolist()
         if not math.isfinite(loss_mean):  # every rank sees the same reduced loss, so all stop together
             if master:
                 saved = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none yet"
@@ -418,8 +485,11 @@ def main(argv=None):
                    pairs_per_s=pairs * world / dt, peak_mem_gb=peak_memory_gb(device), skipped=skipped)
         if args.loss != "dsm":  # dsm computes the diagonal only: no mismatched pairs to report
             row.update(err_mismatched=err_neg, acc=acc)
+        if args.loss == "agsm":  # the AGSM code's diagnostics of its Plackett-Luce weights
+            row.update(win_rate=win_rate, score_margin=margin)
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
             row.update(validate(bb, handle, args, step))
+            row.update(movement(bb, tokens, initial_tokens, handle))
             tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout"))))
         record(row)
         bar.update(1)

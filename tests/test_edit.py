@@ -163,7 +163,7 @@ def test_self_attention_layers_in_forward_order_and_layer_mapping():
     handles = [m.register_forward_hook(lambda m, a, o: order.append(m)) for m in layers]
     bb = models.build_tiny("tiny-sd1.5")
     bb.denoiser = unet
-    models.denoise(bb, torch.randn(1, 3, 16, 16), 500, models.encode_prompts(bb, [SRC]))
+    models.denoise(bb, torch.randn(1, *models.latent_shape(bb, 16)), 500, models.encode_prompts(bb, [SRC]))
     for h in handles:
         h.remove()
     assert len(layers) == 7 and order == layers
@@ -178,7 +178,7 @@ def test_masactrl_and_pnp_match_written_out_attention_and_come_off_cleanly():
     stock = [m.processor for m in layers]
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 16, layers[4].to_q.in_features, generator=g)   # rows: [source, target]
-    x, cond = torch.randn(2, 3, 16, 16, generator=g), models.encode_prompts(bb, [SRC, TGT])
+    x, cond = torch.randn(2, *models.latent_shape(bb, 16), generator=g), models.encode_prompts(bb, [SRC, TGT])
     before = models.denoise(bb, x, 500, cond)
 
     def reference_out(attn, rows):
@@ -223,7 +223,7 @@ def test_masactrl_and_pnp_match_written_out_attention_and_come_off_cleanly():
 def test_control_leaves_the_source_branch_plain():
     bb = models.build_tiny("tiny-sd1.5")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 16, 16, generator=g)
+    x = torch.randn(2, *models.latent_shape(bb, 16), generator=g)
     cond = models.encode_prompts(bb, [SRC, TGT])
     plain = models.denoise(bb, x, 500, cond)
     for method in ("ddim+masactrl", "ddim+pnp"):
@@ -273,7 +273,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         (["--model", "sd1.5", "--image", ok, "--method", "flowedit"], "does not work on sd1.5"),
         (["--model", "tiny-sd3", "--image", ok, "--method", "p2p"], "unknown method"),
         (["--model", "tiny-sd3", "--image", str(tmp_path / "big.png")], "multiples of 4 up to 32"),
-        (["--model", "tiny-sd1.5", "--image", ok, "--size", "30"], "multiples of 4"),
+        (["--model", "tiny-sd1.5", "--image", ok, "--size", "30"], "multiples of 8"),
         (["--model", "sd3", "--image", str(tmp_path / "odd.png")], "multiples of 16"),
         (["--model", "tiny-sd3", "--image", ok, "--tokens", str(tmp_path / "no.st")], "no token file"),
         (["--model", "tiny-sd3", "--image", ok, "--tokens-source"], "pass --tokens"),

@@ -53,7 +53,7 @@ def test_agsm_with_zero_gamma_is_plain_matching(prediction):
     pred, target = example(seed=1)
     pred_ema = pred + 0.1 * torch.randn_like(pred)
     t = torch.tensor([10.0, 500.0, 990.0])
-    loss = losses.agsm_loss(pred, pred_ema, target, t, prediction, gamma_pos=0.0, gamma_neg=0.0)
+    loss, _ = losses.agsm_loss(pred, pred_ema, target, t, prediction, gamma_pos=0.0, gamma_neg=0.0)
     errors = losses.pair_errors(pred, target)
     eye = torch.eye(3, dtype=torch.bool)
     assert loss.item() == pytest.approx(errors[eye].mean().item() + errors[~eye].mean().item(), rel=1e-6)
@@ -89,7 +89,7 @@ def test_agsm_loss_regresses_onto_detached_targets():
     pred = pred.clone().requires_grad_(True)
     pred_ema = pred.detach() + 0.05
     t = torch.zeros(3)
-    loss = losses.agsm_loss(pred, pred_ema, target, t, "flow", 1.0, 0.1, tau=0.5)
+    loss, _ = losses.agsm_loss(pred, pred_ema, target, t, "flow", 1.0, 0.1, tau=0.5)
     loss.backward()
     targets, _ = losses.agsm_targets(pred_ema, target, t, "flow", 1.0, 0.1, tau=0.5)
     per_pair = (pred.detach() - targets).pow(2).flatten(2).mean(2)
@@ -135,7 +135,146 @@ def test_agsm_accepts_extra_gathered_negatives():
         for j in range(5):
             gamma = 1.0 if i == j else -0.5
             torch.testing.assert_close(targets[i, j], target[i] + gamma * (pred_ema[i, j] - mean_pred))
-    loss = losses.agsm_loss(pred_ema, pred_ema, target, torch.zeros(2), "epsilon", 1.0, 0.5, tau=0.4)
+    loss, _ = losses.agsm_loss(pred_ema, pred_ema, target, torch.zeros(2), "epsilon", 1.0, 0.5, tau=0.4)
     per_pair = (pred_ema - targets).pow(2).flatten(2).mean(2)
     eye = torch.eye(2, 5, dtype=torch.bool)
     assert loss.item() == pytest.approx(per_pair[eye].mean().item() + per_pair[~eye].mean().item(), rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The authors' code where the papers are silent (AGSM train.py AGSMObjective.forward; SoftREPA's loss)
+
+def their_agsm_objective(pred_v, ema_v, v, n_b, n_p, temp=0.1, guidance=1.0, neg_guidance=1.0):
+    """AGSMObjective.forward of the AGSM code, re-derived: inputs in ITS layout, prompt-major rows
+    (prompt p, image b) -> p * n_b + b, reshaped to (n_p, n_b) and transposed to (b, p)."""
+    def to_bp(x):
+        return x.reshape(n_p, n_b, *x.shape[-3:]).transpose(0, 1)
+    v, pred_v, ema_v = to_bp(v), to_bp(pred_v), to_bp(ema_v)
+    reward = -((v - ema_v) ** 2).mean(dim=(2, 3, 4), keepdim=True)
+    weight = torch.exp(reward / temp)
+    weight = weight / weight.sum(dim=1, keepdim=True)
+    target_guidance = ema_v - (weight * ema_v).sum(dim=1, keepdim=True)
+    mask = torch.eye(n_b, n_p)
+    pos = mask * ((pred_v - (v + guidance * target_guidance)) ** 2).mean(dim=(2, 3, 4))
+    neg = (1 - mask) * ((pred_v - (v - neg_guidance * target_guidance)) ** 2).mean(dim=(2, 3, 4))
+    error = pos.sum() / n_b + neg.sum() / (n_b * n_p - n_b)
+    w = weight.view(n_b, n_p)
+    pos_score = w.diagonal()
+    neg_score = (w * (1 - mask)).max(dim=1).values
+    return error, (pos_score > neg_score).float().mean(), (pos_score - neg_score).mean()
+
+
+@pytest.mark.parametrize("family", ["tiny-sd3", "tiny-sd1.5"])
+def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
+    """One AGSM step of ours (pair matrix row-major, psi+ on the diagonal through the hooks) against the
+    re-derived AGSMObjective.forward fed the same model in the authors' prompt-major layout: the same loss,
+    diagnostics and token gradients. One t and one eps for the step, as their loop draws them."""
+    import hooks
+    import models
+    import softtokens
+    bb = models.build_tiny(family)
+    pair = softtokens.make_tokens(bb, "agsm")
+    with torch.no_grad():                       # EMA tokens away from the live ones, so w is not uniform
+        for s in (pair.ema_pos, pair.ema_neg):
+            s.tokens.normal_(0, 0.5)
+    B = 3
+    images = torch.randn(B, 3, 16, 16)
+    x0 = models.encode_images(bb, images, mode=True)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=g).expand_as(x0)     # one eps for the step
+    u = torch.full((B,), 0.6)                                                       # one t for the step
+    x_t, timesteps = models.add_noise(bb, x0, noise, u)
+    target = models.target(bb, x0, noise)
+    cond = models.encode_prompts(bb, ["a red circle", "two blue squares", "a green triangle above a white square"])
+    handle = hooks.attach(bb.denoiser, pair.sets, blocks=bb.facts["token_blocks"])
+    grads = []
+    try:
+        for layout in ("ours", "theirs"):
+            pair.zero_grad(set_to_none=True)
+            if layout == "ours":     # row i * B + j: image i, caption j
+                rows, cols = torch.arange(B).repeat_interleave(B), torch.arange(B).repeat(B)
+            else:                    # row p * B + b: prompt p, image b
+                rows, cols = torch.arange(B).repeat(B), torch.arange(B).repeat_interleave(B)
+            matched = rows == cols
+            args = (x_t[rows], timesteps[rows], models.index_cond(cond, cols))
+            with torch.no_grad(), handle.rows(torch.where(matched, softtokens.EMA_POS, softtokens.EMA_NEG)):
+                pred_ema = models.denoise(bb, *args)
+            with handle.rows(torch.where(matched, softtokens.POS, softtokens.NEG)):
+                pred = models.denoise(bb, *args)
+            if layout == "ours":
+                shape = (B, B) + tuple(x0.shape[1:])
+                loss, w = losses.agsm_loss(pred.view(shape), pred_ema.view(shape), target, timesteps,
+                                           bb.facts["prediction"], 1.0, 1.0, tau=0.1)
+                win_rate, margin = losses.agsm_diagnostics(w)
+            else:
+                loss, win_rate, margin = their_agsm_objective(pred, pred_ema, target[rows], B, B)
+            loss.backward()
+            grads.append([p.grad.clone() for p in pair.trainable()])
+            if layout == "ours":
+                ours = (loss.item(), win_rate.item(), margin.item())
+            else:
+                theirs = (loss.item(), win_rate.item(), margin.item())
+    finally:
+        handle.remove()
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    assert abs(ours[2]) > 0                      # the weights were not uniform: the test saw the softmax
+
+
+def test_agsm_default_temperature_is_the_codes():
+    """The AGSM code: w = softmax(-mse.mean(C,H,W) / 0.1). Our default tau is that 0.1."""
+    import inspect
+    assert inspect.signature(losses.agsm_loss).parameters["tau"].default == 0.1
+    assert inspect.signature(losses.agsm_targets).parameters["tau"].default == 0.1
+    pred_ema, target = example(seed=8)
+    _, w = losses.agsm_targets(pred_ema, target, torch.zeros(3), "flow")
+    errors = losses.pair_errors(pred_ema, target)
+    torch.testing.assert_close(w, torch.softmax(-errors / 0.1, dim=1))
+
+
+def test_duplicate_captions_are_no_negatives():
+    captions = ["a red circle", "two blue squares", "a red circle"]
+    exclude = losses.duplicates(captions, captions)
+    assert exclude.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
+    pred, target = example(seed=9)
+    errors = losses.pair_errors(pred, target)
+    # SoftREPA: pair (0, 2) and (2, 0) leave the softmax; by hand, row 0 competes with column 1 only
+    logits = losses.softrepa_logits(errors)
+    by_hand = []
+    for i, keep in enumerate(([0, 1], [0, 1, 2], [1, 2])):
+        row = logits[i, keep]
+        by_hand.append(-(row[keep.index(i)] - torch.logsumexp(row, 0)))
+    assert losses.softrepa_loss(errors, exclude=exclude).item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-6)
+    assert losses.softrepa_loss(errors, exclude=exclude).item() != pytest.approx(losses.softrepa_loss(errors).item())
+    # AGSM: no weight in the Plackett-Luce softmax, no guidance and no psi- loss for a duplicate
+    targets, w = losses.agsm_targets(pred, target, torch.zeros(3), "flow", 1.0, 1.0, exclude=exclude)
+    assert w[0, 2] == 0 and w[2, 0] == 0 and torch.allclose(w.sum(1), torch.ones(3))
+    torch.testing.assert_close(targets[0, 2], target[0].float())
+    loss, _ = losses.agsm_loss(pred, pred, target, torch.zeros(3), "flow", exclude=exclude)
+    per_pair = (pred - targets).pow(2).flatten(2).mean(2)
+    negatives = per_pair[~torch.eye(3, dtype=torch.bool) & ~exclude]
+    assert loss.item() == pytest.approx(per_pair.diagonal().mean().item() + negatives.mean().item(), rel=1e-6)
+    # the accuracy: a duplicate does not compete
+    tied = torch.tensor([[0.1, 0.5, 0.1], [0.9, 0.2, 0.8], [0.3, 0.6, 0.3]])
+    assert losses.classifier_accuracy(tied).item() == pytest.approx(1 / 3)
+    assert losses.classifier_accuracy(tied, exclude).item() == pytest.approx(1.0)
+
+
+def test_agsm_plain_sum_is_alg1_line_12():
+    pred, target = example(seed=10)
+    t = torch.zeros(3)
+    code, _ = losses.agsm_loss(pred, pred, target, t, "flow", 1.0, 0.1)
+    literal, _ = losses.agsm_loss(pred, pred, target, t, "flow", 1.0, 0.1, plain_sum=True)
+    targets, _ = losses.agsm_targets(pred, target, t, "flow", 1.0, 0.1)
+    per_pair = (pred - targets).pow(2).flatten(2).mean(2)
+    eye = torch.eye(3, dtype=torch.bool)
+    assert literal.item() == pytest.approx(per_pair.sum().item(), rel=1e-6)
+    assert code.item() == pytest.approx(per_pair[eye].mean().item() + per_pair[~eye].mean().item(), rel=1e-6)
+
+
+def test_agsm_diagnostics_by_hand():
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]])
+    win_rate, margin = losses.agsm_diagnostics(w)
+    assert win_rate.item() == pytest.approx(2 / 3)
+    assert margin.item() == pytest.approx(((0.5 - 0.3) + (0.35 - 0.4) + (0.8 - 0.1)) / 3)

@@ -120,7 +120,7 @@ def test_generate_matches_written_out_sampler(name):
 def test_predict_token_rows_are_per_row():
     # cond_set / uncond_set per row: a row with -1 computes the plain model, a row with 0 uses the tokens
     bb = models.build_tiny("tiny-sd3")
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, *models.latent_shape(bb, 16))
     cond, uncond = models.encode_prompts(bb, ["a red circle"] * 2), models.encode_prompts(bb, [""] * 2)
     plain = sample.predict(bb, x, 500.0, cond, uncond, 4.0)
     handle = hooks.attach(bb.denoiser, strong_tokens(bb))
@@ -258,14 +258,14 @@ def test_size_facts_match_the_models():
     assert (f["sd3"]["size_multiple"], f["sd3"]["max_size"]) == (8 * 2, 8 * 2 * 192)
     assert (f["sd1.5"]["size_multiple"], f["sdxl"]["size_multiple"]) == (8 * 2 ** 3, 8 * 2 ** 2)
     tiny = models.TINY_DENOISER_CONFIGS
-    assert f["tiny-sd3"]["size_multiple"] == tiny["tiny-sd3"]["patch_size"]
-    assert f["tiny-sd3"]["max_size"] == tiny["tiny-sd3"]["patch_size"] * tiny["tiny-sd3"]["pos_embed_max_size"]
-    assert f["tiny-sd1.5"]["size_multiple"] == 2 ** (len(tiny["tiny-sd1.5"]["block_out_channels"]) - 1)
+    assert f["tiny-sd3"]["size_multiple"] == f["tiny-sd3"]["vae_factor"] * tiny["tiny-sd3"]["patch_size"]
+    assert f["tiny-sd3"]["max_size"] == f["tiny-sd3"]["vae_factor"] * tiny["tiny-sd3"]["patch_size"] * tiny["tiny-sd3"]["pos_embed_max_size"]
+    assert f["tiny-sd1.5"]["size_multiple"] == f["tiny-sd1.5"]["vae_factor"] * 2 ** (len(tiny["tiny-sd1.5"]["block_out_channels"]) - 1)
     bb = models.build_tiny("tiny-sd3")
     cond = models.encode_prompts(bb, ["a red circle"])
-    models.denoise(bb, torch.randn(1, 3, 32, 32), 500.0, cond)  # the largest size runs
+    models.denoise(bb, torch.randn(1, *models.latent_shape(bb, 32)), 500.0, cond)  # the largest size runs
     with pytest.raises(ValueError):                              # one patch row more does not
-        models.denoise(bb, torch.randn(1, 3, 36, 36), 500.0, cond)
+        models.denoise(bb, torch.randn(1, *models.latent_shape(bb, 36)), 500.0, cond)
 
 
 @pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")

@@ -162,6 +162,7 @@ def test_every_caption_tokenizes_without_unk():
     captions = [shapes.caption(s) for c in shapes.CATEGORIES for s in shapes.all_specs(c)]
     rng = np.random.default_rng(0)
     captions += [shapes.caption(shapes.random_spec(rng)) for _ in range(500)]
+    captions += [shapes.loose_caption(shapes.random_spec(rng), rng) for _ in range(500)]   # "some" is theirs
     ids = shapes.tokenize(captions)
     assert not (ids == shapes.UNK_ID).any()
     used = set(ids.unique().tolist())
@@ -191,3 +192,116 @@ def test_shipped_eval_set_is_consistent():
     assert all(shapes.caption(it["spec"]) == it["prompt"] for it in items)
     # The file is exactly what `python shapes.py --write-eval` produces.
     assert items == shapes.make_eval_set(shapes.EVAL_N_PER_CATEGORY, shapes.EVAL_SEED)
+
+
+# -----------------------------------------------------------------------------
+# Generated images are not renders: the verdicts must survive what a VAE decoder and a diffusion model
+# do to an image (blur, colour drift, speckles, an object a pixel smaller or larger)
+
+def perturbations(image, rng):
+    """A few model-like corruptions of a uint8 (H, W, 3) render."""
+    x = image.astype(np.float32)
+    blurred = x.copy()   # a 3x3 box blur at 50%: soft edges, as a decoder draws them
+    pad = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    box = sum(pad[dy:dy + x.shape[0], dx:dx + x.shape[1]] for dy in range(3) for dx in range(3)) / 9
+    blurred = 0.5 * x + 0.5 * box
+    jitter = np.clip(x + rng.uniform(-40, 40, size=(1, 1, 3)) * (x > 0) + rng.normal(0, 12, x.shape), 0, 255)
+    speckled = x.copy()
+    ys, xs = rng.integers(0, x.shape[0], 6), rng.integers(0, x.shape[1], 6)
+    speckled[ys, xs] = rng.choice([0, 255], size=(6, 3))
+    return {name: np.clip(v, 0, 255).round().astype(np.uint8)
+            for name, v in dict(blur=blurred, jitter=jitter, speckles=speckled).items()}
+
+
+def test_verdicts_hold_under_model_like_perturbations():
+    rng = np.random.default_rng(7)
+    failures = {}
+    for i in range(60):
+        spec = shapes.random_spec(rng, shapes.CATEGORIES[i % 6])
+        image = shapes.render(spec, rng=rng)
+        for name, bad in perturbations(image, rng).items():
+            failures.setdefault(name, []).append(not shapes.check(bad, spec))
+    rates = {k: float(np.mean(v)) for k, v in failures.items()}
+    assert all(r <= 0.05 for r in rates.values()), rates
+
+
+def test_an_object_a_pixel_smaller_or_larger_keeps_its_shape():
+    for shape in shapes.SHAPES:
+        for side in range(shapes.OBJ_MIN - 1, shapes.OBJ_MAX + 2):   # one px beyond the renderer's range
+            canvas = np.zeros((32, 32, 3), dtype=np.uint8)
+            canvas[4:4 + side, 4:4 + side][shapes.shape_mask(shape, side)] = shapes.PALETTE["red"]
+            found = shapes.detect(canvas)
+            assert [o["shape"] for o in found] == [shape], (shape, side, found)
+
+
+# -----------------------------------------------------------------------------
+# Loose pretraining captions, the dev set and the evaluation protocol
+
+def test_loose_captions_are_true_but_incomplete():
+    rng = np.random.default_rng(0)
+    words = set(shapes.VOCAB)
+    for i in range(300):
+        spec = shapes.random_spec(rng, shapes.CATEGORIES[i % 6])
+        loose = shapes.loose_caption(spec, rng)
+        assert set(loose.split()) <= words and loose != ""
+        named = [w for w in loose.replace("s ", " ").split() if w in shapes.SHAPES] + \
+                [w[:-1] for w in loose.split() if w[:-1] in shapes.SHAPES]
+        assert set(named) <= {o["shape"] for o in spec["objects"]}          # nothing that is not drawn
+        if spec["category"] == "counting":
+            assert not any(w in loose.split() for w in shapes.COUNT_WORDS.values())
+        if spec["category"] in ("single_object", "colors"):
+            assert loose == f"a {spec['objects'][0]['shape']}"
+        assert not any(p in loose for p in ("left of", "right of", "above", "below"))
+    images, captions, specs = next(shapes.stream(3, 400, loose=0.25))
+    share = np.mean([c != shapes.caption(s) for c, s in zip(captions, specs)])
+    assert 0.1 < share < 0.25            # 25% drawn loose, a few of which equal the precise caption
+
+
+def test_dev_set_is_fixed_and_avoids_eval_prompts_where_it_can():
+    dev, evaluation = shapes.load_dev_set(), shapes.load_eval_set()
+    assert dev == shapes.make_dev_set()                                   # the file is what the code writes
+    seen = {r["prompt"] for r in evaluation}
+    for category in ("two_object", "position", "color_attr"):
+        prompts = [r["prompt"] for r in dev if r["spec"]["category"] == category]
+        unseen = [s for s in shapes.all_specs(category) if shapes.caption(s) not in seen]
+        assert len(prompts) == shapes.DEV_N_PER_CATEGORY
+        assert len({p for p in prompts if p not in seen}) == min(len(prompts), len(unseen))
+    dev_seeds = {s for _, s in shapes.protocol_seeds(len(dev), which="dev")}
+    eval_seeds = {s for _, s in shapes.protocol_seeds(len(evaluation), which="eval")}
+    assert not dev_seeds & eval_seeds
+
+
+def test_protocol_seeds_follow_the_rule():
+    pairs = shapes.protocol_seeds(3, samples=4)
+    assert pairs[:5] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 4)] and pairs[-1] == (2, 11)
+    assert shapes.protocol_seeds(1, which="dev")[0] == (0, 1_000_000)
+
+
+def test_protocol_scores_and_intervals_by_hand():
+    specs = [shapes.random_spec(np.random.default_rng(i), "single_object") for i in range(4)] + \
+            [shapes.random_spec(np.random.default_rng(i), "colors") for i in range(4)]
+    images = []
+    for i, spec in enumerate(specs):   # single object: prompt i gets i of 4 images right; colours: all right
+        right = shapes.render(spec, rng=i)
+        wrong = np.zeros_like(right)
+        images += [right if (k < i % 4 or spec["category"] == "colors") else wrong for k in range(4)]
+    scores = shapes.protocol_scores(images, specs, samples=4, resamples=500)
+    assert scores["single_object"][0] == pytest.approx(np.mean([0, 0.25, 0.5, 0.75]))
+    assert scores["colors"] == (1.0, 1.0, 1.0)                            # no spread: a zero-width interval
+    assert scores["mean"][0] == pytest.approx((0.375 + 1) / 2)
+    low, high = scores["single_object"][1:]
+    assert 0 <= low < 0.375 < high <= 0.75                                # bounded by the prompt scores
+    assert scores["overcount_single"] == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        shapes.protocol_scores(images[:-1], specs)
+
+
+def test_overcount_counts_extra_objects():
+    spec = {"category": "counting", "objects": [{"shape": "circle", "color": "red"}], "count": 2}
+    three = shapes.render(dict(spec, count=3), rng=0)
+    two = shapes.render(spec, rng=0)
+    assert shapes.overcount(three, spec) is True and shapes.overcount(two, spec) is False
+    single = {"category": "single_object", "objects": [{"shape": "square", "color": "blue"}]}
+    twice = shapes.render(dict(single, category="counting", count=2), rng=1)
+    assert shapes.overcount(twice, single) is True and shapes.overcount(shapes.render(single, rng=1), single) is False
+    assert shapes.overcount(two, {"category": "colors", "objects": spec["objects"]}) is None

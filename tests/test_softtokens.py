@@ -51,21 +51,95 @@ def test_pair_tokens_start_equal_and_ema_moves_toward_live():
     for s in pair.sets[1:]:
         torch.testing.assert_close(s.tokens, pair.pos.tokens)
     assert all(not p.requires_grad for p in pair.ema_pos.parameters())
-    assert len(pair.trainable()) == 4
+    assert len(pair.trainable()) == 3          # psi+ tokens, psi- tokens, their one shared time table
     with torch.no_grad():
         pair.pos.tokens += 1.0
-    old = pair.ema_pos.tokens.clone()
+        pair.pos.time_table += 1.0
+    old, old_table = pair.ema_pos.tokens.clone(), pair.ema_pos.time_table.clone()
     pair.update_ema(0.9)
     torch.testing.assert_close(pair.ema_pos.tokens, old + 0.1)
+    torch.testing.assert_close(pair.ema_pos.time_table, old_table + 0.1)   # updated once, not twice
     torch.testing.assert_close(pair.ema_neg.tokens, pair.neg.tokens)
 
 
-def test_uncond_init_uses_the_empty_prompt_embedding():
+def test_psi_plus_and_minus_share_one_time_table():
+    """The AGSM code's layout (transformer.py: soft_tokens (2, L, m, d) and ONE soft_t_tokens table):
+    a gradient through psi- rows alone trains the time rows psi+ uses."""
+    pair = softtokens.PairTokens(2, 3, 8)
+    assert pair.pos.time_table is pair.neg.time_table and pair.ema_pos.time_table is pair.ema_neg.time_table
+    t = torch.tensor([150.0, 700.0])
+    pair.neg(t).pow(2).sum().backward()
+    assert pair.pos.time_table.grad is not None and pair.pos.time_table.grad[[15, 70]].abs().sum() > 0
+    assert pair.pos.tokens.grad is None
+
+
+def test_time_table_starts_random_like_the_authors_embedding():
+    torch.manual_seed(0)
+    table = softtokens.SoftTokens(2, 3, 64).time_table
+    assert 0.015 < table.std().item() < 0.025 and table.abs().sum() > 0   # N(0, 0.02), not zeros
+
+
+def test_uncond_init_copies_the_empty_prompt_bos_vector():
+    """SD1.5 init of both codes: the BOS state of "" copied m times (the released SoftREPA SD1.5 tokens
+    are four identical vectors)."""
     bb = models.build_tiny("tiny-sd1.5")
     s = softtokens.make_tokens(bb, "softrepa")
     hidden = models.encode_prompts(bb, [""])["encoder_hidden_states"][0]
     assert s.shape == (1, 4, 128)
-    torch.testing.assert_close(s.tokens[0], hidden[1:5])
+    torch.testing.assert_close(s.tokens[0], hidden[:1].expand(4, -1))
+
+
+def test_released_softrepa_sd15_tokens_are_identical_vectors():
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                          "official-softrepa-tokens", "sd1.5")
+    if not os.path.isdir(folder):
+        pytest.skip("released SoftREPA tokens not present")
+    tokens = softtokens.import_softrepa(folder, "sd1.5").tokens[0]
+    # after training they are no longer exactly equal, but far closer to each other than to zero
+    spread = (tokens - tokens.mean(0)).norm(dim=1).max() / tokens.norm(dim=1).mean()
+    assert spread < 0.5, spread
+
+
+@pytest.mark.parametrize("family", ["tiny-sd3", "tiny-sd1.5"])
+def test_agsm_release_format_imports_and_gives_the_same_outputs(tmp_path, family):
+    """checkpoints/<family>/soft_tokens.pth: one tensor (2, L, m, d) -- (2, m, d) for the UNet -- and
+    soft_t_tokens.pth: an nn.Embedding(100, L * d), written here exactly so and imported back."""
+    bb = models.build_tiny(family)
+    pair = softtokens.make_tokens(bb, "agsm")
+    with torch.no_grad():
+        for p in pair.parameters():
+            p.normal_()
+    L, m, d = pair.pos.shape
+    released = torch.stack([pair.pos.tokens.detach(), pair.neg.tokens.detach()])
+    torch.save(released.squeeze(1) if bb.facts["arch"] == "unet" else released, tmp_path / "soft_tokens.pth")
+    table = torch.nn.Embedding(softtokens.TIME_BINS, L * d)
+    table.weight.data.copy_(pair.pos.time_table.detach().reshape(softtokens.TIME_BINS, L * d))
+    torch.save(table, tmp_path / "soft_t_tokens.pth")
+    imported = softtokens.import_agsm(str(tmp_path))
+    x = torch.randn(2, *models.latent_shape(bb, 16))
+    cond = models.encode_prompts(bb, ["a red circle", "two blue squares"])
+    outputs = []
+    for tokens in (pair, imported):
+        for which in (softtokens.POS, softtokens.NEG):
+            handle = hooks.attach(bb.denoiser, tokens.sets, blocks=bb.facts["token_blocks"])
+            try:
+                with torch.no_grad(), handle.rows(torch.full((2,), which)):
+                    outputs.append(models.denoise(bb, x, torch.tensor([100.0, 900.0]), cond))
+            finally:
+                handle.remove()
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
+    assert not torch.equal(outputs[0], outputs[1])                      # psi+ and psi- differ
+
+
+def test_agsm_import_refuses_code_in_the_pickle(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "ran"),))
+    torch.save({"x": Payload()}, tmp_path / "soft_tokens.pth")
+    with pytest.raises(SystemExit) as e:
+        softtokens.import_agsm(str(tmp_path))
+    assert "refused to load" in str(e.value) and "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("loss", ["softrepa", "agsm"])

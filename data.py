@@ -75,7 +75,12 @@ def read_jsonl(path):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); write one JSON object a line") from None
+            if not isinstance(item, dict):
+                raise SystemExit(f"{path}:{n}: expected a JSON object with \"image\" and \"caption\"")
             image = item.get("image", item.get("file_name"))
             caps = item.get("captions", item.get("caption", item.get("text")))
             if image is None or caps is None:
@@ -115,6 +120,31 @@ def read_records(path, split="train"):
         raise SystemExit(f"--data {path}: found no image-caption pairs (COCO: annotations/captions_{split}2017.json; "
                          f"folder: image files with same-named .txt captions)")
     return records
+
+
+def check_writable(folder, flag="--out"):
+    """Create `folder` and a scratch file in it: a read-only or invalid --out fails before the work, not
+    after it."""
+    import tempfile
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); "
+                         f"pass a folder you can write to") from None
+
+
+def check_vocabulary(records, path):
+    """The shapes world's text encoder reads only its own words (shapes.VOCAB), at most shapes.MAX_LEN - 2
+    of them: a caption outside that fails here, on the first pass, not in the middle of a run."""
+    import shapes
+    for image, captions in records:
+        for caption in captions:
+            problem = shapes.language_problem(caption)
+            if problem:
+                raise SystemExit(f"--data {path}: the caption {caption!r} of {image} is not in the shapes "
+                                 f"world's language ({problem}); tiny models read only shapes.VOCAB")
 
 
 def load_image(path, size):

@@ -55,6 +55,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import data
 import models
 import sample
 import shapes
@@ -472,6 +473,7 @@ def main(argv=None):
         sets, info = sample.read_tokens(args.tokens, args.model, ema=args.ema)
     if args.threads:
         torch.set_num_threads(args.threads)
+    data.check_writable(args.out)   # before the work: a read-only --out must not lose the edit
 
     bb = sample.load_backbone(args)
     run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=True)

@@ -66,14 +66,29 @@ def read_records(run):
     path = os.path.join(run, "records.jsonl")
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); this file is written by sample.py") from None
+            if not isinstance(record, dict) or "image" not in record:
+                raise SystemExit(f"{path}:{n}: a record needs an \"image\" path (written by sample.py)")
+            records.append(record)
+    return records
 
 
 def load_image(path):
     from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:   # PIL's ways to fail: missing, truncated, not an image
+        raise SystemExit(f"cannot read the image {path} ({e.strerror or type(e).__name__ if isinstance(e, OSError) else type(e).__name__})"
+                         f": re-sample it, or drop its line from records.jsonl") from None
 
 
 def to_pil(image):
@@ -449,7 +464,8 @@ def classifier_errors(bb, records, n_candidates=4, seed=0, handle=None, noise_le
                 for i, (r, im) in enumerate(zip(records, images))]
     unique = sorted({c for row in captions for c in row})
     cond_all = models.cat_conds([models.encode_prompts(bb, unique[i:i + 64]) for i in range(0, len(unique), 64)])
-    x0 = torch.cat([models.encode_images(bb, shapes.to_tensor(np.stack(images[i:i + 16])))   # VAE: a few at once
+    # the posterior mean (mode=True): the classifier's verdict must not depend on a random draw of the VAE
+    x0 = torch.cat([models.encode_images(bb, shapes.to_tensor(np.stack(images[i:i + 16])), mode=True)
                     for i in range(0, len(images), 16)])
     R, L, K, device = len(records), len(noise_levels), n_candidates, bb.device
     noise = torch.randn((R * L,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x0)
@@ -813,6 +829,9 @@ def main(argv=None):
     for run in args.runs:
         rows += [(group_name(run, variant), values)
                  for variant, _, values in replicates(run, args.metrics, scorers, args)]
+    if not any(values for _, values in rows):   # no run gave a single number
+        raise SystemExit(f"found no images to score in {' '.join(args.runs)}: pass folders written by sample.py "
+                         f"(records.jsonl + images) or edit.py")
     groups = summarize(rows)
     print(markdown_table(groups))
     beside = os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))

@@ -144,13 +144,22 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
             module.to(device) if dtype == torch.float32 else module.to(device, dtype)  # (diffusers warns on a no-op cast)
     else:
         import diffusers
+        import transformers
         source = pretrained or facts["hub"]
         extra = {} if text_encoder_3 or facts["arch"] != "mmdit" else dict(text_encoder_3=None, tokenizer_3=None)
+        if pretrained is not None and not os.path.isdir(pretrained):
+            raise SystemExit(f"--pretrained {pretrained}: no such folder (a local copy of {facts['hub']})")
+        diffusers.logging.set_verbosity_error()      # the one-line error below, not pages of warnings first
+        transformers.logging.set_verbosity_error()
         try:
             pipe = getattr(diffusers, facts["pipeline"]).from_pretrained(source, torch_dtype=dtype, **extra)
         except (OSError, ValueError) as e:  # not on disk, and the hub is unreachable or gated
+            if pretrained is not None:
+                raise SystemExit(f"cannot load {name} from --pretrained {pretrained} ({type(e).__name__}): it must "
+                                 f"be a complete local copy of {facts['hub']} (model_index.json and its "
+                                 f"subfolders)") from None
             raise SystemExit(
-                f"cannot load {name} from '{source}' ({type(e).__name__}): if offline, pass --pretrained "
+                f"cannot load {name} from the hub '{source}' ({type(e).__name__}): if offline, pass --pretrained "
                 f"/path/to/a/local/copy; if online, run `hf auth login` and accept the licence at "
                 f"https://huggingface.co/{facts['hub']}") from None
         pipe.to(device)

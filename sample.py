@@ -31,6 +31,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import data
 import hooks
 import models
 import shapes
@@ -233,11 +234,9 @@ def check_prompts(name, prompts):
     if not name.startswith("tiny-"):
         return
     for prompt in prompts:
-        words = prompt.lower().split()
-        unknown = sorted({w for w in words if w not in shapes.WORD_TO_ID})
-        if len(words) + 2 > shapes.MAX_LEN or unknown:
-            raise SystemExit(f"prompt {prompt!r} is not in the shapes world's language "
-                             f"({'unknown words ' + ', '.join(unknown) if unknown else 'too long'})")
+        problem = shapes.language_problem(prompt)
+        if problem:
+            raise SystemExit(f"prompt {prompt!r} is not in the shapes world's language ({problem})")
 
 
 def save_image(image, path):
@@ -457,6 +456,8 @@ def main(argv=None):
     sets, info = (None, dict(token_set=None, blocks=None))
     if args.tokens is not None:
         sets, info = read_tokens(args.tokens, args.model, args.ema, args.neg_uncond)
+    if not args.bench:
+        data.check_writable(args.out)   # before the work: a read-only --out must not lose the images
 
     bb = load_backbone(args)
 

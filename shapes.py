@@ -154,6 +154,17 @@ WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
 MAX_LEN = 16  # <bos> + up to 14 words + <eos>; the longest caption has 10 words
 
 
+def language_problem(prompt):
+    """Why the tiny text encoder cannot read `prompt` ("unknown words ...", "too long: N words"), or None."""
+    words = prompt.lower().split()
+    unknown = sorted({w for w in words if w not in WORD_TO_ID})
+    if unknown:
+        return "unknown words " + ", ".join(unknown)
+    if len(words) + 2 > MAX_LEN:
+        return f"too long: {len(words)} words, at most {MAX_LEN - 2}"
+    return None
+
+
 def tokenize(prompts):
     """list[str] -> LongTensor (B, MAX_LEN): <bos> words <eos> <pad>...
 

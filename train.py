@@ -54,6 +54,9 @@ import softtokens
 TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "lr_period", "grad_clip",
               "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
               "gamma_neg", "bradley_terry", "plain_sum", "noise_per_row", "ema_decay", "gather_text", "world"]
+# Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
+# continue a diverged run more slowly). Each change is recorded in config.json under "changes".
+CHANGEABLE_ON_RESUME = ["lr"]
 # The authors' runs, for the schedule rule: iterations, and iterations per step of their scheduler
 # (SoftREPA: 30k iterations, the scheduler stepped every 500; AGSM: 100k, stepped every --num_iter 2500).
 PAPER_RUNS = {"softrepa": (30000, 500), "agsm": (100000, 2500), "dsm": (100000, 2500)}
@@ -64,7 +67,8 @@ VAL_PROMPTS = ["a photo of three apples on a wooden table", "a red bus parked ne
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
-    p.add_argument("--loss", default="agsm", choices=["softrepa", "agsm", "dsm"])
+    p.add_argument("--loss", default=None, choices=["softrepa", "agsm", "dsm"], help="default agsm (on --resume: "
+                   "the checkpoint's)")
     p.add_argument("--data", default=None, help="'shapes' (tiny-* default), a COCO folder, captions_*.json, "
                    ".jsonl, a folder of images + .txt, or an encoding cache (python data.py cache)")
     p.add_argument("--val-data", default=None, help="held-out pairs for eval.classifier_accuracy (real models)")
@@ -126,7 +130,7 @@ def resolve(args, facts):
     defaults = dict(data="shapes" if facts["hub"] is None else None, size=facts["size"], batch=recipe["batch"],
                     seed=0, lr=1e-3, wd=1e-4, min_lr=1e-5, grad_clip=0.0, n_tokens=facts["n_tokens"],
                     layers=facts["token_layers"], blocks=",".join(facts["token_blocks"] or ()),
-                    time_table="on" if facts["time_table"] else "off", init=facts["init"], tau=0.07, scale=4.0,
+                    time_table="on" if facts["time_table"] else "off", init=facts["init"], scale=4.0,
                     dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
                     gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, gather_text=False)
     for key, value in defaults.items():
@@ -219,9 +223,34 @@ def gather_captions(cond, rank, world):
     return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
 
 
+def read_checkpoint(path):
+    """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL " in str(e):     # weights_only refused a class (e.g. posix.system): code would have run
+            raise SystemExit(f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
+                             f"and nothing in it was run; pass a ckpt.pt written by train.py") from None
+        raise SystemExit(f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
+                         f"by train.py, or start a new run in another --out") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:   # truncated, random bytes, not a zip
+        raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
+                         f"written by train.py, or start a new run in another --out") from None
+    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
+        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
+    return state
+
+
 def main(argv=None):
     args = parse_args(argv)
     facts = models.check_name(args.model)  # one-line errors before anything heavy
+    for flag in ("steps", "batch", "ckpt_every", "log_every", "val_n"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    for flag in ("lr", "val_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must not be negative (got {getattr(args, flag)})")
     if args.random_init and facts["hub"] is not None:
         raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
     if args.gather_text and args.loss == "dsm":
@@ -241,29 +270,42 @@ def main(argv=None):
         torch.cuda.set_device(device)
     master = rank == 0
     args.world = world
-    args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss}")
+    args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or 'agsm'}")
+    if master:
+        data.check_writable(args.out)              # a read-only --out fails now, not at the first checkpoint
+        for name in os.listdir(args.out):          # what a killed write left behind
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(args.out, name))
 
-    # ---- resume: the checkpoint's trajectory settings win over unset flags; contradicting ones are an error
-    ckpt_path, state = os.path.join(args.out, "ckpt.pt"), None
+    # ---- resume: the checkpoint's trajectory settings win over unset flags; contradicting ones are an
+    # error, except the few that only act on the steps to come (CHANGEABLE_ON_RESUME), which are recorded
+    ckpt_path, state, changes = os.path.join(args.out, "ckpt.pt"), None, []
     if args.resume:
         path = ckpt_path if args.resume == "latest" else args.resume
         if os.path.exists(path):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_checkpoint(path)
             saved = json.loads(state["config"])
+            changes = saved.get("changes", [])
             for key in TRAJECTORY:
                 if getattr(args, key) is None:
                     setattr(args, key, saved[key])
+                elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
+                    changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
                 elif getattr(args, key) != saved[key]:
                     raise SystemExit(f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
                                      f": pass the same value, or start a new run in another --out")
         elif args.resume != "latest":
             raise SystemExit(f"--resume {path}: no such checkpoint")
+    args.loss = args.loss or "agsm"
     resolve(args, facts)
+    args.changes = changes
     precision = args.precision or ("bf16" if use_cuda else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     source = data.open_source(args.data, args.size, args.seed, workers=args.workers)  # a wrong path fails here
     if source["kind"] == "cache" and source["meta"]["model"] != args.model:
         raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
+    if facts["hub"] is None and source["kind"] == "files":   # the tiny text encoder's words, checked up front
+        data.check_vocabulary(source["records"], args.data)
 
     # ---- the frozen backbone and the soft tokens (same seed on every rank -> same initial tokens)
     if args.random_init:
@@ -296,6 +338,9 @@ def main(argv=None):
         initial_tokens = state["initial_tokens"]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        sched.base_lrs = [args.lr for _ in opt.param_groups]       # a changed --lr acts from here on
+        for group in opt.param_groups:
+            group["lr"] = args.lr * sched.lr_lambdas[0](state["step"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if use_cuda and "rng_cuda" in state:
@@ -333,6 +378,19 @@ def main(argv=None):
             os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-write keeps the previous one
         last_saved = step
 
+    def stop_diverged(what):
+        """Stop every rank; the last checkpoint written is the last good state, to resume with a lower --lr."""
+        if master:
+            saved = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none"
+            print(f"\n{what} Last good checkpoint: {saved}. Continue from it more slowly with "
+                  f"--resume latest --lr <lower> (or try --precision fp32)")
+        if ddp:
+            dist.destroy_process_group()
+        raise SystemExit(1)
+
+    if state is None:
+        checkpoint()   # step 0: a good state to return to even if the very first update diverges
+
     # ---- logging (rank 0): CSV every step, a stdout line every log_every steps, TensorBoard if installed
     tiny = facts["hub"] is None
     columns = ["step", "loss", "err_matched", "err_mismatched", "acc", "win_rate", "score_margin", "lr",
@@ -346,13 +404,21 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-        if step and os.path.exists(csv_path):  # resumed: forget the rows logged after the checkpoint
+        if step and os.path.exists(csv_path):
+            # resumed: forget the rows logged after the checkpoint. The kept rows go to a new file that is
+            # renamed over the old one, so a kill at any moment leaves the old log or the new one, whole.
             with open(csv_path) as f:
                 kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        log = open(csv_path, "w", newline="")
+            with open(csv_path + ".tmp", "w", newline="") as f:
+                rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
+                rewrite.writeheader()
+                rewrite.writerows(kept)
+            os.replace(csv_path + ".tmp", csv_path)
+        else:
+            with open(csv_path, "w", newline="") as f:
+                csv.DictWriter(f, columns).writeheader()
+        log = open(csv_path, "a", newline="")              # appended from here on, never truncated
         writer = csv.DictWriter(log, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
             board = SummaryWriter(os.path.join(args.out, "tb"))
@@ -459,13 +525,7 @@ def main(argv=None):
                 offset += g.numel()
             loss_mean, err_pos, err_neg, acc, win_rate, margin, new_bad = flat[offset:].tolist()
         if not math.isfinite(loss_mean):  # every rank sees the same reduced loss, so all stop together
-            if master:
-                saved = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none yet"
-                print(f"\nloss is {loss_mean} at step {step}: stopping, tokens not updated. Last good checkpoint: "
-                      f"{saved}; try a lower --lr or --precision fp32")
-            if ddp:
-                dist.destroy_process_group()
-            raise SystemExit(1)
+            stop_diverged(f"loss is {loss_mean} at step {step}: stopping, tokens not updated.")
         if args.grad_clip:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -500,6 +560,16 @@ def main(argv=None):
                        + f" lr {lr:.2e} {1 / dt:.2f} steps/s {pairs * world / dt:.1f} pairs/s "
                        f"peak {row['peak_mem_gb']:.2f} GB skipped {skipped}")
         if step % args.ckpt_every == 0 or step == args.steps:
+            # a diverged state is never saved as good: the updated tokens must be finite and give finite
+            # predictions on this step's matched pairs (tokens of 1e19 are finite, and NaN in the next forward)
+            with torch.no_grad(), autocast, handle.rows(torch.full((B,), softtokens.POS if args.loss == "agsm" else 0)):
+                probe = models.denoise(bb, x_t, timesteps, models.index_cond(cond, torch.arange(B, device=device)))
+            finite = torch.stack([torch.isfinite(p).all() for p in tokens.parameters()] + [torch.isfinite(probe).all()])
+            finite = finite.all().float()
+            if ddp:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                stop_diverged(f"the update of step {step} diverged (tokens or predictions not finite): not saved.")
             checkpoint()
     bar.close()
 

@@ -61,8 +61,8 @@ def test_two_rank_gloo_run_keeps_tokens_identical(tmp_path):
 
 @pytest.mark.parametrize("model, loss", [("tiny-sd1.5", "agsm"), ("tiny-sd3", "dsm")])
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, model, loss):
-    # restart period and EMA decay given explicitly: their defaults derive from --steps
-    argv = FAST + ["--model", model, "--loss", loss, "--restart-every", "3", "--ema-decay", "0.9", "--ckpt-every", "1"]
+    # schedule period and EMA decay given explicitly: their defaults derive from --steps
+    argv = FAST + ["--model", model, "--loss", loss, "--lr-period", "1", "--ema-decay", "0.9", "--ckpt-every", "1"]
     whole = train.main(argv + ["--steps", "4", "--out", str(tmp_path / "whole")])
     first = train.main(argv + ["--steps", "2", "--out", str(tmp_path / "split")])
     first_tokens = {k: v.clone() for k, v in first["tokens"].state_dict().items()}
@@ -96,7 +96,8 @@ def write_coco(root, n_images=4, corrupt=1, year="2017"):
             array = rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)
             Image.fromarray(array).save(path)
         images.append({"id": 100 + i, "file_name": name, "height": 40, "width": 56})
-        annotations += [{"id": 10 * i + k, "image_id": 100 + i, "caption": f"a red square number {k}"}
+        annotations += [{"id": 10 * i + k, "image_id": 100 + i, "caption": ["a red square", "two red squares", "a red square above a blue circle",
+                                                                   "some squares", "a square"][k]}
                         for k in range(5)]
     with open(root / "annotations" / f"captions_train{year}.json", "w") as f:
         json.dump({"images": images, "annotations": annotations}, f)
@@ -116,17 +117,55 @@ def test_coco_folder_with_a_corrupt_image_trains_and_reports_it(tmp_path, capsys
     assert os.path.exists(os.path.join(out, "tokens.safetensors"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_divergence_stops_keeps_the_last_good_state_and_resumes_with_a_lower_lr(tmp_path, capsys):
     out = str(tmp_path / "run")
-    # lr 1e30: the first step throws the tokens to ~1e30 and the second forward overflows
+    argv = FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--ckpt-every", "1", "--out", out]
+    train.main(argv + ["--steps", "2"])                            # two good steps
+    # lr 1e30 from step 2 on: the update throws the tokens to ~1e30, whose prediction overflows
     with pytest.raises(SystemExit):
-        train.main(FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--steps", "4", "--lr", "1e30",
-                           "--ckpt-every", "1", "--out", out])
+        train.main(argv + ["--steps", "4", "--lr", "1e30", "--resume", "latest"])
     printed = capsys.readouterr().out
-    assert ("loss is nan" in printed or "loss is inf" in printed) and "Last good checkpoint" in printed
+    assert "diverged" in printed and "Last good checkpoint" in printed and "--lr <lower>" in printed
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["tokens"].values())
-    assert not os.path.exists(os.path.join(out, "tokens.safetensors"))
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["tokens"].values())
+    # the advice can be followed: resume from the good state with a lower lr, to the end, finite
+    done = train.main(argv + ["--steps", "4", "--lr", "1e-4", "--resume", "latest"])
+    assert done["step"] == 4 and all(torch.isfinite(p).all() for p in done["tokens"].parameters())
+    config = json.load(open(os.path.join(out, "config.json")))
+    # the change is recorded with its step (the diverged attempt left no state, so no record either)
+    assert config["changes"] == [{"step": 2, "lr": 1e-4, "was": 1e-3}] and config["lr"] == 1e-4
+    assert [r["step"] for r in rows(out)] == ["1", "2", "3", "4"]
+
+
+def test_nan_from_the_first_update_keeps_the_initial_state(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        train.main(FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--steps", "3", "--lr", "1e30", "--out", out])
+    assert "Last good checkpoint" in capsys.readouterr().out
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert state["step"] == 0 and not os.path.exists(os.path.join(out, "tokens.safetensors"))
+
+
+def test_a_kill_during_the_log_rewrite_loses_no_row(tmp_path, monkeypatch):
+    """Resuming rewrites log.csv without the rows after the checkpoint: into a new file renamed over the
+    old one. A kill before the rename (simulated: os.replace fails) leaves the old log whole."""
+    out = str(tmp_path / "run")
+    argv = FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--ckpt-every", "2", "--out", out]
+    train.main(argv + ["--steps", "3"])                            # log rows 1-3, checkpoint at step 2 ... and 3
+    before = open(os.path.join(out, "log.csv")).read()
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if dst.endswith("log.csv"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+    monkeypatch.setattr(train.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv + ["--steps", "5", "--resume", "latest"])
+    assert open(os.path.join(out, "log.csv")).read() == before
+    monkeypatch.setattr(train.os, "replace", real_replace)
+    train.main(argv + ["--steps", "5", "--resume", "latest"])     # and a clean resume continues the log
+    assert [r["step"] for r in rows(out)] == ["1", "2", "3", "4", "5"]
 
 
 def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
@@ -165,3 +204,52 @@ def test_bad_input_fails_at_start_in_one_line(tmp_path, argv, message):
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--out", str(tmp_path / "run")])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# The authors' recipe where the papers are silent (AGSM / SoftREPA train.py)
+
+def resolved(*argv):
+    args = train.parse_args(["--model", "tiny-sd3"] + list(argv))
+    train.resolve(args, models.FAMILIES["tiny-sd3"])
+    return args
+
+
+def test_schedule_and_ema_rules_reproduce_the_authors_runs_and_scale():
+    # at the papers' lengths: their scheduler period and their EMA decay
+    assert resolved("--loss", "agsm", "--steps", "100000").lr_period == 2500
+    assert resolved("--loss", "softrepa", "--steps", "30000").lr_period == 500
+    assert resolved("--loss", "agsm", "--steps", "100000").ema_decay == pytest.approx(0.9999)
+    # a 2,000-step run: the same number of periods (40) and the same EMA horizon fraction (a tenth)
+    short = resolved("--loss", "agsm", "--steps", "2000")
+    assert short.lr_period == 50 and short.ema_decay == pytest.approx(0.995)
+    # CosineAnnealingWarmRestarts(T_0=10, eta_min) stepped once per period: constant within a period,
+    # a cosine over 10 periods, then a restart
+    ratio = 1e-5 / 1e-3
+    lrs = [train.lr_at_step(s, 50, ratio) for s in range(0, 1100)]
+    assert lrs[0] == 1.0 and lrs[49] == 1.0 and lrs[50] < 1.0
+    assert lrs[50 * 5] == pytest.approx(ratio + (1 - ratio) / 2)        # half way down the cosine
+    assert lrs[50 * 10] == 1.0 and lrs[50 * 9] < 0.05                  # restart after 10 periods
+    torch_sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=10, eta_min=ratio)
+    for e in range(25):                                                # the torch scheduler itself
+        if 50 * e < len(lrs):
+            assert lrs[50 * e] == pytest.approx(torch_sched.get_last_lr()[0], rel=1e-9)
+        torch_sched.step()
+    assert resolved("--loss", "agsm").tau == 0.1 and resolved("--loss", "softrepa").tau == 0.07
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_one_t_and_one_noise_per_step_unless_per_row(tmp_path, monkeypatch, per_row):
+    seen = []
+    real = models.add_noise
+
+    def spy(bb, x0, noise, u):
+        seen.append((noise.clone(), u.clone()))
+        return real(bb, x0, noise, u)
+    monkeypatch.setattr(train.models, "add_noise", spy)
+    train.main(FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--batch", "3", "--steps", "2",
+                       "--out", str(tmp_path / "run")] + (["--noise-per-row"] if per_row else []))
+    for noise, u in seen:
+        same = bool((u == u[0]).all()) and all(torch.equal(noise[0], n) for n in noise)
+        assert same != per_row

@@ -5,6 +5,7 @@ eval.py: the papers' evaluation on folders of images written by sample.py / edit
     python eval.py --runs out/sd3 --metrics clip pickscore imagereward hps fid lpips --ref coco/val5k
     python eval.py --runs out/pnp --metrics edit imagereward pickscore hps --pie PIE-Bench_v1
     python eval.py --to-geneval out/sd3 --geneval-prompts geneval/prompts/evaluation_metadata.jsonl
+    python eval.py --protocol dev --model tiny-sd3 --tokens runs/agsm/tokens.safetensors   # shapes world
 
 What is measured (SoftREPA Tables 1-2, AGSM Tables 1-2, Figures 4-5):
   shapes        the shapes world's exact GenEval-style checker (shapes.score) per category, offline
@@ -24,6 +25,12 @@ Face hub, or only from --weights DIR when it is given: DIR/<hub id, or its last 
 models and DINO (HUB below), DIR/HPS_v2.1_compressed.pt, DIR/ImageReward.pt + med_config.json, and
 torchvision / pytorch-fid files in DIR/checkpoints/. A metric that cannot load is skipped with one line.
 FID's Frechet distance, PSNR and SSIM are written out here.
+
+--protocol dev|eval is the shapes world's evaluation with statistical power (shapes.py): it samples every
+prompt of data/shapes_{dev,eval}.jsonl with 4 seeds fixed by rule, with the plain model and with each
+--tokens file, and prints each category, the mean and the over-counting rates with 95% bootstrap
+intervals over prompts, plus a grid of the first prompt of each category, plain | tokens, same seeds.
+Choose anything on the dev set; the eval set is for the final measurement.
 
 Rows of the table: one per run folder and sample.py "variant" (--compare writes "plain" and "tokens"
 into one folder). +- is the sample std over seeds: the distinct record seeds inside a folder
@@ -781,6 +788,12 @@ def parse_args(argv=None):
     p.add_argument("--curve", default="score_mean", help="training-CSV column of the validation curves")
     p.add_argument("--to-geneval", metavar="RUN", help="write RUN's images in GenEval's layout, then exit")
     p.add_argument("--geneval-prompts", help="GenEval's prompts/evaluation_metadata.jsonl (for --to-geneval)")
+    p.add_argument("--protocol", choices=["dev", "eval"], help="shapes world: sample and score a prompt set with CIs")
+    p.add_argument("--tokens", nargs="*", default=[], help="--protocol: token files to score beside the base")
+    p.add_argument("--ema", action="store_true", help="--protocol: sample AGSM files with their EMA tokens")
+    p.add_argument("--pretrained", default=None, help="--protocol: the backbone's weights folder")
+    p.add_argument("--n-per-category", type=int, default=0, help="--protocol: first N prompts per category")
+    p.add_argument("--grid", default=None, help="--protocol: PNG of base | tokens, first prompt per category")
     return p.parse_args(argv)
 
 
@@ -819,8 +832,81 @@ def export_geneval(run, prompts_file):
               f"--outfile {os.path.join(run, f'geneval_results{suffix}.jsonl')}`, then run eval.py again")
 
 
+# -----------------------------------------------------------------------------
+# The shapes world's protocol (shapes.protocol_seeds / protocol_scores)
+
+def protocol_images(bb, records, which, handle=None, batch=128, steps=None):
+    """Every record sampled with its SAMPLES_PER_PROMPT seeds, in protocol order (prompt-major)."""
+    import sample
+    pairs = shapes.protocol_seeds(len(records), which=which)
+    images = []
+    for i in tqdm(range(0, len(pairs), batch), desc=f"sample {which}", leave=False):
+        part = pairs[i:i + batch]
+        images.append(sample.generate(bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part],
+                                      steps=steps, handle=handle))
+    return torch.cat(images)
+
+
+def protocol_records(which, n_per_category=0):
+    records = shapes.load_dev_set() if which == "dev" else shapes.load_eval_set()
+    if n_per_category:
+        records = [r for c in shapes.CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n_per_category]]
+    return records
+
+
+def protocol_table(results):
+    """Markdown: one row per variant, each column 'value [low, high]'."""
+    columns = list(next(iter(results.values())))
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, scores in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{scores[c][0]:.3f} [{scores[c][1]:.3f}, {scores[c][2]:.3f}]"
+                                                for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def run_protocol(args):
+    """--protocol: base and each --tokens file on the dev or eval prompts, 4 seeds each, with intervals."""
+    import sample
+    bb = models.load(args.model, pretrained=args.pretrained, device=args.device)
+    records = protocol_records(args.protocol, args.n_per_category)
+    specs = [r["spec"] for r in records]
+    variants = [("base", None)] + [(f"tokens {path}", path) for path in args.tokens]
+    results, grids = {}, []
+    first = [next(i for i, r in enumerate(records) if r["spec"]["category"] == c) for c in shapes.CATEGORIES]
+    for name, path in variants:
+        handle = None
+        if path is not None:
+            sets, info = sample.read_tokens(path, args.model, ema=args.ema)
+            handle = sample.attach_tokens(bb, sets, info["blocks"])
+        try:
+            images = protocol_images(bb, records, args.protocol, handle)
+        finally:
+            if handle is not None:
+                handle.remove()
+        results[name] = shapes.protocol_scores(images, specs)
+        print(f"{name}: {shapes.format_scores(results[name])}", flush=True)
+        grids.append(torch.stack([images[shapes.SAMPLES_PER_PROMPT * i + k] for i in first for k in range(2)]))
+    print(protocol_table(results))
+    out = args.json or f"protocol-{args.model}-{args.protocol}.json"
+    with open(out, "w") as f:
+        json.dump({"model": args.model, "set": args.protocol, "prompts": len(records),
+                   "samples_per_prompt": shapes.SAMPLES_PER_PROMPT, "results": results}, f, indent=1)
+    if args.grid:   # rows: the first prompt of each category x 2 seeds; columns: base | each token file
+        cells = torch.stack([g[j] for j in range(len(grids[0])) for g in grids])
+        sample.save_grid(cells, args.grid, per_cell=len(grids), columns=2)
+        print(f"wrote {args.grid}")
+    print(f"wrote {out}")
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.protocol:
+        models.check_name(args.model)
+        for path in args.tokens:
+            if not os.path.exists(path):
+                raise SystemExit(f"--tokens {path}: no such file")
+        return run_protocol(args)
     check_args(args)
     if args.to_geneval:
         return export_geneval(args.to_geneval, args.geneval_prompts)

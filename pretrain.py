@@ -27,17 +27,15 @@ colour attribution 0.36). The token-training data keeps precise captions.
 
     python pretrain.py --model tiny-vae --steps 3000                      # weights/tiny-vae/
     python pretrain.py --model tiny-sd3 --minutes 60 --snapshot-every 1000   # weights/tiny-sd3/
-    python pretrain.py --model tiny-sd3 --score runs/pretrain-tiny-sd3/snapshots/*  # dev-set scores
-Snapshots are chosen on the dev prompt set (data/shapes_dev.jsonl); data/shapes_eval.jsonl is for the
-final measurement only (`--score ... --set eval`).
+Snapshots are chosen on the dev prompt set (data/shapes_dev.jsonl), scored with
+    python eval.py --protocol dev --model tiny-sd3 --pretrained runs/pretrain-tiny-sd3/snapshots/step004000
+and data/shapes_eval.jsonl is for the final measurement only (--protocol eval).
 """
 import argparse
 import copy
 import csv
-import glob
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -45,7 +43,6 @@ import torch
 from tqdm import tqdm
 
 import models
-import sample
 import shapes
 
 TINY = [n for n in models.FAMILIES if n.startswith("tiny-")]
@@ -71,10 +68,6 @@ def parse_args(argv=None):
     p.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from <work>/ckpt.pt")
-    p.add_argument("--score", nargs="+", default=None, metavar="WEIGHTS",
-                   help="score weight folders with the protocol instead of training")
-    p.add_argument("--set", default="dev", choices=["dev", "eval"], help="--score: the prompt set")
-    p.add_argument("--n-per-category", type=int, default=0, help="--score: first N prompts per category (0: all)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         p.error("--steps and --batch must be at least 1")
@@ -109,34 +102,6 @@ def denoiser_loss(bb, images, captions, generator):
     return (pred.float() - models.target(bb, x0, noise).float()).pow(2).mean()
 
 
-# -----------------------------------------------------------------------------
-# Scoring: the evaluation protocol of shapes.py (4 seeds per prompt, fixed by rule; bootstrap CIs)
-
-def protocol_images(bb, records, which, batch=128):
-    pairs = shapes.protocol_seeds(len(records), which=which)
-    images = []
-    for i in tqdm(range(0, len(pairs), batch), desc=f"sample {which}", leave=False):
-        part = pairs[i:i + batch]
-        images.append(sample.generate(bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part]))
-    return torch.cat(images)
-
-
-def protocol_records(which, n_per_category=0):
-    records = shapes.load_dev_set() if which == "dev" else shapes.load_eval_set()
-    if n_per_category:
-        records = [r for c in shapes.CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n_per_category]]
-    return records
-
-
-def score_folders(args):
-    records = protocol_records(args.set, args.n_per_category)
-    for folder in args.score:
-        bb = models.load(args.model, pretrained=folder, device=args.device)
-        scores = shapes.protocol_scores(protocol_images(bb, records, args.set), [r["spec"] for r in records])
-        print(f"{folder} [{args.set}, {len(records)} prompts x {shapes.SAMPLES_PER_PROMPT}]: {shapes.format_scores(scores)}",
-              flush=True)
-
-
 def vae_report(vae, n=480, seed=123):
     """PSNR of reconstructions (posterior mean) and the share the exact checker still accepts."""
     specs = [shapes.random_spec(np.random.default_rng([seed, i]), shapes.CATEGORIES[i % 6]) for i in range(n)]
@@ -168,8 +133,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.score:
-        return score_folders(args)
     device = torch.device(args.device)
     is_vae = args.model == "tiny-vae"
     out = args.out or os.path.join(models.WEIGHTS_DIR, args.model)

@@ -597,8 +597,8 @@ def token_handle(bb, record):
     return sample.attach_tokens(bb, sets, info["blocks"])
 
 
-def classifier_records(n_per_category):
-    items = shapes.load_eval_set()
+def classifier_records(n_per_category, which="eval"):
+    items = shapes.load_eval_set() if which == "eval" else shapes.load_dev_set()
     return [r for c in shapes.CATEGORIES for r in [r for r in items if r["spec"]["category"] == c][:n_per_category]]
 
 

@@ -171,8 +171,8 @@ def validate(bb, handle, args, step):
     scores of those samples; and eval.classifier_accuracy on held-out pairs when eval.py provides it."""
     import sample
     tiny = bb.facts["hub"] is None
-    if tiny:  # the first val_n prompts of every category of the fixed eval set, one fixed seed each
-        records = [r for c in shapes.CATEGORIES for r in [r for r in shapes.load_eval_set()
+    if tiny:  # the first val_n prompts of every category of the DEV set (the eval set is for final numbers)
+        records = [r for c in shapes.CATEGORIES for r in [r for r in shapes.load_dev_set()
                                                          if r["spec"]["category"] == c][:args.val_n]]
         prompts = [r["prompt"] for r in records]
     else:
@@ -191,6 +191,7 @@ def validate(bb, handle, args, step):
     if records:
         import eval as evaluation  # held-out diffusion-classifier accuracy (SoftREPA eqs. 15-18)
         result["heldout_acc"] = evaluation.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
+        # (tiny-*: the records are dev-set prompts, rendered afresh: held out from the training stream)
     return result
 
 
@@ -201,7 +202,7 @@ def movement(bb, tokens, initial_tokens, handle, n=8):
     their initial values, their relative L2 change, and the relative change of the denoiser's output
     that the (psi+) tokens cause, ||f_tokens - f_plain|| / ||f_plain||, on n fixed eval prompts at t = 0.5."""
     cos, change = softtokens.token_movement(tokens, initial_tokens)
-    prompts = [r["prompt"] for r in shapes.load_eval_set()[::60][:n]]
+    prompts = [r["prompt"] for r in shapes.load_dev_set()[::30][:n]]
     g = torch.Generator().manual_seed(0)
     x = torch.randn((len(prompts),) + models.latent_shape(bb), generator=g).to(bb.device, bb.dtype)
     cond = models.encode_prompts(bb, prompts)

@@ -155,7 +155,7 @@ def test_cache_shards_hold_the_encodings_in_bf16(tmp_path, name):
     records = data.read_records(str(tmp_path / "coco"))
     bb = models.build_tiny(name)
     # shard_gb tiny enough for 2 images per shard: 4 readable images -> 2 shards
-    per_image = 3 * 32 * 32 + 2 * 16 * 128 + (2 * 128 if name == "tiny-sd3" else 0)
+    per_image = int(np.prod(models.latent_shape(bb, 32))) + 2 * 16 * 128 + (2 * 128 if name == "tiny-sd3" else 0)
     meta = data.write_cache(bb, records, str(tmp_path / "cache"), 32, captions_per_image=2, batch=3,
                             shard_gb=2.5 * per_image * 2 / 1e9)
     assert meta["images"] == 4 and meta["skipped"] == 1 and len(meta["shards"]) == 2

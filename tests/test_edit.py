@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+
+import tolerances
 from PIL import Image
 
 import edit
@@ -27,6 +29,12 @@ def source_image(size=32):
     """A red circle rendered by the shapes world (at 32 px, averaged down to `size`), (3, size, size)."""
     image = shapes.to_tensor(shapes.render(SPEC, 32, 0)[None])
     return torch.nn.functional.interpolate(image, size=size, mode="area")[0]
+
+
+def through_vae(bb, image):
+    """What the editing methods can give back at best: the image encoded (posterior mean) and decoded.
+    The exactness checks below hold against this, whatever the (random) autoencoder does to the image."""
+    return models.decode_latents(bb, models.encode_images(bb, image[None], mode=True))[0]
 
 
 def psnr(a, b):
@@ -49,27 +57,28 @@ def strong_tokens(bb, seed=0):
 def test_flowedit_and_flowalign_with_the_source_prompt_return_the_source():
     bb = models.build_tiny("tiny-sd3")
     image = source_image(16)
+    source = through_vae(bb, image)
     # FlowEdit: V_delta = v(x_tar_t, c_src) - v(x_src_t, c_src) = 0 while z = x_src, when both branches
     # use the same CFG (with the paper's 3.5 / 13.5 the difference of the scales would move the image)
     same = edit.edit(bb, image, SRC, SRC, "flowedit", steps=10, cfg=13.5, cfg_src=13.5)
-    assert (same - image).abs().max() < 1e-4
+    assert (same - source).abs().max() < 1e-4
     # FlowAlign with its paper settings: guidance is relative to the source prompt, so no settings needed
     same = edit.edit(bb, image, SRC, SRC, "flowalign", steps=10)
-    assert (same - image).abs().max() < 1e-4
+    assert (same - source).abs().max() < 1e-4
     # FlowAlign's regulariser: its last step (t -> 0) reads z' = z + (t v_p - t v_q) * 0 + zeta (x_src - z) when
     # zeta = 1, since (q - t v_q) - (p - t v_p) = (x_src - z) - t (v_q - v_p): back on the source exactly
     pulled = edit.edit(bb, image, SRC, TGT, "flowalign", steps=10, zeta=1.0)
-    assert (pulled - image).abs().max() < 1e-4
+    assert (pulled - source).abs().max() < 1e-4
     # a different target prompt, or the tokens on the target branch only, do move the image
-    assert (edit.edit(bb, image, SRC, TGT, "flowedit", steps=10) - image).abs().max() > 1e-2
+    assert (edit.edit(bb, image, SRC, TGT, "flowedit", steps=10) - source).abs().max() > 1e-2
     handle = hooks.attach(bb.denoiser, strong_tokens(bb))
     try:
         moved = edit.edit(bb, image, SRC, SRC, "flowedit", handle, steps=10, cfg=13.5, cfg_src=13.5)
         both = edit.edit(bb, image, SRC, SRC, "flowedit", handle, tokens_source=True, steps=10, cfg=13.5, cfg_src=13.5)
     finally:
         handle.remove()
-    assert (moved - image).abs().max() > 1e-2
-    assert (both - image).abs().max() < 1e-4   # tokens on both branches: the branches agree again
+    assert (moved - source).abs().max() > 1e-2
+    assert (both - source).abs().max() < 1e-4   # tokens on both branches: the branches agree again
 
 
 def test_rf_inversion_controls():
@@ -77,10 +86,10 @@ def test_rf_inversion_controls():
     image = source_image(16)
     # eta = 1 all the way: X_{i+1} - y0 = (X_i - y0) sigma_{i+1} / sigma_i, which is 0 at sigma = 0
     back = edit.edit(bb, image, SRC, TGT, "rf-inversion", steps=6, eta=1.0, stop=1.0)
-    assert (back - image).abs().max() < 1e-5
+    assert (back - through_vae(bb, image)).abs().max() < 1e-5
     # gamma = 1: the controlled forward ODE ends exactly at the noise y1, whatever the model says;
     # regenerating with eta = 0 is then plain sampling from y1 with the target prompt
-    y1 = torch.randn(image[None].shape, generator=torch.Generator().manual_seed(3))
+    y1 = torch.randn((1,) + models.latent_shape(bb, 16), generator=torch.Generator().manual_seed(3))
     x = sample.sample_loop(bb, y1, models.encode_prompts(bb, [TGT]), models.encode_prompts(bb, [""]), 6, 13.5)
     plain = models.decode_latents(bb, x)[0]
     controlled = edit.edit(bb, image, SRC, TGT, "rf-inversion", steps=6, seed=3, gamma=1.0, eta=0.0)
@@ -139,7 +148,7 @@ def test_direct_inversion_reconstructs_better_than_ddim_at_cfg_7():
     small = source_image(16)
     _, ddim_source = edit.edit(bb, small, SRC, SRC, "ddim+masactrl", steps=6, return_source=True)
     edited, direct_source = edit.edit(bb, small, SRC, SRC, "direct+masactrl", steps=6, return_source=True)
-    assert psnr(direct_source, small) > 60 > psnr(ddim_source, small)
+    assert psnr(direct_source, through_vae(bb, small)) > 60 > psnr(ddim_source, through_vae(bb, small))
 
 
 # -----------------------------------------------------------------------------
@@ -200,8 +209,8 @@ def test_masactrl_and_pnp_match_written_out_attention_and_come_off_cleanly():
                 split = lambda a: a.view(1, 16, hd, -1).transpose(1, 2)  # noqa: E731
                 w = torch.softmax(split(q) @ split(k).transpose(-1, -2) / split(q).shape[-1] ** 0.5, -1)
                 want = attn.to_out[0]((w @ split(attn.to_v(tgt))).transpose(1, 2).reshape(1, 16, -1))
-            assert torch.allclose(out[1:], want, atol=1e-5)
-            assert torch.allclose(out[:1], reference_out(attn, (src, src, src)), atol=1e-5)  # source: its own
+            assert tolerances.close(out[1:], want)
+            assert tolerances.close(out[:1], reference_out(attn, (src, src, src)))  # source: its own
             state["step"] = step_off
             assert torch.equal(attn(h), stock[4](attn, h))                  # outside the schedule: stock
             if method == "ddim+pnp":  # the decoder's residual block: target rows get the source's features
@@ -230,7 +239,7 @@ def test_control_leaves_the_source_branch_plain():
         remove = edit.attach_control(bb.denoiser, edit.METHODS[method], dict(step=10, per_branch=1), steps=50)
         controlled = models.denoise(bb, x, 500, cond)
         remove()
-        assert torch.allclose(controlled[0], plain[0], atol=1e-5)
+        assert tolerances.close(controlled[0], plain[0])
         assert not torch.allclose(controlled[1], plain[1], atol=1e-3)
 
 
@@ -298,14 +307,15 @@ def test_shapes_edit_cases_need_an_edit():
 def test_shipped_tiny_sd15_reconstructs_by_ddim_inversion():
     """On the shipped (trained) tiny-sd1.5: DDIM inversion then regeneration with the same prompt at CFG 1
     reconstructs rendered images above 40 dB PSNR, and at CFG 7 Direct Inversion's source branch is closer to
-    the source than plain DDIM's. (At 50 steps on 4 images we measured 47.7-51.6 dB at CFG 1, and at CFG 7
-    exact for Direct against 19.9-35.7 dB for DDIM; the test runs 20 steps on 2 images.)"""
+    the source than plain DDIM's. The images compared against are the autoencoder's own reconstructions of
+    the renders (decode(encode(x))): inversion cannot undo the VAE's error (~35 dB), only its own."""
     import eval as ev
     bb = models.load("tiny-sd1.5")
-    images, sources, _, _ = edit.shapes_edit_cases(2, seed=0)
+    renders, sources, _, _ = edit.shapes_edit_cases(2, seed=0)
+    images = models.decode_latents(bb, models.encode_images(bb, renders, mode=True))
     psnr = lambda a, b: [float(ev.psnr((x + 1) / 2, (y + 1) / 2)) for x, y in zip(a, b)]  # noqa: E731
-    _, ddim_1 = edit.edit(bb, images, sources, sources, "ddim", cfg=1.0, steps=20, return_source=True)
+    _, ddim_1 = edit.edit(bb, renders, sources, sources, "ddim", cfg=1.0, steps=20, return_source=True)
     assert min(psnr(ddim_1, images)) > 40
-    _, ddim_7 = edit.edit(bb, images, sources, sources, "ddim", cfg=7.0, steps=20, return_source=True)
-    _, direct_7 = edit.edit(bb, images, sources, sources, "direct", cfg=7.0, steps=20, return_source=True)
+    _, ddim_7 = edit.edit(bb, renders, sources, sources, "ddim", cfg=7.0, steps=20, return_source=True)
+    _, direct_7 = edit.edit(bb, renders, sources, sources, "direct", cfg=7.0, steps=20, return_source=True)
     assert min(psnr(direct_7, images)) > max(psnr(ddim_7, images))

@@ -436,7 +436,7 @@ def load_backbone(args):
     if args.random_init:
         bb = models.build_tiny(args.model) if args.model.startswith("tiny-") else random_real_backbone(args.model)
         if (args.device, dtype) != ("cpu", torch.float32):  # built on the CPU in float32
-            for module in (bb.denoiser, bb.text_encoder):
+            for module in (bb.denoiser, bb.text_encoder, bb.vae):
                 if module is not None:
                     module.to(args.device, dtype)
         return bb

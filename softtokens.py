@@ -92,9 +92,15 @@ class PairTokens(nn.Module):
         self.ema_pos = SoftTokens(layers, n_tokens, width, time_table, init_std, init_tokens)
         self.ema_neg = SoftTokens(layers, n_tokens, width, False)
         self.neg.time_table, self.ema_neg.time_table = self.pos.time_table, self.ema_pos.time_table   # shared
-        with torch.no_grad():   # all four start from the same point (the AGSM code copies psi+ to psi-)
-            for s in (self.neg, self.ema_pos, self.ema_neg):
-                s.tokens.copy_(self.pos.tokens)
+        with torch.no_grad():
+            # psi- is a second N(0, 0.02) draw, as in the AGSM code (torch.randn(2, ...)); with an init from
+            # the text embedding (SD1.5) both start from it. The EMA copies start equal to the live sets
+            # (theirs is a separately built module with its own random draw, which a 0.9999 decay would
+            # carry for ~10^4 steps: we do not copy that).
+            if init_tokens is not None:
+                self.neg.tokens.copy_(self.pos.tokens)
+            self.ema_pos.tokens.copy_(self.pos.tokens)
+            self.ema_neg.tokens.copy_(self.neg.tokens)
             if time_table:
                 self.ema_pos.time_table.copy_(self.pos.time_table)
         self.ema_pos.requires_grad_(False)

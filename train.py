@@ -58,8 +58,9 @@ TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min
 # continue a diverged run more slowly). Each change is recorded in config.json under "changes".
 CHANGEABLE_ON_RESUME = ["lr"]
 # The authors' runs, for the schedule rule: iterations, and iterations per step of their scheduler
-# (SoftREPA: 30k iterations, the scheduler stepped every 500; AGSM: 100k, stepped every --num_iter 2500).
-PAPER_RUNS = {"softrepa": (30000, 500), "agsm": (100000, 2500), "dsm": (100000, 2500)}
+# (SoftREPA: 30k iterations, the scheduler stepped every 500; AGSM: 100k, stepped every --num_iter, whose
+# argparse default is 2500 but which scripts/train_coco.sh sets to 1000 for SD3 and SD1.5: what they ran).
+PAPER_RUNS = {"softrepa": (30000, 500), "agsm": (100000, 1000), "dsm": (100000, 1000)}
 VAL_PROMPTS = ["a photo of three apples on a wooden table", "a red bus parked next to a blue car",
                "a cat sitting to the left of a dog", "two people riding bicycles down a city street"]
 
@@ -141,8 +142,8 @@ def resolve(args, facts):
     args.paper_tau, args.plain_sum, args.noise_per_row = bool(args.paper_tau), bool(args.plain_sum), bool(args.noise_per_row)
     # The schedule rule for runs of any length: the authors step CosineAnnealingWarmRestarts(T_0=10) once
     # every `period` iterations, and their runs hold paper_steps / period such periods (SoftREPA 60, AGSM
-    # 40). Keeping that number fixed, period = steps * paper_period / paper_steps, gives a run of any length
-    # the same shape of schedule: 6 (SoftREPA) or 4 (AGSM) cosine cycles, constant within each period.
+    # 100). Keeping that number fixed, period = steps * paper_period / paper_steps, gives a run of any length
+    # the same shape of schedule: 6 (SoftREPA) or 10 (AGSM) cosine cycles, constant within each period.
     paper_steps, paper_period = PAPER_RUNS[args.loss]
     args.lr_period = args.lr_period or max(1, round(args.steps * paper_period / paper_steps))
     # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
@@ -311,7 +312,7 @@ def main(argv=None):
     # ---- the frozen backbone and the soft tokens (same seed on every rank -> same initial tokens)
     if args.random_init:
         bb = models.build_tiny(args.model, seed=args.seed)
-        for module in (bb.denoiser, bb.text_encoder):
+        for module in (bb.denoiser, bb.text_encoder, bb.vae):
             module.to(device) if dtype == torch.float32 else module.to(device, dtype)
         bb.alphas_cumprod = None if bb.alphas_cumprod is None else bb.alphas_cumprod.to(device)
     else:

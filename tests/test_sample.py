@@ -321,3 +321,12 @@ def test_bench_measures_both_variants(tmp_path):
     cli = sample.main(["--model", "tiny-sd1.5", "--random-init", "--bench", "--steps", "1", "--size", "16",
                        "--batch", "1", "--repeats", "1"])
     assert cli["model"] == "tiny-sd1.5" and cli["token_shape"] == [1, 4, 128]
+
+
+def test_random_init_backbone_moves_every_module():
+    """--random-init builds on the CPU in fp32 and then moves the backbone: the autoencoder too (on CUDA
+    a VAE left behind fails at the first encode; here the dtype shows it)."""
+    args = sample.parse_args(["--model", "tiny-sd3", "--random-init", "--prompt", "a", "--device", "cpu",
+                              "--dtype", "bfloat16"])
+    bb = sample.load_backbone(args)
+    assert {m.dtype for m in (bb.denoiser, bb.text_encoder, bb.vae)} == {torch.bfloat16}

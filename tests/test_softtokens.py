@@ -48,8 +48,11 @@ def test_tokens_for_rows_zeroes_unused_rows():
 
 def test_pair_tokens_start_equal_and_ema_moves_toward_live():
     pair = softtokens.PairTokens(2, 3, 8)
-    for s in pair.sets[1:]:
-        torch.testing.assert_close(s.tokens, pair.pos.tokens)
+    torch.testing.assert_close(pair.ema_pos.tokens, pair.pos.tokens)
+    torch.testing.assert_close(pair.ema_neg.tokens, pair.neg.tokens)
+    assert not torch.equal(pair.pos.tokens, pair.neg.tokens)     # two N(0, 0.02) draws, as the AGSM code
+    same = softtokens.PairTokens(2, 3, 8, init_tokens=torch.ones(3, 8))   # SD1.5: both from the BOS vector
+    torch.testing.assert_close(same.neg.tokens, same.pos.tokens)
     assert all(not p.requires_grad for p in pair.ema_pos.parameters())
     assert len(pair.trainable()) == 3          # psi+ tokens, psi- tokens, their one shared time table
     with torch.no_grad():

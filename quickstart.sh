@@ -3,7 +3,7 @@
 # a few minutes), then sample the dev prompts with 4 fixed seeds each, with and without the tokens, and
 # print the per-category scores with 95% intervals. Writes runs/quickstart/{tokens.safetensors, log.csv,
 # val/, grid.png (base | tokens, same seeds), protocol.json}.
-#   bash quickstart.sh                      # STEPS=1500, about 10 minutes on 2 cores
+#   bash quickstart.sh                      # STEPS=1500 (its time on 2 cores is not measured yet)
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/quickstart}

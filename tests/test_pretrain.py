@@ -102,7 +102,7 @@ def test_shipped_weights_reproduce_the_stored_output(name):
     torch.testing.assert_close(got, stored, rtol=1e-4, atol=1e-4)
 
 
-if __name__ == "__main__":   # rewrite the reference after re-running pretrain.py: python tests/test_pretrain.py
+if __name__ == "__main__":   # rewrite the reference after re-running pretrain.py: PYTHONPATH=. python tests/test_pretrain.py
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(REFERENCE), exist_ok=True)
     outputs = {name: reference_outputs(name).contiguous() for name in ("tiny-sd3", "tiny-sd1.5")}

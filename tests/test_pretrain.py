@@ -18,12 +18,14 @@ def fixed_step_lowers(loss_fn, params):
     """loss before and after one AdamW step, on the same batch and the same noise (a cloned generator)."""
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-4)    # AdamW's first step moves every weight by ~lr: keep it small
+    torch.manual_seed(1)        # the VAE's posterior sample draws from the global generator: the same draw
     before = loss_fn(g)
     opt.zero_grad()
     before.backward()
     opt.step()
     g.set_state(state)
+    torch.manual_seed(1)
     with torch.no_grad():
         after = loss_fn(g)
     return before.item(), after.item()

@@ -69,8 +69,9 @@ def read_coco(ann, images):
             for im in sorted(coco["images"], key=lambda im: im["id"]) if im["id"] in captions]
 
 
-def read_jsonl(path):
-    root, records = os.path.dirname(os.path.abspath(path)), []
+def json_lines(path, expected):
+    """(line number, object) for every non-empty line of a JSONL file; a line that is not a JSON object is
+    a one-line error naming the file, the line and what each line should hold (`expected`)."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -78,14 +79,20 @@ def read_jsonl(path):
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); write one JSON object a line") from None
+                raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); each line is {expected}") from None
             if not isinstance(item, dict):
-                raise SystemExit(f"{path}:{n}: expected a JSON object with \"image\" and \"caption\"")
-            image = item.get("image", item.get("file_name"))
-            caps = item.get("captions", item.get("caption", item.get("text")))
-            if image is None or caps is None:
-                raise SystemExit(f"{path}:{n}: a line needs an image (\"image\") and a caption (\"caption\")")
-            records.append((os.path.join(root, image), [caps] if isinstance(caps, str) else list(caps)))
+                raise SystemExit(f"{path}:{n}: not a JSON object; each line is {expected}")
+            yield n, item
+
+
+def read_jsonl(path):
+    root, records = os.path.dirname(os.path.abspath(path)), []
+    for n, item in json_lines(path, 'one JSON object with "image" and "caption"'):
+        image = item.get("image", item.get("file_name"))
+        caps = item.get("captions", item.get("caption", item.get("text")))
+        if image is None or caps is None:
+            raise SystemExit(f"{path}:{n}: a line needs an image (\"image\") and a caption (\"caption\")")
+        records.append((os.path.join(root, image), [caps] if isinstance(caps, str) else list(caps)))
     return records
 
 

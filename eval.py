@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import models
 import shapes
 
@@ -74,17 +75,10 @@ def read_records(run):
     if not os.path.exists(path):
         return []
     records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); this file is written by sample.py") from None
-            if not isinstance(record, dict) or "image" not in record:
-                raise SystemExit(f"{path}:{n}: a record needs an \"image\" path (written by sample.py)")
-            records.append(record)
+    for n, record in data.json_lines(path, "a record written by sample.py"):
+        if "image" not in record:
+            raise SystemExit(f"{path}:{n}: a record needs an \"image\" path (written by sample.py)")
+        records.append(record)
     return records
 
 
@@ -598,8 +592,7 @@ def token_handle(bb, record):
 
 
 def classifier_records(n_per_category, which="eval"):
-    items = shapes.load_eval_set() if which == "eval" else shapes.load_dev_set()
-    return [r for c in shapes.CATEGORIES for r in [r for r in items if r["spec"]["category"] == c][:n_per_category]]
+    return shapes.first_per_category(shapes.load_eval_set() if which == "eval" else shapes.load_dev_set(), n_per_category)
 
 
 def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suffix):
@@ -848,10 +841,7 @@ def protocol_images(bb, records, which, handle=None, batch=128, steps=None):
 
 
 def protocol_records(which, n_per_category=0):
-    records = shapes.load_dev_set() if which == "dev" else shapes.load_eval_set()
-    if n_per_category:
-        records = [r for c in shapes.CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n_per_category]]
-    return records
+    return classifier_records(n_per_category, which)
 
 
 def protocol_table(results):

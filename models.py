@@ -106,6 +106,16 @@ class Backbone:
     vae: nn.Module = None               # AutoencoderKL (real: pipe.vae); None: the denoiser works on pixels
     alphas_cumprod: torch.Tensor = field(default=None, repr=False)  # DDPM families
 
+    def to(self, device, dtype=torch.float32):
+        """Every module of the backbone to device / dtype (the VAE too: on CUDA one left behind fails at
+        the first encode). fp32 is a device move only: diffusers warns on a no-op cast."""
+        for module in (self.denoiser, self.text_encoder, self.vae):
+            if module is not None:
+                module.to(device) if dtype == torch.float32 else module.to(device, dtype)
+        if self.alphas_cumprod is not None:
+            self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
     @property
     def device(self):
         return next(self.denoiser.parameters()).device
@@ -140,8 +150,7 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     facts = check_name(name)
     if facts["hub"] is None:
         bb = load_tiny(name, pretrained or os.path.join(WEIGHTS_DIR, name))
-        for module in (bb.denoiser, bb.text_encoder, bb.vae):
-            module.to(device) if dtype == torch.float32 else module.to(device, dtype)  # (diffusers warns on a no-op cast)
+        bb.to(device, dtype)
     else:
         import diffusers
         import transformers

@@ -435,11 +435,7 @@ def load_backbone(args):
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     if args.random_init:
         bb = models.build_tiny(args.model) if args.model.startswith("tiny-") else random_real_backbone(args.model)
-        if (args.device, dtype) != ("cpu", torch.float32):  # built on the CPU in float32
-            for module in (bb.denoiser, bb.text_encoder, bb.vae):
-                if module is not None:
-                    module.to(args.device, dtype)
-        return bb
+        return bb.to(args.device, dtype)                      # built on the CPU in float32
     return models.load(args.model, pretrained=args.pretrained, device=args.device, dtype=dtype)
 
 

@@ -395,6 +395,11 @@ def load_dev_set():
     return load_eval_set(DEV_PATH)
 
 
+def first_per_category(records, n):
+    """The first n records of each category, categories in CATEGORIES order (all of them for n = 0)."""
+    return [r for c in CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n or None]]
+
+
 # ----------------------------------------------------------------------------
 # Exact checker
 

@@ -173,8 +173,7 @@ def validate(bb, handle, args, step):
     import sample
     tiny = bb.facts["hub"] is None
     if tiny:  # the first val_n prompts of every category of the DEV set (the eval set is for final numbers)
-        records = [r for c in shapes.CATEGORIES for r in [r for r in shapes.load_dev_set()
-                                                         if r["spec"]["category"] == c][:args.val_n]]
+        records = shapes.first_per_category(shapes.load_dev_set(), args.val_n)
         prompts = [r["prompt"] for r in records]
     else:
         records = [{"image": path, "prompt": caps[0], "captions": caps}
@@ -312,9 +311,7 @@ def main(argv=None):
     # ---- the frozen backbone and the soft tokens (same seed on every rank -> same initial tokens)
     if args.random_init:
         bb = models.build_tiny(args.model, seed=args.seed)
-        for module in (bb.denoiser, bb.text_encoder, bb.vae):
-            module.to(device) if dtype == torch.float32 else module.to(device, dtype)
-        bb.alphas_cumprod = None if bb.alphas_cumprod is None else bb.alphas_cumprod.to(device)
+        bb.to(device, dtype)
     else:
         bb = models.load(args.model, args.pretrained, device=device, dtype=dtype)
     if args.grad_checkpointing:

@@ -1,143 +1,97 @@
 """
-bench.py: what a training step costs, SoftREPA against AGSM, and what the soft-token hooks cost.
+bench.py: what the soft tokens cost. Training: a step of SoftREPA against AGSM (step.train_step, the
+very function train.py runs), and the hooks' cost on a forward. Sampling (--sampling): latency and peak
+memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra memory).
 
     python bench.py --model tiny-sd3 --batch 4 --steps 10
     python bench.py --model sd1.5 --size 256 --batch 2 --steps 2     # real-size UNet, random weights
     python bench.py --model sd3 --batch 4                             # on a GPU: the real thing
+    python bench.py --sampling --model sd3 --size 128 --steps 1 --cfg 1 --tokens <released sd3 tokens>
 
-Real families are built from their published configs with random weights (timing does not depend on
-the weights, and nothing is downloaded): SD3-medium's MM-DiT (24 layers, 24 heads x 64, patch 2, text
-stream 333 x 4096 + pooled 2048), SD1.5's UNet (diffusers' default UNet2DConditionModel, text 77 x 768)
-and SDXL's UNet (text 77 x 2048 + pooled 1280). Text features are random tensors of the real shapes:
-the frozen text encoders run once per step on B captions, outside what is compared here. On a CPU a
-real-size step takes minutes: pass a small --size (256 px = 32 x 32 latents) and few --steps.
+Real families are built from their configs in models.FAMILIES with random weights (timing does not
+depend on the weights, and nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 heads x 64,
+patch 2, text stream 333 x 4096 + pooled 2048). Text features are random tensors of the real shapes,
+fed as the encoding cache feeds them (data.py): the frozen text encoders and the VAE run once per
+step on B captions / images, outside what is compared here. On a CPU a real-size step takes minutes:
+pass a small --size (256 px = 32 x 32 latents) and few --steps.
 
-Measured side by side in one run, the configurations taking turns within every round (so that a
-machine whose speed drifts affects them alike), median over rounds:
+Training, measured side by side in one run, the configurations taking turns within every round (so
+that a machine whose speed drifts affects them alike), median over rounds:
   forward, no tokens / forward, tokens     no-grad forward of the B x B pairs, hooks off / on
-  step, no tokens                          the softrepa step with the hooks off and the gradient taken
-                                           w.r.t. the text features instead (the same backward pass)
-  softrepa, agsm, dsm                      train.py's step for each loss (forward, loss, backward, AdamW)
+  softrepa, agsm, dsm                      step.train_step for each loss (forward, loss, backward, AdamW)
 Theory for AGSM / SoftREPA: the backbone is frozen, so backward computes activation gradients only,
 about one forward; softrepa = forward + backward ~ 2F, agsm = that + a no-grad EMA forward ~ 3F: 1.5.
 FLOPs per step are counted with torch's FlopCounterMode on the warm-up round; on CUDA, model FLOPs
 utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead of estimated FLOPs).
 """
 import argparse
-import resource
+import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
 import hooks
-import losses
 import models
+import sampler
 import softtokens
+import step as training
 
-TEXT_SHAPES = {"sd3": ((333, 4096), 2048), "sdxl": ((77, 2048), 1280), "sd1.5": ((77, 768), None),
-               "tiny-sd3": ((16, 128), 128), "tiny-sd1.5": ((16, 128), None)}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense
 
 
-def build(name, device, dtype):
-    """Backbone with random weights: the shapes-world tiny one, or the real-size denoiser alone."""
-    facts = models.check_name(name)
-    bb = models.build_tiny(name) if facts["hub"] is None else models.real_size_backbone(name)
-    bb.denoiser.requires_grad_(False).to(device)
-    if dtype != torch.float32:
-        bb.denoiser.to(dtype)
-    if facts["prediction"] == "epsilon":
-        bb.alphas_cumprod = models.ddpm_alphas_cumprod().to(device)
-    return bb
+def random_batch(bb, B, size, seed=0):
+    """A batch in the encoding cache's format (data.get_batch): latents and text features of the family's
+    real shapes with random values, and B distinct captions (so no pair is a duplicate)."""
+    g = torch.Generator().manual_seed(seed)
+    width, pooled_width = models.text_widths(bb.denoiser.config)
+    latents = torch.randn((B,) + models.latent_shape(bb, size), generator=g)
+    hidden = torch.randn(B, bb.facts["text_tokens"], width, generator=g)
+    pooled = None if pooled_width is None else torch.randn(B, pooled_width, generator=g)
+    return dict(latents=latents, hidden=hidden, pooled=pooled, captions=[f"caption {i}" for i in range(B)], new_bad=0)
 
 
-def make_configs(bb, B, size, device, dtype):
-    """The timed functions: each runs one forward or one training step on fresh random inputs."""
-    facts = bb.facts
-    (n_text, width), pooled_width = TEXT_SHAPES[bb.name]
-    channels = bb.denoiser.config.in_channels
-    latent = size if facts["hub"] is None else size // 8  # tiny: pixel space; real: the VAE's /8
-    x0 = torch.randn(B, channels, latent, latent, device=device, dtype=dtype)
-    hidden = torch.randn(B, n_text, width, device=device, dtype=dtype)
-    pooled = None if pooled_width is None else torch.randn(B, pooled_width, device=device, dtype=dtype)
-    blocks = facts["token_blocks"]
-    single = softtokens.make_tokens(bb, "softrepa", init="normal").to(device)
-    pair = softtokens.make_tokens(bb, "agsm", init="normal").to(device)
-    opt_single = torch.optim.AdamW(single.parameters(), lr=1e-3, weight_decay=1e-4)
-    opt_pair = torch.optim.AdamW(pair.trainable(), lr=1e-3, weight_decay=1e-4)
-
-    def pairs(diagonal_only=False, text_grad=False):
-        """The (flattened) pair matrix as train.py builds it: one t and eps per image row."""
-        noise = torch.randn_like(x0)
-        x_t, timesteps = models.add_noise(bb, x0, noise, torch.rand(B, device=device))
-        text = hidden.detach().clone().requires_grad_(text_grad)
-        rows = torch.arange(B, device=device) if diagonal_only else torch.arange(B, device=device).repeat_interleave(B)
-        cols = torch.arange(B, device=device) if diagonal_only else torch.arange(B, device=device).repeat(B)
-        cond = models.index_cond(models.cond_from_features(bb, text, pooled), cols)
-        shape = (B, 1 if diagonal_only else B, *x0.shape[1:])
-        return x_t[rows], timesteps[rows], cond, models.target(bb, x0, noise), timesteps, shape, text
+def training_configs(bb, B, size):
+    """The timed functions: each runs one forward or one training step, the hooks attached for it alone."""
+    batch = random_batch(bb, B, size)
+    steps = {"n": 0}
 
     def forward(with_tokens):
-        handle = hooks.attach(bb.denoiser, single, blocks) if with_tokens else None
-        x, t, cond, *_ = pairs()
-        with torch.no_grad():
-            models.denoise(bb, x, t, cond)
+        tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)
+        handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"]) if with_tokens else None
+        x0, cond = training.encode_batch(bb, batch)
+        x_t, timesteps, _ = training.draw_noise(bb, x0, 0, 0, 0)
+        rows, cols = training.pair_matrix(B, B, False, bb.device)
+        with torch.no_grad(), training.autocast(bb):
+            models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, cols))
         if handle:
             handle.remove()
 
-    def step(loss_name):
-        tokens, opt = (pair, opt_pair) if loss_name == "agsm" else (single, opt_single)
-        handle = None if loss_name == "plain" else hooks.attach(
-            bb.denoiser, tokens.sets if loss_name == "agsm" else tokens, blocks)
-        x, t, cond, target, timesteps, shape, text = pairs(loss_name == "dsm", text_grad=loss_name == "plain")
-        if loss_name == "agsm":
-            matched = torch.eye(B, dtype=torch.bool, device=device).flatten()
-            with torch.no_grad(), handle.rows(torch.where(matched, softtokens.EMA_POS, softtokens.EMA_NEG)):
-                pred_ema = models.denoise(bb, x, t, cond).view(shape)
-            with handle.rows(torch.where(matched, softtokens.POS, softtokens.NEG)):
-                pred = models.denoise(bb, x, t, cond).view(shape)
-            loss, _ = losses.agsm_loss(pred, pred_ema, target, timesteps, facts["prediction"], 1.0, 1.0)
-        else:
-            errors = losses.pair_errors(models.denoise(bb, x, t, cond).view(shape), target)
-            loss = losses.dsm_loss(torch.diag(errors[:, 0])) if loss_name == "dsm" else losses.softrepa_loss(errors)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if loss_name != "plain":
-            opt.step()
-        if loss_name == "agsm":
-            pair.update_ema(0.999)
-        if handle:
+    def make_step(loss):
+        recipe = SimpleNamespace(**training.default_recipe(bb.name, loss, steps=100000))
+        tokens = softtokens.make_tokens(bb, loss, init="normal").to(bb.device)
+        opt = torch.optim.AdamW(tokens.trainable(), lr=recipe.lr, weight_decay=recipe.wd)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler(bb.device.type, enabled=bb.dtype == torch.float16)
+
+        def run():
+            handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
+            training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, steps["n"])
+            steps["n"] += 1
             handle.remove()
+        return run
 
     return {"forward, no tokens": (lambda: forward(False), B * B), "forward, tokens": (lambda: forward(True), B * B),
-            "step, no tokens": (lambda: step("plain"), B * B), "softrepa": (lambda: step("softrepa"), B * B),
-            "agsm": (lambda: step("agsm"), B * B), "dsm": (lambda: step("dsm"), B)}
+            "softrepa": (make_step("softrepa"), B * B), "agsm": (make_step("agsm"), B * B), "dsm": (make_step("dsm"), B)}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
-    p.add_argument("--batch", type=int, default=4, help="images per step: B x B pairs")
-    p.add_argument("--steps", type=int, default=5, help="timed rounds (after one warm-up round)")
-    p.add_argument("--size", type=int, default=None, help="image size in px (default: the family's)")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (default: looked up)")
-    args = p.parse_args(argv)
-    facts = models.check_name(args.model)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    size = args.size or facts["size"]
-    bb = build(args.model, device, dtype)
-    configs = make_configs(bb, args.batch, size, device, dtype)
+def bench_training(bb, args, size, precision):
+    configs = training_configs(bb, args.batch, size)
+    device = bb.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"{args.model}: {sum(p.numel() for p in bb.denoiser.parameters()) / 1e6:.1f}M parameters (random), "
           f"{size} px, batch {args.batch} ({args.batch ** 2} pairs), {precision} on {device.type}")
-
     # warm-up round: counts the FLOPs of every configuration (and lets kernels / allocators settle)
     from torch.utils.flop_counter import FlopCounterMode
     flops, peak_mem = {}, {}
@@ -156,12 +110,10 @@ def main(argv=None):
             sync()
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
-                peak_mem[name] = torch.cuda.max_memory_allocated() / 2 ** 30
-
+                peak_mem[name] = training.peak_memory_gb(device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak is None and device.type == "cuda":
-        gpu = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
     print(f"{'configuration':22s} {'ms/step':>10s} {'pairs/s':>9s} {'GFLOP':>10s} {'TFLOP/s':>8s} "
           f"{'MFU':>6s} {'peak GB':>8s}")
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -172,12 +124,155 @@ def main(argv=None):
         print(f"{name:22s} {1e3 * median[name]:10.1f} {n_pairs / median[name]:9.1f} {flops[name] / 1e9:10.1f} "
               f"{rate / 1e12:8.3f} {mfu} {mem}")
     if device.type != "cuda":
-        print(f"peak memory (process RSS, all configurations): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
-    print(f"agsm / softrepa step time:             {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one more "
+        print(f"peak memory (process RSS, all configurations): {training.peak_memory_gb(device):.2f} GB")
+    print(f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one more "
           f"no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})")
-    print(f"hooks' cost, step with / without tokens: {median['softrepa'] / median['step, no tokens']:.2f}")
-    print(f"hooks' cost, forward with / without:     {median['forward, tokens'] / median['forward, no tokens']:.2f}")
+    print(f"hooks' cost, forward with / without: {median['forward, tokens'] / median['forward, no tokens']:.2f}")
     return dict(median=median, flops=flops)
+
+
+# -----------------------------------------------------------------------------
+# Sampling (SoftREPA Table 1: latency and peak memory with and without soft tokens)
+
+
+def allocated_peak(run):
+    """Peak memory in bytes allocated by `run()` above what was allocated before it: the CUDA
+    allocator's peak on a GPU; on the CPU the running sum of the profiler's allocation events."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()   # + allocation, - free
+        peak = max(peak, current)
+    return peak
+
+
+def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, cond=None, uncond=None,
+                   progress=True):
+    """Latency and peak memory of `steps` guided sampler steps on `batch` images, with and without the
+    soft tokens `sets` attached (psi+ on both CFG branches, the default). Plain and tokens runs
+    alternate, so a slow spell of a shared machine hits both; times are medians over `repeats`, in
+    seconds per image, and the overhead is the median of the paired ratios. Returns a dict of numbers."""
+    if cond is None:
+        cond = models.encode_prompts(bb, ["a red circle above a blue square"] * batch)
+        uncond = models.encode_prompts(bb, [""] * batch)
+    shape = models.latent_shape(bb, size)
+    x = sampler.initial_noise(shape, range(batch)).to(bb.device, bb.dtype)
+    sync = torch.cuda.synchronize if bb.device.type == "cuda" else (lambda: None)
+
+    def run(handle):
+        sampler.sample_loop(bb, x, cond, uncond, steps, cfg, handle)
+        sync()
+
+    def with_variant(variant, fn):
+        handle = softtokens.attach_tokens(bb, sets, blocks) if variant == "tokens" else None
+        try:
+            return fn(handle)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    # Wall-clock time, and on the CPU also the process's CPU time: on a shared machine the wall clock
+    # counts the time other processes held the cores, the CPU time only this process's own work.
+    times = {(v, clock): [] for v in ("plain", "tokens") for clock in ("wall", "cpu")}
+    for variant in ("plain", "tokens"):       # warm-up (first calls allocate and pick kernels)
+        with_variant(variant, run)
+    loop = range(repeats)
+    if progress:
+        from tqdm import tqdm
+        loop = tqdm(loop, desc="bench", leave=False)
+    for r in loop:
+        for variant in (("plain", "tokens") if r % 2 == 0 else ("tokens", "plain")):
+            def timed(handle):
+                wall, cpu = time.perf_counter(), time.process_time()
+                run(handle)
+                return time.perf_counter() - wall, time.process_time() - cpu
+            wall, cpu = with_variant(variant, timed)
+            times[variant, "wall"].append(wall / batch)
+            times[variant, "cpu"].append(cpu / batch)
+    # peak memory = the weights (+ the tokens' own parameters) + the activations' peak above them
+    activations = {v: with_variant(v, lambda h: allocated_peak(lambda: run(h))) for v in ("plain", "tokens")}
+    weights = sum(p.numel() * p.element_size() for p in bb.denoiser.parameters())
+    token_bytes = sum(p.numel() * p.element_size() for p in sets[0].parameters())
+    memory = {"plain": weights + activations["plain"], "tokens": weights + token_bytes + activations["tokens"]}
+    clocks = ["wall", "cpu"] if bb.device.type == "cpu" else ["wall"]
+    result = dict(model=bb.name, size=size, steps=steps, batch=batch, cfg=cfg, repeats=repeats,
+                  device=str(bb.device), dtype=str(bb.dtype).removeprefix("torch."), token_shape=list(sets[0].shape))
+    for clock in clocks:
+        # the overhead from paired runs (adjacent in time, so a slow spell hits both): the median of the
+        # per-repeat ratios, with half their interquartile range as its uncertainty; also in ms per sampler step
+        plain, tokens = times["plain", clock], times["tokens", clock]
+        ratios = sorted(t / p for t, p in zip(tokens, plain))
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+        name = "latency" if clock == "wall" else "cpu_time"
+        result.update({f"{name}_plain_s": statistics.median(plain), f"{name}_tokens_s": statistics.median(tokens),
+                       f"{name}_overhead_pct": 100 * (statistics.median(ratios) - 1),
+                       f"{name}_overhead_iqr_pct": 100 * (q3 - q1) / 2,
+                       f"{name}_overhead_ms_per_step": 1000 * statistics.median(
+                           [(t - p) * batch / steps for t, p in zip(tokens, plain)])})
+    mb = 2 ** 20
+    result.update(weights_mb=weights / mb, token_params_mb=token_bytes / mb,
+                  activations_plain_mb=activations["plain"] / mb, activations_tokens_mb=activations["tokens"] / mb,
+                  peak_memory_plain_mb=memory["plain"] / mb, peak_memory_tokens_mb=memory["tokens"] / mb,
+                  peak_memory_overhead_pct=100 * (memory["tokens"] / memory["plain"] - 1))
+    return result
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
+    p.add_argument("--sampling", action="store_true", help="time sampling with / without tokens instead of training")
+    p.add_argument("--batch", type=int, default=None, help="training: images per step, B x B pairs (default 4); "
+                   "sampling: images per sampler batch (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="training: timed rounds after one warm-up (default 5); "
+                   "sampling: sampler steps (default: the family's)")
+    p.add_argument("--size", type=int, default=None, help="image size in px (default: the family's)")
+    p.add_argument("--precision", default=None, choices=list(models.PRECISIONS), help="default bf16 (training) or "
+                   "fp16 (sampling) on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (default: looked up)")
+    p.add_argument("--tokens", default=None, help="sampling: a token file or the released SoftREPA folder "
+                   "(default: random tokens of the family's layout; the cost does not depend on their values)")
+    p.add_argument("--cfg", type=float, default=None, help="sampling: guidance (default: the family's; 1: one branch)")
+    p.add_argument("--repeats", type=int, default=5, help="sampling: timed runs of each variant")
+    args = p.parse_args(argv)
+    facts = models.check_name(args.model)
+    for flag in ("batch", "steps", "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    size = args.size or facts["size"]
+    sampler.check_size(args.model, size)
+    sets, info = softtokens.read_tokens(args.tokens, args.model) if args.tokens else (None, dict(blocks=None))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_cuda = args.device.startswith("cuda")
+    precision = args.precision or (("fp16" if args.sampling else "bf16") if on_cuda else "fp32")
+    bb = models.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
+    bb.denoiser.requires_grad_(False)
+    if not args.sampling:
+        args.batch, args.steps = args.batch or 4, args.steps or 5
+        return bench_training(bb, args, size, precision)
+    batch = args.batch or 1
+    if sets is None:
+        sets = [softtokens.SoftTokens(facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser),
+                                      facts["time_table"])]
+    steps, cfg = args.steps or facts["sample"]["steps"], facts["sample"]["cfg"] if args.cfg is None else args.cfg
+    cond, uncond = models.random_text(bb, batch, 0), models.random_text(bb, batch, 1)
+    result = bench_sampling(bb, sets, steps, cfg, size, batch, args.repeats, info["blocks"], cond, uncond)
+    print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

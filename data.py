@@ -40,6 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+import models
+import shapes
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -145,7 +148,6 @@ def check_writable(folder, flag="--out"):
 def check_vocabulary(records, path):
     """The shapes world's text encoder reads only its own words (shapes.VOCAB), at most shapes.MAX_LEN - 2
     of them: a caption outside that fails here, on the first pass, not in the middle of a run."""
-    import shapes
     for image, captions in records:
         for caption in captions:
             problem = shapes.language_problem(caption)
@@ -154,22 +156,48 @@ def check_vocabulary(records, path):
                                  f"world's language ({problem}); tiny models read only shapes.VOCAB")
 
 
-def load_image(path, size):
-    """(3, size, size) in [-1, 1]: shorter side resized to `size` (bicubic), then centre-cropped."""
+def image_array(path, size=None):
+    """uint8 (H, W, 3): the image at `path` in RGB; with `size`, its shorter side resized to `size`
+    (bicubic) and centre-cropped to size x size, as the diffusers pipelines prepare an input image.
+    The one image loader of the project (training data, edit.py's input, eval.py's metrics)."""
     from PIL import Image
     with Image.open(path) as im:
         im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        array = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        if size is not None:
+            w, h = im.size
+            scale = size / min(w, h)
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def to_tensor(array):
+    """uint8 (H, W, 3) -> (3, H, W) float in [-1, 1], what the VAEs take."""
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_image(path, size):
+    """(3, size, size) in [-1, 1]: shorter side resized to `size` (bicubic), then centre-cropped."""
+    return to_tensor(image_array(path, size))
+
+
+def unreadable(e):
+    return e.strerror or type(e).__name__ if isinstance(e, OSError) else type(e).__name__
+
+
+def read_image(path, size=None, fix="pass a PNG or JPEG"):
+    """image_array with a one-line error for a missing or unreadable file (saying what to do: `fix`)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"cannot read the image {path} (no such file): {fix}")
+    try:
+        return image_array(path, size)
+    except (OSError, ValueError, SyntaxError) as e:   # PIL's ways to fail: truncated, not an image
+        raise SystemExit(f"cannot read the image {path} ({unreadable(e)}): {fix}") from None
 
 
 def try_load(path, size):
-    """The image, or None if it cannot be read (missing, truncated, not an image)."""
+    """The image as load_image gives it, or None if it cannot be read (missing, truncated, not an image)."""
     from PIL import Image
     try:
         return load_image(path, size)
@@ -216,7 +244,6 @@ def get_batch(source, step, rank=0, world=1, batch=4):
     """This rank's `batch` pairs of global step `step`: {"images" (B,3,H,W) or "latents"/"hidden"/
     "pooled" (cache), "captions": [B str], "new_bad": unreadable images first met in this call}."""
     if source["kind"] == "shapes":
-        import shapes
         rng = np.random.default_rng([source["seed"], step, rank])
         specs = [shapes.random_spec(rng, shapes.CATEGORIES[rng.integers(len(shapes.CATEGORIES))])
                  for _ in range(batch)]
@@ -260,14 +287,6 @@ def bytes_per_sample(latent, text, pooled, bytes_per_number):
     return (int(np.prod(latent)) + int(np.prod(text)) + pooled) * bytes_per_number
 
 
-# The real families' feature shapes at their training size (VAE /8; SD3: CLIP-L+G 77 tokens and
-# T5 256 tokens, all at 4096 wide, pooled CLIP-L+G 768+1280; SDXL: CLIP-L+G 77 x (768+1280), pooled
-# 1280; SD1.5: CLIP-L 77 x 768).
-REAL_SHAPES = {"sd3": ((16, 128, 128), (333, 4096), 2048),
-               "sdxl": ((4, 128, 128), (77, 2048), 1280),
-               "sd1.5": ((4, 64, 64), (77, 768), 0)}
-
-
 COCO_TRAIN2017 = (118_287, 591_753)  # images, captions
 RELEASED_TB = {"sd3": 9.1, "sdxl": 1.4, "sd1.5": 1.1}  # the SoftREPA README's COCO encodings
 
@@ -275,7 +294,8 @@ RELEASED_TB = {"sd3": 9.1, "sdxl": 1.4, "sd1.5": 1.1}  # the SoftREPA README's C
 def print_sizes():
     images, captions = COCO_TRAIN2017
     print("bytes per (image, caption) sample of the encoding cache (ours: bf16; the released code: fp32 .pt files)")
-    for name, (latent, text, pooled) in REAL_SHAPES.items():
+    for name in [n for n in models.FAMILIES if not models.is_shapes_world(n)]:
+        latent, text, pooled = models.feature_shapes(name)   # at the family's training size
         bf16, fp32 = bytes_per_sample(latent, text, pooled, 2), bytes_per_sample(latent, text, pooled, 4)
         all5 = images * bytes_per_sample(latent, (0,), 0, 2) + captions * bytes_per_sample((0,), text, pooled, 2)
         print(f"  {name:6s} latents {'x'.join(map(str, latent))} + text {'x'.join(map(str, text))} + pooled "
@@ -288,7 +308,6 @@ def print_sizes():
 def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batch=8, shard_gb=4.0, seed=0):
     """Encode `records` once with backbone `bb` into shards under `out`; returns the cache meta.
     K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5)."""
-    import models
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
     dtype, rng = STORE_DTYPES[store], np.random.default_rng(seed)
@@ -407,13 +426,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "sizes":
         return print_sizes()
-    import models
     facts = models.check_name(args.model)
     records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bb = (models.build_tiny(args.model, args.seed) if args.random_init
-          else models.load(args.model, args.pretrained, device=device, dtype=STORE_DTYPES[args.store]
-                           if device == "cuda" else torch.float32))
+    if args.random_init and not models.is_shapes_world(args.model):
+        raise SystemExit("--random-init builds the tiny shapes-world backbones: use it with tiny-sd3 or tiny-sd1.5")
+    bb = models.build(args.model, args.pretrained, args.random_init, device,
+                      STORE_DTYPES[args.store] if device == "cuda" else torch.float32, seed=args.seed)
     meta = write_cache(bb, records, args.out, args.size or facts["size"], args.captions_per_image, args.store,
                        args.batch, args.shard_gb, args.seed)
     print(f"wrote {meta['images']} images in {len(meta['shards'])} shards to {args.out} ({meta['skipped']} unreadable skipped)")

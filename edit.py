@@ -54,11 +54,13 @@ import os
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+import checker
 import data
 import models
-import sample
-import shapes
+import sampler
+import softtokens
 
 # The editors and their paper settings (AGSM app. F). Step counts and thresholds are for 50 steps.
 METHODS = {
@@ -124,14 +126,8 @@ def edit(bb, image, src, tgt, method, handle=None, tokens_source=False, steps=No
     src_set = 0 if tokens_source else -1   # token set of the source rows; -1: none
     generator = torch.Generator().manual_seed(seed)
     args = (bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, progress)
-    if method == "flowedit":
-        x, x_source = flowedit(*args), None
-    elif method == "flowalign":
-        x, x_source = flowalign(*args), None
-    elif method == "rf-inversion":
-        x, x_source = rf_inversion(*args), None
-    else:
-        x, x_source = ddim_edit(*args)
+    editor = {"flowedit": flowedit, "flowalign": flowalign, "rf-inversion": rf_inversion}.get(method, ddim_edit)
+    x, x_source = editor(*args)                              # the source branch's result: DDIM methods only
     edited = models.decode_latents(bb, x).float().cpu()
     edited = edited[0] if single else edited
     if not return_source:
@@ -141,10 +137,7 @@ def edit(bb, image, src, tgt, method, handle=None, tokens_source=False, steps=No
 
 
 def _steps(loop, progress, desc):
-    if not progress:
-        return loop
-    from tqdm import tqdm
-    return tqdm(loop, desc=desc, leave=False)
+    return tqdm(loop, desc=desc, leave=False, disable=not progress)
 
 
 def _noise(x, generator):
@@ -158,7 +151,7 @@ def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pro
     """FlowEdit, Kulikov et al. 2024, Algorithm 1 (n_min = 0: every one of the last n_max steps edits).
     The edit z moves by the difference of the two velocity fields along coupled paths that share their
     noise: where the prompts agree the difference is zero and z keeps the source's content."""
-    sigmas = sample.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
+    sigmas = sampler.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
     first = p["steps"] - of_50(p["n_max"], p["steps"])        # T - n_max: the steps FlowEdit skips
     z = x_src.clone()                                          # z^FE_{t_max} = x_src
     for i in _steps(range(first, p["steps"]), progress, "flowedit"):
@@ -169,11 +162,11 @@ def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pro
             n = _noise(x_src, generator)
             x_src_t = (1 - t) * x_src + t * n                  # the source image's forward path
             x_tar_t = z + x_src_t - x_src                      # shifted by the edit so far
-            v_tar = sample.predict(bb, x_tar_t, timestep, c_tgt, uncond, p["cfg"], handle, cond_set=0)
-            v_src = sample.predict(bb, x_src_t, timestep, c_src, uncond, p["cfg_src"], handle, cond_set=src_set)
+            v_tar = sampler.predict(bb, x_tar_t, timestep, c_tgt, uncond, p["cfg"], handle, cond_set=0)
+            v_src = sampler.predict(bb, x_src_t, timestep, c_src, uncond, p["cfg_src"], handle, cond_set=src_set)
             v_delta += (v_tar - v_src) / p["n_avg"]
         z = z + (t_next - t) * v_delta                         # Euler step of dz/dt = V_delta
-    return z
+    return z, None
 
 
 def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, progress):
@@ -187,7 +180,7 @@ def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
     the zeta term is the step of the flow-matching regulariser that keeps the edit's clean estimate near
     the source's along the whole trajectory (FlowAlign's source consistency). The authors' code integrates
     all T steps; AGSM runs it "consistent with the FlowEdit configuration", n_max = 33 (n_max=50: theirs)."""
-    sigmas = sample.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
+    sigmas = sampler.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
     first = p["steps"] - of_50(p["n_max"], p["steps"])
     z = x_src.clone()
     for i in _steps(range(first, p["steps"]), progress, "flowalign"):
@@ -196,10 +189,10 @@ def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
         n = _noise(x_src, generator)
         q_t = (1 - t) * x_src + t * n
         p_t = z + q_t - x_src
-        v_p = sample.predict(bb, p_t, timestep, c_tgt, c_src, p["cfg"], handle, cond_set=0)
-        v_q = sample.predict(bb, q_t, timestep, c_src, None, 1.0, handle, cond_set=src_set)
+        v_p = sampler.predict(bb, p_t, timestep, c_tgt, c_src, p["cfg"], handle, cond_set=0)
+        v_q = sampler.predict(bb, q_t, timestep, c_src, None, 1.0, handle, cond_set=src_set)
         z = z + (t_next - t) * (v_p - v_q) + p["zeta"] * ((q_t - t * v_q) - (p_t - t * v_p))
-    return z
+    return z, None
 
 
 def rf_inversion(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, progress):
@@ -212,24 +205,24 @@ def rf_inversion(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator,
         X <- X + (sigma' - sigma) [v(X) + eta_i ((X - y0) / sigma - v(X))]
     with eta_i = eta for steps start * T <= i < stop * T and 0 after (eta = 1 throughout returns y0)."""
     steps = p["steps"]
-    sigmas = sample.flow_sigmas(steps, bb.facts["flow_shift"] or 1.0)
+    sigmas = sampler.flow_sigmas(steps, bb.facts["flow_shift"] or 1.0)
     rising = sigmas.flip(0)                                     # the same levels, image -> noise
     y1 = _noise(x_src, generator)
     Y = x_src.clone()
     for i in _steps(range(steps), progress, "rf-inversion: invert"):
         s, s_next = rising[i], rising[i + 1]
-        u = sample.predict(bb, Y, s * models.NUM_TRAIN_TIMESTEPS, uncond, None, 1.0, handle, cond_set=src_set)
+        u = sampler.predict(bb, Y, s * models.NUM_TRAIN_TIMESTEPS, uncond, None, 1.0, handle, cond_set=src_set)
         u_cond = (y1 - Y) / (1 - s)
         Y = Y + (s_next - s) * (u + p["gamma"] * (u_cond - u))
     X = Y
     first, last = int(p["start"] * steps), min(int(p["stop"] * steps), steps)
     for i in _steps(range(steps), progress, "rf-inversion: edit"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        v = sample.predict(bb, X, s * models.NUM_TRAIN_TIMESTEPS, c_tgt, uncond, p["cfg"], handle, cond_set=0)
+        v = sampler.predict(bb, X, s * models.NUM_TRAIN_TIMESTEPS, c_tgt, uncond, p["cfg"], handle, cond_set=0)
         eta = p["eta"] if first <= i < last else 0.0
         v_cond = (X - x_src) / s
         X = X + (s_next - s) * (v + eta * (v_cond - v))
-    return X
+    return X, None
 
 
 # -----------------------------------------------------------------------------
@@ -240,12 +233,12 @@ def ddim_invert(bb, x0, cond, steps, handle=None, cond_set=-1, progress=False):
     Sampling step i goes from level i to i + 1 with eps(x, timesteps[i]); inversion runs it backwards,
     from level i + 1 to i with eps evaluated at the current (less noisy) x -- the usual approximation
     eps(x_{t-1}, t) ~ eps(x_t, t) that makes DDIM inversion inexact by a little each step."""
-    timesteps, levels = sample.ddim_levels(bb, steps)
+    timesteps, levels = sampler.ddim_levels(bb, steps)
     latents = [None] * steps + [x0]
     x = x0
     for i in _steps(range(steps - 1, -1, -1), progress, "DDIM inversion"):
-        eps = sample.predict(bb, x, int(timesteps[i]), cond, None, 1.0, handle, cond_set=cond_set)
-        x = sample.ddim_step(x, eps, levels[i + 1], levels[i])
+        eps = sampler.predict(bb, x, int(timesteps[i]), cond, None, 1.0, handle, cond_set=cond_set)
+        x = sampler.ddim_step(x, eps, levels[i + 1], levels[i])
         latents[i] = x
     return latents
 
@@ -265,7 +258,7 @@ def scaled_layer(index, n):
 
 
 def source_rows(n, per_branch):
-    """For a batch laid out as sample.predict lays it out, [src, tgt] (CFG 1) or [src, tgt] uncond then
+    """For a batch laid out as sampler.predict lays it out, [src, tgt] (CFG 1) or [src, tgt] uncond then
     [src, tgt] cond, chunks of `per_branch` rows: the row each row takes the source's features from
     (itself for source rows; the matching source row, uncond to uncond and cond to cond, for target rows)."""
     r = torch.arange(n)
@@ -331,7 +324,7 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
     that the attention control can hand the source's features to the target). Returns (target, source)."""
     steps, B = p["steps"], x_src.shape[0]
     inverted = ddim_invert(bb, x_src, c_src, steps, handle, src_set, progress)
-    timesteps, levels = sample.ddim_levels(bb, steps)
+    timesteps, levels = sampler.ddim_levels(bb, steps)
     cond, unconds = models.cat_conds([c_src, c_tgt]), models.cat_conds([uncond, uncond])
     rows = torch.cat([torch.full((B,), src_set), torch.zeros(B, dtype=torch.long)])  # tokens: target rows
     state = dict(step=0, per_branch=B)
@@ -341,8 +334,8 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
         for i in _steps(range(steps), progress, p["inversion"] + ("+" + p["control"] if p["control"] else "")):
             state["step"] = i
             x = torch.cat([x_source, x_target])
-            eps = sample.predict(bb, x, int(timesteps[i]), cond, unconds, p["cfg"], handle, cond_set=rows)
-            x_source, x_target = sample.ddim_step(x, eps, levels[i], levels[i + 1]).chunk(2)
+            eps = sampler.predict(bb, x, int(timesteps[i]), cond, unconds, p["cfg"], handle, cond_set=rows)
+            x_source, x_target = sampler.ddim_step(x, eps, levels[i], levels[i + 1]).chunk(2)
             if p["inversion"] == "direct":
                 # PnP-Inversion: add the gap between the inversion latent and the source branch back to
                 # the source branch (it is then on the inversion trajectory again, exactly)
@@ -357,88 +350,38 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
-    p.add_argument("--pretrained", default=None, help="local folder of the backbone (default: hub / weights/)")
-    p.add_argument("--random-init", action="store_true", help="tiny models with random weights (tests)")
+    models.add_backbone_flags(p)
     p.add_argument("--image", default=None, help="the source image (any format PIL reads)")
     p.add_argument("--src", default=None, help="the source prompt (describes --image)")
     p.add_argument("--tgt", default=None, help="the target prompt (the edit)")
-    p.add_argument("--shapes-check", type=int, default=0, metavar="N",
-                   help="tiny-*: instead of one edit, N rendered single objects with a colour or shape change, "
-                        "every method of the family, success counted by the shapes checker (with and without "
-                        "--tokens)")
-    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}; masactrl and pnp mean their "
-                                                  f"ddim+ forms (default: flowedit for flow models, direct+pnp "
-                                                  f"for UNets)")
+    p.add_argument("--shapes-check", type=int, default=0, metavar="N", help="tiny-*: N rendered objects with a "
+                   "colour or shape change, every method, success by the checker (with and without --tokens)")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}; masactrl, pnp: their ddim+ "
+                   f"forms (default: flowedit for flow models, direct+pnp for UNets)")
     p.add_argument("--tokens", default=None, help="soft tokens for the target branch (as sample.py --tokens)")
     p.add_argument("--tokens-source", action="store_true", help="also put the tokens on the source branch")
     p.add_argument("--ema", action="store_true", help="pair-token files: the EMA psi+")
     p.add_argument("--steps", type=int, default=None, help="default: the method's (50)")
     p.add_argument("--cfg", type=float, default=None, help="target CFG (default: the method's)")
-    p.add_argument("--size", type=int, default=None, help="centre-crop the image to a square of this side "
-                                                          "(default: keep the image's size)")
+    p.add_argument("--size", type=int, default=None, help="the image is resized (shorter side) and centre-"
+                   "cropped to this side, as diffusers pipelines prepare an input (default: the family's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/edit")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p.parse_args(argv)
-
-
-def read_image(path, size=None):
-    """(3, H, W) in [-1, 1]; a one-line error for a missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
-    if not os.path.isfile(path):
-        raise SystemExit(f"no image at {path}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f"cannot read {path} as an image ({type(e).__name__}): pass a PNG or JPEG") from None
-    if size is not None:
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    import numpy as np
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def shapes_edit_cases(n, seed=0):
-    """n rendered single objects and an edit of each: the colour (even cases) or the shape (odd ones)."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    images, sources, targets, target_specs = [], [], [], []
-    for i in range(n):
-        spec = shapes.random_spec(rng, "colors")
-        new = dict(spec["objects"][0])
-        if i % 2 == 0:
-            new["color"] = str(rng.choice([c for c in shapes.COLORS if c != new["color"]]))
-        else:
-            new["shape"] = str(rng.choice([s for s in shapes.SHAPES if s != new["shape"]]))
-        target = {"category": "colors", "objects": [new]}
-        images.append(shapes.to_tensor(shapes.render(spec, rng=seed + i)[None])[0])
-        sources.append(shapes.caption(spec))
-        targets.append(shapes.caption(target))
-        target_specs.append(target)
-    return torch.stack(images), sources, targets, target_specs
 
 
 def shapes_check(bb, n, sets, info, seed=0):
     """How many of n shapes edits each method gets right (the target's colour-shape binding present),
     without and with the soft tokens on the target branch."""
-    images, sources, targets, specs = shapes_edit_cases(n, seed)
+    images, sources, targets, specs = checker.shapes_edit_cases(n, seed)
     methods = [m for m, settings in METHODS.items() if settings["prediction"] == bb.facts["prediction"]]
     results = {}
     for method in methods:
         row = {}
         for label in ("plain", "tokens") if sets is not None else ("plain",):
-            handle = sample.attach_tokens(bb, sets, info["blocks"]) if label == "tokens" else None
-            try:
+            with softtokens.attached(bb, sets if label == "tokens" else None, info and info["blocks"]) as handle:
                 edited = edit(bb, images, sources, targets, method, handle, seed=seed)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            row[label] = sum(shapes.check(e, s) for e, s in zip(edited, specs))
+            row[label] = sum(checker.check(e, s) for e, s in zip(edited, specs))
         results[method] = row
         print(f"{method:18s} " + "  ".join(f"{k} {v}/{n}" for k, v in row.items()), flush=True)
     return results
@@ -446,50 +389,44 @@ def shapes_check(bb, n, sets, info, seed=0):
 
 def main(argv=None):
     args = parse_args(argv)
-    facts = models.check_name(args.model)
-    if args.random_init and not args.model.startswith("tiny-"):
-        raise SystemExit("--random-init builds the tiny models only")
+    models.check_flags(args)
+    facts, tiny = models.FAMILIES[args.model], models.is_shapes_world(args.model)
     if args.shapes_check:
-        if not args.model.startswith("tiny-"):
+        if not tiny:
             raise SystemExit("--shapes-check edits shapes-world images: use it with tiny-sd3 or tiny-sd1.5")
-        sets, info = sample.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        return shapes_check(sample.load_backbone(args), args.shapes_check, sets, info, args.seed)
+        sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
+        bb = models.from_flags(args)
+        return shapes_check(bb, args.shapes_check, sets, info, args.seed)
     if args.image is None or args.src is None or args.tgt is None:
         raise SystemExit("edit.py needs --image, --src and --tgt (or --shapes-check N on a tiny model)")
     method = check_method(args.model, args.method or ("flowedit" if facts["prediction"] == "flow" else "direct+pnp"))
     if args.steps is not None and args.steps < 2:
         raise SystemExit("--steps must be at least 2")
-    sample.check_prompts(args.model, [args.src, args.tgt])
-    image = read_image(args.image, args.size)
-    sample.check_size(args.model, image.shape[1], image.shape[2], what=f"image {args.image} of size")
+    sampler.check_prompts(args.model, [args.src, args.tgt])
+    size = args.size or facts["size"]
+    sampler.check_size(args.model, size)
+    image = data.to_tensor(data.read_image(args.image, size))      # resized and centre-cropped to the model's size
     if args.tokens_source and args.tokens is None:
         raise SystemExit("--tokens-source puts the --tokens on the source branch too: pass --tokens FILE")
     sets, info = (None, None)
     if args.tokens is not None:
         if not os.path.exists(args.tokens):
             raise SystemExit(f"no token file or folder at {args.tokens}")
-        sets, info = sample.read_tokens(args.tokens, args.model, ema=args.ema)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema)
     data.check_writable(args.out)   # before the work: a read-only --out must not lose the edit
 
-    bb = sample.load_backbone(args)
+    bb = models.from_flags(args)
     run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=True)
     edited = edit(bb, image, args.src, args.tgt, method, **run)
     os.makedirs(args.out, exist_ok=True)
-    sample.save_image(edited, os.path.join(args.out, "edited.png"))
+    sampler.save_image(edited, os.path.join(args.out, "edited.png"))
     strip = [image, edited]
     if sets is not None:
-        handle = sample.attach_tokens(bb, sets, info["blocks"])
-        try:
+        with softtokens.attached(bb, sets, info["blocks"]) as handle:
             edited_tokens = edit(bb, image, args.src, args.tgt, method, handle, args.tokens_source, **run)
-        finally:
-            handle.remove()
-        sample.save_image(edited_tokens, os.path.join(args.out, "edited-tokens.png"))
+        sampler.save_image(edited_tokens, os.path.join(args.out, "edited-tokens.png"))
         strip.append(edited_tokens)
-    sample.save_grid(torch.stack(strip), os.path.join(args.out, "strip.png"), per_cell=len(strip), columns=1)
+    sampler.save_grid(torch.stack(strip), os.path.join(args.out, "strip.png"), per_cell=len(strip), columns=1)
     settings = {**METHODS[method], **{k: v for k, v in (("steps", args.steps), ("cfg", args.cfg)) if v is not None}}
     record = dict(model=args.model, image=args.image, src=args.src, tgt=args.tgt, method=method,
                   tokens=args.tokens, token_set=info and info["token_set"], tokens_source=args.tokens_source,

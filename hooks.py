@@ -21,9 +21,10 @@ L = 1 token layer the chosen blocks share one set (as the released tokens); with
 the chosen ones uses layer j.
 
 Per-row token sets. `attach` takes one SoftTokens or a list of sets (e.g. PairTokens.sets =
-[psi+, psi-, EMA psi+, EMA psi-]). Before a forward, `handle.choice` may be set to a LongTensor with
-one entry per batch row: the set that row uses, or -1 for no tokens. AGSM's step runs all B x B pairs,
-psi+ on the diagonal and psi- elsewhere, in one batched forward this way. Rows without tokens are
+[psi+, psi-, EMA psi+, EMA psi-]). A forward inside `with handle.rows(choice):` reads a LongTensor
+`choice` with one entry per batch row: the set that row uses, or -1 for no tokens (None: every row
+uses set 0). AGSM's step runs all B x B pairs, psi+ on the diagonal and psi- elsewhere, in one batched
+forward this way. Rows without tokens are
 kept out of the soft tokens' reach: in a UNet the attention mask hides the token positions; in the
 MM-DiT's joint attention (where diffusers' processor takes no mask) the hooked blocks' attention runs
 those rows on the text without the token positions.
@@ -32,8 +33,6 @@ import inspect
 from contextlib import contextmanager
 
 import torch
-
-import softtokens
 
 _STATE = "_soft_token_state"  # key under which the MM-DiT's per-call token state travels
 
@@ -72,6 +71,22 @@ def _bind(module, args, kwargs):
     arguments = dict(_SIGNATURES[cls].bind(module, *args, **kwargs).arguments)
     del arguments[next(iter(arguments))]  # self
     return arguments
+
+
+def tokens_for_rows(sets, timesteps, choice=None):
+    """Per-row tokens for one batched forward in which row b uses set `choice[b]`, -1 meaning none.
+
+    Returns (tokens (B, L, m, d), used (B,) bool or None when every row has tokens). The rows without
+    tokens get zeros here; the hooks below hide them from attention with a mask, so those rows compute what
+    the model computes without tokens."""
+    if choice is None:
+        return sets[0](timesteps), None
+    choice = choice.to(timesteps.device)
+    per_set = torch.stack([s(timesteps) for s in sets])                 # (S, B, L, m, d)
+    rows = torch.arange(len(timesteps), device=timesteps.device)
+    tokens = per_set[choice.clamp(min=0), rows]                          # (B, L, m, d)
+    used = choice >= 0
+    return tokens * used.view(-1, 1, 1, 1).to(tokens.dtype), used
 
 
 class NoTokenRowsAttention:
@@ -130,7 +145,7 @@ class SoftTokenHooks:
         choice = self.choice
         if choice is not None and len(choice) != batch:
             raise ValueError(f"token choice has {len(choice)} rows but the batch has {batch}")
-        tokens, used = softtokens.tokens_for_rows(self.sets, timestep, choice)
+        tokens, used = tokens_for_rows(self.sets, timestep, choice)
         if used is not None and bool(used.all()):
             used = None  # no row without tokens: the plain path
         return tokens, used
@@ -232,3 +247,4 @@ def _attach_unet(model, handle, layers, m, shape, where):
     handle._handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
     for j, block in enumerate(chosen):
         handle._handles.append(block.register_forward_pre_hook(block_pre_hook(j), with_kwargs=True))
+

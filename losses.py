@@ -61,7 +61,13 @@ def classifier_accuracy(errors, exclude=None):
     constant, so argmin_j is the maximum-likelihood caption.) A tie counts as wrong, so a text-blind
     model scores 0 rather than 1/K by the luck of argmin; excluded (duplicate) captions do not compete."""
     others = errors.masked_fill(~_off_diagonal(errors, exclude), float("inf"))
-    return (matched(errors) < others.min(dim=1).values).float().mean()
+    return strictly_lowest(matched(errors), others).float().mean()
+
+
+def strictly_lowest(true_errors, other_errors):
+    """(R,) bool: is each row's true error strictly below all its others (R, K-1)? The one tie rule of
+    both diffusion classifiers (this in-batch one, and classifier.py's held-out one)."""
+    return true_errors < other_errors.min(dim=1).values
 
 
 # -----------------------------------------------------------------------------
@@ -127,11 +133,12 @@ def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None):
 # with tau = 0.1 and error gaps of a few hundredths the weights are nearly uniform; with the sum they
 # are nearly one-hot.)
 
-def guidance_weight_eps(t):
+def guidance_weight_eps(t, alphas_cumprod=None):
     """tilde A(t) of eq. 15, = lambda_t beta_t sqrt(1 - abar_t) / (alpha_t (1 - abar_{t-1})) (eq. 37).
     The paper chooses lambda_t so that tilde A(t) = 1 in every experiment (sec. 4), and so does its code;
-    so do we: a (B,) tensor of ones for the DDPM timesteps t. (Another schedule would need the noise
-    schedule too: eq. 37's abar_t is models.ddpm_alphas_cumprod()[t].)"""
+    so do we: a (B,) tensor of ones for the DDPM timesteps t. This is the place to try another lambda_t:
+    `alphas_cumprod` (the backbone's abar, passed down from agsm_loss) gives eq. 37's abar_t, abar_{t-1},
+    alpha_t = abar_t / abar_{t-1} and beta_t = 1 - alpha_t."""
     return torch.ones_like(t, dtype=torch.float32)
 
 
@@ -150,7 +157,7 @@ def plackett_luce_weights(errors_ema, tau, exclude=None):
 
 
 def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
-                 bradley_terry=False, exclude=None):
+                 bradley_terry=False, exclude=None, alphas_cumprod=None):
     """The alignment-guided targets (B, K, C, H, W) of eq. 15 / 16 for every pair, and the weights w."""
     B, K = pred_ema.shape[:2]
     pred_ema = pred_ema.float()
@@ -165,7 +172,7 @@ def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_n
     gamma = torch.where(eye, gamma_pos, -gamma_neg).to(pred_ema)            # gamma_z (eq. 11)
     if exclude is not None:
         gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)           # a duplicate gets no guidance
-    scale = guidance_weight_flow(timesteps) if prediction == "flow" else guidance_weight_eps(timesteps)
+    scale = guidance_weight_flow(timesteps) if prediction == "flow" else guidance_weight_eps(timesteps, alphas_cumprod)
     shape = (B, K) + (1,) * (pred_ema.dim() - 2)
     guidance = (gamma * scale.to(pred_ema).view(B, 1)).view(shape) * delta
     return target.float().unsqueeze(1) + guidance, w
@@ -194,7 +201,7 @@ def bradley_terry_delta(pred_ema, errors_ema, tau):
 
 
 def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
-              bradley_terry=False, exclude=None, plain_sum=False):
+              bradley_terry=False, exclude=None, plain_sum=False, alphas_cumprod=None):
     """Eq. 17: E_{D+} || pred_psi+ - tgt ||^2 + E_{D-} || pred_psi- - tgt ||^2, target detached.
     `pred` holds psi+ predictions on the diagonal and psi- ones elsewhere (one batched forward, hooks.py);
     `pred_ema` the same with the EMA tokens, computed without gradient. Returns (loss, weights w).
@@ -206,7 +213,7 @@ def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamm
     Our default follows the code."""
     with torch.no_grad():
         targets, w = agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
-                                  bradley_terry, exclude)
+                                  bradley_terry, exclude, alphas_cumprod)
     per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)         # (B, K)
     negatives = mismatched(per_pair, exclude)
     if plain_sum:

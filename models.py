@@ -3,14 +3,14 @@ models.py: load a backbone by name and give every script one way to use it.
 
 Backbones are stock diffusers denoisers. SD3 is an MM-DiT (`SD3Transformer2DModel`) trained with
 flow matching; SD1.5 and SDXL are UNets (`UNet2DConditionModel`) trained with DDPM epsilon-prediction.
-What differs between them is a handful of facts, kept in the one table `FAMILIES` below: where the
-soft tokens go, how the noise is added and what the target is, how prompts are encoded, and the
-papers' hyper-parameters (SoftREPA Table 5 and appendix B; AGSM Table 11 and section 4).
-train.py, sample.py, edit.py and eval.py only ever call the functions of this file:
+What differs between them is a handful of facts, kept in the one table `FAMILIES` (families.py): where
+the soft tokens go, how the noise is added and what the target is, how prompts are encoded, the
+denoiser's shapes, and the papers' hyper-parameters; the functions here read them.
+The scripts use backbones only through the functions of this file:
 
     bb = load("sd3")                           # or "tiny-sd3", or load("sd3", pretrained="/path")
     cond = encode_prompts(bb, ["a cat"])       # the denoiser's text kwargs
-    x0 = encode_images(bb, images)             # images in [-1, 1] -> latents (identity for tiny-*)
+    x0 = encode_images(bb, images)             # images in [-1, 1] -> latents (the VAE)
     x_t, timesteps = add_noise(bb, x0, noise, u)   # u in [0, 1] is the noise level
     pred = denoise(bb, x_t, timesteps, cond)   # epsilon (DDPM) or velocity (flow)
     loss = (pred - target(bb, x0, noise)) ** 2
@@ -18,80 +18,21 @@ train.py, sample.py, edit.py and eval.py only ever call the functions of this fi
 The tiny-* models are the offline "shapes world" (see shapes.py and pretrain.py): like the real
 families they denoise VAE latents (a small AutoencoderKL, 32x32x3 <-> 8x8x4, shared by both tiny
 families), with one small CLIP text encoder of a word-level vocabulary; weights shipped in weights/.
-`tiny_denoiser(family)` builds random-weight denoisers with each real family's architecture for
-the tests.
+`random_denoiser(family, size)` builds any family's denoiser with random weights, at its real size
+(benchmarks) or at test size (tests); `build(name, pretrained, random_init)` is what the scripts' flags
+ask for.
 """
+import inspect
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-# -----------------------------------------------------------------------------
-# The one table of per-family facts.
-#   arch         "mmdit": tokens are prepended to the text stream of the first `token_layers`
-#                transformer blocks (SoftREPA Alg. 1); "unet": tokens are inserted after BOS in
-#                the text sequence seen by the cross-attention of `token_blocks`.
-#   prediction   "epsilon" (DSM, DDPM schedule) or "flow" (velocity v = eps - x0, x_t = (1-t)x0 + t eps)
-#   n_tokens, token_layers, time_table, init: the soft-token layout (SoftREPA app. B; AGSM sec. 4)
-#   softrepa / agsm: the papers' training hyper-parameters; batch = images per step, so a step sees
-#                batch x batch image-text pairs (SoftREPA Table 5 "16 (4, 12)" = 4 images x 4 texts).
-#   sample:      paper sampling defaults (SoftREPA sec. 4, AGSM app. F).
-#   vae_factor, size_multiple, max_size: image side -> latent side, and the sides the denoiser takes
-#                (UNet: 2^(levels-1) latent pixels; MM-DiT: the patch, up to its positional table).
-#                The latent normalisation (x0 = (z - shift) * scale) is not in this table: like the
-#                stock pipelines we read it from the VAE's own config (scaling_factor, shift_factor).
-FAMILIES = {
-    "sd3": dict(
-        arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3-medium-diffusers",
-        pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024,
-        vae_factor=8, size_multiple=16, max_size=3072,
-        flow_shift=3.0,
-        n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
-        softrepa=dict(batch=4, dweight=0.0, steps=30000),
-        agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=100000),
-        sample=dict(steps=28, cfg=4.0),
-    ),
-    "sdxl": dict(
-        arch="unet", prediction="epsilon", hub="stabilityai/stable-diffusion-xl-base-1.0",
-        pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024,
-        vae_factor=8, size_multiple=32, max_size=None,
-        flow_shift=None,
-        n_tokens=8, token_layers=1, token_blocks=("down", "mid"), time_table=False, init="normal",
-        softrepa=dict(batch=4, dweight=10.0, steps=30000),
-        agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=1000),
-        sample=dict(steps=50, cfg=7.0),
-    ),
-    "sd1.5": dict(
-        arch="unet", prediction="epsilon", hub="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        pipeline="StableDiffusionPipeline", pooled=None, size=512,
-        vae_factor=8, size_multiple=64, max_size=None,
-        flow_shift=None,
-        n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
-        softrepa=dict(batch=8, dweight=10.0, steps=26000),
-        agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=100000),
-        sample=dict(steps=30, cfg=7.0),
-    ),
-    # The offline shapes world (32x32 images, 8x8x4 latents). Same architectures, tiny sizes, our own weights.
-    "tiny-sd3": dict(
-        arch="mmdit", prediction="flow", hub=None, pipeline=None, pooled="pooled_projections", size=32,
-        vae_factor=4, size_multiple=4, max_size=32,
-        flow_shift=1.0,
-        n_tokens=4, token_layers=2, token_blocks=None, time_table=True, init="normal",
-        softrepa=dict(batch=4, dweight=0.0, steps=300),
-        agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=300),
-        sample=dict(steps=20, cfg=4.0),
-    ),
-    "tiny-sd1.5": dict(
-        arch="unet", prediction="epsilon", hub=None, pipeline=None, pooled=None, size=32,
-        vae_factor=4, size_multiple=8, max_size=None,
-        flow_shift=None,
-        n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
-        softrepa=dict(batch=4, dweight=10.0, steps=300),
-        agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=300),
-        sample=dict(steps=30, cfg=4.0),
-    ),
-}
+import shapes
+from families import FAMILIES   # the one table of per-family facts
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # every script's --precision
 NUM_TRAIN_TIMESTEPS = 1000  # all three families: timesteps in [0, 1000) (SD3: sigma * 1000)
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
@@ -148,7 +89,7 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     """The backbone `name` (a key of FAMILIES). Real families come from the Hugging Face hub, or from
     `pretrained` (a local folder laid out as the hub repo). Tiny families come from weights/<name>/."""
     facts = check_name(name)
-    if facts["hub"] is None:
+    if is_shapes_world(name):
         bb = load_tiny(name, pretrained or os.path.join(WEIGHTS_DIR, name))
         bb.to(device, dtype)
     else:
@@ -185,8 +126,8 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     return bb
 
 
-# Tiny configurations, built from configs in code. The shapes-world ones are what pretrain.py trains;
-# `tiny_denoiser` gives each real family's architecture at test size.
+# The shapes world's text encoder and autoencoder, built from configs in code (its denoisers are the
+# tiny-* entries of FAMILIES); pretrain.py trains them.
 TINY_TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                         max_position_embeddings=16, projection_dim=128)
 # The shapes world's autoencoder: the real families' AutoencoderKL at 0.23M parameters. Three blocks halve
@@ -197,74 +138,117 @@ TINY_TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layer
 TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                        layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
-TINY_DENOISER_CONFIGS = {
-    # Sized for CPU pretraining (pretrain.py) and CPU token training: patch 1 on the 8x8 latents gives the
-    # DiT 64 image tokens; the UNet has two levels (8x8 and 4x4), cross-attention at both.
-    "tiny-sd3": dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
-                     attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
-                     caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=8),
-    "tiny-sd1.5": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                       block_out_channels=(32, 64),
-                       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                       cross_attention_dim=128, attention_head_dim=8, norm_num_groups=8),
-    # test-size versions of the real families (random weights; the tests build their text features)
-    "sd3": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
-                attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=8),
-    "sd1.5": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                  cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8),
-    "sdxl": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-                 transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
-                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8),
-}
 
 
-# The real denoisers at full size (the diffusers configs of the hub checkpoints), for timing with random
-# weights (bench.py, sample.py --bench): the cost of a step does not depend on the weights.
-REAL_DENOISER_CONFIGS = {
-    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, pos_embed_max_size=192),
-    "sd1.5": dict(sample_size=64, cross_attention_dim=768),  # the rest: UNet2DConditionModel's defaults
-    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816),
-}
-
-
-def real_size_backbone(name, seed=0):
-    """A real family's denoiser at full size with random weights, and no text encoders or VAE."""
+def denoiser_class(facts):
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    return SD3Transformer2DModel if facts["arch"] == "mmdit" else UNet2DConditionModel
+
+
+def denoiser_config(name, size="real"):
+    """The family's denoiser config at its real or test size, with the class's defaults filled in (so
+    that facts like the text width can be read without building a multi-GB model)."""
     facts = check_name(name)
-    cls = SD3Transformer2DModel if facts["arch"] == "mmdit" else UNet2DConditionModel
+    config = facts["test_denoiser"] if size == "test" and facts["test_denoiser"] is not None else facts["denoiser"]
+    signature = inspect.signature(denoiser_class(facts).__init__).parameters.values()
+    return {**{p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}, **config}
+
+
+def random_denoiser(name, size="real", seed=0, **overrides):
+    """A denoiser of family `name` with random weights: its real size (size="real": the hub config, or
+    for tiny-* the shapes-world model) or its test size (size="test"; tiny-*: the same as real)."""
+    facts = check_name(name)
+    config = facts["test_denoiser"] if size == "test" and facts["test_denoiser"] is not None else facts["denoiser"]
     torch.manual_seed(seed)
-    bb = Backbone(name, facts, cls(**REAL_DENOISER_CONFIGS[name]).eval().requires_grad_(False))
-    if facts["prediction"] == "epsilon":
+    return denoiser_class(facts)(**{**config, **overrides}).eval()
+
+
+def random_backbone(name, size="real", seed=0):
+    """A backbone with random weights: tiny-* whole (build_tiny); a real family's denoiser alone, without
+    text encoders or VAE (text features then come from random_text)."""
+    if is_shapes_world(name):
+        return build_tiny(name, seed)
+    bb = Backbone(name, check_name(name), random_denoiser(name, size, seed).requires_grad_(False))
+    if bb.facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod()
     return bb
 
 
-def tiny_denoiser(name, seed=0, **overrides):
-    """A random-weight denoiser with the architecture of family `name` at a small size."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-    config = {**TINY_DENOISER_CONFIGS[name], **overrides}
-    torch.manual_seed(seed)
-    cls = SD3Transformer2DModel if FAMILIES[name]["arch"] == "mmdit" else UNet2DConditionModel
-    return cls(**config).eval()
+def text_widths(config):
+    """(width of the text stream, width of the pooled text feature or None) from a denoiser config
+    (a built model's .config, or denoiser_config): MM-DiT joint_attention_dim / pooled_projection_dim;
+    UNet cross_attention_dim, and for SDXL's micro-conditioning the added embedding less its 6 time
+    ids (2816 - 6 * 256 = 1280)."""
+    if "joint_attention_dim" in config:
+        return config["joint_attention_dim"], config["pooled_projection_dim"]
+    pooled = None
+    if config["addition_embed_type"] == "text_time":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    return config["cross_attention_dim"], pooled
+
+
+def feature_shapes(name, size=None):
+    """(latent (C, h, w), text (tokens, width), pooled width or 0) of family `name` at image side `size`:
+    what the encoding cache stores per sample (data.py)."""
+    facts, config = check_name(name), denoiser_config(name)
+    side = (size or facts["size"]) // facts["vae_factor"]
+    width, pooled = text_widths(config)
+    return (config["in_channels"], side, side), (facts["text_tokens"], width), pooled or 0
+
+
+def random_text(bb, batch, seed=0):
+    """Text features of the family's real shapes with random values: the denoiser's text kwargs for a
+    backbone built without text encoders (bench.py times steps with them; the values do not matter)."""
+    g = torch.Generator().manual_seed(seed)
+    width, pooled_width = text_widths(bb.denoiser.config)
+    hidden = torch.randn(batch, bb.facts["text_tokens"], width, generator=g)
+    pooled = None if pooled_width is None else torch.randn(batch, pooled_width, generator=g)
+    return cond_from_features(bb, hidden.to(bb.device, bb.dtype),
+                              None if pooled is None else pooled.to(bb.device, bb.dtype))
+
+
+def is_shapes_world(name):
+    """The one test of "is this a tiny shapes-world model?": a family with no hub checkpoint."""
+    return check_name(name)["hub"] is None
+
+
+def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
+    """The flags that pick and place a backbone, the same in every script (read by from_flags)."""
+    parser.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(FAMILIES)}")
+    parser.add_argument("--pretrained", default=None, help="local folder of the backbone (default: the hub / weights/)")
+    parser.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS), help=f"default: {precision}")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def check_flags(args):
+    """One-line errors of the backbone flags, before anything heavy; fills in --device."""
+    check_name(args.model)
+    if args.random_init and not is_shapes_world(args.model):
+        raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def from_flags(args, gpu_precision="fp16", device=None, seed=0):
+    """The backbone that add_backbone_flags' flags ask for (device: train.py's rank's own)."""
+    device = device or args.device
+    precision = args.precision or (gpu_precision if str(device).startswith("cuda") else "fp32")
+    return build(args.model, args.pretrained, args.random_init, device, PRECISIONS[precision], seed)
+
+
+def build(name, pretrained=None, random_init=False, device="cpu", dtype=torch.float32, seed=0):
+    """The backbone a script's flags ask for: the trained one (load), or with random_init a random-weight
+    one (tests, benchmarks), moved to device / dtype. One-line errors before anything heavy."""
+    if not random_init:
+        return load(name, pretrained=pretrained, device=device, dtype=dtype)
+    return random_backbone(name, seed=seed).to(device, dtype)
 
 
 def tiny_text_encoder(seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel
-    import shapes
     # CLIP pools the hidden state at the EOS token (the summary of the prompt); shapes.py explains ids
     ids = shapes.WORD_TO_ID
     config = CLIPTextConfig(vocab_size=len(shapes.VOCAB), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
@@ -282,7 +266,7 @@ def tiny_vae(seed=0, scaling_factor=1.0, shift_factor=0.0):
 def build_tiny(name, seed=0, vae=None):
     """A random-weight shapes-world backbone (what pretrain.py starts from); `vae` defaults to a random one."""
     facts = check_name(name)
-    bb = Backbone(name, facts, tiny_denoiser(name, seed), text_encoder=tiny_text_encoder(seed + 1),
+    bb = Backbone(name, facts, random_denoiser(name, seed=seed), text_encoder=tiny_text_encoder(seed + 1),
                   vae=vae if vae is not None else tiny_vae(seed + 2))
     if facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod()
@@ -349,7 +333,6 @@ def encode_prompts(bb, prompts, grad=False):
     facts, device = bb.facts, bb.device
     with torch.set_grad_enabled(grad):
         if bb.pipe is None:
-            import shapes
             out = bb.text_encoder(shapes.tokenize(prompts).to(device))
             hidden, pooled = out.last_hidden_state, out.pooler_output
         elif facts["arch"] == "mmdit":

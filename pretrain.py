@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checker
 import models
 import shapes
 
@@ -68,11 +69,26 @@ def parse_args(argv=None):
     p.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from <work>/ckpt.pt")
+    p.add_argument("--init", default=None, help="denoisers: start from a weights folder (e.g. the shipped "
+                   "weights/tiny-sd3) with a fresh optimiser; the step count and log continue from its pretrain_log.csv")
+    p.add_argument("--cooldown", type=int, default=0, help="decay the lr linearly to 0 over the last N of --steps")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         p.error("--steps and --batch must be at least 1")
     args.lr = args.lr or (1e-3 if args.model == "tiny-vae" else 5e-4)
+    if args.init and (args.model == "tiny-vae" or not os.path.exists(os.path.join(args.init, "denoiser.safetensors"))):
+        p.error(f"--init takes a denoiser's weights folder (with denoiser.safetensors); got {args.init!r}")
     return args
+
+
+def init_step(folder):
+    """The step the weights in `folder` were trained to: the last row of its pretrain_log.csv (0 if none)."""
+    path = os.path.join(folder, "pretrain_log.csv")
+    if not os.path.exists(path):
+        return 0, []
+    with open(path) as f:
+        rows = [row for row in f if row[:1].isdigit()]
+    return (int(rows[-1].split(",")[0]) if rows else 0), rows
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +125,7 @@ def vae_report(vae, n=480, seed=123):
     with torch.no_grad():
         recon = vae.decode(vae.encode(images.to(vae.device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
     mse = ((recon - images) / 2).pow(2).mean().item()   # on [0, 1]
-    accepted = np.mean([shapes.check(r, s) for r, s in zip(recon, specs)])
+    accepted = np.mean([checker.check(r, s) for r, s in zip(recon, specs)])
     return {"psnr": 10 * math.log10(1 / mse), "checker_accepts": float(accepted)}
 
 
@@ -154,9 +170,25 @@ def main(argv=None):
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in trained.items()}
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))  # warm-up, then constant
+    # warm-up over the first steps of this optimiser (s counts from its creation, first_step is the global
+    # step it was created at), then constant, then an optional linear cool-down to 0 at --steps: a small
+    # diffusion model's samples sharpen when the lr anneals at the end, on top of the EMA.
+    first_step, init_rows = init_step(args.init) if args.init else (0, [])
+
+    def lr_factor(s):
+        global_step = first_step + s
+        cool = min(1.0, (args.steps - global_step) / args.cooldown) if args.cooldown else 1.0
+        return min(1.0, (s + 1) / args.warmup) * max(cool, 0.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     generator = torch.Generator().manual_seed(args.seed)
-    step = 0
+    step = first_step
+    if args.init and not (args.resume and os.path.exists(ckpt_path)):   # the EMA weights are all a folder holds
+        from safetensors.torch import load_file
+        for k in trained:
+            trained[k].load_state_dict(load_file(os.path.join(args.init, f"{k}.safetensors")))
+            ema[k].load_state_dict(trained[k].state_dict())
+        print(f"started from {args.init} (step {step})")
     if args.resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for k in trained:
@@ -166,9 +198,10 @@ def main(argv=None):
         sched.load_state_dict(state["sched"])
         generator.set_state(state["generator"])
         step = state["step"]
+        first_step = state.get("first_step", 0)
         sched.base_lrs = [args.lr for _ in opt.param_groups]   # a resumed run may continue at another --lr
         for group in opt.param_groups:
-            group["lr"] = args.lr * sched.lr_lambdas[0](step)
+            group["lr"] = args.lr * lr_factor(sched.last_epoch)
         print(f"resumed at step {step} (lr {args.lr:g})")
     data = shapes.stream(args.seed + step, args.batch, loose=0.0 if is_vae else args.loose)  # fresh data on resume
 
@@ -188,12 +221,17 @@ def main(argv=None):
     def checkpoint():
         state = {k: m.state_dict() for k, m in trained.items()}
         state.update({f"ema_{k}": m.state_dict() for k, m in ema.items()})
-        state.update(opt=opt.state_dict(), sched=sched.state_dict(), generator=generator.get_state(), step=step)
+        state.update(opt=opt.state_dict(), sched=sched.state_dict(), generator=generator.get_state(), step=step,
+                     first_step=first_step)
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)    # atomic: a kill mid-write keeps the previous one
 
     log_path = os.path.join(work, "log.csv")
     new_log = not (step and os.path.exists(log_path))
+    if new_log and init_rows:   # started from a folder: its log is this run's history
+        with open(log_path, "w") as f:
+            f.writelines(["step,loss,lr,seconds\n"] + init_rows)
+        new_log = False
     if not new_log:   # resumed: keep the rows up to the checkpoint (a new file renamed over the old one)
         with open(log_path) as f:
             kept = [row for row in f if not row[:1].isdigit() or int(row.split(",")[0]) <= step]

@@ -1,4 +1,6 @@
-# shapes.py -- the shapes world: renderer, captions, exact checker and the evaluation protocol.
+# shapes.py -- the shapes world: specs, captions, its word-level language, the renderer, the endless
+# training stream and the dev / eval prompt sets. The exact checker and the evaluation protocol that
+# judge its images are checker.py.
 #
 # An offline stand-in for COCO captions + the GenEval benchmark. The papers
 # (SoftREPA, AGSM) train soft tokens on COCO and measure text-image alignment
@@ -8,8 +10,8 @@
 #
 #   * images are 1-4 flat-coloured squares / circles / triangles on black,
 #   * captions are generated from a structured spec (a JSON-able dict),
-#   * the checker recovers objects by nearest-palette-colour masks and
-#     connected components, and reads the shape off the fill ratio of each
+#   * the checker (checker.py) recovers objects by nearest-palette-colour masks
+#     and connected components, and reads the shape off the fill ratio of each
 #     component in its bounding box (square 1.0, circle ~0.79, triangle ~0.5).
 #
 # Six prompt categories mirror GenEval's: single_object, two_object, counting,
@@ -63,20 +65,8 @@ RELATIONS = list(RELATION_PHRASES)
 OBJ_MIN, OBJ_MAX = 7, 10
 OBJ_GAP = 2            # min empty pixels between two objects' bounding boxes
 BORDER = 1             # min empty pixels between an object and the canvas edge
+POSITION_MARGIN = 0.1  # like GenEval: "left of" needs the centroids >= 0.1 * width apart
 
-# Checker thresholds (see detect / classify_shape).
-# COLOR_MAX_DIST and SQUARE_MIN_FILL were set on perturbed renders (tests/test_shapes.py): a decoder's soft
-# edges leave a white square's corner pixels ~123 from white, and a 7 px square without its 4 corners
-# fills 0.918 of its box, while a circle a pixel under the renderer's smallest (6 px) fills 0.889;
-# every palette pair is >= 255 apart, so the nearest colour still decides.
-COLOR_MAX_DIST = 150.0  # a pixel further than this from every colour is "no colour"
-MIN_AREA = 12           # components smaller than this (at 32 px) are speckles
-SQUARE_MIN_FILL = 0.90  # fill ratio >= this: square (renderer gives exactly 1.0)
-CIRCLE_MIN_FILL = 0.66  # in [0.66, 0.92): circle (renderer: 0.755-0.852)
-TRIANGLE_MIN_FILL = 0.38  # in [0.38, 0.66): triangle (renderer: 0.50-0.60)
-MAX_ASPECT = 1.5        # renderer's boxes are ~square; long thin blobs are not shapes
-MAX_EXTENT = 0.75       # a blob spanning >75% of the canvas is a colour wash, not an object
-POSITION_MARGIN = 0.1   # like GenEval: "left of" needs the centroids >= 0.1 * width apart
 
 
 # ----------------------------------------------------------------------------
@@ -398,195 +388,6 @@ def load_dev_set():
 def first_per_category(records, n):
     """The first n records of each category, categories in CATEGORIES order (all of them for n = 0)."""
     return [r for c in CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n or None]]
-
-
-# ----------------------------------------------------------------------------
-# Exact checker
-
-def connected_components(mask):
-    """4-connected labels of a boolean mask (0 = off), dependency-free.
-
-    Each on-pixel starts with its own label and repeatedly takes the minimum
-    over itself and its on-neighbours; at the fixed point every component
-    carries its smallest pixel index. Iterations ~ component diameter, which
-    is tiny on 32-64 px canvases.
-    """
-    h, w = mask.shape
-    big = h * w + 1
-    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
-    while True:
-        p = np.pad(labels, 1, constant_values=big)
-        new = np.minimum.reduce([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
-        new = np.where(mask, new, big)
-        if np.array_equal(new, labels):
-            return np.where(mask, labels, 0)
-        labels = new
-
-
-def classify_shape(fill, height, width, size):
-    """Shape name from the fill ratio of a component in its bbox, or None."""
-    if max(height, width) > min(height, width) * MAX_ASPECT or max(height, width) > MAX_EXTENT * size:
-        return None
-    if fill >= SQUARE_MIN_FILL:
-        return "square"
-    if fill >= CIRCLE_MIN_FILL:
-        return "circle"
-    if fill >= TRIANGLE_MIN_FILL:
-        return "triangle"
-    return None
-
-
-def detect(image):
-    """Objects in an image -> list of {color, shape, area, centroid (x, y), bbox (x0, y0, x1, y1)}.
-
-    Pixels are assigned to the nearest of palette + background (if within
-    COLOR_MAX_DIST); per colour, 4-connected components of at least MIN_AREA
-    pixels whose fill ratio and aspect look like one of our shapes are
-    objects. Speckles and blobs that look like no shape are dropped.
-    """
-    image = to_uint8(image)
-    h, w, _ = image.shape
-    refs = np.array([BACKGROUND] + [PALETTE[c] for c in COLORS], dtype=np.float32)
-    dist = np.linalg.norm(image[:, :, None, :].astype(np.float32) - refs, axis=-1)  # (H, W, 1+K)
-    nearest = dist.argmin(-1)
-    nearest[dist.min(-1) > COLOR_MAX_DIST] = 0  # too far from every colour: treat as background
-    min_area = round(MIN_AREA * h * w / (32 * 32))
-    objects = []
-    for k, color in enumerate(COLORS, start=1):
-        mask = nearest == k
-        if mask.sum() < min_area:  # cheap exit: not even one object's worth of this colour
-            continue
-        labels = connected_components(mask)
-        areas = np.bincount(labels.ravel())
-        areas[0] = 0
-        for label in np.nonzero(areas >= min_area)[0]:
-            ys, xs = np.nonzero(labels == label)
-            x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
-            bh, bw = y1 - y0 + 1, x1 - x0 + 1
-            shape = classify_shape(len(ys) / (bh * bw), bh, bw, max(h, w))
-            if shape is None:
-                continue
-            objects.append({"color": color, "shape": shape, "area": int(len(ys)),
-                            "centroid": (float(xs.mean()), float(ys.mean())),
-                            "bbox": (int(x0), int(y0), int(x1), int(y1))})
-    return objects
-
-
-def check(image, spec):
-    """Is the image correct for the spec? GenEval's per-category rules."""
-    objects = detect(image)
-    size = to_uint8(image).shape[1]
-    spec_objs = spec["objects"]
-
-    def matches(o, want, with_color=True):
-        return o["shape"] == want["shape"] and (not with_color or o["color"] == want["color"])
-
-    category = spec["category"]
-    if category == "single_object":  # the shape is there (any colour)
-        return any(matches(o, spec_objs[0], False) for o in objects)
-    if category == "two_object":  # both shapes are there (any colour)
-        return all(any(matches(o, want, False) for o in objects) for want in spec_objs)
-    if category == "counting":  # exactly `count` of the shape, all of the right colour
-        want = spec_objs[0]
-        n_shape = sum(matches(o, want, False) for o in objects)
-        n_exact = sum(matches(o, want) for o in objects)
-        return n_shape == spec["count"] and n_exact == spec["count"]
-    if category == "colors":  # the shape is there with the right colour
-        return any(matches(o, spec_objs[0]) for o in objects)
-    if category == "color_attr":  # both colour-shape bindings hold
-        return all(any(matches(o, want) for o in objects) for want in spec_objs)
-    if category == "position":  # some a, b matching the spec stand in the relation
-        a_s = [o for o in objects if matches(o, spec_objs[0])]
-        b_s = [o for o in objects if matches(o, spec_objs[1])]
-        return any(relation_holds(a["centroid"], b["centroid"], spec["relation"], size)
-                   for a in a_s for b in b_s if a is not b)
-    raise ValueError(f"unknown category {category!r}")
-
-
-def score(images, specs):
-    """Fraction correct per category present, plus "mean" over those categories
-    (GenEval's overall score; with the shipped eval set that is all six)."""
-    results = {}
-    for image, spec in zip(images, specs):
-        results.setdefault(spec["category"], []).append(check(image, spec))
-    scores = {c: float(np.mean(results[c])) for c in CATEGORIES if c in results}
-    scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
-    return scores
-
-
-# ----------------------------------------------------------------------------
-# The evaluation protocol. GenEval samples 4 images per prompt; so do we, with seeds that are a fixed
-# function of (set, prompt index, sample number), never chosen. A prompt's score is the mean of its 4
-# verdicts; a category's score the mean over its prompts; the overall score the mean of the six
-# categories. The 95% intervals come from a bootstrap over prompts (resampled within each category,
-# the same resamples for every column, a fixed generator): they answer "how much would the number move
-# with other prompts like these", which also covers the sampling noise of the 4 images.
-
-SAMPLES_PER_PROMPT = 4
-SEED_BASE = {"eval": 0, "dev": 1_000_000}
-
-
-def protocol_seeds(n_prompts, samples=SAMPLES_PER_PROMPT, which="eval"):
-    """(prompt index, seed) pairs in sampling order: prompt i, sample k -> seed base + samples * i + k."""
-    return [(i, SEED_BASE[which] + samples * i + k) for i in range(n_prompts) for k in range(samples)]
-
-
-def overcount(image, spec):
-    """Does the image hold more of the asked object than asked? Counting prompts: more objects of the
-    asked shape (any colour) than the count; single-object prompts: the object (shape and colour) more
-    than once. None for other categories. (AGSM's failure mode of contrastive tokens: repetition.)"""
-    if spec["category"] not in ("counting", "single_object"):
-        return None
-    want = spec["objects"][0]
-    objects = detect(image)
-    if spec["category"] == "counting":
-        return sum(o["shape"] == want["shape"] for o in objects) > spec["count"]
-    return sum(o["shape"] == want["shape"] and o["color"] == want["color"] for o in objects) > 1
-
-
-def bootstrap_interval(groups, resamples=2000, seed=0):
-    """groups: {column: {category: per-prompt values (P,)}} -> {column: (mean, low, high)}, where a
-    column's value is the mean over its categories of the mean over prompts, and the interval is the
-    2.5-97.5 percentile of that value over bootstrap resamples of the prompts within each category."""
-    rng = np.random.default_rng(seed)
-    categories = sorted({c for g in groups.values() for c in g})
-    lengths = {c: max(len(g[c]) for g in groups.values() if c in g) for c in categories}
-    picks = {c: rng.integers(0, lengths[c], size=(resamples, lengths[c])) for c in categories}
-    out = {}
-    for column, per_category in groups.items():
-        values = {c: np.asarray(v, dtype=float) for c, v in per_category.items() if len(v)}
-        if not values:
-            continue
-        point = np.mean([v.mean() for v in values.values()])
-        boots = np.mean([v[picks[c]].mean(axis=1) for c, v in values.items()], axis=0)
-        out[column] = (float(point), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
-    return out
-
-
-def protocol_scores(images, specs, samples=SAMPLES_PER_PROMPT, resamples=2000):
-    """images in protocol order (prompt-major, `samples` per prompt) and the prompts' specs ->
-    {column: (value, low, high)} for every category present, "mean", and the over-counting rates
-    "overcount_counting" and "overcount_single"."""
-    if len(images) != samples * len(specs):
-        raise ValueError(f"{len(images)} images for {len(specs)} prompts x {samples} samples")
-    per_prompt, over = {}, {"overcount_counting": {}, "overcount_single": {}}
-    for i, spec in enumerate(specs):
-        shots = images[samples * i: samples * (i + 1)]
-        per_prompt.setdefault(spec["category"], []).append(np.mean([check(im, spec) for im in shots]))
-        flags = [overcount(im, spec) for im in shots]
-        if flags[0] is not None:
-            key = "overcount_counting" if spec["category"] == "counting" else "overcount_single"
-            over[key].setdefault(spec["category"], []).append(np.mean(flags))
-    groups = {c: {c: v} for c, v in per_prompt.items()}
-    groups["mean"] = per_prompt
-    groups.update({k: v for k, v in over.items() if v})
-    result = bootstrap_interval(groups, resamples)
-    return {k: result[k] for k in [c for c in CATEGORIES if c in result] + ["mean"] + list(over) if k in result}
-
-
-def format_scores(scores):
-    """One line: 'single_object 0.912 [0.87, 0.95] ...'."""
-    return "  ".join(f"{k} {v:.3f} [{lo:.3f}, {hi:.3f}]" for k, (v, lo, hi) in scores.items())
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-softtokens.py: the learnable soft text tokens, and nothing else.
+softtokens.py: the learnable soft text tokens, their files, and attaching a file's tokens to a backbone.
 
 SoftREPA eq. 12 gives each layer k (an MM-DiT block, or the UNet's chosen blocks) its own m soft
 tokens, optionally time dependent:
@@ -24,9 +24,13 @@ Files are safetensors with metadata saying how to attach them (family, layers, t
 """
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+
+import hooks
+import models
 
 TIME_BINS = 100
 POS, NEG, EMA_POS, EMA_NEG = 0, 1, 2, 3  # positions in PairTokens.sets
@@ -56,6 +60,13 @@ class SoftTokens(nn.Module):
     def shape(self):
         return tuple(self.tokens.shape)  # (layers, n_tokens, width)
 
+    @property
+    def sets(self):
+        return [self]            # what hooks.attach takes: one set (PairTokens has four)
+
+    def trainable(self):
+        return list(self.parameters())
+
     def forward(self, timesteps):
         """(B,) timesteps -> (B, L, m, d) tokens s^(k,t) for every layer k (SoftREPA eq. 12)."""
         tokens = self.tokens.unsqueeze(0).expand(len(timesteps), -1, -1, -1)
@@ -63,22 +74,6 @@ class SoftTokens(nn.Module):
             return tokens
         rows = self.time_table[time_bin(timesteps).to(self.tokens.device)]  # (B, L, d)
         return tokens + rows.unsqueeze(2)
-
-
-def tokens_for_rows(sets, timesteps, choice=None):
-    """Per-row tokens for one batched forward in which row b uses set `choice[b]`, -1 meaning none.
-
-    Returns (tokens (B, L, m, d), used (B,) bool or None when every row has tokens). The rows without
-    tokens get zeros here; hooks.py hides them from attention with a mask, so those rows compute what
-    the model computes without tokens."""
-    if choice is None:
-        return sets[0](timesteps), None
-    choice = choice.to(timesteps.device)
-    per_set = torch.stack([s(timesteps) for s in sets])                 # (S, B, L, m, d)
-    rows = torch.arange(len(timesteps), device=timesteps.device)
-    tokens = per_set[choice.clamp(min=0), rows]                          # (B, L, m, d)
-    used = choice >= 0
-    return tokens * used.view(-1, 1, 1, 1).to(tokens.dtype), used
 
 
 class PairTokens(nn.Module):
@@ -130,7 +125,6 @@ def uncond_init(bb, n_tokens):
     is what the AGSM code does (encode_prompt([""])[0][0, :1].expand(n, -1)), and the released SoftREPA
     SD1.5 tokens are four identical vectors: the BOS state is the same for every prompt (CLIP is causal),
     so the tokens start as extra copies of a position the UNet already reads."""
-    import models
     hidden = models.encode_prompts(bb, [""])["encoder_hidden_states"][0]
     return hidden[:1].expand(n_tokens, -1).float().cpu()
 
@@ -148,10 +142,28 @@ def token_movement(tokens, initial):
     return float(torch.stack(cos).mean()), float(torch.stack(rel).mean())
 
 
+@torch.no_grad()
+def movement(bb, tokens, initial_tokens, handle, prompts):
+    """How far the tokens have moved (SoftREPA/AGSM do not report this; the std of the tokens cannot show
+    it, as each MM-DiT block sees them through a LayerNorm without affine): the cosine of the tokens to
+    their initial values, their relative L2 change, and the relative change of the denoiser's output
+    that the (psi+) tokens cause, ||f_tokens - f_plain|| / ||f_plain||, on fixed `prompts` at t = 500."""
+    cos, change = token_movement(tokens, initial_tokens)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((len(prompts),) + models.latent_shape(bb), generator=g).to(bb.device, bb.dtype)
+    cond = models.encode_prompts(bb, prompts)
+    t = torch.full((len(prompts),), 500.0, device=bb.device)
+    with handle.rows(torch.full((len(prompts),), -1, dtype=torch.long)):
+        plain = models.denoise(bb, x, t, cond).float()
+    with handle.rows(None):
+        with_tokens = models.denoise(bb, x, t, cond).float()
+    return dict(token_cos=cos, token_change=change,
+                output_change=float((with_tokens - plain).norm() / plain.norm().clamp(min=1e-12)))
+
+
 def make_tokens(bb, loss, n_tokens=None, layers=None, time_table=None, init=None, seed=0):
     """The soft tokens for backbone `bb` with the paper defaults of its family (models.FAMILIES),
     each overridable: a SoftTokens for softrepa / dsm, a PairTokens for agsm."""
-    import hooks
     facts = bb.facts
     n_tokens = n_tokens or facts["n_tokens"]
     layers = layers or facts["token_layers"]
@@ -275,3 +287,65 @@ def import_agsm(folder):
             pair.pos.time_table.copy_(table)
             pair.ema_pos.time_table.copy_(table)
     return pair
+
+
+# -----------------------------------------------------------------------------
+# Attaching a file's tokens for sampling, editing and evaluation
+
+def read_tokens(path, name, ema=False, neg_uncond=False):
+    """The token sets to attach from `path`, and a description of them for the records.
+
+    path: a file written by softtokens.save (a SoftTokens, or AGSM's PairTokens, of which we sample
+    with psi+ -- its EMA copy with ema=True -- and put psi- on the unconditional branch with
+    neg_uncond=True), or a folder of the SoftREPA authors' released .pth files. Returns
+    (sets, info): attach `sets` with hooks.attach; set 0 is the one for the conditional branch and,
+    for neg_uncond, set 1 is psi-."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "dc_tokens.pth")):
+            raise SystemExit(f"{path} is a folder without dc_tokens.pth: pass a token file written by "
+                             f"train.py or a folder of the released SoftREPA tokens")
+        if ema or neg_uncond:
+            raise SystemExit("--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); "
+                             f"{path} holds the released SoftREPA tokens (one set)")
+        family = name.removeprefix("tiny-")
+        return [import_softrepa(path, family)], dict(token_set="softrepa", blocks=None)
+    if not os.path.exists(path):
+        raise SystemExit(f"no token file at {path}")
+    from safetensors import SafetensorError
+    try:
+        tokens, meta = load(path)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # not a token file of ours
+        raise SystemExit(f"cannot read {path} as a soft-token file ({type(e).__name__}): pass a file written "
+                         f"by softtokens.save") from None
+    if meta.get("model") not in (None, name):
+        raise SystemExit(f"{path} holds tokens for {meta['model']}, not {name}: pass --model {meta['model']}")
+    blocks = meta.get("blocks")
+    if isinstance(tokens, SoftTokens):
+        if ema or neg_uncond:
+            raise SystemExit(f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); "
+                             f"{path} holds one set")
+        return [tokens], dict(token_set="tokens", blocks=blocks)
+    if ema:
+        return [tokens.ema_pos, tokens.ema_neg], dict(token_set="ema_pos", blocks=blocks)
+    return [tokens.pos, tokens.neg], dict(token_set="pos", blocks=blocks)
+
+
+def attach_tokens(bb, sets, blocks=None):
+    """hooks.attach with the family's blocks, on the backbone's device; a one-line error on a misfit."""
+    sets = [s.to(bb.device) for s in sets]
+    try:
+        return hooks.attach(bb.denoiser, sets, blocks=tuple(blocks or bb.facts["token_blocks"] or ()) or None)
+    except ValueError as e:
+        raise SystemExit(f"cannot attach these tokens to {bb.name}: {e}") from None
+
+
+@contextmanager
+def attached(bb, sets, blocks=None):
+    """with attached(bb, sets, blocks) as handle: ...  -- the token sets on the backbone inside the block
+    and off again after it, whatever happens; sets=None: no tokens (handle None)."""
+    handle = attach_tokens(bb, sets, blocks) if sets is not None else None
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            handle.remove()

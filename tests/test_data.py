@@ -143,7 +143,7 @@ def test_shapes_source_is_reproducible_and_differs_by_rank():
 
 
 def test_bytes_per_sample_of_sd3_at_1024():
-    latent, text, pooled = data.REAL_SHAPES["sd3"]
+    latent, text, pooled = models.feature_shapes("sd3")
     # 16*128*128 + 333*4096 + 2048 = 262144 + 1363968 + 2048 = 1628160 numbers
     assert data.bytes_per_sample(latent, text, pooled, 2) == 3_256_320
     assert data.bytes_per_sample(latent, text, pooled, 4) == 6_512_640

@@ -13,12 +13,16 @@ import torch
 import tolerances
 from PIL import Image
 
+import data
 import edit
 import hooks
 import models
 import sample
 import shapes
 import softtokens
+import checker
+import metrics
+import sampler
 
 torch.set_num_threads(1)
 SPEC = {"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}
@@ -90,7 +94,7 @@ def test_rf_inversion_controls():
     # gamma = 1: the controlled forward ODE ends exactly at the noise y1, whatever the model says;
     # regenerating with eta = 0 is then plain sampling from y1 with the target prompt
     y1 = torch.randn((1,) + models.latent_shape(bb, 16), generator=torch.Generator().manual_seed(3))
-    x = sample.sample_loop(bb, y1, models.encode_prompts(bb, [TGT]), models.encode_prompts(bb, [""]), 6, 13.5)
+    x = sampler.sample_loop(bb, y1, models.encode_prompts(bb, [TGT]), models.encode_prompts(bb, [""]), 6, 13.5)
     plain = models.decode_latents(bb, x)[0]
     controlled = edit.edit(bb, image, SRC, TGT, "rf-inversion", steps=6, seed=3, gamma=1.0, eta=0.0)
     assert torch.allclose(controlled, plain, atol=1e-4)
@@ -275,15 +279,15 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
     base = ["--src", SRC, "--tgt", TGT, "--out", str(tmp_path / "o")]
     ok = str(tmp_path / "ok.png")
     cases = [
-        (["--model", "tiny-sd3", "--image", str(tmp_path / "missing.png")], "no image at"),
+        (["--model", "tiny-sd3", "--image", str(tmp_path / "missing.png")], "(no such file)"),
         (["--model", "tiny-sd3", "--image", str(tmp_path / "broken.png")], "cannot read"),
         (["--model", "tiny-sd3", "--image", ok, "--method", "masactrl"], "does not work on tiny-sd3"),
         (["--model", "sd3", "--image", ok, "--method", "direct+pnp"], "does not work on sd3"),
         (["--model", "sd1.5", "--image", ok, "--method", "flowedit"], "does not work on sd1.5"),
         (["--model", "tiny-sd3", "--image", ok, "--method", "p2p"], "unknown method"),
-        (["--model", "tiny-sd3", "--image", str(tmp_path / "big.png")], "multiples of 4 up to 32"),
+        (["--model", "tiny-sd3", "--image", str(tmp_path / "big.png"), "--size", "36"], "multiples of 4 up to 32"),
         (["--model", "tiny-sd1.5", "--image", ok, "--size", "30"], "multiples of 8"),
-        (["--model", "sd3", "--image", str(tmp_path / "odd.png")], "multiples of 16"),
+        (["--model", "sd3", "--image", str(tmp_path / "odd.png"), "--size", "40"], "multiples of 16"),
         (["--model", "tiny-sd3", "--image", ok, "--tokens", str(tmp_path / "no.st")], "no token file"),
         (["--model", "tiny-sd3", "--image", ok, "--tokens-source"], "pass --tokens"),
         (["--model", "tiny-sd3", "--image", ok, "--tgt", "a green dog"], "unknown words dog"),
@@ -294,14 +298,30 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         assert message in str(e.value) and "\n" not in str(e.value), (argv, e.value)
 
 
+@pytest.mark.parametrize("name, width, height", [("tiny-sd3", 96, 96), ("tiny-sd3", 100, 60), ("tiny-sd1.5", 512, 768)])
+def test_input_images_of_any_size_are_resized_and_centre_cropped(tmp_path, name, width, height):
+    """As diffusers pipelines prepare an input image: shorter side to the model's size, centre crop."""
+    array = np.zeros((height, width, 3), np.uint8)
+    array[:, : width // 2] = (255, 0, 0)                          # left half red, right half black
+    Image.fromarray(array).save(tmp_path / "in.png")
+    out = tmp_path / "o"
+    edit.main(["--model", name, "--random-init", "--image", str(tmp_path / "in.png"), "--src", SRC, "--tgt", TGT,
+               "--steps", "2", "--out", str(out)])
+    side = models.FAMILIES[name]["size"]
+    assert np.asarray(Image.open(out / "edited.png")).shape == (side, side, 3)
+    source = data.image_array(str(tmp_path / "in.png"), side)      # what edit.py fed the model
+    assert source.shape == (side, side, 3)
+    assert source[:, : side // 2 - 1, 0].min() > 200 and source[:, side // 2 + 1:, 0].max() < 50
+
+
 def test_shapes_edit_cases_need_an_edit():
     """Every case's source image fails its target spec, so a method that returns the source scores 0."""
-    images, sources, targets, specs = edit.shapes_edit_cases(6, seed=3)
+    images, sources, targets, specs = checker.shapes_edit_cases(6, seed=3)
     assert len(images) == 6 and images.shape[1:] == (3, 32, 32)
     for image, src, tgt, spec in zip(images, sources, targets, specs):
         assert src != tgt and tgt == shapes.caption(spec)
-        assert not shapes.check(image, spec)
-        assert shapes.check(image, {"category": "colors", "objects": [dict(zip(("color", "shape"), src.split()[1:]))]})
+        assert not checker.check(image, spec)
+        assert checker.check(image, {"category": "colors", "objects": [dict(zip(("color", "shape"), src.split()[1:]))]})
 
 
 def test_shipped_tiny_sd15_reconstructs_by_ddim_inversion():
@@ -311,9 +331,9 @@ def test_shipped_tiny_sd15_reconstructs_by_ddim_inversion():
     the renders (decode(encode(x))): inversion cannot undo the VAE's error (~35 dB), only its own."""
     import eval as ev
     bb = models.load("tiny-sd1.5")
-    renders, sources, _, _ = edit.shapes_edit_cases(2, seed=0)
+    renders, sources, _, _ = checker.shapes_edit_cases(2, seed=0)
     images = models.decode_latents(bb, models.encode_images(bb, renders, mode=True))
-    psnr = lambda a, b: [float(ev.psnr((x + 1) / 2, (y + 1) / 2)) for x, y in zip(a, b)]  # noqa: E731
+    psnr = lambda a, b: [float(metrics.psnr((x + 1) / 2, (y + 1) / 2)) for x, y in zip(a, b)]  # noqa: E731
     _, ddim_1 = edit.edit(bb, renders, sources, sources, "ddim", cfg=1.0, steps=20, return_source=True)
     assert min(psnr(ddim_1, images)) > 40
     _, ddim_7 = edit.edit(bb, renders, sources, sources, "ddim", cfg=7.0, steps=20, return_source=True)

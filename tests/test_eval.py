@@ -15,6 +15,9 @@ import hooks
 import models
 import shapes
 import softtokens
+import checker
+import classifier
+import metrics
 
 torch.set_num_threads(1)
 
@@ -24,35 +27,35 @@ torch.set_num_threads(1)
 
 def test_fid_of_a_set_against_itself_is_zero_and_against_a_shifted_set_is_the_shift():
     a = np.random.default_rng(0).normal(size=(400, 8)) @ np.random.default_rng(1).normal(size=(8, 8))
-    assert abs(ev.fid_from_features(a, a)) < 1e-8
+    assert abs(metrics.fid_from_features(a, a)) < 1e-8
     # Same covariance, means 1 apart in each of 8 dims: d^2 = |mu1 - mu2|^2 = 8
-    assert ev.fid_from_features(a, a + 1.0) == pytest.approx(8.0, abs=1e-6)
-    assert ev.fid_from_features(a, 2 * a) > 1.0
+    assert metrics.fid_from_features(a, a + 1.0) == pytest.approx(8.0, abs=1e-6)
+    assert metrics.fid_from_features(a, 2 * a) > 1.0
 
 
 def test_frechet_distance_closed_forms():
     # Diagonal (commuting) covariances: sum (m1 - m2)^2 + (sqrt(v1) - sqrt(v2))^2 = 1 + 1 + 1
-    assert ev.frechet_distance([0, 1], np.diag([1.0, 4.0]), [1, 1], np.diag([4.0, 9.0])) == pytest.approx(3.0)
+    assert metrics.frechet_distance([0, 1], np.diag([1.0, 4.0]), [1, 1], np.diag([4.0, 9.0])) == pytest.approx(3.0)
     # Non-commuting 2x2 covariances against the written-out 2x2 formula
     # tr sqrt(A) = sqrt(tr A + 2 sqrt(det A)) for a 2x2 matrix A with non-negative eigenvalues
     s1, s2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.array([[1.0, 0.0], [0.0, 3.0]])
     prod = s1 @ s2
     cross = math.sqrt(np.trace(prod) + 2 * math.sqrt(np.linalg.det(prod)))
     expected = 0.25 + np.trace(s1) + np.trace(s2) - 2 * cross
-    assert ev.frechet_distance([0.5, 0], s1, [0, 0], s2) == pytest.approx(expected, abs=1e-9)
+    assert metrics.frechet_distance([0.5, 0], s1, [0, 0], s2) == pytest.approx(expected, abs=1e-9)
 
 
 def test_psnr_and_ssim_ideal_values_and_references():
     x = np.random.default_rng(0).uniform(size=(24, 24, 3))
-    assert ev.psnr(x, x) == math.inf
-    assert ev.psnr(x, x + 0.1) == pytest.approx(20.0)               # MSE 0.01 with range 1
-    assert ev.ssim(x, x) == pytest.approx(1.0)
+    assert metrics.psnr(x, x) == math.inf
+    assert metrics.psnr(x, x + 0.1) == pytest.approx(20.0)               # MSE 0.01 with range 1
+    assert metrics.ssim(x, x) == pytest.approx(1.0)
     # Constant images: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
     a, b, c1 = 0.2, 0.6, 0.01 ** 2
     const = lambda v: np.full((16, 16, 3), v)  # noqa: E731
-    assert ev.ssim(const(a), const(b)) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1))
+    assert metrics.ssim(const(a), const(b)) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1))
     noisy = np.clip(x + np.random.default_rng(1).normal(scale=0.2, size=x.shape), 0, 1)
-    assert ev.ssim(x, noisy) < 0.95
+    assert metrics.ssim(x, noisy) < 0.95
     # An 11 x 11 image has one window: SSIM from the Gaussian-weighted moments, written out
     p, q = x[:11, :11, :1], noisy[:11, :11, :1]
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
@@ -61,11 +64,11 @@ def test_psnr_and_ssim_ideal_values_and_references():
     vp, vq, cov = (w * p * p).sum() - mp ** 2, (w * q * q).sum() - mq ** 2, (w * p * q).sum() - mp * mq
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     expected = (2 * mp * mq + c1) * (2 * cov + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2))
-    assert ev.ssim(p, q) == pytest.approx(expected, rel=1e-9)
+    assert metrics.ssim(p, q) == pytest.approx(expected, rel=1e-9)
 
 
 def test_pie_mask_rle_decodes_like_pie_bench():
-    mask = ev.mask_decode([7, 2, 14, 3, 100, 5], shape=(6, 6))      # pairs running off the end are cut
+    mask = metrics.mask_decode([7, 2, 14, 3, 100, 5], shape=(6, 6))      # pairs running off the end are cut
     expected = np.ones((6, 6), np.float32)                          # the border is always "edited"
     expected[1:5, 1:5] = 0
     expected.flat[[7, 8, 14, 15, 16]] = 1
@@ -74,23 +77,23 @@ def test_pie_mask_rle_decodes_like_pie_bench():
 
 def test_lpips_of_identical_images_is_zero():
     pytest.importorskip("lpips", reason="lpips is optional (requirements-eval.txt)")
-    model = ev.load_lpips("squeeze", random_backbone=True)           # no download: random backbone
+    model = metrics.load_lpips("squeeze", random_backbone=True)           # no download: random backbone
     x = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
-    assert ev.lpips_distance(model, x, x) == pytest.approx(0.0, abs=1e-6)
-    assert ev.lpips_distance(model, x, 255 - x) > 0
+    assert metrics.lpips_distance(model, x, x) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.lpips_distance(model, x, 255 - x) > 0
 
 
 def test_metric_models_are_skipped_with_a_message_when_weights_are_missing(tmp_path, capsys):
     hub_dir = torch.hub.get_dir()
     try:
-        assert ev.load_clip("clip", ev.HUB["clip"], weights=str(tmp_path)) is None
-        assert ev.load_clip("pickscore", ev.HUB["pickscore"], weights=str(tmp_path),
-                            processor_id=ev.HUB["pick_processor"]) is None
-        assert ev.load_dino(weights=str(tmp_path)) is None
-        assert ev.load_hps(weights=str(tmp_path)) is None
-        assert ev.load_imagereward(weights=str(tmp_path)) is None
-        assert ev.load_inception(weights=str(tmp_path)) is None
-        assert ev.load_lpips("alex", weights=str(tmp_path)) is None
+        assert metrics.load_clip("clip", metrics.HUB["clip"], weights=str(tmp_path)) is None
+        assert metrics.load_clip("pickscore", metrics.HUB["pickscore"], weights=str(tmp_path),
+                            processor_id=metrics.HUB["pick_processor"]) is None
+        assert metrics.load_dino(weights=str(tmp_path)) is None
+        assert metrics.load_hps(weights=str(tmp_path)) is None
+        assert metrics.load_imagereward(weights=str(tmp_path)) is None
+        assert metrics.load_inception(weights=str(tmp_path)) is None
+        assert metrics.load_lpips("alex", weights=str(tmp_path)) is None
     finally:
         torch.hub.set_dir(hub_dir)
     lines = capsys.readouterr().out.strip().splitlines()
@@ -142,12 +145,12 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 def test_clip_and_pickscore_prefer_the_matching_caption(tiny_clip_dir):
-    clip = ev.load_clip("clip", "someone/tiny-clip", weights=str(tiny_clip_dir.parent))   # DIR/<last part>
+    clip = metrics.load_clip("clip", "someone/tiny-clip", weights=str(tiny_clip_dir.parent))   # DIR/<last part>
     assert clip is not None
     images, prompts = [RED, RED, BLUE, BLUE], ["red", "blue", "blue", "red"]
-    scores = ev.clip_score(clip, images, prompts)
+    scores = metrics.clip_score(clip, images, prompts)
     assert scores == pytest.approx([100, 0, 100, 0], abs=1e-3)         # 100 * max(cos, 0)
-    pick = ev.pick_score(clip, images, prompts)                        # logit_scale * cos
+    pick = metrics.pick_score(clip, images, prompts)                        # logit_scale * cos
     scale = float(clip[0].logit_scale.detach().exp())
     assert pick == pytest.approx([scale, 0, scale, 0], abs=1e-3)
 
@@ -163,14 +166,14 @@ def tiny_dino_dir(tmp_path_factory):
 
 
 def test_structure_distance_through_the_dino_loader(tiny_dino_dir):
-    dino = ev.load_dino(weights=str(tiny_dino_dir.parent))
+    dino = metrics.load_dino(weights=str(tiny_dino_dir.parent))
     assert dino is not None
     x = np.random.default_rng(0).integers(0, 256, (48, 48, 3)).astype(np.uint8)
-    sim = ev.dino_key_self_similarity(dino, x)
+    sim = metrics.dino_key_self_similarity(dino, x)
     assert sim.shape == (17, 17)                                       # CLS + (32 / 8)^2 patches
     assert torch.allclose(sim.diagonal(), torch.ones(17), atol=1e-5)
-    assert ev.structure_distance(dino, x, x) == pytest.approx(0.0, abs=1e-10)
-    assert ev.structure_distance(dino, x, np.ascontiguousarray(x[::-1])) > 1e-6
+    assert metrics.structure_distance(dino, x, x) == pytest.approx(0.0, abs=1e-10)
+    assert metrics.structure_distance(dino, x, np.ascontiguousarray(x[::-1])) > 1e-6
 
 
 # -----------------------------------------------------------------------------
@@ -251,18 +254,18 @@ def test_geneval_layout_and_results(tmp_path):
         folder = run / "geneval" / f"{n:05d}"
         assert [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()] == [meta]
         assert sorted(os.listdir(folder / "samples")) == ["0000.png", "0001.png"]
-        assert np.array_equal(ev.load_image(folder / "samples" / "0001.png"), rendered(specs)[n])
+        assert np.array_equal(metrics.load_image(folder / "samples" / "0001.png"), rendered(specs)[n])
     results = [("single_object", True), ("single_object", False), ("two_object", True), ("counting", False)]
     (run / "geneval_results.jsonl").write_text("".join(
         json.dumps({"filename": "x.png", "tag": t, "correct": c, "reason": ""}) + "\n" for t, c in results))
-    scores = ev.read_geneval(run / "geneval_results.jsonl")
+    scores = metrics.read_geneval(run / "geneval_results.jsonl")
     assert scores == {"geneval_single_object": 0.5, "geneval_two_object": 1.0, "geneval_counting": 0.0,
                       "geneval_mean": pytest.approx(0.5)}
     groups = ev.main(["--runs", str(run), "--json", str(tmp_path / "e.json")])
     assert groups["run"]["metrics"]["geneval_mean"]["values"] == [pytest.approx(0.5)]  # once, not per seed
     assert groups["run"]["n"] == 2
     with pytest.raises(SystemExit, match="no image for GenEval prompt"):
-        ev.write_geneval({}, metadata, str(tmp_path / "empty"))
+        metrics.write_geneval({}, metadata, str(tmp_path / "empty"))
 
 
 def test_pie_bench_background_metrics(tmp_path, tiny_clip_dir):
@@ -279,7 +282,7 @@ def test_pie_bench_background_metrics(tmp_path, tiny_clip_dir):
         source = rng.integers(0, 256, (128, 128, 3)).astype(np.uint8)
         os.makedirs(pie / "annotation_images" / "0_random", exist_ok=True)
         Image.fromarray(source).save(pie / "annotation_images" / path, quality=100)
-        source = ev.load_image(pie / "annotation_images" / path)          # what the jpeg decodes to
+        source = metrics.load_image(pie / "annotation_images" / path)          # what the jpeg decodes to
         edited = source.copy()
         edited[40:90, 40:90] = 255 - edited[40:90, 40:90]                 # inside the edit mask only
         os.makedirs(run / "0_random", exist_ok=True)
@@ -288,22 +291,22 @@ def test_pie_bench_background_metrics(tmp_path, tiny_clip_dir):
         os.makedirs(changed / "annotation_images" / "0_random", exist_ok=True)
         Image.fromarray(edited).save(changed / "annotation_images" / "0_random" / f"{i:012d}.png")
     (pie / "mapping_file.json").write_text(json.dumps(mapping))
-    clip = ev.load_clip("clip", "tiny-clip", weights=str(tiny_clip_dir.parent))
-    items = ev.pie_items(str(pie), str(run))
+    clip = metrics.load_clip("clip", "tiny-clip", weights=str(tiny_clip_dir.parent))
+    items = metrics.pie_items(str(pie), str(run))
     assert [it[4] for it in items] == ["a blue cat", "a blue cat"]
-    clean = ev.edit_metrics(items, clip=clip)
+    clean = metrics.edit_metrics(items, clip=clip)
     assert clean["bg_psnr"] == math.inf and clean["bg_ssim"] == pytest.approx(1.0)
     assert 0 <= clean["clip_edited"] <= 100 and 0 <= clean["clip_whole"] <= 100
-    bad = ev.edit_metrics(ev.pie_items(str(pie), str(changed)))
+    bad = metrics.edit_metrics(metrics.pie_items(str(pie), str(changed)))
     assert set(bad) == {"bg_psnr", "bg_ssim"} and bad["bg_ssim"] < 1.0
     # written out: PSNR of the two images times the background mask, over all pixels
-    src = ev.load_image(items[0][1]) / 255.0
-    out = ev.load_image(changed / "annotation_images" / "0_random" / "000000000000.png") / 255.0
+    src = metrics.load_image(items[0][1]) / 255.0
+    out = metrics.load_image(changed / "annotation_images" / "0_random" / "000000000000.png") / 255.0
     background = np.ones((128, 128, 1))
     background[32:96, 32:96] = 0
     background[0, :] = background[-1, :] = background[:, 0] = background[:, -1] = 0
     mse = (((src - out) * background) ** 2).mean()
-    one = ev.edit_metrics(ev.pie_items(str(pie), str(changed))[:1])
+    one = metrics.edit_metrics(metrics.pie_items(str(pie), str(changed))[:1])
     assert one["bg_psnr"] == pytest.approx(10 * math.log10(1 / mse))
 
 
@@ -347,27 +350,27 @@ def test_distractors_are_hard_negatives():
     records = ev.classifier_records(3)
     for i, record in enumerate(records):
         image = shapes.render(record["spec"], 32, 0)
-        picked = ev.distractors(records, i, image, 3, np.random.default_rng(5))
-        assert picked == ev.distractors(records, i, image, 3, np.random.default_rng(5))   # deterministic
+        picked = classifier.distractors(records, i, image, 3, np.random.default_rng(5))
+        assert picked == classifier.distractors(records, i, image, 3, np.random.default_rng(5))   # deterministic
         assert len(set(picked)) == 3 and record["prompt"] not in picked
         pool = {shapes.caption(s): s for s in shapes.all_specs(record["spec"]["category"])}
         for text in picked:                                   # same category, and false of the image
             spec = pool[text]
-            strict = {**spec, "category": ev.STRICT.get(spec["category"], spec["category"])}
-            assert not shapes.check(image, strict)
+            strict = {**spec, "category": classifier.STRICT.get(spec["category"], spec["category"])}
+            assert not checker.check(image, strict)
     # Real data: other records' prompts, never one of the image's own captions
     records = [{"image": "x.png", "prompt": p, "captions": [p, "a cat"]} for p in ["a cat", "a dog", "a bird", "a cow"]]
     records[1]["captions"] = ["a dog", "a bird"]
     for k in range(5):
-        assert sorted(ev.distractors(records, 1, None, 2, np.random.default_rng(k))) == ["a cat", "a cow"]
+        assert sorted(classifier.distractors(records, 1, None, 2, np.random.default_rng(k))) == ["a cat", "a cow"]
     with pytest.raises(ValueError, match="only 2 distractors"):
-        ev.distractors(records, 1, None, 3, np.random.default_rng(0))
+        classifier.distractors(records, 1, None, 3, np.random.default_rng(0))
     # "a and b" is the same picture as "b and a": never a distractor of it
     record = {"prompt": "a red circle and a blue square",
               "spec": {"category": "two_object", "objects": [{"shape": "circle", "color": "red"},
                                                              {"shape": "square", "color": "blue"}]}}
     image = shapes.render(record["spec"], 32, 0)
-    assert "a blue square and a red circle" not in ev.distractors([record], 0, image, 100, np.random.default_rng(0))
+    assert "a blue square and a red circle" not in classifier.distractors([record], 0, image, 100, np.random.default_rng(0))
 
 
 class OracleDenoiser(torch.nn.Module):
@@ -381,7 +384,7 @@ class OracleDenoiser(torch.nn.Module):
         self.bb = [bb]
         self.keys = models.encode_prompts(bb, [r["prompt"] for r in records])["encoder_hidden_states"].flatten(1)
         # the latents the classifier encodes (the posterior mean of the backbone's autoencoder)
-        self.x0 = models.encode_images(bb, shapes.to_tensor(np.stack(ev.ground_truth_images(records, seed, 32))), mode=True)
+        self.x0 = models.encode_images(bb, shapes.to_tensor(np.stack(classifier.ground_truth_images(records, seed, 32))), mode=True)
 
     def forward(self, x_t, timestep, encoder_hidden_states, return_dict=False, **kwargs):
         bb, out = self.bb[0], torch.zeros_like(x_t)
@@ -426,8 +429,8 @@ def test_a_perfect_oracle_classifies_everything(family, data, tiny_sd3, tmp_path
     real = bb.denoiser
     bb.denoiser = OracleDenoiser(bb, records, seed=3)
     try:
-        errors, captions = ev.classifier_errors(bb, records, n_candidates=4, seed=3)
-        assert ev.classifier_accuracy(bb, records, n_candidates=4, seed=3) == 1.0
+        errors, captions = classifier.classifier_errors(bb, records, n_candidates=4, seed=3)
+        assert classifier.classifier_accuracy(bb, records, n_candidates=4, seed=3) == 1.0
     finally:
         bb.denoiser = real
     assert errors.shape == (len(records), 4) and torch.all(errors[:, 0] < 1e-8)
@@ -437,23 +440,23 @@ def test_a_perfect_oracle_classifies_everything(family, data, tiny_sd3, tmp_path
 
 def test_random_weights_classifier_runs_and_sees_the_tokens(tiny_sd3):
     records = ev.classifier_records(1)
-    acc = ev.classifier_accuracy(tiny_sd3, records, n_candidates=3, seed=0, noise_levels=(0.5,))
-    errors, _ = ev.classifier_errors(tiny_sd3, records, n_candidates=3, seed=0, noise_levels=(0.5,))
+    acc = classifier.classifier_accuracy(tiny_sd3, records, n_candidates=3, seed=0, noise_levels=(0.5,))
+    errors, _ = classifier.classifier_errors(tiny_sd3, records, n_candidates=3, seed=0, noise_levels=(0.5,))
     # by hand: a record counts when its true caption (column 0) has strictly the lowest error
     wins = sum(all(row[0] < e for e in row[1:]) for row in errors.tolist())
     assert errors.shape == (len(records), 3) and acc == pytest.approx(wins / len(records))
-    assert acc == ev.classifier_accuracy(tiny_sd3, records, n_candidates=3, seed=0, noise_levels=(0.5,))
-    plain, _ = ev.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,))
+    assert acc == classifier.classifier_accuracy(tiny_sd3, records, n_candidates=3, seed=0, noise_levels=(0.5,))
+    plain, _ = classifier.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,))
     tokens = softtokens.make_tokens(tiny_sd3, "softrepa")
     with torch.no_grad():
         tokens.tokens.normal_(std=1.0)
     handle = hooks.attach(tiny_sd3.denoiser, tokens)
     try:
-        with_tokens, _ = ev.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,), handle=handle)
+        with_tokens, _ = classifier.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,), handle=handle)
     finally:
         handle.remove()
     assert not torch.allclose(plain, with_tokens)
-    again, _ = ev.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,))
+    again, _ = classifier.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,))
     assert torch.equal(plain, again)                          # removed: the plain model again
 
 
@@ -479,10 +482,10 @@ def test_classifier_column_uses_each_runs_tokens(tmp_path, tiny_sd3, monkeypatch
     records = ev.classifier_records(1)
     handle = ev.token_handle(tiny_sd3, {"tokens": str(tmp_path / "tokens.safetensors"), "variant": "tokens"})
     try:
-        with_tokens = ev.classifier_accuracy(tiny_sd3, records, 3, handle=handle)
+        with_tokens = classifier.classifier_accuracy(tiny_sd3, records, 3, handle=handle)
     finally:
         handle.remove()
-    assert groups["run[plain]"]["metrics"]["classifier"]["mean"] == ev.classifier_accuracy(tiny_sd3, records, 3)
+    assert groups["run[plain]"]["metrics"]["classifier"]["mean"] == classifier.classifier_accuracy(tiny_sd3, records, 3)
     assert groups["run[tokens]"]["metrics"]["classifier"]["mean"] == with_tokens
 
 
@@ -529,8 +532,8 @@ def test_a_text_blind_model_ties_and_scores_zero(tiny_sd3):
     real = tiny_sd3.denoiser
     tiny_sd3.denoiser = TextBlindDenoiser()
     try:
-        errors, _ = ev.classifier_errors(tiny_sd3, records, n_candidates=4)
-        accuracy = ev.classifier_accuracy(tiny_sd3, records, n_candidates=4)
+        errors, _ = classifier.classifier_errors(tiny_sd3, records, n_candidates=4)
+        accuracy = classifier.classifier_accuracy(tiny_sd3, records, n_candidates=4)
     finally:
         tiny_sd3.denoiser = real
     assert torch.all(errors == errors[:, :1]) and accuracy == 0.0

@@ -14,12 +14,13 @@ FAMILIES = ["sd3", "sd1.5", "sdxl"]
 
 def inputs(family, batch=4, seed=0, n_text=7):
     g = torch.Generator().manual_seed(seed)
+    width, pooled = models.text_widths(models.denoiser_config(family, "test"))   # the test-size config's widths
     x = torch.randn(batch, 4, 8, 8, generator=g)
-    cond = {"encoder_hidden_states": torch.randn(batch, n_text, 32, generator=g)}
+    cond = {"encoder_hidden_states": torch.randn(batch, n_text, width, generator=g)}
     if family == "sd3":
-        cond["pooled_projections"] = torch.randn(batch, 16, generator=g)
+        cond["pooled_projections"] = torch.randn(batch, pooled, generator=g)
     if family == "sdxl":
-        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 16, generator=g),
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=g),
                                      "time_ids": torch.randn(batch, 6, generator=g)}
     t = torch.tensor([3.0, 250.0, 999.0, 1000.0])[:batch]
     return x, t, cond
@@ -45,7 +46,7 @@ def layers_for(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remove_restores_bitwise(family):
-    model = models.tiny_denoiser(family)
+    model = models.random_denoiser(family, "test")
     x, t, cond = inputs(family)
     before = run(model, x, t, cond)
     handle = hooks.attach(model, random_tokens(model, layers_for(family)), blocks=("down", "mid", "up"))
@@ -81,7 +82,7 @@ def reference_mmdit(model, x, t, cond, tokens):
 
 
 def test_mmdit_matches_handwritten_algorithm_1():
-    model = models.tiny_denoiser("sd3")
+    model = models.random_denoiser("sd3", "test")
     x, t, cond = inputs("sd3")
     tokens = random_tokens(model, 3)
     handle = hooks.attach(model, tokens)
@@ -93,7 +94,7 @@ def test_mmdit_matches_handwritten_algorithm_1():
 
 
 def test_mmdit_each_layer_token_matters_and_streams_keep_length():
-    model = models.tiny_denoiser("sd3")
+    model = models.random_denoiser("sd3", "test")
     x, t, cond = inputs("sd3")
     tokens = random_tokens(model, 3)
     lengths_in, lengths_out = [], []
@@ -126,7 +127,7 @@ def test_mmdit_each_layer_token_matters_and_streams_keep_length():
 
 def test_mmdit_blocks_past_L_see_no_tokens():
     """Tokens for layers >= L do not exist: with L = 2 the third block's input is the plain stream."""
-    model = models.tiny_denoiser("sd3")
+    model = models.random_denoiser("sd3", "test")
     x, t, cond = inputs("sd3")
     seen = {}
     handle = hooks.attach(model, random_tokens(model, 2))
@@ -149,7 +150,7 @@ def test_mmdit_blocks_past_L_see_no_tokens():
 
 @pytest.mark.parametrize("family,where", [("sd1.5", ("down",)), ("sdxl", ("down", "mid")), ("sd1.5", ("up",))])
 def test_unet_placement_after_bos(family, where):
-    model = models.tiny_denoiser(family)
+    model = models.random_denoiser(family, "test")
     x, t, cond = inputs(family)
     tokens = random_tokens(model, 1)
     handle = hooks.attach(model, tokens, blocks=where)
@@ -180,7 +181,7 @@ def test_unet_placement_after_bos(family, where):
 
 
 def test_unet_layer_count_must_fit_blocks():
-    model = models.tiny_denoiser("sdxl")
+    model = models.random_denoiser("sdxl", "test")
     with pytest.raises(ValueError, match="use 1 \\(shared\\)"):
         hooks.attach(model, random_tokens(model, 5), blocks=("down", "mid"))
 
@@ -190,7 +191,7 @@ def test_unet_layer_count_must_fit_blocks():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_rows_equal_separate_forwards(family):
-    model = models.tiny_denoiser(family)
+    model = models.random_denoiser(family, "test")
     x, t, cond = inputs(family)
     pair = softtokens.PairTokens(layers_for(family), 3, hooks.token_width(model))
     for i, s in enumerate(pair.sets):   # four different sets
@@ -214,7 +215,7 @@ def test_mixed_rows_equal_separate_forwards(family):
 
 
 def test_choice_length_must_match_batch():
-    model = models.tiny_denoiser("sd1.5")
+    model = models.random_denoiser("sd1.5", "test")
     x, t, cond = inputs("sd1.5")
     handle = hooks.attach(model, random_tokens(model, 1))
     with handle.rows(torch.zeros(3, dtype=torch.long)), pytest.raises(ValueError, match="3 rows but the batch has 4"):
@@ -222,7 +223,7 @@ def test_choice_length_must_match_batch():
 
 
 def test_width_mismatch_is_one_line_naming_both_shapes():
-    model = models.tiny_denoiser("sd3")
+    model = models.random_denoiser("sd3", "test")
     wrong = softtokens.SoftTokens(5, 4, 1536)
     with pytest.raises(ValueError) as err:
         hooks.attach(model, wrong)
@@ -235,7 +236,7 @@ def test_width_mismatch_is_one_line_naming_both_shapes():
 
 @pytest.mark.parametrize("family", ["sd3", "sd1.5"])
 def test_only_soft_tokens_get_gradients(family):
-    model = models.tiny_denoiser(family).requires_grad_(False)
+    model = models.random_denoiser(family, "test").requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = random_tokens(model, layers_for(family))
     handle = hooks.attach(model, tokens)
@@ -259,7 +260,7 @@ def test_gradient_checkpointing_gives_same_gradients(family):
     the recomputation must use the tokens of its own forward."""
     grads = []
     for checkpointing in (False, True):
-        model = models.tiny_denoiser(family).requires_grad_(False)
+        model = models.random_denoiser(family, "test").requires_grad_(False)
         if checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -281,7 +282,7 @@ def test_gradient_checkpointing_gives_same_gradients(family):
 
 @pytest.mark.parametrize("family", ["sd3", "sd1.5"])
 def test_bf16_model_with_fp32_tokens(family):
-    model = models.tiny_denoiser(family).to(torch.bfloat16)
+    model = models.random_denoiser(family, "test").to(torch.bfloat16)
     x, t, cond = inputs(family)
     cond = {k: v.to(torch.bfloat16) for k, v in cond.items()}
     tokens = random_tokens(model, layers_for(family))

@@ -81,3 +81,63 @@ def test_index_and_cat_conds_handle_nested_dicts():
     assert picked["added_cond_kwargs"]["time_ids"].flatten().tolist() == [2, 0, 2]
     both = models.cat_conds([cond, picked])
     assert both["added_cond_kwargs"]["time_ids"].shape == (6, 1)
+
+
+def test_random_init_backbone_moves_every_module():
+    """--random-init builds on the CPU in fp32 and then moves the backbone: the autoencoder too (on CUDA
+    a VAE left behind fails at the first encode; here the dtype shows it)."""
+    bb = models.build("tiny-sd3", random_init=True, device="cpu", dtype=torch.bfloat16)
+    assert {m.dtype for m in (bb.denoiser, bb.text_encoder, bb.vae)} == {torch.bfloat16}
+
+
+# A backbone family is one entry of models.FAMILIES: a made-up MM-DiT and a made-up UNet, registered
+# here and nowhere else, go through the real code path (random weights at their "real" size, text
+# features of their shapes, tokens attached, one AGSM training step, sampling) without another edit.
+TOY_FAMILIES = {
+    "toy-dit": dict(models.FAMILIES["sd3"], hub="example/toy-dit", size=64, vae_factor=8, size_multiple=16,
+                    max_size=128, n_tokens=3, token_layers=2, text_tokens=9, test_denoiser=None,
+                    denoiser=dict(sample_size=8, patch_size=2, in_channels=8, out_channels=8, num_layers=3,
+                                  attention_head_dim=8, num_attention_heads=3, joint_attention_dim=40,
+                                  caption_projection_dim=24, pooled_projection_dim=12, pos_embed_max_size=8)),
+    "toy-unet": dict(models.FAMILIES["sd1.5"], hub="example/toy-unet", size=64, vae_factor=8, size_multiple=16,
+                     n_tokens=2, init="normal", text_tokens=11, test_denoiser=None,
+                     denoiser=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                   block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=20,
+                                   attention_head_dim=2, norm_num_groups=4)),
+}
+
+
+@pytest.mark.parametrize("name", list(TOY_FAMILIES))
+def test_a_new_family_is_one_table_entry(monkeypatch, name):
+    import bench
+    import hooks
+    import sampler
+    import softtokens
+    import step
+    from types import SimpleNamespace
+    monkeypatch.setitem(models.FAMILIES, name, TOY_FAMILIES[name])
+    bb = models.random_backbone(name)
+    assert models.feature_shapes(name)[1] == (TOY_FAMILIES[name]["text_tokens"], models.text_widths(bb.denoiser.config)[0])
+    tokens = softtokens.make_tokens(bb, "agsm")
+    handle = hooks.attach(bb.denoiser, tokens.sets, blocks=bb.facts["token_blocks"])
+    with torch.no_grad():
+        tokens.pos.tokens.normal_()
+    batch = bench.random_batch(bb, 2, 64)
+    x0, cond = step.encode_batch(bb, batch)
+    x_t, timesteps, _ = step.draw_noise(bb, x0, 0, 0, 0)
+    with torch.no_grad():
+        with_tokens = models.denoise(bb, x_t, timesteps, cond)
+        with handle.rows(torch.full((2,), -1)):
+            plain = models.denoise(bb, x_t, timesteps, cond)
+    assert with_tokens.shape == x0.shape and (with_tokens - plain).abs().max() > 1e-4
+    recipe = SimpleNamespace(**step.default_recipe(name, "agsm", steps=10))
+    opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = tokens.pos.tokens.detach().clone()
+    stats = step.train_step(bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0)
+    assert not stats.get("diverged") and not torch.equal(before, tokens.pos.tokens)
+    x = sampler.sample_loop(bb, torch.randn(1, *models.latent_shape(bb)), models.random_text(bb, 1, 0),
+                            models.random_text(bb, 1, 1), 2, 2.0, handle)
+    assert x.shape == (1,) + models.latent_shape(bb) and torch.isfinite(x).all()
+    handle.remove()

@@ -18,6 +18,7 @@ import models
 import sample
 import softtokens
 import tiny_pipelines
+import sampler
 
 torch.set_num_threads(1)
 TINY = ["tiny-sd3", "tiny-sd1.5"]
@@ -109,14 +110,14 @@ def fp32_sampler_tolerance(bb, steps, cfg, per_forward_ulps=64):
 def test_generate_matches_written_out_sampler(name):
     bb = models.build_tiny(name)
     prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
-    got = sample.generate(bb, prompts, seeds, steps=3, cfg=4.0, size=16)
+    got = sampler.generate(bb, prompts, seeds, steps=3, cfg=4.0, size=16)
     want = reference_sample(bb, prompts, seeds, 3, 4.0, 16)
     # The two loops do the same arithmetic, but not in the same batch layout (the sampler runs the
     # unconditional and conditional branches in one batch), so BLAS may sum in another order: the
     # results agree to fp32 rounding, amplified by the sampler, not bit for bit.
     tolerance = fp32_sampler_tolerance(bb, 3, 4.0)
     assert (got - want).abs().max() <= tolerance, ((got - want).abs().max(), tolerance)
-    assert sample.ddim_timesteps(50)[0] == 981 and sample.ddim_timesteps(50)[-1] == 1
+    assert sampler.ddim_timesteps(50)[0] == 981 and sampler.ddim_timesteps(50)[-1] == 1
 
 
 def test_predict_token_rows_are_per_row():
@@ -124,12 +125,12 @@ def test_predict_token_rows_are_per_row():
     bb = models.build_tiny("tiny-sd3")
     x = torch.randn(2, *models.latent_shape(bb, 16))
     cond, uncond = models.encode_prompts(bb, ["a red circle"] * 2), models.encode_prompts(bb, [""] * 2)
-    plain = sample.predict(bb, x, 500.0, cond, uncond, 4.0)
+    plain = sampler.predict(bb, x, 500.0, cond, uncond, 4.0)
     handle = hooks.attach(bb.denoiser, strong_tokens(bb))
     try:
-        both = sample.predict(bb, x, 500.0, cond, uncond, 4.0, handle)
-        mixed = sample.predict(bb, x, 500.0, cond, uncond, 4.0, handle, cond_set=torch.tensor([-1, 0]))
-        none_cfg1 = sample.predict(bb, x, 500.0, cond, uncond, 1.0, handle, cond_set=-1)
+        both = sampler.predict(bb, x, 500.0, cond, uncond, 4.0, handle)
+        mixed = sampler.predict(bb, x, 500.0, cond, uncond, 4.0, handle, cond_set=torch.tensor([-1, 0]))
+        none_cfg1 = sampler.predict(bb, x, 500.0, cond, uncond, 1.0, handle, cond_set=-1)
     finally:
         handle.remove()
     assert tolerances.close(mixed[0], plain[0]) and tolerances.close(mixed[1], both[1])
@@ -163,9 +164,9 @@ def test_tokens_change_image_and_no_tokens_reproduce_plain(tmp_path, name):
     assert [r["variant"] for r in records] == ["plain", "tokens"]
     assert np.array_equal(both[0], plain[0]) and np.array_equal(both[1], with_tokens[0])
     # bit for bit below the 8-bit PNG as well
-    image = sample.generate(bb, ["a red circle"], [0], steps=2, size=16)
-    handle = sample.attach_tokens(bb, [strong_tokens(bb, n_tokens=0)])
-    assert torch.equal(sample.generate(bb, ["a red circle"], [0], steps=2, size=16, handle=handle), image)
+    image = sampler.generate(bb, ["a red circle"], [0], steps=2, size=16)
+    handle = softtokens.attach_tokens(bb, [strong_tokens(bb, n_tokens=0)])
+    assert torch.equal(sampler.generate(bb, ["a red circle"], [0], steps=2, size=16, handle=handle), image)
     handle.remove()
 
 
@@ -250,7 +251,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
 def test_tokens_that_do_not_fit_fail_in_one_line():
     bb = models.build_tiny("tiny-sd3")
     with pytest.raises(SystemExit, match="cannot attach these tokens to tiny-sd3"):
-        sample.attach_tokens(bb, [softtokens.SoftTokens(2, 4, 64)])
+        softtokens.attach_tokens(bb, [softtokens.SoftTokens(2, 4, 64)])
 
 
 def test_size_facts_match_the_models():
@@ -259,7 +260,7 @@ def test_size_facts_match_the_models():
     f = models.FAMILIES
     assert (f["sd3"]["size_multiple"], f["sd3"]["max_size"]) == (8 * 2, 8 * 2 * 192)
     assert (f["sd1.5"]["size_multiple"], f["sdxl"]["size_multiple"]) == (8 * 2 ** 3, 8 * 2 ** 2)
-    tiny = models.TINY_DENOISER_CONFIGS
+    tiny = {name: f[name]["denoiser"] for name in ("tiny-sd3", "tiny-sd1.5")}
     assert f["tiny-sd3"]["size_multiple"] == f["tiny-sd3"]["vae_factor"] * tiny["tiny-sd3"]["patch_size"]
     assert f["tiny-sd3"]["max_size"] == f["tiny-sd3"]["vae_factor"] * tiny["tiny-sd3"]["patch_size"] * tiny["tiny-sd3"]["pos_embed_max_size"]
     assert f["tiny-sd1.5"]["size_multiple"] == f["tiny-sd1.5"]["vae_factor"] * 2 ** (len(tiny["tiny-sd1.5"]["block_out_channels"]) - 1)
@@ -272,12 +273,12 @@ def test_size_facts_match_the_models():
 
 @pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")
 def test_released_softrepa_folder_reads():
-    (sd3,), info = sample.read_tokens(os.path.join(RELEASED, "sd3"), "sd3")
+    (sd3,), info = softtokens.read_tokens(os.path.join(RELEASED, "sd3"), "sd3")
     assert sd3.shape == (5, 4, 1536) and sd3.time_table is not None and info["token_set"] == "softrepa"
-    (sdxl,), _ = sample.read_tokens(os.path.join(RELEASED, "sdxl"), "sdxl")
+    (sdxl,), _ = softtokens.read_tokens(os.path.join(RELEASED, "sdxl"), "sdxl")
     assert sdxl.shape == (1, 4, 2048) and sdxl.time_table is None
     with pytest.raises(SystemExit, match="pair-token file"):
-        sample.read_tokens(os.path.join(RELEASED, "sd1.5"), "sd1.5", neg_uncond=True)
+        softtokens.read_tokens(os.path.join(RELEASED, "sd1.5"), "sd1.5", neg_uncond=True)
 
 
 # -----------------------------------------------------------------------------
@@ -303,30 +304,3 @@ def test_stock_sd3_pipeline_with_tokens(tmp_path):
     after = draw()
     assert (with_tokens - before).abs().max() > 1e-5
     assert torch.equal(after, before)
-
-
-# -----------------------------------------------------------------------------
-# Efficiency
-
-def test_bench_measures_both_variants(tmp_path):
-    bb = models.build_tiny("tiny-sd3")
-    result = sample.bench(bb, [strong_tokens(bb)], steps=1, cfg=4.0, size=16, batch=1, repeats=1, progress=False)
-    assert result["latency_plain_s"] > 0 and result["latency_tokens_s"] > 0
-    # activations of a whole sampler step are counted: at least the 2 x 3 x 16 x 16 CFG batch
-    assert result["activations_plain_mb"] * 2 ** 20 >= 2 * 3 * 16 * 16 * 4
-    assert result["activations_tokens_mb"] >= result["activations_plain_mb"] * 0.5
-    weights = sum(p.numel() for p in bb.denoiser.parameters()) * 4 / 2 ** 20
-    assert result["weights_mb"] == pytest.approx(weights)
-    assert result["peak_memory_plain_mb"] == pytest.approx(weights + result["activations_plain_mb"])
-    cli = sample.main(["--model", "tiny-sd1.5", "--random-init", "--bench", "--steps", "1", "--size", "16",
-                       "--batch", "1", "--repeats", "1"])
-    assert cli["model"] == "tiny-sd1.5" and cli["token_shape"] == [1, 4, 128]
-
-
-def test_random_init_backbone_moves_every_module():
-    """--random-init builds on the CPU in fp32 and then moves the backbone: the autoencoder too (on CUDA
-    a VAE left behind fails at the first encode; here the dtype shows it)."""
-    args = sample.parse_args(["--model", "tiny-sd3", "--random-init", "--prompt", "a", "--device", "cpu",
-                              "--dtype", "bfloat16"])
-    bb = sample.load_backbone(args)
-    assert {m.dtype for m in (bb.denoiser, bb.text_encoder, bb.vae)} == {torch.bfloat16}

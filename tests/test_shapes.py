@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import shapes
+import checker
 
 
 def test_checker_scores_100_on_rendered_images():
@@ -18,21 +19,21 @@ def test_checker_scores_100_on_rendered_images():
         rng = np.random.default_rng(seed)
         specs = [shapes.random_spec(rng, c) for c in shapes.CATEGORIES for _ in range(50)]
         images = [shapes.render(s, 32, rng) for s in specs]
-        assert shapes.score(images, specs) == {**{c: 1.0 for c in shapes.CATEGORIES}, "mean": 1.0}
+        assert checker.score(images, specs) == {**{c: 1.0 for c in shapes.CATEGORIES}, "mean": 1.0}
     tensors = shapes.to_tensor(np.stack(images[::10]))
-    assert all(shapes.check(t, s) for t, s in zip(tensors, specs[::10]))
+    assert all(checker.check(t, s) for t, s in zip(tensors, specs[::10]))
     # A larger canvas: geometry and thresholds scale with size.
     rng = np.random.default_rng(7)
     for c in shapes.CATEGORIES:
         spec = shapes.random_spec(rng, c)
-        assert shapes.check(shapes.render(spec, 64, rng), spec), spec
+        assert checker.check(shapes.render(spec, 64, rng), spec), spec
 
 
 def test_checker_scores_100_on_shipped_eval_set():
     items = shapes.load_eval_set()
     specs = [it["spec"] for it in items]
     images = [shapes.render(s, 32, i) for i, s in enumerate(specs)]
-    result = shapes.score(images, specs)
+    result = checker.score(images, specs)
     assert result["mean"] == 1.0, result
 
 
@@ -40,17 +41,17 @@ def test_checker_rejects_gaussian_noise():
     items = shapes.load_eval_set()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(len(items), 3, 32, 32, generator=g).clamp(-1, 1)
-    result = shapes.score(noise, [it["spec"] for it in items])
+    result = checker.score(noise, [it["spec"] for it in items])
     assert set(result) == set(shapes.CATEGORIES) | {"mean"}
     assert all(v <= 0.05 for v in result.values()), result
 
 
 def test_detect_finds_the_rendered_objects():
     spec = {"category": "counting", "objects": [{"shape": "triangle", "color": "white"}], "count": 4}
-    found = shapes.detect(shapes.render(spec, 32, 3))
+    found = checker.detect(shapes.render(spec, 32, 3))
     assert len(found) == 4
     assert all(o["shape"] == "triangle" and o["color"] == "white" and o["area"] >= 12 for o in found)
-    assert shapes.detect(np.zeros((32, 32, 3), np.uint8)) == []
+    assert checker.detect(np.zeros((32, 32, 3), np.uint8)) == []
 
 
 def paint(objects, size=32):
@@ -67,7 +68,7 @@ def test_relations_mean_what_they_say():
     red_square, blue_circle = {"shape": "square", "color": "red"}, {"shape": "circle", "color": "blue"}
     for relation, truth in [("left of", True), ("above", True), ("right of", False), ("below", False)]:
         spec = {"category": "position", "objects": [red_square, blue_circle], "relation": relation}
-        assert shapes.check(image, spec) == truth, relation
+        assert checker.check(image, spec) == truth, relation
 
 
 def test_extra_object_of_another_colour_fails_counting():
@@ -75,26 +76,26 @@ def test_extra_object_of_another_colour_fails_counting():
     # counts the class, so there are three squares, not two.
     image = paint([("square", "green", 2, 2, 8), ("square", "green", 20, 2, 8), ("square", "red", 2, 20, 8)])
     spec = {"category": "counting", "objects": [{"shape": "square", "color": "green"}], "count": 2}
-    assert not shapes.check(image, spec)
-    assert shapes.check(image[:, :, :] * (image[:, :, 0:1] == 0), spec)  # red one removed
+    assert not checker.check(image, spec)
+    assert checker.check(image[:, :, :] * (image[:, :, 0:1] == 0), spec)  # red one removed
 
 
 def test_wrong_colour_fails_colors():
     image = shapes.render({"category": "colors", "objects": [{"shape": "circle", "color": "red"}]}, 32, 0)
-    assert shapes.check(image, {"category": "colors", "objects": [{"shape": "circle", "color": "red"}]})
-    assert not shapes.check(image, {"category": "colors", "objects": [{"shape": "circle", "color": "blue"}]})
-    assert not shapes.check(image, {"category": "colors", "objects": [{"shape": "square", "color": "red"}]})
+    assert checker.check(image, {"category": "colors", "objects": [{"shape": "circle", "color": "red"}]})
+    assert not checker.check(image, {"category": "colors", "objects": [{"shape": "circle", "color": "blue"}]})
+    assert not checker.check(image, {"category": "colors", "objects": [{"shape": "square", "color": "red"}]})
     # single_object only asks for the shape, so the colour does not matter there.
-    assert shapes.check(image, {"category": "single_object", "objects": [{"shape": "circle", "color": "blue"}]})
+    assert checker.check(image, {"category": "single_object", "objects": [{"shape": "circle", "color": "blue"}]})
 
 
 def test_wrong_count_fails_counting():
     obj = {"shape": "square", "color": "green"}
     for seed in range(10):
         image = shapes.render({"category": "counting", "objects": [obj], "count": 3}, 32, seed)
-        assert shapes.check(image, {"category": "counting", "objects": [obj], "count": 3})
-        assert not shapes.check(image, {"category": "counting", "objects": [obj], "count": 2})
-        assert not shapes.check(image, {"category": "counting", "objects": [obj], "count": 4})
+        assert checker.check(image, {"category": "counting", "objects": [obj], "count": 3})
+        assert not checker.check(image, {"category": "counting", "objects": [obj], "count": 2})
+        assert not checker.check(image, {"category": "counting", "objects": [obj], "count": 4})
 
 
 def test_swapped_relation_fails_position():
@@ -105,9 +106,9 @@ def test_swapped_relation_fails_position():
         image = shapes.render(spec, 32, rng)
         flipped = {**spec, "relation": opposite[spec["relation"]]}
         swapped_objects = {**spec, "objects": spec["objects"][::-1]}
-        assert shapes.check(image, spec)
-        assert not shapes.check(image, flipped)
-        assert not shapes.check(image, swapped_objects)
+        assert checker.check(image, spec)
+        assert not checker.check(image, flipped)
+        assert not checker.check(image, swapped_objects)
 
 
 def test_swapped_colours_fail_color_attr():
@@ -118,17 +119,17 @@ def test_swapped_colours_fail_color_attr():
         swapped = copy.deepcopy(spec)
         a, b = swapped["objects"]
         a["color"], b["color"] = b["color"], a["color"]
-        assert shapes.check(image, spec)
-        assert not shapes.check(image, swapped)
+        assert checker.check(image, spec)
+        assert not checker.check(image, swapped)
         # two_object only asks that both shapes are there, so it still passes.
-        assert shapes.check(image, {**swapped, "category": "two_object"})
+        assert checker.check(image, {**swapped, "category": "two_object"})
 
 
 def test_missing_object_fails_two_object():
     image = shapes.render({"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}, 32, 0)
     spec = {"category": "two_object", "objects": [{"shape": "circle", "color": "red"},
                                                    {"shape": "square", "color": "red"}]}
-    assert not shapes.check(image, spec)
+    assert not checker.check(image, spec)
 
 
 def test_tokenize_empty_prompt_and_round_trip():
@@ -183,7 +184,7 @@ def test_stream_is_reproducible():
     assert a[0][1] != c[0][1]
     images, _, specs = next(shapes.stream(0, batch_size=6, categories=["position"]))
     assert all(s["category"] == "position" for s in specs)
-    assert all(shapes.check(im, s) for im, s in zip(images, specs))
+    assert all(checker.check(im, s) for im, s in zip(images, specs))
 
 
 def test_shipped_eval_set_is_consistent():
@@ -221,7 +222,7 @@ def test_verdicts_hold_under_model_like_perturbations():
         spec = shapes.random_spec(rng, shapes.CATEGORIES[i % 6])
         image = shapes.render(spec, rng=rng)
         for name, bad in perturbations(image, rng).items():
-            failures.setdefault(name, []).append(not shapes.check(bad, spec))
+            failures.setdefault(name, []).append(not checker.check(bad, spec))
     rates = {k: float(np.mean(v)) for k, v in failures.items()}
     assert all(r <= 0.05 for r in rates.values()), rates
 
@@ -231,7 +232,7 @@ def test_an_object_a_pixel_smaller_or_larger_keeps_its_shape():
         for side in range(shapes.OBJ_MIN - 1, shapes.OBJ_MAX + 2):   # one px beyond the renderer's range
             canvas = np.zeros((32, 32, 3), dtype=np.uint8)
             canvas[4:4 + side, 4:4 + side][shapes.shape_mask(shape, side)] = shapes.PALETTE["red"]
-            found = shapes.detect(canvas)
+            found = checker.detect(canvas)
             assert [o["shape"] for o in found] == [shape], (shape, side, found)
 
 
@@ -267,15 +268,15 @@ def test_dev_set_is_fixed_and_avoids_eval_prompts_where_it_can():
         unseen = [s for s in shapes.all_specs(category) if shapes.caption(s) not in seen]
         assert len(prompts) == shapes.DEV_N_PER_CATEGORY
         assert len({p for p in prompts if p not in seen}) == min(len(prompts), len(unseen))
-    dev_seeds = {s for _, s in shapes.protocol_seeds(len(dev), which="dev")}
-    eval_seeds = {s for _, s in shapes.protocol_seeds(len(evaluation), which="eval")}
+    dev_seeds = {s for _, s in checker.protocol_seeds(len(dev), which="dev")}
+    eval_seeds = {s for _, s in checker.protocol_seeds(len(evaluation), which="eval")}
     assert not dev_seeds & eval_seeds
 
 
 def test_protocol_seeds_follow_the_rule():
-    pairs = shapes.protocol_seeds(3, samples=4)
+    pairs = checker.protocol_seeds(3, samples=4)
     assert pairs[:5] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 4)] and pairs[-1] == (2, 11)
-    assert shapes.protocol_seeds(1, which="dev")[0] == (0, 1_000_000)
+    assert checker.protocol_seeds(1, which="dev")[0] == (0, 1_000_000)
 
 
 def test_protocol_scores_and_intervals_by_hand():
@@ -286,7 +287,7 @@ def test_protocol_scores_and_intervals_by_hand():
         right = shapes.render(spec, rng=i)
         wrong = np.zeros_like(right)
         images += [right if (k < i % 4 or spec["category"] == "colors") else wrong for k in range(4)]
-    scores = shapes.protocol_scores(images, specs, samples=4, resamples=500)
+    scores = checker.protocol_scores(images, specs, samples=4, resamples=500)
     assert scores["single_object"][0] == pytest.approx(np.mean([0, 0.25, 0.5, 0.75]))
     assert scores["colors"] == (1.0, 1.0, 1.0)                            # no spread: a zero-width interval
     assert scores["mean"][0] == pytest.approx((0.375 + 1) / 2)
@@ -294,18 +295,18 @@ def test_protocol_scores_and_intervals_by_hand():
     assert 0 <= low < 0.375 < high <= 0.75                                # bounded by the prompt scores
     assert scores["overcount_single"] == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError):
-        shapes.protocol_scores(images[:-1], specs)
+        checker.protocol_scores(images[:-1], specs)
 
 
 def test_overcount_counts_extra_objects():
     spec = {"category": "counting", "objects": [{"shape": "circle", "color": "red"}], "count": 2}
     three = shapes.render(dict(spec, count=3), rng=0)
     two = shapes.render(spec, rng=0)
-    assert shapes.overcount(three, spec) is True and shapes.overcount(two, spec) is False
+    assert checker.overcount(three, spec) is True and checker.overcount(two, spec) is False
     single = {"category": "single_object", "objects": [{"shape": "square", "color": "blue"}]}
     twice = shapes.render(dict(single, category="counting", count=2), rng=1)
-    assert shapes.overcount(twice, single) is True and shapes.overcount(shapes.render(single, rng=1), single) is False
-    assert shapes.overcount(two, {"category": "colors", "objects": spec["objects"]}) is None
+    assert checker.overcount(twice, single) is True and checker.overcount(shapes.render(single, rng=1), single) is False
+    assert checker.overcount(two, {"category": "colors", "objects": spec["objects"]}) is None
 
 
 def test_checker_agrees_with_the_hand_checked_generated_images():
@@ -317,7 +318,7 @@ def test_checker_agrees_with_the_hand_checked_generated_images():
     from PIL import Image
     folder = os.path.join(os.path.dirname(__file__), "data", "handchecked")
     labels = json.load(open(os.path.join(folder, "labels.json")))
-    verdicts = [shapes.check(np.asarray(Image.open(os.path.join(folder, l["file"])).convert("RGB")), l["spec"])
+    verdicts = [checker.check(np.asarray(Image.open(os.path.join(folder, l["file"])).convert("RGB")), l["spec"])
                 for l in labels]
     agree = sum(v == l["by_eye"] for v, l in zip(verdicts, labels))
     accepted_wrongly = sum(v and not l["by_eye"] for v, l in zip(verdicts, labels))

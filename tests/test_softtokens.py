@@ -40,7 +40,7 @@ def test_parameter_count_matches_paper_sd3():
 def test_tokens_for_rows_zeroes_unused_rows():
     sets = [softtokens.SoftTokens(1, 2, 4) for _ in range(2)]
     t = torch.tensor([10.0, 20.0, 30.0])
-    tokens, used = softtokens.tokens_for_rows(sets, t, torch.tensor([1, -1, 0]))
+    tokens, used = hooks.tokens_for_rows(sets, t, torch.tensor([1, -1, 0]))
     torch.testing.assert_close(tokens[0], sets[1](t)[0])
     torch.testing.assert_close(tokens[2], sets[0](t)[2])
     assert used.tolist() == [True, False, True] and tokens[1].abs().sum() == 0
@@ -233,7 +233,7 @@ def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
     del model
 
     sd15 = softtokens.import_softrepa(os.path.join(RELEASED, "sd1.5"), "sd1.5")
-    unet = models.tiny_denoiser("sd1.5", cross_attention_dim=768)
+    unet = models.random_denoiser("sd1.5", "test", cross_attention_dim=768)
     cond = {"encoder_hidden_states": torch.randn(1, 7, 768)}
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():

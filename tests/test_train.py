@@ -16,6 +16,8 @@ import models
 import sample
 import shapes
 import train
+import classifier
+import softtokens
 
 FAST = ["--random-init", "--batch", "2", "--threads", "1", "--workers", "1"]
 
@@ -182,12 +184,12 @@ def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
     assert log[1]["heldout_acc"] == ""
     # the logged held-out accuracy at step 2 is that of the saved tokens, recomputed here
     bb = models.build_tiny("tiny-sd1.5", seed=0)
-    sets, info = sample.read_tokens(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5")
-    handle = sample.attach_tokens(bb, sets, info["blocks"])
+    sets, info = softtokens.read_tokens(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5")
+    handle = softtokens.attach_tokens(bb, sets, info["blocks"])
     records = [r for c in shapes.CATEGORIES for r in [r for r in shapes.load_dev_set()
                                                      if r["spec"]["category"] == c][:1]]
     try:
-        expected = evaluation.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
+        expected = classifier.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
     finally:
         handle.remove()
     assert float(log[2]["heldout_acc"]) == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,456 @@
+"""
+metrics.py: the image metrics of both papers' tables, each behind a small adapter (SoftREPA Tables 1-2,
+AGSM Tables 1-2): eval.py runs them over folders of images.
+
+  clip          CLIP score, 100 * max(cos, 0), ViT-L/14 (torchmetrics' CLIPScore definition)
+  pickscore     PickScore_v1 (CLIP-H), logit_scale * cos
+  imagereward   ImageReward-v1.0;  hps: HPSv2.1
+  fid, lpips    FID against reference images (Inception pool3, pytorch-fid's weights, the papers' ref.
+                [34]); LPIPS of each image against the reference image of the same file name (the papers
+                do not say what their COCO LPIPS compares with; this pairing is our reading)
+  edit          PIE-Bench: CLIP edited region / whole, background PSNR / LPIPS / SSIM outside the edit
+                mask and DINO structure distance, as PIE-Bench's own evaluate.py computes them
+  geneval       GenEval's folder layout out, its scorer's results back
+FID's Frechet distance, PSNR and SSIM are written out here. Each loader returns the scorer, or None after
+one line saying why it is skipped. CLIP score and PickScore are both CLIP models: scored here with
+transformers (one code path for both, and testable with tiny local models). HPSv2.1 is an open_clip
+ViT-H-14 with the HPS weights: the hpsv2 package pins pytest==7.2.0 and protobuf<4 (it would downgrade
+this project's test runner) and first downloads the 4 GB LAION weights that the HPS checkpoint then
+overwrites, so its ten-line score() is repeated on open_clip. ImageReward (BLIP) and LPIPS use their
+packages; Inception uses pytorch-fid, the code the papers cite for FID.
+"""
+import glob
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+
+HUB = dict(clip="openai/clip-vit-large-patch14", pickscore="yuvalkirstain/PickScore_v1",
+           pick_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", dino="facebook/dino-vitb8",
+           hps=("xswu/HPSv2", "HPS_v2.1_compressed.pt"), imagereward="ImageReward-v1.0")
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_image(path):
+    """uint8 (H, W, 3), with a one-line error that says what to do."""
+    return data.read_image(path, fix="re-sample it, or drop its line from records.jsonl")
+
+
+def to_pil(image):
+    from PIL import Image
+    return Image.fromarray(image)
+
+
+def list_images(folder):
+    return sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_EXT))
+
+
+# -----------------------------------------------------------------------------
+# Written out: Frechet distance, PSNR, SSIM, PIE-Bench's mask RLE
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) between N(mu1, S1) and N(mu2, S2).
+    S1 S2 is not symmetric, but it is similar to M = S1^(1/2) S2 S1^(1/2) (symmetric PSD), so
+    tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(M)): two eigh calls, no complex sqrtm."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    lam = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    cross = np.sqrt(np.clip(lam, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
+
+
+def fid_from_features(a, b):
+    """FID between two feature sets (N, D): Gaussians with the sample mean and covariance (ddof 1)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def psnr(x, y, data_range=1.0):
+    """10 log10(range^2 / MSE) over all pixels (torchmetrics' PeakSignalNoiseRatio, as PIE-Bench)."""
+    mse = float(((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+
+
+def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
+    """SSIM of two (H, W, C) images: Gaussian 11x11 (sigma 1.5) local statistics, mean over the windows
+    that fit in the image and over channels (torchmetrics' StructuralSimilarityIndexMeasure):
+    SSIM = (2 mu_x mu_y + C1)(2 cov_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2))."""
+    t = lambda a: torch.as_tensor(np.asarray(a, np.float64)).permute(2, 0, 1).unsqueeze(1)  # noqa: E731
+    x, y = t(x), t(y)                                                           # (C, 1, H, W)
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).view(1, 1, window, window)
+    blur = lambda a: F.conv2d(a, kernel)  # noqa: E731  valid windows only
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def mask_decode(rle, shape=(512, 512)):
+    """PIE-Bench's mask: (start, length) pairs over the flattened image, 1 = edited region. Like its
+    evaluate.py, the one-pixel border counts as edited ("to avoid annotation errors in boundary")."""
+    mask = np.zeros(shape[0] * shape[1], np.float32)
+    for start, length in zip(rle[0::2], rle[1::2]):
+        mask[start:start + length] = 1
+    mask = mask.reshape(shape)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
+    return mask
+
+
+# -----------------------------------------------------------------------------
+# Metric models
+
+
+def skip(metric, why):
+    print(f"{metric}: skipped ({why})")
+
+
+def source(hub_id, weights):
+    """A hub id, or with --weights DIR only DIR/<hub id> or DIR/<its last part> (None if absent)."""
+    if weights is None:
+        return hub_id
+    for path in (os.path.join(weights, hub_id), os.path.join(weights, hub_id.split("/")[-1])):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_clip(metric, model_id, weights=None, processor_id=None, device="cpu"):
+    """(CLIPModel, CLIPProcessor) from the hub or a local folder, or None."""
+    from transformers import CLIPModel, CLIPProcessor
+    model_src, proc_src = source(model_id, weights), source(processor_id or model_id, weights)
+    if model_src is None or proc_src is None:
+        return skip(metric, f"--weights {weights} holds no {model_id if model_src is None else processor_id}")
+    try:
+        model = CLIPModel.from_pretrained(model_src).to(device).eval()
+        return model, CLIPProcessor.from_pretrained(proc_src)
+    except (OSError, ValueError) as e:
+        return skip(metric, f"cannot load {model_src}: {type(e).__name__}; offline, pass --weights DIR")
+
+
+@torch.no_grad()
+def clip_cosines(clip, images, prompts, batch=32):
+    """cos(image_i, prompt_i) of a CLIP model for uint8 (H, W, 3) images; and the model's logit scale."""
+    model, processor = clip
+    device, out = next(model.parameters()).device, []
+    max_len = model.config.text_config.max_position_embeddings
+    for i in range(0, len(images), batch):
+        inputs = processor(text=list(prompts[i:i + batch]), images=[to_pil(im) for im in images[i:i + batch]],
+                           return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+        o = model(**{k: v.to(device) for k, v in inputs.items()})
+        out.append((o.image_embeds * o.text_embeds).sum(-1).float().cpu())   # both are L2-normalised
+    return torch.cat(out), float(model.logit_scale.detach().exp())
+
+
+def clip_score(clip, images, prompts):
+    cos, _ = clip_cosines(clip, images, prompts)
+    return (100 * cos.clamp(min=0)).tolist()
+
+
+def pick_score(pick, images, prompts):
+    cos, scale = clip_cosines(pick, images, prompts)
+    return (scale * cos).tolist()
+
+
+def load_hps(weights=None, device="cpu"):
+    try:
+        import open_clip
+    except ImportError:
+        return skip("hps", "missing package open-clip-torch: pip install -r requirements-eval.txt")
+    repo, filename = HUB["hps"]
+    try:
+        if weights is not None:
+            path = os.path.join(weights, filename)
+            if not os.path.exists(path):
+                return skip("hps", f"no {path}")
+        else:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(repo, filename)
+        model, _, preprocess = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    except (OSError, ValueError) as e:
+        return skip("hps", f"cannot load {repo}/{filename}: {type(e).__name__}; offline, pass --weights DIR")
+    return model.to(device).eval(), preprocess, open_clip.get_tokenizer("ViT-H-14")
+
+
+@torch.no_grad()
+def hps_score(hps, images, prompts, batch=16):
+    """HPSv2: cosine of open_clip's normalised image and text features (hpsv2.score's diagonal)."""
+    model, preprocess, tokenizer = hps
+    device, out = next(model.parameters()).device, []
+    for i in range(0, len(images), batch):
+        pixels = torch.stack([preprocess(to_pil(im)) for im in images[i:i + batch]]).to(device)
+        image_features = model.encode_image(pixels, normalize=True)
+        text_features = model.encode_text(tokenizer(list(prompts[i:i + batch])).to(device), normalize=True)
+        out += (image_features * text_features).sum(-1).float().cpu().tolist()
+    return out
+
+
+def load_imagereward(weights=None, device="cpu"):
+    try:
+        import ImageReward
+    except ImportError as e:
+        return skip("imagereward", f"cannot import image-reward ({e}); see requirements-eval.txt")
+    try:
+        if weights is None:
+            return ImageReward.load(HUB["imagereward"], device=device)
+        path, config = os.path.join(weights, "ImageReward.pt"), os.path.join(weights, "med_config.json")
+        if not (os.path.exists(path) and os.path.exists(config)):
+            return skip("imagereward", f"--weights {weights} holds no ImageReward.pt + med_config.json")
+        return ImageReward.load(path, device=device, med_config=config)
+    except (OSError, ValueError, RuntimeError) as e:
+        return skip("imagereward", f"cannot load {HUB['imagereward']}: {type(e).__name__}")
+
+
+@torch.no_grad()
+def imagereward_score(model, images, prompts):
+    return [float(model.score(p, to_pil(im))) for im, p in zip(images, prompts)]
+
+
+def hub_checkpoint(weights, prefix):
+    """torchvision / pytorch-fid download into <torch hub dir>/checkpoints/: with --weights DIR that dir
+    is DIR, and the file must already be there (no download)."""
+    if weights is None:
+        return True
+    torch.hub.set_dir(weights)
+    return bool(glob.glob(os.path.join(weights, "checkpoints", prefix + "*")))
+
+
+def load_inception(weights=None, device="cpu"):
+    try:
+        from pytorch_fid.inception import InceptionV3
+    except ImportError:
+        return skip("fid", "missing package pytorch-fid: pip install -r requirements-eval.txt")
+    if not hub_checkpoint(weights, "pt_inception-2015-12-05"):
+        return skip("fid", f"no {weights}/checkpoints/pt_inception-2015-12-05-6726825d.pth")
+    try:   # the 2048-d pool3 features of the TF-ported FID Inception (pt_inception-2015-12-05)
+        return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        return skip("fid", f"cannot load the FID Inception weights: {type(e).__name__}; offline, put "
+                           f"pt_inception-2015-12-05-6726825d.pth in --weights DIR/checkpoints/")
+
+
+@torch.no_grad()
+def inception_features(model, paths, batch=50):
+    device, out = next(model.parameters()).device, []
+    for i in tqdm(range(0, len(paths), batch), desc="inception", leave=False):
+        x = torch.stack([torch.from_numpy(load_image(p).copy()).permute(2, 0, 1) for p in paths[i:i + batch]])
+        out.append(model(x.float().div(255).to(device))[0].flatten(1).cpu())   # in [0, 1]; resized inside
+    return torch.cat(out).numpy()
+
+
+def load_lpips(net="alex", weights=None, device="cpu", random_backbone=False):
+    """LPIPS (lpips package: linear heads ship in the wheel, the backbone comes from torchvision).
+    PIE-Bench uses net="squeeze"; random_backbone=True builds it without a download (tests)."""
+    try:
+        import lpips
+    except ImportError:
+        return skip("lpips", "missing package lpips: pip install -r requirements-eval.txt")
+    backbone = {"alex": "alexnet", "squeeze": "squeezenet1_1", "vgg": "vgg16"}[net]
+    if not random_backbone and not hub_checkpoint(weights, backbone):
+        return skip("lpips", f"no torchvision {backbone} weights in {weights}/checkpoints/")
+    try:
+        return lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        return skip("lpips", f"cannot load the {net} backbone: {type(e).__name__}; offline, put torchvision's "
+                             f"{net} weights in --weights DIR/checkpoints/")
+
+
+@torch.no_grad()
+def lpips_distance(model, x, y):
+    """LPIPS of two uint8 (H, W, 3) images (inputs in [-1, 1])."""
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1  # noqa: E731
+    device = next(model.parameters()).device
+    return float(model(t(x).to(device), t(y).to(device)))
+
+
+def load_dino(weights=None, device="cpu"):
+    """DINO ViT-B/8 (transformers' copy of facebookresearch/dino's dino_vitb8, which PIE-Bench loads)."""
+    from transformers import ViTModel
+    src = source(HUB["dino"], weights)
+    if src is None:
+        return skip("structure_distance", f"--weights {weights} holds no {HUB['dino']}")
+    try:
+        return ViTModel.from_pretrained(src, add_pooling_layer=False).to(device).eval()
+    except (OSError, ValueError) as e:
+        return skip("structure_distance", f"cannot load {src}: {type(e).__name__}; offline, pass --weights DIR")
+
+
+@torch.no_grad()
+def dino_key_self_similarity(model, image):
+    """Cosine self-similarity (T, T) of the last block's attention keys, heads concatenated (Splice /
+    PIE-Bench's get_keys_self_sim_from_input at layer 11). Like PIE-Bench's evaluate.py, pixels stay
+    in [0, 255] before the ImageNet normalisation (it never divides by 255); kept for comparable numbers."""
+    keys = [m for n, m in model.named_modules() if n.endswith(("k_proj", "attention.key"))][-1]
+    seen = []
+    hook = keys.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    x = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None]
+    size = model.config.image_size
+    scale = size / min(x.shape[-2:])                                  # shorter side -> 224, like Resize(224)
+    x = F.interpolate(x, size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)), mode="bilinear",
+                      antialias=True, align_corners=False)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    try:
+        model(pixel_values=((x - mean) / std).to(next(model.parameters()).device), interpolate_pos_encoding=True)
+    finally:
+        hook.remove()
+    k = F.normalize(seen[-1][0].float(), dim=-1)
+    return k @ k.T
+
+
+def structure_distance(model, x, y):
+    """MSE between the DINO key self-similarity matrices of two images (PIE-Bench "structure distance")."""
+    return float(F.mse_loss(dino_key_self_similarity(model, x), dino_key_self_similarity(model, y)))
+
+
+# -----------------------------------------------------------------------------
+# GenEval: its folder layout out, its results back; PIE-Bench
+
+
+def write_geneval(images_by_prompt, metadata, outdir):
+    """<outdir>/<00000>/metadata.jsonl (the prompt's line of evaluation_metadata.jsonl) and
+    samples/<0000>.png, so GenEval's evaluation/evaluate_images.py runs on it unchanged."""
+    for n, meta in enumerate(metadata):
+        paths = images_by_prompt.get(meta["prompt"], [])
+        if not paths:
+            raise SystemExit(f"no image for GenEval prompt {n} {meta['prompt']!r}: sample every prompt of "
+                             f"the metadata file first")
+        folder = os.path.join(outdir, f"{n:05d}")
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+            f.write(json.dumps(meta) + "\n")
+        for k, path in enumerate(paths):
+            target = os.path.join(folder, "samples", f"{k:04d}.png")
+            if path.lower().endswith(".png"):
+                shutil.copyfile(path, target)
+            else:
+                to_pil(load_image(path)).save(target)
+
+
+def read_geneval(path):
+    """GenEval's results jsonl -> {geneval_<tag>: fraction correct, geneval_mean: mean over tags}
+    (its summary_scores.py: the overall score averages the task scores)."""
+    by_tag = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_tag.setdefault(row["tag"], []).append(bool(row["correct"]))
+    scores = {f"geneval_{tag}": float(np.mean(v)) for tag, v in by_tag.items()}
+    scores["geneval_mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def pie_items(pie, run):
+    """(key, source path, edited path, mask, editing prompt) of the PIE-Bench images the run has. The
+    edited image is <run>/annotation_images/<image_path> or <run>/<image_path>, any image extension."""
+    with open(os.path.join(pie, "mapping_file.json")) as f:
+        mapping = json.load(f)
+    items = []
+    for key, item in mapping.items():
+        stem = os.path.splitext(item["image_path"])[0]
+        found = [p for base in (os.path.join(run, "annotation_images"), run) for ext in IMAGE_EXT
+                 if os.path.exists(p := os.path.join(base, stem + ext))]
+        if found:
+            prompt = item["editing_prompt"].replace("[", "").replace("]", "")
+            items.append((key, os.path.join(pie, "annotation_images", item["image_path"]), found[0],
+                          mask_decode(item["mask"]), prompt))
+    return items
+
+
+def edit_metrics(items, clip=None, lpips_model=None, dino=None):
+    """PIE-Bench's evaluate.py: background metrics on both images multiplied by (1 - mask); CLIP on
+    the edited image (whole) and on the edited image times the mask (edited region)."""
+    values = {}
+    for _, src_path, edited_path, mask, prompt in tqdm(items, desc="PIE-Bench", leave=False):
+        src, edited = load_image(src_path), load_image(edited_path)
+        if src.shape != edited.shape:
+            raise SystemExit(f"{edited_path} is {edited.shape[:2]}, its source {src.shape[:2]}: edit at source size")
+        if mask.shape != src.shape[:2]:     # PIE-Bench is 512 x 512: other sizes take the nearest mask pixel
+            mask = np.asarray(to_pil(np.uint8(mask * 255)).resize(src.shape[1::-1], 0)) / 255.0
+            mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
+        background = (1 - mask)[..., None]
+        row = {}
+        if background.sum() > 0:
+            a, b = src / 255.0 * background, edited / 255.0 * background
+            row.update(bg_psnr=psnr(a, b), bg_ssim=ssim(a, b))
+            if lpips_model is not None:
+                row["bg_lpips"] = lpips_distance(lpips_model, a * 255, b * 255)
+        if dino is not None:
+            row["structure_distance"] = structure_distance(dino, src, edited)
+        if clip is not None:
+            row["clip_whole"] = clip_score(clip, [edited], [prompt])[0]
+            row["clip_edited"] = clip_score(clip, [np.uint8(edited * mask[..., None])], [prompt])[0]
+        for k, v in row.items():
+            values.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+# -----------------------------------------------------------------------------
+# The adapters: one row per metric of a folder of generated images, saying how its model loads
+# (weights: a local folder, or None for the hub) and what it computes from (scorer, paths, prompts, ref).
+
+def mean_per_image(score):
+    def run(scorer, paths, prompts, ref=None):
+        values = []
+        for i in tqdm(range(0, len(paths), 64), desc=score.__name__, leave=False):
+            values += score(scorer, [load_image(p) for p in paths[i:i + 64]], prompts[i:i + 64])
+        return float(np.mean(values))
+    return run
+
+
+def fid_against(scorer, paths, prompts, ref):
+    return fid_from_features(inception_features(scorer, paths), inception_features(scorer, list_images(ref)))
+
+
+def lpips_against(scorer, paths, prompts, ref):
+    """LPIPS against the reference image of the same name, resized and centre-cropped to the sample's size."""
+    refs = {os.path.splitext(os.path.basename(p))[0]: p for p in list_images(ref)}
+    pairs = [(p, refs[k]) for p in paths if (k := os.path.splitext(os.path.basename(p))[0]) in refs]
+    if not pairs:
+        return skip("lpips", f"no image in {ref} has the name of a sample")
+    values = []
+    for p, r in tqdm(pairs, desc="lpips", leave=False):
+        x = load_image(p)
+        values.append(lpips_distance(scorer, x, data.read_image(r, x.shape[0])))
+    return float(np.mean(values))
+
+
+METRICS = {
+    "clip": dict(load=lambda weights, device: load_clip("clip", HUB["clip"], weights, device=device),
+                 run=mean_per_image(clip_score)),
+    "pickscore": dict(load=lambda weights, device: load_clip("pickscore", HUB["pickscore"], weights,
+                                                             HUB["pick_processor"], device),
+                      run=mean_per_image(pick_score)),
+    "imagereward": dict(load=load_imagereward, run=mean_per_image(imagereward_score)),
+    "hps": dict(load=load_hps, run=mean_per_image(hps_score)),
+    "fid": dict(load=load_inception, run=fid_against),
+    "lpips": dict(load=lambda weights, device: load_lpips("alex", weights, device), run=lpips_against),
+}
+
+
+def load_scorers(names, weights=None, device="cpu"):
+    """{metric: its loaded model, or None if it cannot load}; "edit" gets PIE-Bench's three models."""
+    scorers = {m: METRICS[m]["load"](weights, device) for m in names if m in METRICS}
+    if "edit" in names:
+        scorers["edit"] = dict(clip=scorers.get("clip") or METRICS["clip"]["load"](weights, device),
+                               lpips_model=load_lpips("squeeze", weights, device), dino=load_dino(weights, device))
+    return scorers
+
+
+def generation_metric(name, scorer, paths, prompts, ref=None):
+    """{name: value} of metric `name` on images `paths` with their prompts (fid / lpips: against `ref`)."""
+    value = METRICS[name]["run"](scorer, paths, prompts, ref)
+    return None if value is None else {name: value}

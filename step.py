@@ -1,0 +1,263 @@
+"""
+step.py: one training step of the soft tokens, the same code for every loss and every backbone
+(SoftREPA eq. 14 and Alg. 1; AGSM Alg. 1). train.py runs it in a loop; bench.py times it.
+
+    batch -> pair matrix -> forward(s) -> loss -> all-reduce -> optimizer step -> EMA
+
+- B images x0^i and their captions c^i (data.py). Every image meets every caption: the B x K pair
+  matrix (K = B, or world * B with --gather-text), the matched pairs (i, i) on its diagonal. One noise
+  level t and one noise eps for the whole step, as both authors' codes do (torch.randint(min_t, max_t,
+  (1,)); AGSM Alg. 1 lines 4-5); with --noise-per-row each image row draws its own. Either way only the
+  caption differs along a row, so the errors of a row compare captions, nothing else. A caption that
+  repeats the row's own is no negative (losses.duplicates).
+- All pairs go through the frozen denoiser in ONE batched forward with the soft tokens attached
+  (hooks.py); AGSM adds a no-grad forward with the EMA tokens, whose predictions make its targets.
+- What differs between the losses is a row of LOSSES: which pairs are run, which token set each pair
+  uses, and the objective that turns the predictions into a loss (losses.py).
+- DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages the token gradients and
+  the logged numbers, so every rank takes the same optimizer step and the tokens stay identical.
+"""
+import math
+import resource
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import losses
+import models
+import softtokens
+
+
+# -----------------------------------------------------------------------------
+# The objectives: (p, args) -> (loss, diagnostics). p holds the step's pred, pred_ema (AGSM), target,
+# timesteps, errors (B, K), exclude (duplicate captions), tau and the family's prediction type.
+
+def dsm_objective(p, args):
+    """Plain score / flow matching on the matched pairs (AGSM Table 4 (i)); errors is (B, 1) here, so the
+    matched errors are put on a diagonal for losses.dsm_loss."""
+    return losses.dsm_loss(torch.diag(p["errors"][:, 0])), {}
+
+
+def softrepa_objective(p, args):
+    """Cross-entropy over each row's denoising errors (SoftREPA eqs. 9-14) + dweight * DSM."""
+    return losses.softrepa_loss(p["errors"], p["tau"], args.scale, args.dweight, p["exclude"]), {}
+
+
+def agsm_objective(p, args):
+    """psi+ on the diagonal, psi- off it, regressed onto the alignment-guided targets that the EMA
+    predictions give (AGSM eqs. 13-17); and the code's diagnostics of its Plackett-Luce weights."""
+    loss, w = losses.agsm_loss(p["pred"], p["pred_ema"], p["target"], p["timesteps"], p["prediction"], args.gamma_pos,
+                               args.gamma_neg, p["tau"], args.bradley_terry, p["exclude"], args.plain_sum,
+                               p["alphas_cumprod"])
+    win_rate, margin = losses.agsm_diagnostics(w, p["exclude"])
+    return loss, dict(win_rate=win_rate, score_margin=margin)
+
+
+# One row per loss.
+#   pairs      "matrix": every image with every caption; "diagonal": the B matched pairs only
+#   sets       token set of (matched, mismatched) pairs, indices into tokens.sets; None: the one set
+#   ema_sets   the same for the no-grad EMA forward; None: no such forward
+#   tau        the temperature of the error softmax in the authors' codes (SoftREPA 0.07, AGSM 0.1)
+#   recipe     the entry of models.FAMILIES holding the paper's batch and steps
+#   paper_run  (iterations, scheduler period) of the authors' runs, for train.py's schedule rule
+#              (SoftREPA: 30k stepped every 500; AGSM: 100k stepped every --num_iter = 1000, as its
+#              scripts/train_coco.sh sets it for SD3 and SD1.5)
+LOSSES = {
+    "dsm": dict(objective=dsm_objective, pairs="diagonal", sets=None, ema_sets=None, tau=None,
+                recipe="agsm", paper_run=(100000, 1000)),
+    "softrepa": dict(objective=softrepa_objective, pairs="matrix", sets=None, ema_sets=None, tau=0.07,
+                     recipe="softrepa", paper_run=(30000, 500)),
+    "agsm": dict(objective=agsm_objective, pairs="matrix", sets=(softtokens.POS, softtokens.NEG),
+                 ema_sets=(softtokens.EMA_POS, softtokens.EMA_NEG), tau=0.1, recipe="agsm",
+                 paper_run=(100000, 1000)),
+}
+
+
+def default_recipe(name, loss, steps=None, paper_tau=False):
+    """The papers' recipe for family `name` and `loss` (models.FAMILIES and LOSSES): what train.py uses
+    for every flag left unset, and what bench.py times."""
+    facts, spec = models.check_name(name), LOSSES[loss]
+    recipe = facts[spec["recipe"]]
+    steps = steps or recipe["steps"]
+    return dict(loss=loss, data="shapes" if models.is_shapes_world(name) else None, size=facts["size"],
+                batch=recipe["batch"], steps=steps, seed=0, lr=1e-3, wd=1e-4, min_lr=1e-5, grad_clip=0.0,
+                n_tokens=facts["n_tokens"], layers=facts["token_layers"], blocks=",".join(facts["token_blocks"] or ()),
+                time_table="on" if facts["time_table"] else "off", init=facts["init"], scale=4.0,
+                dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
+                gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, plain_sum=False, noise_per_row=False,
+                gather_text=False, paper_tau=paper_tau, tau=1.0 if paper_tau else spec["tau"],
+                # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
+                # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
+                ema_decay=max(0.0, 1 - 10 / steps))
+
+
+# -----------------------------------------------------------------------------
+# The pieces of a step
+
+def encode_batch(bb, batch):
+    """x0 (latents) and the text kwargs of a data.get_batch batch: encoded by the frozen VAE and text
+    encoders, or read from the encoding cache (data.py), which stores exactly those."""
+    device, dtype = bb.device, bb.dtype
+    with torch.no_grad():
+        if "latents" in batch:
+            pooled = None if batch["pooled"] is None else batch["pooled"].to(device, dtype)
+            return batch["latents"].to(device, dtype), models.cond_from_features(bb, batch["hidden"].to(device, dtype), pooled)
+        return models.encode_images(bb, batch["images"].to(device)), models.encode_prompts(bb, list(batch["captions"]))
+
+
+def gather_text(cond, captions, rank, world):
+    """Every rank's captions as more negatives (SoftREPA's gathered text), this rank's first, so that the
+    matched pairs stay on the diagonal. Returns the widened text kwargs and the column captions."""
+    def gather(value):
+        if isinstance(value, dict):
+            return {k: gather(v) for k, v in value.items()}
+        parts = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(parts, value.contiguous())
+        return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
+    everyone = [None] * world
+    dist.all_gather_object(everyone, captions)
+    return gather(cond), captions + [c for r in range(world) if r != rank for c in everyone[r]]
+
+
+def draw_noise(bb, x0, seed, step, rank, per_row=False):
+    """x_t, timesteps and the regression target. The generator's seed is a function of (seed, step,
+    rank) only, so a resumed run draws the same noise as an uninterrupted one."""
+    B, device = x0.shape[0], x0.device
+    g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+    draws = B if per_row else 1
+    u = torch.rand(draws, generator=g, device=device).expand(B)
+    noise = torch.randn((draws,) + tuple(x0.shape[1:]), generator=g, device=device).to(x0.dtype).expand_as(x0)
+    x_t, timesteps = models.add_noise(bb, x0, noise, u)
+    return x_t, timesteps, models.target(bb, x0, noise)
+
+
+def pair_matrix(B, K, diagonal_only, device):
+    """(rows, cols) of the flattened pair matrix: pair (i, j), image i with caption j, is batch row i*K + j."""
+    if diagonal_only:
+        return torch.arange(B, device=device), torch.arange(B, device=device)
+    return torch.arange(B, device=device).repeat_interleave(K), torch.arange(K, device=device).repeat(B)
+
+
+def token_choice(matched, sets):
+    """The token set of every pair: sets[0] where matched, sets[1] where not (AGSM Alg. 1 l. 7); None: set 0."""
+    return None if sets is None else torch.where(matched, sets[0], sets[1])
+
+
+def autocast(bb):
+    """bf16 / fp16 autocast when the backbone was loaded in that dtype (train.py --precision)."""
+    return torch.autocast(bb.device.type, dtype=bb.dtype) if bb.dtype != torch.float32 else nullcontext()
+
+
+STATS = ["loss", "err_matched", "err_mismatched", "acc", "win_rate", "score_margin", "new_bad"]
+
+
+@torch.no_grad()
+def step_stats(loss, errors, exclude, diagnostics, new_bad):
+    """The STATS of one step as a tensor: the loss, the mean error of matched and mismatched pairs, the
+    in-batch classifier accuracy, AGSM's win rate and margin (0 otherwise), newly met unreadable images."""
+    zero = errors.new_zeros(())
+    pairs = errors.shape[1] > 1                                  # dsm: the matched pairs only
+    negatives = losses.mismatched(errors, exclude) if pairs else errors.new_zeros(0)
+    return torch.stack([loss.detach().float(), errors.diagonal().mean() if pairs else errors.mean(),
+                        negatives.mean() if negatives.numel() else zero,
+                        losses.classifier_accuracy(errors, exclude).float() if pairs else zero,
+                        diagnostics.get("win_rate", zero).float(), diagnostics.get("score_margin", zero).float(),
+                        torch.tensor(float(new_bad), device=errors.device)])
+
+
+@torch.no_grad()
+def all_reduce_mean(params, stats, world):
+    """One all-reduce carries the token gradients and the logged numbers: every rank then holds the mean
+    gradient of the global batch. The last stat (newly met unreadable images) stays a sum."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads] + [stats])
+    if world > 1:
+        dist.all_reduce(flat)
+        flat[:-1] /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p)
+        offset += g.numel()
+    return flat[offset:].tolist()
+
+
+# -----------------------------------------------------------------------------
+# The step
+
+def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0, world=1):
+    """One optimizer step of the tokens on this rank's `batch` at global step `step`. `args` holds the
+    recipe (train.py's resolved flags). Returns the logged numbers, averaged over ranks; with
+    stats["diverged"] the loss was not finite and the tokens were not updated."""
+    spec, device = LOSSES[args.loss], bb.device
+    x0, cond = encode_batch(bb, batch)
+    captions = columns = list(batch["captions"])
+    if args.gather_text:
+        cond, columns = gather_text(cond, captions, rank, world)
+    B, K = x0.shape[0], len(columns)
+    diagonal_only = spec["pairs"] == "diagonal"
+    exclude = None if diagonal_only else losses.duplicates(captions, columns).to(device)
+    x_t, timesteps, target = draw_noise(bb, x0, args.seed, step, rank, args.noise_per_row)
+
+    # ---- the pair matrix, flattened, through the denoiser: one batched forward (two for AGSM)
+    rows, cols = pair_matrix(B, K, diagonal_only, device)
+    x_pairs, t_pairs, cond_pairs = x_t[rows], timesteps[rows], models.index_cond(cond, cols)
+    shape = (B, 1 if diagonal_only else K, *x0.shape[1:])
+    matched, pred_ema = rows == cols, None
+    with autocast(bb):
+        if spec["ema_sets"] is not None:   # the order of the two forwards does not matter: hooks.py hands
+            # a block recomputed under gradient checkpointing the tokens of its own forward
+            with torch.no_grad(), handle.rows(token_choice(matched, spec["ema_sets"])):
+                pred_ema = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
+        with handle.rows(token_choice(matched, spec["sets"])):
+            pred = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
+
+    # ---- the loss (losses.py) and its gradient w.r.t. the tokens (the backbone is frozen)
+    errors = losses.pair_errors(pred, target)                   # (B, K); dsm: (B, 1), the matched pairs
+    tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau    # AGSM Alg. 1 l. 8: the sum over C*H*W
+    p = dict(pred=pred, pred_ema=pred_ema, target=target, timesteps=timesteps, errors=errors, exclude=exclude,
+             tau=tau, prediction=bb.facts["prediction"], alphas_cumprod=bb.alphas_cumprod)
+    loss, diagnostics = spec["objective"](p, args)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+
+    # ---- the logged numbers and the gradients, averaged over ranks in one all-reduce
+    params = tokens.trainable()
+    stats = step_stats(loss, errors, exclude, diagnostics, batch["new_bad"])
+    out = dict(zip(STATS, all_reduce_mean(params, stats, world)), lr=sched.get_last_lr()[0])
+    if not math.isfinite(out["loss"]):   # every rank sees the same reduced loss, so all stop together
+        return dict(out, diverged=True)
+
+    # ---- the update: AdamW on the tokens, the schedule, and AGSM's EMA tokens
+    if args.grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    if spec["ema_sets"] is not None:
+        tokens.update_ema(args.ema_decay)       # hat psi <- decay hat psi + (1 - decay) psi
+    out["probe"] = (x_t, timesteps, models.index_cond(cond, torch.arange(B, device=device)))
+    return out
+
+
+@torch.no_grad()
+def finite_after_update(bb, tokens, handle, args, probe, world=1):
+    """A diverged state is never saved as good: the tokens must be finite and give finite predictions on
+    the last step's matched pairs (tokens of 1e19 are finite, and NaN in the next forward). All ranks agree."""
+    spec = LOSSES[args.loss]
+    x_t, timesteps, cond = probe
+    with autocast(bb), handle.rows(torch.full((len(x_t),), spec["sets"][0] if spec["sets"] else 0)):
+        prediction = models.denoise(bb, x_t, timesteps, cond)
+    finite = torch.stack([torch.isfinite(p).all() for p in tokens.parameters()] + [torch.isfinite(prediction).all()])
+    finite = finite.all().float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (peak RSS)

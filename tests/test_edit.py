@@ -17,7 +17,6 @@ import data
 import edit
 import hooks
 import models
-import sample
 import shapes
 import softtokens
 import checker
@@ -329,7 +328,6 @@ def test_shipped_tiny_sd15_reconstructs_by_ddim_inversion():
     reconstructs rendered images above 40 dB PSNR, and at CFG 7 Direct Inversion's source branch is closer to
     the source than plain DDIM's. The images compared against are the autoencoder's own reconstructions of
     the renders (decode(encode(x))): inversion cannot undo the VAE's error (~35 dB), only its own."""
-    import eval as ev
     bb = models.load("tiny-sd1.5")
     renders, sources, _, _ = checker.shapes_edit_cases(2, seed=0)
     images = models.decode_latents(bb, models.encode_images(bb, renders, mode=True))

@@ -314,3 +314,12 @@ def test_stock_unet_pipelines_with_tokens(tmp_path, family):
     after = draw()
     assert (with_tokens - before).abs().max() > 1e-5
     assert torch.equal(after, before)
+
+
+def test_tokens_for_rows_zeroes_unused_rows():
+    sets = [softtokens.SoftTokens(1, 2, 4) for _ in range(2)]
+    t = torch.tensor([10.0, 20.0, 30.0])
+    tokens, used = hooks.tokens_for_rows(sets, t, torch.tensor([1, -1, 0]))
+    torch.testing.assert_close(tokens[0], sets[1](t)[0])
+    torch.testing.assert_close(tokens[2], sets[0](t)[2])
+    assert used.tolist() == [True, False, True] and tokens[1].abs().sum() == 0

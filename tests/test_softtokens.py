@@ -37,15 +37,6 @@ def test_parameter_count_matches_paper_sd3():
     assert round(count / 1e6, 1) == 0.8
 
 
-def test_tokens_for_rows_zeroes_unused_rows():
-    sets = [softtokens.SoftTokens(1, 2, 4) for _ in range(2)]
-    t = torch.tensor([10.0, 20.0, 30.0])
-    tokens, used = hooks.tokens_for_rows(sets, t, torch.tensor([1, -1, 0]))
-    torch.testing.assert_close(tokens[0], sets[1](t)[0])
-    torch.testing.assert_close(tokens[2], sets[0](t)[2])
-    assert used.tolist() == [True, False, True] and tokens[1].abs().sum() == 0
-
-
 def test_pair_tokens_start_equal_and_ema_moves_toward_live():
     pair = softtokens.PairTokens(2, 3, 8)
     torch.testing.assert_close(pair.ema_pos.tokens, pair.pos.tokens)
@@ -242,3 +233,19 @@ def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
         tuned = unet(x, timestep=t, **cond, return_dict=False)[0]
         handle.remove()
     assert not torch.allclose(base, tuned, atol=1e-4)
+
+
+def test_tokens_that_do_not_fit_fail_in_one_line():
+    bb = models.build_tiny("tiny-sd3")
+    with pytest.raises(SystemExit, match="cannot attach these tokens to tiny-sd3"):
+        softtokens.attach_tokens(bb, [softtokens.SoftTokens(2, 4, 64)])
+
+
+@pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")
+def test_released_softrepa_folder_reads():
+    (sd3,), info = softtokens.read_tokens(os.path.join(RELEASED, "sd3"), "sd3")
+    assert sd3.shape == (5, 4, 1536) and sd3.time_table is not None and info["token_set"] == "softrepa"
+    (sdxl,), _ = softtokens.read_tokens(os.path.join(RELEASED, "sdxl"), "sdxl")
+    assert sdxl.shape == (1, 4, 2048) and sdxl.time_table is None
+    with pytest.raises(SystemExit, match="pair-token file"):
+        softtokens.read_tokens(os.path.join(RELEASED, "sd1.5"), "sd1.5", neg_uncond=True)

@@ -11,9 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import eval as evaluation
 import models
-import sample
 import shapes
 import train
 import classifier

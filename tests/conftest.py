@@ -1,0 +1,21 @@
+"""Fixtures shared by several test files: tiny metric models saved to a temporary folder, and a
+random-weight tiny-sd3 backbone."""
+import pytest
+
+import models
+import tiny_metric_models
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    return tiny_metric_models.save_clip(tmp_path_factory.mktemp("weights") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory):
+    return tiny_metric_models.save_dino(tmp_path_factory.mktemp("dino") / "dino-vitb8")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    return models.build_tiny("tiny-sd3")

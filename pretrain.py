@@ -46,7 +46,7 @@ import checker
 import models
 import shapes
 
-TINY = [n for n in models.FAMILIES if n.startswith("tiny-")]
+TINY = [n for n in models.FAMILIES if models.is_shapes_world(n)]
 
 
 def parse_args(argv=None):

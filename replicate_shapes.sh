@@ -1,44 +1,33 @@
 #!/usr/bin/env bash
-# The README's replication table on the shapes world, offline on 2 CPU cores:
-# base / +SoftREPA / +AGSM for tiny-sd3 and tiny-sd1.5, three training seeds each, scored with the
-# exact per-category checker and the held-out diffusion-classifier accuracy.
-#   bash replicate_shapes.sh                 # everything (see the README for the time it took)
-#   MODELS=tiny-sd3 SEEDS="0" bash replicate_shapes.sh
+# Replication on the shapes world (issue: both papers at a real training budget): for each backbone,
+# tokens trained with plain score matching on matched pairs (dsm, AGSM Table 4 (i)), SoftREPA and AGSM,
+# one run per training seed, each with its dev-set validation curve in log.csv; then the protocol
+# (4 sampling seeds per prompt fixed by rule, 95% bootstrap intervals, over-counting) on a prompt set,
+# base and every token file side by side. Runs are resumable: a run that was stopped continues
+# (--resume latest), one that finished is skipped.
+#   MODELS=tiny-sd1.5 SEEDS="0" STEPS=2000 SET=dev PER_CATEGORY=20 bash replicate_shapes.sh
+#   SET=eval PER_CATEGORY=0 bash replicate_shapes.sh      # the final measurement, all 480 eval prompts
 set -euo pipefail
 cd "$(dirname "$0")"
 MODELS=${MODELS:-"tiny-sd3 tiny-sd1.5"}
 SEEDS=${SEEDS:-"0 1 2"}
-STEPS=${STEPS:-300}
+LOSSES=${LOSSES:-"dsm softrepa agsm"}
+STEPS=${STEPS:-2000}
+VAL_EVERY=${VAL_EVERY:-500}
+SET=${SET:-dev}
+PER_CATEGORY=${PER_CATEGORY:-20}
 OUT=${OUT:-runs/replicate}
 THREADS=${THREADS:-2}
-PER_CATEGORY=${PER_CATEGORY:-80}   # prompts per category from data/shapes_eval.jsonl (80 = all 480)
-LR=${LR:-1e-3}
-VAL_EVERY=${VAL_EVERY:-50}
-mkdir -p "$OUT"
-PROMPTS="$OUT/prompts-$PER_CATEGORY.jsonl"
-python -c "
-import json, sys, shapes
-records = shapes.load_eval_set()
-with open(sys.argv[2], 'w') as f:
-    for c in shapes.CATEGORIES:
-        for r in [r for r in records if r['spec']['category'] == c][:int(sys.argv[1])]:
-            f.write(json.dumps(r) + '\\n')
-" "$PER_CATEGORY" "$PROMPTS"
 for model in $MODELS; do
-  base="$OUT/$model-base"
-  [ -f "$base/records.jsonl" ] || python sample.py --model "$model" --no-tokens --prompts "$PROMPTS" \
-      --seed 0 --batch 96 --threads "$THREADS" --out "$base"
-  runs=("$base")
-  for loss in softrepa agsm; do
+  tokens=()
+  for loss in $LOSSES; do
     for seed in $SEEDS; do
       run="$OUT/$model-$loss-seed$seed"
       [ -f "$run/tokens.safetensors" ] || python train.py --model "$model" --loss "$loss" --seed "$seed" \
-          --steps "$STEPS" --lr "$LR" --val-every "$VAL_EVERY" --val-n 8 --threads "$THREADS" --out "$run"
-      [ -f "$run/records.jsonl" ] || python sample.py --model "$model" --tokens "$run/tokens.safetensors" \
-          --prompts "$PROMPTS" --seed 0 --batch 96 --threads "$THREADS" --out "$run"
-      runs+=("$run")
+          --steps "$STEPS" --val-every "$VAL_EVERY" --val-n 8 --threads "$THREADS" --out "$run" --resume latest
+      tokens+=("$run/tokens.safetensors")
     done
   done
-  python eval.py --runs "${runs[@]}" --metrics shapes classifier --model "$model" --classifier-n "$PER_CATEGORY" \
-      --json "$OUT/$model.json" --plot "$OUT/$model.png" --tradeoff classifier shapes_mean --curve score_mean
+  python eval.py --protocol "$SET" --n-per-category "$PER_CATEGORY" --model "$model" --threads "$THREADS" \
+      --tokens "${tokens[@]}" --json "$OUT/$model-$SET.json" --grid "$OUT/$model-$SET.png"
 done

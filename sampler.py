@@ -162,7 +162,7 @@ def read_prompts(path):
 
 def check_prompts(name, prompts):
     """The tiny models read only the shapes world's words (shapes.VOCAB), at most shapes.MAX_LEN tokens."""
-    if not name.startswith("tiny-"):
+    if not models.is_shapes_world(name):
         return
     for prompt in prompts:
         problem = shapes.language_problem(prompt)

@@ -188,7 +188,7 @@ def check_flags(args):
     for flag in ("lr", "val_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must not be negative (got {getattr(args, flag)})")
-    if args.gather_text and args.loss == "dsm":
+    if args.gather_text and args.loss and training.LOSSES[args.loss]["pairs"] == "diagonal":
         raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
 
 
@@ -374,8 +374,8 @@ def main(argv=None):
     record = open_log(args, columns, step, master)
     if args.val_every and step == 0 and master:  # the untrained tokens: the first point of the curve
         record({"step": 0, **validate(bb, handle, args, 0), **softtokens.movement(bb, tokens, initial_tokens, handle, DEV_PROMPTS)})
-    B = args.batch
-    pairs = B if training.LOSSES[args.loss]["pairs"] == "diagonal" else B * B * (world if args.gather_text else 1)
+    B, with_negatives = args.batch, training.LOSSES[args.loss]["pairs"] == "matrix"
+    pairs = B * B * (world if args.gather_text else 1) if with_negatives else B
     if master:
         print(f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "
               f"{pairs // B} texts per rank per step, {sum(p.numel() for p in tokens.trainable()):,} trainable numbers")
@@ -396,7 +396,7 @@ def main(argv=None):
         dt = time.time() - t0
         row = dict(step=step, steps_per_s=1 / dt, pairs_per_s=pairs * world / dt, peak_mem_gb=training.peak_memory_gb(device),
                    skipped=skipped, **{k: stats[k] for k in ("loss", "err_matched", "lr")})
-        if args.loss != "dsm":
+        if with_negatives:
             row.update(err_mismatched=stats["err_mismatched"], acc=stats["acc"])
         if training.LOSSES[args.loss]["ema_sets"] is not None:
             row.update(win_rate=stats["win_rate"], score_margin=stats["score_margin"])
@@ -406,10 +406,10 @@ def main(argv=None):
             tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout"))))
         record(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", acc="" if args.loss == "dsm" else f"{stats['acc']:.2f}", skipped=skipped)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}" if with_negatives else "", skipped=skipped)
         if master and (step % args.log_every == 0 or step == args.steps):
             tqdm.write(f"step {step}: loss {stats['loss']:.4f} err+ {stats['err_matched']:.4f}"
-                       + ("" if args.loss == "dsm" else f" err- {stats['err_mismatched']:.4f} acc {stats['acc']:.2f}")
+                       + (f" err- {stats['err_mismatched']:.4f} acc {stats['acc']:.2f}" if with_negatives else "")
                        + f" lr {stats['lr']:.2e} {1 / dt:.2f} steps/s {pairs * world / dt:.1f} pairs/s "
                        f"peak {row['peak_mem_gb']:.2f} GB skipped {skipped}")
         if step % args.ckpt_every == 0 or step == args.steps:

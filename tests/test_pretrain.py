@@ -111,3 +111,26 @@ if __name__ == "__main__":   # rewrite the reference after re-running pretrain.p
     outputs["tiny-vae"] = reference_reconstruction().contiguous()
     save_file(outputs, REFERENCE)
     print("wrote", REFERENCE)
+
+
+def test_init_continues_from_a_weights_folder_with_its_step_and_log(tmp_path):
+    """--init: the shipped weights (EMA only, no optimizer state) continue training with a fresh optimizer;
+    the step count and the log go on from the folder's pretrain_log.csv, and --cooldown ends at lr 0."""
+    import shutil
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    for part in ("denoiser", "text_encoder"):
+        shutil.copy(os.path.join(models.WEIGHTS_DIR, "tiny-sd3", f"{part}.safetensors"), folder)
+    (folder / "pretrain_log.csv").write_text("step,loss,lr,seconds\n1,0.5,1e-4,1.0\n2,0.4,1e-4,2.0\n")
+    argv = ["--model", "tiny-sd3", "--batch", "2", "--threads", "1", "--init", str(folder), "--out", str(tmp_path / "w"),
+            "--work", str(tmp_path / "run"), "--steps", "4", "--cooldown", "2", "--ckpt-every", "1"]
+    pretrain.main(argv)
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "1", "2", "3", "4"]
+    assert float(rows[-1].split(",")[2]) == 0.0                       # cooled down to lr 0 at --steps
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert state["step"] == 4 and state["first_step"] == 2
+    shipped = models.load_tiny("tiny-sd3", str(folder)).denoiser.state_dict()
+    assert any(not torch.equal(v, shipped[k]) for k, v in state["ema_denoiser"].items())   # it trained
+    with pytest.raises(SystemExit):
+        pretrain.main(["--model", "tiny-sd3", "--init", str(tmp_path / "nowhere")])

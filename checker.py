@@ -195,10 +195,10 @@ def bootstrap_interval(groups, resamples=2000, seed=0):
     return out
 
 
-def protocol_scores(images, specs, samples=SAMPLES_PER_PROMPT, resamples=2000):
-    """images in protocol order (prompt-major, `samples` per prompt) and the prompts' specs ->
-    {column: (value, low, high)} for every category present, "mean", and the over-counting rates
-    "overcount_counting" and "overcount_single"."""
+def protocol_groups(images, specs, samples=SAMPLES_PER_PROMPT):
+    """images in protocol order (prompt-major, `samples` per prompt) and the prompts' specs -> the
+    per-prompt values bootstrap_interval takes: {column: {category: (P,)}} for every category, "mean",
+    and the over-counting rates "overcount_counting" and "overcount_single"."""
     if len(images) != samples * len(specs):
         raise ValueError(f"{len(images)} images for {len(specs)} prompts x {samples} samples")
     per_prompt, over = {}, {"overcount_counting": {}, "overcount_single": {}}
@@ -212,8 +212,27 @@ def protocol_scores(images, specs, samples=SAMPLES_PER_PROMPT, resamples=2000):
     groups = {c: {c: v} for c, v in per_prompt.items()}
     groups["mean"] = per_prompt
     groups.update({k: v for k, v in over.items() if v})
-    result = bootstrap_interval(groups, resamples)
-    return {k: result[k] for k in [c for c in CATEGORIES if c in result] + ["mean"] + list(over) if k in result}
+    return groups
+
+
+def ordered(result):
+    return {k: result[k] for k in [c for c in CATEGORIES if c in result] + ["mean", "overcount_counting",
+                                                                            "overcount_single"] if k in result}
+
+
+def protocol_scores(images, specs, samples=SAMPLES_PER_PROMPT, resamples=2000):
+    """{column: (value, low, high)}: each category, "mean" and the over-counting rates, 95% intervals."""
+    return ordered(bootstrap_interval(protocol_groups(images, specs, samples), resamples))
+
+
+def paired_difference(groups, base_groups, resamples=2000):
+    """{column: (difference, low, high)} of a variant against the base, prompt by prompt. Both sampled the
+    same prompts with the same seeds, so the difference is resampled per prompt (the same resamples as
+    bootstrap_interval's): the prompt-to-prompt spread that both share cancels, and the interval is that
+    of the difference itself, much narrower than the two intervals side by side."""
+    diff = {col: {c: np.asarray(v, float) - np.asarray(base_groups[col][c], float) for c, v in g.items()}
+            for col, g in groups.items() if col in base_groups}
+    return ordered(bootstrap_interval(diff, resamples))
 
 
 def format_scores(scores):

@@ -353,8 +353,14 @@ def run_protocol(args):
         sets, info = softtokens.read_tokens(path, args.model, ema=args.ema) if path else (None, {"blocks": None})
         with softtokens.attached(bb, sets, info["blocks"]) as handle:
             images = protocol_images(bb, records, args.protocol, handle)
-        results[name] = checker.protocol_scores(images, specs)
+        groups = checker.protocol_groups(images, specs)
+        results[name] = checker.ordered(checker.bootstrap_interval(groups))
         print(f"{name}: {checker.format_scores(results[name])}", flush=True)
+        if path is None:
+            base_groups = groups
+        else:   # the same prompts and seeds as the base: the paired difference and its interval
+            results[f"{name} - base"] = checker.paired_difference(groups, base_groups)
+            print(f"{name} - base: {checker.format_scores(results[f'{name} - base'])}", flush=True)
         grids.append(torch.stack([images[checker.SAMPLES_PER_PROMPT * i + k] for i in first for k in range(2)]))
     print(protocol_table(results))
     out = args.json or f"protocol-{args.model}-{args.protocol}.json"

@@ -217,3 +217,21 @@ def test_checker_agrees_with_the_hand_checked_generated_images():
     agree = sum(v == l["by_eye"] for v, l in zip(verdicts, labels))
     accepted_wrongly = sum(v and not l["by_eye"] for v, l in zip(verdicts, labels))
     assert len(labels) == 48 and agree >= 40 and accepted_wrongly == 0, (agree, accepted_wrongly)
+
+
+def test_paired_difference_by_hand():
+    """Per-prompt differences resampled together: a variant equal to the base differs by exactly 0, and
+    one that adds a constant to every prompt differs by that constant with a zero-width interval, where
+    the two intervals side by side would overlap."""
+    rng = np.random.default_rng(0)
+    base = {"mean": {c: rng.random(40) for c in ("colors", "counting")}}
+    same = checker.paired_difference(base, base)
+    assert same["mean"] == (0.0, 0.0, 0.0)
+    shifted = {"mean": {c: v + 0.05 for c, v in base["mean"].items()}}
+    diff, low, high = checker.paired_difference(shifted, base)["mean"]
+    assert diff == pytest.approx(0.05) and low == pytest.approx(0.05) and high == pytest.approx(0.05)
+    _, base_low, base_high = checker.bootstrap_interval(base)["mean"]
+    assert base_high - base_low > 0.1                                 # each alone: a wide interval
+    noisy = {"mean": {c: v + rng.normal(0.05, 0.01, 40) for c, v in base["mean"].items()}}
+    diff, low, high = checker.paired_difference(noisy, base)["mean"]
+    assert low < diff < high and high - low < 0.02 and low > 0

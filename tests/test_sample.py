@@ -159,7 +159,7 @@ def test_stock_sd3_pipeline_with_tokens(tmp_path):
                     generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     before = draw()
-    pair = softtokens.PairTokens(2, 4, 16)
+    pair = softtokens.PairTokens(2, 4, hooks.token_width(pipe.transformer))
     with torch.no_grad():
         pair.pos.tokens.normal_()
     softtokens.save(str(tmp_path / "tokens.safetensors"), pair, model="sd3")

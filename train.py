@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    "the checkpoint's)")
     p.add_argument("--data", default=None, help="'shapes' (tiny-* default), a COCO folder, captions_*.json, "
                    ".jsonl, a folder of images + .txt, or an encoding cache (python data.py cache)")
-    p.add_argument("--val-data", default=None, help="held-out pairs for eval.classifier_accuracy (real models)")
+    p.add_argument("--val-data", default=None, help="held-out pairs for classifier.classifier_accuracy (real models)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")
     # the recipe: None means the paper default for the model (models.FAMILIES)
     p.add_argument("--steps", type=int, default=None)

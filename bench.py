@@ -44,11 +44,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 def random_batch(bb, B, size, seed=0):
     """A batch in the encoding cache's format (data.get_batch): latents and text features of the family's
     real shapes with random values, and B distinct captions (so no pair is a duplicate)."""
-    g = torch.Generator().manual_seed(seed)
-    width, pooled_width = models.text_widths(bb.denoiser.config)
-    latents = torch.randn((B,) + models.latent_shape(bb, size), generator=g)
-    hidden = torch.randn(B, bb.facts["text_tokens"], width, generator=g)
-    pooled = None if pooled_width is None else torch.randn(B, pooled_width, generator=g)
+    hidden, pooled = models.random_text_features(bb, B, seed)
+    latents = torch.randn((B,) + models.latent_shape(bb, size), generator=torch.Generator().manual_seed(seed + 1))
     return dict(latents=latents, hidden=hidden, pooled=pooled, captions=[f"caption {i}" for i in range(B)], new_bad=0)
 
 
@@ -56,10 +53,10 @@ def training_configs(bb, B, size):
     """The timed functions: each runs one forward or one training step, the hooks attached for it alone."""
     batch = random_batch(bb, B, size)
     steps = {"n": 0}
+    forward_tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)   # built once, untimed
 
     def forward(with_tokens):
-        tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)
-        handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"]) if with_tokens else None
+        handle = hooks.attach(bb.denoiser, forward_tokens.sets, bb.facts["token_blocks"]) if with_tokens else None
         x0, cond = training.encode_batch(bb, batch)
         x_t, timesteps, _ = training.draw_noise(bb, x0, 0, 0, 0)
         rows, cols = training.pair_matrix(B, B, False, bb.device)

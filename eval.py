@@ -13,7 +13,7 @@ What is measured (SoftREPA Tables 1-2, AGSM Tables 1-2, Figures 4-5):
   classifier    held-out diffusion-classifier accuracy of the backbone + the run's tokens (--model):
                 the true caption must have the lowest denoising error among K (classifier.py,
                 SoftREPA eqs. 15-18)
-  geneval       GenEval per category, read back from its own scorer's results jsonl
+  geneval       GenEval per category: its folder layout written out, its scorer's results jsonl read back
   clip, pickscore, imagereward, hps, fid, lpips, edit: the adapters of metrics.py (see there)
 Heavy metric models are optional (pip install -r requirements-eval.txt); they load from the Hugging
 Face hub, or only from --weights DIR when it is given: DIR/<hub id, or its last part> for the CLIP
@@ -38,6 +38,7 @@ import glob
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -74,6 +75,43 @@ def read_records(run):
 
 
 # -----------------------------------------------------------------------------
+# GenEval: its folder layout out, its scorer's results back
+
+def write_geneval(images_by_prompt, metadata, outdir):
+    """<outdir>/<00000>/metadata.jsonl (the prompt's line of evaluation_metadata.jsonl) and
+    samples/<0000>.png, so GenEval's evaluation/evaluate_images.py runs on it unchanged."""
+    for n, meta in enumerate(metadata):
+        paths = images_by_prompt.get(meta["prompt"], [])
+        if not paths:
+            raise SystemExit(f"no image for GenEval prompt {n} {meta['prompt']!r}: sample every prompt of "
+                             f"the metadata file first")
+        folder = os.path.join(outdir, f"{n:05d}")
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+            f.write(json.dumps(meta) + "\n")
+        for k, path in enumerate(paths):
+            target = os.path.join(folder, "samples", f"{k:04d}.png")
+            if path.lower().endswith(".png"):
+                shutil.copyfile(path, target)
+            else:
+                metrics.to_pil(metrics.load_image(path)).save(target)
+
+
+def read_geneval(path):
+    """GenEval's results jsonl -> {geneval_<tag>: fraction correct, geneval_mean: mean over tags}
+    (its summary_scores.py: the overall score averages the task scores)."""
+    by_tag = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_tag.setdefault(row["tag"], []).append(bool(row["correct"]))
+    scores = {f"geneval_{tag}": float(np.mean(v)) for tag, v in by_tag.items()}
+    scores["geneval_mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+# -----------------------------------------------------------------------------
 # Metrics of a run folder
 
 def token_handle(bb, record):
@@ -85,6 +123,7 @@ def token_handle(bb, record):
 
 
 def classifier_records(n_per_category, which="eval"):
+    """The first n prompts of each category of the eval (or dev) set; 0: all of them."""
     return shapes.first_per_category(shapes.load_eval_set() if which == "eval" else shapes.load_dev_set(), n_per_category)
 
 
@@ -99,7 +138,7 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
         return None
     if metric == "geneval":
         path = os.path.join(run, f"geneval_results{suffix}.jsonl")
-        return metrics.read_geneval(path) if os.path.exists(path) else None
+        return read_geneval(path) if os.path.exists(path) else None
     if metric == "classifier":
         bb = scorers["classifier"]
         handle = token_handle(bb, variant_rows[0]) if variant_rows else None
@@ -308,7 +347,7 @@ def export_geneval(run, prompts_file):
                 by_prompt.setdefault(r["prompt"], []).append(os.path.join(run, r["image"]))
         suffix = f"-{variant}" if len(variants) > 1 else ""
         out = os.path.join(run, f"geneval{suffix}")
-        metrics.write_geneval(by_prompt, metadata, out)
+        write_geneval(by_prompt, metadata, out)
         print(f"wrote {out}; score it with GenEval's `python evaluation/evaluate_images.py {out} "
               f"--outfile {os.path.join(run, f'geneval_results{suffix}.jsonl')}`, then run eval.py again")
 
@@ -327,10 +366,6 @@ def protocol_images(bb, records, which, handle=None, batch=128, steps=None):
     return torch.cat(images)
 
 
-def protocol_records(which, n_per_category=0):
-    return classifier_records(n_per_category, which)
-
-
 def protocol_table(results):
     """Markdown: one row per variant, each column 'value [low, high]'."""
     columns = list(next(iter(results.values())))
@@ -344,7 +379,7 @@ def protocol_table(results):
 def run_protocol(args):
     """--protocol: base and each --tokens file on the dev or eval prompts, 4 seeds each, with intervals."""
     bb = models.from_flags(args)
-    records = protocol_records(args.protocol, args.n_per_category)
+    records = classifier_records(args.n_per_category, args.protocol)
     specs = [r["spec"] for r in records]
     variants = [("base", None)] + [(f"tokens {path}", path) for path in args.tokens]
     results, grids = {}, []

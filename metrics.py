@@ -10,7 +10,6 @@ AGSM Tables 1-2): eval.py runs them over folders of images.
                 do not say what their COCO LPIPS compares with; this pairing is our reading)
   edit          PIE-Bench: CLIP edited region / whole, background PSNR / LPIPS / SSIM outside the edit
                 mask and DINO structure distance, as PIE-Bench's own evaluate.py computes them
-  geneval       GenEval's folder layout out, its scorer's results back
 FID's Frechet distance, PSNR and SSIM are written out here. Each loader returns the scorer, or None after
 one line saying why it is skipped. CLIP score and PickScore are both CLIP models: scored here with
 transformers (one code path for both, and testable with tiny local models). HPSv2.1 is an open_clip
@@ -23,7 +22,6 @@ import glob
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -316,41 +314,7 @@ def structure_distance(model, x, y):
 
 
 # -----------------------------------------------------------------------------
-# GenEval: its folder layout out, its results back; PIE-Bench
-
-
-def write_geneval(images_by_prompt, metadata, outdir):
-    """<outdir>/<00000>/metadata.jsonl (the prompt's line of evaluation_metadata.jsonl) and
-    samples/<0000>.png, so GenEval's evaluation/evaluate_images.py runs on it unchanged."""
-    for n, meta in enumerate(metadata):
-        paths = images_by_prompt.get(meta["prompt"], [])
-        if not paths:
-            raise SystemExit(f"no image for GenEval prompt {n} {meta['prompt']!r}: sample every prompt of "
-                             f"the metadata file first")
-        folder = os.path.join(outdir, f"{n:05d}")
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
-            f.write(json.dumps(meta) + "\n")
-        for k, path in enumerate(paths):
-            target = os.path.join(folder, "samples", f"{k:04d}.png")
-            if path.lower().endswith(".png"):
-                shutil.copyfile(path, target)
-            else:
-                to_pil(load_image(path)).save(target)
-
-
-def read_geneval(path):
-    """GenEval's results jsonl -> {geneval_<tag>: fraction correct, geneval_mean: mean over tags}
-    (its summary_scores.py: the overall score averages the task scores)."""
-    by_tag = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                by_tag.setdefault(row["tag"], []).append(bool(row["correct"]))
-    scores = {f"geneval_{tag}": float(np.mean(v)) for tag, v in by_tag.items()}
-    scores["geneval_mean"] = float(np.mean(list(scores.values())))
-    return scores
+# PIE-Bench
 
 
 def pie_items(pie, run):

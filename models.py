@@ -145,11 +145,16 @@ def denoiser_class(facts):
     return SD3Transformer2DModel if facts["arch"] == "mmdit" else UNet2DConditionModel
 
 
+def sized_config(facts, size):
+    """The family's denoiser config at its real size, or at test size (tiny-*: the same)."""
+    return facts["test_denoiser"] if size == "test" and facts["test_denoiser"] is not None else facts["denoiser"]
+
+
 def denoiser_config(name, size="real"):
     """The family's denoiser config at its real or test size, with the class's defaults filled in (so
     that facts like the text width can be read without building a multi-GB model)."""
     facts = check_name(name)
-    config = facts["test_denoiser"] if size == "test" and facts["test_denoiser"] is not None else facts["denoiser"]
+    config = sized_config(facts, size)
     signature = inspect.signature(denoiser_class(facts).__init__).parameters.values()
     return {**{p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}, **config}
 
@@ -158,9 +163,8 @@ def random_denoiser(name, size="real", seed=0, **overrides):
     """A denoiser of family `name` with random weights: its real size (size="real": the hub config, or
     for tiny-* the shapes-world model) or its test size (size="test"; tiny-*: the same as real)."""
     facts = check_name(name)
-    config = facts["test_denoiser"] if size == "test" and facts["test_denoiser"] is not None else facts["denoiser"]
     torch.manual_seed(seed)
-    return denoiser_class(facts)(**{**config, **overrides}).eval()
+    return denoiser_class(facts)(**{**sized_config(facts, size), **overrides}).eval()
 
 
 def random_backbone(name, size="real", seed=0):
@@ -196,13 +200,18 @@ def feature_shapes(name, size=None):
     return (config["in_channels"], side, side), (facts["text_tokens"], width), pooled or 0
 
 
-def random_text(bb, batch, seed=0):
-    """Text features of the family's real shapes with random values: the denoiser's text kwargs for a
-    backbone built without text encoders (bench.py times steps with them; the values do not matter)."""
+def random_text_features(bb, batch, seed=0):
+    """(hidden (batch, tokens, width), pooled (batch, width) or None) of the family's real shapes with
+    random values, on the CPU: what the encoding cache stores (bench.py times steps with them)."""
     g = torch.Generator().manual_seed(seed)
     width, pooled_width = text_widths(bb.denoiser.config)
     hidden = torch.randn(batch, bb.facts["text_tokens"], width, generator=g)
-    pooled = None if pooled_width is None else torch.randn(batch, pooled_width, generator=g)
+    return hidden, None if pooled_width is None else torch.randn(batch, pooled_width, generator=g)
+
+
+def random_text(bb, batch, seed=0):
+    """The denoiser's text kwargs from random_text_features, for a backbone without text encoders."""
+    hidden, pooled = random_text_features(bb, batch, seed)
     return cond_from_features(bb, hidden.to(bb.device, bb.dtype),
                               None if pooled is None else pooled.to(bb.device, bb.dtype))
 

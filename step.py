@@ -238,7 +238,7 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     sched.step()
     if spec["ema_sets"] is not None:
         tokens.update_ema(args.ema_decay)       # hat psi <- decay hat psi + (1 - decay) psi
-    out["probe"] = (x_t, timesteps, models.index_cond(cond, torch.arange(B, device=device)))
+    out["probe"] = (x_t, timesteps, cond)   # for finite_after_update, at checkpoints only
     return out
 
 
@@ -248,6 +248,7 @@ def finite_after_update(bb, tokens, handle, args, probe, world=1):
     the last step's matched pairs (tokens of 1e19 are finite, and NaN in the next forward). All ranks agree."""
     spec = LOSSES[args.loss]
     x_t, timesteps, cond = probe
+    cond = models.index_cond(cond, torch.arange(len(x_t), device=x_t.device))   # own captions (gathered: first B)
     with autocast(bb), handle.rows(torch.full((len(x_t),), spec["sets"][0] if spec["sets"] else 0)):
         prediction = models.denoise(bb, x_t, timesteps, cond)
     finite = torch.stack([torch.isfinite(p).all() for p in tokens.parameters()] + [torch.isfinite(prediction).all()])

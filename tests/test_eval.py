@@ -108,14 +108,14 @@ def test_geneval_layout_and_results(tmp_path):
     results = [("single_object", True), ("single_object", False), ("two_object", True), ("counting", False)]
     (run / "geneval_results.jsonl").write_text("".join(
         json.dumps({"filename": "x.png", "tag": t, "correct": c, "reason": ""}) + "\n" for t, c in results))
-    scores = metrics.read_geneval(run / "geneval_results.jsonl")
+    scores = ev.read_geneval(run / "geneval_results.jsonl")
     assert scores == {"geneval_single_object": 0.5, "geneval_two_object": 1.0, "geneval_counting": 0.0,
                       "geneval_mean": pytest.approx(0.5)}
     groups = ev.main(["--runs", str(run), "--json", str(tmp_path / "e.json")])
     assert groups["run"]["metrics"]["geneval_mean"]["values"] == [pytest.approx(0.5)]  # once, not per seed
     assert groups["run"]["n"] == 2
     with pytest.raises(SystemExit, match="no image for GenEval prompt"):
-        metrics.write_geneval({}, metadata, str(tmp_path / "empty"))
+        ev.write_geneval({}, metadata, str(tmp_path / "empty"))
 
 
 def test_pie_bench_background_metrics(tmp_path, tiny_clip_dir):

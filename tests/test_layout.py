@@ -1,5 +1,5 @@
 """The project's layout rules, checked on the source: library files never import scripts, scripts import
-only library files and only at the top, no import cycle, no file above ~450 lines, and train_step (the
+only library files and only at the top, no import cycle, no file above 450 lines, and train_step (the
 step a reader follows beside AGSM Alg. 1) stays within 60 lines."""
 import ast
 import os
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = ["families", "models", "softtokens", "hooks", "losses", "data", "shapes", "checker", "classifier",
            "metrics", "sampler", "step"]
 SCRIPTS = ["train", "sample", "edit", "eval", "pretrain", "bench"]
-MAX_LINES = 460
+MAX_LINES = 450
 
 
 def tree(name):

@@ -20,15 +20,14 @@ Face hub, or only from --weights DIR when it is given: DIR/<hub id, or its last 
 models and DINO (metrics.HUB), DIR/HPS_v2.1_compressed.pt, DIR/ImageReward.pt + med_config.json, and
 torchvision / pytorch-fid files in DIR/checkpoints/. A metric that cannot load is skipped with one line.
 
---protocol dev|eval is the shapes world's evaluation with statistical power (checker.py): it samples
-every prompt of data/shapes_{dev,eval}.jsonl with 4 seeds fixed by rule, with the plain model and with
-each --tokens file, and prints each category, the mean and the over-counting rates with 95% bootstrap
-intervals over prompts, plus a grid of the first prompt of each category, plain | tokens, same seeds.
-Choose anything on the dev set; the eval set is for the final measurement.
+--protocol dev|eval (checker.py): every prompt of data/shapes_{dev,eval}.jsonl, 4 seeds fixed by rule,
+plain and with each --tokens file; each category, the mean and the over-counting rates with 95% bootstrap
+intervals over prompts, a grid (first prompt per category, plain | tokens, same seeds), and the JSON with
+the per-prompt values. Choose on the dev set; the eval set is for the final measurement.
 
 Rows of the table: one per run folder and sample.py "variant" (--compare writes "plain" and "tokens"
-into one folder). +- is the sample std over seeds: the distinct record seeds inside a folder
-(sample.py --seed 0 1 2), and folders whose names differ only by a "-seedN" suffix share one row.
+into one folder). +- is the sample std over seeds: the distinct record seeds inside a folder (sample.py
+--seed 0 1 2); folders whose names differ only by a "-seedN" suffix share one row.
 The table shows ImageReward, HPS, LPIPS and SSIM x100 and structure distance x1000, as the papers do;
 the JSON (--json) holds the raw values. Values are cached per folder in eval_metrics.json.
 """
@@ -382,7 +381,7 @@ def run_protocol(args):
     records = classifier_records(args.n_per_category, args.protocol)
     specs = [r["spec"] for r in records]
     variants = [("base", None)] + [(f"tokens {path}", path) for path in args.tokens]
-    results, grids = {}, []
+    results, grids, per_prompt = {}, [], {}
     first = [next(i for i, r in enumerate(records) if r["spec"]["category"] == c) for c in shapes.CATEGORIES]
     for name, path in variants:
         sets, info = softtokens.read_tokens(path, args.model, ema=args.ema) if path else (None, {"blocks": None})
@@ -390,6 +389,7 @@ def run_protocol(args):
             images = protocol_images(bb, records, args.protocol, handle)
         groups = checker.protocol_groups(images, specs)
         results[name] = checker.ordered(checker.bootstrap_interval(groups))
+        per_prompt[name] = {c: {k: [float(x) for x in v] for k, v in g.items()} for c, g in groups.items()}
         print(f"{name}: {checker.format_scores(results[name])}", flush=True)
         if path is None:
             base_groups = groups
@@ -401,7 +401,8 @@ def run_protocol(args):
     out = args.json or f"protocol-{args.model}-{args.protocol}.json"
     with open(out, "w") as f:
         json.dump({"model": args.model, "set": args.protocol, "prompts": len(records),
-                   "samples_per_prompt": checker.SAMPLES_PER_PROMPT, "results": results}, f, indent=1)
+                   "samples_per_prompt": checker.SAMPLES_PER_PROMPT, "results": results,
+                   "per_prompt": per_prompt}, f)   # per-prompt values: pooling training seeds later
     if args.grid:   # rows: the first prompt of each category x 2 seeds; columns: base | each token file
         cells = torch.stack([g[j] for j in range(len(grids[0])) for g in grids])
         sampler.save_grid(cells, args.grid, per_cell=len(grids), columns=2)

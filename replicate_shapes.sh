@@ -18,16 +18,22 @@ SET=${SET:-dev}
 PER_CATEGORY=${PER_CATEGORY:-20}
 OUT=${OUT:-runs/replicate}
 THREADS=${THREADS:-2}
+PROTOCOL=${PROTOCOL:-1}          # 0: train only (the protocol runs later, e.g. on the eval set)
 for model in $MODELS; do
   tokens=()
   for loss in $LOSSES; do
     for seed in $SEEDS; do
       run="$OUT/$model-$loss-seed$seed"
-      [ -f "$run/tokens.safetensors" ] || python train.py --model "$model" --loss "$loss" --seed "$seed" \
-          --steps "$STEPS" --val-every "$VAL_EVERY" --val-n 8 --threads "$THREADS" --out "$run" --resume latest
+      if [ ! -f "$run/tokens.safetensors" ]; then
+        start=$(date +%s)      # wall time of this invocation (a resumed run counts only its last part)
+        python train.py --model "$model" --loss "$loss" --seed "$seed" --steps "$STEPS" \
+            --val-every "$VAL_EVERY" --val-n 8 --threads "$THREADS" --out "$run" --resume latest
+        echo $(( $(date +%s) - start )) > "$run/wall_s"
+      fi
       tokens+=("$run/tokens.safetensors")
     done
   done
+  [ "$PROTOCOL" = 1 ] || continue
   python eval.py --protocol "$SET" --n-per-category "$PER_CATEGORY" --model "$model" --threads "$THREADS" \
       --tokens "${tokens[@]}" --json "$OUT/$model-$SET.json" --grid "$OUT/$model-$SET.png"
 done

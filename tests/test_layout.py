@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = ["families", "models", "softtokens", "hooks", "losses", "data", "shapes", "checker", "classifier",
            "metrics", "sampler", "step"]
-SCRIPTS = ["train", "sample", "edit", "eval", "pretrain", "bench"]
+SCRIPTS = ["train", "sample", "edit", "eval", "pretrain", "bench", "sweep", "report"]
 MAX_LINES = 450
 
 

@@ -1,0 +1,174 @@
+"""report.py: the replication table and the training-dynamics plot of the shapes world, from the run
+folders and the protocol JSON that replicate_shapes.sh writes (SoftREPA Table 1 and eqs. 15-18, AGSM
+Table 1 and Fig. 4).
+
+    python report.py --model tiny-sd3 --json runs/replicate/tiny-sd3-eval.json --plot dynamics.png
+
+One row per method: base, dsm (AGSM Table 4 (i)), SoftREPA, AGSM. A method's score pools its training
+seeds: each prompt's value is the mean over its seeds x 4 sampling seeds (eval.py --protocol saves the
+per-prompt values), and the 95% interval is checker.bootstrap_interval over prompts within categories.
+The "Δ" rows pair the pooled method with the base prompt by prompt (checker.paired_difference). Those
+intervals treat the trained tokens as given: with 3 training seeds, the seed-to-seed spread is shown on
+its own (the range of the per-seed means), not folded into a bootstrap. The held-out classifier
+accuracy, the token movement and the wall time come from each run's log.csv and wall_s.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+
+import numpy as np
+
+import checker
+
+METHODS = ["dsm", "softrepa", "agsm"]
+NAMES = {"base": "base", "dsm": "dsm (AGSM Table 4 (i))", "softrepa": "SoftREPA", "agsm": "AGSM"}
+COLUMNS = [*checker.CATEGORIES, "mean", "overcount_counting", "overcount_single"]
+RUN = re.compile(r"tokens (?P<folder>.*/(?P<model>[^/]+)-(?P<loss>dsm|softrepa|agsm)-seed(?P<seed>\d+))/tokens\.safetensors$")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, nargs="+", help="tiny-sd3, tiny-sd1.5 (one --json each)")
+    p.add_argument("--json", required=True, nargs="+", help="eval.py --protocol output, one per --model")
+    p.add_argument("--plot", default=None, help="the dynamics plot (PNG): validation score and token movement")
+    p.add_argument("--markdown", default=None, help="also write the tables to this file")
+    args = p.parse_args(argv)
+    if len(args.model) != len(args.json):
+        p.error(f"{len(args.model)} --model but {len(args.json)} --json: give one protocol JSON per model")
+    for path in args.json:
+        if not os.path.exists(path):
+            p.error(f"--json {path}: no such file (run replicate_shapes.sh, or eval.py --protocol, first)")
+    return args
+
+
+def runs_by_method(results):
+    """{loss: [(seed, folder, name)]} of the token files in a protocol JSON."""
+    found = {}
+    for name in results:
+        match = RUN.match(name)
+        if match:
+            found.setdefault(match["loss"], []).append((int(match["seed"]), match["folder"], name))
+    return {loss: sorted(found[loss]) for loss in METHODS if loss in found}
+
+
+def pooled(per_prompt, names):
+    """Per-prompt values averaged over the runs `names` (the same prompts and seeds in every run)."""
+    first = per_prompt[names[0]]
+    return {col: {c: np.mean([per_prompt[n][col][c] for n in names], axis=0) for c in g} for col, g in first.items()}
+
+
+def logged(folder, column, step=None):
+    """A log.csv value: at `step`, or the last non-empty one."""
+    value = None
+    with open(os.path.join(folder, "log.csv")) as f:
+        for row in csv.DictReader(f):
+            if row.get(column):
+                if step is None or int(row["step"]) == step:
+                    value = float(row[column])
+    return value
+
+
+def curve(folder, column):
+    """(steps, values) of a log.csv column, skipping empty rows."""
+    steps, values = [], []
+    with open(os.path.join(folder, "log.csv")) as f:
+        for row in csv.DictReader(f):
+            if row.get(column):
+                steps.append(int(row["step"]))
+                values.append(float(row[column]))
+    return np.array(steps), np.array(values)
+
+
+def cell(value, low=None, high=None, signed=False):
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return text if low is None else f"{text} [{low:+.3f}, {high:+.3f}]" if signed else f"{text} [{low:.2f}, {high:.2f}]"
+
+
+def model_table(model, protocol):
+    """The markdown table of one backbone, and a dict of its numbers (for the plain-words answers)."""
+    results, per_prompt = protocol["results"], protocol["per_prompt"]
+    methods = runs_by_method(results)
+    base = per_prompt["base"]
+    columns = [c for c in COLUMNS if c in base]
+    header = ("| " + model + ", " + protocol["set"] + " set | " + " | ".join(columns) + " | held-out acc. | seeds | "
+              "steps | wall time per run |")
+    lines = [header, "|---" * (len(columns) + 5) + "|"]
+    numbers = {"base": checker.ordered(checker.bootstrap_interval(base))}
+    any_run = next(iter(methods.values()))[0][1]
+    lines.append("| base | " + " | ".join(cell(*numbers["base"][c]) for c in columns)
+                 + f" | {logged(any_run, 'heldout_acc', step=0):.3f} | | | |")
+    for loss, runs in methods.items():
+        names = [name for _, _, name in runs]
+        groups = pooled(per_prompt, names)
+        scores = checker.ordered(checker.bootstrap_interval(groups))
+        delta = checker.paired_difference(groups, base)
+        seed_means = [results[n]["mean"][0] for n in names]
+        folders = [folder for _, folder, _ in runs]
+        accuracy = np.mean([logged(f, "heldout_acc") for f in folders])
+        steps = sorted({int(json.load(open(os.path.join(f, "config.json")))["steps"]) for f in folders})
+        walls = [float(open(os.path.join(f, "wall_s")).read()) for f in folders if os.path.exists(os.path.join(f, "wall_s"))]
+        wall = f"{np.mean(walls) / 60:.1f} min ({len(walls)} runs timed)" if walls else "not timed"
+        numbers[loss] = dict(scores=scores, delta=delta, seed_means=seed_means, accuracy=accuracy,
+                             cos=np.mean([logged(f, "token_cos") for f in folders]),
+                             change=np.mean([logged(f, "output_change") for f in folders]))
+        spread = f"{len(names)} (means {min(seed_means):.3f}-{max(seed_means):.3f})"
+        lines.append(f"| {NAMES[loss]} | " + " | ".join(cell(*scores[c]) for c in columns)
+                     + f" | {accuracy:.3f} | {spread} | {','.join(map(str, steps))} | {wall} |")
+        lines.append(f"| Δ {NAMES[loss]} − base | " + " | ".join(cell(*delta[c], signed=True) for c in columns)
+                     + " | | | | |")
+    return "\n".join(lines), numbers
+
+
+def plot(models_runs, path):
+    """AGSM Fig. 4 on the shapes world: per backbone, the dev validation score over training steps
+    (mean over training seeds, the band their range), and the token movement (cosine to the initial
+    tokens, relative change of the denoiser's output)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(3, len(models_runs), figsize=(5.2 * len(models_runs), 9.5), squeeze=False)
+    panels = [("score_mean", "validation mean score (dev, 48 prompts)"), ("token_cos", "cosine to initial tokens"),
+              ("output_change", "relative output change")]
+    for j, (model, methods) in enumerate(models_runs):
+        for i, (column, label) in enumerate(panels):
+            ax = axes[i][j]
+            for loss, runs in methods.items():
+                curves = [curve(folder, column) for _, folder, _ in runs]
+                steps = curves[0][0]
+                values = np.array([v for s, v in curves if len(s) == len(steps)])
+                line, = ax.plot(steps, values.mean(0), marker=".", label=f"{NAMES[loss]} ({len(values)} seeds)")
+                ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+            ax.set(xlabel="training step", ylabel=label, title=f"{model}: {label}" if i == 0 else None)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tables, models_runs, numbers = [], [], {}
+    for model, path in zip(args.model, args.json):
+        with open(path) as f:
+            protocol = json.load(f)
+        if "per_prompt" not in protocol:
+            raise SystemExit(f"{path}: no per-prompt values (written by an older eval.py): run eval.py --protocol again")
+        table, numbers[model] = model_table(model, protocol)
+        tables.append(table)
+        models_runs.append((model, runs_by_method(protocol["results"])))
+    text = "\n\n".join(tables)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.plot:
+        plot(models_runs, args.plot)
+        print(f"wrote {args.plot}")
+    return numbers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""report.py: a method's row pools its training seeds prompt by prompt; a method equal to the base has
+a zero paired difference; the table carries held-out accuracy, steps and wall time; the plot is drawn."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import checker
+import report
+
+PROMPTS = 6   # per category
+
+
+def fake_groups(rng, shift=0.0):
+    values = {c: np.clip(rng.uniform(0, 1, PROMPTS) + shift, 0, 1) for c in checker.CATEGORIES}
+    groups = {c: {c: v.tolist()} for c, v in values.items()}
+    groups["mean"] = {c: v.tolist() for c, v in values.items()}
+    groups["overcount_counting"] = {"counting": rng.uniform(0, 1, PROMPTS).tolist()}
+    return groups
+
+
+def write_run(folder, seed, heldout):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"steps": 20}, f)
+    with open(os.path.join(folder, "wall_s"), "w") as f:
+        f.write("120\n")
+    with open(os.path.join(folder, "log.csv"), "w") as f:
+        f.write("step,loss,score_mean,heldout_acc,token_cos,output_change\n")
+        f.write(f"0,,0.5,0.9,1,0.01\n1,0.3,,,,\n10,0.2,0.55,{heldout},0.9,0.02\n20,0.1,0.6,{heldout},0.8,0.03\n")
+
+
+@pytest.fixture
+def protocol(tmp_path):
+    rng = np.random.default_rng(0)
+    base = fake_groups(rng)
+    per_prompt = {"base": base}
+    for loss, shift in (("dsm", 0.0), ("agsm", 0.1)):
+        for seed in range(3):
+            folder = str(tmp_path / f"tiny-sd3-{loss}-seed{seed}")
+            write_run(folder, seed, heldout=0.95)
+            name = f"tokens {folder}/tokens.safetensors"
+            per_prompt[name] = base if loss == "dsm" else fake_groups(np.random.default_rng(seed + 1), shift)
+    results = {name: checker.ordered(checker.bootstrap_interval(g)) for name, g in per_prompt.items()}
+    path = tmp_path / "protocol.json"
+    with open(path, "w") as f:
+        json.dump({"model": "tiny-sd3", "set": "eval", "results": results, "per_prompt": per_prompt}, f)
+    return str(path), per_prompt
+
+
+def test_rows_pool_training_seeds_and_pair_with_the_base(protocol, tmp_path):
+    path, per_prompt = protocol
+    numbers = report.main(["--model", "tiny-sd3", "--json", path, "--plot", str(tmp_path / "d.png"),
+                           "--markdown", str(tmp_path / "t.md")])["tiny-sd3"]
+    assert numbers["dsm"]["delta"]["mean"] == pytest.approx((0.0, 0.0, 0.0))     # the base itself, 3 times
+    agsm = [n for n in per_prompt if "agsm" in n]
+    expected = np.mean([np.mean([np.mean(per_prompt[n]["mean"][c]) for n in agsm]) for c in checker.CATEGORIES])
+    assert numbers["agsm"]["scores"]["mean"][0] == pytest.approx(expected)
+    assert len(numbers["agsm"]["seed_means"]) == 3 and numbers["agsm"]["accuracy"] == pytest.approx(0.95)
+    table = open(tmp_path / "t.md").read()
+    assert "| base |" in table and "Δ AGSM − base" in table and "2.0 min (3 runs timed)" in table
+    assert os.path.getsize(tmp_path / "d.png") > 1000
+
+
+def test_old_protocol_files_stop_with_one_line(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"results": {}}))
+    with pytest.raises(SystemExit, match="per-prompt"):
+        report.main(["--model", "tiny-sd3", "--json", str(path)])
+    with pytest.raises(SystemExit):
+        report.main(["--model", "tiny-sd3", "tiny-sd1.5", "--json", str(path)])

@@ -5,7 +5,7 @@ with statistical power (4 seeds per prompt fixed by rule, bootstrap intervals, o
 GenEval (used by both papers) runs an object detector over generated images. Ours knows the world
 (shapes.py): it recovers objects by nearest-palette-colour masks and connected components, and reads
 the shape off the fill ratio of each component in its bounding box (square 1.0, circle ~0.79,
-triangle ~0.5). check(image, spec) applies the category's rule; score() gives the per-category
+triangle ~0.5) and, between squares and circles, how far it reaches into the box's corners. check(image, spec) applies the category's rule; score() gives the per-category
 fractions and their mean, as GenEval's overall score. Plain numpy / torch: no scipy, no detector.
 """
 import numpy as np
@@ -22,6 +22,8 @@ from shapes import BACKGROUND, CATEGORIES, COLORS, PALETTE, relation_holds, to_u
 COLOR_MAX_DIST = 150.0  # a pixel further than this from every colour is "no colour"
 MIN_AREA = 12           # components smaller than this (at 32 px) are speckles
 SQUARE_MIN_FILL = 0.90  # fill ratio >= this: square (renderer gives exactly 1.0)
+SQUARE_MIN_REACH = 1.5  # or a circle's fill but reaching 3 of 4 corners: a square with ragged edges
+REACH_TRIM = 0.25       # corner_reach ignores edge rows / columns this sparse (stray pixels)
 CIRCLE_MIN_FILL = 0.66  # in [0.66, 0.92): circle (renderer: 0.755-0.852)
 TRIANGLE_MIN_FILL = 0.38  # in [0.38, 0.66): triangle (renderer: 0.50-0.60)
 MAX_ASPECT = 1.5        # renderer's boxes are ~square; long thin blobs are not shapes
@@ -52,11 +54,34 @@ def connected_components(mask):
         labels = new
 
 
-def classify_shape(fill, height, width, size):
-    """Shape name from the fill ratio of a component in its bbox, or None."""
+def corner_reach(xs, ys, x0, y0, x1, y1):
+    """How far a component reaches into the corners of its box: per quadrant, the largest
+    |dx| / a + |dy| / b of its pixels (a, b the box's half-sides, d from the box centre), and the third
+    largest of the four (a generated square often loses one corner to a slanted edge). A square reaches every corner (rendered: 1.71-1.80, pixel centres stop half a pixel
+    short of 2); a circle reaches √2 = 1.41 at most (rendered: 1.14-1.40). Unlike the fill ratio, a
+    square drawn with a ragged extra row or column (a decoder's soft edge half over the colour
+    threshold) still reaches ~1.6-1.8, where its fill (0.82-0.85) is a circle's. SQUARE_MIN_REACH = 1.5
+    was set on the hand-checked generated images (dev prompts): their circles reach at most 1.43, their
+    squares 1.48 and up. Rows and columns holding under a quarter of the fullest one's pixels are left out of the
+    box first: a stray pixel on an edge would otherwise move the corners away from the shape (a
+    circle's top row holds a third or more of its widest; only a triangle's apex holds less, and
+    triangles are told by their fill before the reach is read)."""
+    rows, cols = np.bincount(ys - y0), np.bincount(xs - x0)
+    kept_rows, kept_cols = np.nonzero(rows >= REACH_TRIM * rows.max())[0], np.nonzero(cols >= REACH_TRIM * cols.max())[0]
+    y0, y1, x0, x1 = y0 + kept_rows[0], y0 + kept_rows[-1], x0 + kept_cols[0], x0 + kept_cols[-1]
+    inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    xs, ys = xs[inside], ys[inside]
+    cx, cy, a, b = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2
+    reach = np.abs(xs - cx) / a + np.abs(ys - cy) / b
+    quadrants = [(xs <= cx) & (ys <= cy), (xs >= cx) & (ys <= cy), (xs <= cx) & (ys >= cy), (xs >= cx) & (ys >= cy)]
+    return float(sorted(reach[q].max() if q.any() else 0.0 for q in quadrants)[1])   # the 3rd-best corner
+
+
+def classify_shape(fill, height, width, size, reach=0.0):
+    """Shape name from the fill ratio of a component in its bbox and its corner_reach, or None."""
     if max(height, width) > min(height, width) * MAX_ASPECT or max(height, width) > MAX_EXTENT * size:
         return None
-    if fill >= SQUARE_MIN_FILL:
+    if fill >= SQUARE_MIN_FILL or (fill >= CIRCLE_MIN_FILL and reach >= SQUARE_MIN_REACH):
         return "square"
     if fill >= CIRCLE_MIN_FILL:
         return "circle"
@@ -92,7 +117,7 @@ def detect(image):
             ys, xs = np.nonzero(labels == label)
             x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
             bh, bw = y1 - y0 + 1, x1 - x0 + 1
-            shape = classify_shape(len(ys) / (bh * bw), bh, bw, max(h, w))
+            shape = classify_shape(len(ys) / (bh * bw), bh, bw, max(h, w), corner_reach(xs, ys, x0, y0, x1, y1))
             if shape is None:
                 continue
             objects.append({"color": color, "shape": shape, "area": int(len(ys)),

@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--json", required=True, nargs="+", help="eval.py --protocol output, one per --model")
     p.add_argument("--plot", default=None, help="the dynamics plot (PNG): validation score and token movement")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
+    p.add_argument("--sweep", nargs="*", default=[], help="sweep.py CSVs to print as tables too")
     args = p.parse_args(argv)
     if len(args.model) != len(args.json):
         p.error(f"{len(args.model)} --model but {len(args.json)} --json: give one protocol JSON per model")
@@ -121,6 +122,26 @@ def model_table(model, protocol):
     return "\n".join(lines), numbers
 
 
+def sweep_table(path):
+    """A sweep.py CSV as markdown: each run's changed settings, dev mean, paired Δ, over-counting, movement."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    lines = [f"| {name}, dev | lr | τ | tokens | layers / blocks | dev mean [95%] | Δ mean vs base [95%] | over-count "
+             f"(counting) | held-out acc. | cos to init | output change |", "|---" * 11 + "|"]
+    for r in rows:
+        if r["run"] == "base":
+            lines.append(f"| base | | | | | {float(r['mean']):.3f} [{float(r['mean_low']):.3f}, {float(r['mean_high']):.3f}] "
+                         f"| | {float(r['overcount_counting']):.3f} | | | |")
+            continue
+        lines.append(f"| {r['run']} | {r['lr']} | {r['tau']} | {r['n_tokens']} | {r['layers']} {r['blocks']} | "
+                     f"{float(r['mean']):.3f} [{float(r['mean_low']):.3f}, {float(r['mean_high']):.3f}] | "
+                     f"{float(r['delta_mean']):+.3f} [{float(r['delta_low']):+.3f}, {float(r['delta_high']):+.3f}] | "
+                     f"{float(r['overcount_counting']):.3f} | {float(r['heldout_acc']):.3f} | "
+                     f"{float(r['token_cos']):.2f} | {float(r['output_change']):.3f} |")
+    return "\n".join(lines)
+
+
 def plot(models_runs, path):
     """AGSM Fig. 4 on the shapes world: per backbone, the dev validation score over training steps
     (mean over training seeds, the band their range), and the token movement (cosine to the initial
@@ -159,7 +180,7 @@ def main(argv=None):
         table, numbers[model] = model_table(model, protocol)
         tables.append(table)
         models_runs.append((model, runs_by_method(protocol["results"])))
-    text = "\n\n".join(tables)
+    text = "\n\n".join(tables + [sweep_table(path) for path in args.sweep])
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -70,3 +70,16 @@ def test_old_protocol_files_stop_with_one_line(tmp_path):
         report.main(["--model", "tiny-sd3", "--json", str(path)])
     with pytest.raises(SystemExit):
         report.main(["--model", "tiny-sd3", "tiny-sd1.5", "--json", str(path)])
+
+
+def test_sweep_csv_becomes_a_table(tmp_path):
+    folder = tmp_path / "sweep-tiny-sd3"
+    folder.mkdir()
+    (folder / "sweep.csv").write_text(
+        "run,loss,lr,tau,n_tokens,layers,blocks,mean,mean_low,mean_high,delta_mean,delta_low,delta_high,"
+        "overcount_counting,heldout_acc,token_cos,output_change\n"
+        "base,,,,,,,0.7,0.66,0.74,,,,0.2,,,\n"
+        "softrepa-tau1,softrepa,0.001,1.0,4,2,,0.72,0.68,0.76,+0.02,-0.01,+0.05,0.25,0.979,0.1,0.04\n")
+    table = report.sweep_table(str(folder / "sweep.csv")).splitlines()
+    assert table[0].startswith("| sweep-tiny-sd3, dev |") and len(table) == 4
+    assert "| softrepa-tau1 | 0.001 | 1.0 | 4 | 2  | 0.720 [0.680, 0.760] | +0.020 [-0.010, +0.050] |" in table[3]

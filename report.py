@@ -30,7 +30,8 @@ RUN = re.compile(r"tokens (?P<folder>.*/(?P<model>[^/]+)-(?P<loss>dsm|softrepa|a
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, nargs="+", help="tiny-sd3, tiny-sd1.5 (one --json each)")
+    p.add_argument("--model", required=True, nargs="+", help="tiny-sd3, tiny-sd1.5 (one per --json; a model "
+                   "named twice merges its files: token files split over two eval.py calls, same base)")
     p.add_argument("--json", required=True, nargs="+", help="eval.py --protocol output, one per --model")
     p.add_argument("--plot", default=None, help="the dynamics plot (PNG): validation score and token movement")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
@@ -171,12 +172,21 @@ def plot(models_runs, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    tables, models_runs, numbers = [], [], {}
+    tables, models_runs, numbers, protocols = [], [], {}, {}
     for model, path in zip(args.model, args.json):
         with open(path) as f:
             protocol = json.load(f)
         if "per_prompt" not in protocol:
             raise SystemExit(f"{path}: no per-prompt values (written by an older eval.py): run eval.py --protocol again")
+        if model in protocols:   # a second file of the same model: the same prompts, seeds and base
+            first = protocols[model]
+            if protocol["set"] != first["set"] or protocol["per_prompt"]["base"] != first["per_prompt"]["base"]:
+                raise SystemExit(f"{path}: not the same prompts, seeds and base as the first {model} file")
+            first["results"].update(protocol["results"])
+            first["per_prompt"].update(protocol["per_prompt"])
+        else:
+            protocols[model] = protocol
+    for model, protocol in protocols.items():
         table, numbers[model] = model_table(model, protocol)
         tables.append(table)
         models_runs.append((model, runs_by_method(protocol["results"])))

@@ -83,3 +83,23 @@ def test_sweep_csv_becomes_a_table(tmp_path):
     table = report.sweep_table(str(folder / "sweep.csv")).splitlines()
     assert table[0].startswith("| sweep-tiny-sd3, dev |") and len(table) == 4
     assert "| softrepa-tau1 | 0.001 | 1.0 | 4 | 2  | 0.720 [0.680, 0.760] | +0.020 [-0.010, +0.050] |" in table[3]
+
+
+def test_two_files_of_one_model_merge(protocol, tmp_path):
+    path, per_prompt = protocol
+    data = json.load(open(path))
+    names = [n for n in per_prompt if "agsm" in n]
+    second = {"model": "tiny-sd3", "set": "eval", "per_prompt": {"base": per_prompt["base"]},
+              "results": {"base": data["results"]["base"]}}
+    for n in names:   # move AGSM's runs into a second file
+        second["per_prompt"][n] = data["per_prompt"].pop(n)
+        second["results"][n] = data["results"].pop(n)
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged = report.main(["--model", "tiny-sd3", "tiny-sd3", "--json", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    whole = report.main(["--model", "tiny-sd3", "--json", path])
+    assert merged["tiny-sd3"]["agsm"]["scores"] == whole["tiny-sd3"]["agsm"]["scores"]
+    second["per_prompt"]["base"] = per_prompt[names[0]]   # another base
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    with pytest.raises(SystemExit, match="same prompts"):
+        report.main(["--model", "tiny-sd3", "tiny-sd3", "--json", str(tmp_path / "a.json"), str(tmp_path / "b.json")])

@@ -30,13 +30,15 @@ RUN = re.compile(r"tokens (?P<folder>.*/(?P<model>[^/]+)-(?P<loss>dsm|softrepa|a
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, nargs="+", help="tiny-sd3, tiny-sd1.5 (one per --json; a model "
+    p.add_argument("--model", default=[], nargs="+", help="tiny-sd3, tiny-sd1.5 (one per --json; a model "
                    "named twice merges its files: token files split over two eval.py calls, same base)")
-    p.add_argument("--json", required=True, nargs="+", help="eval.py --protocol output, one per --model")
+    p.add_argument("--json", default=[], nargs="+", help="eval.py --protocol output, one per --model")
     p.add_argument("--plot", default=None, help="the dynamics plot (PNG): validation score and token movement")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--sweep", nargs="*", default=[], help="sweep.py CSVs to print as tables too")
     args = p.parse_args(argv)
+    if not args.json and not args.sweep:
+        p.error("nothing to report: give --model M --json FILE (replicate_shapes.sh's protocol) and/or --sweep CSV")
     if len(args.model) != len(args.json):
         p.error(f"{len(args.model)} --model but {len(args.json)} --json: give one protocol JSON per model")
     for path in args.json:
@@ -92,6 +94,9 @@ def model_table(model, protocol):
     """The markdown table of one backbone, and a dict of its numbers (for the plain-words answers)."""
     results, per_prompt = protocol["results"], protocol["per_prompt"]
     methods = runs_by_method(results)
+    if not methods:
+        raise SystemExit(f"{model}: no token files named <model>-<loss>-seed<N>/tokens.safetensors in the protocol "
+                         f"file (replicate_shapes.sh names its runs so)")
     base = per_prompt["base"]
     columns = [c for c in COLUMNS if c in base]
     header = ("| " + model + ", " + protocol["set"] + " set | " + " | ".join(columns) + " | held-out acc. | seeds | "
@@ -127,7 +132,8 @@ def sweep_table(path):
     """A sweep.py CSV as markdown: each run's changed settings, dev mean, paired Δ, over-counting, movement."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(os.path.basename(path))[0]   # sweep.py writes <folder>/sweep.csv
+    name = stem if stem != "sweep" else os.path.basename(os.path.dirname(os.path.abspath(path)))
     lines = [f"| {name}, dev | lr | τ | tokens | layers / blocks | dev mean [95%] | Δ mean vs base [95%] | over-count "
              f"(counting) | held-out acc. | cos to init | output change |", "|---" * 11 + "|"]
     for r in rows:

@@ -47,13 +47,17 @@ def parse_args(argv=None):
     return args
 
 
-def runs_by_method(results):
-    """{loss: [(seed, folder, name)]} of the token files in a protocol JSON."""
+def runs_by_method(results, beside="."):
+    """{loss: [(seed, folder, name)]} of the token files in a protocol JSON. A run folder that is not where
+    the JSON says (copied, e.g. runs/replicate -> docs/replicate) is looked for beside the JSON."""
     found = {}
     for name in results:
         match = RUN.match(name)
         if match:
-            found.setdefault(match["loss"], []).append((int(match["seed"]), match["folder"], name))
+            folder = match["folder"]
+            if not os.path.isdir(folder):
+                folder = os.path.join(beside, os.path.basename(folder))
+            found.setdefault(match["loss"], []).append((int(match["seed"]), folder, name))
     return {loss: sorted(found[loss]) for loss in METHODS if loss in found}
 
 
@@ -90,10 +94,10 @@ def cell(value, low=None, high=None, signed=False):
     return text if low is None else f"{text} [{low:+.3f}, {high:+.3f}]" if signed else f"{text} [{low:.2f}, {high:.2f}]"
 
 
-def model_table(model, protocol):
+def model_table(model, protocol, beside="."):
     """The markdown table of one backbone, and a dict of its numbers (for the plain-words answers)."""
     results, per_prompt = protocol["results"], protocol["per_prompt"]
-    methods = runs_by_method(results)
+    methods = runs_by_method(results, beside)
     if not methods:
         raise SystemExit(f"{model}: no token files named <model>-<loss>-seed<N>/tokens.safetensors in the protocol "
                          f"file (replicate_shapes.sh names its runs so)")
@@ -125,6 +129,11 @@ def model_table(model, protocol):
                      + f" | {accuracy:.3f} | {spread} | {','.join(map(str, steps))} | {wall} |")
         lines.append(f"| Δ {NAMES[loss]} − base | " + " | ".join(cell(*delta[c], signed=True) for c in columns)
                      + " | | | | |")
+        if loss != "dsm" and "dsm" in numbers:   # does the alignment loss beat plain score matching?
+            numbers[loss]["delta_dsm"] = checker.paired_difference(groups, numbers["dsm"]["groups"])
+            lines.append(f"| Δ {NAMES[loss]} − dsm | " + " | ".join(cell(*numbers[loss]["delta_dsm"][c], signed=True)
+                                                              for c in columns) + " | | | | |")
+        numbers[loss]["groups"] = groups
     return "\n".join(lines), numbers
 
 
@@ -192,10 +201,11 @@ def main(argv=None):
             first["per_prompt"].update(protocol["per_prompt"])
         else:
             protocols[model] = protocol
+            protocol["beside"] = os.path.dirname(path)
     for model, protocol in protocols.items():
-        table, numbers[model] = model_table(model, protocol)
+        table, numbers[model] = model_table(model, protocol, protocol["beside"])
         tables.append(table)
-        models_runs.append((model, runs_by_method(protocol["results"])))
+        models_runs.append((model, runs_by_method(protocol["results"], protocol["beside"])))
     text = "\n\n".join(tables + [sweep_table(path) for path in args.sweep])
     print(text)
     if args.markdown:

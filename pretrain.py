@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--loose", type=float, default=0.25, help="fraction of loose (alt-text-like) captions")
+    p.add_argument("--swap", type=float, default=0.0, help="fraction of the precise colour-attribution "
+                   "captions whose two colours are exchanged (alt-text binding errors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="weights folder (default weights/<model>)")
@@ -203,7 +205,8 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(sched.last_epoch)
         print(f"resumed at step {step} (lr {args.lr:g})")
-    data = shapes.stream(args.seed + step, args.batch, loose=0.0 if is_vae else args.loose)  # fresh data on resume
+    data = shapes.stream(args.seed + step, args.batch, loose=0.0 if is_vae else args.loose,
+                         swap=0.0 if is_vae else args.swap)  # fresh data on resume
 
     def sampling_copy():
         """The EMA weights as a Backbone (denoisers) or the EMA autoencoder."""

@@ -25,6 +25,7 @@ import checker
 METHODS = ["dsm", "softrepa", "agsm"]
 NAMES = {"base": "base", "dsm": "dsm (AGSM Table 4 (i))", "softrepa": "SoftREPA", "agsm": "AGSM"}
 COLUMNS = [*checker.CATEGORIES, "mean", "overcount_counting", "overcount_single"]
+FOLDER = re.compile(r"(?P<model>.+)-(?P<loss>dsm|softrepa|agsm)-seed(?P<seed>\d+)$")
 RUN = re.compile(r"tokens (?P<folder>.*/(?P<model>[^/]+)-(?P<loss>dsm|softrepa|agsm)-seed(?P<seed>\d+))/tokens\.safetensors$")
 
 
@@ -34,10 +35,17 @@ def parse_args(argv=None):
                    "named twice merges its files: token files split over two eval.py calls, same base)")
     p.add_argument("--json", default=[], nargs="+", help="eval.py --protocol output, one per --model")
     p.add_argument("--plot", default=None, help="the dynamics plot (PNG): validation score and token movement")
+    p.add_argument("--plot-runs", nargs="+", default=[], help="draw the plot from these run folders "
+                   "(<model>-<loss>-seed<N>, e.g. reruns validated more densely) instead of the JSON's")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--sweep", nargs="*", default=[], help="sweep.py CSVs to print as tables too")
     args = p.parse_args(argv)
-    if not args.json and not args.sweep:
+    if args.plot_runs and not args.plot:
+        p.error("--plot-runs needs --plot FILE")
+    for folder in args.plot_runs:
+        if not FOLDER.match(os.path.basename(os.path.normpath(folder))) or not os.path.exists(os.path.join(folder, "log.csv")):
+            p.error(f"--plot-runs {folder}: not a run folder named <model>-<loss>-seed<N> with a log.csv")
+    if not args.json and not args.sweep and not args.plot_runs:
         p.error("nothing to report: give --model M --json FILE (replicate_shapes.sh's protocol) and/or --sweep CSV")
     if len(args.model) != len(args.json):
         p.error(f"{len(args.model)} --model but {len(args.json)} --json: give one protocol JSON per model")
@@ -59,6 +67,16 @@ def runs_by_method(results, beside="."):
                 folder = os.path.join(beside, os.path.basename(folder))
             found.setdefault(match["loss"], []).append((int(match["seed"]), folder, name))
     return {loss: sorted(found[loss]) for loss in METHODS if loss in found}
+
+
+def runs_in_folders(folders):
+    """[(model, {loss: [(seed, folder, name)]})] of run folders named <model>-<loss>-seed<N>."""
+    found = {}
+    for folder in folders:
+        match = FOLDER.match(os.path.basename(os.path.normpath(folder)))
+        found.setdefault(match["model"], {}).setdefault(match["loss"], []).append((int(match["seed"]), folder, folder))
+    return [(model, {loss: sorted(by_loss[loss]) for loss in METHODS if loss in by_loss})
+            for model, by_loss in found.items()]
 
 
 def pooled(per_prompt, names):
@@ -143,14 +161,16 @@ def sweep_table(path):
         rows = list(csv.DictReader(f))
     stem = os.path.splitext(os.path.basename(path))[0]   # sweep.py writes <folder>/sweep.csv
     name = stem if stem != "sweep" else os.path.basename(os.path.dirname(os.path.abspath(path)))
-    lines = [f"| {name}, dev | lr | τ | tokens | layers / blocks | dev mean [95%] | Δ mean vs base [95%] | over-count "
-             f"(counting) | held-out acc. | cos to init | output change |", "|---" * 11 + "|"]
+    lines = [f"| {name}, dev | steps | lr | τ | γ+ / γ− | tokens | layers / blocks | dev mean [95%] | Δ mean vs base "
+             f"[95%] | over-count (counting) | held-out acc. | cos to init | output change |", "|---" * 13 + "|"]
     for r in rows:
         if r["run"] == "base":
-            lines.append(f"| base | | | | | {float(r['mean']):.3f} [{float(r['mean_low']):.3f}, {float(r['mean_high']):.3f}] "
+            lines.append(f"| base | | | | | | | {float(r['mean']):.3f} [{float(r['mean_low']):.3f}, {float(r['mean_high']):.3f}] "
                          f"| | {float(r['overcount_counting']):.3f} | | | |")
             continue
-        lines.append(f"| {r['run']} | {r['lr']} | {r['tau']} | {r['n_tokens']} | {r['layers']} {r['blocks']} | "
+        gammas = f"{r['gamma_pos']} / {r['gamma_neg']}" if r.get("loss") == "agsm" else ""   # AGSM's only
+        lines.append(f"| {r['run']} | {r.get('steps', '')} | {r['lr']} | {r['tau']} | {gammas} | {r['n_tokens']} | "
+                     f"{r['layers']} {r['blocks']} | "
                      f"{float(r['mean']):.3f} [{float(r['mean_low']):.3f}, {float(r['mean_high']):.3f}] | "
                      f"{float(r['delta_mean']):+.3f} [{float(r['delta_low']):+.3f}, {float(r['delta_high']):+.3f}] | "
                      f"{float(r['overcount_counting']):.3f} | {float(r['heldout_acc']):.3f} | "
@@ -166,9 +186,11 @@ def plot(models_runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(3, len(models_runs), figsize=(5.2 * len(models_runs), 9.5), squeeze=False)
-    panels = [("score_mean", "validation mean score (dev, 48 prompts)"), ("token_cos", "cosine to initial tokens"),
-              ("output_change", "relative output change")]
     for j, (model, methods) in enumerate(models_runs):
+        first = next(iter(methods.values()))[0][1]
+        val_n = json.load(open(os.path.join(first, "config.json"))).get("val_n", 8)   # prompts per category
+        panels = [("score_mean", f"validation mean score (dev, {6 * val_n} prompts)"),
+                  ("token_cos", "cosine to initial tokens"), ("output_change", "relative output change")]
         for i, (column, label) in enumerate(panels):
             ax = axes[i][j]
             for loss, runs in methods.items():
@@ -207,12 +229,13 @@ def main(argv=None):
         tables.append(table)
         models_runs.append((model, runs_by_method(protocol["results"], protocol["beside"])))
     text = "\n\n".join(tables + [sweep_table(path) for path in args.sweep])
-    print(text)
+    if text:
+        print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
     if args.plot:
-        plot(models_runs, args.plot)
+        plot(runs_in_folders(args.plot_runs) if args.plot_runs else models_runs, args.plot)
         print(f"wrote {args.plot}")
     return numbers
 

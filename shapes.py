@@ -298,16 +298,30 @@ def to_uint8(image):
 # ----------------------------------------------------------------------------
 # Training stream and evaluation prompt set
 
-def stream(seed, batch_size, size=32, categories=None, loose=0.0):
-    """Endless, reproducible (images (B,3,H,W) in [-1,1], captions, specs) batches; a fraction `loose`
-    of the captions are loose_caption()s (pretraining only)."""
+def swapped_caption(spec):
+    """A colour-attribution caption with the two colours exchanged ("a blue circle and a red square" under
+    a red circle and a blue square): the binding error of web alt-text, which names the right words."""
+    (a, b) = spec["objects"]
+    return f"a {b['color']} {a['shape']} and a {a['color']} {b['shape']}"
+
+
+def stream(seed, batch_size, size=32, categories=None, loose=0.0, swap=0.0):
+    """Endless, reproducible (images (B,3,H,W) in [-1,1], captions, specs) batches (pretraining only: a
+    fraction `loose` of the captions are loose_caption()s, and a fraction `swap` of the colour-attribution
+    captions are swapped_caption()s)."""
     rng = np.random.default_rng(seed)
     categories = list(categories or CATEGORIES)
+
+    def pretraining_caption(s):
+        if loose and rng.random() < loose:
+            return loose_caption(s, rng)
+        if swap and s["category"] == "color_attr" and rng.random() < swap:
+            return swapped_caption(s)
+        return caption(s)
     while True:
         specs = [random_spec(rng, categories[rng.integers(len(categories))]) for _ in range(batch_size)]
         images = np.stack([render(s, size, rng) for s in specs])
-        captions = [loose_caption(s, rng) if loose and rng.random() < loose else caption(s) for s in specs]
-        yield to_tensor(images), captions, specs
+        yield to_tensor(images), [pretraining_caption(s) for s in specs], specs
 
 
 def all_specs(category):

@@ -76,13 +76,13 @@ def test_sweep_csv_becomes_a_table(tmp_path):
     folder = tmp_path / "sweep-tiny-sd3"
     folder.mkdir()
     (folder / "sweep.csv").write_text(
-        "run,loss,lr,tau,n_tokens,layers,blocks,mean,mean_low,mean_high,delta_mean,delta_low,delta_high,"
+        "run,loss,steps,lr,tau,gamma_pos,gamma_neg,n_tokens,layers,blocks,mean,mean_low,mean_high,delta_mean,delta_low,delta_high,"
         "overcount_counting,heldout_acc,token_cos,output_change\n"
-        "base,,,,,,,0.7,0.66,0.74,,,,0.2,,,\n"
-        "softrepa-tau1,softrepa,0.001,1.0,4,2,,0.72,0.68,0.76,+0.02,-0.01,+0.05,0.25,0.979,0.1,0.04\n")
+        "base,,,,,,,,,,0.7,0.66,0.74,,,,0.2,,,\n"
+        "softrepa-tau1,softrepa,2000,0.001,1.0,,,4,2,,0.72,0.68,0.76,+0.02,-0.01,+0.05,0.25,0.979,0.1,0.04\n")
     table = report.sweep_table(str(folder / "sweep.csv")).splitlines()
     assert table[0].startswith("| sweep-tiny-sd3, dev |") and len(table) == 4
-    assert "| softrepa-tau1 | 0.001 | 1.0 | 4 | 2  | 0.720 [0.680, 0.760] | +0.020 [-0.010, +0.050] |" in table[3]
+    assert "| softrepa-tau1 | 2000 | 0.001 | 1.0 |  | 4 | 2  | 0.720 [0.680, 0.760] | +0.020 [-0.010, +0.050] |" in table[3]
 
 
 def test_two_files_of_one_model_merge(protocol, tmp_path):
@@ -103,3 +103,14 @@ def test_two_files_of_one_model_merge(protocol, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(second))
     with pytest.raises(SystemExit, match="same prompts"):
         report.main(["--model", "tiny-sd3", "tiny-sd3", "--json", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+
+
+def test_plot_from_run_folders_groups_them_by_model_and_loss(protocol, tmp_path):
+    folders = [str(tmp_path / f"tiny-sd3-{loss}-seed{seed}") for loss in ("dsm", "agsm") for seed in range(3)]
+    grouped = report.runs_in_folders(folders[:3] + [folders[3] + "/"] + folders[4:])   # a trailing slash is fine
+    assert [model for model, _ in grouped] == ["tiny-sd3"]
+    assert list(grouped[0][1]) == ["dsm", "agsm"] and [s for s, _, _ in grouped[0][1]["agsm"]] == [0, 1, 2]
+    report.main(["--plot", str(tmp_path / "runs.png"), "--plot-runs", *folders])
+    assert os.path.getsize(tmp_path / "runs.png") > 1000
+    with pytest.raises(SystemExit):   # not a run folder
+        report.main(["--plot", str(tmp_path / "x.png"), "--plot-runs", str(tmp_path)])

@@ -137,21 +137,29 @@ def model_table(model, protocol, beside="."):
         folders = [folder for _, folder, _ in runs]
         accuracy = np.mean([logged(f, "heldout_acc") for f in folders])
         steps = sorted({int(json.load(open(os.path.join(f, "config.json")))["steps"]) for f in folders})
-        walls = [float(open(os.path.join(f, "wall_s")).read()) for f in folders if os.path.exists(os.path.join(f, "wall_s"))]
-        wall = f"{np.mean(walls) / 60:.1f} min ({len(walls)} runs timed)" if walls else "not timed"
+        walls = {seed: float(open(os.path.join(f, "wall_s")).read()) for seed, f, _ in runs
+                 if os.path.exists(os.path.join(f, "wall_s"))}
+        untimed = [f"seed {seed}" for seed, _, _ in runs if seed not in walls]
+        wall = "; ".join([", ".join(f"{w / 60:.1f}" for w in walls.values()) + " min"] * bool(walls)
+                         + [", ".join(untimed) + " not timed"] * bool(untimed))
         numbers[loss] = dict(scores=scores, delta=delta, seed_means=seed_means, accuracy=accuracy,
                              cos=np.mean([logged(f, "token_cos") for f in folders]),
                              change=np.mean([logged(f, "output_change") for f in folders]))
         spread = f"{len(names)} (means {min(seed_means):.3f}-{max(seed_means):.3f})"
         lines.append(f"| {NAMES[loss]} | " + " | ".join(cell(*scores[c]) for c in columns)
                      + f" | {accuracy:.3f} | {spread} | {','.join(map(str, steps))} | {wall} |")
-        lines.append(f"| Δ {NAMES[loss]} − base | " + " | ".join(cell(*delta[c], signed=True) for c in columns)
+        lines.append(f"| Δ {NAMES[loss].split(' (')[0]} − base | " + " | ".join(cell(*delta[c], signed=True) for c in columns)
                      + " | | | | |")
         if loss != "dsm" and "dsm" in numbers:   # does the alignment loss beat plain score matching?
             numbers[loss]["delta_dsm"] = checker.paired_difference(groups, numbers["dsm"]["groups"])
             lines.append(f"| Δ {NAMES[loss]} − dsm | " + " | ".join(cell(*numbers[loss]["delta_dsm"][c], signed=True)
                                                               for c in columns) + " | | | | |")
         numbers[loss]["groups"] = groups
+    if "softrepa" in numbers and "agsm" in numbers:   # AGSM's claim is against SoftREPA (its Table 1)
+        numbers["agsm"]["delta_softrepa"] = checker.paired_difference(numbers["agsm"]["groups"],
+                                                                      numbers["softrepa"]["groups"])
+        lines.append("| Δ AGSM − SoftREPA | " + " | ".join(cell(*numbers["agsm"]["delta_softrepa"][c], signed=True)
+                                                          for c in columns) + " | | | | |")
     return "\n".join(lines), numbers
 
 

@@ -36,7 +36,7 @@ def test_coco_layouts_give_image_paths_and_five_captions(tmp_path, year):
         records = data.read_records(spec)
         assert len(records) == 4
         path, caps = records[1]
-        assert os.path.exists(path) and path.endswith(f"000000000001.jpg") and (year in path)
+        assert os.path.exists(path) and path.endswith("000000000001.jpg") and (year in path)
         assert caps == [f"image 1 caption {k}" for k in range(5)]  # stripped, in file order
 
 

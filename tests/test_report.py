@@ -36,12 +36,12 @@ def protocol(tmp_path):
     rng = np.random.default_rng(0)
     base = fake_groups(rng)
     per_prompt = {"base": base}
-    for loss, shift in (("dsm", 0.0), ("agsm", 0.1)):
+    for loss, shift in (("dsm", 0.0), ("softrepa", 0.0), ("agsm", 0.1)):
         for seed in range(3):
             folder = str(tmp_path / f"tiny-sd3-{loss}-seed{seed}")
             write_run(folder, seed, heldout=0.95)
             name = f"tokens {folder}/tokens.safetensors"
-            per_prompt[name] = base if loss == "dsm" else fake_groups(np.random.default_rng(seed + 1), shift)
+            per_prompt[name] = base if loss in ("dsm", "softrepa") else fake_groups(np.random.default_rng(seed + 1), shift)
     results = {name: checker.ordered(checker.bootstrap_interval(g)) for name, g in per_prompt.items()}
     path = tmp_path / "protocol.json"
     with open(path, "w") as f:
@@ -59,7 +59,9 @@ def test_rows_pool_training_seeds_and_pair_with_the_base(protocol, tmp_path):
     assert numbers["agsm"]["scores"]["mean"][0] == pytest.approx(expected)
     assert len(numbers["agsm"]["seed_means"]) == 3 and numbers["agsm"]["accuracy"] == pytest.approx(0.95)
     table = open(tmp_path / "t.md").read()
-    assert "| base |" in table and "Δ AGSM − base" in table and "2.0 min (3 runs timed)" in table
+    for column, value in numbers["agsm"]["delta"].items():   # SoftREPA here is the base
+        assert numbers["agsm"]["delta_softrepa"][column] == pytest.approx(value)
+    assert "| base |" in table and "Δ AGSM − base" in table and "Δ AGSM − SoftREPA" in table and "2.0, 2.0, 2.0 min |" in table
     assert os.path.getsize(tmp_path / "d.png") > 1000
 
 

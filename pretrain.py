@@ -36,6 +36,7 @@ import copy
 import csv
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -218,8 +219,13 @@ def main(argv=None):
 
     def save(folder):
         if is_vae:
-            return models.save_tiny_vae(ema["vae"], folder)
-        models.save_tiny(sampling_copy(), folder)
+            models.save_tiny_vae(ema["vae"], folder)
+        else:
+            models.save_tiny(sampling_copy(), folder)
+        if not log.closed:
+            log.flush()
+        # the weights carry their history: --init reads the step count (and the log) back from it
+        shutil.copyfile(log_path, os.path.join(folder, "pretrain_log.csv"))
 
     def checkpoint():
         state = {k: m.state_dict() for k, m in trained.items()}

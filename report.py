@@ -205,7 +205,7 @@ def plot(models_runs, path):
                 curves = [curve(folder, column) for _, folder, _ in runs]
                 steps = curves[0][0]
                 values = np.array([v for s, v in curves if len(s) == len(steps)])
-                line, = ax.plot(steps, values.mean(0), marker=".", label=f"{NAMES[loss]} ({len(values)} seeds)")
+                line, = ax.plot(steps, values.mean(0), marker=".", label=f"{NAMES[loss]} ({len(values)} seed{'s' * (len(values) > 1)})")
                 ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
             ax.set(xlabel="training step", ylabel=label, title=f"{model}: {label}" if i == 0 else None)
             ax.grid(alpha=0.3)

@@ -128,6 +128,7 @@ def test_init_continues_from_a_weights_folder_with_its_step_and_log(tmp_path):
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["step", "1", "2", "3", "4"]
     assert float(rows[-1].split(",")[2]) == 0.0                       # cooled down to lr 0 at --steps
+    assert (tmp_path / "w" / "pretrain_log.csv").read_text().splitlines() == rows   # a later --init continues at 4
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert state["step"] == 4 and state["first_step"] == 2
     shipped = models.load_tiny("tiny-sd3", str(folder)).denoiser.state_dict()

@@ -25,8 +25,8 @@ import checker
 METHODS = ["dsm", "softrepa", "agsm"]
 NAMES = {"base": "base", "dsm": "dsm (AGSM Table 4 (i))", "softrepa": "SoftREPA", "agsm": "AGSM"}
 COLUMNS = [*checker.CATEGORIES, "mean", "overcount_counting", "overcount_single"]
-FOLDER = re.compile(r"(?P<model>.+)-(?P<loss>dsm|softrepa|agsm)-seed(?P<seed>\d+)$")
-RUN = re.compile(r"tokens (?P<folder>.*/(?P<model>[^/]+)-(?P<loss>dsm|softrepa|agsm)-seed(?P<seed>\d+))/tokens\.safetensors$")
+FOLDER = re.compile(r"(?P<model>.+)-(?P<loss>dsm|softrepa|agsm)-seed(?P<seed>\d+)$")   # a run folder's name
+TOKENS = re.compile(r"tokens (?P<folder>.*)/tokens\.safetensors$")                         # a protocol JSON's key
 
 
 def parse_args(argv=None):
@@ -60,9 +60,10 @@ def runs_by_method(results, beside="."):
     the JSON says (copied, e.g. runs/replicate -> docs/replicate) is looked for beside the JSON."""
     found = {}
     for name in results:
-        match = RUN.match(name)
+        tokens = TOKENS.match(name)
+        match = tokens and FOLDER.match(os.path.basename(tokens["folder"]))
         if match:
-            folder = match["folder"]
+            folder = tokens["folder"]
             if not os.path.isdir(folder):
                 folder = os.path.join(beside, os.path.basename(folder))
             found.setdefault(match["loss"], []).append((int(match["seed"]), folder, name))
@@ -140,8 +141,12 @@ def model_table(model, protocol, beside="."):
         walls = {seed: float(open(os.path.join(f, "wall_s")).read()) for seed, f, _ in runs
                  if os.path.exists(os.path.join(f, "wall_s"))}
         untimed = [f"seed {seed}" for seed, _, _ in runs if seed not in walls]
-        wall = "; ".join([", ".join(f"{w / 60:.1f}" for w in walls.values()) + " min"] * bool(walls)
-                         + [", ".join(untimed) + " not timed"] * bool(untimed))
+        wall = []
+        if walls:
+            wall.append(", ".join(f"{w / 60:.1f}" for w in walls.values()) + " min")
+        if untimed:
+            wall.append(", ".join(untimed) + " not timed")
+        wall = "; ".join(wall)
         numbers[loss] = dict(scores=scores, delta=delta, seed_means=seed_means, accuracy=accuracy,
                              cos=np.mean([logged(f, "token_cos") for f in folders]),
                              change=np.mean([logged(f, "output_change") for f in folders]))

@@ -114,12 +114,11 @@ def test_dev_set_is_fixed_and_avoids_eval_prompts_where_it_can():
     assert not dev_seeds & eval_seeds
 
 
-
 def test_swapped_captions_exchange_the_colours_of_colour_attribution_only():
     spec = {"category": "color_attr", "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}]}
     assert shapes.swapped_caption(spec) == "a blue circle and a red square"
     precise = next(shapes.stream(5, 200, loose=0.25))[1]
-    assert next(shapes.stream(5, 200, loose=0.25, swap=0.0))[1] == precise    # swap=0: the stream as before
+    assert next(shapes.stream(5, 200, loose=0.25, swap=0.0))[1] == precise    # swap=0 is the default
     _, captions, specs = next(shapes.stream(5, 300, swap=1.0))
     for text, spec in zip(captions, specs):
         expected = shapes.swapped_caption(spec) if spec["category"] == "color_attr" else shapes.caption(spec)

@@ -61,8 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--loose", type=float, default=0.25, help="fraction of loose (alt-text-like) captions")
-    p.add_argument("--swap", type=float, default=0.0, help="fraction of the precise colour-attribution "
-                   "captions whose two colours are exchanged (alt-text binding errors)")
+    p.add_argument("--swap", type=float, default=0.0, help="fraction of the precise captions of two "
+                   "differently coloured objects whose colours are exchanged (alt-text binding errors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="weights folder (default weights/<model>)")

@@ -2,27 +2,18 @@
 # training stream and the dev / eval prompt sets. The exact checker and the evaluation protocol that
 # judge its images are checker.py.
 #
-# An offline stand-in for COCO captions + the GenEval benchmark. The papers
-# (SoftREPA, AGSM) train soft tokens on COCO and measure text-image alignment
-# with GenEval, which runs an object detector over generated images. Neither is
-# available offline, and a detector would add its own errors. So we build a
-# tiny synthetic world in which the "detector" is exact:
-#
+# An offline stand-in for COCO captions + the GenEval benchmark. The papers (SoftREPA, AGSM) train soft
+# tokens on COCO and measure text-image alignment with GenEval's object detector. Neither is available
+# offline, and a detector adds its own errors, so this tiny world has an exact "detector" (checker.py):
 #   * images are 1-4 flat-coloured squares / circles / triangles on black,
-#   * captions are generated from a structured spec (a JSON-able dict),
-#   * the checker (checker.py) recovers objects by nearest-palette-colour masks
-#     and connected components, and reads the shape off the fill ratio of each
-#     component in its bounding box (square 1.0, circle ~0.79, triangle ~0.5).
+#   * captions are generated from a structured spec (a JSON-able dict).
+# Six prompt categories mirror GenEval's: single_object, two_object, counting, colors, position,
+# color_attr; the overall score is their mean, as in GenEval. Plain numpy / torch.
 #
-# Six prompt categories mirror GenEval's: single_object, two_object, counting,
-# colors, position, color_attr. The overall score is the mean over categories,
-# as in GenEval. Everything here is plain numpy / torch; no scipy, no detector.
-#
-# Two caption styles. Token training and evaluation use the precise captions
-# of `caption`. Pretraining (pretrain.py) mixes in `loose_caption`s, which
-# leave out a count, a colour, a relation or an object, the way web alt-text
-# does: a base model trained on them learns weak binding, like the real
-# models whose failures the soft tokens are meant to fix.
+# Two caption styles. Token training and evaluation use the precise captions of `caption`. Pretraining
+# (pretrain.py) mixes in `loose_caption`s, which leave out a count, a colour, a relation or an object,
+# and `swapped_caption`s, which exchange two colours, as web alt-text does: a base model trained on them
+# binds weakly, like the real models whose failures the soft tokens are meant to fix.
 
 import argparse
 import json
@@ -299,23 +290,30 @@ def to_uint8(image):
 # Training stream and evaluation prompt set
 
 def swapped_caption(spec):
-    """A colour-attribution caption with the two colours exchanged ("a blue circle and a red square" under
-    a red circle and a blue square): the binding error of web alt-text, which names the right words."""
+    """The two colours exchanged ("a blue circle and a red square" under a red circle and a blue square):
+    the binding error of web alt-text."""
     (a, b) = spec["objects"]
-    return f"a {b['color']} {a['shape']} and a {a['color']} {b['shape']}"
+    return caption({**spec, "objects": [{**a, "color": b["color"]}, {**b, "color": a["color"]}]})
+
+
+def can_swap(spec):
+    """Two objects of different colours. Every such caption teaches binding (two_object and position
+    captions have color_attr's form), so swapping color_attr's alone left it learned (README, #15)."""
+    objs = spec["objects"]
+    return len(objs) == 2 and objs[0]["color"] != objs[1]["color"]
 
 
 def stream(seed, batch_size, size=32, categories=None, loose=0.0, swap=0.0):
     """Endless, reproducible (images (B,3,H,W) in [-1,1], captions, specs) batches (pretraining only: a
-    fraction `loose` of the captions are loose_caption()s, and a fraction `swap` of the colour-attribution
-    captions are swapped_caption()s)."""
+    fraction `loose` of the captions are loose_caption()s, and a fraction `swap` of the captions of two
+    differently coloured objects are swapped_caption()s)."""
     rng = np.random.default_rng(seed)
     categories = list(categories or CATEGORIES)
 
     def pretraining_caption(s):
         if loose and rng.random() < loose:
             return loose_caption(s, rng)
-        if swap and s["category"] == "color_attr" and rng.random() < swap:
+        if swap and can_swap(s) and rng.random() < swap:
             return swapped_caption(s)
         return caption(s)
     while True:

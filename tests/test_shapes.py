@@ -114,13 +114,18 @@ def test_dev_set_is_fixed_and_avoids_eval_prompts_where_it_can():
     assert not dev_seeds & eval_seeds
 
 
-def test_swapped_captions_exchange_the_colours_of_colour_attribution_only():
+def test_swapped_captions_exchange_the_colours_of_every_two_colour_caption():
     spec = {"category": "color_attr", "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}]}
     assert shapes.swapped_caption(spec) == "a blue circle and a red square"
+    position = {**spec, "category": "position", "relation": "above"}
+    assert shapes.swapped_caption(position) == "a blue circle above a red square"
+    same = {**spec, "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "red"}]}
+    assert not shapes.can_swap(same) and not shapes.can_swap({"category": "counting", "objects": spec["objects"][:1]})
     precise = next(shapes.stream(5, 200, loose=0.25))[1]
     assert next(shapes.stream(5, 200, loose=0.25, swap=0.0))[1] == precise    # swap=0 is the default
     _, captions, specs = next(shapes.stream(5, 300, swap=1.0))
     for text, spec in zip(captions, specs):
-        expected = shapes.swapped_caption(spec) if spec["category"] == "color_attr" else shapes.caption(spec)
+        expected = shapes.swapped_caption(spec) if shapes.can_swap(spec) else shapes.caption(spec)
         assert text == expected
-    assert sum(s["category"] == "color_attr" for s in specs) > 20
+    swapped = {s["category"] for s, text in zip(specs, captions) if text != shapes.caption(s)}
+    assert swapped == {"two_object", "position", "color_attr"}

@@ -244,6 +244,8 @@ def main(argv=None):
                    "(default: random tokens of the family's layout; the cost does not depend on their values)")
     p.add_argument("--cfg", type=float, default=None, help="sampling: guidance (default: the family's; 1: one branch)")
     p.add_argument("--repeats", type=int, default=5, help="sampling: timed runs of each variant")
+    p.add_argument("--grad-checkpointing", action="store_true", help="training: recompute the frozen backbone "
+                   "in backward (train.py's flag), to measure what it saves")
     args = p.parse_args(argv)
     facts = models.check_name(args.model)
     for flag in ("batch", "steps", "repeats"):
@@ -258,6 +260,8 @@ def main(argv=None):
     precision = args.precision or (("fp16" if args.sampling else "bf16") if on_cuda else "fp32")
     bb = models.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
     bb.denoiser.requires_grad_(False)
+    if args.grad_checkpointing:
+        bb.denoiser.enable_gradient_checkpointing()
     if not args.sampling:
         args.batch, args.steps = args.batch or 4, args.steps or 5
         return bench_training(bb, args, size, precision)

@@ -210,8 +210,8 @@ def try_load(path, size):
 
 def open_source(spec, size, seed, split="train", workers=4):
     """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it."""
-    if spec == "shapes":
-        return dict(kind="shapes", seed=seed, size=size)
+    if spec.split(":")[0] in ("shapes", "shapes-swapped"):
+        return shapes_source(spec, size, seed)
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "cache.json")):
         return open_cache(spec, size, seed)
     if glob.glob(os.path.join(spec, "shard-*.bin")):
@@ -219,6 +219,19 @@ def open_source(spec, size, seed, split="train", workers=4):
     records = read_records(spec, split)
     return dict(kind="files", spec=spec, records=records, size=size, seed=seed, bad=set(),
                 pool=ThreadPoolExecutor(max(1, workers)), epoch=None)
+
+
+def shapes_source(spec, size, seed):
+    """'shapes' (the six categories, precise captions), 'shapes:two_object,color_attr' (those categories
+    only) or 'shapes-swapped[:categories]' (the colours of two differently coloured objects exchanged
+    in their caption): the capacity control of the shapes world (docs/shapes-results.md)."""
+    name, _, listed = spec.partition(":")
+    categories = [c for c in listed.split(",") if c] or list(shapes.CATEGORIES)
+    unknown = [c for c in categories if c not in shapes.CATEGORIES]
+    if unknown:
+        raise SystemExit(f"--data {spec}: unknown shapes categor{'ies' if len(unknown) > 1 else 'y'} "
+                         f"{', '.join(unknown)}; choose from {', '.join(shapes.CATEGORIES)}")
+    return dict(kind="shapes", seed=seed, size=size, categories=categories, swap=int(name == "shapes-swapped"))
 
 
 def epoch_order(seed, epoch, n):
@@ -245,10 +258,14 @@ def get_batch(source, step, rank=0, world=1, batch=4):
     "pooled" (cache), "captions": [B str], "new_bad": unreadable images first met in this call}."""
     if source["kind"] == "shapes":
         rng = np.random.default_rng([source["seed"], step, rank])
-        specs = [shapes.random_spec(rng, shapes.CATEGORIES[rng.integers(len(shapes.CATEGORIES))])
-                 for _ in range(batch)]
+        categories = source["categories"]
+        specs = [shapes.random_spec(rng, categories[rng.integers(len(categories))]) for _ in range(batch)]
         images = np.stack([shapes.render(s, source["size"], rng) for s in specs])
-        return dict(images=shapes.to_tensor(images), captions=[shapes.caption(s) for s in specs], new_bad=0)
+        # shapes-swapped: every caption of two differently coloured objects names the colours the other
+        # way round (shapes.swapped_caption) -- a control that tells what tokens can *un*learn
+        caption = [shapes.caption, shapes.swapped_caption][source["swap"]]
+        captions = [caption(s) if shapes.can_swap(s) else shapes.caption(s) for s in specs]
+        return dict(images=shapes.to_tensor(images), captions=captions, new_bad=0)
     order, picks, start, _ = slots(source, step, rank, world, batch)
     if source["kind"] == "cache":
         return cache_batch(source, order[start:start + batch], picks[order[start:start + batch]])

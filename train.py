@@ -60,7 +60,7 @@ def parse_args(argv=None):
     models.add_backbone_flags(p, precision="bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--loss", default=None, choices=["softrepa", "agsm", "dsm"], help="default agsm (on --resume: "
                    "the checkpoint's)")
-    p.add_argument("--data", default=None, help="'shapes' (tiny-* default), a COCO folder, captions_*.json, "
+    p.add_argument("--data", default=None, help="'shapes' (tiny-* default; 'shapes:CAT,..' or 'shapes-swapped:CAT,..' for the capacity control), a COCO folder, captions_*.json, "
                    ".jsonl, a folder of images + .txt, or an encoding cache (python data.py cache)")
     p.add_argument("--val-data", default=None, help="held-out pairs for classifier.classifier_accuracy (real models)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")

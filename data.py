@@ -145,6 +145,47 @@ def check_writable(folder, flag="--out"):
                          f"pass a folder you can write to") from None
 
 
+def lock_folder(folder, flag="--out"):
+    """Hold `folder` for this process (folder/lock, holding our pid) until it exits: a second run into the
+    same folder is refused while the first one lives, and a lock left by a killed run is taken over."""
+    import atexit
+    path = os.path.join(folder, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and process_alive(pid):
+                raise SystemExit(f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
+                                 f"pass another {flag}") from None
+            os.remove(path)                          # stale: its run is gone (or it is ours)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+
+    def release():
+        try:
+            if open(path).read().strip() == str(os.getpid()):
+                os.remove(path)
+        except OSError:
+            pass
+    atexit.register(release)
+    return release
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_vocabulary(records, path):
     """The shapes world's text encoder reads only its own words (shapes.VOCAB), at most shapes.MAX_LEN - 2
     of them: a caption outside that fails here, on the first pass, not in the middle of a run."""
@@ -296,7 +337,10 @@ def get_batch(source, step, rank=0, world=1, batch=4):
 #   shard-00000.hidden.bin       (n, K, tokens, d)    K captions' text features per image
 #   shard-00000.pooled.bin       (n, K, p)            (families with a pooled text feature)
 
-STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# numpy has no bf16: each number's bits are stored as an integer of its width (and viewed back)
+STORE_BITS = {torch.bfloat16: (np.int16, torch.int16), torch.float16: (np.int16, torch.int16),
+              torch.float32: (np.int32, torch.int32)}
 
 
 def bytes_per_sample(latent, text, pooled, bytes_per_number):
@@ -328,6 +372,7 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
     dtype, rng = STORE_DTYPES[store], np.random.default_rng(seed)
+    (np_bits, torch_bits), width = STORE_BITS[dtype], dtype.itemsize
     K, fields, shards, skipped = captions_per_image, None, [], 0
     files, rows, shard_rows, kept = {}, 0, 0, []
 
@@ -339,7 +384,7 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
         del mm
         files.clear()  # unmap before cutting the preallocated files to the rows written
         for f, shape in field_shapes.items():
-            os.truncate(os.path.join(out, f"{name}.{f}.bin"), rows * int(np.prod(shape)) * 2)
+            os.truncate(os.path.join(out, f"{name}.{f}.bin"), rows * int(np.prod(shape)) * width)
         header = os.path.join(out, f"{name}.json")
         with open(header + ".tmp", "w") as fh:
             json.dump({"count": rows, "images": [r[0] for r in kept], "captions": [r[1] for r in kept]}, fh)
@@ -364,16 +409,16 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
             values["pooled"] = pooled.unflatten(0, (len(part), K))
         if fields is None:
             fields = {f: list(v.shape[1:]) for f, v in values.items()}
-            per_image = sum(int(np.prod(s)) for s in fields.values()) * 2
+            per_image = sum(int(np.prod(s)) for s in fields.values()) * width
             shard_rows = max(1, int(shard_gb * 1e9 // per_image))
         for b, (record, _) in enumerate(part):
             if not files:  # open the next shard: one preallocated file per field
                 name = f"shard-{len(shards):05d}"
-                files = {f: (np.memmap(os.path.join(out, f"{name}.{f}.bin"), np.int16, "w+",
+                files = {f: (np.memmap(os.path.join(out, f"{name}.{f}.bin"), np_bits, "w+",
                                        shape=(shard_rows, *s)), s) for f, s in fields.items()}
                 rows, kept = 0, []
-            for f, v in values.items():  # bf16 / fp16 bits stored as int16 (numpy has no bf16)
-                files[f][0][rows] = v[b].to(dtype).view(torch.int16).cpu().numpy()
+            for f, v in values.items():  # the numbers' bits, as integers of their width
+                files[f][0][rows] = v[b].to(dtype).view(torch_bits).cpu().numpy()
             kept.append((record[0], caps[b]))
             rows += 1
             if rows == shard_rows:
@@ -396,7 +441,8 @@ def open_cache(folder, size, seed):
     maps, captions = {f: [] for f in meta["fields"]}, []
     for shard in meta["shards"]:
         for f, shape in meta["fields"].items():
-            maps[f].append(np.memmap(os.path.join(folder, f"{shard['name']}.{f}.bin"), np.int16, "r",
+            bits = STORE_BITS[STORE_DTYPES[meta["store"]]][0]
+            maps[f].append(np.memmap(os.path.join(folder, f"{shard['name']}.{f}.bin"), bits, "r",
                                      shape=(shard["count"], *shape)))
         with open(os.path.join(folder, f"{shard['name']}.json")) as fh:
             captions += json.load(fh)["captions"]
@@ -431,7 +477,7 @@ def main(argv=None):
     c.add_argument("--data", required=True, help="COCO folder, captions_*.json, .jsonl or image+txt folder")
     c.add_argument("--out", required=True)
     c.add_argument("--split", default="train")
-    c.add_argument("--size", type=int, default=None, help="image size (default: the family's)")
+    c.add_argument("--size", type=int, default=None, help="image size (default: the family's training size, 512 for the real ones)")
     c.add_argument("--captions-per-image", type=int, default=1, help="captions kept per image (COCO has 5)")
     c.add_argument("--store", default="bf16", choices=list(STORE_DTYPES))
     c.add_argument("--batch", type=int, default=8)
@@ -444,13 +490,17 @@ def main(argv=None):
     if args.command == "sizes":
         return print_sizes()
     facts = models.check_name(args.model)
+    size = args.size or facts["train_size"]        # the cache is for training: the authors' training size
+    import sampler
+    sampler.check_size(args.model, size)           # the one size rule of every script
     records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.random_init and not models.is_shapes_world(args.model):
         raise SystemExit("--random-init builds the tiny shapes-world backbones: use it with tiny-sd3 or tiny-sd1.5")
     bb = models.build(args.model, args.pretrained, args.random_init, device,
                       STORE_DTYPES[args.store] if device == "cuda" else torch.float32, seed=args.seed)
-    meta = write_cache(bb, records, args.out, args.size or facts["size"], args.captions_per_image, args.store,
+    sampler.check_size(args.model, size, bb=bb)    # and the loaded model's positional table
+    meta = write_cache(bb, records, args.out, size, args.captions_per_image, args.store,
                        args.batch, args.shard_gb, args.seed)
     print(f"wrote {meta['images']} images in {len(meta['shards'])} shards to {args.out} ({meta['skipped']} unreadable skipped)")
 

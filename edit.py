@@ -416,6 +416,7 @@ def main(argv=None):
     data.check_writable(args.out)   # before the work: a read-only --out must not lose the edit
 
     bb = models.from_flags(args)
+    sampler.check_size(args.model, size, bb=bb)         # the loaded model's positional table
     run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=True)
     edited = edit(bb, image, args.src, args.tgt, method, **run)
     os.makedirs(args.out, exist_ok=True)

@@ -17,6 +17,10 @@ section 4). The tiny-* families are the offline shapes world (shapes.py, pretrai
 #   softrepa / agsm: the papers' training hyper-parameters; batch = images per step, so a step sees
 #                batch x batch image-text pairs (SoftREPA Table 5 "16 (4, 12)" = 4 images x 4 texts).
 #   sample:      paper sampling defaults (SoftREPA sec. 4, AGSM app. F).
+#   size         the native image side (sampling, editing); train_size: the side the authors TRAIN at --
+#                512 px for every real family in both codes (SoftREPA train.py --img_size 512, never
+#                overridden by its scripts; AGSM scripts/train_coco.sh DEFAULT_IMG_SIZE=512), though SDXL
+#                and SD3 sample at 1024. Neither paper states it (Table 11, SoftREPA Table 5): the code rules.
 #   vae_factor, size_multiple, max_size: image side -> latent side, and the sides the denoiser takes
 #                (UNet: 2^(levels-1) latent pixels; MM-DiT: the patch, up to its positional table).
 #                The latent normalisation (x0 = (z - shift) * scale) is not in this table: like the
@@ -32,7 +36,7 @@ section 4). The tiny-* families are the offline shapes world (shapes.py, pretrai
 FAMILIES = {
     "sd3": dict(
         arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3-medium-diffusers",
-        pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024,
+        pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024, train_size=512,
         vae_factor=8, size_multiple=16, max_size=3072,
         flow_shift=3.0,
         n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
@@ -49,7 +53,7 @@ FAMILIES = {
     ),
     "sdxl": dict(
         arch="unet", prediction="epsilon", hub="stabilityai/stable-diffusion-xl-base-1.0",
-        pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024,
+        pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024, train_size=512,
         vae_factor=8, size_multiple=32, max_size=None,
         flow_shift=None,
         n_tokens=8, token_layers=1, token_blocks=("down", "mid"), time_table=False, init="normal",
@@ -73,7 +77,7 @@ FAMILIES = {
     ),
     "sd1.5": dict(
         arch="unet", prediction="epsilon", hub="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        pipeline="StableDiffusionPipeline", pooled=None, size=512,
+        pipeline="StableDiffusionPipeline", pooled=None, size=512, train_size=512,
         vae_factor=8, size_multiple=64, max_size=None,
         flow_shift=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
@@ -89,7 +93,7 @@ FAMILIES = {
     ),
     # The offline shapes world (32x32 images, 8x8x4 latents). Same architectures, tiny sizes, our own weights.
     "tiny-sd3": dict(
-        arch="mmdit", prediction="flow", hub=None, pipeline=None, pooled="pooled_projections", size=32,
+        arch="mmdit", prediction="flow", hub=None, pipeline=None, pooled="pooled_projections", size=32, train_size=32,
         vae_factor=4, size_multiple=4, max_size=32,
         flow_shift=1.0,
         n_tokens=4, token_layers=2, token_blocks=None, time_table=True, init="normal",
@@ -103,7 +107,7 @@ FAMILIES = {
         sample=dict(steps=20, cfg=4.0),
     ),
     "tiny-sd1.5": dict(
-        arch="unet", prediction="epsilon", hub=None, pipeline=None, pooled=None, size=32,
+        arch="unet", prediction="epsilon", hub=None, pipeline=None, pooled=None, size=32, train_size=32,
         vae_factor=4, size_multiple=8, max_size=None,
         flow_shift=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",

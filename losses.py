@@ -42,13 +42,23 @@ def duplicates(row_captions, column_captions):
     return same & ~torch.eye(len(row_captions), len(column_captions), dtype=torch.bool)
 
 
-def _off_diagonal(errors, exclude=None):
-    off = ~torch.eye(*errors.shape, dtype=torch.bool, device=errors.device)
+def matched_mask(n_rows, K, rows=None, device=None):
+    """(n, K) bool: pair (r, j) is matched. `rows` are the global indices of the n image rows at hand
+    (train.py --rows-per-forward runs a few rows of the B x K matrix at a time); None: all B rows,
+    whose matched pairs are the diagonal."""
+    rows = torch.arange(n_rows, device=device) if rows is None else rows.to(device)
+    return torch.arange(K, device=device).unsqueeze(0) == rows.unsqueeze(1)
+
+
+def _off_diagonal(errors, exclude=None, rows=None):
+    off = ~matched_mask(errors.shape[0], errors.shape[1], rows, errors.device)
     return off if exclude is None else off & ~exclude.to(errors.device)
 
 
-def matched(errors):
-    return errors.diagonal()
+def matched(errors, rows=None):
+    """The matched pair's value of each row: the diagonal, or column rows[r] of row r."""
+    rows = torch.arange(errors.shape[0], device=errors.device) if rows is None else rows.to(errors.device)
+    return errors[torch.arange(errors.shape[0], device=errors.device), rows]
 
 
 def mismatched(errors, exclude=None):
@@ -94,13 +104,21 @@ def softrepa_logits(errors, tau=0.07, scale=4.0):
     return scale * torch.exp(-errors / tau)
 
 
-def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None):
+def softrepa_row_losses(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, rows=None):
+    """(n,) the loss of each image row: its cross-entropy (eq. 9 with the logits of eq. 13) plus
+    dweight times its matched error. The loss of the step is their mean over the B rows (eq. 14), so
+    a chunk of rows contributes sum / B and the chunks add up to the whole (--rows-per-forward)."""
     logits = softrepa_logits(errors, tau, scale)
     if exclude is not None:   # a duplicate caption is no negative: out of the softmax's denominator
         logits = logits.masked_fill(exclude.to(logits.device), float("-inf"))
-    labels = torch.arange(errors.shape[0], device=errors.device)
-    contrastive = F.cross_entropy(logits, labels)            # eq. 14
-    return contrastive + dweight * dsm_loss(errors)
+    labels = torch.arange(errors.shape[0], device=errors.device) if rows is None else rows.to(errors.device)
+    contrastive = F.cross_entropy(logits, labels, reduction="none")
+    return contrastive + dweight * matched(errors, rows)
+
+
+def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None):
+    """Eq. 14 on the whole B x K matrix: the mean of the rows' losses (+ dweight * DSM)."""
+    return softrepa_row_losses(errors, tau, scale, dweight, exclude).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -157,18 +175,19 @@ def plackett_luce_weights(errors_ema, tau, exclude=None):
 
 
 def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
-                 bradley_terry=False, exclude=None, alphas_cumprod=None):
-    """The alignment-guided targets (B, K, C, H, W) of eq. 15 / 16 for every pair, and the weights w."""
+                 bradley_terry=False, exclude=None, alphas_cumprod=None, rows=None):
+    """The alignment-guided targets (n, K, C, H, W) of eq. 15 / 16 for every pair of the n image rows
+    at hand (global indices `rows`; None: all B), and the weights w. Everything here is per row."""
     B, K = pred_ema.shape[:2]
     pred_ema = pred_ema.float()
     errors_ema = pair_errors(pred_ema, target)
     if bradley_terry:
-        delta, w = bradley_terry_delta(pred_ema, errors_ema, tau)
+        delta, w = bradley_terry_delta(pred_ema, errors_ema, tau, rows)
     else:
         w = plackett_luce_weights(errors_ema, tau, exclude)                 # (B, K)
         weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)         # sum_k w_ik pred_ema(i, k)
         delta = pred_ema - weighted_mean.unsqueeze(1)                       # Delta_ij (eq. 13 / 33)
-    eye = torch.eye(B, K, dtype=torch.bool, device=pred_ema.device)
+    eye = matched_mask(B, K, rows, pred_ema.device)
     gamma = torch.where(eye, gamma_pos, -gamma_neg).to(pred_ema)            # gamma_z (eq. 11)
     if exclude is not None:
         gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)           # a duplicate gets no guidance
@@ -178,56 +197,76 @@ def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_n
     return target.float().unsqueeze(1) + guidance, w
 
 
-def bradley_terry_delta(pred_ema, errors_ema, tau):
+def bradley_terry_delta(pred_ema, errors_ema, tau, rows=None):
     """AGSM Table 7's pairwise alternative: each mismatched pair (i, j) is a two-way choice between
     c^i and c^j, so its weights are a softmax over {i, j} only. A mismatched pair's Delta comes from its
     own comparison; the matched pair's Delta is the mean over its B - 1 comparisons. (The paper gives
     no formula; this is the PL derivation above restricted to two candidates.)"""
     B, K = pred_ema.shape[:2]
-    rows = torch.arange(B, device=pred_ema.device)
-    own = errors_ema[rows, rows].unsqueeze(1).expand(B, K)                    # err(i, i) beside err(i, j)
-    w_other = torch.softmax(torch.stack([-own, -errors_ema], dim=-1) / tau, dim=-1)[..., 1]   # (B, B)
-    positive = pred_ema[rows, rows].unsqueeze(1)                              # (B, 1, C, H, W)
+    local = torch.arange(B, device=pred_ema.device)
+    rows = local if rows is None else rows.to(pred_ema.device)                # the matched column of each row
+    own = errors_ema[local, rows].unsqueeze(1).expand(B, K)                   # err(i, i) beside err(i, j)
+    w_other = torch.softmax(torch.stack([-own, -errors_ema], dim=-1) / tau, dim=-1)[..., 1]   # (B, K)
+    positive = pred_ema[local, rows].unsqueeze(1)                             # (B, 1, C, H, W)
     shape = (B, K) + (1,) * (pred_ema.dim() - 2)
     w2 = w_other.view(shape)
     pair_mean = (1 - w2) * positive + w2 * pred_ema                           # two-candidate weighted mean
     delta_neg = pred_ema - pair_mean                                          # Delta for (i, j), j != i
     delta_pos_each = positive - pair_mean                                     # the matched pair vs c^j
-    off = ~torch.eye(B, K, dtype=torch.bool, device=pred_ema.device)
+    off = ~matched_mask(B, K, rows, pred_ema.device)
     delta_pos = (delta_pos_each * off.view(shape)).sum(1) / max(K - 1, 1)
     delta = delta_neg.clone()
-    delta[rows, rows] = delta_pos
+    delta[local, rows] = delta_pos
     return delta, w_other
 
 
-def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
-              bradley_terry=False, exclude=None, plain_sum=False, alphas_cumprod=None):
-    """Eq. 17: E_{D+} || pred_psi+ - tgt ||^2 + E_{D-} || pred_psi- - tgt ||^2, target detached.
-    `pred` holds psi+ predictions on the diagonal and psi- ones elsewhere (one batched forward, hooks.py);
-    `pred_ema` the same with the EMA tokens, computed without gradient. Returns (loss, weights w).
+def negative_count(B, K, exclude=None):
+    """The number of mismatched pairs of the whole B x K matrix that count as negatives (AGSM's
+    mismatched mean divides by it, also when the rows go through the denoiser a few at a time)."""
+    return B * K - B - (0 if exclude is None else int(exclude.sum()))
+
+
+def agsm_row_losses(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
+                    bradley_terry=False, exclude=None, plain_sum=False, alphas_cumprod=None, rows=None,
+                    n_rows=None, n_negatives=None):
+    """Eq. 17 split by image row: (n,) the contribution of each row at hand, whose sum over all B rows
+    is the loss of the step. Returns (row losses, weights w of those rows).
+    `pred` holds psi+ predictions on the matched pairs and psi- ones elsewhere (one batched forward,
+    hooks.py); `pred_ema` the same with the EMA tokens, computed without gradient; the targets are
+    detached. `rows` / `n_rows` / `n_negatives`: the global row indices of these rows, B, and the
+    negative count of the whole matrix (negative_count); None: these rows are the whole matrix.
 
     Weighting of the two terms: the code (AGSMObjective.forward) averages the matched and the
     mismatched pairs separately and adds the means, pos.sum() / B + neg.sum() / (B K - B), so the B
     matched pairs weigh as much as the B(K-1) mismatched ones, as eq. 17's two expectations do. Alg. 1
     line 12 writes one plain sum over all pairs (plain_sum=True), which gives psi- K-1 times the weight.
-    Our default follows the code."""
+    Our default follows the code. Either way each row's share is a fixed sum over its own pairs."""
     with torch.no_grad():
         targets, w = agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
-                                  bradley_terry, exclude, alphas_cumprod)
-    per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)         # (B, K)
-    negatives = mismatched(per_pair, exclude)
+                                  bradley_terry, exclude, alphas_cumprod, rows)
+    per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)         # (n, K)
+    n, K = per_pair.shape
+    n_rows = n if n_rows is None else n_rows
+    n_negatives = negative_count(n, K, exclude) if n_negatives is None else n_negatives
+    negatives = per_pair.masked_fill(~_off_diagonal(per_pair, exclude, rows), 0.0).sum(dim=1)   # (n,)
     if plain_sum:
-        return matched(per_pair).sum() + negatives.sum(), w
-    loss = matched(per_pair).mean()
-    if negatives.numel():
-        loss = loss + negatives.mean()
-    return loss, w
+        return matched(per_pair, rows) + negatives, w
+    return matched(per_pair, rows) / n_rows + negatives / max(n_negatives, 1), w
 
 
-def agsm_diagnostics(w, exclude=None):
+def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
+              bradley_terry=False, exclude=None, plain_sum=False, alphas_cumprod=None):
+    """Eq. 17 on the whole B x K matrix: E_{D+} || pred_psi+ - tgt ||^2 + E_{D-} || pred_psi- - tgt ||^2
+    (the sum of agsm_row_losses over its rows). Returns (loss, weights w)."""
+    row_losses, w = agsm_row_losses(pred, pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
+                                    bradley_terry, exclude, plain_sum, alphas_cumprod)
+    return row_losses.sum(), w
+
+
+def agsm_diagnostics(w, exclude=None, rows=None):
     """The AGSM code's two training diagnostics, from the Plackett-Luce weights w (B, K): the win rate,
     how often the matched caption gets more weight than the strongest negative, and the mean margin
     w_ii - max_{j != i} w_ij. A text-blind model has margin 0 and wins by chance."""
-    negatives = w.masked_fill(~_off_diagonal(w, exclude), 0.0).max(dim=1).values
-    margin = matched(w) - negatives
+    negatives = w.masked_fill(~_off_diagonal(w, exclude, rows), 0.0).max(dim=1).values
+    margin = matched(w, rows) - negatives
     return (margin > 0).float().mean(), margin.mean()

@@ -195,7 +195,7 @@ def feature_shapes(name, size=None):
     """(latent (C, h, w), text (tokens, width), pooled width or 0) of family `name` at image side `size`:
     what the encoding cache stores per sample (data.py)."""
     facts, config = check_name(name), denoiser_config(name)
-    side = (size or facts["size"]) // facts["vae_factor"]
+    side = (size or facts["train_size"]) // facts["vae_factor"]
     width, pooled = text_widths(config)
     return (config["in_channels"], side, side), (facts["text_tokens"], width), pooled or 0
 
@@ -362,7 +362,8 @@ def cond_from_features(bb, hidden, pooled):
     if facts["pooled"] == "pooled_projections":
         cond["pooled_projections"] = pooled
     elif facts["pooled"] == "text_time":
-        # SDXL micro-conditioning: (original size, crop top-left, target size), all at the training size
+        # SDXL micro-conditioning: (original size, crop top-left, target size); denoise() sets the sizes
+        # to the image's own, as the stock pipeline does (and the authors' training at 512 px)
         size = facts["size"]
         time_ids = torch.tensor([size, size, 0, 0, size, size], device=hidden.device, dtype=hidden.dtype)
         cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(hidden), 1)}
@@ -446,4 +447,10 @@ def denoise(bb, x_t, timesteps, cond):
     """One call of the stock denoiser. Hooks attached with hooks.attach act inside this call."""
     if not torch.is_tensor(timesteps) or timesteps.dim() == 0:
         timesteps = torch.full((x_t.shape[0],), float(timesteps), device=x_t.device)
+    if "added_cond_kwargs" in cond:   # SDXL: original and target size = this image's (latent side x 8)
+        side = x_t.shape[-1] * bb.facts["vae_factor"]
+        extra = cond["added_cond_kwargs"]
+        time_ids = extra["time_ids"].clone()
+        time_ids[:, [0, 1, 4, 5]] = side
+        cond = {**cond, "added_cond_kwargs": {**extra, "time_ids": time_ids}}
     return bb.denoiser(x_t, timestep=timesteps, **cond, return_dict=False)[0]

@@ -78,6 +78,7 @@ def main(argv=None):
     data.check_writable(args.out)   # before the work: a read-only --out must not lose the images
 
     bb = models.from_flags(args)
+    sampler.check_size(args.model, args.size, bb=bb)   # the loaded model's positional table
     uncond_set = 1 if args.neg_uncond else None
     jobs = [(item, seed) for item in items for seed in args.seed]
     variants = (["plain", "tokens"] if args.compare else ["tokens"]) if sets is not None else ["plain"]

@@ -128,9 +128,19 @@ def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, u
     return models.decode_latents(bb, x).float().cpu()
 
 
-def check_size(name, height, width=None, what="size"):
-    """One-line error for an image size the backbone cannot take."""
+def check_size(name, height, width=None, what="size", bb=None):
+    """One-line error for an image size the family cannot take: the one rule of every script (train,
+    sample, edit, the encoding cache, bench). With the loaded backbone `bb`, also the sides its own
+    positional table reaches (an MM-DiT's pos_embed_max_size patches; a checkpoint may hold a smaller
+    one than the family's), before any heavy work."""
     multiple, largest = models.FAMILIES[name]["size_multiple"], models.FAMILIES[name]["max_size"]
+    config = getattr(bb.denoiser, "config", {}) if bb is not None else {}
+    if config.get("pos_embed_max_size"):
+        table = config["pos_embed_max_size"] * config["patch_size"] * models.FAMILIES[name]["vae_factor"]
+        if max(height, width or height) > table:
+            raise SystemExit(f"{what} {height}x{width or height} is beyond the loaded {name} model's positional "
+                             f"table ({config['pos_embed_max_size']} patches: {table} px at most); pass --size {table} "
+                             f"or less")
     for side in (height, width if width is not None else height):
         if side < multiple or side % multiple or (largest and side > largest):
             limit = f" up to {largest}" if largest else ""

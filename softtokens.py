@@ -319,6 +319,10 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
                          f"by softtokens.save") from None
     if meta.get("model") not in (None, name):
         raise SystemExit(f"{path} holds tokens for {meta['model']}, not {name}: pass --model {meta['model']}")
+    bad = [k for k, v in tokens.state_dict().items() if not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"{path} holds non-finite numbers (NaN or inf) in {', '.join(bad)}: it comes from a diverged "
+                         f"run; take an earlier checkpoint's tokens or retrain with a lower --lr")
     blocks = meta.get("blocks")
     if isinstance(tokens, SoftTokens):
         if ema or neg_uncond:

@@ -1,21 +1,27 @@
 """
-step.py: one training step of the soft tokens, the same code for every loss and every backbone
-(SoftREPA eq. 14 and Alg. 1; AGSM Alg. 1). train.py runs it in a loop; bench.py times it.
+step.py: one training step of the soft tokens -- SoftREPA (eq. 14, Alg. 1), AGSM (Alg. 1) and plain
+score matching on the matched pairs (dsm, AGSM Table 4 (i)) -- for every backbone. train.py runs it
+in a loop; bench.py times it. Read `train_step` beside the two algorithms: each loss is one explicit
+branch, top to bottom.
 
-    batch -> pair matrix -> forward(s) -> loss -> all-reduce -> optimizer step -> EMA
+    batch -> pair matrix -> forward(s) -> loss -> backward -> all-reduce -> AdamW -> EMA
 
-- B images x0^i and their captions c^i (data.py). Every image meets every caption: the B x K pair
-  matrix (K = B, or world * B with --gather-text), the matched pairs (i, i) on its diagonal. One noise
-  level t and one noise eps for the whole step, as both authors' codes do (torch.randint(min_t, max_t,
-  (1,)); AGSM Alg. 1 lines 4-5); with --noise-per-row each image row draws its own. Either way only the
-  caption differs along a row, so the errors of a row compare captions, nothing else. A caption that
-  repeats the row's own is no negative (losses.duplicates).
-- All pairs go through the frozen denoiser in ONE batched forward with the soft tokens attached
-  (hooks.py); AGSM adds a no-grad forward with the EMA tokens, whose predictions make its targets.
-- What differs between the losses is a row of LOSSES: which pairs are run, which token set each pair
-  uses, and the objective that turns the predictions into a loss (losses.py).
-- DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages the token gradients and
-  the logged numbers, so every rank takes the same optimizer step and the tokens stay identical.
+The pair matrix. B images x0^i and their captions c^i (data.py). Every image meets every caption:
+the B x K matrix of pairs (K = B, or world * B with --gather-text), the matched pairs (i, i) on its
+diagonal. One noise level t and one noise eps for the whole step, as both authors' codes do
+(torch.randint(min_t, max_t, (1,)); AGSM Alg. 1 lines 4-5); with --noise-per-row each image row
+draws its own. Either way only the caption differs along a row, so the errors of a row compare
+captions and nothing else. A caption that repeats the row's own is no negative (losses.duplicates).
+
+Rows per forward. Both losses are sums over image rows (losses.py: each row's share is fixed by its
+own pairs and by counts of the whole matrix), so the rows can go through the frozen denoiser a few
+at a time -- forward, loss, backward, the gradients adding up in .grad -- and the step is the same
+step as the unchunked one (tests/test_step.py checks it). This is the authors' --nrows, which is
+what makes SD3 at the papers' batch fit a GPU (README, real models). (Their chunks each draw fresh
+noise and scale the loss per chunk, so their step changes with --nrows; ours does not.)
+
+DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages the token gradients and
+the logged numbers, so every rank takes the same optimizer step and the tokens stay identical.
 """
 import math
 import resource
@@ -31,47 +37,21 @@ import softtokens
 
 
 # -----------------------------------------------------------------------------
-# The objectives: (p, args) -> (loss, diagnostics). p holds the step's pred, pred_ema (AGSM), target,
-# timesteps, errors (B, K), exclude (duplicate captions), tau and the family's prediction type.
-
-def dsm_objective(p, args):
-    """Plain score / flow matching on the matched pairs (AGSM Table 4 (i)); errors is (B, 1) here, so the
-    matched errors are put on a diagonal for losses.dsm_loss."""
-    return losses.dsm_loss(torch.diag(p["errors"][:, 0])), {}
-
-
-def softrepa_objective(p, args):
-    """Cross-entropy over each row's denoising errors (SoftREPA eqs. 9-14) + dweight * DSM."""
-    return losses.softrepa_loss(p["errors"], p["tau"], args.scale, args.dweight, p["exclude"]), {}
-
-
-def agsm_objective(p, args):
-    """psi+ on the diagonal, psi- off it, regressed onto the alignment-guided targets that the EMA
-    predictions give (AGSM eqs. 13-17); and the code's diagnostics of its Plackett-Luce weights."""
-    loss, w = losses.agsm_loss(p["pred"], p["pred_ema"], p["target"], p["timesteps"], p["prediction"], args.gamma_pos,
-                               args.gamma_neg, p["tau"], args.bradley_terry, p["exclude"], args.plain_sum,
-                               p["alphas_cumprod"])
-    win_rate, margin = losses.agsm_diagnostics(w, p["exclude"])
-    return loss, dict(win_rate=win_rate, score_margin=margin)
-
-
-# One row per loss.
+# What each loss needs -- facts, not code: train_step branches on the loss name itself.
 #   pairs      "matrix": every image with every caption; "diagonal": the B matched pairs only
 #   sets       token set of (matched, mismatched) pairs, indices into tokens.sets; None: the one set
-#   ema_sets   the same for the no-grad EMA forward; None: no such forward
+#              (AGSM's psi+ / psi-, softtokens.PairTokens)
+#   ema_sets   the same for AGSM's no-grad forward with the EMA tokens; None: no such forward
 #   tau        the temperature of the error softmax in the authors' codes (SoftREPA 0.07, AGSM 0.1)
 #   recipe     the entry of models.FAMILIES holding the paper's batch and steps
 #   paper_run  (iterations, scheduler period) of the authors' runs, for train.py's schedule rule
 #              (SoftREPA: 30k stepped every 500; AGSM: 100k stepped every --num_iter = 1000, as its
 #              scripts/train_coco.sh sets it for SD3 and SD1.5)
 LOSSES = {
-    "dsm": dict(objective=dsm_objective, pairs="diagonal", sets=None, ema_sets=None, tau=None,
-                recipe="agsm", paper_run=(100000, 1000)),
-    "softrepa": dict(objective=softrepa_objective, pairs="matrix", sets=None, ema_sets=None, tau=0.07,
-                     recipe="softrepa", paper_run=(30000, 500)),
-    "agsm": dict(objective=agsm_objective, pairs="matrix", sets=(softtokens.POS, softtokens.NEG),
-                 ema_sets=(softtokens.EMA_POS, softtokens.EMA_NEG), tau=0.1, recipe="agsm",
-                 paper_run=(100000, 1000)),
+    "dsm": dict(pairs="diagonal", sets=None, ema_sets=None, tau=None, recipe="agsm", paper_run=(100000, 1000)),
+    "softrepa": dict(pairs="matrix", sets=None, ema_sets=None, tau=0.07, recipe="softrepa", paper_run=(30000, 500)),
+    "agsm": dict(pairs="matrix", sets=(softtokens.POS, softtokens.NEG), ema_sets=(softtokens.EMA_POS, softtokens.EMA_NEG),
+                 tau=0.1, recipe="agsm", paper_run=(100000, 1000)),
 }
 
 
@@ -81,13 +61,13 @@ def default_recipe(name, loss, steps=None, paper_tau=False):
     facts, spec = models.check_name(name), LOSSES[loss]
     recipe = facts[spec["recipe"]]
     steps = steps or recipe["steps"]
-    return dict(loss=loss, data="shapes" if models.is_shapes_world(name) else None, size=facts["size"],
+    return dict(loss=loss, data="shapes" if models.is_shapes_world(name) else None, size=facts["train_size"],
                 batch=recipe["batch"], steps=steps, seed=0, lr=1e-3, wd=1e-4, min_lr=1e-5, grad_clip=0.0,
                 n_tokens=facts["n_tokens"], layers=facts["token_layers"], blocks=",".join(facts["token_blocks"] or ()),
                 time_table="on" if facts["time_table"] else "off", init=facts["init"], scale=4.0,
                 dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
                 gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, plain_sum=False, noise_per_row=False,
-                gather_text=False, paper_tau=paper_tau, tau=1.0 if paper_tau else spec["tau"],
+                gather_text=False, paper_tau=paper_tau, tau=1.0 if paper_tau else spec["tau"], rows_per_forward=0,
                 # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
                 # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
                 ema_decay=max(0.0, 1 - 10 / steps))
@@ -104,7 +84,10 @@ def encode_batch(bb, batch):
         if "latents" in batch:
             pooled = None if batch["pooled"] is None else batch["pooled"].to(device, dtype)
             return batch["latents"].to(device, dtype), models.cond_from_features(bb, batch["hidden"].to(device, dtype), pooled)
-        return models.encode_images(bb, batch["images"].to(device)), models.encode_prompts(bb, list(batch["captions"]))
+        # the posterior mean, as the cache stores it (one latent per image): training from images and
+        # from its cache take the same steps, and a run's data is a function of its seed alone
+        return (models.encode_images(bb, batch["images"].to(device), mode=True),
+                models.encode_prompts(bb, list(batch["captions"])))
 
 
 def gather_text(cond, captions, rank, world):
@@ -140,11 +123,6 @@ def pair_matrix(B, K, diagonal_only, device):
     return torch.arange(B, device=device).repeat_interleave(K), torch.arange(K, device=device).repeat(B)
 
 
-def token_choice(matched, sets):
-    """The token set of every pair: sets[0] where matched, sets[1] where not (AGSM Alg. 1 l. 7); None: set 0."""
-    return None if sets is None else torch.where(matched, sets[0], sets[1])
-
-
 def autocast(bb):
     """bf16 / fp16 autocast when the backbone was loaded in that dtype (train.py --precision)."""
     return torch.autocast(bb.device.type, dtype=bb.dtype) if bb.dtype != torch.float32 else nullcontext()
@@ -156,14 +134,14 @@ STATS = ["loss", "err_matched", "err_mismatched", "acc", "win_rate", "score_marg
 @torch.no_grad()
 def step_stats(loss, errors, exclude, diagnostics, new_bad):
     """The STATS of one step as a tensor: the loss, the mean error of matched and mismatched pairs, the
-    in-batch classifier accuracy, AGSM's win rate and margin (0 otherwise), newly met unreadable images."""
+    in-batch classifier accuracy, AGSM's (win rate, margin) `diagnostics` (None: 0), newly met unreadable images."""
     zero = errors.new_zeros(())
     pairs = errors.shape[1] > 1                                  # dsm: the matched pairs only
     negatives = losses.mismatched(errors, exclude) if pairs else errors.new_zeros(0)
     return torch.stack([loss.detach().float(), errors.diagonal().mean() if pairs else errors.mean(),
                         negatives.mean() if negatives.numel() else zero,
                         losses.classifier_accuracy(errors, exclude).float() if pairs else zero,
-                        diagnostics.get("win_rate", zero).float(), diagnostics.get("score_margin", zero).float(),
+                        *((zero, zero) if diagnostics is None else (d.float() for d in diagnostics)),
                         torch.tensor(float(new_bad), device=errors.device)])
 
 
@@ -190,41 +168,79 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     """One optimizer step of the tokens on this rank's `batch` at global step `step`. `args` holds the
     recipe (train.py's resolved flags). Returns the logged numbers, averaged over ranks; with
     stats["diverged"] the loss was not finite and the tokens were not updated."""
-    spec, device = LOSSES[args.loss], bb.device
-    x0, cond = encode_batch(bb, batch)
+    device = bb.device
+    x0, cond = encode_batch(bb, batch)                 # frozen VAE and text encoders (or the cache)
     captions = columns = list(batch["captions"])
-    if args.gather_text:
+    if args.gather_text:                               # the other ranks' captions as more negatives
         cond, columns = gather_text(cond, captions, rank, world)
     B, K = x0.shape[0], len(columns)
-    diagonal_only = spec["pairs"] == "diagonal"
-    exclude = None if diagonal_only else losses.duplicates(captions, columns).to(device)
+    exclude = losses.duplicates(captions, columns).to(device)      # (B, K): repeated captions, no negatives
     x_t, timesteps, target = draw_noise(bb, x0, args.seed, step, rank, args.noise_per_row)
+    # the temperature of the error softmax: the codes' constant, or AGSM Alg. 1 line 8's plain sum over
+    # the C*H*W elements of the squared error (our errors are per-element means: tau = 1 / (C H W))
+    tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau
+    n_negatives = losses.negative_count(B, K, exclude)             # AGSM's mismatched mean, whole matrix
 
-    # ---- the pair matrix, flattened, through the denoiser: one batched forward (two for AGSM)
-    rows, cols = pair_matrix(B, K, diagonal_only, device)
-    x_pairs, t_pairs, cond_pairs = x_t[rows], timesteps[rows], models.index_cond(cond, cols)
-    shape = (B, 1 if diagonal_only else K, *x0.shape[1:])
-    matched, pred_ema = rows == cols, None
-    with autocast(bb):
-        if spec["ema_sets"] is not None:   # the order of the two forwards does not matter: hooks.py hands
-            # a block recomputed under gradient checkpointing the tokens of its own forward
-            with torch.no_grad(), handle.rows(token_choice(matched, spec["ema_sets"])):
-                pred_ema = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
-        with handle.rows(token_choice(matched, spec["sets"])):
-            pred = models.denoise(bb, x_pairs, t_pairs, cond_pairs).view(shape)
-
-    # ---- the loss (losses.py) and its gradient w.r.t. the tokens (the backbone is frozen)
-    errors = losses.pair_errors(pred, target)                   # (B, K); dsm: (B, 1), the matched pairs
-    tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau    # AGSM Alg. 1 l. 8: the sum over C*H*W
-    p = dict(pred=pred, pred_ema=pred_ema, target=target, timesteps=timesteps, errors=errors, exclude=exclude,
-             tau=tau, prediction=bb.facts["prediction"], alphas_cumprod=bb.alphas_cumprod)
-    loss, diagnostics = spec["objective"](p, args)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    chunk = args.rows_per_forward or B                 # image rows per forward (--rows-per-forward)
+    loss_sum, row_errors, row_weights = 0.0, [], []
+    for first in range(0, B, chunk):
+        rows = torch.arange(first, min(first + chunk, B), device=device)   # global image-row indices
+        n = len(rows)
+        with autocast(bb):
+            if args.loss == "dsm":
+                # ---- plain score / flow matching (AGSM Table 4 (i)): the n matched pairs (i, i) alone,
+                # one token set; the loss is the mean over the B rows of || pred(x_t^i, c^i) - target_i ||^2
+                pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, rows))
+                errors = losses.pair_errors(pred.unsqueeze(1), target[rows])          # (n, 1)
+                loss = errors[:, 0].sum() / B
+            elif args.loss == "softrepa":
+                # ---- SoftREPA (Alg. 1; eqs. 9-14): each image row i against all K captions, in one
+                # batched forward of n x K pairs with the soft tokens prepended (hooks.py). The error of
+                # pair (i, j) is || v_theta(x_t^i, t, c^j) - v_i ||^2 (eq. 11); the logits exp(-err / tau)
+                # (eq. 13) go into a cross-entropy whose label is the matched caption (eq. 14).
+                pair_rows, pair_cols = rows.repeat_interleave(K), torch.arange(K, device=device).repeat(n)
+                pred = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols))
+                errors = losses.pair_errors(pred.view(n, K, *x0.shape[1:]), target[rows])   # (n, K)
+                row_losses = losses.softrepa_row_losses(errors, tau, args.scale, args.dweight, exclude[rows], rows)
+                loss = row_losses.sum() / B                                            # eq. 14: mean over rows
+            elif args.loss == "agsm":
+                # ---- AGSM (Alg. 1). Line 7: psi+ on the matched pairs, psi- on the mismatched ones --
+                # one batched forward, the token set chosen per pair (handle.rows).
+                pair_rows, pair_cols = rows.repeat_interleave(K), torch.arange(K, device=device).repeat(n)
+                matched = pair_rows == pair_cols
+                shape = (n, K, *x0.shape[1:])
+                # Lines 8-9 need the EMA tokens' predictions of the same pairs, without gradient: they
+                # make the targets. (The order of the two forwards does not matter: hooks.py hands a block
+                # recomputed under gradient checkpointing the tokens of its own forward.)
+                with torch.no_grad(), handle.rows(torch.where(matched, softtokens.EMA_POS, softtokens.EMA_NEG)):
+                    pred_ema = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows],
+                                              models.index_cond(cond, pair_cols)).view(shape)
+                with handle.rows(torch.where(matched, softtokens.POS, softtokens.NEG)):
+                    pred = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows],
+                                          models.index_cond(cond, pair_cols)).view(shape)
+                # Lines 8-12 (losses.agsm_row_losses): Plackett-Luce weights w of the EMA errors, the
+                # guided targets v_i + gamma_ij (v_ema(i, j) - sum_k w_ik v_ema(i, k)), and the regression
+                # of psi+ / psi- onto them: matched mean + mismatched mean over the whole matrix.
+                row_losses, w = losses.agsm_row_losses(
+                    pred, pred_ema, target[rows], timesteps[rows], bb.facts["prediction"], args.gamma_pos,
+                    args.gamma_neg, tau, args.bradley_terry, exclude[rows], args.plain_sum, bb.alphas_cumprod,
+                    rows, B, n_negatives)
+                loss = row_losses.sum()
+                errors = losses.pair_errors(pred, target[rows])       # logged: psi+ / psi- errors
+                row_weights.append(w)
+            else:
+                raise ValueError(f"unknown loss {args.loss!r}")
+        # the gradient w.r.t. the tokens only (the backbone is frozen); chunks add up in .grad
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+        row_errors.append(errors.detach())
 
     # ---- the logged numbers and the gradients, averaged over ranks in one all-reduce
+    errors = torch.cat(row_errors)                     # (B, K), or (B, 1) for dsm
+    diagnostics = losses.agsm_diagnostics(torch.cat(row_weights), exclude) if row_weights else None
     params = tokens.trainable()
-    stats = step_stats(loss, errors, exclude, diagnostics, batch["new_bad"])
+    stats = step_stats(loss_sum, errors, exclude, diagnostics, batch["new_bad"])
     out = dict(zip(STATS, all_reduce_mean(params, stats, world)), lr=sched.get_last_lr()[0])
     if not math.isfinite(out["loss"]):   # every rank sees the same reduced loss, so all stop together
         return dict(out, diverged=True)
@@ -236,8 +252,8 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     scaler.step(opt)
     scaler.update()
     sched.step()
-    if spec["ema_sets"] is not None:
-        tokens.update_ema(args.ema_decay)       # hat psi <- decay hat psi + (1 - decay) psi
+    if args.loss == "agsm":
+        tokens.update_ema(args.ema_decay)       # AGSM: hat psi <- decay hat psi + (1 - decay) psi
     out["probe"] = (x_t, timesteps, cond)   # for finite_after_update, at checkpoints only
     return out
 

@@ -99,6 +99,8 @@ def parse_args(argv=None):
     # machinery
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen backbone in backward")
+    p.add_argument("--rows-per-forward", type=int, default=None, metavar="N", help="image rows of the pair matrix "
+                   "per forward and backward (the authors' --nrows; default: all); the step is the same")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
     p.add_argument("--ckpt-every", type=int, default=1000)
@@ -185,9 +187,13 @@ def check_flags(args):
     for flag in ("steps", "batch", "ckpt_every", "log_every", "val_n"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
-    for flag in ("lr", "val_every"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must not be negative (got {getattr(args, flag)})")
+    for flag in ("lr", "val_every", "wd", "min_lr", "grad_clip", "ema_decay", "tau", "scale", "dweight",
+                 "gamma_pos", "gamma_neg"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value >= 0):   # nan / inf / negative
+            raise SystemExit(f"--{flag.replace('_', '-')} must be a finite number, not negative (got {value})")
+    if args.rows_per_forward is not None and args.rows_per_forward < 1:
+        raise SystemExit(f"--rows-per-forward must be at least 1 (got {args.rows_per_forward})")
     if args.gather_text and args.loss and training.LOSSES[args.loss]["pairs"] == "diagonal":
         raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
 
@@ -271,6 +277,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or 'agsm'}")
     if master:
         data.check_writable(args.out)              # a read-only --out fails now, not at the first checkpoint
+        data.lock_folder(args.out)                 # one run per folder: a second one is refused
         for name in os.listdir(args.out):          # what a killed write left behind
             if name.endswith(".tmp"):
                 os.remove(os.path.join(args.out, name))
@@ -279,6 +286,10 @@ def main(argv=None):
     state = resume_config(args)
     args.loss = args.loss or "agsm"
     resolve(args, facts)
+    sampler.check_size(args.model, args.size)      # the family's sides (every script's rule)
+    if training.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (world if args.gather_text else 1) < 2:
+        raise SystemExit(f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
+                         f"--batch 1 there are none (the loss is 0). Pass --batch 2 or more, or --loss dsm")
     precision = args.precision or ("bf16" if use_cuda else "fp32")
     source = data.open_source(args.data, args.size, args.seed, workers=args.workers)  # a wrong path fails here
     if source["kind"] == "cache" and source["meta"]["model"] != args.model:
@@ -288,6 +299,7 @@ def main(argv=None):
 
     # ---- the frozen backbone and the soft tokens (same seed on every rank -> same initial tokens)
     bb = models.from_flags(args, "bf16", device, args.seed)
+    sampler.check_size(args.model, args.size, bb=bb)   # and the sides the loaded model's positions reach
     if args.grad_checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
     tokens = softtokens.make_tokens(bb, args.loss, args.n_tokens, args.layers, args.time_table == "on",

@@ -59,7 +59,7 @@ def malicious(tmp_path):
     (["--steps", "0"], "--steps must be at least 1 (got 0)"),
     (["--steps", "-5"], "--steps must be at least 1 (got -5)"),
     (["--batch", "0"], "--batch must be at least 1"),
-    (["--lr", "-1"], "--lr must not be negative"),
+    (["--lr", "-1"], "--lr must be a finite number, not negative"),
 ])
 def test_train_rejects_bad_numbers_before_loading(tmp_path, monkeypatch, argv, first_words):
     monkeypatch.setattr(train.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -225,3 +225,49 @@ def test_importers_refuse_malicious_pickles(malicious):
         with pytest.raises(SystemExit) as e:
             importer()
         assert str(e.value).startswith("refused to load") and "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# What a researcher met on the real-model path (issue: the researcher's path)
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1e-3"])
+def test_train_refuses_a_learning_rate_that_is_not_a_finite_positive_number(tmp_path, value):
+    message = one_line_error(train.main, FAST + ["--model", "tiny-sd3", f"--lr={value}", "--out", str(tmp_path / "r")])
+    assert message.startswith("--lr must be a finite number")
+
+
+def test_sample_refuses_a_token_file_holding_nan(tmp_path):
+    bb = models.build_tiny("tiny-sd3")
+    tokens = softtokens.make_tokens(bb, "softrepa")
+    with torch.no_grad():
+        tokens.tokens[0, 0, 0] = float("nan")
+    softtokens.save(str(tmp_path / "t.safetensors"), tokens, model="tiny-sd3")
+    message = one_line_error(sample.main, ["--model", "tiny-sd3", "--random-init", "--tokens",
+                                           str(tmp_path / "t.safetensors"), "--prompt", "a red circle",
+                                           "--out", str(tmp_path / "s")])
+    assert "non-finite" in message and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("loss", ["softrepa", "agsm"])
+def test_contrastive_losses_refuse_a_batch_of_one(tmp_path, loss):
+    message = one_line_error(train.main, ["--model", "tiny-sd3", "--random-init", "--loss", loss, "--batch", "1",
+                                          "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert "--batch 2 or more" in message
+
+
+def test_a_second_run_into_a_held_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "lock").write_text(str(holder.pid))       # a live run holds the folder
+        message = one_line_error(train.main, FAST + ["--model", "tiny-sd3", "--steps", "1", "--out", str(out)])
+        assert "in use by another run" in message and str(holder.pid) in message
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock is stale, and the run (or a resume) goes ahead
+    result = train.main(FAST + ["--model", "tiny-sd3", "--steps", "1", "--out", str(out), "--resume", "latest"])
+    assert result["step"] == 1

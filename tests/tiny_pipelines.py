@@ -1,5 +1,11 @@
 """Stock diffusers pipelines built offline from random tiny components (no hub): a character-level
-CLIP tokenizer written to a folder, tiny CLIP text encoders, a one-level VAE and tiny denoisers."""
+CLIP tokenizer written to a folder, tiny CLIP text encoders, a one-level VAE and tiny denoisers.
+
+`save_stock(family, folder)` writes the family's pipeline to disk in the hub's layout (model_index.json
+and one subfolder per component), as a user's `--pretrained /local/copy` holds it: SD3 with all three
+text encoders (two CLIPs and a T5 whose tokenizer is built here, offline), and an AutoencoderKL with
+the real models' 8x downsampling (four levels), so that a family's image sizes mean what they mean on
+the hub models."""
 import json
 
 import torch
@@ -67,3 +73,57 @@ def sdxl_pipeline(folder):
                                      unet=unet, scheduler=EulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def t5_tokenizer():
+    """A T5 tokenizer built offline: a unigram model over single letters with sentencepiece's word
+    marker, EOS appended, padded with <pad> -- what SD3's tokenizer_3 does with its 32k pieces."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as pieces
+    from transformers import T5TokenizerFast
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
+    tok = Tokenizer(pieces.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512), len(vocab)
+
+
+def t5(vocab_size, width):
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(3)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=8)).eval()
+
+
+def vae8(**extra):
+    """AutoencoderKL with the hub models' 8x downsampling (four levels, 8 channels)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, **extra).eval()
+
+
+def stock_pipeline(family, folder):
+    """The family's stock pipeline at test size, every text encoder included, 8x VAE."""
+    import os
+    os.makedirs(folder, exist_ok=True)
+    build = {"sd3": sd3_pipeline, "sdxl": sdxl_pipeline, "sd1.5": sd15_pipeline}[family]
+    pipe = build(folder)
+    scaling = {"sd3": dict(shift_factor=0.0609, scaling_factor=1.5305), "sdxl": dict(scaling_factor=0.13025),
+               "sd1.5": dict(scaling_factor=0.18215)}[family]
+    pipe.register_modules(vae=vae8(**scaling))
+    pipe.vae_scale_factor = 8
+    if family == "sd3":
+        tokenizer_3, n = t5_tokenizer()
+        pipe.register_modules(text_encoder_3=t5(n, models.denoiser_config("sd3", "test")["joint_attention_dim"]),
+                              tokenizer_3=tokenizer_3)
+    return pipe
+
+
+def save_stock(family, folder):
+    """Write the family's test-size stock pipeline to `folder` in the hub's layout; returns the folder."""
+    stock_pipeline(family, folder).save_pretrained(str(folder))
+    return str(folder)

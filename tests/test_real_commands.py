@@ -1,0 +1,231 @@
+"""The researcher's path, end to end, on tiny stock pipelines saved to disk as the hub lays them out
+(tiny_pipelines.save_stock): `models.load(name, pretrained=folder)` is the very path a user's
+`--pretrained /local/copy` takes. The README's real-model train commands are read from the README and
+run as written (only --pretrained, --size, --steps, --batch made small): one process and two gloo
+ranks, kill and --resume latest, the encoding cache, then sample.py, every editing method of the
+family's edit.py with the trained tokens, and eval.py on the records."""
+import json
+import os
+import re
+import shlex
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+import edit
+import eval as ev
+import hooks
+import models
+import sample
+import softtokens
+import step as training
+import tiny_pipelines
+import train
+from test_train import free_port, rows, write_coco
+
+FAMILIES = ["sd3", "sdxl", "sd1.5"]
+SMALL = ["--size", "64", "--steps", "2", "--batch", "2", "--workers", "1", "--threads", "1"]
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+@pytest.fixture(scope="session")
+def stock(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stock")
+    return {family: tiny_pipelines.save_stock(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    write_coco(root, n_images=8, corrupt=0)
+    return str(root)
+
+
+def readme_train_commands():
+    """The README's real-model train commands: {(family, launcher): argv after train.py}."""
+    text = open(README).read()
+    block = text[text.index("## Real models"):]
+    block = block[block.index("```bash"):block.index("```", block.index("```bash") + 3)]
+    commands = {}
+    for line in block.splitlines():
+        line = line.split("#")[0].strip()
+        if "train.py" not in line:
+            continue
+        words = shlex.split(line)
+        argv = words[words.index("train.py") + 1:]
+        commands[(argv[argv.index("--model") + 1], "torchrun" if words[0] == "torchrun" else "python")] = argv
+    return commands
+
+
+def small(argv, folder, coco, out, loss=None):
+    """A README command at test size: the COCO folder and run folder replaced, the stock folder added."""
+    argv = [coco if a == "/data/coco" else out if a.startswith("runs/") else a for a in argv]
+    if loss:
+        argv[argv.index("--loss") + 1] = loss
+    return argv + ["--pretrained", folder] + SMALL
+
+
+def test_the_readme_names_a_train_command_for_every_real_family():
+    commands = readme_train_commands()
+    assert {family for family, _ in commands} == set(FAMILIES)
+    assert any(launcher == "torchrun" for _, launcher in commands)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stock_folder_loads_and_the_hooks_see_the_stock_text_stream(stock, family):
+    bb = models.load(family, pretrained=stock[family])
+    facts = models.FAMILIES[family]
+    cond = models.encode_prompts(bb, ["a red cube", "two dogs"])
+    key = "encoder_hidden_states"
+    # what the stock pipeline encodes (SD3: 77 CLIP + 256 T5 positions; UNets: 77)
+    encoded = bb.pipe.encode_prompt(*(["a red cube"] * (3 if family == "sd3" else 2 if family == "sdxl" else 1)),
+                                    device="cpu", **({"do_classifier_free_guidance": False} if family != "sd1.5" else
+                                                     {"num_images_per_prompt": 1, "do_classifier_free_guidance": False}))
+    assert cond[key].shape[1] == encoded[0].shape[1] == facts["text_tokens"]
+    # the text stream the hooked blocks read: the stock length plus the soft tokens, cut back after
+    tokens = softtokens.make_tokens(bb, "softrepa")
+    seen = []
+    blocks = bb.denoiser.transformer_blocks if family == "sd3" else [
+        m for m in bb.denoiser.modules() if m.__class__.__name__ == "Attention" and m.is_cross_attention]
+    handle = hooks.attach(bb.denoiser, tokens.sets, facts["token_blocks"])
+    probes = [b.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]),
+                                          with_kwargs=True) for b in blocks[:1]]   # after the token hook
+    x = torch.randn((2,) + models.latent_shape(bb, 64))
+    models.denoise(bb, x, torch.tensor([500, 500]), cond)
+    handle.remove()
+    for p in probes:
+        p.remove()
+    assert seen[0] == facts["text_tokens"] + facts["n_tokens"]
+
+
+@pytest.mark.parametrize("loss", ["softrepa", "agsm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_readme_train_command_one_process(stock, coco, tmp_path, family, loss):
+    argv = next(a for (f, _), a in readme_train_commands().items() if f == family)
+    out = str(tmp_path / "run")
+    result = train.main(small(argv, stock[family], coco, out, loss))
+    assert result["step"] == 2 and os.path.exists(os.path.join(out, "tokens.safetensors"))
+    _, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
+    assert meta["model"] == family and meta["loss"] == loss
+    assert [r["step"] for r in rows(out)] == ["1", "2"]
+
+
+def run_rank(rank, world, port, argv, folder):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    result = train.main(argv)
+    torch.save(result["tokens"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd1.5"])
+def test_readme_torchrun_command_two_gloo_ranks(stock, coco, tmp_path, family):
+    argv = readme_train_commands()[(family, "torchrun")]
+    out = str(tmp_path / "run")
+    mp.start_processes(run_rank, args=(2, free_port(), small(argv, stock[family], coco, out), str(tmp_path)),
+                       nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    _, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
+    assert meta["world"] == 2 and meta["model"] == family
+
+
+def test_kill_then_resume_latest_equals_an_uninterrupted_run(stock, coco, tmp_path, monkeypatch):
+    argv = readme_train_commands()[("sd3", "torchrun")]
+    fixed = ["--lr-period", "1", "--ema-decay", "0.9", "--ckpt-every", "2"]
+    whole = train.main(small(argv, stock["sd3"], coco, str(tmp_path / "whole")) + fixed + ["--steps", "4"])
+    real_step = training.train_step
+
+    def killed_at_step_3(*args, **kwargs):
+        if args[8] == 3:                       # the step index: killed before step 3 is taken
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(training, "train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(small(argv, stock["sd3"], coco, str(tmp_path / "split")) + fixed + ["--steps", "4"])
+    monkeypatch.setattr(training, "train_step", real_step)
+    resumed = train.main(small(argv, stock["sd3"], coco, str(tmp_path / "split")) + fixed +
+                         ["--steps", "4", "--resume", "latest"])
+    for name, value in whole["tokens"].state_dict().items():
+        torch.testing.assert_close(value, resumed["tokens"].state_dict()[name], rtol=0, atol=1e-6)
+    assert [r["loss"] for r in rows(str(tmp_path / "split"))] == [r["loss"] for r in rows(str(tmp_path / "whole"))]
+
+
+def test_cache_then_training_from_it_gives_the_tokens_of_training_from_images(stock, coco, tmp_path):
+    argv = readme_train_commands()[("sd3", "torchrun")]
+    cache = str(tmp_path / "cache")
+    data.main(["cache", "--model", "sd3", "--data", coco, "--out", cache, "--pretrained", stock["sd3"],
+               "--size", "64", "--store", "fp32", "--captions-per-image", "5"])
+    from_images = train.main(small(argv, stock["sd3"], coco, str(tmp_path / "images")))
+    from_cache = train.main(small([cache if a == "/data/coco" else a for a in argv], stock["sd3"], coco,
+                                  str(tmp_path / "cached")))
+    for name, value in from_images["tokens"].state_dict().items():
+        torch.testing.assert_close(value, from_cache["tokens"].state_dict()[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def trained(stock, coco, tmp_path_factory):
+    """AGSM tokens of each family, trained by the README's command at test size."""
+    out = {}
+    for family in FAMILIES:
+        argv = next(a for (f, _), a in readme_train_commands().items() if f == family)
+        run = str(tmp_path_factory.mktemp(f"trained-{family}"))
+        train.main(small(argv, stock[family], coco, run, "agsm"))
+        out[family] = os.path.join(run, "tokens.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_every_edit_method_and_eval_with_the_trained_tokens(stock, trained, tmp_path, family,
+                                                                  tiny_clip_dir):
+    import shutil
+    from PIL import Image
+    backbone = ["--model", family, "--pretrained", stock[family], "--size", "64", "--threads", "1"]
+    run = tmp_path / "samples"
+    sample.main(backbone + ["--tokens", trained[family], "--prompt", "a red cube", "--seed", "0", "1",
+                            "--steps", "2", "--out", str(run)])
+    records = [json.loads(line) for line in open(run / "records.jsonl")]
+    assert len(records) == 2 and all(os.path.exists(run / r["image"]) or os.path.exists(r["image"]) for r in records)
+    Image.fromarray(np.asarray(Image.open(os.path.join(run, records[0]["image"]) if not os.path.isabs(
+        records[0]["image"]) else records[0]["image"]))).save(tmp_path / "source.png")
+    prediction = models.FAMILIES[family]["prediction"]
+    methods = [m for m, spec in edit.METHODS.items() if spec["prediction"] == prediction]
+    for method in methods:
+        out = tmp_path / f"edit-{method}"
+        edit.main(backbone + ["--image", str(tmp_path / "source.png"), "--src", "a red cube", "--tgt", "a blue cube",
+                              "--method", method, "--steps", "2", "--tokens", trained[family], "--out", str(out)])
+        assert (out / "edited-tokens.png").exists(), method
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_clip_dir, weights / "clip-vit-large-patch14")
+    groups = ev.main(["--runs", str(run), "--metrics", "clip", "--weights", str(weights),
+                      "--json", str(tmp_path / "eval.json")])
+    (group,) = groups.values()
+    assert np.isfinite(group["metrics"]["clip"]["mean"])
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "edit", "cache"])
+def test_one_size_rule_for_every_script(stock, coco, tmp_path, script):
+    """sd1.5 takes multiples of 64 in every script (its UNet halves the 8x latents three times)."""
+    common = ["--model", "sd1.5", "--pretrained", stock["sd1.5"], "--size", "32"]
+    run = {"train": lambda: train.main(common + ["--loss", "agsm", "--data", coco, "--out", str(tmp_path / "r")]),
+           "sample": lambda: sample.main(common + ["--prompt", "a cube", "--out", str(tmp_path / "s")]),
+           "edit": lambda: edit.main(common + ["--image", str(tmp_path / "x.png"), "--src", "a", "--tgt", "b",
+                                               "--method", "ddim", "--out", str(tmp_path / "e")]),
+           "cache": lambda: data.main(["cache"] + common + ["--data", coco, "--out", str(tmp_path / "c")])}[script]
+    from PIL import Image
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit, match=re.escape("does not fit sd1.5: it takes sides that are multiples of 64")):
+        run()
+
+
+@pytest.mark.parametrize("script", ["train", "sample"])
+def test_a_size_beyond_the_loaded_models_positional_table_is_one_line(stock, coco, tmp_path, script):
+    """The test-size MM-DiT's positional table is 16 x 16 patches of 2 latents: 256 px at most."""
+    common = ["--model", "sd3", "--pretrained", stock["sd3"], "--size", "512", "--steps", "1"]
+    run = {"train": lambda: train.main(common + ["--loss", "agsm", "--data", coco, "--out", str(tmp_path / "r")]),
+           "sample": lambda: sample.main(common + ["--prompt", "a cube", "--out", str(tmp_path / "s")])}[script]
+    with pytest.raises(SystemExit, match="positional table"):
+        run()

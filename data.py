@@ -25,7 +25,7 @@ Encoding cache (real backbones). Latents and frozen text-encoder outputs cost a 
 text encoders per step; `python data.py cache` computes them once. The released SoftREPA code writes
 three .pt files per sample in fp32 (COCO: 9.1 TB for SD3 by their README). Here each field goes to a
 few large raw shard files (one per ~`--shard-gb`), stored in bf16 (or fp16) and memory-mapped when
-training, so a batch reads only its own rows. `python data.py sizes` prints the bytes per sample:
+training, so a batch reads only its own rows. `python -m shapes.bench --cache-sizes` prints the bytes per sample:
 
     SD3 at 1024: latents 16x128x128 + text 333x4096 (CLIP-L/G 77 + T5 256 tokens) + pooled 2048
                  = 1,628,160 numbers = 3.26 MB in bf16, 6.51 MB in fp32
@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+import families
 import models
 import shapes
 
@@ -143,47 +144,6 @@ def check_writable(folder, flag="--out"):
     except OSError as e:
         raise SystemExit(f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); "
                          f"pass a folder you can write to") from None
-
-
-def lock_folder(folder, flag="--out"):
-    """Hold `folder` for this process (folder/lock, holding our pid) until it exits: a second run into the
-    same folder is refused while the first one lives, and a lock left by a killed run is taken over."""
-    import atexit
-    path = os.path.join(folder, "lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(open(path).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise SystemExit(f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
-                                 f"pass another {flag}") from None
-            os.remove(path)                          # stale: its run is gone (or it is ours)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-
-    def release():
-        try:
-            if open(path).read().strip() == str(os.getpid()):
-                os.remove(path)
-        except OSError:
-            pass
-    atexit.register(release)
-    return release
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_vocabulary(records, path):
@@ -343,29 +303,6 @@ STORE_BITS = {torch.bfloat16: (np.int16, torch.int16), torch.float16: (np.int16,
               torch.float32: (np.int32, torch.int32)}
 
 
-def bytes_per_sample(latent, text, pooled, bytes_per_number):
-    """Bytes of one (image, caption) sample: latent (C, h, w), text (tokens, d), pooled width."""
-    return (int(np.prod(latent)) + int(np.prod(text)) + pooled) * bytes_per_number
-
-
-COCO_TRAIN2017 = (118_287, 591_753)  # images, captions
-RELEASED_TB = {"sd3": 9.1, "sdxl": 1.4, "sd1.5": 1.1}  # the SoftREPA README's COCO encodings
-
-
-def print_sizes():
-    images, captions = COCO_TRAIN2017
-    print("bytes per (image, caption) sample of the encoding cache (ours: bf16; the released code: fp32 .pt files)")
-    for name in [n for n in models.FAMILIES if not models.is_shapes_world(n)]:
-        latent, text, pooled = models.feature_shapes(name)   # at the family's training size
-        bf16, fp32 = bytes_per_sample(latent, text, pooled, 2), bytes_per_sample(latent, text, pooled, 4)
-        all5 = images * bytes_per_sample(latent, (0,), 0, 2) + captions * bytes_per_sample((0,), text, pooled, 2)
-        print(f"  {name:6s} latents {'x'.join(map(str, latent))} + text {'x'.join(map(str, text))} + pooled "
-              f"{pooled}: bf16 {bf16:,} B ({bf16 / 1e6:.2f} MB), fp32 {fp32:,} B ({fp32 / 1e6:.2f} MB)")
-        print(f"         COCO train2017 in bf16: one caption per image {images * bf16 / 1e12:.2f} TB, all "
-              f"{captions:,} captions {all5 / 1e12:.2f} TB; fp32 one per image {images * fp32 / 1e12:.2f} TB; "
-              f"released README: {RELEASED_TB[name]} TB")
-
-
 def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batch=8, shard_gb=4.0, seed=0):
     """Encode `records` once with backbone `bb` into shards under `out`; returns the cache meta.
     K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5)."""
@@ -485,21 +422,17 @@ def main(argv=None):
     c.add_argument("--pretrained", default=None)
     c.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
     c.add_argument("--seed", type=int, default=0)
-    sub.add_parser("sizes", help="print the cache's bytes per sample for the real families")
     args = p.parse_args(argv)
-    if args.command == "sizes":
-        return print_sizes()
     facts = models.check_name(args.model)
     size = args.size or facts["train_size"]        # the cache is for training: the authors' training size
-    import sampler
-    sampler.check_size(args.model, size)           # the one size rule of every script
+    families.check_size(args.model, size)           # the one size rule of every script
     records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.random_init and not models.is_shapes_world(args.model):
         raise SystemExit("--random-init builds the tiny shapes-world backbones: use it with tiny-sd3 or tiny-sd1.5")
     bb = models.build(args.model, args.pretrained, args.random_init, device,
                       STORE_DTYPES[args.store] if device == "cuda" else torch.float32, seed=args.seed)
-    sampler.check_size(args.model, size, bb=bb)    # and the loaded model's positional table
+    families.check_size(args.model, size, bb=bb)    # and the loaded model's positional table
     meta = write_cache(bb, records, args.out, size, args.captions_per_image, args.store,
                        args.batch, args.shard_gb, args.seed)
     print(f"wrote {meta['images']} images in {len(meta['shards'])} shards to {args.out} ({meta['skipped']} unreadable skipped)")

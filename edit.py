@@ -56,10 +56,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checker
+from shapes import checker
 import data
+import families
 import models
-import sampler
+import sample
 import softtokens
 
 # The editors and their paper settings (AGSM app. F). Step counts and thresholds are for 50 steps.
@@ -151,7 +152,7 @@ def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pro
     """FlowEdit, Kulikov et al. 2024, Algorithm 1 (n_min = 0: every one of the last n_max steps edits).
     The edit z moves by the difference of the two velocity fields along coupled paths that share their
     noise: where the prompts agree the difference is zero and z keeps the source's content."""
-    sigmas = sampler.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
+    sigmas = sample.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
     first = p["steps"] - of_50(p["n_max"], p["steps"])        # T - n_max: the steps FlowEdit skips
     z = x_src.clone()                                          # z^FE_{t_max} = x_src
     for i in _steps(range(first, p["steps"]), progress, "flowedit"):
@@ -162,8 +163,8 @@ def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pro
             n = _noise(x_src, generator)
             x_src_t = (1 - t) * x_src + t * n                  # the source image's forward path
             x_tar_t = z + x_src_t - x_src                      # shifted by the edit so far
-            v_tar = sampler.predict(bb, x_tar_t, timestep, c_tgt, uncond, p["cfg"], handle, cond_set=0)
-            v_src = sampler.predict(bb, x_src_t, timestep, c_src, uncond, p["cfg_src"], handle, cond_set=src_set)
+            v_tar = sample.predict(bb, x_tar_t, timestep, c_tgt, uncond, p["cfg"], handle, cond_set=0)
+            v_src = sample.predict(bb, x_src_t, timestep, c_src, uncond, p["cfg_src"], handle, cond_set=src_set)
             v_delta += (v_tar - v_src) / p["n_avg"]
         z = z + (t_next - t) * v_delta                         # Euler step of dz/dt = V_delta
     return z, None
@@ -180,7 +181,7 @@ def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
     the zeta term is the step of the flow-matching regulariser that keeps the edit's clean estimate near
     the source's along the whole trajectory (FlowAlign's source consistency). The authors' code integrates
     all T steps; AGSM runs it "consistent with the FlowEdit configuration", n_max = 33 (n_max=50: theirs)."""
-    sigmas = sampler.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
+    sigmas = sample.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
     first = p["steps"] - of_50(p["n_max"], p["steps"])
     z = x_src.clone()
     for i in _steps(range(first, p["steps"]), progress, "flowalign"):
@@ -189,8 +190,8 @@ def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
         n = _noise(x_src, generator)
         q_t = (1 - t) * x_src + t * n
         p_t = z + q_t - x_src
-        v_p = sampler.predict(bb, p_t, timestep, c_tgt, c_src, p["cfg"], handle, cond_set=0)
-        v_q = sampler.predict(bb, q_t, timestep, c_src, None, 1.0, handle, cond_set=src_set)
+        v_p = sample.predict(bb, p_t, timestep, c_tgt, c_src, p["cfg"], handle, cond_set=0)
+        v_q = sample.predict(bb, q_t, timestep, c_src, None, 1.0, handle, cond_set=src_set)
         z = z + (t_next - t) * (v_p - v_q) + p["zeta"] * ((q_t - t * v_q) - (p_t - t * v_p))
     return z, None
 
@@ -205,20 +206,20 @@ def rf_inversion(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator,
         X <- X + (sigma' - sigma) [v(X) + eta_i ((X - y0) / sigma - v(X))]
     with eta_i = eta for steps start * T <= i < stop * T and 0 after (eta = 1 throughout returns y0)."""
     steps = p["steps"]
-    sigmas = sampler.flow_sigmas(steps, bb.facts["flow_shift"] or 1.0)
+    sigmas = sample.flow_sigmas(steps, bb.facts["flow_shift"] or 1.0)
     rising = sigmas.flip(0)                                     # the same levels, image -> noise
     y1 = _noise(x_src, generator)
     Y = x_src.clone()
     for i in _steps(range(steps), progress, "rf-inversion: invert"):
         s, s_next = rising[i], rising[i + 1]
-        u = sampler.predict(bb, Y, s * models.NUM_TRAIN_TIMESTEPS, uncond, None, 1.0, handle, cond_set=src_set)
+        u = sample.predict(bb, Y, s * models.NUM_TRAIN_TIMESTEPS, uncond, None, 1.0, handle, cond_set=src_set)
         u_cond = (y1 - Y) / (1 - s)
         Y = Y + (s_next - s) * (u + p["gamma"] * (u_cond - u))
     X = Y
     first, last = int(p["start"] * steps), min(int(p["stop"] * steps), steps)
     for i in _steps(range(steps), progress, "rf-inversion: edit"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        v = sampler.predict(bb, X, s * models.NUM_TRAIN_TIMESTEPS, c_tgt, uncond, p["cfg"], handle, cond_set=0)
+        v = sample.predict(bb, X, s * models.NUM_TRAIN_TIMESTEPS, c_tgt, uncond, p["cfg"], handle, cond_set=0)
         eta = p["eta"] if first <= i < last else 0.0
         v_cond = (X - x_src) / s
         X = X + (s_next - s) * (v + eta * (v_cond - v))
@@ -233,12 +234,12 @@ def ddim_invert(bb, x0, cond, steps, handle=None, cond_set=-1, progress=False):
     Sampling step i goes from level i to i + 1 with eps(x, timesteps[i]); inversion runs it backwards,
     from level i + 1 to i with eps evaluated at the current (less noisy) x -- the usual approximation
     eps(x_{t-1}, t) ~ eps(x_t, t) that makes DDIM inversion inexact by a little each step."""
-    timesteps, levels = sampler.ddim_levels(bb, steps)
+    timesteps, levels = sample.ddim_levels(bb, steps)
     latents = [None] * steps + [x0]
     x = x0
     for i in _steps(range(steps - 1, -1, -1), progress, "DDIM inversion"):
-        eps = sampler.predict(bb, x, int(timesteps[i]), cond, None, 1.0, handle, cond_set=cond_set)
-        x = sampler.ddim_step(x, eps, levels[i + 1], levels[i])
+        eps = sample.predict(bb, x, int(timesteps[i]), cond, None, 1.0, handle, cond_set=cond_set)
+        x = sample.ddim_step(x, eps, levels[i + 1], levels[i])
         latents[i] = x
     return latents
 
@@ -258,7 +259,7 @@ def scaled_layer(index, n):
 
 
 def source_rows(n, per_branch):
-    """For a batch laid out as sampler.predict lays it out, [src, tgt] (CFG 1) or [src, tgt] uncond then
+    """For a batch laid out as sample.predict lays it out, [src, tgt] (CFG 1) or [src, tgt] uncond then
     [src, tgt] cond, chunks of `per_branch` rows: the row each row takes the source's features from
     (itself for source rows; the matching source row, uncond to uncond and cond to cond, for target rows)."""
     r = torch.arange(n)
@@ -324,7 +325,7 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
     that the attention control can hand the source's features to the target). Returns (target, source)."""
     steps, B = p["steps"], x_src.shape[0]
     inverted = ddim_invert(bb, x_src, c_src, steps, handle, src_set, progress)
-    timesteps, levels = sampler.ddim_levels(bb, steps)
+    timesteps, levels = sample.ddim_levels(bb, steps)
     cond, unconds = models.cat_conds([c_src, c_tgt]), models.cat_conds([uncond, uncond])
     rows = torch.cat([torch.full((B,), src_set), torch.zeros(B, dtype=torch.long)])  # tokens: target rows
     state = dict(step=0, per_branch=B)
@@ -334,8 +335,8 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
         for i in _steps(range(steps), progress, p["inversion"] + ("+" + p["control"] if p["control"] else "")):
             state["step"] = i
             x = torch.cat([x_source, x_target])
-            eps = sampler.predict(bb, x, int(timesteps[i]), cond, unconds, p["cfg"], handle, cond_set=rows)
-            x_source, x_target = sampler.ddim_step(x, eps, levels[i], levels[i + 1]).chunk(2)
+            eps = sample.predict(bb, x, int(timesteps[i]), cond, unconds, p["cfg"], handle, cond_set=rows)
+            x_source, x_target = sample.ddim_step(x, eps, levels[i], levels[i + 1]).chunk(2)
             if p["inversion"] == "direct":
                 # PnP-Inversion: add the gap between the inversion latent and the source branch back to
                 # the source branch (it is then on the inversion trajectory again, exactly)
@@ -402,9 +403,9 @@ def main(argv=None):
     method = check_method(args.model, args.method or ("flowedit" if facts["prediction"] == "flow" else "direct+pnp"))
     if args.steps is not None and args.steps < 2:
         raise SystemExit("--steps must be at least 2")
-    sampler.check_prompts(args.model, [args.src, args.tgt])
+    sample.check_prompts(args.model, [args.src, args.tgt])
     size = args.size or facts["size"]
-    sampler.check_size(args.model, size)
+    families.check_size(args.model, size)
     image = data.to_tensor(data.read_image(args.image, size))      # resized and centre-cropped to the model's size
     if args.tokens_source and args.tokens is None:
         raise SystemExit("--tokens-source puts the --tokens on the source branch too: pass --tokens FILE")
@@ -416,18 +417,18 @@ def main(argv=None):
     data.check_writable(args.out)   # before the work: a read-only --out must not lose the edit
 
     bb = models.from_flags(args)
-    sampler.check_size(args.model, size, bb=bb)         # the loaded model's positional table
+    families.check_size(args.model, size, bb=bb)         # the loaded model's positional table
     run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=True)
     edited = edit(bb, image, args.src, args.tgt, method, **run)
     os.makedirs(args.out, exist_ok=True)
-    sampler.save_image(edited, os.path.join(args.out, "edited.png"))
+    sample.save_image(edited, os.path.join(args.out, "edited.png"))
     strip = [image, edited]
     if sets is not None:
         with softtokens.attached(bb, sets, info["blocks"]) as handle:
             edited_tokens = edit(bb, image, args.src, args.tgt, method, handle, args.tokens_source, **run)
-        sampler.save_image(edited_tokens, os.path.join(args.out, "edited-tokens.png"))
+        sample.save_image(edited_tokens, os.path.join(args.out, "edited-tokens.png"))
         strip.append(edited_tokens)
-    sampler.save_grid(torch.stack(strip), os.path.join(args.out, "strip.png"), per_cell=len(strip), columns=1)
+    sample.save_grid(torch.stack(strip), os.path.join(args.out, "strip.png"), per_cell=len(strip), columns=1)
     settings = {**METHODS[method], **{k: v for k, v in (("steps", args.steps), ("cfg", args.cfg)) if v is not None}}
     record = dict(model=args.model, image=args.image, src=args.src, tgt=args.tgt, method=method,
                   tokens=args.tokens, token_set=info and info["token_set"], tokens_source=args.tokens_source,

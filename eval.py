@@ -20,7 +20,7 @@ Face hub, or only from --weights DIR when it is given: DIR/<hub id, or its last 
 models and DINO (metrics.HUB), DIR/HPS_v2.1_compressed.pt, DIR/ImageReward.pt + med_config.json, and
 torchvision / pytorch-fid files in DIR/checkpoints/. A metric that cannot load is skipped with one line.
 
---protocol dev|eval (checker.py): every prompt of data/shapes_{dev,eval}.jsonl, 4 seeds fixed by rule,
+--protocol dev|eval (checker.py): every prompt of shapes/data/{dev,eval}.jsonl, 4 seeds fixed by rule,
 plain and with each --tokens file; each category, the mean and the over-counting rates with 95% bootstrap
 intervals over prompts, a grid (first prompt per category, plain | tokens, same seeds), and the JSON with
 the per-prompt values. Choose on the dev set; the eval set is for the final measurement.
@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checker
-import classifier
+from shapes import checker
+from shapes import classifier
 import data
 import metrics
 import models
-import sampler
+import sample
 import shapes
 import softtokens
 
@@ -360,7 +360,7 @@ def protocol_images(bb, records, which, handle=None, batch=128, steps=None):
     images = []
     for i in tqdm(range(0, len(pairs), batch), desc=f"sample {which}", leave=False):
         part = pairs[i:i + batch]
-        images.append(sampler.generate(bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part],
+        images.append(sample.generate(bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part],
                                       steps=steps, handle=handle))
     return torch.cat(images)
 
@@ -405,7 +405,7 @@ def run_protocol(args):
                    "per_prompt": per_prompt}, f)   # per-prompt values: pooling training seeds later
     if args.grid:   # rows: the first prompt of each category x 2 seeds; columns: base | each token file
         cells = torch.stack([g[j] for j in range(len(grids[0])) for g in grids])
-        sampler.save_grid(cells, args.grid, per_cell=len(grids), columns=2)
+        sample.save_grid(cells, args.grid, per_cell=len(grids), columns=2)
         print(f"wrote {args.grid}")
     print(f"wrote {out}")
     return results

@@ -122,3 +122,26 @@ FAMILIES = {
         sample=dict(steps=30, cfg=4.0),
     ),
 }
+
+
+# -----------------------------------------------------------------------------
+# The sizes a family takes: the one rule of every script
+
+def check_size(name, height, width=None, what="size", bb=None):
+    """One-line error for an image size the family cannot take: the one rule of every script (train,
+    sample, edit, the encoding cache, bench). With the loaded backbone `bb`, also the sides its own
+    positional table reaches (an MM-DiT's pos_embed_max_size patches; a checkpoint may hold a smaller
+    one than the family's), before any heavy work."""
+    multiple, largest = FAMILIES[name]["size_multiple"], FAMILIES[name]["max_size"]
+    config = getattr(bb.denoiser, "config", {}) if bb is not None else {}
+    if config.get("pos_embed_max_size"):
+        table = config["pos_embed_max_size"] * config["patch_size"] * FAMILIES[name]["vae_factor"]
+        if max(height, width or height) > table:
+            raise SystemExit(f"{what} {height}x{width or height} is beyond the loaded {name} model's positional "
+                             f"table ({config['pos_embed_max_size']} patches: {table} px at most); pass --size {table} "
+                             f"or less")
+    for side in (height, width if width is not None else height):
+        if side < multiple or side % multiple or (largest and side > largest):
+            limit = f" up to {largest}" if largest else ""
+            raise SystemExit(f"{what} {height}x{width or height} does not fit {name}: it takes sides that are "
+                             f"multiples of {multiple}{limit}; pass --size with such a value")

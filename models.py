@@ -17,7 +17,7 @@ The scripts use backbones only through the functions of this file:
 
 The tiny-* models are the offline "shapes world" (see shapes.py and pretrain.py): like the real
 families they denoise VAE latents (a small AutoencoderKL, 32x32x3 <-> 8x8x4, shared by both tiny
-families), with one small CLIP text encoder of a word-level vocabulary; weights shipped in weights/.
+families), with one small CLIP text encoder of a word-level vocabulary; weights shipped in shapes/weights/.
 `random_denoiser(family, size)` builds any family's denoiser with random weights, at its real size
 (benchmarks) or at test size (tests); `build(name, pretrained, random_init)` is what the scripts' flags
 ask for.
@@ -34,7 +34,7 @@ from families import FAMILIES   # the one table of per-family facts
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # every script's --precision
 NUM_TRAIN_TIMESTEPS = 1000  # all three families: timesteps in [0, 1000) (SD3: sigma * 1000)
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes", "weights")
 
 
 @dataclass
@@ -87,7 +87,7 @@ def ddpm_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=NUM_TRAIN_TIME
 
 def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_3=True):
     """The backbone `name` (a key of FAMILIES). Real families come from the Hugging Face hub, or from
-    `pretrained` (a local folder laid out as the hub repo). Tiny families come from weights/<name>/."""
+    `pretrained` (a local folder laid out as the hub repo). Tiny families come from shapes/weights/<name>/."""
     facts = check_name(name)
     if is_shapes_world(name):
         bb = load_tiny(name, pretrained or os.path.join(WEIGHTS_DIR, name))
@@ -224,7 +224,7 @@ def is_shapes_world(name):
 def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
     """The flags that pick and place a backbone, the same in every script (read by from_flags)."""
     parser.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(FAMILIES)}")
-    parser.add_argument("--pretrained", default=None, help="local folder of the backbone (default: the hub / weights/)")
+    parser.add_argument("--pretrained", default=None, help="local folder of the backbone (default: the hub / shapes/weights/)")
     parser.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--precision", default=None, choices=list(PRECISIONS), help=f"default: {precision}")
@@ -290,7 +290,7 @@ def load_tiny_vae(folder=TINY_VAE_DIR):
     from safetensors import safe_open
     path = os.path.join(folder, "vae.safetensors")
     if not os.path.exists(path):
-        raise SystemExit(f"no autoencoder weights at {path}; rebuild them with `python pretrain.py --model tiny-vae`")
+        raise SystemExit(f"no autoencoder weights at {path}; rebuild them with `python -m shapes.pretrain --model tiny-vae`")
     with safe_open(path, "pt") as f:
         meta = f.metadata()
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -299,38 +299,18 @@ def load_tiny_vae(folder=TINY_VAE_DIR):
     return vae
 
 
-def save_tiny_vae(vae, folder=TINY_VAE_DIR):
-    save_weights(vae, os.path.join(folder, "vae.safetensors"), model="tiny-vae",
-                 scaling_factor=str(vae.config.scaling_factor), shift_factor=str(vae.config.shift_factor))
-
-
 def load_tiny(name, folder):
-    """weights/<name>/{denoiser,text_encoder}.safetensors, and the shared autoencoder beside them."""
+    """shapes/weights/<name>/{denoiser,text_encoder}.safetensors, and the shared autoencoder beside them."""
     from safetensors.torch import load_file
     files = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
     missing = [f for f in files.values() if not os.path.exists(f)]
     if missing:
-        raise SystemExit(f"{name}: no weights at {missing[0]}; rebuild them with `python pretrain.py --model {name}`")
+        raise SystemExit(f"{name}: no weights at {missing[0]}; rebuild them with `python -m shapes.pretrain --model {name}`")
     vae_folder = os.path.join(os.path.dirname(os.path.abspath(folder)), "tiny-vae")
     bb = build_tiny(name, vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR))
     bb.denoiser.load_state_dict(load_file(files["denoiser"]))
     bb.text_encoder.load_state_dict(load_file(files["text_encoder"]))
     return bb
-
-
-def save_weights(module, path, **metadata):
-    """A module's weights as fp32 safetensors, written atomically (a crash keeps the previous file)."""
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp")
-    save_file(state, tmp, metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
-
-
-def save_tiny(bb, folder):
-    for part, module in (("denoiser", bb.denoiser), ("text_encoder", bb.text_encoder)):
-        save_weights(module, os.path.join(folder, f"{part}.safetensors"), model=bb.name)
 
 
 # -----------------------------------------------------------------------------

@@ -1,27 +1,30 @@
 """
-train.py: train soft tokens on a frozen text-to-image diffusion model, with SoftREPA's contrastive
-loss, AGSM's alignment-guided score matching, or plain score matching on matched pairs (dsm).
+train.py: train soft tokens on a frozen text-to-image diffusion model -- SoftREPA's contrastive loss
+(SoftREPA sec. 3, eq. 14), AGSM's alignment-guided score matching (AGSM sec. 3, Alg. 1), or plain score
+matching on the matched pairs (dsm, AGSM Table 4 (i)) -- for SD1.5, SDXL, SD3 and the shapes world.
 
-    python train.py --model tiny-sd3 --loss agsm                                 # one process
+    python train.py --model tiny-sd3 --loss agsm                                     # one process, CPU
     torchrun --nproc_per_node=2 train.py --model sd3 --loss agsm --data /data/coco   # 2 GPUs, nccl
-    torchrun --nproc_per_node=2 train.py --model tiny-sd3 --loss agsm            # 2 CPU cores, gloo
+    torchrun --nproc_per_node=2 train.py --model tiny-sd3 --loss agsm                # 2 CPU cores, gloo
 
-The step itself -- batch, pair matrix, forward(s), loss, all-reduce, AdamW, EMA -- is step.train_step
-(step.py, beside AGSM Alg. 1); this file is the loop around it, read top to bottom:
-  flags -> DDP -> resume -> the recipe (the papers' defaults per family, models.FAMILIES) -> data ->
-  backbone and tokens -> optimizer and the authors' schedule scaled to the run (lr_at_step) -> logging
-  -> the loop (step, log, validate, checkpoint) -> the trained tokens.
-AdamW on the tokens only (the backbone is frozen), lr 1e-3, wd 1e-4 (both papers' Table 5 / 11).
-DDP inline as in nanoGPT: torchrun starts one process per device; all ranks start from the same tokens
-(same seed, and a broadcast) and take the same optimizer steps (step.py), which is checked at every
-checkpoint. Rank 0 alone writes files.
-Resuming (--resume latest) continues the same run exactly: the data and the noise of a step are
-functions of (seed, step, rank), and the checkpoint holds tokens, EMA, optimizer, scheduler and step.
-Nothing is lost: checkpoints are written atomically, a diverged update is never saved (step 0 is saved
-first), and a run that stopped on NaN continues from its last good checkpoint with a lower --lr.
+What is trained. Only the soft tokens (softtokens.py): a few learnable text-stream positions that the
+hooks (hooks.py) prepend to the text of the first blocks of the frozen denoiser. Nothing of the backbone
+changes, so a token file is a few hundred kB and can be taken off again (sample.py --no-tokens).
+
+The step -- batch, pair matrix, forward(s), loss, backward, all-reduce, AdamW, EMA -- is
+step.train_step (step.py, one explicit branch per loss beside the papers' algorithms). This file is
+the loop around it, read top to bottom, as nanoGPT's train.py:
+    flags -> DDP -> the run folder -> the recipe (the papers' defaults per family) -> data -> backbone
+    and tokens -> AdamW and the authors' schedule -> resume -> logging -> the loop -> the tokens.
+AdamW on the tokens only, lr 1e-3, wd 1e-4 (SoftREPA Table 5, AGSM Table 11 and both codes).
+
+Nothing is lost. Checkpoints are written atomically; a diverged update is never saved (step 0 is saved
+first); a run that stopped on NaN continues from its last good checkpoint with a lower --lr; a second
+run into the same --out is refused while the first lives. --resume latest continues the same run
+exactly: the data and the noise of a step are functions of (seed, step, rank) alone, and the checkpoint
+holds tokens, EMA, optimizer, scheduler and the step.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -32,30 +35,27 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checker
-import classifier
 import data
+import families
 import hooks
 import models
-import sampler
 import shapes
 import softtokens
 import step as training
+from shapes import classifier
 
-# Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
-# refuses a command line that contradicts them (a run is only resumable as the same run).
-TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "lr_period", "grad_clip",
-              "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
-              "gamma_neg", "bradley_terry", "plain_sum", "noise_per_row", "ema_decay", "gather_text", "world"]
-# Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
-# continue a diverged run more slowly). Each change is recorded in config.json under "changes".
-CHANGEABLE_ON_RESUME = ["lr"]
-DEV_PROMPTS = [r["prompt"] for r in shapes.load_dev_set()[::30][:8]]   # fixed prompts of the token movement
-VAL_PROMPTS = ["a photo of three apples on a wooden table", "a red bus parked next to a blue car",
-               "a cat sitting to the left of a dog", "two people riding bicycles down a city street"]
 
+# -----------------------------------------------------------------------------
+# The flags. Three groups: the backbone (models.add_backbone_flags: --model, --pretrained, --device,
+# --precision, --threads); the recipe, where None means "the paper's default for this family and loss"
+# (filled in by resolve below, recorded in config.json, and fixed for the life of a run: TRAJECTORY in
+# step.py); and the machinery, which changes how a step is computed but not which step it is
+# (checkpointing, --rows-per-forward, workers, logging), so a resumed run may change it.
 
 def parse_args(argv=None):
+    """The command line. Every recipe flag defaults to None so that resolve() can tell "not given" (take
+    the paper's value, or the checkpoint's on --resume) from "given" (use it, or refuse it on a resume
+    that contradicts the run). `python train.py --help` prints this file's docstring above the flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p, precision="bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--loss", default=None, choices=["softrepa", "agsm", "dsm"], help="default agsm (on --resume: "
@@ -113,7 +113,12 @@ def parse_args(argv=None):
 
 
 def resolve(args, facts):
-    """Fill every unset recipe value with the model family's paper default (step.default_recipe)."""
+    """Fill every unset recipe value with the model family's paper default (step.default_recipe).
+
+    The defaults come from the authors' runs where a paper is silent (README, "Choices the papers leave
+    open"): for example the training size (512 px for every real family: both codes train there, while
+    SDXL and SD3 sample at 1024), tau (the codes' 0.07 / 0.1, not AGSM Alg. 1's plain sum), AGSM's
+    two separate means (not Alg. 1 line 12's one sum) and one t and eps per step (not per row)."""
     for key, value in training.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -128,6 +133,12 @@ def resolve(args, facts):
         raise SystemExit(f"--data is required for {args.model}: a COCO folder, a .jsonl, a folder or a cache")
 
 
+# The learning-rate schedule. Both codes build CosineAnnealingWarmRestarts(T_0=10, eta_min=1e-5) and call
+# its step() not every iteration but every `period` iterations (SoftREPA: 500 of 30k; AGSM: --num_iter =
+# 1000 of 100k). So the lr is a staircase that falls along a cosine over 10 periods, jumps back to 1e-3,
+# and does so 6 (SoftREPA) or 10 (AGSM) times in a run. resolve() scales the period with --steps so a
+# short run keeps that shape. LambdaLR(lr_at_step) is the same staircase, resumable from its state_dict.
+
 def lr_at_step(step, period, min_lr_ratio, cycle=10):
     """The lr multiplier at `step`: CosineAnnealingWarmRestarts(T_0=cycle, eta_min) stepped once every
     `period` steps, as the authors' loops do: lr = min + (max - min) (1 + cos(pi e / cycle)) / 2 with
@@ -136,54 +147,10 @@ def lr_at_step(step, period, min_lr_ratio, cycle=10):
     return min_lr_ratio + (1 - min_lr_ratio) * (1 + math.cos(math.pi * e / cycle)) / 2
 
 
-def validate(bb, handle, args, step):
-    """Sample a fixed prompt grid with the current tokens (saved as an image); tiny-*: the shapes checker's
-    scores of those samples; and classifier.classifier_accuracy on held-out pairs."""
-    tiny = models.is_shapes_world(bb.name)
-    if tiny:  # the first val_n prompts of every category of the DEV set (the eval set is for final numbers)
-        records = shapes.first_per_category(shapes.load_dev_set(), args.val_n)
-        prompts = [r["prompt"] for r in records]
-    else:
-        records = [{"image": path, "prompt": caps[0], "captions": caps}
-                   for path, caps in data.read_records(args.val_data, "val")[:6 * args.val_n]] if args.val_data else []
-        prompts = VAL_PROMPTS
-    images = torch.cat([sampler.generate(bb, prompts[i:i + 16], range(i, i + len(prompts[i:i + 16])), args.val_steps,
-                                        handle=handle)
-                        for i in range(0, len(prompts), 16)])
-    os.makedirs(os.path.join(args.out, "val"), exist_ok=True)
-    sampler.save_grid(images, os.path.join(args.out, "val", f"step{step:07d}.png"),
-                     columns=args.val_n if tiny else len(prompts), min_side=256)
-    result = {}
-    if tiny:
-        result.update({f"score_{k}": v for k, v in checker.score(images, [r["spec"] for r in records]).items()})
-    if records:
-        # the held-out diffusion-classifier accuracy (SoftREPA eqs. 15-18)
-        result["heldout_acc"] = classifier.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
-        # (tiny-*: the records are dev-set prompts, rendered afresh: held out from the training stream)
-    return result
-
-
-def read_checkpoint(path):
-    """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
-    import pickle
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL " in str(e):     # weights_only refused a class (e.g. posix.system): code would have run
-            raise SystemExit(f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
-                             f"and nothing in it was run; pass a ckpt.pt written by train.py") from None
-        raise SystemExit(f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
-                         f"by train.py, or start a new run in another --out") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:   # truncated, random bytes, not a zip
-        raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
-                         f"written by train.py, or start a new run in another --out") from None
-    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
-        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
-    return state
-
-
 def check_flags(args):
-    """Every one-line error that needs no model and no data, before anything heavy."""
+    """Every one-line error that needs no model and no data, before anything heavy. A user who types
+    --lr nan or --steps 0 should learn it in one line in a second, not from an optimizer traceback
+    after a multi-GB model has loaded; numbers are checked for being finite as well as in range."""
     for flag in ("steps", "batch", "ckpt_every", "log_every", "val_n"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
@@ -194,75 +161,21 @@ def check_flags(args):
             raise SystemExit(f"--{flag.replace('_', '-')} must be a finite number, not negative (got {value})")
     if args.rows_per_forward is not None and args.rows_per_forward < 1:
         raise SystemExit(f"--rows-per-forward must be at least 1 (got {args.rows_per_forward})")
+    # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
+    # across GPUs); dsm has no mismatched pairs to widen
     if args.gather_text and args.loss and training.LOSSES[args.loss]["pairs"] == "diagonal":
         raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
 
 
-def resume_config(args):
-    """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
-    that contradicts the checkpoint is an error, except the few that only act on the steps to come
-    (CHANGEABLE_ON_RESUME), which are recorded in args.changes."""
-    ckpt_path, state, args.changes = os.path.join(args.out, "ckpt.pt"), None, []
-    if args.resume:
-        path = ckpt_path if args.resume == "latest" else args.resume
-        if os.path.exists(path):
-            state = read_checkpoint(path)
-            saved = json.loads(state["config"])
-            args.changes = saved.get("changes", [])
-            for key in TRAJECTORY:
-                if getattr(args, key) is None:
-                    setattr(args, key, saved[key])
-                elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
-                    args.changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
-                elif getattr(args, key) != saved[key]:
-                    raise SystemExit(f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
-                                     f": pass the same value, or start a new run in another --out")
-        elif args.resume != "latest":
-            raise SystemExit(f"--resume {path}: no such checkpoint")
-    return state
-
-
-def open_log(args, columns, step, master):
-    """log.csv (rank 0), appended from `step` on. A resumed run forgets the rows logged after its
-    checkpoint: the kept rows go to a new file renamed over the old one, so a kill at any moment leaves
-    the old log or the new one, whole. Returns a function that writes one row (and to TensorBoard)."""
-    if not master:
-        return lambda row: None
-    csv_path, board = os.path.join(args.out, "log.csv"), None
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    kept = []
-    if step and os.path.exists(csv_path):
-        with open(csv_path) as f:
-            kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
-        rewrite.writeheader()
-        rewrite.writerows(kept)
-    os.replace(csv_path + ".tmp", csv_path)
-    log = open(csv_path, "a", newline="")              # appended from here on, never truncated
-    writer = csv.DictWriter(log, columns, extrasaction="ignore")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        board = SummaryWriter(os.path.join(args.out, "tb"))
-    except ImportError:
-        pass
-
-    def record(row):
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        log.flush()
-        for k, v in row.items() if board is not None else ():
-            board.add_scalar(k, v, row["step"])
-    return record
-
-
 def main(argv=None):
     args = parse_args(argv)
-    models.check_flags(args)               # one-line errors before anything heavy
+    models.check_flags(args)               # one-line errors before anything heavy: the model name, ...
     facts = models.FAMILIES[args.model]
-    check_flags(args)
+    check_flags(args)                      # ... and every number of the recipe
 
-    # ---- DDP (nanoGPT): torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; nccl on CUDA, gloo on CPU
+    # ---- DDP, inline as in nanoGPT. torchrun starts one process per device and sets RANK, LOCAL_RANK and
+    # WORLD_SIZE; nccl on CUDA, gloo on the CPU. Each rank draws its own images; step.py all-reduces the
+    # token gradients, so every rank takes the same optimizer step and the tokens stay identical.
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
     use_cuda = args.device.startswith("cuda")
@@ -272,35 +185,52 @@ def main(argv=None):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    # Rank 0 alone writes files (checkpoints, log, tokens) and prints; every rank computes. A rank that
+    # dies takes the process group down with it, and the run resumes from the last checkpoint.
     master = rank == 0
     args.world = world
+
+    # ---- the run folder: writable (checked now, not at the first checkpoint), and held by this run alone
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or 'agsm'}")
     if master:
-        data.check_writable(args.out)              # a read-only --out fails now, not at the first checkpoint
-        data.lock_folder(args.out)                 # one run per folder: a second one is refused
+        data.check_writable(args.out)
+        training.lock_folder(args.out)
         for name in os.listdir(args.out):          # what a killed write left behind
             if name.endswith(".tmp"):
                 os.remove(os.path.join(args.out, name))
 
-    # ---- the recipe: the checkpoint's settings on --resume, then the paper defaults of the family
-    state = resume_config(args)
+    # ---- the recipe. On --resume, the checkpoint's settings; every flag still unset then takes the
+    # papers' default for this family and loss (step.default_recipe, models.FAMILIES): batch 4 images x
+    # 4 captions, lr 1e-3, the tokens' layout, tau, gammas, the authors' training size (512 px).
+    state = training.resume_config(args)
     args.loss = args.loss or "agsm"
     resolve(args, facts)
-    sampler.check_size(args.model, args.size)      # the family's sides (every script's rule)
+    families.check_size(args.model, args.size)      # the family's image sides (every script's one rule)
     if training.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (world if args.gather_text else 1) < 2:
+        # SoftREPA and AGSM compare each image's caption with the other captions of the batch
         raise SystemExit(f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
                          f"--batch 1 there are none (the loss is 0). Pass --batch 2 or more, or --loss dsm")
     precision = args.precision or ("bf16" if use_cuda else "fp32")
-    source = data.open_source(args.data, args.size, args.seed, workers=args.workers)  # a wrong path fails here
+
+    # ---- data (data.py): the shapes stream, a COCO folder, a .jsonl, image + .txt files, or an encoding
+    # cache of latents and text features (`python data.py cache`). A wrong path fails here, before the model.
+    source = data.open_source(args.data, args.size, args.seed, workers=args.workers)
+    # a cache holds one family's latents and text features (and one size's: data.open_cache checks it);
+    # the tiny models read only their own small vocabulary (shapes.VOCAB), so foreign captions fail here
     if source["kind"] == "cache" and source["meta"]["model"] != args.model:
         raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
     if models.is_shapes_world(args.model) and source["kind"] == "files":   # the tiny text encoder's words
         data.check_vocabulary(source["records"], args.data)
 
-    # ---- the frozen backbone and the soft tokens (same seed on every rank -> same initial tokens)
+    # ---- the frozen backbone (models.py: the hub, --pretrained, or shapes/weights) and the soft tokens.
+    # SoftREPA and dsm train one set; AGSM two, psi+ for matched and psi- for mismatched pairs, and their
+    # EMA copies (softtokens.PairTokens). The same seed on every rank gives the same initial tokens, and
+    # the broadcast makes sure of it.
+    # The backbone is loaded in --precision (bf16 on CUDA by default; the authors use fp16 with a gradient
+    # scaler); the tokens stay fp32 and autocast runs the denoiser in the backbone's dtype (step.py).
     bb = models.from_flags(args, "bf16", device, args.seed)
-    sampler.check_size(args.model, args.size, bb=bb)   # and the sides the loaded model's positions reach
-    if args.grad_checkpointing:
+    families.check_size(args.model, args.size, bb=bb)   # and the sides the loaded model's positions reach
+    if args.grad_checkpointing:          # recompute the frozen blocks in backward: memory for time
         bb.denoiser.enable_gradient_checkpointing()
     tokens = softtokens.make_tokens(bb, args.loss, args.n_tokens, args.layers, args.time_table == "on",
                                     args.init, seed=args.seed).to(device)
@@ -308,15 +238,23 @@ def main(argv=None):
     if ddp:
         for t in tokens.parameters():
             dist.broadcast(t.data, 0)
+    # the hooks put the tokens into the denoiser's text stream (MM-DiT: the first L blocks, SoftREPA
+    # Alg. 1; UNet: the cross-attention of the chosen block groups); the stock forward is untouched
     blocks = tuple(b for b in args.blocks.split(",") if b)
     handle = hooks.attach(bb.denoiser, tokens.sets, blocks=blocks or None)
     if args.compile:
         bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
+
+    # ---- AdamW on the tokens, and the authors' schedule. Weight decay acts on the tokens too (both codes
+    # pass the token parameters to AdamW with wd 1e-4), which keeps unused token entries near zero.: CosineAnnealingWarmRestarts stepped every
+    # lr_period steps (lr_at_step). fp16 needs a gradient scaler (small token gradients underflow).
     opt = torch.optim.AdamW(tokens.trainable(), lr=args.lr, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at_step(step, args.lr_period, args.min_lr / args.lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 token gradients underflow
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    # ---- resume: every state the next step depends on
+    # ---- resume: every state the next step depends on. The data and the noise need only the step number
+    # (data.get_batch and step.draw_noise seed their generators with (seed, step, rank)), so a resumed
+    # run draws exactly what the uninterrupted one would have drawn; the RNG states cover the rest.
     step, skipped, last_saved, ckpt_path = 0, 0, None, os.path.join(args.out, "ckpt.pt")
     if state is not None:
         tokens.load_state_dict(state["tokens"])
@@ -338,11 +276,13 @@ def main(argv=None):
             print(f"resumed {ckpt_path if args.resume == 'latest' else args.resume} at step {step}")
 
     def checkpoint():
-        """All ranks: check the tokens agree, pool the unreadable-image lists; rank 0: write atomically."""
+        """All ranks: check that the tokens agree and pool the unreadable-image lists; rank 0 writes.
+        The tokens must be bit-identical across ranks (same start, same all-reduced gradient, same
+        AdamW): a difference means a bug, and it is better to stop than to save either copy."""
         nonlocal last_saved
         flat = torch.cat([t.detach().flatten() for t in tokens.parameters()])
         bad = sorted(source.get("bad", ()))
-        if ddp:
+        if ddp:   # rank 0's tokens against everyone's, and the union of the unreadable images met
             reference = flat.clone()
             dist.broadcast(reference, 0)
             differ = (reference != flat).any().float()
@@ -359,8 +299,7 @@ def main(argv=None):
                         config=json.dumps(vars(args)))
             if use_cuda:
                 blob["rng_cuda"] = torch.cuda.get_rng_state(device)
-            torch.save(blob, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-write keeps the previous one
+            training.save_checkpoint(ckpt_path, blob)
         last_saved = step
 
     def stop_diverged(what):
@@ -373,36 +312,55 @@ def main(argv=None):
             dist.destroy_process_group()
         raise SystemExit(1)
 
+    # Step 0 is saved before any update: a good state to return to even if the very first update
+    # diverges (a too-high --lr shows up at once, and the run can go on from here more slowly).
     if state is None:
-        checkpoint()   # step 0: a good state to return to even if the very first update diverges
+        checkpoint()
 
-    # ---- logging (rank 0): CSV every step, a stdout line every log_every steps, TensorBoard if installed
+    # ---- logging (rank 0): log.csv every step, a stdout line every log_every steps, TensorBoard if
+    # installed. Validation (--val-every, shapes/classifier.py): a prompt grid, its shapes scores (tiny-*),
+    # the held-out classifier accuracy, and how far the tokens and the outputs moved.
+    # (the columns are fixed up front so that a resumed run appends rows of the same shape)
     tiny = models.is_shapes_world(args.model)
     columns = ["step"] + training.STATS[:-1] + ["lr", "steps_per_s", "pairs_per_s", "peak_mem_gb", "skipped"]
     if args.val_every:
         columns += ["token_cos", "token_change", "output_change"]
         columns += [f"score_{c}" for c in shapes.CATEGORIES + ["mean"]] if tiny else []
         columns += ["heldout_acc"] if tiny or args.val_data else []
-    record = open_log(args, columns, step, master)
+    record = training.open_log(args, columns, step, master)
+
+    def validate(step):
+        """Samples and scores with the current tokens, and token_cos / token_change / output_change:
+        how far the tokens moved from their start and how much they change the denoiser's output."""
+        result = classifier.validate(bb, handle, args, step)
+        return {**result, **softtokens.movement(bb, tokens, initial_tokens, handle, classifier.DEV_PROMPTS)}
     if args.val_every and step == 0 and master:  # the untrained tokens: the first point of the curve
-        record({"step": 0, **validate(bb, handle, args, 0), **softtokens.movement(bb, tokens, initial_tokens, handle, DEV_PROMPTS)})
+        record({"step": 0, **validate(0)})
+    # A step sees B images per rank. SoftREPA and AGSM pair every image with every caption of the batch:
+    # B x B pairs (B x world*B with --gather-text), the matched ones on the diagonal. So the papers'
+    # "batch 16 (4, 12)" is 4 images x 4 captions: 4 matched and 12 mismatched pairs. dsm runs the B
+    # matched pairs alone, which makes it the control that shows what the negatives add.
     B, with_negatives = args.batch, training.LOSSES[args.loss]["pairs"] == "matrix"
     pairs = B * B * (world if args.gather_text else 1) if with_negatives else B
     if master:
         print(f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "
               f"{pairs // B} texts per rank per step, {sum(p.numel() for p in tokens.trainable()):,} trainable numbers")
 
-    # ---- the loop
+    # ---- the loop: a batch (a function of seed, step and rank), one step, the log, validation, checkpoints.
+    # The step (step.train_step) is where the papers live: the B x B pair matrix of images and captions,
+    # the frozen denoiser's predictions with the tokens attached, SoftREPA's cross-entropy over each
+    # image's captions or AGSM's regression onto alignment-guided targets, the backward pass into the
+    # tokens, the all-reduce across ranks, AdamW, and for AGSM the EMA tokens that make its targets.
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.model} {args.loss}", disable=not master, file=sys.stdout)
     while step < args.steps:
         t0 = time.time()
-        batch = data.get_batch(source, step, rank, world, B)    # a function of (seed, step, rank): data.py
+        batch = data.get_batch(source, step, rank, world, B)
         stats = training.train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank, world)
-        if stats.get("diverged"):
+        if stats.get("diverged"):      # a non-finite loss: the tokens were not updated
             stop_diverged(f"loss is {stats['loss']} at step {step}: stopping, tokens not updated.")
-        step += 1
+        step += 1                      # `step` counts the updates taken: the checkpoint's step is this
         skipped += int(stats["new_bad"])
-        # for agsm the in-batch accuracy is that of the training forward (psi+ on the diagonal, psi- off
+        # For agsm the in-batch accuracy is that of the training forward (psi+ on the diagonal, psi- off
         # it); the held-out accuracy (validation) ranks captions with psi+ alone. dsm runs no mismatched
         # pairs, so it logs none of their numbers (and no AGSM diagnostics): empty, not zero.
         dt = time.time() - t0
@@ -410,27 +368,31 @@ def main(argv=None):
                    skipped=skipped, **{k: stats[k] for k in ("loss", "err_matched", "lr")})
         if with_negatives:
             row.update(err_mismatched=stats["err_mismatched"], acc=stats["acc"])
-        if training.LOSSES[args.loss]["ema_sets"] is not None:
+        if args.loss == "agsm":
             row.update(win_rate=stats["win_rate"], score_margin=stats["score_margin"])
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
-            row.update(validate(bb, handle, args, step))
-            row.update(softtokens.movement(bb, tokens, initial_tokens, handle, DEV_PROMPTS))
+            row.update(validate(step))
             tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout"))))
         record(row)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}" if with_negatives else "", skipped=skipped)
+        # the stdout line: the loss, the matched / mismatched errors and the in-batch accuracy say at a
+        # glance whether the tokens are learning to tell captions apart (accuracy up, err- above err+)
         if master and (step % args.log_every == 0 or step == args.steps):
             tqdm.write(f"step {step}: loss {stats['loss']:.4f} err+ {stats['err_matched']:.4f}"
                        + (f" err- {stats['err_mismatched']:.4f} acc {stats['acc']:.2f}" if with_negatives else "")
                        + f" lr {stats['lr']:.2e} {1 / dt:.2f} steps/s {pairs * world / dt:.1f} pairs/s "
                        f"peak {row['peak_mem_gb']:.2f} GB skipped {skipped}")
         if step % args.ckpt_every == 0 or step == args.steps:
+            # a diverged state is never saved as good: tokens of 1e19 are finite and NaN one forward later
             if not training.finite_after_update(bb, tokens, handle, args, stats["probe"], world):
                 stop_diverged(f"the update of step {step} diverged (tokens or predictions not finite): not saved.")
             checkpoint()
     bar.close()
 
-    # ---- the trained tokens, with what sample.py needs to attach them again
+    # ---- the trained tokens, with what sample.py needs to attach them again (safetensors: no code runs).
+    # An AGSM file holds psi+, psi- and their EMA copies; sampling uses psi+ on both CFG branches by
+    # default (AGSM sec. 4), --ema the EMA copy, --neg-uncond psi- on the unconditional branch.
     tokens_path = os.path.join(args.out, "tokens.safetensors")
     if master:
         softtokens.save(tokens_path, tokens, model=args.model, loss=args.loss, arch=facts["arch"],

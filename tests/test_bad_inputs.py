@@ -13,7 +13,7 @@ import edit
 import eval as evaluation
 import models
 import sample
-import sampler
+import sample
 import softtokens
 import train
 
@@ -150,7 +150,7 @@ def test_sample_refuses_malicious_released_tokens(tmp_path, malicious):
 
 def test_sample_unwritable_out_fails_before_sampling(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
-    monkeypatch.setattr(sampler, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
     message = one_line_error(sample.main, SAMPLE + ["--prompt", "a red circle", "--out", str(tmp_path / "file" / "s")])
     assert message.startswith(f"--out {tmp_path / 'file' / 's'}: cannot write there")
 

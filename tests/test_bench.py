@@ -3,7 +3,7 @@ more than SoftREPA), and the sampling benchmark measures both variants and their
 import pytest
 import torch
 
-import bench
+from shapes import bench
 import hooks
 import models
 import softtokens

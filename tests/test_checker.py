@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import checker
+from shapes import checker
 import shapes
 
 

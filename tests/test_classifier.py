@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import checker
-import classifier
+from shapes import checker
+from shapes import classifier
 import eval as ev
 import hooks
 import models

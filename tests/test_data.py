@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+from shapes import bench
 import models
 
 
@@ -145,11 +146,11 @@ def test_shapes_source_is_reproducible_and_differs_by_rank():
 def test_bytes_per_sample_of_sd3_at_1024_and_at_its_training_size():
     latent, text, pooled = models.feature_shapes("sd3", 1024)
     # 16*128*128 + 333*4096 + 2048 = 262144 + 1363968 + 2048 = 1628160 numbers
-    assert data.bytes_per_sample(latent, text, pooled, 2) == 3_256_320
-    assert data.bytes_per_sample(latent, text, pooled, 4) == 6_512_640
+    assert bench.bytes_per_sample(latent, text, pooled, 2) == 3_256_320
+    assert bench.bytes_per_sample(latent, text, pooled, 4) == 6_512_640
     # the cache's default: the authors' training size, 512 px: 16*64*64 + 333*4096 + 2048 numbers
     latent, text, pooled = models.feature_shapes("sd3")
-    assert latent == (16, 64, 64) and data.bytes_per_sample(latent, text, pooled, 2) == 2 * (65536 + 1363968 + 2048)
+    assert latent == (16, 64, 64) and bench.bytes_per_sample(latent, text, pooled, 2) == 2 * (65536 + 1363968 + 2048)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd1.5"])

@@ -19,9 +19,9 @@ import hooks
 import models
 import shapes
 import softtokens
-import checker
+from shapes import checker
 import metrics
-import sampler
+import sample
 
 torch.set_num_threads(1)
 SPEC = {"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}
@@ -93,7 +93,7 @@ def test_rf_inversion_controls():
     # gamma = 1: the controlled forward ODE ends exactly at the noise y1, whatever the model says;
     # regenerating with eta = 0 is then plain sampling from y1 with the target prompt
     y1 = torch.randn((1,) + models.latent_shape(bb, 16), generator=torch.Generator().manual_seed(3))
-    x = sampler.sample_loop(bb, y1, models.encode_prompts(bb, [TGT]), models.encode_prompts(bb, [""]), 6, 13.5)
+    x = sample.sample_loop(bb, y1, models.encode_prompts(bb, [TGT]), models.encode_prompts(bb, [""]), 6, 13.5)
     plain = models.decode_latents(bb, x)[0]
     controlled = edit.edit(bb, image, SRC, TGT, "rf-inversion", steps=6, seed=3, gamma=1.0, eta=0.0)
     assert torch.allclose(controlled, plain, atol=1e-4)

@@ -13,7 +13,7 @@ import eval as ev
 import hooks
 import shapes
 import softtokens
-import classifier
+from shapes import classifier
 import metrics
 from tiny_metric_models import BLUE
 

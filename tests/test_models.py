@@ -27,7 +27,7 @@ def test_unknown_model_is_one_line():
 
 
 def test_missing_tiny_weights_say_how_to_rebuild(tmp_path):
-    with pytest.raises(SystemExit, match="pretrain.py --model tiny-sd3"):
+    with pytest.raises(SystemExit, match="python -m shapes.pretrain --model tiny-sd3"):
         models.load("tiny-sd3", pretrained=str(tmp_path))
 
 
@@ -110,9 +110,9 @@ TOY_FAMILIES = {
 
 @pytest.mark.parametrize("name", list(TOY_FAMILIES))
 def test_a_new_family_is_one_table_entry(monkeypatch, name):
-    import bench
+    from shapes import bench
     import hooks
-    import sampler
+    import sample
     import softtokens
     import step
     from types import SimpleNamespace
@@ -137,7 +137,7 @@ def test_a_new_family_is_one_table_entry(monkeypatch, name):
     before = tokens.pos.tokens.detach().clone()
     stats = step.train_step(bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0)
     assert not stats.get("diverged") and not torch.equal(before, tokens.pos.tokens)
-    x = sampler.sample_loop(bb, torch.randn(1, *models.latent_shape(bb)), models.random_text(bb, 1, 0),
+    x = sample.sample_loop(bb, torch.randn(1, *models.latent_shape(bb)), models.random_text(bb, 1, 0),
                             models.random_text(bb, 1, 1), 2, 2.0, handle)
     assert x.shape == (1,) + models.latent_shape(bb) and torch.isfinite(x).all()
     handle.remove()

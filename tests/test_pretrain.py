@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import models
-import pretrain
+from shapes import pretrain
 import shapes
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "tiny_reference.safetensors")

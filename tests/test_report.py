@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-import checker
-import report
+from shapes import checker
+from shapes import report
 
 PROMPTS = 6   # per category
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shapes
-import checker
+from shapes import checker
 
 
 def test_tokenize_empty_prompt_and_round_trip():

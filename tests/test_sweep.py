@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import sweep
+from shapes import sweep
 
 
 def test_planned_runs_vary_one_flag_at_a_time():

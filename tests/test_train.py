@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import models
 import shapes
 import train
-import classifier
+from shapes import classifier
 import softtokens
 
 FAST = ["--random-init", "--batch", "2", "--threads", "1", "--workers", "1"]

@@ -3,10 +3,10 @@ bench.py: what the soft tokens cost. Training: a step of SoftREPA against AGSM (
 very function train.py runs), and the hooks' cost on a forward. Sampling (--sampling): latency and peak
 memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra memory).
 
-    python bench.py --model tiny-sd3 --batch 4 --steps 10
-    python bench.py --model sd1.5 --size 256 --batch 2 --steps 2     # real-size UNet, random weights
-    python bench.py --model sd3 --batch 4                             # on a GPU: the real thing
-    python bench.py --sampling --model sd3 --size 128 --steps 1 --cfg 1 --tokens <released sd3 tokens>
+    python -m shapes.bench --model tiny-sd3 --batch 4 --steps 10
+    python -m shapes.bench --model sd1.5 --size 256 --batch 2 --steps 2     # real-size UNet, random weights
+    python -m shapes.bench --model sd3 --batch 4                             # on a GPU: the real thing
+    python -m shapes.bench --sampling --model sd3 --size 128 --steps 1 --cfg 1 --tokens <released sd3 tokens>
 
 Real families are built from their configs in models.FAMILIES with random weights (timing does not
 depend on the weights, and nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 heads x 64,
@@ -26,17 +26,59 @@ utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead 
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
+if __package__ in (None, ""):   # `python shapes/bench.py`: the repo root on the path, as `python -m shapes.bench` has it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import hooks
+import families
 import models
-import sampler
+import sample
 import softtokens
 import step as training
+
+# -----------------------------------------------------------------------------
+# The encoding cache's size (data.py)
+
+def bytes_per_sample(latent, text, pooled, bytes_per_number):
+    """Bytes of one (image, caption) sample: latent (C, h, w), text (tokens, d), pooled width."""
+    return (int(np.prod(latent)) + int(np.prod(text)) + pooled) * bytes_per_number
+
+
+COCO_TRAIN2017 = (118_287, 591_753)  # images, captions
+RELEASED_TB = {"sd3": 9.1, "sdxl": 1.4, "sd1.5": 1.1}  # the SoftREPA README's COCO encodings
+
+
+def print_cache_sizes():
+    """`python -m shapes.bench --cache-sizes`: what data.py's encoding cache takes per sample and for COCO."""
+    images, captions = COCO_TRAIN2017
+    print("bytes per (image, caption) sample of the encoding cache (ours: bf16; the released code: fp32 .pt files)")
+    for name in [n for n in models.FAMILIES if not models.is_shapes_world(n)]:
+        latent, text, pooled = models.feature_shapes(name)   # at the family's training size
+        bf16, fp32 = bytes_per_sample(latent, text, pooled, 2), bytes_per_sample(latent, text, pooled, 4)
+        all5 = images * bytes_per_sample(latent, (0,), 0, 2) + captions * bytes_per_sample((0,), text, pooled, 2)
+        print(f"  {name:6s} latents {'x'.join(map(str, latent))} + text {'x'.join(map(str, text))} + pooled "
+              f"{pooled}: bf16 {bf16:,} B ({bf16 / 1e6:.2f} MB), fp32 {fp32:,} B ({fp32 / 1e6:.2f} MB)")
+        print(f"         COCO train2017 in bf16: one caption per image {images * bf16 / 1e12:.2f} TB, all "
+              f"{captions:,} captions {all5 / 1e12:.2f} TB; fp32 one per image {images * fp32 / 1e12:.2f} TB; "
+              f"released README: {RELEASED_TB[name]} TB")
+
+
+
+def pair_matrix(B, K, diagonal_only, device):
+    """(rows, cols) of the flattened pair matrix: pair (i, j), image i with caption j, is batch row i*K + j."""
+    if diagonal_only:
+        return torch.arange(B, device=device), torch.arange(B, device=device)
+    return torch.arange(B, device=device).repeat_interleave(K), torch.arange(K, device=device).repeat(B)
+
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense
 
@@ -59,7 +101,7 @@ def training_configs(bb, B, size):
         handle = hooks.attach(bb.denoiser, forward_tokens.sets, bb.facts["token_blocks"]) if with_tokens else None
         x0, cond = training.encode_batch(bb, batch)
         x_t, timesteps, _ = training.draw_noise(bb, x0, 0, 0, 0)
-        rows, cols = training.pair_matrix(B, B, False, bb.device)
+        rows, cols = pair_matrix(B, B, False, bb.device)
         with torch.no_grad(), training.autocast(bb):
             models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, cols))
         if handle:
@@ -163,11 +205,11 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
         cond = models.encode_prompts(bb, ["a red circle above a blue square"] * batch)
         uncond = models.encode_prompts(bb, [""] * batch)
     shape = models.latent_shape(bb, size)
-    x = sampler.initial_noise(shape, range(batch)).to(bb.device, bb.dtype)
+    x = sample.initial_noise(shape, range(batch)).to(bb.device, bb.dtype)
     sync = torch.cuda.synchronize if bb.device.type == "cuda" else (lambda: None)
 
     def run(handle):
-        sampler.sample_loop(bb, x, cond, uncond, steps, cfg, handle)
+        sample.sample_loop(bb, x, cond, uncond, steps, cfg, handle)
         sync()
 
     def with_variant(variant, fn):
@@ -246,13 +288,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="sampling: timed runs of each variant")
     p.add_argument("--grad-checkpointing", action="store_true", help="training: recompute the frozen backbone "
                    "in backward (train.py's flag), to measure what it saves")
+    p.add_argument("--cache-sizes", action="store_true", help="print the encoding cache's bytes per sample and exit")
     args = p.parse_args(argv)
+    if args.cache_sizes:
+        return print_cache_sizes()
     facts = models.check_name(args.model)
     for flag in ("batch", "steps", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     size = args.size or facts["size"]
-    sampler.check_size(args.model, size)
+    families.check_size(args.model, size)
     sets, info = softtokens.read_tokens(args.tokens, args.model) if args.tokens else (None, dict(blocks=None))
     if args.threads:
         torch.set_num_threads(args.threads)

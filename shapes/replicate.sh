@@ -5,10 +5,10 @@
 # (4 sampling seeds per prompt fixed by rule, 95% bootstrap intervals, over-counting) on a prompt set,
 # base and every token file side by side. Runs are resumable: a run that was stopped continues
 # (--resume latest), one that finished is skipped.
-#   MODELS=tiny-sd1.5 SEEDS="0" STEPS=2000 SET=dev PER_CATEGORY=20 bash replicate_shapes.sh
-#   SET=eval PER_CATEGORY=0 bash replicate_shapes.sh      # the final measurement, all 480 eval prompts
+#   MODELS=tiny-sd1.5 SEEDS="0" STEPS=2000 SET=dev PER_CATEGORY=20 bash shapes/replicate.sh
+#   SET=eval PER_CATEGORY=0 bash shapes/replicate.sh      # the final measurement, all 480 eval prompts
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."   # the repo root
 MODELS=${MODELS:-"tiny-sd3 tiny-sd1.5"}
 SEEDS=${SEEDS:-"0 1 2"}
 LOSSES=${LOSSES:-"dsm softrepa agsm"}

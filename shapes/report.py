@@ -1,8 +1,8 @@
 """report.py: the replication table and the training-dynamics plot of the shapes world, from the run
-folders and the protocol JSON that replicate_shapes.sh writes (SoftREPA Table 1 and eqs. 15-18, AGSM
+folders and the protocol JSON that shapes/replicate.sh writes (SoftREPA Table 1 and eqs. 15-18, AGSM
 Table 1 and Fig. 4).
 
-    python report.py --model tiny-sd3 --json runs/replicate/tiny-sd3-eval.json --plot dynamics.png
+    python -m shapes.report --model tiny-sd3 --json runs/replicate/tiny-sd3-eval.json --plot dynamics.png
 
 One row per method: base, dsm (AGSM Table 4 (i)), SoftREPA, AGSM. A method's score pools its training
 seeds: each prompt's value is the mean over its seeds x 4 sampling seeds (eval.py --protocol saves the
@@ -16,11 +16,15 @@ import argparse
 import csv
 import json
 import os
+import sys
 import re
 
 import numpy as np
 
-import checker
+if __package__ in (None, ""):   # `python shapes/report.py`: the repo root on the path, as `python -m shapes.report` has it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shapes import checker
 
 METHODS = ["dsm", "softrepa", "agsm"]
 NAMES = {"base": "base", "dsm": "dsm (AGSM Table 4 (i))", "softrepa": "SoftREPA", "agsm": "AGSM"}
@@ -46,12 +50,12 @@ def parse_args(argv=None):
         if not FOLDER.match(os.path.basename(os.path.normpath(folder))) or not os.path.exists(os.path.join(folder, "log.csv")):
             p.error(f"--plot-runs {folder}: not a run folder named <model>-<loss>-seed<N> with a log.csv")
     if not args.json and not args.sweep and not args.plot_runs:
-        p.error("nothing to report: give --model M --json FILE (replicate_shapes.sh's protocol) and/or --sweep CSV")
+        p.error("nothing to report: give --model M --json FILE (shapes/replicate.sh's protocol) and/or --sweep CSV")
     if len(args.model) != len(args.json):
         p.error(f"{len(args.model)} --model but {len(args.json)} --json: give one protocol JSON per model")
     for path in args.json:
         if not os.path.exists(path):
-            p.error(f"--json {path}: no such file (run replicate_shapes.sh, or eval.py --protocol, first)")
+            p.error(f"--json {path}: no such file (run shapes/replicate.sh, or eval.py --protocol, first)")
     return args
 
 
@@ -119,7 +123,7 @@ def model_table(model, protocol, beside="."):
     methods = runs_by_method(results, beside)
     if not methods:
         raise SystemExit(f"{model}: no token files named <model>-<loss>-seed<N>/tokens.safetensors in the protocol "
-                         f"file (replicate_shapes.sh names its runs so)")
+                         f"file (shapes/replicate.sh names its runs so)")
     base = per_prompt["base"]
     columns = [c for c in COLUMNS if c in base]
     header = ("| " + model + ", " + protocol["set"] + " set | " + " | ".join(columns) + " | held-out acc. | seeds | "

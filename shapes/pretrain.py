@@ -25,17 +25,18 @@ eventually bind every word; real models learn from alt-text and bind weakly, whi
 soft tokens are meant to fix (SD3-medium's GenEval: single objects 0.98, counting 0.63, position 0.34,
 colour attribution 0.36). The token-training data keeps precise captions.
 
-    python pretrain.py --model tiny-vae --steps 3000                      # weights/tiny-vae/
-    python pretrain.py --model tiny-sd3 --minutes 60 --snapshot-every 1000   # weights/tiny-sd3/
-Snapshots are chosen on the dev prompt set (data/shapes_dev.jsonl), scored with
+    python -m shapes.pretrain --model tiny-vae --steps 3000                      # weights/tiny-vae/
+    python -m shapes.pretrain --model tiny-sd3 --minutes 60 --snapshot-every 1000   # weights/tiny-sd3/
+Snapshots are chosen on the dev prompt set (shapes/data/dev.jsonl), scored with
     python eval.py --protocol dev --model tiny-sd3 --pretrained runs/pretrain-tiny-sd3/snapshots/step004000
-and data/shapes_eval.jsonl is for the final measurement only (--protocol eval).
+and shapes/data/eval.jsonl is for the final measurement only (--protocol eval).
 """
 import argparse
 import copy
 import csv
 import math
 import os
+import sys
 import shutil
 import time
 
@@ -43,11 +44,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checker
+if __package__ in (None, ""):   # `python shapes/pretrain.py`: the repo root on the path, as `python -m shapes.pretrain` has it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shapes import checker
 import models
 import shapes
 
 TINY = [n for n in models.FAMILIES if models.is_shapes_world(n)]
+
+
+
+# Saving the shapes world's weights (safetensors, with their configs in the metadata)
+
+def save_weights(module, path, **metadata):
+    """A module's weights as fp32 safetensors, written atomically (a crash keeps the previous file)."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp")
+    save_file(state, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def save_tiny_vae(vae, folder=models.TINY_VAE_DIR):
+    save_weights(vae, os.path.join(folder, "vae.safetensors"), model="tiny-vae",
+                 scaling_factor=str(vae.config.scaling_factor), shift_factor=str(vae.config.shift_factor))
+
+
+def save_tiny(bb, folder):
+    for part, module in (("denoiser", bb.denoiser), ("text_encoder", bb.text_encoder)):
+        save_weights(module, os.path.join(folder, f"{part}.safetensors"), model=bb.name)
 
 
 def parse_args(argv=None):
@@ -219,9 +246,9 @@ def main(argv=None):
 
     def save(folder):
         if is_vae:
-            models.save_tiny_vae(ema["vae"], folder)
+            save_tiny_vae(ema["vae"], folder)
         else:
-            models.save_tiny(sampling_copy(), folder)
+            save_tiny(sampling_copy(), folder)
         if not log.closed:
             log.flush()
         # the weights carry their history: --init reads the step count (and the log) back from it

@@ -1,5 +1,5 @@
 """
-classifier.py: the held-out diffusion classifier (SoftREPA eqs. 15-18), the alignment measure both
+shapes/classifier.py: the held-out diffusion classifier (SoftREPA eqs. 15-18), the alignment measure both
 papers report beside the image scores: does the true caption of a held-out image give a lower denoising
 error than K - 1 captions that are false of it?
 
@@ -10,16 +10,18 @@ candidate captions of that image (like the papers' shared t and eps per row), so
 differs between candidates. Shapes-world records are rendered afresh and get hard negatives from their
 own category; real records (an "image" path and its "captions") take other records' captions.
 """
+import os
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-import checker
 import data
 import losses
 import models
+import sample
 import shapes
+from shapes import checker
 
 
 
@@ -104,3 +106,39 @@ def classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=None, noise_
     model scores 0, not 1/K by the luck of argmin)."""
     errors, _ = classifier_errors(bb, records, n_candidates, seed, handle, noise_levels, batch)
     return float(losses.strictly_lowest(errors[:, 0], errors[:, 1:]).float().mean())
+
+
+# -----------------------------------------------------------------------------
+# train.py's validation (--val-every): a fixed prompt grid sampled with the current tokens, the shapes
+# checker's scores of it (tiny-*), and the held-out accuracy above.
+
+DEV_PROMPTS = [r["prompt"] for r in shapes.load_dev_set()[::30][:8]]   # fixed prompts of the token movement
+VAL_PROMPTS = ["a photo of three apples on a wooden table", "a red bus parked next to a blue car",
+               "a cat sitting to the left of a dog", "two people riding bicycles down a city street"]
+
+
+def validate(bb, handle, args, step):
+    """Sample a fixed prompt grid with the current tokens (saved as an image); tiny-*: the shapes checker's
+    scores of those samples; and classifier.classifier_accuracy on held-out pairs."""
+    tiny = models.is_shapes_world(bb.name)
+    if tiny:  # the first val_n prompts of every category of the DEV set (the eval set is for final numbers)
+        records = shapes.first_per_category(shapes.load_dev_set(), args.val_n)
+        prompts = [r["prompt"] for r in records]
+    else:
+        records = [{"image": path, "prompt": caps[0], "captions": caps}
+                   for path, caps in data.read_records(args.val_data, "val")[:6 * args.val_n]] if args.val_data else []
+        prompts = VAL_PROMPTS
+    images = torch.cat([sample.generate(bb, prompts[i:i + 16], range(i, i + len(prompts[i:i + 16])), args.val_steps,
+                                        handle=handle)
+                        for i in range(0, len(prompts), 16)])
+    os.makedirs(os.path.join(args.out, "val"), exist_ok=True)
+    sample.save_grid(images, os.path.join(args.out, "val", f"step{step:07d}.png"),
+                     columns=args.val_n if tiny else len(prompts), min_side=256)
+    result = {}
+    if tiny:
+        result.update({f"score_{k}": v for k, v in checker.score(images, [r["spec"] for r in records]).items()})
+    if records:
+        # the held-out diffusion-classifier accuracy (SoftREPA eqs. 15-18)
+        result["heldout_acc"] = classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
+        # (tiny-*: the records are dev-set prompts, rendered afresh: held out from the training stream)
+    return result

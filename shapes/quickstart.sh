@@ -3,9 +3,9 @@
 # a few minutes), then sample the dev prompts with 4 fixed seeds each, with and without the tokens, and
 # print the per-category scores with 95% intervals and the paired difference against the base. Writes
 # runs/quickstart/{tokens.safetensors, log.csv, val/, grid.png (base | tokens, same seeds), protocol.json}.
-#   bash quickstart.sh                      # STEPS=1500: 289 s on 2 CPU cores (README)
+#   bash shapes/quickstart.sh                      # STEPS=1500: 289 s on 2 CPU cores (README)
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."   # the repo root
 OUT=${OUT:-runs/quickstart}
 STEPS=${STEPS:-1500}
 THREADS=${THREADS:-2}

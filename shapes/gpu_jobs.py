@@ -2,7 +2,7 @@
 gpu_jobs.py: the shapes-world measurements (issue #25) and the real-size memory checks (issue #23) as one
 batch of independent commands for a machine with one GPU and many cores, run side by side in a pool.
 
-    python gpu_jobs.py --deadline 480 --parallel 14 --pack $OUT     # what was run on the lent H200
+    python -m shapes.gpu_jobs --deadline 480 --parallel 14 --pack $OUT     # what was run on the lent H200
 
 Every job is a plain command of this repo (train.py, eval.py, bench.py); a training job is resumable
 (--resume latest) and skipped once its tokens exist, so the same call run again continues where a
@@ -144,6 +144,7 @@ def main():
     p.add_argument("--pack", default=None, help="folder for the packed results")
     p.add_argument("--real-size", action="store_true", help="also the real-size memory benches (one at a time)")
     args = p.parse_args()
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root: train.py, runs/
     start = time.time()
     logs = f"{RUNS}/logs"
     os.makedirs(logs, exist_ok=True)

@@ -364,13 +364,13 @@ def make_eval_set(n_per_category, seed):
     return items
 
 
-EVAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes_eval.jsonl")
+EVAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
 EVAL_N_PER_CATEGORY, EVAL_SEED = 80, 0
 # The dev set: where checkpoints, thresholds and hyper-parameters are chosen; the eval set is for the
 # final measurement only. Its prompts avoid the eval set's where the category has enough distinct ones
 # (two objects, position, colour attribution); single object, colours and counting have only 15, 15 and
 # 45, all used by the eval set, so there the dev set differs in its seeds (below), not its prompts.
-DEV_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes_dev.jsonl")
+DEV_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dev.jsonl")
 DEV_N_PER_CATEGORY, DEV_SEED = 40, 1
 
 

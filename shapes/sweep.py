@@ -6,10 +6,10 @@ defaults (step.default_recipe), as the papers' ablations do. Every run is train.
 changed; then one eval.py --protocol dev scores the base and every run's tokens on the same prompts and
 seeds, so each row carries its paired difference against the base with its 95% interval.
 
-    python sweep.py --model tiny-sd3 --loss softrepa agsm --steps 2000 --vary tau=0.3,1 --vary lr=0.01
+    python -m shapes.sweep --model tiny-sd3 --loss softrepa agsm --steps 2000 --vary tau=0.3,1 --vary lr=0.01
 
 Choose on the dev set only; the chosen setting then gets one final measurement on the eval set
-(replicate_shapes.sh SET=eval). Runs that finished are skipped, stopped ones resume, so the sweep can
+(shapes/replicate.sh SET=eval). Runs that finished are skipped, stopped ones resume, so the sweep can
 be stopped and started again. This script drives the other scripts through their command lines (no
 imports of scripts, no framework): what it runs is what a person would type.
 """
@@ -20,6 +20,9 @@ import os
 import subprocess
 import sys
 import time
+
+if __package__ in (None, ""):   # `python shapes/sweep.py`: the repo root on the path, as `python -m shapes.sweep` has it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models
 

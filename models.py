@@ -167,6 +167,12 @@ def random_denoiser(name, size="real", seed=0, **overrides):
     return denoiser_class(facts)(**{**sized_config(facts, size), **overrides}).eval()
 
 
+def random_denoiser_on_meta(name):
+    """The family's real-size denoiser on the meta device: its parameter count without allocating it."""
+    with torch.device("meta"):
+        return denoiser_class(check_name(name))(**sized_config(check_name(name), "real"))
+
+
 def random_backbone(name, size="real", seed=0):
     """A backbone with random weights: tiny-* whole (build_tiny); a real family's denoiser alone, without
     text encoders or VAE (text features then come from random_text)."""

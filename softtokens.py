@@ -71,7 +71,9 @@ class SoftTokens(nn.Module):
         """(B,) timesteps -> (B, L, m, d) tokens s^(k,t) for every layer k (SoftREPA eq. 12)."""
         tokens = self.tokens.unsqueeze(0).expand(len(timesteps), -1, -1, -1)
         if self.time_table is None:
-            return tokens
+            # a copy, not the view: under no_grad a view of a Parameter still says requires_grad but has
+            # no grad_fn, which trips autograd's module hooks (torch's FlopCounterMode, bench.py)
+            return tokens.clone()
         rows = self.time_table[time_bin(timesteps).to(self.tokens.device)]  # (B, L, d)
         return tokens + rows.unsqueeze(2)
 

@@ -171,6 +171,100 @@ def bench_training(bb, args, size, precision):
 
 
 # -----------------------------------------------------------------------------
+# The activation term of the memory model (docs/cost.md), checked where it can be: the bytes a training
+# step holds for backward grow with the positions each block sees -- MM-DiT: (S/16)^2 image patches +
+# 333 text positions (+ the tokens) per block; UNet: the latent pixels (S/8)^2 at each level, the
+# attention kept out of it by SDPA's fused kernels. --memory-check measures one dsm step (1 pair) at a
+# few sizes and prints each size's extra bytes over the smallest beside the model's ratio.
+
+def positions(bb, size):
+    """What the activation term is proportional to, per pair: MM-DiT tokens per block; UNet latent pixels."""
+    side = size // bb.facts["vae_factor"]
+    if bb.facts["arch"] == "mmdit":
+        return (side // bb.denoiser.config.patch_size) ** 2 + bb.facts["text_tokens"] + bb.facts["n_tokens"]
+    return side * side
+
+
+def memory_check(bb, sizes):
+    rows = []
+    recipe = SimpleNamespace(**training.default_recipe(bb.name, "dsm", steps=100))
+    tokens = softtokens.make_tokens(bb, "dsm", init="normal").to(bb.device)   # (no text encoder here)
+    opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(bb.device.type, enabled=False)
+    handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
+    for size in sizes:
+        batch = random_batch(bb, 1, size)
+        peak = allocated_peak(lambda: training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, 0))
+        rows.append((size, positions(bb, size), peak))
+        print(f"{bb.name} {size} px: {rows[-1][1]} positions per block, step peak {peak / 2 ** 30:.3f} GiB", flush=True)
+    handle.remove()
+    (s0, p0, m0) = rows[0]
+    print(f"{'size':>6s} {'positions':>10s} {'peak GiB':>9s} {'extra over ' + str(s0) + ' px':>18s} {'model ratio':>12s} {'measured ratio':>15s}")
+    for size, p, m in rows:
+        extra = (m - m0) / 2 ** 30
+        model = (p - p0) / (rows[1][1] - p0) if len(rows) > 1 else 0
+        measured = (m - m0) / (rows[1][2] - m0) if len(rows) > 1 and rows[1][2] != m0 else 0
+        print(f"{size:6d} {p:10d} {m / 2 ** 30:9.3f} {extra:18.3f} {model:12.2f} {measured:15.2f}")
+    return rows
+
+
+# The memory and time model of a real-size training step (docs/cost.md), per rank, bf16:
+#   memory  = weights (denoiser + text encoders + VAE, all on the GPU as train.py keeps them)
+#           + activations per pair x pairs per forward (--rows-per-forward rows x B captions)
+#   activations per pair: MM-DiT  k x blocks x positions x width x 2 bytes, positions = (S/16)^2 + 333 + m;
+#                         UNet    c x latent pixels (S/8)^2
+#   FLOPs per step = a x the forward of the pair matrix (softrepa: forward + activation backward; agsm:
+#   + the EMA forward; --grad-checkpointing: + one more forward), at 40% MFU of an H100 (989 TFLOP/s)
+# The constants were measured with this file on the H200 (docs/results/bench-*.txt; random weights, 16
+# pairs at 512 px and 4 at 1024): k = 11.5 (1.72 with checkpointing) from SD3 at 512 px, which predicts SD3
+# at 1024 px to 0.4% (3%); SD1.5's c at 512 px. SDXL's c is computed: its CPU slope (--memory-check 256 320
+# 384, fp32) times SD1.5's GPU-bf16 / CPU-fp32 ratio. Parameters of the text encoders and VAEs are the hub
+# configs' (CLIP-L 123.1M, OpenCLIP-bigG 694.7M, T5-XXL encoder 4762.3M, VAE 83.7M).
+TEXT_AND_VAE_PARAMS = {"sd3": (123.1e6 + 694.7e6 + 4762.3e6, 83.8e6), "sdxl": (123.1e6 + 694.7e6, 83.7e6),
+                       "sd1.5": (123.1e6, 83.7e6)}
+MMDIT_K = {False: 11.5, True: 1.72}
+UNET_BYTES_PER_LATENT_PIXEL = {"sd1.5": {False: 0.932e9 / 4096, True: 0.238e9 / 4096}}
+STEP_OVER_FORWARD = {("softrepa", False): 2.19, ("agsm", False): 3.19, ("softrepa", True): 3.18, ("agsm", True): 4.18}
+FORWARD_GFLOP_PER_PAIR = {("sd3", 512): 33719.2 / 16, ("sd3", 1024): 35617.4 / 4, ("sd1.5", 512): 12852.4 / 16,
+                          ("sdxl", 128): 145.1}   # H200 FlopCounterMode; sdxl: the CPU's at 128 px, 1 pair
+
+
+def activation_bytes_per_pair(name, size, checkpointing, sdxl_cpu_slope=None):
+    facts, config = models.FAMILIES[name], models.denoiser_config(name)
+    if facts["arch"] == "mmdit":
+        positions = (size // 8 // config["patch_size"]) ** 2 + facts["text_tokens"] + facts["n_tokens"]
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        return MMDIT_K[checkpointing] * config["num_layers"] * positions * width * 2
+    per_pixel = dict(UNET_BYTES_PER_LATENT_PIXEL)
+    if sdxl_cpu_slope:   # fp32 CPU bytes per latent pixel, scaled by SD1.5's GPU/CPU ratio (3.45e-4 GiB on CPU)
+        gpu_over_cpu = per_pixel["sd1.5"][False] / (3.45e-4 * 2 ** 30)
+        gc_share = per_pixel["sd1.5"][True] / per_pixel["sd1.5"][False]
+        per_pixel["sdxl"] = {False: sdxl_cpu_slope * gpu_over_cpu, True: sdxl_cpu_slope * gpu_over_cpu * gc_share}
+    return per_pixel[name][checkpointing] * (size // 8) ** 2
+
+
+def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
+    print(f"| family, px | loss, batch | weights GB | act./pair GB (ckpt) | pairs | largest --rows-per-forward "
+          f"in {gpu_gb} GB (ckpt) | TFLOP/step | s/step at {mfu:.0%} MFU, H100 (ckpt) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, size in (("sd3", 512), ("sd3", 1024), ("sdxl", 512), ("sdxl", 1024), ("sd1.5", 512)):
+        denoiser = sum(p.numel() for p in models.random_denoiser_on_meta(name).parameters())
+        text, vae = TEXT_AND_VAE_PARAMS[name]
+        weights = 2 * (denoiser + text + vae)
+        acts = {gc: activation_bytes_per_pair(name, size, gc, sdxl_cpu_slope) for gc in (False, True)}
+        key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
+        gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
+        for loss in ("softrepa", "agsm"):
+            B = models.FAMILIES[name][loss]["batch"]
+            rows = {gc: max(0, min(B, int((gpu_gb * 1e9 * 0.9 - weights) // (B * acts[gc])))) for gc in (False, True)}
+            tflop = {gc: STEP_OVER_FORWARD[(loss, gc)] * gflop * B * B / 1e3 for gc in (False, True)}
+            seconds = {gc: tflop[gc] * 1e12 / (mfu * peak) for gc in (False, True)}
+            print(f"| {name}, {size} | {loss}, {B}x{B} | {weights / 1e9:.1f} | {acts[False] / 1e9:.2f} ({acts[True] / 1e9:.2f}) "
+                  f"| {B * B} | {rows[False]} ({rows[True]}) | {tflop[False]:.0f} | {seconds[False]:.2f} ({seconds[True]:.2f}) |")
+
+
+# -----------------------------------------------------------------------------
 # Sampling (SoftREPA Table 1: latency and peak memory with and without soft tokens)
 
 
@@ -289,9 +383,18 @@ def main(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="training: recompute the frozen backbone "
                    "in backward (train.py's flag), to measure what it saves")
     p.add_argument("--cache-sizes", action="store_true", help="print the encoding cache's bytes per sample and exit")
+    p.add_argument("--memory-check", type=int, nargs="+", default=None, metavar="SIZE", help="peak memory of a "
+                   "1-pair training step at these sizes, beside the memory model's growth (docs/cost.md)")
+    p.add_argument("--memory-model", type=float, default=None, metavar="SDXL_CPU_SLOPE", help="print the memory "
+                   "and time model's table (docs/cost.md), given SDXL's --memory-check slope in bytes per latent pixel")
+    p.add_argument("--sdpa", default=None, choices=["flash", "efficient", "math"], help="--memory-check: force "
+                   "this attention kernel (a GPU runs the fused ones; the CPU may fall back to math, which keeps "
+                   "the N x N attention weights for backward)")
     args = p.parse_args(argv)
     if args.cache_sizes:
         return print_cache_sizes()
+    if args.memory_model:
+        return print_memory_model(args.memory_model)
     facts = models.check_name(args.model)
     for flag in ("batch", "steps", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -307,6 +410,15 @@ def main(argv=None):
     bb.denoiser.requires_grad_(False)
     if args.grad_checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
+    if args.memory_check:
+        for side in args.memory_check:
+            families.check_size(args.model, side)
+        from contextlib import nullcontext
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                  "math": SDPBackend.MATH}.get(args.sdpa)
+        with sdpa_kernel([kernel]) if kernel else nullcontext():
+            return memory_check(bb, args.memory_check)
     if not args.sampling:
         args.batch, args.steps = args.batch or 4, args.steps or 5
         return bench_training(bb, args, size, precision)

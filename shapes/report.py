@@ -43,13 +43,15 @@ def parse_args(argv=None):
                    "(<model>-<loss>-seed<N>, e.g. reruns validated more densely) instead of the JSON's")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--sweep", nargs="*", default=[], help="sweep.py CSVs to print as tables too")
+    p.add_argument("--deltas", nargs="*", default=[], help="protocol JSONs: one row per token file, its paired "
+                   "difference with the base (the capacity control), and its run's output change")
     args = p.parse_args(argv)
     if args.plot_runs and not args.plot:
         p.error("--plot-runs needs --plot FILE")
     for folder in args.plot_runs:
         if not FOLDER.match(os.path.basename(os.path.normpath(folder))) or not os.path.exists(os.path.join(folder, "log.csv")):
             p.error(f"--plot-runs {folder}: not a run folder named <model>-<loss>-seed<N> with a log.csv")
-    if not args.json and not args.sweep and not args.plot_runs:
+    if not args.json and not args.sweep and not args.plot_runs and not args.deltas:
         p.error("nothing to report: give --model M --json FILE (shapes/replicate.sh's protocol) and/or --sweep CSV")
     if len(args.model) != len(args.json):
         p.error(f"{len(args.model)} --model but {len(args.json)} --json: give one protocol JSON per model")
@@ -224,8 +226,33 @@ def plot(models_runs, path):
     plt.close(fig)
 
 
+def delta_table(paths, columns=("color_attr", "two_object", "position", "mean")):
+    """One row per token file of the protocol JSONs: its paired difference with the base (value [95%])
+    in `columns`, and the output change its run logged last (log.csv's output_change)."""
+    lines = ["| run | " + " | ".join(f"Δ {c}" for c in columns) + " | output change |", "|---" * (len(columns) + 2) + "|"]
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)["results"]
+        for name, scores in results.items():
+            match = TOKENS.match(name.removesuffix(" - base"))
+            if not name.endswith(" - base") or not match:
+                continue
+            folder = match.group("folder")
+            change = ""
+            log = os.path.join(folder, "log.csv")
+            if os.path.exists(log):
+                with open(log) as f:
+                    values = [r["output_change"] for r in csv.DictReader(f) if r.get("output_change")]
+                change = f"{float(values[-1]):.3f}" if values else ""
+            cells = [f"{scores[c][0]:+.3f} [{scores[c][1]:+.3f}, {scores[c][2]:+.3f}]" for c in columns]
+            lines.append(f"| {os.path.basename(folder)} | " + " | ".join(cells) + f" | {change} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.deltas:
+        print(delta_table(args.deltas))
     tables, models_runs, numbers, protocols = [], [], {}, {}
     for model, path in zip(args.model, args.json):
         with open(path) as f:

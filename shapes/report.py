@@ -199,8 +199,9 @@ def sweep_table(path):
 
 def plot(models_runs, path):
     """AGSM Fig. 4 on the shapes world: per backbone, the dev validation score over training steps
-    (mean over training seeds, the band their range), and the token movement (cosine to the initial
-    tokens, relative change of the denoiser's output)."""
+    (mean over training seeds, the band their range; one seed: the band is the score's sampling noise, a
+    95% binomial interval over the 6 x val_n prompts each scored once), and the token movement (cosine to
+    the initial tokens, relative change of the denoiser's output)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -217,7 +218,12 @@ def plot(models_runs, path):
                 steps = curves[0][0]
                 values = np.array([v for s, v in curves if len(s) == len(steps)])
                 line, = ax.plot(steps, values.mean(0), marker=".", label=f"{NAMES[loss]} ({len(values)} seed{'s' * (len(values) > 1)})")
-                ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+                low, high = values.min(0), values.max(0)
+                if len(values) == 1 and column == "score_mean":   # one seed: the validation's own noise
+                    p = np.clip(values[0], 0, 1)
+                    half = 1.96 * np.sqrt(p * (1 - p) / (6 * val_n))
+                    low, high = p - half, p + half
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
             ax.set(xlabel="training step", ylabel=label, title=f"{model}: {label}" if i == 0 else None)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)

@@ -120,17 +120,22 @@ def run_rank(rank, world, port, argv, folder):
     torch.save(result["tokens"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("family", ["sd3", "sd1.5"])
-def test_readme_torchrun_command_two_gloo_ranks(stock, coco, tmp_path, family):
-    argv = readme_train_commands()[(family, "torchrun")]
+@pytest.mark.parametrize("loss", ["softrepa", "agsm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_readme_train_command_two_gloo_ranks(stock, coco, tmp_path, family, loss):
+    """The README's command of the family (its torchrun line where it has one) as 2 ranks on gloo: the
+    environment torchrun sets, each rank forked from this process (importing diffusers anew per rank
+    would cost ~15 s each on this machine)."""
+    commands = readme_train_commands()
+    argv = commands.get((family, "torchrun")) or commands[(family, "python")]
     out = str(tmp_path / "run")
-    mp.start_processes(run_rank, args=(2, free_port(), small(argv, stock[family], coco, out), str(tmp_path)),
+    mp.start_processes(run_rank, args=(2, free_port(), small(argv, stock[family], coco, out, loss), str(tmp_path)),
                        nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     _, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
-    assert meta["world"] == 2 and meta["model"] == family
+    assert meta["world"] == 2 and meta["model"] == family and meta["loss"] == loss
 
 
 def test_kill_then_resume_latest_equals_an_uninterrupted_run(stock, coco, tmp_path, monkeypatch):

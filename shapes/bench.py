@@ -69,7 +69,7 @@ def print_cache_sizes():
               f"{pooled}: bf16 {bf16:,} B ({bf16 / 1e6:.2f} MB), fp32 {fp32:,} B ({fp32 / 1e6:.2f} MB)")
         print(f"         COCO train2017 in bf16: one caption per image {images * bf16 / 1e12:.2f} TB, all "
               f"{captions:,} captions {all5 / 1e12:.2f} TB; fp32 one per image {images * fp32 / 1e12:.2f} TB; "
-              f"released README: {RELEASED_TB[name]} TB")
+              f"released README: {RELEASED_TB.get(name, '-')} TB")
 
 
 
@@ -223,6 +223,7 @@ def memory_check(bb, sizes):
 # configs' (CLIP-L 123.1M, OpenCLIP-bigG 694.7M, T5-XXL encoder 4762.3M, VAE 83.7M).
 TEXT_AND_VAE_PARAMS = {"sd3": (123.1e6 + 694.7e6 + 4762.3e6, 83.8e6), "sdxl": (123.1e6 + 694.7e6, 83.7e6),
                        "sd1.5": (123.1e6, 83.7e6)}
+TEXT_AND_VAE_PARAMS["sd3.5-medium"] = TEXT_AND_VAE_PARAMS["sd3.5-large"] = TEXT_AND_VAE_PARAMS["sd3"]
 MMDIT_K = {False: 11.5, True: 1.72}
 UNET_BYTES_PER_LATENT_PIXEL = {"sd1.5": {False: 0.932e9 / 4096, True: 0.238e9 / 4096}}
 STEP_OVER_FORWARD = {("softrepa", False): 2.19, ("agsm", False): 3.19, ("softrepa", True): 3.18, ("agsm", True): 4.18}
@@ -248,13 +249,18 @@ def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
     print(f"| family, px | loss, batch | weights GB | act./pair GB (ckpt) | pairs | largest --rows-per-forward "
           f"in {gpu_gb} GB (ckpt) | TFLOP/step | s/step at {mfu:.0%} MFU, H100 (ckpt) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, size in (("sd3", 512), ("sd3", 1024), ("sdxl", 512), ("sdxl", 1024), ("sd1.5", 512)):
+    sd3_params = sum(p.numel() for p in models.random_denoiser_on_meta("sd3").parameters())
+    for name, size in (("sd3", 512), ("sd3", 1024), ("sdxl", 512), ("sdxl", 1024), ("sd1.5", 512),
+                       ("sd3.5-medium", 1024), ("sd3.5-large", 1024)):
         denoiser = sum(p.numel() for p in models.random_denoiser_on_meta(name).parameters())
         text, vae = TEXT_AND_VAE_PARAMS[name]
         weights = 2 * (denoiser + text + vae)
         acts = {gc: activation_bytes_per_pair(name, size, gc, sdxl_cpu_slope) for gc in (False, True)}
         key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
-        gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
+        if name.startswith("sd3.5"):   # computed: SD3's measured FLOPs per pair at this size, x the parameter ratio
+            gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params
+        else:
+            gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
         for loss in ("softrepa", "agsm"):
             B = models.FAMILIES[name][loss]["batch"]
             rows = {gc: max(0, min(B, int((gpu_gb * 1e9 * 0.9 - weights) // (B * acts[gc])))) for gc in (False, True)}

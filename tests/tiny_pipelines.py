@@ -40,11 +40,11 @@ def vae(**extra):
                          up_block_types=("UpDecoderBlock2D",), sample_size=16, **extra).eval()
 
 
-def sd3_pipeline(folder):
+def sd3_pipeline(folder, family="sd3"):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     tokenizer, n = clip_tokenizer(folder)
     # the test-size MM-DiT reads 16 + 16 wide text (the two CLIPs' hidden states) and pooled features
-    transformer = models.random_denoiser("sd3", "test")
+    transformer = models.random_denoiser(family, "test")      # sd3, or sd3.5-*: the same pipeline
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae(shift_factor=0.0609, scaling_factor=1.5305), text_encoder=clip(n, 1), tokenizer=tokenizer,
@@ -110,15 +110,15 @@ def stock_pipeline(family, folder):
     """The family's stock pipeline at test size, every text encoder included, 8x VAE."""
     import os
     os.makedirs(folder, exist_ok=True)
-    build = {"sd3": sd3_pipeline, "sdxl": sdxl_pipeline, "sd1.5": sd15_pipeline}[family]
-    pipe = build(folder)
-    scaling = {"sd3": dict(shift_factor=0.0609, scaling_factor=1.5305), "sdxl": dict(scaling_factor=0.13025),
-               "sd1.5": dict(scaling_factor=0.18215)}[family]
+    mmdit = models.FAMILIES[family]["arch"] == "mmdit"
+    pipe = sd3_pipeline(folder, family) if mmdit else {"sdxl": sdxl_pipeline, "sd1.5": sd15_pipeline}[family](folder)
+    scaling = dict(shift_factor=0.0609, scaling_factor=1.5305) if mmdit else {
+        "sdxl": dict(scaling_factor=0.13025), "sd1.5": dict(scaling_factor=0.18215)}[family]
     pipe.register_modules(vae=vae8(**scaling))
     pipe.vae_scale_factor = 8
-    if family == "sd3":
+    if mmdit:
         tokenizer_3, n = t5_tokenizer()
-        pipe.register_modules(text_encoder_3=t5(n, models.denoiser_config("sd3", "test")["joint_attention_dim"]),
+        pipe.register_modules(text_encoder_3=t5(n, models.denoiser_config(family, "test")["joint_attention_dim"]),
                               tokenizer_3=tokenizer_3)
     return pipe
 

@@ -2,7 +2,9 @@
 data.py: the image-caption pairs that train.py trains on, and the optional encoding cache.
 
 Sources, picked by `--data`:
-  shapes      the shapes world's endless stream (shapes.py), for the tiny-* models
+  shapes      the shapes world's endless stream (shapes/world.py), for the tiny-* models;
+              shapes:CAT,CAT only those categories; shapes-swapped:CAT,.. the colours of two
+              differently coloured objects exchanged in every caption (the capacity control)
   COCO        a folder holding annotations/captions_{train,val}{2014,2017}.json and the image folder
               {train,val}{2014,2017}/, or the captions_*.json file itself. Every image has ~5
               captions; a random one is used per image and epoch (as SoftREPA's COCO loader does).
@@ -24,11 +26,13 @@ distinct unreadable images it has met; train.py sums them over ranks into its lo
 Encoding cache (real backbones). Latents and frozen text-encoder outputs cost a VAE and up to three
 text encoders per step; `python data.py cache` computes them once. The released SoftREPA code writes
 three .pt files per sample in fp32 (COCO: 9.1 TB for SD3 by their README). Here each field goes to a
-few large raw shard files (one per ~`--shard-gb`), stored in bf16 (or fp16) and memory-mapped when
-training, so a batch reads only its own rows. `python -m shapes.bench --cache-sizes` prints the bytes per sample:
+few large raw shard files (one per ~`--shard-gb`), stored in bf16 (or fp16, or fp32 to train exactly as
+from the images) and memory-mapped when training, so a batch reads only its own rows. The latents are the
+VAE posterior's mean, which is also what training from images uses (step.encode_batch). The default size
+is the family's training size (512 px). `python -m shapes.bench --cache-sizes` prints bytes per sample:
 
-    SD3 at 1024: latents 16x128x128 + text 333x4096 (CLIP-L/G 77 + T5 256 tokens) + pooled 2048
-                 = 1,628,160 numbers = 3.26 MB in bf16, 6.51 MB in fp32
+    SD3 at 512:  latents 16x64x64 + text 333x4096 (CLIP-L/G 77 + T5 256 tokens) + pooled 2048
+                 = 1,431,552 numbers = 2.86 MB in bf16, 5.73 MB in fp32
 """
 import argparse
 import glob

@@ -11,7 +11,11 @@ frozen `context_embedder`. For k < L the block's own tokens are prepended,
 the block mixes image and text in joint attention, and its text output is cut back to the last n
 positions before the next block,
         H_text^(k) = hat H_text^(k)[-n:]                     (Alg. 1 line 13)
-so every block sees its own tokens only. Blocks k >= L are untouched.
+so every block sees its own tokens only. Blocks k >= L are untouched. The same path serves SD3.5
+(dual attention, QK-norm: the same block interface) and FLUX's FluxTransformer2DModel, whose blocks
+also take the text stream separately and return (text, image): there the tokens go into the first L
+double-stream blocks, each such block gets the rotary embedding of its own text length (the tokens'
+ids are FLUX's text ids, zeros: cos 1, sin 0), and the single-stream blocks see no tokens.
 
 UNet (UNet2DConditionModel, SD1.5 / SDXL). The m tokens are inserted right after the first (BOS)
 text token of the sequence that the cross-attention of the chosen blocks ("down", "mid", "up") sees:
@@ -98,16 +102,21 @@ class NoTokenRowsAttention:
     def __init__(self, inner):
         self.inner = inner
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, soft_rows=None,
-                 **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 soft_rows=None, **kwargs):
+        if image_rotary_emb is not None:   # FLUX: FluxAttention passes its rotary embedding 5th, positionally
+            kwargs["image_rotary_emb"] = image_rotary_emb
         if soft_rows is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         used, m = soft_rows
         image_out = torch.empty_like(hidden_states)
         text_out = torch.zeros_like(encoder_hidden_states)
-        for rows, text in ((used, encoder_hidden_states), (~used, encoder_hidden_states[:, m:])):
+        cut = dict(kwargs)
+        if image_rotary_emb is not None:   # rows without tokens: without the tokens' m rotary positions too
+            cut["image_rotary_emb"] = tuple(f[m:] for f in image_rotary_emb)
+        for rows, text, kw in ((used, encoder_hidden_states, kwargs), (~used, encoder_hidden_states[:, m:], cut)):
             if rows.any():
-                image_rows, text_rows = self.inner(attn, hidden_states[rows], text[rows], attention_mask, **kwargs)
+                image_rows, text_rows = self.inner(attn, hidden_states[rows], text[rows], attention_mask, **kw)
                 image_out[rows] = image_rows
                 text_out[rows, text_out.shape[1] - text_rows.shape[1]:] = text_rows
         return image_out, text_out
@@ -181,7 +190,10 @@ def _attach_mmdit(model, handle, layers, m, shape):
     def model_pre_hook(module, args, kwargs):
         call = _bind(module, args, kwargs)
         x = call["hidden_states"]
-        state = handle._tokens_for_call(x.shape[0], call["timestep"], x.device)
+        timestep = call["timestep"]
+        if "img_ids" in call:   # FLUX is called with sigma in [0, 1] and scales it by 1000 itself
+            timestep = torch.as_tensor(timestep) * 1000
+        state = handle._tokens_for_call(x.shape[0], timestep, x.device)
         # The state rides in joint_attention_kwargs, a fresh dict per call that the model hands to every
         # block: a block recomputed under gradient checkpointing (in backward, after later forwards)
         # receives the same dict and so the same tokens.
@@ -196,6 +208,11 @@ def _attach_mmdit(model, handle, layers, m, shape):
             if k < layers:
                 text = call["encoder_hidden_states"]
                 call["encoder_hidden_states"] = torch.cat([tokens[:, k].to(text), text], dim=1)  # Alg. 1 l. 8
+                rope = call.get("image_rotary_emb")
+                if rope is not None:   # FLUX: rotary positions for the m more text positions, whose ids are
+                    cos, sin = rope    # (0, 0, 0) like every FLUX text id: cos 1, sin 0
+                    call["image_rotary_emb"] = (torch.cat([cos.new_ones(m, cos.shape[-1]), cos]),
+                                                torch.cat([sin.new_zeros(m, sin.shape[-1]), sin]))
                 if used is not None:
                     extra["soft_rows"] = (used, m)
             call["joint_attention_kwargs"] = extra or None  # the block's attention sees no state
@@ -206,7 +223,16 @@ def _attach_mmdit(model, handle, layers, m, shape):
         text, image = output
         return (None if text is None else text[:, m:]), image  # Alg. 1 l. 13: keep the last n
 
+    def single_block_pre_hook(block, args, kwargs):   # FLUX's single-stream blocks: no tokens, no state
+        call = _bind(block, args, kwargs)
+        extra = dict(call.get("joint_attention_kwargs") or {})
+        extra.pop(_STATE, None)
+        call["joint_attention_kwargs"] = extra or None
+        return (), call
+
     handle._handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
+    for block in getattr(model, "single_transformer_blocks", []):
+        handle._handles.append(block.register_forward_pre_hook(single_block_pre_hook, with_kwargs=True))
     for k, block in enumerate(model.transformer_blocks):
         handle._handles.append(block.register_forward_pre_hook(block_pre_hook(k), with_kwargs=True))
         if k < layers:

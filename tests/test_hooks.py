@@ -329,3 +329,82 @@ def test_tokens_for_rows_zeroes_unused_rows():
     torch.testing.assert_close(tokens[0], sets[1](t)[0])
     torch.testing.assert_close(tokens[2], sets[0](t)[2])
     assert used.tolist() == [True, False, True] and tokens[1].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX (FluxTransformer2DModel): the same MM-DiT path, with rotary positions and single-stream blocks
+
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(in_channels=16, num_layers=3, num_single_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def flux_inputs(batch=4, n=5, side=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, side * side, 16, generator=g)                  # packed latents
+    ctx, pooled = torch.randn(batch, n, 32, generator=g), torch.randn(batch, 32, generator=g)
+    sigma, guidance = torch.tensor([0.003, 0.25, 0.999, 1.0])[:batch], torch.full((batch,), 3.5)
+    txt_ids, img_ids = torch.zeros(n, 3), torch.zeros(side, side, 3)
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None]
+    return dict(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=sigma,
+                img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids, guidance=guidance)
+
+
+def reference_flux(model, call, tokens):
+    """Alg. 1 on FLUX, written out: the first L double-stream blocks get their tokens prepended, with the
+    rotary embedding of m more zero ids, and are cut back; the single-stream blocks see the plain text."""
+    sigma, n = call["timestep"], call["encoder_hidden_states"].shape[1]
+    per = tokens(sigma * 1000)
+    L, m = per.shape[1:3]
+    image = model.x_embedder(call["hidden_states"])
+    temb = model.time_text_embed(sigma * 1000, call["guidance"] * 1000, call["pooled_projections"])
+    text = model.context_embedder(call["encoder_hidden_states"])
+    ids = torch.cat([call["txt_ids"], call["img_ids"]])
+    rope, rope_m = model.pos_embed(ids), model.pos_embed(torch.cat([ids.new_zeros(m, 3), ids]))
+    for k, block in enumerate(model.transformer_blocks):
+        if k < L:
+            text, image = block(image, torch.cat([per[:, k], text], dim=1), temb, rope_m)
+            text = text[:, -n:]
+        else:
+            text, image = block(image, text, temb, rope)
+    for block in model.single_transformer_blocks:
+        text, image = block(image, text, temb, rope)
+    return model.proj_out(model.norm_out(image, temb))
+
+
+@pytest.mark.parametrize("time_table", [True, False])
+def test_flux_matches_handwritten_algorithm_1_and_comes_off_bitwise(time_table):
+    model, call = tiny_flux(), flux_inputs()
+    tokens = random_tokens(model, 2, time_table=time_table)
+    with torch.no_grad():
+        plain = model(**call, return_dict=False)[0]
+        handle = hooks.attach(model, tokens)
+        hooked = model(**call, return_dict=False)[0]
+        handle.remove()
+        after = model(**call, return_dict=False)[0]
+        reference = reference_flux(model, call, tokens)
+    torch.testing.assert_close(hooked, reference, **tolerances.REORDERED_FP32)
+    assert (hooked - plain).abs().max() > 1e-3 and torch.equal(after, plain)
+    print(f"flux: max |hooked - Alg. 1| = {(hooked - reference).abs().max().item():.3g}")
+
+
+def test_flux_mixed_rows_equal_separate_forwards_and_no_token_rows_are_plain():
+    model, call = tiny_flux(), flux_inputs()
+    sets = [random_tokens(model, 2, seed=s) for s in range(3)]
+    with torch.no_grad():
+        plain = model(**call, return_dict=False)[0]
+        handle = hooks.attach(model, sets)
+        choice = torch.tensor([0, 1, 2, -1])
+        with handle.rows(choice):
+            mixed = model(**call, return_dict=False)[0]
+        separate = []
+        for c in choice.tolist():
+            with handle.rows(torch.full((4,), c)):
+                separate.append(model(**call, return_dict=False)[0])
+        handle.remove()
+    for r in range(4):
+        torch.testing.assert_close(mixed[r], separate[r][r], **tolerances.REORDERED_FP32)
+    torch.testing.assert_close(mixed[3], plain[3], **tolerances.REORDERED_FP32)

@@ -254,3 +254,26 @@ def test_sd35_from_a_folder_trains_agsm_and_samples_with_its_tokens(tmp_path, co
     records = [json.loads(line) for line in open(run / "records.jsonl")]
     images = [np.asarray(__import__("PIL.Image").Image.open(run / r["image"])) for r in records]
     assert len(images) == 2 and not np.array_equal(images[0], images[1])    # the tokens change the image
+
+
+def test_a_locally_saved_checkpoint_is_the_one_loaded_and_trained(tmp_path, coco):
+    """A fine-tuned checkpoint of a real family (e.g. a preference-tuned UNet put into a copy of the base
+    pipeline's folder) is what --pretrained loads and trains: its weights, not the base's or the hub's."""
+    import shutil
+    base = tiny_pipelines.save_stock("sd1.5", tmp_path / "base")
+    tuned = str(tmp_path / "tuned")
+    shutil.copytree(base, tuned)
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tuned, subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))        # "the fine-tune": every weight moved
+    unet.save_pretrained(os.path.join(tuned, "unet"))
+    loaded = models.load("sd1.5", pretrained=tuned)
+    for name, value in unet.state_dict().items():
+        assert torch.equal(loaded.denoiser.state_dict()[name], value), name
+    argv = readme_train_commands()[("sd1.5", "torchrun")]
+    runs = {which: train.main(small(argv, folder, coco, str(tmp_path / f"run-{which}"), "agsm"))
+            for which, folder in (("base", base), ("tuned", tuned))}
+    a, b = runs["base"]["tokens"].state_dict(), runs["tuned"]["tokens"].state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if "ema" not in k)    # trained on the tuned weights

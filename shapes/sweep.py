@@ -31,6 +31,8 @@ SETTINGS = ["loss", "steps", "lr", "tau", "gamma_pos", "gamma_neg", "n_tokens", 
 CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # train.py and eval.py live there
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a tiny-* family (the dev set is the shapes world's)")
@@ -77,7 +79,7 @@ def train(args, name, loss, extra):
     if os.path.exists(os.path.join(folder, "tokens.safetensors")):
         return None
     start = time.time()
-    run([sys.executable, "train.py", "--model", args.model, "--loss", loss, "--steps", str(args.steps),
+    run([sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--loss", loss, "--steps", str(args.steps),
          "--seed", str(args.seed), "--threads", str(args.threads), "--out", folder, "--resume", "latest",
          "--val-every", str(args.steps), "--val-n", str(args.val_n), *extra])      # validates at the start and the end only
     seconds = time.time() - start
@@ -128,7 +130,7 @@ def main(argv=None):
         train(args, name, loss, extra)
     # One protocol call for all runs: the base is sampled once and every run is paired against it.
     protocol = os.path.join(args.out, "protocol-dev.json")
-    run([sys.executable, "eval.py", "--protocol", "dev", "--n-per-category", str(args.n_per_category),
+    run([sys.executable, os.path.join(ROOT, "eval.py"), "--protocol", "dev", "--n-per-category", str(args.n_per_category),
          "--model", args.model, "--threads", str(args.threads), "--json", protocol,
          "--tokens", *[os.path.join(args.out, name, "tokens.safetensors") for name, _, _ in runs]])
     with open(protocol) as f:

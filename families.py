@@ -51,48 +51,6 @@ FAMILIES = {
                            caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16),
         sample=dict(steps=28, cfg=4.0),
     ),
-    # SD3.5 (not in either paper): the same SD3Transformer2DModel, text stream (77 CLIP + 256 T5) and flow
-    # matching; Medium adds dual attention in its first 13 blocks, both add QK-norm. The token layout and
-    # the training recipe are SD3's -- ours, not a paper's: no one has published soft tokens for SD3.5.
-    # Sampling defaults: the model cards (Medium 40 steps, cfg 4.5; Large 28 steps, cfg 3.5).
-    "sd3.5-medium": dict(
-        arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3.5-medium",
-        pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024, train_size=512,
-        vae_factor=8, size_multiple=16, max_size=6144,
-        flow_shift=3.0,
-        n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
-        softrepa=dict(batch=4, dweight=0.0, steps=30000),
-        agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=100000),
-        text_tokens=333,
-        denoiser=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                      attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                      caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                      dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-        test_denoiser=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
-                           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                           caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16,
-                           dual_attention_layers=(0, 1, 2), qk_norm="rms_norm"),
-        sample=dict(steps=40, cfg=4.5),
-    ),
-    "sd3.5-large": dict(
-        arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3.5-large",
-        pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024, train_size=512,
-        vae_factor=8, size_multiple=16, max_size=3072,
-        flow_shift=3.0,
-        n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
-        softrepa=dict(batch=4, dweight=0.0, steps=30000),
-        agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=100000),
-        text_tokens=333,
-        denoiser=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
-                      attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
-                      caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
-                      qk_norm="rms_norm"),
-        test_denoiser=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
-                           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                           caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16,
-                           qk_norm="rms_norm"),
-        sample=dict(steps=28, cfg=3.5),
-    ),
     "sdxl": dict(
         arch="unet", prediction="epsilon", hub="stabilityai/stable-diffusion-xl-base-1.0",
         pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024, train_size=512,
@@ -164,6 +122,23 @@ FAMILIES = {
         sample=dict(steps=30, cfg=4.0),
     ),
 }
+
+
+# SD3.5 (not in either paper): SD3's SD3Transformer2DModel, text stream (77 CLIP + 256 T5) and flow
+# matching, so every fact is SD3's but the checkpoint's shapes and the model cards' sampling defaults.
+# Medium adds dual attention in its first 13 blocks, both add QK-norm. The token layout and the training
+# recipe are SD3's -- ours, not a paper's: no one has published soft tokens for SD3.5.
+_SD3 = FAMILIES["sd3"]
+_SD35_TEST = dict(_SD3["test_denoiser"], qk_norm="rms_norm")
+FAMILIES["sd3.5-medium"] = dict(
+    _SD3, hub="stabilityai/stable-diffusion-3.5-medium", max_size=6144, sample=dict(steps=40, cfg=4.5),
+    denoiser=dict(_SD3["denoiser"], pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    test_denoiser=dict(_SD35_TEST, dual_attention_layers=(0, 1, 2)))
+FAMILIES["sd3.5-large"] = dict(
+    _SD3, hub="stabilityai/stable-diffusion-3.5-large", sample=dict(steps=28, cfg=3.5),
+    denoiser=dict(_SD3["denoiser"], num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                  qk_norm="rms_norm"),
+    test_denoiser=_SD35_TEST)
 
 
 # -----------------------------------------------------------------------------

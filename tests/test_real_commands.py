@@ -24,7 +24,7 @@ import softtokens
 import step as training
 import tiny_pipelines
 import train
-from test_train import free_port, rows, write_coco
+from test_train import free_port, rows, run_rank, write_coco
 
 FAMILIES = ["sd3", "sdxl", "sd1.5"]
 SMALL = ["--size", "64", "--steps", "2", "--batch", "2", "--workers", "1", "--threads", "1"]
@@ -111,13 +111,6 @@ def test_readme_train_command_one_process(stock, coco, tmp_path, family, loss):
     _, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
     assert meta["model"] == family and meta["loss"] == loss
     assert [r["step"] for r in rows(out)] == ["1", "2"]
-
-
-def run_rank(rank, world, port, argv, folder):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    result = train.main(argv)
-    torch.save(result["tokens"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("loss", ["softrepa", "agsm"])

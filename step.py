@@ -181,12 +181,15 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     if args.gather_text:                               # the other ranks' captions as more negatives
         cond, columns = gather_text(cond, captions, rank, world)
     B, K = x0.shape[0], len(columns)
-    exclude = losses.duplicates(captions, columns).to(device)      # (B, K): repeated captions, no negatives
+    # (B, K): captions repeating the row's own are no negatives. Built and counted on the CPU, before the
+    # move: counting on the GPU would make every step wait for it.
+    exclude = losses.duplicates(captions, columns)
+    n_negatives = losses.negative_count(B, K, exclude)             # AGSM's mismatched mean (counted on the CPU)
+    exclude = exclude.to(device)
     x_t, timesteps, target = draw_noise(bb, x0, args.seed, step, rank, args.noise_per_row)
     # the temperature of the error softmax: the codes' constant, or AGSM Alg. 1 line 8's plain sum over
     # the C*H*W elements of the squared error (our errors are per-element means: tau = 1 / (C H W))
     tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau
-    n_negatives = losses.negative_count(B, K, exclude)             # AGSM's mismatched mean, whole matrix
 
     opt.zero_grad(set_to_none=True)
     chunk = args.rows_per_forward or B                 # image rows per forward (--rows-per-forward)

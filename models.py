@@ -347,12 +347,8 @@ def cond_from_features(bb, hidden, pooled):
     cond = {"encoder_hidden_states": hidden}
     if facts["pooled"] == "pooled_projections":
         cond["pooled_projections"] = pooled
-    elif facts["pooled"] == "text_time":
-        # SDXL micro-conditioning: (original size, crop top-left, target size); denoise() sets the sizes
-        # to the image's own, as the stock pipeline does (and the authors' training at 512 px)
-        size = facts["size"]
-        time_ids = torch.tensor([size, size, 0, 0, size, size], device=hidden.device, dtype=hidden.dtype)
-        cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(hidden), 1)}
+    elif facts["pooled"] == "text_time":   # SDXL; its micro-conditioning time ids come from denoise()
+        cond["added_cond_kwargs"] = {"text_embeds": pooled}
     return cond
 
 
@@ -433,10 +429,9 @@ def denoise(bb, x_t, timesteps, cond):
     """One call of the stock denoiser. Hooks attached with hooks.attach act inside this call."""
     if not torch.is_tensor(timesteps) or timesteps.dim() == 0:
         timesteps = torch.full((x_t.shape[0],), float(timesteps), device=x_t.device)
-    if "added_cond_kwargs" in cond:   # SDXL: original and target size = this image's (latent side x 8)
-        side = x_t.shape[-1] * bb.facts["vae_factor"]
-        extra = cond["added_cond_kwargs"]
-        time_ids = extra["time_ids"].clone()
-        time_ids[:, [0, 1, 4, 5]] = side
-        cond = {**cond, "added_cond_kwargs": {**extra, "time_ids": time_ids}}
+    if "added_cond_kwargs" in cond:   # SDXL micro-conditioning (original size, crop top-left, target size):
+        side = x_t.shape[-1] * bb.facts["vae_factor"]   # this image's size, as the stock pipeline sets them
+        embeds = cond["added_cond_kwargs"]["text_embeds"]
+        time_ids = torch.tensor([side, side, 0, 0, side, side], device=embeds.device, dtype=embeds.dtype)
+        cond = {**cond, "added_cond_kwargs": {"text_embeds": embeds, "time_ids": time_ids.repeat(len(x_t), 1)}}
     return bb.denoiser(x_t, timestep=timesteps, **cond, return_dict=False)[0]

@@ -385,12 +385,12 @@ def encode_images(bb, images, mode=False):
     return ((z - shift) * scale).to(bb.dtype)
 
 
-def decode_latents(bb, latents):
-    """latents -> images (B, 3, H, W) in [-1, 1]."""
+def decode_latents(bb, latents, grad=False):
+    """latents -> images (B, 3, H, W) in [-1, 1]; grad=True: differentiable (the counting loss)."""
     if bb.vae is None:
         return latents.clamp(-1, 1)
     scale, shift = latent_normalisation(bb.vae)
-    with torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         return bb.vae.decode((latents / scale + shift).to(bb.vae.dtype)).sample.clamp(-1, 1)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import hooks
+import lora
 import models
 
 TIME_BINS = 100
@@ -136,6 +137,8 @@ def token_movement(tokens, initial):
     current and the initial token vectors, averaged over tokens (each MM-DiT block sees its tokens through
     a LayerNorm without affine, so only their direction matters), and the relative L2 change."""
     now = {k: v.detach().float().cpu() for k, v in tokens.state_dict().items() if k.endswith("tokens") and "ema" not in k}
+    if not now:                          # LoRA adapters: no token vectors (B starts at 0: no cosine either)
+        return float("nan"), float("nan")
     cos, rel = [], []
     for k, v in now.items():
         v0 = initial[k].float().cpu()
@@ -313,6 +316,8 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
         return [import_softrepa(path, family)], dict(token_set="softrepa", blocks=None)
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
+    if lora.is_lora_file(path):          # LoRA adapters (train.py --params lora, or any diffusers LoRA)
+        return lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
     from safetensors import SafetensorError
     try:
         tokens, meta = load(path)
@@ -337,7 +342,10 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
 
 
 def attach_tokens(bb, sets, blocks=None):
-    """hooks.attach with the family's blocks, on the backbone's device; a one-line error on a misfit."""
+    """hooks.attach with the family's blocks, on the backbone's device; a one-line error on a misfit.
+    A LoRA file's state dict (read_tokens) goes onto the denoiser's weights instead (lora.attach)."""
+    if isinstance(sets, dict):
+        return lora.attach(bb, sets)
     sets = [s.to(bb.device) for s in sets]
     try:
         return hooks.attach(bb.denoiser, sets, blocks=tuple(blocks or bb.facts["token_blocks"] or ()) or None)

@@ -23,10 +23,7 @@ noise and scale the loss per chunk, so their step changes with --nrows; ours doe
 DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages the token gradients and
 the logged numbers, so every rank takes the same optimizer step and the tokens stay identical.
 """
-import csv
-import json
 import math
-import os
 import resource
 from contextlib import nullcontext
 
@@ -71,6 +68,10 @@ def default_recipe(name, loss, steps=None, paper_tau=False):
                 dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
                 gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, plain_sum=False, noise_per_row=False,
                 gather_text=False, paper_tau=paper_tau, tau=1.0 if paper_tau else spec["tau"], rows_per_forward=0,
+                # LoRA instead of tokens (lora.py; rank 4 on the tokens' blocks: SoftREPA's best LoRA, Table 11)
+                # and SoftREPA's counting loss (app. D; weight 0: off)
+                params="tokens", lora_rank=4, lora_blocks=str(facts["token_layers"]) if facts["arch"] == "mmdit"
+                else ",".join(facts["token_blocks"]), count_weight=0.0, counter=None,
                 # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
                 # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
                 ema_decay=max(0.0, 1 - 10 / steps))
@@ -131,13 +132,14 @@ def autocast(bb):
     return torch.autocast(bb.device.type, dtype=bb.dtype) if bb.dtype != torch.float32 else nullcontext()
 
 
-STATS = ["loss", "err_matched", "err_mismatched", "acc", "win_rate", "score_margin", "new_bad"]
+STATS = ["loss", "err_matched", "err_mismatched", "acc", "win_rate", "score_margin", "count_error", "new_bad"]
 
 
 @torch.no_grad()
-def step_stats(loss, errors, exclude, diagnostics, new_bad):
+def step_stats(loss, errors, exclude, diagnostics, new_bad, count_error=None):
     """The STATS of one step as a tensor: the loss, the mean error of matched and mismatched pairs, the
-    in-batch classifier accuracy, AGSM's (win rate, margin) `diagnostics` (None: 0), newly met unreadable images."""
+    in-batch classifier accuracy, AGSM's (win rate, margin) `diagnostics` (None: 0), the squared count
+    error of the counting loss (None: 0), newly met unreadable images."""
     zero = errors.new_zeros(())
     pairs = errors.shape[1] > 1                                  # dsm: the matched pairs only
     negatives = losses.mismatched(errors, exclude) if pairs else errors.new_zeros(0)
@@ -145,6 +147,7 @@ def step_stats(loss, errors, exclude, diagnostics, new_bad):
                         negatives.mean() if negatives.numel() else zero,
                         losses.classifier_accuracy(errors, exclude).float() if pairs else zero,
                         *((zero, zero) if diagnostics is None else (d.float() for d in diagnostics)),
+                        zero if count_error is None else count_error.float(),
                         torch.tensor(float(new_bad), device=errors.device)])
 
 
@@ -171,10 +174,11 @@ def all_reduce_mean(params, stats, world):
 # -----------------------------------------------------------------------------
 # The step
 
-def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0, world=1):
-    """One optimizer step of the tokens on this rank's `batch` at global step `step`. `args` holds the
-    recipe (train.py's resolved flags). Returns the logged numbers, averaged over ranks; with
-    stats["diverged"] the loss was not finite and the tokens were not updated."""
+def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0, world=1, counter=None):
+    """One optimizer step of the tokens (or LoRA adapters, lora.py) on this rank's `batch` at global step
+    `step`. `args` holds the recipe (train.py's resolved flags); `counter`, with args.count_weight, adds
+    SoftREPA's counting loss (losses.py). Returns the logged numbers, averaged over ranks; with
+    stats["diverged"] the loss was not finite and the parameters were not updated."""
     device = bb.device
     x0, cond = encode_batch(bb, batch)                 # frozen VAE and text encoders (or the cache)
     captions = columns = list(batch["captions"])
@@ -190,10 +194,14 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     # the temperature of the error softmax: the codes' constant, or AGSM Alg. 1 line 8's plain sum over
     # the C*H*W elements of the squared error (our errors are per-element means: tau = 1 / (C H W))
     tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau
+    # the counting loss's targets (SoftREPA app. D): each caption's count and object; NaN: no count
+    asks = [losses.prompt_count(c) if args.count_weight else None for c in captions]
+    asked = torch.tensor([float("nan") if a is None else float(a[0]) for a in asks], device=device)
+    nouns = [None if a is None else a[1] for a in asks]
 
     opt.zero_grad(set_to_none=True)
     chunk = args.rows_per_forward or B                 # image rows per forward (--rows-per-forward)
-    loss_sum, row_errors, row_weights = 0.0, [], []
+    loss_sum, row_errors, row_weights, count_errors = 0.0, [], [], []
     for first in range(0, B, chunk):
         rows = torch.arange(first, min(first + chunk, B), device=device)   # global image-row indices
         n = len(rows)
@@ -204,6 +212,7 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, rows))
                 errors = losses.pair_errors(pred.unsqueeze(1), target[rows])          # (n, 1)
                 loss = errors[:, 0].sum() / B
+                matched_pred = pred
             elif args.loss == "softrepa":
                 # ---- SoftREPA (Alg. 1; eqs. 9-14): each image row i against all K captions, in one
                 # batched forward of n x K pairs with the soft tokens prepended (hooks.py). The error of
@@ -214,6 +223,7 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 errors = losses.pair_errors(pred.view(n, K, *x0.shape[1:]), target[rows])   # (n, K)
                 row_losses = losses.softrepa_row_losses(errors, tau, args.scale, args.dweight, exclude[rows], rows)
                 loss = row_losses.sum() / B                                            # eq. 14: mean over rows
+                matched_pred = pred.view(n, K, *x0.shape[1:])[torch.arange(n, device=device), rows]
             elif args.loss == "agsm":
                 # ---- AGSM (Alg. 1). Line 7: psi+ on the matched pairs, psi- on the mismatched ones --
                 # one batched forward, the token set chosen per pair (handle.rows).
@@ -239,8 +249,19 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 loss = row_losses.sum()
                 errors = losses.pair_errors(pred, target[rows])       # logged: psi+ / psi- errors
                 row_weights.append(w)
+                matched_pred = pred[torch.arange(n, device=device), rows]             # psi+ on (i, i)
             else:
                 raise ValueError(f"unknown loss {args.loss!r}")
+            if args.count_weight and bool(torch.isfinite(asked[rows]).any()):
+                # ---- SoftREPA's counting loss (app. D; losses.py): the matched pairs' one-step x0_hat,
+                # decoded with gradient, counted softly; (count - asked)^2, a mean over the B rows
+                x0_hat = losses.one_step_x0(matched_pred, x_t[rows], timesteps[rows], bb.facts["prediction"],
+                                            bb.alphas_cumprod)
+                images = models.decode_latents(bb, x0_hat.to(bb.dtype), grad=True)
+                count_rows = losses.count_row_losses(counter.soft_count(images, [nouns[r] for r in rows.tolist()]),
+                                                     asked[rows])
+                loss = loss + args.count_weight * count_rows.sum() / B
+                count_errors.append(count_rows.detach())
         # the gradient w.r.t. the tokens only (the backbone is frozen); chunks add up in .grad
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -250,7 +271,9 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     errors = torch.cat(row_errors)                     # (B, K), or (B, 1) for dsm
     diagnostics = losses.agsm_diagnostics(torch.cat(row_weights), exclude) if row_weights else None
     params = tokens.trainable()
-    stats = step_stats(loss_sum, errors, exclude, diagnostics, batch["new_bad"])
+    counted = int(torch.isfinite(asked).sum()) if count_errors else 0        # (logged: mean over counted rows)
+    count_error = torch.cat(count_errors).sum() / max(counted, 1) if count_errors else None
+    stats = step_stats(loss_sum, errors, exclude, diagnostics, batch["new_bad"], count_error)
     out = dict(zip(STATS, all_reduce_mean(params, stats, world)), lr=sched.get_last_lr()[0])
     if not math.isfinite(out["loss"]):   # every rank sees the same reduced loss, so all stop together
         return dict(out, diverged=True)
@@ -266,160 +289,6 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
         tokens.update_ema(args.ema_decay)       # AGSM: hat psi <- decay hat psi + (1 - decay) psi
     out["probe"] = (x_t, timesteps, cond)   # for finite_after_update, at checkpoints only
     return out
-
-
-# -----------------------------------------------------------------------------
-# The run between steps: what train.py keeps so that nothing is lost. A run folder holds one run
-# (lock_folder), its checkpoint (written atomically: a kill mid-write keeps the previous one) and its
-# log.csv; --resume latest continues the very same run, refusing a command line that contradicts it.
-
-# Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
-# refuses a command line that contradicts them (a run is only resumable as the same run).
-TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "lr_period", "grad_clip",
-              "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
-              "gamma_neg", "bradley_terry", "plain_sum", "noise_per_row", "ema_decay", "gather_text", "world"]
-# Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
-# continue a diverged run more slowly). Each change is recorded in config.json under "changes".
-# (--rows-per-forward and --grad-checkpointing are free too: they change the memory, not the step.)
-CHANGEABLE_ON_RESUME = ["lr"]
-
-
-def save_checkpoint(path, blob):
-    """Atomic: written beside, then renamed over the previous checkpoint (a crash keeps the old one)."""
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def read_checkpoint(path):
-    """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
-    import pickle
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL " in str(e):     # weights_only refused a class (e.g. posix.system): code would have run
-            raise SystemExit(f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
-                             f"and nothing in it was run; pass a ckpt.pt written by train.py") from None
-        raise SystemExit(f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
-                         f"by train.py, or start a new run in another --out") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:   # truncated, random bytes, not a zip
-        raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
-                         f"written by train.py, or start a new run in another --out") from None
-    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
-        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
-    return state
-
-
-# Resuming. A checkpoint is a plain dict of tensors and one JSON string (the run's flags), loaded with
-# weights_only=True so that a file from elsewhere cannot run code. resume_config reads the flags back
-# before anything else happens: the run's recipe is the checkpoint's, and a command line that says
-# otherwise about the trajectory (say --batch 8 against a run of batch 4) is refused in one line,
-# because "resume" would then silently mean "a different run with the same name".
-
-def resume_config(args):
-    """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
-    that contradicts the checkpoint is an error, except the few that only act on the steps to come
-    (CHANGEABLE_ON_RESUME), which are recorded in args.changes."""
-    ckpt_path, state, args.changes = os.path.join(args.out, "ckpt.pt"), None, []
-    if args.resume:
-        path = ckpt_path if args.resume == "latest" else args.resume
-        if os.path.exists(path):
-            state = read_checkpoint(path)
-            saved = json.loads(state["config"])
-            args.changes = saved.get("changes", [])
-            for key in TRAJECTORY:
-                if getattr(args, key) is None:
-                    setattr(args, key, saved[key])
-                elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
-                    args.changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
-                elif getattr(args, key) != saved[key]:
-                    raise SystemExit(f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
-                                     f": pass the same value, or start a new run in another --out")
-        elif args.resume != "latest":
-            raise SystemExit(f"--resume {path}: no such checkpoint")
-    return state
-
-
-# The log. log.csv holds one row per step (every logged number) and is appended to, never rewritten in
-# place: a resumed run first drops the rows after its checkpoint (they belong to a future that was lost)
-# by writing the kept rows to a new file and renaming it over the old one.
-
-def open_log(args, columns, step, master):
-    """log.csv (rank 0), appended from `step` on. A resumed run forgets the rows logged after its
-    checkpoint: the kept rows go to a new file renamed over the old one, so a kill at any moment leaves
-    the old log or the new one, whole. Returns a function that writes one row (and to TensorBoard)."""
-    if not master:
-        return lambda row: None
-    csv_path, board = os.path.join(args.out, "log.csv"), None
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    kept = []
-    if step and os.path.exists(csv_path):
-        with open(csv_path) as f:
-            kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
-        rewrite.writeheader()
-        rewrite.writerows(kept)
-    os.replace(csv_path + ".tmp", csv_path)
-    log = open(csv_path, "a", newline="")              # appended from here on, never truncated
-    writer = csv.DictWriter(log, columns, extrasaction="ignore")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        board = SummaryWriter(os.path.join(args.out, "tb"))
-    except ImportError:
-        pass
-
-    def record(row):
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        log.flush()
-        for k, v in row.items() if board is not None else ():
-            board.add_scalar(k, v, row["step"])
-    return record
-
-
-# One run per folder. Two runs writing one folder would interleave their checkpoints and logs, each
-# looking fine on its own; the lock file holds the pid of the run that owns the folder, so a second one
-# is refused while the first lives, and a lock left by a killed run (its pid gone) is simply taken over.
-
-def lock_folder(folder, flag="--out"):
-    """Hold `folder` for this process (folder/lock, holding our pid) until it exits: a second run into the
-    same folder is refused while the first one lives, and a lock left by a killed run is taken over."""
-    import atexit
-    path = os.path.join(folder, "lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(open(path).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise SystemExit(f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
-                                 f"pass another {flag}") from None
-            os.remove(path)                          # stale: its run is gone (or it is ours)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-
-    def release():
-        try:
-            if open(path).read().strip() == str(os.getpid()):
-                os.remove(path)
-        except OSError:
-            pass
-    atexit.register(release)
-    return release
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @torch.no_grad()

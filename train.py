@@ -38,7 +38,10 @@ from tqdm import tqdm
 import data
 import families
 import hooks
+import lora
+import losses
 import models
+import runs
 import shapes
 import softtokens
 import step as training
@@ -49,7 +52,7 @@ from shapes import classifier
 # The flags. Three groups: the backbone (models.add_backbone_flags: --model, --pretrained, --device,
 # --precision, --threads); the recipe, where None means "the paper's default for this family and loss"
 # (filled in by resolve below, recorded in config.json, and fixed for the life of a run: TRAJECTORY in
-# step.py); and the machinery, which changes how a step is computed but not which step it is
+# runs.py); and the machinery, which changes how a step is computed but not which step it is
 # (checkpointing, --rows-per-forward, workers, logging), so a resumed run may change it.
 
 def parse_args(argv=None):
@@ -96,6 +99,16 @@ def parse_args(argv=None):
                    "code's 0.9999 at 100k steps, its horizon a tenth of any run)")
     p.add_argument("--gather-text", action="store_const", const=True, default=None,
                    help="softrepa: all ranks' captions as negatives (pair matrix B x world*B)")
+    # the papers' other arms: LoRA adapters instead of tokens (lora.py), SoftREPA's counting loss (losses.py)
+    p.add_argument("--params", default=None, choices=["tokens", "lora"], help="what is trained: soft tokens "
+                   "(default) or LoRA adapters of the denoiser (SoftREPA Table 3, app. H); lora: softrepa or dsm")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (4, SoftREPA Table 11)")
+    p.add_argument("--lora-blocks", default=None, help="LoRA on 'all', the first N MM-DiT blocks, or UNet groups "
+                   "down,mid,up (default: where the family's tokens go)")
+    p.add_argument("--count-weight", type=float, default=None, help="weight of the counting loss (SoftREPA app. D; "
+                   "default 0: off)")
+    p.add_argument("--counter", default=None, help="its counter: a transformers object-detector folder (tiny-*: "
+                   "shapes/weights/counter.safetensors)")
     # machinery
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen backbone in backward")
@@ -155,12 +168,13 @@ def check_flags(args):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     for flag in ("lr", "val_every", "wd", "min_lr", "grad_clip", "ema_decay", "tau", "scale", "dweight",
-                 "gamma_pos", "gamma_neg"):
+                 "gamma_pos", "gamma_neg", "count_weight"):
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value >= 0):   # nan / inf / negative
             raise SystemExit(f"--{flag.replace('_', '-')} must be a finite number, not negative (got {value})")
     if args.rows_per_forward is not None and args.rows_per_forward < 1:
         raise SystemExit(f"--rows-per-forward must be at least 1 (got {args.rows_per_forward})")
+    lora.check_flags(args)   # --lora-rank, and token flags given to a LoRA run (they would do nothing)
     # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
     # across GPUs); dsm has no mismatched pairs to widen
     if args.gather_text and args.loss and training.LOSSES[args.loss]["pairs"] == "diagonal":
@@ -194,7 +208,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or 'agsm'}")
     if master:
         data.check_writable(args.out)
-        training.lock_folder(args.out)
+        runs.lock_folder(args.out)
         for name in os.listdir(args.out):          # what a killed write left behind
             if name.endswith(".tmp"):
                 os.remove(os.path.join(args.out, name))
@@ -202,10 +216,16 @@ def main(argv=None):
     # ---- the recipe. On --resume, the checkpoint's settings; every flag still unset then takes the
     # papers' default for this family and loss (step.default_recipe, models.FAMILIES): batch 4 images x
     # 4 captions, lr 1e-3, the tokens' layout, tau, gammas, the authors' training size (512 px).
-    state = training.resume_config(args)
+    state = runs.resume_config(args)
     args.loss = args.loss or "agsm"
     resolve(args, facts)
     families.check_size(args.model, args.size)      # the family's image sides (every script's one rule)
+    # The papers' other arms. LoRA (--params lora) trains the losses SoftREPA ran on it, softrepa and dsm:
+    # AGSM's psi+ / psi- are two token sets, which no paper defines on adapters (lora.py). The counting loss
+    # (--count-weight, SoftREPA app. D) needs a differentiable counter: the shipped shapes counter on tiny-*,
+    # a detector folder (--counter) on a real family. Both are checked here, before the backbone loads.
+    lora_blocks = lora.check_recipe(args, facts) if args.params == "lora" else None
+    counter = losses.load_counter(args.counter, args.model, device) if args.count_weight else None
     if training.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (world if args.gather_text else 1) < 2:
         # SoftREPA and AGSM compare each image's caption with the other captions of the batch
         raise SystemExit(f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
@@ -232,16 +252,24 @@ def main(argv=None):
     families.check_size(args.model, args.size, bb=bb)   # and the sides the loaded model's positions reach
     if args.grad_checkpointing:          # recompute the frozen blocks in backward: memory for time
         bb.denoiser.enable_gradient_checkpointing()
-    tokens = softtokens.make_tokens(bb, args.loss, args.n_tokens, args.layers, args.time_table == "on",
-                                    args.init, seed=args.seed).to(device)
+    blocks = tuple(b for b in args.blocks.split(",") if b)
+    if args.params == "lora":
+        # LoRA (lora.py; SoftREPA Table 3): W' = W + B A on the attention projections of the chosen blocks,
+        # rank r, B = 0 at the start (the stock model), trained by the very same step -- only the trainable
+        # numbers differ, which is the comparison. The handle switches the adapters per row (adapted /
+        # plain) where the tokens' hooks switch tokens, so validation and the checks below run unchanged.
+        tokens, handle, blocks = lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed), lora.LoraHandle(bb.denoiser), ()
+    else:
+        tokens = softtokens.make_tokens(bb, args.loss, args.n_tokens, args.layers, args.time_table == "on",
+                                        args.init, seed=args.seed).to(device)
     initial_tokens = {k: v.detach().clone().cpu() for k, v in tokens.state_dict().items()}  # for `movement`
     if ddp:
         for t in tokens.parameters():
             dist.broadcast(t.data, 0)
     # the hooks put the tokens into the denoiser's text stream (MM-DiT: the first L blocks, SoftREPA
     # Alg. 1; UNet: the cross-attention of the chosen block groups); the stock forward is untouched
-    blocks = tuple(b for b in args.blocks.split(",") if b)
-    handle = hooks.attach(bb.denoiser, tokens.sets, blocks=blocks or None)
+    if args.params != "lora":
+        handle = hooks.attach(bb.denoiser, tokens.sets, blocks=blocks or None)
     if args.compile:
         bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
 
@@ -299,7 +327,7 @@ def main(argv=None):
                         config=json.dumps(vars(args)))
             if use_cuda:
                 blob["rng_cuda"] = torch.cuda.get_rng_state(device)
-            training.save_checkpoint(ckpt_path, blob)
+            runs.save_checkpoint(ckpt_path, blob)
         last_saved = step
 
     def stop_diverged(what):
@@ -327,7 +355,7 @@ def main(argv=None):
         columns += ["token_cos", "token_change", "output_change"]
         columns += [f"score_{c}" for c in shapes.CATEGORIES + ["mean"]] if tiny else []
         columns += ["heldout_acc"] if tiny or args.val_data else []
-    record = training.open_log(args, columns, step, master)
+    record = runs.open_log(args, columns, step, master)
 
     def validate(step):
         """Samples and scores with the current tokens, and token_cos / token_change / output_change:
@@ -355,7 +383,7 @@ def main(argv=None):
     while step < args.steps:
         t0 = time.time()
         batch = data.get_batch(source, step, rank, world, B)
-        stats = training.train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank, world)
+        stats = training.train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank, world, counter)
         if stats.get("diverged"):      # a non-finite loss: the tokens were not updated
             stop_diverged(f"loss is {stats['loss']} at step {step}: stopping, tokens not updated.")
         step += 1                      # `step` counts the updates taken: the checkpoint's step is this
@@ -370,6 +398,8 @@ def main(argv=None):
             row.update(err_mismatched=stats["err_mismatched"], acc=stats["acc"])
         if args.loss == "agsm":
             row.update(win_rate=stats["win_rate"], score_margin=stats["score_margin"])
+        if args.count_weight:
+            row.update(count_error=stats["count_error"])
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
             row.update(validate(step))
             tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout"))))
@@ -393,8 +423,14 @@ def main(argv=None):
     # ---- the trained tokens, with what sample.py needs to attach them again (safetensors: no code runs).
     # An AGSM file holds psi+, psi- and their EMA copies; sampling uses psi+ on both CFG branches by
     # default (AGSM sec. 4), --ema the EMA copy, --neg-uncond psi- on the unconditional branch.
-    tokens_path = os.path.join(args.out, "tokens.safetensors")
-    if master:
+    tokens_path = os.path.join(args.out, "lora.safetensors" if args.params == "lora" else "tokens.safetensors")
+    # A LoRA run writes lora.safetensors in diffusers' LoRA format instead: the stock pipeline's
+    # load_lora_weights reads it, and so do sample.py, edit.py and eval.py --tokens (lora.py).
+    if master and args.params == "lora":
+        lora.save(tokens_path, tokens, facts, model=args.model, loss=args.loss, blocks=args.lora_blocks, steps=step,
+                  batch=B, world=world, lr=args.lr, seed=args.seed, count_weight=args.count_weight, data=args.data)
+        print(f"wrote {tokens_path} after {step} steps ({skipped} unreadable images skipped)")
+    elif master:
         softtokens.save(tokens_path, tokens, model=args.model, loss=args.loss, arch=facts["arch"],
                         blocks=list(blocks), steps=step, batch=B, world=world, lr=args.lr, seed=args.seed,
                         gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg, dweight=args.dweight,

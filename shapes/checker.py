@@ -8,8 +8,12 @@ the shape off the fill ratio of each component in its bounding box (square 1.0, 
 triangle ~0.5) and, between squares and circles, how far it reaches into the box's corners. check(image, spec) applies the category's rule; score() gives the per-category
 fractions and their mean, as GenEval's overall score. Plain numpy / torch: no scipy, no detector.
 """
+import os
+
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import shapes
 from shapes import BACKGROUND, CATEGORIES, COLORS, PALETTE, relation_holds, to_uint8
@@ -285,3 +289,50 @@ def shapes_edit_cases(n, seed=0):
         targets.append(shapes.caption(target))
         target_specs.append(target)
     return torch.stack(images), sources, targets, target_specs
+
+
+# ----------------------------------------------------------------------------
+# A differentiable counter: the detector of SoftREPA's counting loss (app. D; losses.py) in this world.
+# The exact checker above reads pixels, so no gradient reaches the denoiser through it; this CNN, trained
+# on renders by shapes/counter.py (held-out accuracy in the README), gives each shape's expected count.
+
+COUNTER_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "counter.safetensors")
+MAX_COUNT = 4            # the world draws 1-4 objects; a shape's count is 0-4
+
+
+class ShapesCounter(nn.Module):
+    """(B, 3, 32, 32) in [-1, 1] -> logits (B, shapes, MAX_COUNT + 1)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),      # 16 x 16
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),  # 8 x 8
+            nn.Flatten(), nn.Linear(2 * width * 64, 128), nn.SiLU())
+        self.head = nn.Linear(128, len(shapes.SHAPES) * (MAX_COUNT + 1))
+
+    def forward(self, images):
+        if images.shape[-1] != 32:                # the counter reads the world's 32 px
+            images = F.interpolate(images.float(), size=(32, 32), mode="bilinear", antialias=True)
+        return self.head(self.features(images.float())).view(-1, len(shapes.SHAPES), MAX_COUNT + 1)
+
+    def soft_count(self, images, nouns):
+        """(B,) expected count of each row's shape (noun: "square", "circle", "triangle"); NaN for
+        another noun (no counting loss on that row)."""
+        p = torch.softmax(self(images), dim=-1)                               # (B, shapes, counts)
+        expected = (p * torch.arange(MAX_COUNT + 1, device=p.device, dtype=p.dtype)).sum(-1)   # (B, shapes)
+        index = torch.tensor([shapes.SHAPES.index(n) if n in shapes.SHAPES else 0 for n in nouns], device=p.device)
+        counts = expected.gather(1, index.view(-1, 1))[:, 0]
+        known = torch.tensor([n in shapes.SHAPES for n in nouns], device=p.device)
+        return torch.where(known, counts, torch.full_like(counts, float("nan")))
+
+
+def load_counter(path=None):
+    from safetensors.torch import load_file
+    path = path or COUNTER_WEIGHTS
+    if not os.path.exists(path):
+        raise SystemExit(f"no shapes counter at {path}: train one with python -m shapes.counter")
+    model = ShapesCounter()
+    model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False)

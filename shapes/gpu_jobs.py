@@ -3,6 +3,7 @@ gpu_jobs.py: the shapes-world measurements (issue #25) and the real-size memory 
 batch of independent commands for a machine with one GPU and many cores, run side by side in a pool.
 
     python -m shapes.gpu_jobs --deadline 480 --parallel 14 --pack $OUT     # what was run on the lent H200
+    python -m shapes.gpu_jobs --set arms --deadline 420 --parallel 15 --pack $OUT   # #26's arms
 
 Every job is a plain command of this repo (train.py, eval.py, bench.py); a training job is resumable
 (--resume latest) and skipped once its tokens exist, so the same call run again continues where a
@@ -23,20 +24,24 @@ RUNS = "runs/gpu"
 BINDING = "two_object,position,color_attr"     # the kinds whose captions name two colours
 
 
+DONE = {}   # run name -> the file its training writes last (tokens.safetensors, or lora.safetensors)
+
+
 def train(name, model, loss, seed, steps=2000, extra=(), val_every=500):
     out = f"{RUNS}/{name}"
+    DONE[name] = f"{out}/{'lora' if 'lora' in extra else 'tokens'}.safetensors"
     cmd = [PY, "train.py", "--model", model, "--loss", loss, "--seed", str(seed), "--steps", str(steps),
            "--threads", "1", "--precision", "fp32", "--out", out, "--resume", "latest", "--ckpt-every", "500",
            "--log-every", "500"]
     cmd += ["--val-every", str(val_every), "--val-n", "8"] if val_every else []
-    return dict(name=name, cmd=cmd + list(extra), done=f"{out}/tokens.safetensors", needs=[])
+    return dict(name=name, cmd=cmd + list(extra), done=DONE[name], needs=[])
 
 
 def protocol(name, model, which, runs, n_per_category=0):
     out = f"{RUNS}/{name}.json"
     cmd = [PY, "eval.py", "--protocol", which, "--model", model, "--threads", "1", "--precision", "fp32",
            "--n-per-category", str(n_per_category), "--json", out, "--grid", f"{RUNS}/{name}.png",
-           "--tokens"] + [f"{RUNS}/{r}/tokens.safetensors" for r in runs]
+           "--tokens"] + [DONE[r] for r in runs]
     return dict(name=name, cmd=cmd, done=out, needs=list(runs))
 
 
@@ -101,6 +106,23 @@ def jobs():
     return todo
 
 
+def arms_jobs():
+    """#26, the papers' other arms on tiny-sd3 (dev set, 3 training seeds, 2,000 steps, paper defaults):
+    LoRA + SoftREPA at the tokens' parameter count (rank 6 on the tokens' 2 blocks: 24,576 numbers against
+    the tokens' 26,624) and at the paper's best LoRA (rank 4, same blocks: 16,384), LoRA + dsm (plain
+    fine-tuning, the control), and SoftREPA with the counting loss at two weights."""
+    arms = {"tokens-softrepa": ("softrepa", []),
+            "lora6-softrepa": ("softrepa", ["--params", "lora", "--lora-rank", "6"]),
+            "lora4-softrepa": ("softrepa", ["--params", "lora", "--lora-rank", "4"]),
+            "lora6-dsm": ("dsm", ["--params", "lora", "--lora-rank", "6"]),
+            "count0.1-softrepa": ("softrepa", ["--count-weight", "0.1"]),
+            "count1-softrepa": ("softrepa", ["--count-weight", "1"])}
+    todo = [train(f"arms-{arm}-seed{seed}", "tiny-sd3", loss, seed, extra=extra)
+            for arm, (loss, extra) in arms.items() for seed in (0, 1, 2)]
+    todo += [protocol(f"dev-arms-{arm}", "tiny-sd3", "dev", [f"arms-{arm}-seed{s}" for s in range(3)]) for arm in arms]
+    return todo
+
+
 def real_size_jobs():
     """#23: peak GPU memory of a training step at real size (random weights), with and without
     --grad-checkpointing, at sizes that fit one H200 side by side with the shapes jobs."""
@@ -143,12 +165,14 @@ def main():
     p.add_argument("--parallel", type=int, default=14)
     p.add_argument("--pack", default=None, help="folder for the packed results")
     p.add_argument("--real-size", action="store_true", help="also the real-size memory benches (one at a time)")
+    p.add_argument("--set", default="replication", choices=["replication", "arms"], help="replication: #25's "
+                   "runs; arms: #26's LoRA and counting-loss runs")
     args = p.parse_args()
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root: train.py, runs/
     start = time.time()
     logs = f"{RUNS}/logs"
     os.makedirs(logs, exist_ok=True)
-    queue = [j for j in jobs() if not os.path.exists(j["done"])]
+    queue = [j for j in (arms_jobs() if args.set == "arms" else jobs()) if not os.path.exists(j["done"])]
     benches = [j for j in real_size_jobs() if not os.path.exists(j["done"])] if args.real_size else []
     running, status = {}, {}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_MININTERVAL="30")
@@ -173,7 +197,7 @@ def main():
         for job in list(queue):
             if len(running) >= args.parallel:
                 break
-            if all(os.path.exists(f"{RUNS}/{n}/tokens.safetensors") for n in job["needs"]):
+            if all(os.path.exists(DONE[n]) for n in job["needs"]):
                 queue.remove(job)
                 launch(job)
         time.sleep(1)

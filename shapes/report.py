@@ -43,6 +43,9 @@ def parse_args(argv=None):
                    "(<model>-<loss>-seed<N>, e.g. reruns validated more densely) instead of the JSON's")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--sweep", nargs="*", default=[], help="sweep.py CSVs to print as tables too")
+    p.add_argument("--arms", nargs="*", default=[], help="protocol JSONs, one per arm (#26: shapes.gpu_jobs --set "
+                   "arms): pooled arms and their paired differences with --reference and the base")
+    p.add_argument("--reference", default="tokens-softrepa", help="--arms: the arm the others are paired with")
     p.add_argument("--deltas", nargs="*", default=[], help="protocol JSONs: one row per token file, its paired "
                    "difference with the base (the capacity control), and its run's output change")
     args = p.parse_args(argv)
@@ -51,8 +54,8 @@ def parse_args(argv=None):
     for folder in args.plot_runs:
         if not FOLDER.match(os.path.basename(os.path.normpath(folder))) or not os.path.exists(os.path.join(folder, "log.csv")):
             p.error(f"--plot-runs {folder}: not a run folder named <model>-<loss>-seed<N> with a log.csv")
-    if not args.json and not args.sweep and not args.plot_runs and not args.deltas:
-        p.error("nothing to report: give --model M --json FILE (shapes/replicate.sh's protocol) and/or --sweep CSV")
+    if not args.json and not args.sweep and not args.plot_runs and not args.deltas and not args.arms:
+        p.error("nothing to report: give --model M --json FILE (shapes/replicate.sh's protocol) , --sweep CSV, --deltas or --arms JSONs")
     if len(args.model) != len(args.json):
         p.error(f"{len(args.model)} --model but {len(args.json)} --json: give one protocol JSON per model")
     for path in args.json:
@@ -255,10 +258,59 @@ def delta_table(paths, columns=("color_attr", "two_object", "position", "mean"))
     return "\n".join(lines)
 
 
+def trainable_numbers(path):
+    """The trained numbers a token or LoRA file holds (AGSM files: psi+ alone, what one sample uses)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        keys = [k for k in f.keys() if not k.startswith(("neg.", "ema_"))]
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in keys)
+
+
+def arms_table(paths, reference, columns=("counting", "overcount_counting", "single_object", "overcount_single",
+                                            "two_object", "color_attr", "position", "mean")):
+    """#26: one protocol JSON per arm (its training seeds' token or LoRA files, one base). Each arm pools its
+    seeds prompt by prompt (as model_table does); rows: the arm with 95% intervals, then its paired
+    difference with the `reference` arm and with the base, prompt by prompt over the same seeds."""
+    arms, base, beside = {}, None, {}
+    for path in paths:
+        with open(path) as f:
+            protocol = json.load(f)
+        name = os.path.basename(path).removesuffix(".json").removeprefix("dev-arms-").removeprefix("eval-arms-")
+        files = [k for k in protocol["per_prompt"] if k != "base"]
+        arms[name] = (pooled(protocol["per_prompt"], files), files, protocol["results"])
+        beside[name] = os.path.dirname(path)
+        if base is not None and protocol["per_prompt"]["base"] != base:
+            raise SystemExit(f"{path}: not the same prompts, seeds and base as the other arms")
+        base = protocol["per_prompt"]["base"]
+    if reference not in arms:
+        raise SystemExit(f"--reference {reference}: no such arm among {', '.join(arms)}")
+    head = "| arm | trained numbers | " + " | ".join(columns) + " | seeds' means |"
+    lines = [head, "|---" * (len(columns) + 3) + "|"]
+    scores = checker.ordered(checker.bootstrap_interval(base))
+    lines.append("| base | 0 | " + " | ".join(cell(*scores[c]) if c in scores else "" for c in columns) + " | |")
+    for name, (groups, files, results) in arms.items():
+        scores = checker.ordered(checker.bootstrap_interval(groups))
+        means = [results[f]["mean"][0] for f in files]
+        file = files[0].removeprefix("tokens ")      # where it was written, or beside the JSON (docs/results)
+        file = next((f for f in (file, os.path.join(beside[name], *file.split("/")[-2:])) if os.path.exists(f)), None)
+        size = f"{trainable_numbers(file):,}" if file else "?"
+        lines.append(f"| {name} | {size} | " + " | ".join(cell(*scores[c]) if c in scores else "" for c in columns)
+                     + f" | {len(files)} ({min(means):.3f}-{max(means):.3f}) |")
+        against = [("base", base)] + ([(reference, arms[reference][0])] if name != reference else [])
+        for label, other in against:
+            diff = checker.paired_difference(groups, other)
+            lines.append(f"| {name} - {label} | | " + " | ".join(cell(*diff[c], signed=True) if c in diff else ""
+                                                             for c in columns) + " | |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.deltas:
         print(delta_table(args.deltas))
+    if args.arms:
+        print(arms_table(args.arms, args.reference))
+        return None
     tables, models_runs, numbers, protocols = [], [], {}, {}
     for model, path in zip(args.model, args.json):
         with open(path) as f:

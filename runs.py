@@ -1,0 +1,165 @@
+"""
+runs.py: a training run between its steps -- what train.py keeps so that nothing is lost: atomic
+checkpoints, --resume as the very same run, the log, and one run per folder.
+
+A run folder holds one run (lock_folder), its checkpoint ckpt.pt (written atomically: a kill mid-write
+keeps the previous one; loaded with weights_only=True, so a file from elsewhere runs no code), its
+config.json and its log.csv (appended, never rewritten in place). train.py calls these between the
+steps of step.py; nothing here knows about the papers.
+"""
+import csv
+import json
+import os
+
+import torch
+
+# Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
+# refuses a command line that contradicts them (a run is only resumable as the same run).
+TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "lr_period", "grad_clip",
+              "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
+              "gamma_neg", "bradley_terry", "plain_sum", "noise_per_row", "ema_decay", "gather_text", "world",
+              "params", "lora_rank", "lora_blocks", "count_weight", "counter"]
+# Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
+# continue a diverged run more slowly). Each change is recorded in config.json under "changes".
+# (--rows-per-forward and --grad-checkpointing are free too: they change the memory, not the step.)
+CHANGEABLE_ON_RESUME = ["lr"]
+
+
+def save_checkpoint(path, blob):
+    """Atomic: written beside, then renamed over the previous checkpoint (a crash keeps the old one)."""
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path):
+    """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL " in str(e):     # weights_only refused a class (e.g. posix.system): code would have run
+            raise SystemExit(f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
+                             f"and nothing in it was run; pass a ckpt.pt written by train.py") from None
+        raise SystemExit(f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
+                         f"by train.py, or start a new run in another --out") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:   # truncated, random bytes, not a zip
+        raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
+                         f"written by train.py, or start a new run in another --out") from None
+    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
+        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
+    return state
+
+
+# Resuming. A checkpoint is a plain dict of tensors and one JSON string (the run's flags), loaded with
+# weights_only=True so that a file from elsewhere cannot run code. resume_config reads the flags back
+# before anything else happens: the run's recipe is the checkpoint's, and a command line that says
+# otherwise about the trajectory (say --batch 8 against a run of batch 4) is refused in one line,
+# because "resume" would then silently mean "a different run with the same name".
+
+def resume_config(args):
+    """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
+    that contradicts the checkpoint is an error, except the few that only act on the steps to come
+    (CHANGEABLE_ON_RESUME), which are recorded in args.changes."""
+    ckpt_path, state, args.changes = os.path.join(args.out, "ckpt.pt"), None, []
+    if args.resume:
+        path = ckpt_path if args.resume == "latest" else args.resume
+        if os.path.exists(path):
+            state = read_checkpoint(path)
+            saved = json.loads(state["config"])
+            args.changes = saved.get("changes", [])
+            for key in TRAJECTORY:
+                if key not in saved:            # a setting newer than the run: its default (resolve)
+                    continue
+                if getattr(args, key) is None:
+                    setattr(args, key, saved[key])
+                elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
+                    args.changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
+                elif getattr(args, key) != saved[key]:
+                    raise SystemExit(f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
+                                     f": pass the same value, or start a new run in another --out")
+        elif args.resume != "latest":
+            raise SystemExit(f"--resume {path}: no such checkpoint")
+    return state
+
+
+# The log. log.csv holds one row per step (every logged number) and is appended to, never rewritten in
+# place: a resumed run first drops the rows after its checkpoint (they belong to a future that was lost)
+# by writing the kept rows to a new file and renaming it over the old one.
+
+def open_log(args, columns, step, master):
+    """log.csv (rank 0), appended from `step` on. A resumed run forgets the rows logged after its
+    checkpoint: the kept rows go to a new file renamed over the old one, so a kill at any moment leaves
+    the old log or the new one, whole. Returns a function that writes one row (and to TensorBoard)."""
+    if not master:
+        return lambda row: None
+    csv_path, board = os.path.join(args.out, "log.csv"), None
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    kept = []
+    if step and os.path.exists(csv_path):
+        with open(csv_path) as f:
+            kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
+        rewrite.writeheader()
+        rewrite.writerows(kept)
+    os.replace(csv_path + ".tmp", csv_path)
+    log = open(csv_path, "a", newline="")              # appended from here on, never truncated
+    writer = csv.DictWriter(log, columns, extrasaction="ignore")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        board = SummaryWriter(os.path.join(args.out, "tb"))
+    except ImportError:
+        pass
+
+    def record(row):
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        log.flush()
+        for k, v in row.items() if board is not None else ():
+            board.add_scalar(k, v, row["step"])
+    return record
+
+
+# One run per folder. Two runs writing one folder would interleave their checkpoints and logs, each
+# looking fine on its own; the lock file holds the pid of the run that owns the folder, so a second one
+# is refused while the first lives, and a lock left by a killed run (its pid gone) is simply taken over.
+
+def lock_folder(folder, flag="--out"):
+    """Hold `folder` for this process (folder/lock, holding our pid) until it exits: a second run into the
+    same folder is refused while the first one lives, and a lock left by a killed run is taken over."""
+    import atexit
+    path = os.path.join(folder, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and process_alive(pid):
+                raise SystemExit(f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
+                                 f"pass another {flag}") from None
+            os.remove(path)                          # stale: its run is gone (or it is ours)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+
+    def release():
+        try:
+            if open(path).read().strip() == str(os.getpid()):
+                os.remove(path)
+        except OSError:
+            pass
+    atexit.register(release)
+    return release
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

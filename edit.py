@@ -45,8 +45,8 @@ hook on the residual block: no copy of the model; removing them restores the sto
     python edit.py --model tiny-sd3 --image in.png --src "a red square" --tgt "a blue square" --method flowedit
     python edit.py --model sd1.5 --image cat.png --src "a cat" --tgt "a dog" --method direct+pnp --tokens t.safetensors
 
-Writes --out/edited.png (no tokens), edited-tokens.png (with --tokens), strip.png
-(source | edited | edited-with-tokens) and edit.json (the settings).
+Writes --out/edited.png (no tokens), edited-tokens.png (with --tokens), strip.png (source | edited |
+edited-with-tokens) and edit.json; --bench DIR edits a benchmark into --out/plain/ and --out/tokens/.
 """
 import argparse
 import json
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from shapes import checker
+import benchmarks
 import data
 import families
 import models
@@ -366,6 +367,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=None, help="target CFG (default: the method's)")
     p.add_argument("--size", type=int, default=None, help="the image is resized (shorter side) and centre-"
                    "cropped to this side, as diffusers pipelines prepare an input (default: the family's)")
+    p.add_argument("--bench", default=None, help="edit a whole benchmark folder (PIE-Bench, DIV2K, Cat2Dog: benchmarks.py)")
+    p.add_argument("--limit", type=int, default=0, help="--bench: its first N edits (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/edit")
     return p.parse_args(argv)
@@ -398,46 +401,50 @@ def main(argv=None):
         sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
         bb = models.from_flags(args)
         return shapes_check(bb, args.shapes_check, sets, info, args.seed)
-    if args.image is None or args.src is None or args.tgt is None:
-        raise SystemExit("edit.py needs --image, --src and --tgt (or --shapes-check N on a tiny model)")
+    if args.bench is None and (args.image is None or args.src is None or args.tgt is None):
+        raise SystemExit("edit.py needs --image, --src and --tgt, or --bench DIR (or --shapes-check N on a tiny model)")
     method = check_method(args.model, args.method or ("flowedit" if facts["prediction"] == "flow" else "direct+pnp"))
     if args.steps is not None and args.steps < 2:
         raise SystemExit("--steps must be at least 2")
-    sample.check_prompts(args.model, [args.src, args.tgt])
+    # one record per edit: the benchmark's (benchmarks.py: PIE-Bench, DIV2K with captions, Cat2Dog), or --image's
+    records = (benchmarks.read(args.bench)[:args.limit or None] if args.bench else
+               [dict(name=None, image=args.image, src=args.src, tgt=args.tgt)])
+    sample.check_prompts(args.model, [r[k] for r in records for k in ("src", "tgt")])
     size = args.size or facts["size"]
     families.check_size(args.model, size)
-    image = data.to_tensor(data.read_image(args.image, size))      # resized and centre-cropped to the model's size
     if args.tokens_source and args.tokens is None:
         raise SystemExit("--tokens-source puts the --tokens on the source branch too: pass --tokens FILE")
-    sets, info = (None, None)
-    if args.tokens is not None:
-        if not os.path.exists(args.tokens):
-            raise SystemExit(f"no token file or folder at {args.tokens}")
-        sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema)
+    # the tokens (or LoRA) file and the first image, read and checked before the model loads
+    sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
+    first = data.to_tensor(data.read_image(records[0]["image"], size))   # resized and centre-cropped to the model's size
     data.check_writable(args.out)   # before the work: a read-only --out must not lose the edit
 
     bb = models.from_flags(args)
     families.check_size(args.model, size, bb=bb)         # the loaded model's positional table
-    run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=True)
-    edited = edit(bb, image, args.src, args.tgt, method, **run)
-    os.makedirs(args.out, exist_ok=True)
-    sample.save_image(edited, os.path.join(args.out, "edited.png"))
-    strip = [image, edited]
-    if sets is not None:
-        with softtokens.attached(bb, sets, info["blocks"]) as handle:
-            edited_tokens = edit(bb, image, args.src, args.tgt, method, handle, args.tokens_source, **run)
-        sample.save_image(edited_tokens, os.path.join(args.out, "edited-tokens.png"))
-        strip.append(edited_tokens)
-    sample.save_grid(torch.stack(strip), os.path.join(args.out, "strip.png"), per_cell=len(strip), columns=1)
+    run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=args.bench is None)
+    for i, record in enumerate(tqdm(records, desc=method, disable=args.bench is None)):
+        image = first if i == 0 else data.to_tensor(data.read_image(record["image"], size))
+        edited = [edit(bb, image, record["src"], record["tgt"], method, **run)]
+        if sets is not None:
+            with softtokens.attached(bb, sets, info["blocks"]) as handle:
+                edited.append(edit(bb, image, record["src"], record["tgt"], method, handle, args.tokens_source, **run))
+        if args.bench:   # --bench: <out>/plain/<name> and <out>/tokens/<name>, the folders eval.py --bench reads
+            for variant, picture in zip(("plain", "tokens"), edited):
+                os.makedirs(os.path.dirname(path := os.path.join(args.out, variant, record["name"])), exist_ok=True)
+                sample.save_image(picture, os.path.splitext(path)[0] + ".png")
+    if not args.bench:
+        for name, picture in zip(("edited.png", "edited-tokens.png"), edited):
+            sample.save_image(picture, os.path.join(args.out, name))
+        sample.save_grid(torch.stack([image] + edited), os.path.join(args.out, "strip.png"), per_cell=1 + len(edited), columns=1)
     settings = {**METHODS[method], **{k: v for k, v in (("steps", args.steps), ("cfg", args.cfg)) if v is not None}}
-    record = dict(model=args.model, image=args.image, src=args.src, tgt=args.tgt, method=method,
-                  tokens=args.tokens, token_set=info and info["token_set"], tokens_source=args.tokens_source,
+    record = dict(model=args.model, image=args.image, src=args.src, tgt=args.tgt, bench=args.bench, edits=len(records),
+                  method=method, tokens=args.tokens, token_set=info and info["token_set"], tokens_source=args.tokens_source,
                   seed=args.seed, size=list(image.shape[1:]), settings=settings)
     with open(os.path.join(args.out, "edit.json"), "w") as f:
         json.dump(record, f, indent=1)
-    print(f"{method}: strip.png (source | edited{' | edited with tokens' if sets else ''}) in {args.out}")
+    print(f"{method}: " + (f"{len(records)} edits in {args.out}/plain" + (" and tokens" if sets else "") if args.bench else
+                           f"strip.png (source | edited{' | edited with tokens' if sets else ''}) in {args.out}"))
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ the shapes world's protocol with statistical power.
 
     python eval.py --runs runs/base runs/softrepa-seed0 runs/softrepa-seed1 --plot
     python eval.py --runs out/sd3 --metrics clip pickscore imagereward hps fid lpips --ref coco/val5k
-    python eval.py --runs out/pnp --metrics edit imagereward pickscore hps --pie PIE-Bench_v1
+    python eval.py --runs out/pnp/plain out/pnp/tokens --metrics edit imagereward pickscore hps --bench PIE-Bench_v1
     python eval.py --to-geneval out/sd3 --geneval-prompts geneval/prompts/evaluation_metadata.jsonl
     python eval.py --protocol dev --model tiny-sd3 --tokens runs/agsm/tokens.safetensors   # shapes world
 
@@ -14,7 +14,7 @@ What is measured (SoftREPA Tables 1-2, AGSM Tables 1-2, Figures 4-5):
                 the true caption must have the lowest denoising error among K (classifier.py,
                 SoftREPA eqs. 15-18)
   geneval       GenEval per category: its folder layout written out, its scorer's results jsonl read back
-  clip, pickscore, imagereward, hps, fid, lpips, edit: the adapters of metrics.py (see there)
+  clip, pickscore, imagereward, hps, fid, lpips: metrics.py; edit: the editing benchmarks' (benchmarks.py)
 Heavy metric models are optional (pip install -r requirements-eval.txt); they load from the Hugging
 Face hub, or only from --weights DIR when it is given: DIR/<hub id, or its last part> for the CLIP
 models and DINO (metrics.HUB), DIR/HPS_v2.1_compressed.pt, DIR/ImageReward.pt + med_config.json, and
@@ -25,9 +25,8 @@ plain and with each --tokens file; each category, the mean and the over-counting
 intervals over prompts, a grid (first prompt per category, plain | tokens, same seeds), and the JSON with
 the per-prompt values. Choose on the dev set; the eval set is for the final measurement.
 
-Rows of the table: one per run folder and sample.py "variant" (--compare writes "plain" and "tokens"
-into one folder). +- is the sample std over seeds: the distinct record seeds inside a folder (sample.py
---seed 0 1 2); folders whose names differ only by a "-seedN" suffix share one row.
+Rows: one per run folder and sample.py "variant" (--compare writes "plain" and "tokens" into one folder).
++- is the std over the record seeds of a folder (sample.py --seed 0 1 2); "-seedN" folders share a row.
 The table shows ImageReward, HPS, LPIPS and SSIM x100 and structure distance x1000, as the papers do;
 the JSON (--json) holds the raw values. Values are cached per folder in eval_metrics.json.
 """
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 from shapes import checker
 from shapes import classifier
+import benchmarks
 import data
 import metrics
 import models
@@ -148,12 +148,12 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
             if handle is not None:
                 handle.remove()
     if metric == "edit":
-        return metrics.edit_metrics(metrics.pie_items(args.pie, run), **scorers["edit"])
+        return benchmarks.edit_metrics(benchmarks.items(args.pie, run), **scorers["edit"])
     if scorers.get(metric) is None:
         return None
     paths, prompts = [os.path.join(run, r["image"]) for r in rows], [r["prompt"] for r in rows]
-    if not rows and args.pie:                                 # an edit.py folder: PIE-Bench's editing prompts
-        items = metrics.pie_items(args.pie, run)
+    if not rows and args.pie:                                 # an edit.py folder: the benchmark's target prompts
+        items = benchmarks.items(args.pie, run)
         paths, prompts = [it[2] for it in items], [it[4] for it in items]
     return metrics.generation_metric(metric, scorers[metric], paths, prompts, args.ref) if paths else None
 
@@ -299,7 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", nargs="+", default=[], help="run folders (records.jsonl + images, or edit.py output)")
     p.add_argument("--metrics", nargs="+", default=["shapes", "geneval"], choices=ALL_METRICS)
     p.add_argument("--ref", default=None, help="reference images for FID and LPIPS (e.g. COCO val 5K)")
-    p.add_argument("--pie", default=None, help="PIE-Bench folder: mapping_file.json + annotation_images/")
+    p.add_argument("--bench", "--pie", dest="pie", help="editing benchmark: PIE-Bench, DIV2K or Cat2Dog folder")
     p.add_argument("--classifier-n", type=int, default=20, help="classifier: eval prompts per category")
     p.add_argument("--candidates", type=int, default=4, help="classifier: captions per image (1 true)")
     p.add_argument("--weights", default=None, help="local folder of metric weights (then no hub access)")
@@ -328,8 +328,8 @@ def check_args(args):
         raise SystemExit("--to-geneval needs --geneval-prompts, GenEval's prompts/evaluation_metadata.jsonl")
     if ({"fid", "lpips"} & set(args.metrics)) and not (args.ref and os.path.isdir(args.ref)):
         raise SystemExit("fid / lpips need --ref DIR, a folder of reference images")
-    if "edit" in args.metrics and not (args.pie and os.path.exists(os.path.join(args.pie, "mapping_file.json"))):
-        raise SystemExit("edit needs --pie DIR, PIE-Bench's folder with mapping_file.json and annotation_images/")
+    if "edit" in args.metrics and not (args.pie and benchmarks.kind(args.pie)):
+        raise SystemExit("edit needs --bench DIR: PIE-Bench, DIV2K with captions or Cat2Dog (benchmarks.py)")
     if args.weights is not None and not os.path.isdir(args.weights):
         raise SystemExit(f"--weights {args.weights} is not a folder")
 

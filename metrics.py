@@ -8,8 +8,8 @@ AGSM Tables 1-2): eval.py runs them over folders of images.
   fid, lpips    FID against reference images (Inception pool3, pytorch-fid's weights, the papers' ref.
                 [34]); LPIPS of each image against the reference image of the same file name (the papers
                 do not say what their COCO LPIPS compares with; this pairing is our reading)
-  edit          PIE-Bench: CLIP edited region / whole, background PSNR / LPIPS / SSIM outside the edit
-                mask and DINO structure distance, as PIE-Bench's own evaluate.py computes them
+  edit          the editing benchmarks' metrics (benchmarks.py): CLIP edited region / whole, background PSNR /
+                LPIPS / SSIM outside the edit mask and DINO structure distance, as PIE-Bench's evaluate.py
 FID's Frechet distance, PSNR and SSIM are written out here. Each loader returns the scorer, or None after
 one line saying why it is skipped. CLIP score and PickScore are both CLIP models: scored here with
 transformers (one code path for both, and testable with tiny local models). HPSv2.1 is an open_clip
@@ -51,7 +51,7 @@ def list_images(folder):
 
 
 # -----------------------------------------------------------------------------
-# Written out: Frechet distance, PSNR, SSIM, PIE-Bench's mask RLE
+# Written out: Frechet distance, PSNR, SSIM
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -94,17 +94,6 @@ def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return float(s.mean())
-
-
-def mask_decode(rle, shape=(512, 512)):
-    """PIE-Bench's mask: (start, length) pairs over the flattened image, 1 = edited region. Like its
-    evaluate.py, the one-pixel border counts as edited ("to avoid annotation errors in boundary")."""
-    mask = np.zeros(shape[0] * shape[1], np.float32)
-    for start, length in zip(rle[0::2], rle[1::2]):
-        mask[start:start + length] = 1
-    mask = mask.reshape(shape)
-    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
-    return mask
 
 
 # -----------------------------------------------------------------------------
@@ -311,55 +300,6 @@ def dino_key_self_similarity(model, image):
 def structure_distance(model, x, y):
     """MSE between the DINO key self-similarity matrices of two images (PIE-Bench "structure distance")."""
     return float(F.mse_loss(dino_key_self_similarity(model, x), dino_key_self_similarity(model, y)))
-
-
-# -----------------------------------------------------------------------------
-# PIE-Bench
-
-
-def pie_items(pie, run):
-    """(key, source path, edited path, mask, editing prompt) of the PIE-Bench images the run has. The
-    edited image is <run>/annotation_images/<image_path> or <run>/<image_path>, any image extension."""
-    with open(os.path.join(pie, "mapping_file.json")) as f:
-        mapping = json.load(f)
-    items = []
-    for key, item in mapping.items():
-        stem = os.path.splitext(item["image_path"])[0]
-        found = [p for base in (os.path.join(run, "annotation_images"), run) for ext in IMAGE_EXT
-                 if os.path.exists(p := os.path.join(base, stem + ext))]
-        if found:
-            prompt = item["editing_prompt"].replace("[", "").replace("]", "")
-            items.append((key, os.path.join(pie, "annotation_images", item["image_path"]), found[0],
-                          mask_decode(item["mask"]), prompt))
-    return items
-
-
-def edit_metrics(items, clip=None, lpips_model=None, dino=None):
-    """PIE-Bench's evaluate.py: background metrics on both images multiplied by (1 - mask); CLIP on
-    the edited image (whole) and on the edited image times the mask (edited region)."""
-    values = {}
-    for _, src_path, edited_path, mask, prompt in tqdm(items, desc="PIE-Bench", leave=False):
-        src, edited = load_image(src_path), load_image(edited_path)
-        if src.shape != edited.shape:
-            raise SystemExit(f"{edited_path} is {edited.shape[:2]}, its source {src.shape[:2]}: edit at source size")
-        if mask.shape != src.shape[:2]:     # PIE-Bench is 512 x 512: other sizes take the nearest mask pixel
-            mask = np.asarray(to_pil(np.uint8(mask * 255)).resize(src.shape[1::-1], 0)) / 255.0
-            mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
-        background = (1 - mask)[..., None]
-        row = {}
-        if background.sum() > 0:
-            a, b = src / 255.0 * background, edited / 255.0 * background
-            row.update(bg_psnr=psnr(a, b), bg_ssim=ssim(a, b))
-            if lpips_model is not None:
-                row["bg_lpips"] = lpips_distance(lpips_model, a * 255, b * 255)
-        if dino is not None:
-            row["structure_distance"] = structure_distance(dino, src, edited)
-        if clip is not None:
-            row["clip_whole"] = clip_score(clip, [edited], [prompt])[0]
-            row["clip_edited"] = clip_score(clip, [np.uint8(edited * mask[..., None])], [prompt])[0]
-        for k, v in row.items():
-            values.setdefault(k, []).append(v)
-    return {k: float(np.mean(v)) for k, v in values.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import benchmarks
 import eval as ev
 import hooks
 import shapes
@@ -142,12 +143,12 @@ def test_pie_bench_background_metrics(tmp_path, tiny_clip_dir):
         Image.fromarray(edited).save(changed / "annotation_images" / "0_random" / f"{i:012d}.png")
     (pie / "mapping_file.json").write_text(json.dumps(mapping))
     clip = metrics.load_clip("clip", "tiny-clip", weights=str(tiny_clip_dir.parent))
-    items = metrics.pie_items(str(pie), str(run))
+    items = benchmarks.items(str(pie), str(run))
     assert [it[4] for it in items] == ["a blue cat", "a blue cat"]
-    clean = metrics.edit_metrics(items, clip=clip)
+    clean = benchmarks.edit_metrics(items, clip=clip)
     assert clean["bg_psnr"] == math.inf and clean["bg_ssim"] == pytest.approx(1.0)
     assert 0 <= clean["clip_edited"] <= 100 and 0 <= clean["clip_whole"] <= 100
-    bad = metrics.edit_metrics(metrics.pie_items(str(pie), str(changed)))
+    bad = benchmarks.edit_metrics(benchmarks.items(str(pie), str(changed)))
     assert set(bad) == {"bg_psnr", "bg_ssim"} and bad["bg_ssim"] < 1.0
     # written out: PSNR of the two images times the background mask, over all pixels
     src = metrics.load_image(items[0][1]) / 255.0
@@ -156,7 +157,7 @@ def test_pie_bench_background_metrics(tmp_path, tiny_clip_dir):
     background[32:96, 32:96] = 0
     background[0, :] = background[-1, :] = background[:, 0] = background[:, -1] = 0
     mse = (((src - out) * background) ** 2).mean()
-    one = metrics.edit_metrics(metrics.pie_items(str(pie), str(changed))[:1])
+    one = benchmarks.edit_metrics(benchmarks.items(str(pie), str(changed))[:1])
     assert one["bg_psnr"] == pytest.approx(10 * math.log10(1 / mse))
 
 
@@ -187,7 +188,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         ev.main(["--runs", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="need --ref"):
         ev.main(["--runs", str(tmp_path), "--metrics", "fid"])
-    with pytest.raises(SystemExit, match="needs --pie"):
+    with pytest.raises(SystemExit, match="needs --bench"):
         ev.main(["--runs", str(tmp_path), "--metrics", "edit"])
     with pytest.raises(SystemExit, match="unknown model"):
         ev.main(["--runs", str(tmp_path), "--metrics", "classifier", "--model", "sd4"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import benchmarks
 import metrics
 from tiny_metric_models import BLUE, RED
 
@@ -57,7 +58,7 @@ def test_psnr_and_ssim_ideal_values_and_references():
 
 
 def test_pie_mask_rle_decodes_like_pie_bench():
-    mask = metrics.mask_decode([7, 2, 14, 3, 100, 5], shape=(6, 6))      # pairs running off the end are cut
+    mask = benchmarks.mask_decode([7, 2, 14, 3, 100, 5], shape=(6, 6))      # pairs running off the end are cut
     expected = np.ones((6, 6), np.float32)                          # the border is always "edited"
     expected[1:5, 1:5] = 0
     expected.flat[[7, 8, 14, 15, 16]] = 1

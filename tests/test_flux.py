@@ -202,3 +202,11 @@ def test_sizes_are_multiples_of_16_with_no_positional_table():
         families.check_size(family, 2048, 1536)
         with pytest.raises(SystemExit, match="multiples of 16"):
             families.check_size(family, 1000)
+
+
+def test_the_memory_model_counts_both_block_types_over_packed_tokens():
+    """shapes.bench's FLUX-dev rows (computed): 19 + 38 blocks of SD3's k, (S/16)^2 packed tokens + 512 T5
+    positions + the tokens, width 3072; and --memory-check's positions of a loaded FLUX backbone."""
+    per_pair = bench.MMDIT_K[False] * (19 + 38) * ((1024 // 16) ** 2 + 512 + 4) * 3072 * 2
+    assert bench.activation_bytes_per_pair("flux-dev", 1024, False) == per_pair
+    assert bench.positions(models.random_backbone("flux-schnell", "test"), 64) == (64 // 16) ** 2 + 256 + 4

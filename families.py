@@ -156,7 +156,7 @@ FAMILIES["sd3.5-large"] = dict(
 # (scaling_factor 0.3611, shift_factor 0.1159: read from its config) enter as tokens of 2 x 2 latent pixels
 # (64 numbers; patch_size 1 inside) with rotary positions (models.denoise), so sides are multiples of
 # 8 x 2 = 16 and no positional table bounds them. Text: T5-XXL's sequence (dev 512 positions, schnell 256:
-# the pipelines' max_sequence_length of the model cards) and CLIP-L's pooled output (768). dev is guidance-
+# the model cards' max_sequence_length) and CLIP-L's pooled output (768) as the pooled input. dev is guidance-
 # distilled: one branch per sampling step, the cfg scale fed to its guidance embedding, and the dynamic time
 # shift (its scheduler config: use_dynamic_shifting); schnell is step-distilled: 4 steps, no guidance input,
 # no shift (scheduler shift 1.0, use_dynamic_shifting false). The token layout and the training recipe are
@@ -181,7 +181,7 @@ FAMILIES["flux-schnell"] = dict(
 
 
 # -----------------------------------------------------------------------------
-# The flow samplers' time shift. A shift s moves every noise level's odds sigma / (1 - sigma) by s,
+# The flow samplers' time shift. A shift s multiplies every noise level's odds sigma / (1 - sigma) by s,
 #     sigma' = s sigma / (1 + (s - 1) sigma),
 # spending more steps at high noise, where a larger image needs them. SD3 uses a constant s = 3. FLUX-dev's
 # grows with the image (FlowMatchEulerDiscreteScheduler with use_dynamic_shifting; mu: FluxPipeline's

@@ -120,7 +120,8 @@ def flux_pipeline(folder, family):
                         vae=vae8(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                                  use_post_quant_conv=False),
                         text_encoder=clip(n, 1, projection=False, hidden=config["pooled_projection_dim"]),
-                        tokenizer=tokenizer, text_encoder_2=t5(n_2, config["joint_attention_dim"]), tokenizer_2=tokenizer_2)
+                        tokenizer=tokenizer, text_encoder_2=t5(n_2, config["joint_attention_dim"]),
+                        tokenizer_2=tokenizer_2)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -6,8 +6,11 @@ SD3 is an MM-DiT (`SD3Transformer2DModel`) trained with flow matching; SD1.5 and
 (`UNet2DConditionModel`) trained with DDPM epsilon-prediction. What differs between them is where the
 soft tokens go, how the noise is added and what the target is, how prompts are encoded, the shapes
 of the denoiser, and the papers' hyper-parameters (SoftREPA Table 5 and appendix B; AGSM Table 11 and
-section 4). The tiny-* families are the offline shapes world (shapes.py, pretrain.py).
+section 4). FLUX.1 is an MM-DiT as SD3 (FluxTransformer2DModel, flow matching), in neither paper. The
+tiny-* families are the offline shapes world (shapes.py, pretrain.py).
 """
+import math
+
 # The fields:
 #   arch         "mmdit": tokens are prepended to the text stream of the first `token_layers`
 #                transformer blocks (SoftREPA Alg. 1); "unet": tokens are inserted after BOS in
@@ -25,6 +28,11 @@ section 4). The tiny-* families are the offline shapes world (shapes.py, pretrai
 #                (UNet: 2^(levels-1) latent pixels; MM-DiT: the patch, up to its positional table).
 #                The latent normalisation (x0 = (z - shift) * scale) is not in this table: like the
 #                stock pipelines we read it from the VAE's own config (scaling_factor, shift_factor).
+#   flow_shift, dynamic_shift  flow families: the sampler's time shift (time_shift below), SD3's constant;
+#                FLUX-dev's (base tokens, base shift, max tokens, max shift) makes it grow with the image
+#   pack         FLUX: the latents enter the denoiser as tokens of pack x pack latent pixels (models.denoise)
+#   guidance     FLUX-dev: the value of its distilled-guidance input in training; sampling puts the cfg scale
+#                there, one branch a step. None: no such input (CFG, where cfg != 1, runs two branches).
 #   text_tokens  length of the text stream the denoiser reads (SD3: 77 CLIP + 256 T5 positions); its
 #                width and the pooled width are read from the denoiser's config (models.text_widths)
 #   denoiser     the diffusers config of the denoiser at its real size: the hub checkpoint's, or for
@@ -38,7 +46,7 @@ FAMILIES = {
         arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3-medium-diffusers",
         pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024, train_size=512,
         vae_factor=8, size_multiple=16, max_size=3072,
-        flow_shift=3.0,
+        flow_shift=3.0, dynamic_shift=None, pack=None, guidance=None,
         n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=100000),
@@ -55,7 +63,7 @@ FAMILIES = {
         arch="unet", prediction="epsilon", hub="stabilityai/stable-diffusion-xl-base-1.0",
         pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024, train_size=512,
         vae_factor=8, size_multiple=32, max_size=None,
-        flow_shift=None,
+        flow_shift=None, dynamic_shift=None, pack=None, guidance=None,
         n_tokens=8, token_layers=1, token_blocks=("down", "mid"), time_table=False, init="normal",
         softrepa=dict(batch=4, dweight=10.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=1000),
@@ -79,7 +87,7 @@ FAMILIES = {
         arch="unet", prediction="epsilon", hub="stable-diffusion-v1-5/stable-diffusion-v1-5",
         pipeline="StableDiffusionPipeline", pooled=None, size=512, train_size=512,
         vae_factor=8, size_multiple=64, max_size=None,
-        flow_shift=None,
+        flow_shift=None, dynamic_shift=None, pack=None, guidance=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
         softrepa=dict(batch=8, dweight=10.0, steps=26000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=100000),
@@ -95,7 +103,7 @@ FAMILIES = {
     "tiny-sd3": dict(
         arch="mmdit", prediction="flow", hub=None, pipeline=None, pooled="pooled_projections", size=32, train_size=32,
         vae_factor=4, size_multiple=4, max_size=32,
-        flow_shift=1.0,
+        flow_shift=1.0, dynamic_shift=None, pack=None, guidance=None,
         n_tokens=4, token_layers=2, token_blocks=None, time_table=True, init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=300),
@@ -109,7 +117,7 @@ FAMILIES = {
     "tiny-sd1.5": dict(
         arch="unet", prediction="epsilon", hub=None, pipeline=None, pooled=None, size=32, train_size=32,
         vae_factor=4, size_multiple=8, max_size=None,
-        flow_shift=None,
+        flow_shift=None, dynamic_shift=None, pack=None, guidance=None,
         n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
         softrepa=dict(batch=4, dweight=10.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=300),
@@ -139,6 +147,55 @@ FAMILIES["sd3.5-large"] = dict(
     denoiser=dict(_SD3["denoiser"], num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
                   qk_norm="rms_norm"),
     test_denoiser=_SD35_TEST)
+
+
+# FLUX.1 (in neither paper): FluxTransformer2DModel, 19 double-stream blocks (SD3's joint block: own text
+# and image weights, one attention) then 38 single-stream blocks (one stream of text and image). The soft
+# tokens go into the first L double-stream blocks (hooks.py); the single-stream blocks see the plain text.
+# Flow matching as SD3 (x_t = (1 - t) x0 + t eps, target v = eps - x0). The VAE's 16 latent channels
+# (scaling_factor 0.3611, shift_factor 0.1159: read from its config) enter as tokens of 2 x 2 latent pixels
+# (64 numbers; patch_size 1 inside) with rotary positions (models.denoise), so sides are multiples of
+# 8 x 2 = 16 and no positional table bounds them. Text: T5-XXL's sequence (dev 512 positions, schnell 256:
+# the model cards' max_sequence_length) and CLIP-L's pooled output (768) as the pooled input. dev is guidance-
+# distilled: one branch per sampling step, the cfg scale fed to its guidance embedding, and the dynamic time
+# shift (its scheduler config: use_dynamic_shifting); schnell is step-distilled: 4 steps, no guidance input,
+# no shift (scheduler shift 1.0, use_dynamic_shifting false). The token layout and the training recipe are
+# SD3's -- ours, not a paper's: no one has published soft tokens for FLUX.
+# dev's guidance in training: 1.0, not the sampler's 3.5. Every loss here regresses the prediction onto the
+# data's velocity eps - x0 (or a target built from it), which the distilled model predicts at guidance 1 (no
+# guidance); at 3.5 it predicts a guided velocity, and score matching would push the tokens to undo the
+# guidance. Fine-tuning scripts differ (1 or 3.5). The test size has 5 double-stream blocks, so that the
+# recipe's 5 token layers run there unchanged.
+_FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+_FLUX_TEST = dict(_FLUX, num_layers=5, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+FAMILIES["flux-dev"] = dict(
+    _SD3, hub="black-forest-labs/FLUX.1-dev", pipeline="FluxPipeline", max_size=None, flow_shift=None,
+    dynamic_shift=(256, 0.5, 4096, 1.15), pack=2, guidance=1.0, text_tokens=512, sample=dict(steps=28, cfg=3.5),
+    denoiser=dict(_FLUX, guidance_embeds=True), test_denoiser=dict(_FLUX_TEST, guidance_embeds=True))
+FAMILIES["flux-schnell"] = dict(
+    FAMILIES["flux-dev"], hub="black-forest-labs/FLUX.1-schnell", flow_shift=1.0, dynamic_shift=None, guidance=None,
+    text_tokens=256, sample=dict(steps=4, cfg=1.0),
+    denoiser=dict(_FLUX, guidance_embeds=False), test_denoiser=dict(_FLUX_TEST, guidance_embeds=False))
+
+
+# -----------------------------------------------------------------------------
+# The flow samplers' time shift. A shift s multiplies every noise level's odds sigma / (1 - sigma) by s,
+#     sigma' = s sigma / (1 + (s - 1) sigma),
+# spending more steps at high noise, where a larger image needs them. SD3 uses a constant s = 3. FLUX-dev's
+# grows with the image (FlowMatchEulerDiscreteScheduler with use_dynamic_shifting; mu: FluxPipeline's
+# calculate_shift): mu is linear in the image tokens n, 0.5 at 256 tokens (256 px) to 1.15 at 4096 (1024 px),
+#     sigma' = e^mu / (e^mu + (1 / sigma - 1)),
+# which is the same odds shift with s = e^mu (e^1.15 = 3.16 at 1024 px, about SD3's 3).
+
+def time_shift(facts, height, width):
+    """The shift s for latents of height x width (flow families; 1: none)."""
+    if facts["dynamic_shift"] is None:
+        return facts["flow_shift"] or 1.0
+    base_tokens, base_shift, max_tokens, max_shift = facts["dynamic_shift"]
+    tokens = (height // facts["pack"]) * (width // facts["pack"])
+    return math.exp(base_shift + (max_shift - base_shift) * (tokens - base_tokens) / (max_tokens - base_tokens))
 
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """
 models.py: load a backbone by name and give every script one way to use it.
 
-Backbones are stock diffusers denoisers. SD3 is an MM-DiT (`SD3Transformer2DModel`) trained with
-flow matching; SD1.5 and SDXL are UNets (`UNet2DConditionModel`) trained with DDPM epsilon-prediction.
-What differs between them is a handful of facts, kept in the one table `FAMILIES` (families.py): where
-the soft tokens go, how the noise is added and what the target is, how prompts are encoded, the
-denoiser's shapes, and the papers' hyper-parameters; the functions here read them.
-The scripts use backbones only through the functions of this file:
+Backbones are stock diffusers denoisers: MM-DiTs trained with flow matching (SD3, SD3.5:
+`SD3Transformer2DModel`; FLUX.1: `FluxTransformer2DModel`) and UNets trained with DDPM epsilon-prediction
+(SD1.5, SDXL: `UNet2DConditionModel`). What differs between them is a handful of facts, kept in the one
+table `FAMILIES` (families.py): where the soft tokens go, how the noise is added and what the target is,
+how prompts are encoded, the denoiser's shapes, and the papers' hyper-parameters; the functions here read
+them. The scripts use backbones only through the functions of this file:
 
     bb = load("sd3")                           # or "tiny-sd3", or load("sd3", pretrained="/path")
     cond = encode_prompts(bb, ["a cat"])       # the denoiser's text kwargs
@@ -15,12 +15,11 @@ The scripts use backbones only through the functions of this file:
     pred = denoise(bb, x_t, timesteps, cond)   # epsilon (DDPM) or velocity (flow)
     loss = (pred - target(bb, x0, noise)) ** 2
 
-The tiny-* models are the offline "shapes world" (see shapes.py and pretrain.py): like the real
-families they denoise VAE latents (a small AutoencoderKL, 32x32x3 <-> 8x8x4, shared by both tiny
-families), with one small CLIP text encoder of a word-level vocabulary; weights shipped in shapes/weights/.
-`random_denoiser(family, size)` builds any family's denoiser with random weights, at its real size
-(benchmarks) or at test size (tests); `build(name, pretrained, random_init)` is what the scripts' flags
-ask for.
+The tiny-* models are the offline "shapes world" (shapes.py, pretrain.py): VAE latents too (a small
+AutoencoderKL, 32x32x3 <-> 8x8x4, shared by both), one small CLIP text encoder of a word-level vocabulary,
+weights in shapes/weights/. `random_denoiser(family, size)` builds any family's denoiser with random
+weights at its real size (benchmarks) or test size (tests); `build(name, pretrained, random_init)` is what
+the scripts' flags ask for.
 """
 import inspect
 import os
@@ -29,11 +28,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+import families
 import shapes
 from families import FAMILIES   # the one table of per-family facts
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # every script's --precision
-NUM_TRAIN_TIMESTEPS = 1000  # all three families: timesteps in [0, 1000) (SD3: sigma * 1000)
+NUM_TRAIN_TIMESTEPS = 1000  # every family: timesteps in [0, 1000) (flow: sigma * 1000)
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes", "weights")
 
 
@@ -41,7 +41,7 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes",
 class Backbone:
     name: str
     facts: dict
-    denoiser: nn.Module                 # SD3Transformer2DModel or UNet2DConditionModel
+    denoiser: nn.Module                 # SD3Transformer2DModel, FluxTransformer2DModel or UNet2DConditionModel
     pipe: object = None                 # real models: the stock diffusers pipeline (text encoders, VAE)
     text_encoder: nn.Module = None      # tiny models: one CLIPTextModel with our word vocabulary
     vae: nn.Module = None               # AutoencoderKL (real: pipe.vae); None: the denoiser works on pixels
@@ -57,13 +57,8 @@ class Backbone:
             self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
-    @property
-    def device(self):
-        return next(self.denoiser.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.denoiser.parameters()).dtype
+    device = property(lambda self: next(self.denoiser.parameters()).device)
+    dtype = property(lambda self: next(self.denoiser.parameters()).dtype)
 
 
 def check_name(name):
@@ -126,23 +121,22 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     return bb
 
 
-# The shapes world's text encoder and autoencoder, built from configs in code (its denoisers are the
-# tiny-* entries of FAMILIES); pretrain.py trains them.
+# The shapes world's text encoder and autoencoder (its denoisers: FAMILIES' tiny-*); pretrain.py trains them.
 TINY_TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                         max_position_embeddings=16, projection_dim=128)
-# The shapes world's autoencoder: the real families' AutoencoderKL at 0.23M parameters. Three blocks halve
-# the side twice, 32x32x3 -> 8x8x4 (vae_factor 4); the denoisers then see 64 latent positions and the
-# decoder draws the crisp edges (a pixel-space denoiser of the same cost drew blocky fragments). No
-# attention in its middle block: 64 positions of flat colours need none. scaling_factor / shift_factor
-# are measured on renders after training (pretrain.py) and saved with the weights, as in the hub configs.
+# The shapes world's autoencoder: the real families' AutoencoderKL at 0.23M parameters, 32x32x3 -> 8x8x4
+# (vae_factor 4): 64 latent positions, and the decoder draws the crisp edges (a pixel-space denoiser of the
+# same cost drew blocky fragments). No attention in its middle block: flat colours need none. scaling_factor
+# and shift_factor are measured on renders after training (pretrain.py), saved with the weights.
 TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                        layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
 
 
 def denoiser_class(facts):
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-    return SD3Transformer2DModel if facts["arch"] == "mmdit" else UNet2DConditionModel
+    import diffusers
+    return getattr(diffusers, "FluxTransformer2DModel" if facts["pack"] else "SD3Transformer2DModel"
+                   if facts["arch"] == "mmdit" else "UNet2DConditionModel")
 
 
 def sized_config(facts, size):
@@ -186,9 +180,8 @@ def random_backbone(name, size="real", seed=0):
 
 def text_widths(config):
     """(width of the text stream, width of the pooled text feature or None) from a denoiser config
-    (a built model's .config, or denoiser_config): MM-DiT joint_attention_dim / pooled_projection_dim;
-    UNet cross_attention_dim, and for SDXL's micro-conditioning the added embedding less its 6 time
-    ids (2816 - 6 * 256 = 1280)."""
+    (a built model's .config, or denoiser_config): MM-DiT joint_attention_dim / pooled_projection_dim; UNet
+    cross_attention_dim, and for SDXL the added embedding less its 6 time ids (2816 - 6 * 256 = 1280)."""
     if "joint_attention_dim" in config:
         return config["joint_attention_dim"], config["pooled_projection_dim"]
     pooled = None
@@ -203,7 +196,7 @@ def feature_shapes(name, size=None):
     facts, config = check_name(name), denoiser_config(name)
     side = (size or facts["train_size"]) // facts["vae_factor"]
     width, pooled = text_widths(config)
-    return (config["in_channels"], side, side), (facts["text_tokens"], width), pooled or 0
+    return (config["in_channels"] // (facts["pack"] or 1) ** 2, side, side), (facts["text_tokens"], width), pooled or 0
 
 
 def random_text_features(bb, batch, seed=0):
@@ -330,6 +323,8 @@ def encode_prompts(bb, prompts, grad=False):
         if bb.pipe is None:
             out = bb.text_encoder(shapes.tokenize(prompts).to(device))
             hidden, pooled = out.last_hidden_state, out.pooler_output
+        elif facts["pipeline"] == "FluxPipeline":   # T5's sequence, CLIP's pooled output (and zero text ids)
+            hidden, pooled, _ = bb.pipe.encode_prompt(prompts, device=device, max_sequence_length=facts["text_tokens"])
         elif facts["arch"] == "mmdit":
             hidden, _, pooled, _ = bb.pipe.encode_prompt(prompts, None, None, device=device,
                                                          do_classifier_free_guidance=False)
@@ -359,9 +354,8 @@ def index_cond(cond, index):
 
 def cat_conds(conds):
     """Concatenate conditioning dicts along the batch (e.g. unconditional + conditional for CFG)."""
-    first = conds[0]
     return {k: cat_conds([c[k] for c in conds]) if isinstance(v, dict) else torch.cat([c[k] for c in conds])
-            for k, v in first.items()}
+            for k, v in conds[0].items()}
 
 
 # -----------------------------------------------------------------------------
@@ -395,23 +389,27 @@ def decode_latents(bb, latents, grad=False):
 
 
 def latent_shape(bb, size=None):
-    size = size or bb.facts["size"]
-    factor = bb.facts["vae_factor"]
-    return (bb.denoiser.config.in_channels, size // factor, size // factor)
+    """(C, h, w) of the VAE's latents: FLUX's denoiser reads them packed, C x 4 numbers a token."""
+    size, factor = size or bb.facts["size"], bb.facts["vae_factor"]
+    return (bb.denoiser.config.in_channels // (bb.facts["pack"] or 1) ** 2, size // factor, size // factor)
 
 
 # -----------------------------------------------------------------------------
 # Forward process and targets. A noise level u in [0, 1] is drawn per image; both families map it
 # to the denoiser's timestep in [0, 1000), the scale the soft tokens' time table is indexed by.
 #   DDPM (SD1.5/SDXL):  t = floor(1000 u),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  target eps
-#   flow (SD3):         sigma = u,          x_t = (1 - sigma) x0 + sigma eps,  target v = eps - x0,
+#   flow (SD3, FLUX):   sigma = u,          x_t = (1 - sigma) x0 + sigma eps,  target v = eps - x0,
 #                       timestep = 1000 sigma (SD3's convention; SoftREPA eq. 11 / AGSM eq. 38)
+# FLUX-dev: sigma = u moved by its dynamic time shift (families.time_shift), as FLUX.1 was trained.
 
 def add_noise(bb, x0, noise, u):
     """x_t and the denoiser's timesteps for clean x0 (B, ...), noise like x0, levels u (B,) in [0, 1]."""
     shape = (-1,) + (1,) * (x0.dim() - 1)
     if bb.facts["prediction"] == "flow":
         sigma = u.to(x0.device, torch.float32)
+        if bb.facts["dynamic_shift"]:
+            s = families.time_shift(bb.facts, *x0.shape[-2:])
+            sigma = s * sigma / (1 + (s - 1) * sigma)
         x_t = (1 - sigma.view(shape)) * x0.float() + sigma.view(shape) * noise.float()
         return x_t.to(x0.dtype), sigma * NUM_TRAIN_TIMESTEPS
     t = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1).to(x0.device)
@@ -425,8 +423,9 @@ def target(bb, x0, noise):
     return noise if bb.facts["prediction"] == "epsilon" else noise - x0
 
 
-def denoise(bb, x_t, timesteps, cond):
-    """One call of the stock denoiser. Hooks attached with hooks.attach act inside this call."""
+def denoise(bb, x_t, timesteps, cond, guidance=None):
+    """One call of the stock denoiser. Hooks attached with hooks.attach act inside this call. `guidance`:
+    FLUX-dev's guidance input (the sampler's cfg scale); None: the family's training value."""
     if not torch.is_tensor(timesteps) or timesteps.dim() == 0:
         timesteps = torch.full((x_t.shape[0],), float(timesteps), device=x_t.device)
     if "added_cond_kwargs" in cond:   # SDXL micro-conditioning (original size, crop top-left, target size):
@@ -434,4 +433,17 @@ def denoise(bb, x_t, timesteps, cond):
         embeds = cond["added_cond_kwargs"]["text_embeds"]
         time_ids = torch.tensor([side, side, 0, 0, side, side], device=embeds.device, dtype=embeds.dtype)
         cond = {**cond, "added_cond_kwargs": {"text_embeds": embeds, "time_ids": time_ids.repeat(len(x_t), 1)}}
-    return bb.denoiser(x_t, timestep=timesteps, **cond, return_dict=False)[0]
+    if not bb.facts["pack"]:
+        return bb.denoiser(x_t, timestep=timesteps, **cond, return_dict=False)[0]
+    # FLUX: the latents (B, C, h, w) go in as h/2 x w/2 tokens of 2 x 2 latent pixels, 4C numbers each, and
+    # come back the same way (FluxPipeline's _pack_latents / _unpack_latents); rotary position ids (0, row, col)
+    # per image token, (0, 0, 0) per text position; sigma itself (x 1000 inside the model); dev's guidance.
+    (B, C, h, w), p = x_t.shape, bb.facts["pack"]
+    tokens = x_t.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // p) * (w // p), C * p * p)
+    img_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(h // p).float(), torch.arange(w // p).float()).to(x_t)
+    txt_ids = x_t.new_zeros(cond["encoder_hidden_states"].shape[1], 3)
+    value = bb.facts["guidance"] if guidance is None else guidance
+    guide = torch.full((B,), value, device=x_t.device) if bb.denoiser.config.guidance_embeds else None
+    out = bb.denoiser(tokens, timestep=timesteps / NUM_TRAIN_TIMESTEPS, img_ids=img_ids, txt_ids=txt_ids,
+                      guidance=guide, **cond, return_dict=False)[0]
+    return out.reshape(B, h // p, w // p, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)

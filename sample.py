@@ -43,7 +43,8 @@ import softtokens
 
 
 def flow_sigmas(steps, shift=1.0):
-    """steps + 1 noise levels from 1 to 0 (SD3 FlowMatchEulerDiscreteScheduler with `shift`)."""
+    """steps + 1 noise levels from 1 to 0 (FlowMatchEulerDiscreteScheduler with `shift`; FLUX-dev's dynamic
+    shift is this with shift = e^mu, families.time_shift)."""
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
@@ -84,14 +85,19 @@ def predict(bb, x, timestep, cond, uncond, cfg, handle=None, uncond_set=None, co
     unconditional branch is skipped. With soft tokens attached (`handle`), cond_set is the token set of
     the conditional rows and uncond_set that of the unconditional rows (None: the same as cond_set):
     an int, or one per row as a (B,) LongTensor; -1 = no tokens (edit.py runs a source branch without
-    tokens next to a target branch with them)."""
+    tokens next to a target branch with them). A guidance-distilled family (FLUX-dev) runs one branch
+    whatever cfg is: the cfg scale is its guidance input, and there is no unconditional branch."""
     B = x.shape[0]
     t = torch.full((B,), float(timestep), device=x.device)
     cond_rows = _rows(cond_set, B)
-    if cfg == 1.0:
+    distilled = bb.facts["guidance"] is not None
+    if distilled and uncond_set is not None:
+        raise SystemExit(f"--neg-uncond puts psi- on the unconditional branch, and {bb.name} has none: it is guidance-"
+                         f"distilled (one branch a step, the cfg scale is its guidance input); sample without it")
+    if cfg == 1.0 or distilled:
         choice = None if bool((cond_rows == 0).all()) else cond_rows
         with handle.rows(choice) if handle is not None else nullcontext():
-            return models.denoise(bb, x, t, cond)
+            return models.denoise(bb, x, t, cond, guidance=cfg if distilled else None)
     uncond_rows = cond_rows if uncond_set is None else _rows(uncond_set, B)
     choice = torch.cat([uncond_rows, cond_rows])
     if bool((choice == 0).all()):
@@ -116,7 +122,7 @@ def sample_loop(bb, x, cond, uncond, steps, cfg, handle=None, uncond_set=None, p
         from tqdm import tqdm
         loop = tqdm(loop, desc="sampling", leave=False)
     if facts["prediction"] == "flow":
-        sigmas = flow_sigmas(steps, facts["flow_shift"] or 1.0)
+        sigmas = flow_sigmas(steps, families.time_shift(facts, *x.shape[-2:]))   # SD3: 3; FLUX-dev: by size
         for i in loop:
             v = predict(bb, x, sigmas[i] * models.NUM_TRAIN_TIMESTEPS, cond, uncond, cfg, handle, uncond_set)
             x = x + (sigmas[i + 1] - sigmas[i]) * v                   # Euler step from sigma_i to sigma_i+1
@@ -137,7 +143,7 @@ def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, u
     cfg = facts["sample"]["cfg"] if cfg is None else cfg
     x = initial_noise(models.latent_shape(bb, size), seeds).to(bb.device, bb.dtype)
     cond = models.encode_prompts(bb, list(prompts))
-    uncond = models.encode_prompts(bb, [""] * len(prompts))
+    uncond = models.encode_prompts(bb, [""] * len(prompts)) if facts["guidance"] is None else None   # distilled: none
     x = sample_loop(bb, x, cond, uncond, steps, cfg, handle, uncond_set, progress)
     return models.decode_latents(bb, x).float().cpu()
 

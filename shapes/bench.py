@@ -180,8 +180,9 @@ def bench_training(bb, args, size, precision):
 def positions(bb, size):
     """What the activation term is proportional to, per pair: MM-DiT tokens per block; UNet latent pixels."""
     side = size // bb.facts["vae_factor"]
-    if bb.facts["arch"] == "mmdit":
-        return (side // bb.denoiser.config.patch_size) ** 2 + bb.facts["text_tokens"] + bb.facts["n_tokens"]
+    if bb.facts["arch"] == "mmdit":   # FLUX: its packing is the patch
+        patch = bb.facts["pack"] or bb.denoiser.config.patch_size
+        return (side // patch) ** 2 + bb.facts["text_tokens"] + bb.facts["n_tokens"]
     return side * side
 
 
@@ -221,8 +222,11 @@ def memory_check(bb, sizes):
 # at 1024 px to 0.4% (3%); SD1.5's c at 512 px. SDXL's c is computed: its CPU slope (--memory-check 256 320
 # 384, fp32) times SD1.5's GPU-bf16 / CPU-fp32 ratio. Parameters of the text encoders and VAEs are the hub
 # configs' (CLIP-L 123.1M, OpenCLIP-bigG 694.7M, T5-XXL encoder 4762.3M, VAE 83.7M).
+# FLUX-dev, computed: its 19 double- and 38 single-stream blocks each count as one SD3 block of k (a single-
+# stream block keeps per position what a joint one does: q, k, v, attention out, the 4x MLP), width 3072, over
+# (S/16)^2 + 512 T5 positions; FLOPs: SD3's x the parameter ratio x the ratio of positions. CLIP-L + T5-XXL.
 TEXT_AND_VAE_PARAMS = {"sd3": (123.1e6 + 694.7e6 + 4762.3e6, 83.8e6), "sdxl": (123.1e6 + 694.7e6, 83.7e6),
-                       "sd1.5": (123.1e6, 83.7e6)}
+                       "sd1.5": (123.1e6, 83.7e6), "flux-dev": (123.1e6 + 4762.3e6, 83.8e6)}
 TEXT_AND_VAE_PARAMS["sd3.5-medium"] = TEXT_AND_VAE_PARAMS["sd3.5-large"] = TEXT_AND_VAE_PARAMS["sd3"]
 MMDIT_K = {False: 11.5, True: 1.72}
 UNET_BYTES_PER_LATENT_PIXEL = {"sd1.5": {False: 0.932e9 / 4096, True: 0.238e9 / 4096}}
@@ -234,9 +238,11 @@ FORWARD_GFLOP_PER_PAIR = {("sd3", 512): 33719.2 / 16, ("sd3", 1024): 35617.4 / 4
 def activation_bytes_per_pair(name, size, checkpointing, sdxl_cpu_slope=None):
     facts, config = models.FAMILIES[name], models.denoiser_config(name)
     if facts["arch"] == "mmdit":
-        positions = (size // 8 // config["patch_size"]) ** 2 + facts["text_tokens"] + facts["n_tokens"]
+        patch = facts["pack"] or config["patch_size"]   # FLUX: its packing is the patch
+        positions = (size // 8 // patch) ** 2 + facts["text_tokens"] + facts["n_tokens"]
         width = config["num_attention_heads"] * config["attention_head_dim"]
-        return MMDIT_K[checkpointing] * config["num_layers"] * positions * width * 2
+        blocks = config["num_layers"] + config.get("num_single_layers", 0)   # FLUX: double + single stream
+        return MMDIT_K[checkpointing] * blocks * positions * width * 2
     per_pixel = dict(UNET_BYTES_PER_LATENT_PIXEL)
     if sdxl_cpu_slope:   # fp32 CPU bytes per latent pixel, scaled by SD1.5's GPU/CPU ratio (3.45e-4 GiB on CPU)
         gpu_over_cpu = per_pixel["sd1.5"][False] / (3.45e-4 * 2 ** 30)
@@ -251,14 +257,15 @@ def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
     print("|---|---|---|---|---|---|---|---|")
     sd3_params = sum(p.numel() for p in models.random_denoiser_on_meta("sd3").parameters())
     for name, size in (("sd3", 512), ("sd3", 1024), ("sdxl", 512), ("sdxl", 1024), ("sd1.5", 512),
-                       ("sd3.5-medium", 1024), ("sd3.5-large", 1024)):
+                       ("sd3.5-medium", 1024), ("sd3.5-large", 1024), ("flux-dev", 512), ("flux-dev", 1024)):
         denoiser = sum(p.numel() for p in models.random_denoiser_on_meta(name).parameters())
         text, vae = TEXT_AND_VAE_PARAMS[name]
         weights = 2 * (denoiser + text + vae)
         acts = {gc: activation_bytes_per_pair(name, size, gc, sdxl_cpu_slope) for gc in (False, True)}
         key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
-        if name.startswith("sd3.5"):   # computed: SD3's measured FLOPs per pair at this size, x the parameter ratio
-            gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params
+        if name.startswith(("sd3.5", "flux")):   # computed: SD3's measured FLOPs per pair at this size, x the
+            seq = [(size // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]   # parameter and
+            gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params * seq[0] / seq[1]   # position ratios
         else:
             gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
         for loss in ("softrepa", "agsm"):

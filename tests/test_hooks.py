@@ -332,21 +332,19 @@ def test_tokens_for_rows_zeroes_unused_rows():
 
 
 # ---------------------------------------------------------------------------------------------
-# FLUX (FluxTransformer2DModel): the same MM-DiT path, with rotary positions and single-stream blocks
+# FLUX (FluxTransformer2DModel): the same MM-DiT path, with rotary positions and single-stream blocks.
+# The families' test-size models: flux-dev with its guidance embedding, flux-schnell without.
 
-def tiny_flux():
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(in_channels=16, num_layers=3, num_single_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                  guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+FLUX = ["flux-dev", "flux-schnell"]
 
 
-def flux_inputs(batch=4, n=5, side=4):
+def flux_inputs(model, batch=4, n=5, side=4):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, side * side, 16, generator=g)                  # packed latents
-    ctx, pooled = torch.randn(batch, n, 32, generator=g), torch.randn(batch, 32, generator=g)
-    sigma, guidance = torch.tensor([0.003, 0.25, 0.999, 1.0])[:batch], torch.full((batch,), 3.5)
+    x = torch.randn(batch, side * side, model.config.in_channels, generator=g)          # packed latents
+    ctx = torch.randn(batch, n, model.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, model.config.pooled_projection_dim, generator=g)
+    sigma = torch.tensor([0.003, 0.25, 0.999, 1.0])[:batch]
+    guidance = torch.full((batch,), 3.5) if model.config.guidance_embeds else None
     txt_ids, img_ids = torch.zeros(n, 3), torch.zeros(side, side, 3)
     img_ids[..., 1], img_ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None]
     return dict(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=sigma,
@@ -360,7 +358,8 @@ def reference_flux(model, call, tokens):
     per = tokens(sigma * 1000)
     L, m = per.shape[1:3]
     image = model.x_embedder(call["hidden_states"])
-    temb = model.time_text_embed(sigma * 1000, call["guidance"] * 1000, call["pooled_projections"])
+    guidance = () if call["guidance"] is None else (call["guidance"] * 1000,)
+    temb = model.time_text_embed(sigma * 1000, *guidance, call["pooled_projections"])
     text = model.context_embedder(call["encoder_hidden_states"])
     ids = torch.cat([call["txt_ids"], call["img_ids"]])
     rope, rope_m = model.pos_embed(ids), model.pos_embed(torch.cat([ids.new_zeros(m, 3), ids]))
@@ -375,10 +374,13 @@ def reference_flux(model, call, tokens):
     return model.proj_out(model.norm_out(image, temb))
 
 
+@pytest.mark.parametrize("family", FLUX)
+@pytest.mark.parametrize("layers", [2, 5])                 # 5: every double-stream block has tokens
 @pytest.mark.parametrize("time_table", [True, False])
-def test_flux_matches_handwritten_algorithm_1_and_comes_off_bitwise(time_table):
-    model, call = tiny_flux(), flux_inputs()
-    tokens = random_tokens(model, 2, time_table=time_table)
+def test_flux_matches_handwritten_algorithm_1_and_comes_off_bitwise(family, layers, time_table):
+    model = models.random_denoiser(family, "test")
+    call = flux_inputs(model)
+    tokens = random_tokens(model, layers, time_table=time_table)
     with torch.no_grad():
         plain = model(**call, return_dict=False)[0]
         handle = hooks.attach(model, tokens)
@@ -388,11 +390,14 @@ def test_flux_matches_handwritten_algorithm_1_and_comes_off_bitwise(time_table):
         reference = reference_flux(model, call, tokens)
     torch.testing.assert_close(hooked, reference, **tolerances.REORDERED_FP32)
     assert (hooked - plain).abs().max() > 1e-3 and torch.equal(after, plain)
-    print(f"flux: max |hooked - Alg. 1| = {(hooked - reference).abs().max().item():.3g}")
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    print(f"{family}: max |hooked - Alg. 1| = {(hooked - reference).abs().max().item():.3g}")
 
 
-def test_flux_mixed_rows_equal_separate_forwards_and_no_token_rows_are_plain():
-    model, call = tiny_flux(), flux_inputs()
+@pytest.mark.parametrize("family", FLUX)
+def test_flux_mixed_rows_equal_separate_forwards_and_no_token_rows_are_plain(family):
+    model = models.random_denoiser(family, "test")
+    call = flux_inputs(model)
     sets = [random_tokens(model, 2, seed=s) for s in range(3)]
     with torch.no_grad():
         plain = model(**call, return_dict=False)[0]

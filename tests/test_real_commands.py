@@ -270,3 +270,42 @@ def test_a_locally_saved_checkpoint_is_the_one_loaded_and_trained(tmp_path, coco
             for which, folder in (("base", base), ("tuned", tuned))}
     a, b = runs["base"]["tokens"].state_dict(), runs["tuned"]["tokens"].state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a if "ema" not in k)    # trained on the tuned weights
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A few images with same-named .txt captions (data.py's image-folder layout), of odd sizes."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("images")
+    for i, caption in enumerate(["a red cube", "two blue balls", "a green dog", "a cat on a sofa"]):
+        pixels = np.random.default_rng(i).integers(0, 256, (72 + 8 * i, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(caption)
+    return str(root)
+
+
+@pytest.mark.parametrize("family,losses", [("flux-dev", ["softrepa", "agsm"]), ("flux-schnell", ["agsm"])])
+def test_flux_from_a_folder_trains_samples_and_edits_with_its_tokens(tmp_path, image_folder, family, losses):
+    """FLUX.1 (issue #27) through the same path as SD3: a stock FluxPipeline on disk, --pretrained, the README's
+    SD3 train command with --model changed (images + .txt captions), then sample.py with the tokens (dev:
+    one branch a step, the cfg scale as its guidance input; schnell: its 4 steps, no CFG) and edit.py's
+    FlowEdit (SD3's settings: its cfg scales go in as dev's guidance)."""
+    folder = tiny_pipelines.save_stock(family, tmp_path / "stock")
+    argv = [family if a == "sd3" else a for a in readme_train_commands()[("sd3", "torchrun")]]
+    for loss in losses:
+        out = str(tmp_path / f"run-{loss}")
+        assert train.main(small(argv, folder, image_folder, out, loss))["step"] == 2
+        _, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
+        assert meta["model"] == family and meta["loss"] == loss
+    backbone = ["--model", family, "--pretrained", folder, "--size", "64", "--threads", "1"]
+    run = tmp_path / "samples"
+    sample.main(backbone + ["--tokens", os.path.join(out, "tokens.safetensors"), "--prompt", "a red cube", "--compare",
+                            "--out", str(run)] + (["--steps", "2"] if family == "flux-dev" else []))
+    records = [json.loads(line) for line in open(run / "records.jsonl")]
+    images = [np.asarray(__import__("PIL.Image").Image.open(run / r["image"])) for r in records]
+    assert len(images) == 2 and not np.array_equal(images[0], images[1])    # the tokens change the image
+    assert (records[0]["steps"], records[0]["cfg"]) == ((2, 3.5) if family == "flux-dev" else (4, 1.0))   # defaults
+    edit.main(backbone + ["--image", str(run / records[0]["image"]), "--src", "a red cube", "--tgt", "a blue cube",
+                          "--method", "flowedit", "--steps", "2", "--tokens", os.path.join(out, "tokens.safetensors"),
+                          "--out", str(tmp_path / "edit")])
+    assert (tmp_path / "edit" / "edited-tokens.png").exists()

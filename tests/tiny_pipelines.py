@@ -3,9 +3,9 @@ CLIP tokenizer written to a folder, tiny CLIP text encoders, a one-level VAE and
 
 `save_stock(family, folder)` writes the family's pipeline to disk in the hub's layout (model_index.json
 and one subfolder per component), as a user's `--pretrained /local/copy` holds it: SD3 with all three
-text encoders (two CLIPs and a T5 whose tokenizer is built here, offline), and an AutoencoderKL with
-the real models' 8x downsampling (four levels), so that a family's image sizes mean what they mean on
-the hub models."""
+text encoders (two CLIPs and a T5 whose tokenizer is built here, offline), FLUX.1 with its CLIP and T5,
+and an AutoencoderKL with the real models' 8x downsampling (four levels), so that a family's image sizes
+mean what they mean on the hub models."""
 import json
 
 import torch
@@ -97,19 +97,41 @@ def t5(vocab_size, width):
                                    num_heads=2, relative_attention_num_buckets=8)).eval()
 
 
-def vae8(**extra):
+def vae8(latent_channels=4, **extra):
     """AutoencoderKL with the hub models' 8x downsampling (four levels, 8 channels)."""
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
     return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                         latent_channels=latent_channels, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, **extra).eval()
+
+
+def flux_pipeline(folder, family):
+    """FLUX.1 at test size: CLIP-L's place (its pooled output, 32 wide) and T5's (the 32-wide text stream),
+    a 16-channel 8x VAE with FLUX's latent normalisation and no quant convs, and the hub's scheduler configs
+    written out: dev shifts by the image's size (use_dynamic_shifting), schnell not at all."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    tokenizer, n = clip_tokenizer(folder)
+    tokenizer_2, n_2 = t5_tokenizer()
+    config, dev = models.denoiser_config(family, "test"), family == "flux-dev"
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if dev else 1.0, use_dynamic_shifting=dev, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, transformer=models.random_denoiser(family, "test"),
+                        vae=vae8(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                                 use_post_quant_conv=False),
+                        text_encoder=clip(n, 1, projection=False, hidden=config["pooled_projection_dim"]),
+                        tokenizer=tokenizer, text_encoder_2=t5(n_2, config["joint_attention_dim"]),
+                        tokenizer_2=tokenizer_2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def stock_pipeline(family, folder):
     """The family's stock pipeline at test size, every text encoder included, 8x VAE."""
     import os
     os.makedirs(folder, exist_ok=True)
+    if models.FAMILIES[family]["pipeline"] == "FluxPipeline":
+        return flux_pipeline(folder, family)
     mmdit = models.FAMILIES[family]["arch"] == "mmdit"
     pipe = sd3_pipeline(folder, family) if mmdit else {"sdxl": sdxl_pipeline, "sd1.5": sd15_pipeline}[family](folder)
     scaling = dict(shift_factor=0.0609, scaling_factor=1.5305) if mmdit else {

@@ -244,6 +244,9 @@ def check_args(args):
         raise SystemExit(f"no token file or folder at {args.tokens}")
     if (args.steps is not None and args.steps < 1) or args.batch < 1:
         raise SystemExit("--steps and --batch must be at least 1")
+    if args.neg_uncond and models.FAMILIES[args.model]["guidance"] is not None:   # checked again in predict
+        raise SystemExit(f"--neg-uncond puts psi- on the unconditional branch, and {args.model} has none: it is "
+                         f"guidance-distilled (one branch per step); drop --neg-uncond")
     args.size = args.size or models.FAMILIES[args.model]["size"]
     families.check_size(args.model, args.size)
 

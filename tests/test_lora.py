@@ -71,7 +71,8 @@ def test_per_row_choice_equals_separate_forwards(tiny_sd3):
     torch.testing.assert_close(mixed[1], adapted[1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family,pipeline", [("sd3", "StableDiffusion3Pipeline"), ("sd1.5", "StableDiffusionPipeline")])
+@pytest.mark.parametrize("family,pipeline", [("sd3", "StableDiffusion3Pipeline"), ("sd1.5", "StableDiffusionPipeline"),
+                                             ("flux-dev", "FluxPipeline")])
 def test_the_file_loads_with_the_stock_pipelines_load_lora_weights(tmp_path, family, pipeline):
     import diffusers
     folder = tiny_pipelines.save_stock(family, tmp_path / "stock")
@@ -83,7 +84,7 @@ def test_the_file_loads_with_the_stock_pipelines_load_lora_weights(tmp_path, fam
     ours = models.denoise(bb, x, t, cond)
     pipe = getattr(diffusers, pipeline).from_pretrained(folder)
     pipe.load_lora_weights(path)
-    stock_denoiser = pipe.transformer if family == "sd3" else pipe.unet
+    stock_denoiser = pipe.unet if family == "sd1.5" else pipe.transformer
     stock = models.denoise(models.Backbone(family, bb.facts, stock_denoiser), x, t, cond)
     torch.testing.assert_close(stock, ours, rtol=0, atol=1e-5)
     # and our reader gives the same adapters to a fresh backbone

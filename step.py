@@ -35,6 +35,14 @@ import losses
 import models
 import softtokens
 
+# cuDNN's fused attention (one of PyTorch's SDPA kernels on Hopper GPUs) crashed in the backward pass with
+# "an illegal memory access" on FLUX.1-dev's training step (512 px, bf16, torch 2.11 + CUDA 13 on an H200),
+# and the same step ran with it switched off (docs/cost.md). The flash and memory-efficient kernels, which
+# PyTorch then picks, keep no N x N matrix either, so the memory model holds. Every training step is
+# imported from here (train.py, shapes/bench.py), so this one line covers them.
+if torch.cuda.is_available():
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 # -----------------------------------------------------------------------------
 # What each loss needs -- facts, not code: train_step branches on the loss name itself.

@@ -5,22 +5,19 @@ memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra me
 
     python -m shapes.bench --model tiny-sd3 --batch 4 --steps 10
     python -m shapes.bench --model sd1.5 --size 256 --batch 2 --steps 2     # real-size UNet, random weights
-    python -m shapes.bench --model sd3 --batch 4                             # on a GPU: the real thing
-    python -m shapes.bench --sampling --model sd3 --size 128 --steps 1 --cfg 1 --tokens <released sd3 tokens>
+    python -m shapes.bench --model sd3 --batch 4      # on a GPU: the real thing (--sampling: sampling instead)
 
 Real families are built from their configs in models.FAMILIES with random weights (timing does not
 depend on the weights, and nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 heads x 64,
 patch 2, text stream 333 x 4096 + pooled 2048). Text features are random tensors of the real shapes,
-fed as the encoding cache feeds them (data.py): the frozen text encoders and the VAE run once per
-step on B captions / images, outside what is compared here. On a CPU a real-size step takes minutes:
-pass a small --size (256 px = 32 x 32 latents) and few --steps.
+fed as the encoding cache feeds them (data.py): the text encoders and the VAE run outside what is
+compared here. On a CPU a real-size step takes minutes: pass a small --size (256 px) and few --steps.
 
-Training, measured side by side in one run, the configurations taking turns within every round (so
-that a machine whose speed drifts affects them alike), median over rounds:
+Training, side by side in one run (configurations take turns each round: a drift hits all alike), medians:
   forward, no tokens / forward, tokens     no-grad forward of the B x B pairs, hooks off / on
   softrepa, agsm, dsm                      step.train_step for each loss (forward, loss, backward, AdamW)
-Theory for AGSM / SoftREPA: the backbone is frozen, so backward computes activation gradients only,
-about one forward; softrepa = forward + backward ~ 2F, agsm = that + a no-grad EMA forward ~ 3F: 1.5.
+Theory for AGSM / SoftREPA: the backbone is frozen, so backward (activation gradients only) ~ one forward:
+softrepa = forward + backward ~ 2F, agsm = that + a no-grad EMA forward ~ 3F: 1.5.
 FLOPs per step are counted with torch's FlopCounterMode on the warm-up round; on CUDA, model FLOPs
 utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead of estimated FLOPs).
 """
@@ -30,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -232,7 +230,7 @@ MMDIT_K = {False: 11.5, True: 1.72}
 UNET_BYTES_PER_LATENT_PIXEL = {"sd1.5": {False: 0.932e9 / 4096, True: 0.238e9 / 4096}}
 STEP_OVER_FORWARD = {("softrepa", False): 2.19, ("agsm", False): 3.19, ("softrepa", True): 3.18, ("agsm", True): 4.18}
 FORWARD_GFLOP_PER_PAIR = {("sd3", 512): 33719.2 / 16, ("sd3", 1024): 35617.4 / 4, ("sd1.5", 512): 12852.4 / 16,
-                          ("sdxl", 128): 145.1}   # H200 FlopCounterMode; sdxl: the CPU's at 128 px, 1 pair
+                          ("flux-dev", 512): 86010.4 / 4, ("sdxl", 128): 145.1}   # H200; sdxl: CPU, 128 px, 1 pair
 
 
 def activation_bytes_per_pair(name, size, checkpointing, sdxl_cpu_slope=None):
@@ -263,9 +261,12 @@ def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
         weights = 2 * (denoiser + text + vae)
         acts = {gc: activation_bytes_per_pair(name, size, gc, sdxl_cpu_slope) for gc in (False, True)}
         key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
-        if name.startswith(("sd3.5", "flux")):   # computed: SD3's measured FLOPs per pair at this size, x the
-            seq = [(size // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]   # parameter and
-            gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params * seq[0] / seq[1]   # position ratios
+        if name.startswith("flux") and not key:   # FLUX's measured 512 px forward, x the ratio of positions
+            seq = [(side // 16) ** 2 + models.FAMILIES[name]["text_tokens"] for side in (size, 512)]
+            gflop = FORWARD_GFLOP_PER_PAIR[("flux-dev", 512)] * seq[0] / seq[1]
+        elif name.startswith("sd3.5"):   # computed: SD3's measured FLOPs per pair at this size, x the parameter and
+            seq = [(size // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]   # position ratios
+            gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params * seq[0] / seq[1]
         else:
             gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
         for loss in ("softrepa", "agsm"):
@@ -426,7 +427,6 @@ def main(argv=None):
     if args.memory_check:
         for side in args.memory_check:
             families.check_size(args.model, side)
-        from contextlib import nullcontext
         from torch.nn.attention import SDPBackend, sdpa_kernel
         kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                   "math": SDPBackend.MATH}.get(args.sdpa)

@@ -218,13 +218,13 @@ def memory_check(bb, sizes):
 # The constants were measured with this file on the H200 (docs/results/bench-*.txt; random weights, 16
 # pairs at 512 px and 4 at 1024): k = 11.5 (1.72 with checkpointing) from SD3 at 512 px, which predicts SD3
 # at 1024 px to 0.4% (3%); SD1.5's c at 512 px. SDXL's c is computed: its CPU slope (--memory-check 256 320
-# 384, fp32) times SD1.5's GPU-bf16 / CPU-fp32 ratio. Parameters of the text encoders and VAEs are the hub
-# configs' (CLIP-L 123.1M, OpenCLIP-bigG 694.7M, T5-XXL encoder 4762.3M, VAE 83.7M).
-# FLUX-dev, computed: its 19 double- and 38 single-stream blocks each count as one SD3 block of k (a single-
-# stream block keeps per position what a joint one does: q, k, v, attention out, the 4x MLP), width 3072, over
-# (S/16)^2 + 512 T5 positions; FLOPs: SD3's x the parameter ratio x the ratio of positions. CLIP-L + T5-XXL.
-TEXT_AND_VAE_PARAMS = {"sd3": (123.1e6 + 694.7e6 + 4762.3e6, 83.8e6), "sdxl": (123.1e6 + 694.7e6, 83.7e6),
-                       "sd1.5": (123.1e6, 83.7e6), "flux-dev": (123.1e6 + 4762.3e6, 83.8e6)}
+# 384, fp32) times SD1.5's GPU-bf16 / CPU-fp32 ratio. Text encoders' and VAEs' parameters: the hub configs'.
+# FLUX: its 19 double- and 38 single-stream blocks each count as one SD3 block of k (a single-stream block keeps
+# per position what a joint one does), width 3072, over (S/16)^2 + T5 positions (checked at 512 px: 6.12 GB
+# measured, 6.20 modelled); FLOPs: flux-dev's measured 512 px forward x the ratio of positions. CLIP-L + T5-XXL.
+CLIP_L, BIG_G, T5, VAE = 123.1e6, 694.7e6, 4762.3e6, 83.8e6
+TEXT_AND_VAE_PARAMS = {"sd3": (CLIP_L + BIG_G + T5, VAE), "sdxl": (CLIP_L + BIG_G, 83.7e6), "sd1.5": (CLIP_L, 83.7e6),
+                       "flux-dev": (CLIP_L + T5, VAE), "flux-schnell": (CLIP_L + T5, VAE)}
 TEXT_AND_VAE_PARAMS["sd3.5-medium"] = TEXT_AND_VAE_PARAMS["sd3.5-large"] = TEXT_AND_VAE_PARAMS["sd3"]
 MMDIT_K = {False: 11.5, True: 1.72}
 UNET_BYTES_PER_LATENT_PIXEL = {"sd1.5": {False: 0.932e9 / 4096, True: 0.238e9 / 4096}}
@@ -254,15 +254,15 @@ def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
           f"in {gpu_gb} GB (ckpt) | TFLOP/step | s/step at {mfu:.0%} MFU, H100 (ckpt) |")
     print("|---|---|---|---|---|---|---|---|")
     sd3_params = sum(p.numel() for p in models.random_denoiser_on_meta("sd3").parameters())
-    for name, size in (("sd3", 512), ("sd3", 1024), ("sdxl", 512), ("sdxl", 1024), ("sd1.5", 512),
-                       ("sd3.5-medium", 1024), ("sd3.5-large", 1024), ("flux-dev", 512), ("flux-dev", 1024)):
+    for name, size in (("sd3", 512), ("sd3", 1024), ("sdxl", 512), ("sdxl", 1024), ("sd1.5", 512), ("sd3.5-medium", 1024),
+                       ("sd3.5-large", 1024), ("flux-dev", 512), ("flux-dev", 1024), ("flux-schnell", 1024)):
         denoiser = sum(p.numel() for p in models.random_denoiser_on_meta(name).parameters())
         text, vae = TEXT_AND_VAE_PARAMS[name]
         weights = 2 * (denoiser + text + vae)
         acts = {gc: activation_bytes_per_pair(name, size, gc, sdxl_cpu_slope) for gc in (False, True)}
         key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
         if name.startswith("flux") and not key:   # FLUX's measured 512 px forward, x the ratio of positions
-            seq = [(side // 16) ** 2 + models.FAMILIES[name]["text_tokens"] for side in (size, 512)]
+            seq = [(side // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for side, n in ((size, name), (512, "flux-dev"))]
             gflop = FORWARD_GFLOP_PER_PAIR[("flux-dev", 512)] * seq[0] / seq[1]
         elif name.startswith("sd3.5"):   # computed: SD3's measured FLOPs per pair at this size, x the parameter and
             seq = [(size // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]   # position ratios

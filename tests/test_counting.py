@@ -6,6 +6,7 @@ import os
 import types
 
 import pytest
+import numpy as np
 import torch
 
 import losses
@@ -76,15 +77,20 @@ def test_the_shipped_shapes_counter_counts_held_out_renders_and_has_a_gradient()
     assert torch.isnan(counter.soft_count(images[:1].detach(), ["dog"])).all()   # not a shape of this world
 
 
-def test_a_transformers_detector_from_a_folder_is_a_soft_counter(tmp_path):
+def save_tiny_detr(folder, labels):
+    """A random DETR (ResNet backbone, no download) saved with save_pretrained: a detector folder of --counter."""
     from transformers import DetrConfig, DetrForObjectDetection
     config = DetrConfig(use_timm_backbone=False, backbone_config=dict(model_type="resnet", embedding_size=8,
                         hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_features=["stage4"]), use_pretrained_backbone=False,
                         d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, num_labels=3,
-                        id2label={0: "cat", 1: "dog", 2: "person"}, label2id={"cat": 0, "dog": 1, "person": 2})
+                        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, num_labels=len(labels),
+                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     torch.manual_seed(0)
-    DetrForObjectDetection(config).save_pretrained(tmp_path / "detr")
+    DetrForObjectDetection(config).save_pretrained(folder)
+
+
+def test_a_transformers_detector_from_a_folder_is_a_soft_counter(tmp_path):
+    save_tiny_detr(tmp_path / "detr", ["cat", "dog", "person"])
     counter = losses.load_counter(str(tmp_path / "detr"), "sd3", "cpu")
     images = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
     soft = counter.soft_count(images, ["cat", "zebra"])
@@ -131,3 +137,23 @@ def test_the_counting_loss_trains_and_chunking_does_not_change_the_step(tmp_path
     import csv
     rows = list(csv.DictReader(open(tmp_path / "count" / "log.csv")))
     assert all(float(r["count_error"]) >= 0 for r in rows) and any(float(r["count_error"]) > 0 for r in rows)
+
+
+def test_a_real_family_trains_with_a_detector_from_a_folder(tmp_path):
+    """The counting loss on a real family: the stock SD3 pipeline on disk (--pretrained), a transformers
+    detector saved to a folder (--counter), captions that ask for counts."""
+    import tiny_pipelines
+    from PIL import Image
+    save_tiny_detr(tmp_path / "detr", ["cat", "dog"])
+    folder = tiny_pipelines.save_stock("sd3", tmp_path / "stock")
+    for i, caption in enumerate(["two cats on a sofa", "three dogs", "a red car", "four cats"]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(caption)
+    argv = ["--model", "sd3", "--pretrained", folder, "--loss", "softrepa", "--data", str(tmp_path), "--size", "64",
+            "--steps", "2", "--batch", "4", "--workers", "1", "--threads", "1"]
+    plain = train.main(argv + ["--out", str(tmp_path / "plain")])
+    counted = train.main(argv + ["--out", str(tmp_path / "count"), "--count-weight", "1", "--counter", str(tmp_path / "detr")])
+    assert any(not torch.equal(v, plain["tokens"].state_dict()[k]) for k, v in counted["tokens"].state_dict().items())
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "count" / "log.csv")))
+    assert all(float(r["count_error"]) > 0 for r in rows)             # 3 of the 4 captions ask for a count

@@ -166,3 +166,17 @@ def test_a_lora_file_edits_like_a_token_file_with_per_row_branches(tmp_path):
     import numpy as np
     plain, tuned = (np.asarray(Image.open(tmp_path / "out" / n), dtype=float) for n in ("edited.png", "edited-tokens.png"))
     assert np.abs(plain - tuned).max() > 0
+
+
+def test_two_rank_lora_run_keeps_the_adapters_identical(tmp_path):
+    """DDP with adapters instead of tokens: the same all-reduce, the same AdamW step on every rank."""
+    import torch.multiprocessing as mp
+    from test_train import free_port, run_rank
+    argv = FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--params", "lora", "--steps", "2",
+                   "--out", str(tmp_path / "run")]
+    single = train.main(FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--params", "lora", "--steps", "2",
+                                "--out", str(tmp_path / "one")])
+    mp.start_processes(run_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
+    assert any(not torch.equal(single["tokens"].named[n], ranks[0][n]) for n in ranks[0])   # both ranks' data

@@ -292,7 +292,9 @@ def arms_table(paths, reference, columns=("counting", "overcount_counting", "sin
         scores = checker.ordered(checker.bootstrap_interval(groups))
         means = [results[f]["mean"][0] for f in files]
         file = files[0].removeprefix("tokens ")      # where it was written, or beside the JSON (docs/results)
-        file = next((f for f in (file, os.path.join(beside[name], *file.split("/")[-2:])) if os.path.exists(f)), None)
+        tail = file.split("/")[-2:]                  # <run folder>/<file>, beside the JSON or one folder up
+        file = next((f for f in (file, os.path.join(beside[name], *tail), os.path.join(beside[name], "..", *tail))
+                     if os.path.exists(f)), None)
         size = f"{trainable_numbers(file):,}" if file else "?"
         lines.append(f"| {name} | {size} | " + " | ".join(cell(*scores[c]) if c in scores else "" for c in columns)
                      + f" | {len(files)} ({min(means):.3f}-{max(means):.3f}) |")

@@ -19,7 +19,6 @@ overwrites, so its ten-line score() is repeated on open_clip. ImageReward (BLIP)
 packages; Inception uses pytorch-fid, the code the papers cite for FID.
 """
 import glob
-import json
 import math
 import os
 

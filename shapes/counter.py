@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from shapes import world
 
-from shapes.checker import COUNTER_WEIGHTS, MAX_COUNT, ShapesCounter, load_counter
+from shapes.checker import COUNTER_WEIGHTS, ShapesCounter, load_counter
 
 
 def shape_counts(spec):

@@ -18,8 +18,8 @@ puts psi- on the unconditional branch (AGSM Table 5 (i)).
 What it writes in --out: images/NNNNN.png (one per prompt and seed; with --compare also the plain
 image of each), grid.png, and records.jsonl, one line per image, which eval.py reads:
     {"image": "images/00000.png", "prompt": ..., "seed": 0, "variant": "tokens" | "plain",
-     "model": ..., "tokens": path | null, "token_set": "pos" | "ema_pos" | "tokens" | "softrepa" | null,
-     "uncond": "psi+" | "psi-" | "none", "steps": ..., "cfg": ..., "size": ..., "spec": {...} (if given)}
+     "model": ..., "tokens": path | null, "token_set": "pos" | "ema_pos" | "tokens" | "softrepa" | "lora" | null,
+     "uncond": "psi+" | "psi-" | "lora" | "none", "steps": ..., "cfg": ..., "size": ..., "spec": {...} (if given)}
 """
 import argparse
 import json
@@ -291,7 +291,8 @@ def main(argv=None):
             record = dict(image=name, prompt=item["prompt"], seed=seed, variant=variant, model=args.model,
                           tokens=args.tokens if with_tokens else None,
                           token_set=info["token_set"] if with_tokens else None,
-                          uncond=("psi-" if args.neg_uncond else "psi+") if with_tokens else "none",
+                          uncond=("psi-" if args.neg_uncond else "lora" if info["token_set"] == "lora" else "psi+")
+                          if with_tokens else "none",
                           steps=steps, cfg=cfg, size=args.size, random_init=args.random_init)
             if "spec" in item:
                 record["spec"] = item["spec"]

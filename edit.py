@@ -153,7 +153,7 @@ def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pro
     """FlowEdit, Kulikov et al. 2024, Algorithm 1 (n_min = 0: every one of the last n_max steps edits).
     The edit z moves by the difference of the two velocity fields along coupled paths that share their
     noise: where the prompts agree the difference is zero and z keeps the source's content."""
-    sigmas = sample.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
+    sigmas = sample.flow_sigmas(p["steps"], families.time_shift(bb.facts, *x_src.shape[-2:]))
     first = p["steps"] - of_50(p["n_max"], p["steps"])        # T - n_max: the steps FlowEdit skips
     z = x_src.clone()                                          # z^FE_{t_max} = x_src
     for i in _steps(range(first, p["steps"]), progress, "flowedit"):
@@ -182,7 +182,7 @@ def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
     the zeta term is the step of the flow-matching regulariser that keeps the edit's clean estimate near
     the source's along the whole trajectory (FlowAlign's source consistency). The authors' code integrates
     all T steps; AGSM runs it "consistent with the FlowEdit configuration", n_max = 33 (n_max=50: theirs)."""
-    sigmas = sample.flow_sigmas(p["steps"], bb.facts["flow_shift"] or 1.0)
+    sigmas = sample.flow_sigmas(p["steps"], families.time_shift(bb.facts, *x_src.shape[-2:]))
     first = p["steps"] - of_50(p["n_max"], p["steps"])
     z = x_src.clone()
     for i in _steps(range(first, p["steps"]), progress, "flowalign"):
@@ -207,7 +207,7 @@ def rf_inversion(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator,
         X <- X + (sigma' - sigma) [v(X) + eta_i ((X - y0) / sigma - v(X))]
     with eta_i = eta for steps start * T <= i < stop * T and 0 after (eta = 1 throughout returns y0)."""
     steps = p["steps"]
-    sigmas = sample.flow_sigmas(steps, bb.facts["flow_shift"] or 1.0)
+    sigmas = sample.flow_sigmas(steps, families.time_shift(bb.facts, *x_src.shape[-2:]))
     rising = sigmas.flip(0)                                     # the same levels, image -> noise
     y1 = _noise(x_src, generator)
     Y = x_src.clone()

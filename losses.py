@@ -355,7 +355,7 @@ class DetectorCounter(torch.nn.Module):
     a local folder, as a differentiable counter: the soft count of class c in an image is the sum over
     the detector's queries of p(query is a c) -- softmax over the classes and "no object" for the DETR
     family, a sigmoid where the head has no such class (RT-DETR). Its mean and std normalise the input
-    as its image processor does."""
+    as its image processor does; the image keeps its own size (the DETR family takes any)."""
 
     def __init__(self, folder):
         super().__init__()

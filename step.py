@@ -202,10 +202,8 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     # the temperature of the error softmax: the codes' constant, or AGSM Alg. 1 line 8's plain sum over
     # the C*H*W elements of the squared error (our errors are per-element means: tau = 1 / (C H W))
     tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau
-    # the counting loss's targets (SoftREPA app. D): each caption's count and object; NaN: no count
-    asks = [losses.prompt_count(c) if args.count_weight else None for c in captions]
-    asked = torch.tensor([float("nan") if a is None else float(a[0]) for a in asks], device=device)
-    nouns = [None if a is None else a[1] for a in asks]
+    # the counting loss's targets (SoftREPA app. D), read on the CPU: each caption's (count, object) or None
+    asks = [losses.prompt_count(c) for c in captions] if args.count_weight else [None] * B
 
     opt.zero_grad(set_to_none=True)
     chunk = args.rows_per_forward or B                 # image rows per forward (--rows-per-forward)
@@ -220,7 +218,6 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, rows))
                 errors = losses.pair_errors(pred.unsqueeze(1), target[rows])          # (n, 1)
                 loss = errors[:, 0].sum() / B
-                matched_pred = pred
             elif args.loss == "softrepa":
                 # ---- SoftREPA (Alg. 1; eqs. 9-14): each image row i against all K captions, in one
                 # batched forward of n x K pairs with the soft tokens prepended (hooks.py). The error of
@@ -231,7 +228,6 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 errors = losses.pair_errors(pred.view(n, K, *x0.shape[1:]), target[rows])   # (n, K)
                 row_losses = losses.softrepa_row_losses(errors, tau, args.scale, args.dweight, exclude[rows], rows)
                 loss = row_losses.sum() / B                                            # eq. 14: mean over rows
-                matched_pred = pred.view(n, K, *x0.shape[1:])[torch.arange(n, device=device), rows]
             elif args.loss == "agsm":
                 # ---- AGSM (Alg. 1). Line 7: psi+ on the matched pairs, psi- on the mismatched ones --
                 # one batched forward, the token set chosen per pair (handle.rows).
@@ -257,17 +253,19 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 loss = row_losses.sum()
                 errors = losses.pair_errors(pred, target[rows])       # logged: psi+ / psi- errors
                 row_weights.append(w)
-                matched_pred = pred[torch.arange(n, device=device), rows]             # psi+ on (i, i)
             else:
                 raise ValueError(f"unknown loss {args.loss!r}")
-            if args.count_weight and bool(torch.isfinite(asked[rows]).any()):
-                # ---- SoftREPA's counting loss (app. D; losses.py): the matched pairs' one-step x0_hat,
-                # decoded with gradient, counted softly; (count - asked)^2, a mean over the B rows
+            chunk_asks = asks[first:first + n]
+            if any(chunk_asks):
+                # ---- SoftREPA's counting loss (app. D; losses.py): the matched pairs' (i, i) one-step x0_hat
+                # (psi+ for AGSM), decoded with gradient, counted softly; (count - asked)^2, a mean over B rows
+                matched_pred = (pred if args.loss == "dsm" else
+                                pred.view(n, K, *x0.shape[1:])[torch.arange(n, device=device), rows])
                 x0_hat = losses.one_step_x0(matched_pred, x_t[rows], timesteps[rows], bb.facts["prediction"],
                                             bb.alphas_cumprod)
                 images = models.decode_latents(bb, x0_hat.to(bb.dtype), grad=True)
-                count_rows = losses.count_row_losses(counter.soft_count(images, [nouns[r] for r in rows.tolist()]),
-                                                     asked[rows])
+                asked = torch.tensor([a[0] if a else float("nan") for a in chunk_asks], device=device)
+                count_rows = losses.count_row_losses(counter.soft_count(images, [a and a[1] for a in chunk_asks]), asked)
                 loss = loss + args.count_weight * count_rows.sum() / B
                 count_errors.append(count_rows.detach())
         # the gradient w.r.t. the tokens only (the backbone is frozen); chunks add up in .grad
@@ -279,8 +277,8 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     errors = torch.cat(row_errors)                     # (B, K), or (B, 1) for dsm
     diagnostics = losses.agsm_diagnostics(torch.cat(row_weights), exclude) if row_weights else None
     params = tokens.trainable()
-    counted = int(torch.isfinite(asked).sum()) if count_errors else 0        # (logged: mean over counted rows)
-    count_error = torch.cat(count_errors).sum() / max(counted, 1) if count_errors else None
+    counted = sum(a is not None for a in asks)                # logged: the mean over the rows with a count
+    count_error = torch.cat(count_errors).sum() / counted if count_errors else None
     stats = step_stats(loss_sum, errors, exclude, diagnostics, batch["new_bad"], count_error)
     out = dict(zip(STATS, all_reduce_mean(params, stats, world)), lr=sched.get_last_lr()[0])
     if not math.isfinite(out["loss"]):   # every rank sees the same reduced loss, so all stop together

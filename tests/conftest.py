@@ -4,6 +4,7 @@ import pytest
 
 import models
 import tiny_metric_models
+import tiny_pipelines
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +20,16 @@ def tiny_dino_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_sd3():
     return models.build_tiny("tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def stock_folder(tmp_path_factory):
+    """stock_folder("sd3") -> the family's tiny stock pipeline saved in the hub's layout
+    (tiny_pipelines.save_stock), written once per session and shared by every test file."""
+    saved = {}
+
+    def folder(family):
+        if family not in saved:
+            saved[family] = tiny_pipelines.save_stock(family, tmp_path_factory.mktemp("stock") / family)
+        return saved[family]
+    return folder

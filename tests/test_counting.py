@@ -139,13 +139,12 @@ def test_the_counting_loss_trains_and_chunking_does_not_change_the_step(tmp_path
     assert all(float(r["count_error"]) >= 0 for r in rows) and any(float(r["count_error"]) > 0 for r in rows)
 
 
-def test_a_real_family_trains_with_a_detector_from_a_folder(tmp_path):
+def test_a_real_family_trains_with_a_detector_from_a_folder(tmp_path, stock_folder):
     """The counting loss on a real family: the stock SD3 pipeline on disk (--pretrained), a transformers
     detector saved to a folder (--counter), captions that ask for counts."""
-    import tiny_pipelines
     from PIL import Image
     save_tiny_detr(tmp_path / "detr", ["cat", "dog"])
-    folder = tiny_pipelines.save_stock("sd3", tmp_path / "stock")
+    folder = stock_folder("sd3")
     for i, caption in enumerate(["two cats on a sofa", "three dogs", "a red car", "four cats"]):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text(caption)

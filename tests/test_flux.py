@@ -5,7 +5,6 @@ pipeline sampling with tokens attached by hooks.attach against our sampler; one 
 gradient checkpointing on the packed path; and --neg-uncond on the guidance-distilled dev. (Alg. 1 written
 out block by block: tests/test_hooks.py; train.py and sample.py from a --pretrained folder:
 tests/test_real_commands.py.)"""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,16 +15,15 @@ import models
 import sample
 import softtokens
 import step
-import tiny_pipelines
 from shapes import bench
+from test_models import agsm_inputs, one_agsm_step
 
 FLUX = ["flux-dev", "flux-schnell"]
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux")
-    return {family: tiny_pipelines.save_stock(family, root / family) for family in FLUX}
+def folders(stock_folder):
+    return {family: stock_folder(family) for family in FLUX}
 
 
 @pytest.fixture(scope="module")
@@ -140,24 +138,15 @@ def test_one_agsm_step_and_per_row_sets_on_the_packed_path(family):
     """A random test-size backbone, text features of the family's shapes: rows without tokens give the plain
     model through models.denoise, and one AGSM step (psi+ / psi- per row, the EMA pass) moves the tokens."""
     bb = models.random_backbone(family, "test")
-    tokens = softtokens.make_tokens(bb, "agsm")
-    with torch.no_grad():
-        tokens.pos.tokens.normal_()
-    batch = bench.random_batch(bb, 2, 64)
-    x0, cond = step.encode_batch(bb, batch)
-    x_t, timesteps, _ = step.draw_noise(bb, x0, 0, 0, 0)
+    tokens, batch, x0, cond, x_t, timesteps = agsm_inputs(bb)
     with torch.no_grad():
         plain = models.denoise(bb, x_t, timesteps, cond)
         handle = hooks.attach(bb.denoiser, tokens.sets)
         with handle.rows(torch.tensor([softtokens.POS, -1])):
             mixed = models.denoise(bb, x_t, timesteps, cond)
     assert torch.equal(mixed[1], plain[1]) and (mixed[0] - plain[0]).abs().max() > 1e-3
-    recipe = SimpleNamespace(**step.default_recipe(family, "agsm", steps=10))
-    opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     before = {k: v.clone() for k, v in tokens.state_dict().items()}
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = step.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, 0)
+    stats = one_agsm_step(bb, tokens, handle, batch)
     handle.remove()
     assert not stats.get("diverged")
     for name in ("pos", "neg"):                 # psi+ learnt on the matched pairs, psi- on the others

@@ -12,7 +12,6 @@ import lora
 import models
 import sample
 import softtokens
-import tiny_pipelines
 import train
 
 FAST = ["--threads", "1", "--batch", "4", "--workers", "1", "--log-every", "100"]
@@ -73,9 +72,9 @@ def test_per_row_choice_equals_separate_forwards(tiny_sd3):
 
 @pytest.mark.parametrize("family,pipeline", [("sd3", "StableDiffusion3Pipeline"), ("sd1.5", "StableDiffusionPipeline"),
                                              ("flux-dev", "FluxPipeline")])
-def test_the_file_loads_with_the_stock_pipelines_load_lora_weights(tmp_path, family, pipeline):
+def test_the_file_loads_with_the_stock_pipelines_load_lora_weights(tmp_path, stock_folder, family, pipeline):
     import diffusers
-    folder = tiny_pipelines.save_stock(family, tmp_path / "stock")
+    folder = stock_folder(family)
     bb = models.load(family, pretrained=folder)
     params = perturbed(bb, 4, lora.parse_blocks(None, bb.facts))
     path = str(tmp_path / "lora.safetensors")

@@ -108,34 +108,47 @@ TOY_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(TOY_FAMILIES))
-def test_a_new_family_is_one_table_entry(monkeypatch, name):
+def agsm_inputs(bb):
+    """AGSM tokens with a random psi+ and a random batch of the family's shapes, noised as a step noises it:
+    (tokens, batch, x0, cond, x_t, timesteps)."""
     from shapes import bench
-    import hooks
-    import sample
     import softtokens
     import step
-    from types import SimpleNamespace
-    monkeypatch.setitem(models.FAMILIES, name, TOY_FAMILIES[name])
-    bb = models.random_backbone(name)
-    assert models.feature_shapes(name)[1] == (TOY_FAMILIES[name]["text_tokens"], models.text_widths(bb.denoiser.config)[0])
     tokens = softtokens.make_tokens(bb, "agsm")
-    handle = hooks.attach(bb.denoiser, tokens.sets, blocks=bb.facts["token_blocks"])
     with torch.no_grad():
         tokens.pos.tokens.normal_()
     batch = bench.random_batch(bb, 2, 64)
     x0, cond = step.encode_batch(bb, batch)
     x_t, timesteps, _ = step.draw_noise(bb, x0, 0, 0, 0)
+    return tokens, batch, x0, cond, x_t, timesteps
+
+
+def one_agsm_step(bb, tokens, handle, batch):
+    """step.train_step once with AGSM's recipe for the family; returns its stats."""
+    import step
+    from types import SimpleNamespace
+    recipe = SimpleNamespace(**step.default_recipe(bb.name, "agsm", steps=10))
+    opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return step.train_step(bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0)
+
+
+@pytest.mark.parametrize("name", list(TOY_FAMILIES))
+def test_a_new_family_is_one_table_entry(monkeypatch, name):
+    import hooks
+    import sample
+    monkeypatch.setitem(models.FAMILIES, name, TOY_FAMILIES[name])
+    bb = models.random_backbone(name)
+    assert models.feature_shapes(name)[1] == (TOY_FAMILIES[name]["text_tokens"], models.text_widths(bb.denoiser.config)[0])
+    tokens, batch, x0, cond, x_t, timesteps = agsm_inputs(bb)
+    handle = hooks.attach(bb.denoiser, tokens.sets, blocks=bb.facts["token_blocks"])
     with torch.no_grad():
         with_tokens = models.denoise(bb, x_t, timesteps, cond)
         with handle.rows(torch.full((2,), -1)):
             plain = models.denoise(bb, x_t, timesteps, cond)
     assert with_tokens.shape == x0.shape and (with_tokens - plain).abs().max() > 1e-4
-    recipe = SimpleNamespace(**step.default_recipe(name, "agsm", steps=10))
-    opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     before = tokens.pos.tokens.detach().clone()
-    stats = step.train_step(bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0)
+    stats = one_agsm_step(bb, tokens, handle, batch)
     assert not stats.get("diverged") and not torch.equal(before, tokens.pos.tokens)
     x = sample.sample_loop(bb, torch.randn(1, *models.latent_shape(bb)), models.random_text(bb, 1, 0),
                             models.random_text(bb, 1, 1), 2, 2.0, handle)

@@ -22,7 +22,6 @@ import models
 import sample
 import softtokens
 import step as training
-import tiny_pipelines
 import train
 from test_train import free_port, rows, run_rank, write_coco
 
@@ -32,9 +31,8 @@ README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 
 @pytest.fixture(scope="session")
-def stock(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stock")
-    return {family: tiny_pipelines.save_stock(family, root / family) for family in FAMILIES}
+def stock(stock_folder):
+    return {family: stock_folder(family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -230,10 +228,10 @@ def test_a_size_beyond_the_loaded_models_positional_table_is_one_line(stock, coc
 
 
 @pytest.mark.parametrize("family", ["sd3.5-medium", "sd3.5-large"])
-def test_sd35_from_a_folder_trains_agsm_and_samples_with_its_tokens(tmp_path, coco, family):
+def test_sd35_from_a_folder_trains_agsm_and_samples_with_its_tokens(tmp_path, coco, stock_folder, family):
     """SD3.5 (issue: the backbones people fork onto now) through the same path as SD3: a stock pipeline
     on disk, --pretrained, train.py (AGSM, per-row token sets), then sample.py with the tokens."""
-    folder = tiny_pipelines.save_stock(family, tmp_path / "stock")
+    folder = stock_folder(family)
     argv = [a.replace("sd3", family) if a == "sd3" else a for a in readme_train_commands()[("sd3", "torchrun")]]
     out = str(tmp_path / "run")
     result = train.main(small(argv, folder, coco, out, "agsm"))
@@ -249,11 +247,11 @@ def test_sd35_from_a_folder_trains_agsm_and_samples_with_its_tokens(tmp_path, co
     assert len(images) == 2 and not np.array_equal(images[0], images[1])    # the tokens change the image
 
 
-def test_a_locally_saved_checkpoint_is_the_one_loaded_and_trained(tmp_path, coco):
+def test_a_locally_saved_checkpoint_is_the_one_loaded_and_trained(tmp_path, coco, stock_folder):
     """A fine-tuned checkpoint of a real family (e.g. a preference-tuned UNet put into a copy of the base
     pipeline's folder) is what --pretrained loads and trains: its weights, not the base's or the hub's."""
     import shutil
-    base = tiny_pipelines.save_stock("sd1.5", tmp_path / "base")
+    base = stock_folder("sd1.5")                   # copied below, never written to
     tuned = str(tmp_path / "tuned")
     shutil.copytree(base, tuned)
     from diffusers import UNet2DConditionModel
@@ -285,12 +283,12 @@ def image_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family,losses", [("flux-dev", ["softrepa", "agsm"]), ("flux-schnell", ["agsm"])])
-def test_flux_from_a_folder_trains_samples_and_edits_with_its_tokens(tmp_path, image_folder, family, losses):
+def test_flux_from_a_folder_trains_samples_and_edits_with_its_tokens(tmp_path, image_folder, stock_folder, family, losses):
     """FLUX.1 (issue #27) through the same path as SD3: a stock FluxPipeline on disk, --pretrained, the README's
     SD3 train command with --model changed (images + .txt captions), then sample.py with the tokens (dev:
     one branch a step, the cfg scale as its guidance input; schnell: its 4 steps, no CFG) and edit.py's
     FlowEdit (SD3's settings: its cfg scales go in as dev's guidance)."""
-    folder = tiny_pipelines.save_stock(family, tmp_path / "stock")
+    folder = stock_folder(family)
     argv = [family if a == "sd3" else a for a in readme_train_commands()[("sd3", "torchrun")]]
     for loss in losses:
         out = str(tmp_path / f"run-{loss}")

@@ -219,3 +219,41 @@ def check_size(name, height, width=None, what="size", bb=None):
             limit = f" up to {largest}" if largest else ""
             raise SystemExit(f"{what} {height}x{width or height} does not fit {name}: it takes sides that are "
                              f"multiples of {multiple}{limit}; pass --size with such a value")
+
+
+# -----------------------------------------------------------------------------
+# The papers' recipes. What each loss needs -- facts, not code: step.train_step branches on the loss name
+# itself (AGSM's psi+ / psi- and their EMA copies: softtokens.PairTokens).
+#   pairs      "matrix": every image with every caption; "diagonal": the B matched pairs only
+#   tau        the temperature of the error softmax in the authors' codes (SoftREPA 0.07, AGSM 0.1)
+#   recipe     the entry of FAMILIES holding the paper's batch and steps
+#   paper_run  (iterations, scheduler period) of the authors' runs, for train.py's schedule rule
+#              (SoftREPA: 30k stepped every 500; AGSM: 100k stepped every --num_iter = 1000, as its
+#              scripts/train_coco.sh sets it for SD3 and SD1.5)
+LOSSES = {
+    "dsm": dict(pairs="diagonal", tau=None, recipe="agsm", paper_run=(100000, 1000)),
+    "softrepa": dict(pairs="matrix", tau=0.07, recipe="softrepa", paper_run=(30000, 500)),
+    "agsm": dict(pairs="matrix", tau=0.1, recipe="agsm", paper_run=(100000, 1000)),
+}
+
+
+def default_recipe(name, loss, steps=None, paper_tau=False):
+    """The papers' recipe for family `name` and `loss` (FAMILIES and LOSSES): what train.py uses for
+    every flag left unset, and what bench.py times."""
+    facts, spec = FAMILIES[name], LOSSES[loss]
+    recipe = facts[spec["recipe"]]
+    steps = steps or recipe["steps"]
+    return dict(loss=loss, data="shapes" if facts["hub"] is None else None, size=facts["train_size"],
+                batch=recipe["batch"], steps=steps, seed=0, lr=1e-3, wd=1e-4, min_lr=1e-5, grad_clip=0.0,
+                n_tokens=facts["n_tokens"], layers=facts["token_layers"], blocks=",".join(facts["token_blocks"] or ()),
+                time_table="on" if facts["time_table"] else "off", init=facts["init"], scale=4.0,
+                dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
+                gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, plain_sum=False, noise_per_row=False,
+                gather_text=False, paper_tau=paper_tau, tau=1.0 if paper_tau else spec["tau"], rows_per_forward=0,
+                # LoRA instead of tokens (lora.py; rank 4 on the tokens' blocks: SoftREPA's best LoRA, Table 11)
+                # and SoftREPA's counting loss (app. D; weight 0: off)
+                params="tokens", lora_rank=4, lora_blocks=str(facts["token_layers"]) if facts["arch"] == "mmdit"
+                else ",".join(facts["token_blocks"]), count_weight=0.0, counter=None,
+                # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
+                # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
+                ema_decay=max(0.0, 1 - 10 / steps))

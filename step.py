@@ -23,7 +23,10 @@ noise and scale the loss per chunk, so their step changes with --nrows; ours doe
 DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages the token gradients and
 the logged numbers, so every rank takes the same optimizer step and the tokens stay identical.
 """
+import csv
+import json
 import math
+import os
 import resource
 from contextlib import nullcontext
 
@@ -42,47 +45,6 @@ import softtokens
 # imported from here (train.py, shapes/bench.py), so this one line covers them.
 if torch.cuda.is_available():
     torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-# -----------------------------------------------------------------------------
-# What each loss needs -- facts, not code: train_step branches on the loss name itself.
-#   pairs      "matrix": every image with every caption; "diagonal": the B matched pairs only
-#   sets       token set of (matched, mismatched) pairs, indices into tokens.sets; None: the one set
-#              (AGSM's psi+ / psi-, softtokens.PairTokens)
-#   ema_sets   the same for AGSM's no-grad forward with the EMA tokens; None: no such forward
-#   tau        the temperature of the error softmax in the authors' codes (SoftREPA 0.07, AGSM 0.1)
-#   recipe     the entry of models.FAMILIES holding the paper's batch and steps
-#   paper_run  (iterations, scheduler period) of the authors' runs, for train.py's schedule rule
-#              (SoftREPA: 30k stepped every 500; AGSM: 100k stepped every --num_iter = 1000, as its
-#              scripts/train_coco.sh sets it for SD3 and SD1.5)
-LOSSES = {
-    "dsm": dict(pairs="diagonal", sets=None, ema_sets=None, tau=None, recipe="agsm", paper_run=(100000, 1000)),
-    "softrepa": dict(pairs="matrix", sets=None, ema_sets=None, tau=0.07, recipe="softrepa", paper_run=(30000, 500)),
-    "agsm": dict(pairs="matrix", sets=(softtokens.POS, softtokens.NEG), ema_sets=(softtokens.EMA_POS, softtokens.EMA_NEG),
-                 tau=0.1, recipe="agsm", paper_run=(100000, 1000)),
-}
-
-
-def default_recipe(name, loss, steps=None, paper_tau=False):
-    """The papers' recipe for family `name` and `loss` (models.FAMILIES and LOSSES): what train.py uses
-    for every flag left unset, and what bench.py times."""
-    facts, spec = models.check_name(name), LOSSES[loss]
-    recipe = facts[spec["recipe"]]
-    steps = steps or recipe["steps"]
-    return dict(loss=loss, data="shapes" if models.is_shapes_world(name) else None, size=facts["train_size"],
-                batch=recipe["batch"], steps=steps, seed=0, lr=1e-3, wd=1e-4, min_lr=1e-5, grad_clip=0.0,
-                n_tokens=facts["n_tokens"], layers=facts["token_layers"], blocks=",".join(facts["token_blocks"] or ()),
-                time_table="on" if facts["time_table"] else "off", init=facts["init"], scale=4.0,
-                dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
-                gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, plain_sum=False, noise_per_row=False,
-                gather_text=False, paper_tau=paper_tau, tau=1.0 if paper_tau else spec["tau"], rows_per_forward=0,
-                # LoRA instead of tokens (lora.py; rank 4 on the tokens' blocks: SoftREPA's best LoRA, Table 11)
-                # and SoftREPA's counting loss (app. D; weight 0: off)
-                params="tokens", lora_rank=4, lora_blocks=str(facts["token_layers"]) if facts["arch"] == "mmdit"
-                else ",".join(facts["token_blocks"]), count_weight=0.0, counter=None,
-                # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
-                # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
-                ema_decay=max(0.0, 1 - 10 / steps))
 
 
 # -----------------------------------------------------------------------------
@@ -140,6 +102,9 @@ def autocast(bb):
     return torch.autocast(bb.device.type, dtype=bb.dtype) if bb.dtype != torch.float32 else nullcontext()
 
 
+# The numbers every step logs (log.csv, in this order): the loss; the mean error of the matched and of the
+# mismatched pairs (err+ below err- is what alignment looks like); the in-batch classifier accuracy; AGSM's
+# win rate and score margin; the counting loss's squared count error; and newly met unreadable images.
 STATS = ["loss", "err_matched", "err_mismatched", "acc", "win_rate", "score_margin", "count_error", "new_bad"]
 
 
@@ -297,14 +262,173 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     return out
 
 
+# -----------------------------------------------------------------------------
+# The run between steps: what train.py keeps so that nothing is lost. A run folder holds one run
+# (lock_folder), its checkpoint ckpt.pt (written atomically: a kill mid-write keeps the previous one;
+# loaded with weights_only=True, so a file from elsewhere runs no code), config.json and log.csv
+# (appended, never rewritten in place); --resume latest continues the very same run.
+
+# Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
+# refuses a command line that contradicts them (a run is only resumable as the same run).
+TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "lr_period", "grad_clip",
+              "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
+              "gamma_neg", "bradley_terry", "plain_sum", "noise_per_row", "ema_decay", "gather_text", "world",
+              "params", "lora_rank", "lora_blocks", "count_weight", "counter"]
+# Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
+# continue a diverged run more slowly). Each change is recorded in config.json under "changes".
+# (--rows-per-forward and --grad-checkpointing are free too: they change the memory, not the step.)
+CHANGEABLE_ON_RESUME = ["lr"]
+
+
+def save_checkpoint(path, blob):
+    """Atomic: written beside, then renamed over the previous checkpoint (a crash keeps the old one)."""
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path):
+    """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL " in str(e):     # weights_only refused a class (e.g. posix.system): code would have run
+            raise SystemExit(f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
+                             f"and nothing in it was run; pass a ckpt.pt written by train.py") from None
+        raise SystemExit(f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
+                         f"by train.py, or start a new run in another --out") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:   # truncated, random bytes, not a zip
+        raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
+                         f"written by train.py, or start a new run in another --out") from None
+    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
+        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
+    return state
+
+
+# Resuming. A checkpoint is a plain dict of tensors and one JSON string (the run's flags), loaded with
+# weights_only=True so that a file from elsewhere cannot run code. resume_config reads the flags back
+# before anything else happens: the run's recipe is the checkpoint's, and a command line that says
+# otherwise about the trajectory (say --batch 8 against a run of batch 4) is refused in one line,
+# because "resume" would then silently mean "a different run with the same name".
+
+def resume_config(args):
+    """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
+    that contradicts the checkpoint is an error, except the few that only act on the steps to come
+    (CHANGEABLE_ON_RESUME), which are recorded in args.changes."""
+    ckpt_path, state, args.changes = os.path.join(args.out, "ckpt.pt"), None, []
+    if args.resume:
+        path = ckpt_path if args.resume == "latest" else args.resume
+        if os.path.exists(path):
+            state = read_checkpoint(path)
+            saved = json.loads(state["config"])
+            args.changes = saved.get("changes", [])
+            for key in TRAJECTORY:
+                if key not in saved:            # a setting newer than the run: its default (resolve)
+                    continue
+                if getattr(args, key) is None:
+                    setattr(args, key, saved[key])
+                elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
+                    args.changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
+                elif getattr(args, key) != saved[key]:
+                    raise SystemExit(f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
+                                     f": pass the same value, or start a new run in another --out")
+        elif args.resume != "latest":
+            raise SystemExit(f"--resume {path}: no such checkpoint")
+    return state
+
+
+# The log. log.csv holds one row per step (every logged number) and is appended to, never rewritten in
+# place: a resumed run first drops the rows after its checkpoint (they belong to a future that was lost)
+# by writing the kept rows to a new file and renaming it over the old one.
+
+def open_log(args, columns, step, master):
+    """log.csv (rank 0), appended from `step` on. A resumed run forgets the rows logged after its
+    checkpoint: the kept rows go to a new file renamed over the old one, so a kill at any moment leaves
+    the old log or the new one, whole. Returns a function that writes one row (and to TensorBoard)."""
+    if not master:
+        return lambda row: None
+    csv_path, board = os.path.join(args.out, "log.csv"), None
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    kept = []
+    if step and os.path.exists(csv_path):
+        with open(csv_path) as f:
+            kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
+        rewrite.writeheader()
+        rewrite.writerows(kept)
+    os.replace(csv_path + ".tmp", csv_path)
+    log = open(csv_path, "a", newline="")              # appended from here on, never truncated
+    writer = csv.DictWriter(log, columns, extrasaction="ignore")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        board = SummaryWriter(os.path.join(args.out, "tb"))
+    except ImportError:
+        pass
+
+    def record(row):
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        log.flush()
+        for k, v in row.items() if board is not None else ():
+            board.add_scalar(k, v, row["step"])
+    return record
+
+
+# One run per folder. Two runs writing one folder would interleave their checkpoints and logs, each
+# looking fine on its own; the lock file holds the pid of the run that owns the folder, so a second one
+# is refused while the first lives, and a lock left by a killed run (its pid gone) is simply taken over.
+
+def lock_folder(folder, flag="--out"):
+    """Hold `folder` for this process (folder/lock, holding our pid) until it exits: a second run into the
+    same folder is refused while the first one lives, and a lock left by a killed run is taken over."""
+    import atexit
+    path = os.path.join(folder, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and process_alive(pid):
+                raise SystemExit(f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
+                                 f"pass another {flag}") from None
+            os.remove(path)                          # stale: its run is gone (or it is ours)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+
+    def release():
+        try:
+            if open(path).read().strip() == str(os.getpid()):
+                os.remove(path)
+        except OSError:
+            pass
+    atexit.register(release)
+    return release
+
+
+def process_alive(pid):
+    """Whether process `pid` lives: signal 0 delivers nothing and only checks that the process exists
+    (PermissionError: it exists, under another user). A lock whose holder is gone is stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @torch.no_grad()
 def finite_after_update(bb, tokens, handle, args, probe, world=1):
     """A diverged state is never saved as good: the tokens must be finite and give finite predictions on
     the last step's matched pairs (tokens of 1e19 are finite, and NaN in the next forward). All ranks agree."""
-    spec = LOSSES[args.loss]
     x_t, timesteps, cond = probe
     cond = models.index_cond(cond, torch.arange(len(x_t), device=x_t.device))   # own captions (gathered: first B)
-    with autocast(bb), handle.rows(torch.full((len(x_t),), spec["sets"][0] if spec["sets"] else 0)):
+    with autocast(bb), handle.rows(torch.full((len(x_t),), softtokens.POS)):   # psi+, or the one set
         prediction = models.denoise(bb, x_t, timesteps, cond)
     finite = torch.stack([torch.isfinite(p).all() for p in tokens.parameters()] + [torch.isfinite(prediction).all()])
     finite = finite.all().float()
@@ -314,6 +438,8 @@ def finite_after_update(bb, tokens, handle, args, probe, world=1):
 
 
 def peak_memory_gb(device):
+    """The peak memory of this process so far, logged every step (peak_mem_gb): on CUDA the allocator's
+    peak of live tensors, on the CPU the peak resident set size (everything, the Python process included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (peak RSS)

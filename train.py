@@ -41,7 +41,6 @@ import hooks
 import lora
 import losses
 import models
-import runs
 import shapes
 import softtokens
 import step as training
@@ -52,7 +51,7 @@ from shapes import classifier
 # The flags. Three groups: the backbone (models.add_backbone_flags: --model, --pretrained, --device,
 # --precision, --threads); the recipe, where None means "the paper's default for this family and loss"
 # (filled in by resolve below, recorded in config.json, and fixed for the life of a run: TRAJECTORY in
-# runs.py); and the machinery, which changes how a step is computed but not which step it is
+# step.py); and the machinery, which changes how a step is computed but not which step it is
 # (checkpointing, --rows-per-forward, workers, logging), so a resumed run may change it.
 
 def parse_args(argv=None):
@@ -126,13 +125,13 @@ def parse_args(argv=None):
 
 
 def resolve(args, facts):
-    """Fill every unset recipe value with the model family's paper default (step.default_recipe).
+    """Fill every unset recipe value with the model family's paper default (families.default_recipe).
 
     The defaults come from the authors' runs where a paper is silent (README, "Choices the papers leave
     open"): for example the training size (512 px for every real family: both codes train there, while
     SDXL and SD3 sample at 1024), tau (the codes' 0.07 / 0.1, not AGSM Alg. 1's plain sum), AGSM's
     two separate means (not Alg. 1 line 12's one sum) and one t and eps per step (not per row)."""
-    for key, value in training.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
+    for key, value in families.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.paper_tau, args.plain_sum, args.noise_per_row = bool(args.paper_tau), bool(args.plain_sum), bool(args.noise_per_row)
@@ -140,7 +139,7 @@ def resolve(args, facts):
     # every `period` iterations, and their runs hold paper_steps / period such periods (SoftREPA 60, AGSM
     # 100). Keeping that number fixed, period = steps * paper_period / paper_steps, gives a run of any length
     # the same shape of schedule: 6 (SoftREPA) or 10 (AGSM) cosine cycles, constant within each period.
-    paper_steps, paper_period = training.LOSSES[args.loss]["paper_run"]
+    paper_steps, paper_period = families.LOSSES[args.loss]["paper_run"]
     args.lr_period = args.lr_period or max(1, round(args.steps * paper_period / paper_steps))
     if args.data is None:
         raise SystemExit(f"--data is required for {args.model}: a COCO folder, a .jsonl, a folder or a cache")
@@ -177,7 +176,7 @@ def check_flags(args):
     lora.check_flags(args)   # --lora-rank, and token flags given to a LoRA run (they would do nothing)
     # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
     # across GPUs); dsm has no mismatched pairs to widen
-    if args.gather_text and args.loss and training.LOSSES[args.loss]["pairs"] == "diagonal":
+    if args.gather_text and args.loss and families.LOSSES[args.loss]["pairs"] == "diagonal":
         raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
 
 
@@ -208,15 +207,15 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or 'agsm'}")
     if master:
         data.check_writable(args.out)
-        runs.lock_folder(args.out)
+        training.lock_folder(args.out)
         for name in os.listdir(args.out):          # what a killed write left behind
             if name.endswith(".tmp"):
                 os.remove(os.path.join(args.out, name))
 
     # ---- the recipe. On --resume, the checkpoint's settings; every flag still unset then takes the
-    # papers' default for this family and loss (step.default_recipe, models.FAMILIES): batch 4 images x
+    # papers' default for this family and loss (families.default_recipe, models.FAMILIES): batch 4 images x
     # 4 captions, lr 1e-3, the tokens' layout, tau, gammas, the authors' training size (512 px).
-    state = runs.resume_config(args)
+    state = training.resume_config(args)
     args.loss = args.loss or "agsm"
     resolve(args, facts)
     families.check_size(args.model, args.size)      # the family's image sides (every script's one rule)
@@ -226,7 +225,7 @@ def main(argv=None):
     # a detector folder (--counter) on a real family. Both are checked here, before the backbone loads.
     lora_blocks = lora.check_recipe(args, facts) if args.params == "lora" else None
     counter = losses.load_counter(args.counter, args.model, device) if args.count_weight else None
-    if training.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (world if args.gather_text else 1) < 2:
+    if families.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (world if args.gather_text else 1) < 2:
         # SoftREPA and AGSM compare each image's caption with the other captions of the batch
         raise SystemExit(f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
                          f"--batch 1 there are none (the loss is 0). Pass --batch 2 or more, or --loss dsm")
@@ -327,7 +326,7 @@ def main(argv=None):
                         config=json.dumps(vars(args)))
             if use_cuda:
                 blob["rng_cuda"] = torch.cuda.get_rng_state(device)
-            runs.save_checkpoint(ckpt_path, blob)
+            training.save_checkpoint(ckpt_path, blob)
         last_saved = step
 
     def stop_diverged(what):
@@ -355,7 +354,7 @@ def main(argv=None):
         columns += ["token_cos", "token_change", "output_change"]
         columns += [f"score_{c}" for c in shapes.CATEGORIES + ["mean"]] if tiny else []
         columns += ["heldout_acc"] if tiny or args.val_data else []
-    record = runs.open_log(args, columns, step, master)
+    record = training.open_log(args, columns, step, master)
 
     def validate(step):
         """Samples and scores with the current tokens, and token_cos / token_change / output_change:
@@ -368,7 +367,7 @@ def main(argv=None):
     # B x B pairs (B x world*B with --gather-text), the matched ones on the diagonal. So the papers'
     # "batch 16 (4, 12)" is 4 images x 4 captions: 4 matched and 12 mismatched pairs. dsm runs the B
     # matched pairs alone, which makes it the control that shows what the negatives add.
-    B, with_negatives = args.batch, training.LOSSES[args.loss]["pairs"] == "matrix"
+    B, with_negatives = args.batch, families.LOSSES[args.loss]["pairs"] == "matrix"
     pairs = B * B * (world if args.gather_text else 1) if with_negatives else B
     if master:
         print(f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "

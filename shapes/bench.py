@@ -106,7 +106,7 @@ def training_configs(bb, B, size):
             handle.remove()
 
     def make_step(loss):
-        recipe = SimpleNamespace(**training.default_recipe(bb.name, loss, steps=100000))
+        recipe = SimpleNamespace(**families.default_recipe(bb.name, loss, steps=100000))
         tokens = softtokens.make_tokens(bb, loss, init="normal").to(bb.device)
         opt = torch.optim.AdamW(tokens.trainable(), lr=recipe.lr, weight_decay=recipe.wd)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -186,7 +186,7 @@ def positions(bb, size):
 
 def memory_check(bb, sizes):
     rows = []
-    recipe = SimpleNamespace(**training.default_recipe(bb.name, "dsm", steps=100))
+    recipe = SimpleNamespace(**families.default_recipe(bb.name, "dsm", steps=100))
     tokens = softtokens.make_tokens(bb, "dsm", init="normal").to(bb.device)   # (no text encoder here)
     opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -2,7 +2,7 @@
 
 The knobs both papers ablate (SoftREPA Fig. 6 and Table 10: the number of tokens, the token layers,
 τ; AGSM Tables 6 and 12: γ±, the layers, the steps), plus lr, varied one at a time around the family's
-defaults (step.default_recipe), as the papers' ablations do. Every run is train.py with one flag
+defaults (families.default_recipe), as the papers' ablations do. Every run is train.py with one flag
 changed; then one eval.py --protocol dev scores the base and every run's tokens on the same prompts and
 seeds, so each row carries its paired difference against the base with its 95% interval.
 

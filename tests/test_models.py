@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import families
 import models
 
 
@@ -127,7 +128,7 @@ def one_agsm_step(bb, tokens, handle, batch):
     """step.train_step once with AGSM's recipe for the family; returns its stats."""
     import step
     from types import SimpleNamespace
-    recipe = SimpleNamespace(**step.default_recipe(bb.name, "agsm", steps=10))
+    recipe = SimpleNamespace(**families.default_recipe(bb.name, "agsm", steps=10))
     opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return step.train_step(bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0)

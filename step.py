@@ -17,7 +17,7 @@ Rows per forward. Both losses are sums over image rows (losses.py: each row's sh
 own pairs and by counts of the whole matrix), so the rows can go through the frozen denoiser a few
 at a time -- forward, loss, backward, the gradients adding up in .grad -- and the step is the same
 step as the unchunked one (tests/test_step.py checks it). This is the authors' --nrows, which is
-what makes SD3 at the papers' batch fit a GPU (README, real models). (Their chunks each draw fresh
+what makes SD3 at the papers' batch fit a GPU (docs/real-models.md). (Their chunks each draw fresh
 noise and scale the loss per chunk, so their step changes with --nrows; ours does not.)
 
 DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages the token gradients and

@@ -127,7 +127,7 @@ def parse_args(argv=None):
 def resolve(args, facts):
     """Fill every unset recipe value with the model family's paper default (families.default_recipe).
 
-    The defaults come from the authors' runs where a paper is silent (README, "Choices the papers leave
+    The defaults come from the authors' runs where a paper is silent (docs/choices.md, "Choices the papers leave
     open"): for example the training size (512 px for every real family: both codes train there, while
     SDXL and SD3 sample at 1024), tau (the codes' 0.07 / 0.1, not AGSM Alg. 1's plain sum), AGSM's
     two separate means (not Alg. 1 line 12's one sum) and one t and eps per step (not per row)."""

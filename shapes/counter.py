@@ -9,7 +9,7 @@ because the counting loss shows it one-step predictions x0_hat decoded by the VA
 high noise levels.
 
     python -m shapes.counter                       # train (2 min on 2 cores), write weights/counter.safetensors
-    python -m shapes.counter --check               # its accuracy on held-out renders (README)
+    python -m shapes.counter --check               # its accuracy on held-out renders (docs/other-arms.md)
 """
 import argparse
 import json

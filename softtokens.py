@@ -268,7 +268,13 @@ def _read_released(path):
         raise SystemExit(f"refused to load {path}: its pickle asks for {asked.group(1) if asked else 'an object'}, "
                          f"which is neither a tensor nor an nn.Embedding, and nothing in it was run; token "
                          f"files should be plain tensors or safetensors") from None
-    return (obj.weight if isinstance(obj, nn.Module) else obj).detach().float()
+    except Exception as e:   # truncated or not a torch file: the unpickler trips on anything
+        raise SystemExit(f"cannot read {path} ({type(e).__name__}): not a tensor file; pass the released .pth "
+                         f"files as downloaded") from None
+    obj = obj.weight if isinstance(obj, nn.Module) else obj
+    if not torch.is_tensor(obj):
+        raise SystemExit(f"{path} holds a {type(obj).__name__}, not a tensor or an nn.Embedding of tokens")
+    return obj.detach().float()
 
 
 def import_agsm(folder):

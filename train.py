@@ -198,6 +198,9 @@ def main(argv=None):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        # cuDNN's fused attention crashed in the backward pass on FLUX.1-dev's step (an H200, torch 2.11 +
+        # CUDA 13; docs/cost.md): PyTorch's flash / memory-efficient kernels take over, with the same memory
+        torch.backends.cuda.enable_cudnn_sdp(False)
     # Rank 0 alone writes files (checkpoints, log, tokens) and prints; every rank computes. A rank that
     # dies takes the process group down with it, and the run resumes from the last checkpoint.
     master = rank == 0

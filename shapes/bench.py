@@ -8,8 +8,7 @@ memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra me
     python -m shapes.bench --model sd3 --batch 4      # on a GPU: the real thing (--sampling: sampling instead)
 
 Real families are built from their configs in models.FAMILIES with random weights (timing does not
-depend on the weights, and nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 heads x 64,
-patch 2, text stream 333 x 4096 + pooled 2048). Text features are random tensors of the real shapes,
+depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads). Text features are random tensors of the real shapes,
 fed as the encoding cache feeds them (data.py): the text encoders and the VAE run outside what is
 compared here. On a CPU a real-size step takes minutes: pass a small --size (256 px) and few --steps.
 
@@ -419,6 +418,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
+    torch.backends.cuda.enable_cudnn_sdp(not on_cuda)   # off on CUDA, as in train.py (docs/cost.md)
     precision = args.precision or (("fp16" if args.sampling else "bf16") if on_cuda else "fp32")
     bb = models.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
     bb.denoiser.requires_grad_(False)

@@ -249,3 +249,12 @@ def test_released_softrepa_folder_reads():
     assert sdxl.shape == (1, 4, 2048) and sdxl.time_table is None
     with pytest.raises(SystemExit, match="pair-token file"):
         softtokens.read_tokens(os.path.join(RELEASED, "sd1.5"), "sd1.5", neg_uncond=True)
+
+
+def test_a_released_file_that_is_no_tensor_is_a_one_line_error(tmp_path):
+    (tmp_path / "dc_tokens.pth").write_bytes(b"\x80\x02]q\x00(K\x01K\x02e.")   # a pickled list, not a torch file
+    with pytest.raises(SystemExit, match="not a tensor file"):
+        softtokens.import_softrepa(str(tmp_path), "sd3")
+    torch.save({"tokens": torch.ones(2)}, tmp_path / "dc_tokens.pth")
+    with pytest.raises(SystemExit, match="holds a dict, not a tensor"):
+        softtokens.import_softrepa(str(tmp_path), "sd3")

@@ -132,9 +132,6 @@ class LoraParams:
             for n, p in self.named.items():
                 p.copy_(state[n])
 
-    def to(self, device):
-        return self
-
 
 def add(bb, rank, blocks, alpha=None, seed=0):
     """Adapters of rank r on the chosen blocks of the frozen denoiser, through diffusers' adapter API

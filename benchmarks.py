@@ -23,6 +23,7 @@ is why SoftREPA's Table 2 leaves CLIP-edited, PSNR and SSIM blank for them). The
     python edit.py --model sd3 --bench DIV2K --tokens t.safetensors --out out/div2k     # edits, both ways
     python eval.py --runs out/div2k/plain out/div2k/tokens --metrics edit clip imagereward --bench DIV2K
 """
+
 import glob
 import json
 import os
@@ -44,8 +45,10 @@ def kind(folder):
         return "cat2dog"
     if os.path.exists(os.path.join(folder, PROMPTS)):
         return "div2k"
-    raise SystemExit(f"{folder} is no editing benchmark folder: PIE-Bench has mapping_file.json, DIV2K with captions "
-                     f"{PROMPTS}, Cat2Dog (AFHQ) val/cat/ or cat/ images")
+    raise SystemExit(
+        f"{folder} is no editing benchmark folder: PIE-Bench has mapping_file.json, DIV2K with captions "
+        f"{PROMPTS}, Cat2Dog (AFHQ) val/cat/ or cat/ images"
+    )
 
 
 def cat_images(folder):
@@ -61,10 +64,18 @@ def read(folder):
     if which == "pie":
         with open(os.path.join(folder, "mapping_file.json")) as f:
             mapping = json.load(f)
-        clean = lambda text: text.replace("[", "").replace("]", "")   # noqa: E731  (PIE marks the edit in brackets)
-        return [dict(name=item["image_path"], image=os.path.join(folder, "annotation_images", item["image_path"]),
-                     src=clean(item["original_prompt"]), tgt=clean(item["editing_prompt"]), mask=item["mask"], key=key)
-                for key, item in mapping.items()]
+        clean = lambda text: text.replace("[", "").replace("]", "")  # noqa: E731  (PIE marks the edit in brackets)
+        return [
+            dict(
+                name=item["image_path"],
+                image=os.path.join(folder, "annotation_images", item["image_path"]),
+                src=clean(item["original_prompt"]),
+                tgt=clean(item["editing_prompt"]),
+                mask=item["mask"],
+                key=key,
+            )
+            for key, item in mapping.items()
+        ]
     listed = {}
     if os.path.exists(os.path.join(folder, PROMPTS)):
         with open(os.path.join(folder, PROMPTS)) as f:
@@ -81,8 +92,14 @@ def read(folder):
         return records
     records = []
     for name, (src, tgt) in listed.items():
-        path = next((p for p in (os.path.join(folder, name), os.path.join(folder, "DIV2K_train_HR", name))
-                     if os.path.exists(p)), None)
+        path = next(
+            (
+                p
+                for p in (os.path.join(folder, name), os.path.join(folder, "DIV2K_train_HR", name))
+                if os.path.exists(p)
+            ),
+            None,
+        )
         if path is None:
             raise SystemExit(f"{folder}/{PROMPTS} names {name}, which is neither in {folder} nor in DIV2K_train_HR/")
         records.append(dict(name=name, image=path, src=src, tgt=tgt, mask=None, key=name))
@@ -95,8 +112,12 @@ def items(folder, run):
     out = []
     for record in read(folder):
         stem = os.path.splitext(record["name"])[0]
-        found = [p for base in (os.path.join(run, "annotation_images"), run) for ext in metrics.IMAGE_EXT
-                 if os.path.exists(p := os.path.join(base, stem + ext))]
+        found = [
+            p
+            for base in (os.path.join(run, "annotation_images"), run)
+            for ext in metrics.IMAGE_EXT
+            if os.path.exists(p := os.path.join(base, stem + ext))
+        ]
         if found:
             mask = None if record["mask"] is None else mask_decode(record["mask"])
             out.append((record["key"], record["image"], found[0], mask, record["tgt"]))
@@ -108,7 +129,7 @@ def mask_decode(rle, shape=(512, 512)):
     evaluate.py, the one-pixel border counts as edited ("to avoid annotation errors in boundary")."""
     mask = np.zeros(shape[0] * shape[1], np.float32)
     for start, length in zip(rle[0::2], rle[1::2]):
-        mask[start:start + length] = 1
+        mask[start : start + length] = 1
     mask = mask.reshape(shape)
     mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
     return mask
@@ -121,11 +142,12 @@ def edit_metrics(items, clip=None, lpips_model=None, dino=None):
     values = {}
     for _, src_path, edited_path, mask, prompt in tqdm(items, desc="editing metrics", leave=False):
         src, edited = metrics.load_image(src_path), metrics.load_image(edited_path)
-        if src.shape != edited.shape:     # edit.py --bench edits at the model's size: compare at that size
+        if src.shape != edited.shape:  # edit.py --bench edits at the model's size: compare at that size
             from PIL import Image
+
             src = np.asarray(Image.fromarray(src).resize(edited.shape[1::-1], Image.BICUBIC))
         row = {}
-        if mask is not None and mask.shape != src.shape[:2]:   # PIE-Bench is 512 x 512: nearest mask pixel
+        if mask is not None and mask.shape != src.shape[:2]:  # PIE-Bench is 512 x 512: nearest mask pixel
             mask = np.asarray(metrics.to_pil(np.uint8(mask * 255)).resize(src.shape[1::-1], 0)) / 255.0
             mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
         if mask is None and lpips_model is not None:

@@ -34,6 +34,7 @@ is the family's training size (512 px). `python -m shapes.bench --cache-sizes` p
     SD3 at 512:  latents 16x64x64 + text 333x4096 (CLIP-L/G 77 + T5 256 tokens) + pooled 2048
                  = 1,431,552 numbers = 2.86 MB in bf16, 5.73 MB in fp32
 """
+
 import argparse
 import glob
 import json
@@ -54,6 +55,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # -----------------------------------------------------------------------------
 # Reading the pairs: a list of records (image path, [captions])
 
+
 def find_coco(folder, split):
     """(captions json, image folder) of a COCO root: 2017 layout first, then 2014."""
     for year in ("2017", "2014"):
@@ -73,8 +75,11 @@ def read_coco(ann, images):
     captions = {}
     for a in coco["annotations"]:
         captions.setdefault(a["image_id"], []).append(a["caption"].strip())
-    return [(os.path.join(images, im["file_name"]), captions[im["id"]])
-            for im in sorted(coco["images"], key=lambda im: im["id"]) if im["id"] in captions]
+    return [
+        (os.path.join(images, im["file_name"]), captions[im["id"]])
+        for im in sorted(coco["images"], key=lambda im: im["id"])
+        if im["id"] in captions
+    ]
 
 
 def json_lines(path, expected):
@@ -99,7 +104,7 @@ def read_jsonl(path):
         image = item.get("image", item.get("file_name"))
         caps = item.get("captions", item.get("caption", item.get("text")))
         if image is None or caps is None:
-            raise SystemExit(f"{path}:{n}: a line needs an image (\"image\") and a caption (\"caption\")")
+            raise SystemExit(f'{path}:{n}: a line needs an image ("image") and a caption ("caption")')
         records.append((os.path.join(root, image), [caps] if isinstance(caps, str) else list(caps)))
     return records
 
@@ -125,15 +130,17 @@ def read_records(path, split="train"):
         ann, images = find_coco(path, split)
         records = read_coco(ann, images) if ann else read_folder(path)
     elif path.endswith(".json"):  # captions_train2017.json: the images are in ../train2017/
-        name = os.path.basename(path)[len("captions_"):-len(".json")]
+        name = os.path.basename(path)[len("captions_") : -len(".json")]
         records = read_coco(path, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), name))
     elif path.endswith(".jsonl"):
         records = read_jsonl(path)
     else:
         raise SystemExit(f"--data {path}: expected a COCO folder, a captions_*.json, a .jsonl or a folder of images")
     if not records:
-        raise SystemExit(f"--data {path}: found no image-caption pairs (COCO: annotations/captions_{split}2017.json; "
-                         f"folder: image files with same-named .txt captions)")
+        raise SystemExit(
+            f"--data {path}: found no image-caption pairs (COCO: annotations/captions_{split}2017.json; "
+            f"folder: image files with same-named .txt captions)"
+        )
     return records
 
 
@@ -141,13 +148,15 @@ def check_writable(folder, flag="--out"):
     """Create `folder` and a scratch file in it: a read-only or invalid --out fails before the work, not
     after it."""
     import tempfile
+
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise SystemExit(f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); "
-                         f"pass a folder you can write to") from None
+        raise SystemExit(
+            f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); pass a folder you can write to"
+        ) from None
 
 
 def check_vocabulary(records, path):
@@ -157,8 +166,10 @@ def check_vocabulary(records, path):
         for caption in captions:
             problem = shapes.language_problem(caption)
             if problem:
-                raise SystemExit(f"--data {path}: the caption {caption!r} of {image} is not in the shapes "
-                                 f"world's language ({problem}); tiny models read only shapes.VOCAB")
+                raise SystemExit(
+                    f"--data {path}: the caption {caption!r} of {image} is not in the shapes "
+                    f"world's language ({problem}); tiny models read only shapes.VOCAB"
+                )
 
 
 def image_array(path, size=None):
@@ -166,6 +177,7 @@ def image_array(path, size=None):
     (bicubic) and centre-cropped to size x size, as the diffusers pipelines prepare an input image.
     The one image loader of the project (training data, edit.py's input, eval.py's metrics)."""
     from PIL import Image
+
     with Image.open(path) as im:
         im = im.convert("RGB")
         if size is not None:
@@ -197,13 +209,14 @@ def read_image(path, size=None, fix="pass a PNG or JPEG"):
         raise SystemExit(f"cannot read the image {path} (no such file): {fix}")
     try:
         return image_array(path, size)
-    except (OSError, ValueError, SyntaxError) as e:   # PIL's ways to fail: truncated, not an image
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's ways to fail: truncated, not an image
         raise SystemExit(f"cannot read the image {path} ({unreadable(e)}): {fix}") from None
 
 
 def try_load(path, size):
     """The image as load_image gives it, or None if it cannot be read (missing, truncated, not an image)."""
     from PIL import Image
+
     try:
         return load_image(path, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's ways to fail
@@ -213,6 +226,7 @@ def try_load(path, size):
 # -----------------------------------------------------------------------------
 # Sources and batches
 
+
 def open_source(spec, size, seed, split="train", workers=4):
     """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it."""
     if spec.split(":")[0] in ("shapes", "shapes-swapped"):
@@ -220,10 +234,20 @@ def open_source(spec, size, seed, split="train", workers=4):
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "cache.json")):
         return open_cache(spec, size, seed)
     if glob.glob(os.path.join(spec, "shard-*.bin")):
-        raise SystemExit(f"--data {spec}: an unfinished encoding cache (no cache.json): run `python data.py cache` again")
+        raise SystemExit(
+            f"--data {spec}: an unfinished encoding cache (no cache.json): run `python data.py cache` again"
+        )
     records = read_records(spec, split)
-    return dict(kind="files", spec=spec, records=records, size=size, seed=seed, bad=set(),
-                pool=ThreadPoolExecutor(max(1, workers)), epoch=None)
+    return dict(
+        kind="files",
+        spec=spec,
+        records=records,
+        size=size,
+        seed=seed,
+        bad=set(),
+        pool=ThreadPoolExecutor(max(1, workers)),
+        epoch=None,
+    )
 
 
 def shapes_source(spec, size, seed):
@@ -234,15 +258,17 @@ def shapes_source(spec, size, seed):
     categories = [c for c in listed.split(",") if c] or list(shapes.CATEGORIES)
     unknown = [c for c in categories if c not in shapes.CATEGORIES]
     if unknown:
-        raise SystemExit(f"--data {spec}: unknown shapes categor{'ies' if len(unknown) > 1 else 'y'} "
-                         f"{', '.join(unknown)}; choose from {', '.join(shapes.CATEGORIES)}")
+        raise SystemExit(
+            f"--data {spec}: unknown shapes categor{'ies' if len(unknown) > 1 else 'y'} "
+            f"{', '.join(unknown)}; choose from {', '.join(shapes.CATEGORIES)}"
+        )
     return dict(kind="shapes", seed=seed, size=size, categories=categories, swap=int(name == "shapes-swapped"))
 
 
 def epoch_order(seed, epoch, n):
     """The epoch's image permutation and one random number per image that picks its caption."""
     rng = np.random.default_rng([seed, epoch])
-    return rng.permutation(n), rng.integers(0, 2 ** 31, n)
+    return rng.permutation(n), rng.integers(0, 2**31, n)
 
 
 def slots(source, step, rank, world, batch):
@@ -273,13 +299,13 @@ def get_batch(source, step, rank=0, world=1, batch=4):
         return dict(images=shapes.to_tensor(images), captions=captions, new_bad=0)
     order, picks, start, _ = slots(source, step, rank, world, batch)
     if source["kind"] == "cache":
-        return cache_batch(source, order[start:start + batch], picks[order[start:start + batch]])
+        return cache_batch(source, order[start : start + batch], picks[order[start : start + batch]])
     records, size, bad = source["records"], source["size"], source["bad"]
-    chosen = [int(i) for i in order[start:start + batch]]
+    chosen = [int(i) for i in order[start : start + batch]]
     loaded = list(source["pool"].map(lambda i: None if i in bad else try_load(records[i][0], size), chosen))
     new_bad, spare = 0, start + batch
     for k in range(batch):
-        while loaded[k] is None:                   # slot k is unreadable: take the next spare image
+        while loaded[k] is None:  # slot k is unreadable: take the next spare image
             if chosen[k] not in bad:
                 bad.add(chosen[k])
                 new_bad += 1
@@ -303,14 +329,18 @@ def get_batch(source, step, rank=0, world=1, batch=4):
 
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # numpy has no bf16: each number's bits are stored as an integer of its width (and viewed back)
-STORE_BITS = {torch.bfloat16: (np.int16, torch.int16), torch.float16: (np.int16, torch.int16),
-              torch.float32: (np.int32, torch.int32)}
+STORE_BITS = {
+    torch.bfloat16: (np.int16, torch.int16),
+    torch.float16: (np.int16, torch.int16),
+    torch.float32: (np.int32, torch.int32),
+}
 
 
 def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batch=8, shard_gb=4.0, seed=0):
     """Encode `records` once with backbone `bb` into shards under `out`; returns the cache meta.
     K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5)."""
     from tqdm import tqdm
+
     os.makedirs(out, exist_ok=True)
     dtype, rng = STORE_DTYPES[store], np.random.default_rng(seed)
     (np_bits, torch_bits), width = STORE_BITS[dtype], dtype.itemsize
@@ -333,13 +363,15 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
         shards.append({"name": name, "count": rows})
 
     for start in tqdm(range(0, len(records), batch), desc="encoding cache"):
-        part = [(r, try_load(r[0], size)) for r in records[start:start + batch]]
+        part = [(r, try_load(r[0], size)) for r in records[start : start + batch]]
         skipped += sum(im is None for _, im in part)
         part = [(r, im) for r, im in part if im is not None]
         if not part:
             continue
-        caps = [[r[1][i % len(r[1])] for i in (range(K) if K >= len(r[1]) else rng.permutation(len(r[1]))[:K])]
-                for r, _ in part]
+        caps = [
+            [r[1][i % len(r[1])] for i in (range(K) if K >= len(r[1]) else rng.permutation(len(r[1]))[:K])]
+            for r, _ in part
+        ]
         with torch.no_grad():
             # the posterior mean: a cache holds one latent per image, so no single random draw of it
             latents = models.encode_images(bb, torch.stack([im for _, im in part]), mode=True)
@@ -355,8 +387,10 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
         for b, (record, _) in enumerate(part):
             if not files:  # open the next shard: one preallocated file per field
                 name = f"shard-{len(shards):05d}"
-                files = {f: (np.memmap(os.path.join(out, f"{name}.{f}.bin"), np_bits, "w+",
-                                       shape=(shard_rows, *s)), s) for f, s in fields.items()}
+                files = {
+                    f: (np.memmap(os.path.join(out, f"{name}.{f}.bin"), np_bits, "w+", shape=(shard_rows, *s)), s)
+                    for f, s in fields.items()
+                }
                 rows, kept = 0, []
             for f, v in values.items():  # the numbers' bits, as integers of their width
                 files[f][0][rows] = v[b].to(dtype).view(torch_bits).cpu().numpy()
@@ -366,8 +400,16 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
                 close_shard(files, rows, kept)
     if files:
         close_shard(files, rows, kept)
-    meta = dict(model=bb.name, size=size, store=store, captions_per_image=K, fields=fields, shards=shards,
-                images=sum(s["count"] for s in shards), skipped=skipped)
+    meta = dict(
+        model=bb.name,
+        size=size,
+        store=store,
+        captions_per_image=K,
+        fields=fields,
+        shards=shards,
+        images=sum(s["count"] for s in shards),
+        skipped=skipped,
+    )
     with open(os.path.join(out, "cache.json.tmp"), "w") as fh:
         json.dump(meta, fh, indent=1)
     os.replace(os.path.join(out, "cache.json.tmp"), os.path.join(out, "cache.json"))  # written last: complete
@@ -378,18 +420,30 @@ def open_cache(folder, size, seed):
     with open(os.path.join(folder, "cache.json")) as fh:
         meta = json.load(fh)
     if meta["size"] != size:
-        raise SystemExit(f"cache {folder} was encoded at {meta['size']} px, training is at {size}: pass --size {meta['size']}")
+        raise SystemExit(
+            f"cache {folder} was encoded at {meta['size']} px, training is at {size}: pass --size {meta['size']}"
+        )
     maps, captions = {f: [] for f in meta["fields"]}, []
     for shard in meta["shards"]:
         for f, shape in meta["fields"].items():
             bits = STORE_BITS[STORE_DTYPES[meta["store"]]][0]
-            maps[f].append(np.memmap(os.path.join(folder, f"{shard['name']}.{f}.bin"), bits, "r",
-                                     shape=(shard["count"], *shape)))
+            maps[f].append(
+                np.memmap(os.path.join(folder, f"{shard['name']}.{f}.bin"), bits, "r", shape=(shard["count"], *shape))
+            )
         with open(os.path.join(folder, f"{shard['name']}.json")) as fh:
             captions += json.load(fh)["captions"]
     offsets = np.cumsum([0] + [s["count"] for s in meta["shards"]])
-    return dict(kind="cache", meta=meta, maps=maps, offsets=offsets, captions=captions, n=int(offsets[-1]),
-                seed=seed, epoch=None, dtype=STORE_DTYPES[meta["store"]])
+    return dict(
+        kind="cache",
+        meta=meta,
+        maps=maps,
+        offsets=offsets,
+        captions=captions,
+        n=int(offsets[-1]),
+        seed=seed,
+        epoch=None,
+        dtype=STORE_DTYPES[meta["store"]],
+    )
 
 
 def cache_batch(source, indices, picks):
@@ -410,6 +464,7 @@ def cache_batch(source, indices, picks):
 
 # -----------------------------------------------------------------------------
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -418,7 +473,12 @@ def main(argv=None):
     c.add_argument("--data", required=True, help="COCO folder, captions_*.json, .jsonl or image+txt folder")
     c.add_argument("--out", required=True)
     c.add_argument("--split", default="train")
-    c.add_argument("--size", type=int, default=None, help="image size (default: the family's training size, 512 for the real ones)")
+    c.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image size (default: the family's training size, 512 for the real ones)",
+    )
     c.add_argument("--captions-per-image", type=int, default=1, help="captions kept per image (COCO has 5)")
     c.add_argument("--store", default="bf16", choices=list(STORE_DTYPES))
     c.add_argument("--batch", type=int, default=8)
@@ -428,18 +488,28 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     facts = models.check_name(args.model)
-    size = args.size or facts["train_size"]        # the cache is for training: the authors' training size
-    families.check_size(args.model, size)           # the one size rule of every script
+    size = args.size or facts["train_size"]  # the cache is for training: the authors' training size
+    families.check_size(args.model, size)  # the one size rule of every script
     records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.random_init and not models.is_shapes_world(args.model):
         raise SystemExit("--random-init builds the tiny shapes-world backbones: use it with tiny-sd3 or tiny-sd1.5")
-    bb = models.build(args.model, args.pretrained, args.random_init, device,
-                      STORE_DTYPES[args.store] if device == "cuda" else torch.float32, seed=args.seed)
-    families.check_size(args.model, size, bb=bb)    # and the loaded model's positional table
-    meta = write_cache(bb, records, args.out, size, args.captions_per_image, args.store,
-                       args.batch, args.shard_gb, args.seed)
-    print(f"wrote {meta['images']} images in {len(meta['shards'])} shards to {args.out} ({meta['skipped']} unreadable skipped)")
+    bb = models.build(
+        args.model,
+        args.pretrained,
+        args.random_init,
+        device,
+        STORE_DTYPES[args.store] if device == "cuda" else torch.float32,
+        seed=args.seed,
+    )
+    families.check_size(args.model, size, bb=bb)  # and the loaded model's positional table
+    meta = write_cache(
+        bb, records, args.out, size, args.captions_per_image, args.store, args.batch, args.shard_gb, args.seed
+    )
+    print(
+        f"wrote {meta['images']} images in {len(meta['shards'])} shards to {args.out} "
+        f"({meta['skipped']} unreadable skipped)"
+    )
 
 
 if __name__ == "__main__":

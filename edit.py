@@ -48,6 +48,7 @@ hook on the residual block: no copy of the model; removing them restores the sto
 Writes --out/edited.png (no tokens), edited-tokens.png (with --tokens), strip.png (source | edited |
 edited-with-tokens) and edit.json; --bench DIR edits a benchmark into --out/plain/ and --out/tokens/.
 """
+
 import argparse
 import json
 import os
@@ -56,13 +57,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from shapes import checker
 import benchmarks
 import data
 import families
 import models
 import sample
 import softtokens
+from shapes import checker
 
 # The editors and their paper settings (AGSM app. F). Step counts and thresholds are for 50 steps.
 METHODS = {
@@ -72,13 +73,23 @@ METHODS = {
 }
 for _inversion in ("ddim", "direct"):
     METHODS[_inversion] = dict(prediction="epsilon", steps=50, cfg=7.0, inversion=_inversion, control=None)
-    METHODS[f"{_inversion}+masactrl"] = dict(prediction="epsilon", steps=50, cfg=7.0, inversion=_inversion,
-                                             control="masactrl", start_step=4, start_layer=10)
-    METHODS[f"{_inversion}+pnp"] = dict(prediction="epsilon", steps=50, cfg=7.0, inversion=_inversion,
-                                        control="pnp", tau_attn=25, tau_feat=40, attn_layer=8,
-                                        feat_block=1, feat_resnet=1)
-ALIASES = {"masactrl": "ddim+masactrl", "pnp": "ddim+pnp"}   # the methods as first published
-SD15_SELF_ATTENTION_LAYERS = 16   # the count the papers' layer indices refer to
+    METHODS[f"{_inversion}+masactrl"] = dict(
+        prediction="epsilon", steps=50, cfg=7.0, inversion=_inversion, control="masactrl", start_step=4, start_layer=10
+    )
+    METHODS[f"{_inversion}+pnp"] = dict(
+        prediction="epsilon",
+        steps=50,
+        cfg=7.0,
+        inversion=_inversion,
+        control="pnp",
+        tau_attn=25,
+        tau_feat=40,
+        attn_layer=8,
+        feat_block=1,
+        feat_resnet=1,
+    )
+ALIASES = {"masactrl": "ddim+masactrl", "pnp": "ddim+pnp"}  # the methods as first published
+SD15_SELF_ATTENTION_LAYERS = 16  # the count the papers' layer indices refer to
 
 
 def check_method(name, method):
@@ -89,8 +100,10 @@ def check_method(name, method):
     prediction = models.FAMILIES[name]["prediction"]
     if METHODS[method]["prediction"] != prediction:
         fitting = [m for m, p in METHODS.items() if p["prediction"] == prediction]
-        raise SystemExit(f"{method} does not work on {name} ({'flow' if prediction == 'flow' else 'DDPM'} "
-                         f"model): use one of {', '.join(fitting)}")
+        raise SystemExit(
+            f"{method} does not work on {name} ({'flow' if prediction == 'flow' else 'DDPM'} "
+            f"model): use one of {', '.join(fitting)}"
+        )
     return method
 
 
@@ -102,9 +115,23 @@ def of_50(k, steps):
 # -----------------------------------------------------------------------------
 # The editing entry point
 
+
 @torch.no_grad()
-def edit(bb, image, src, tgt, method, handle=None, tokens_source=False, steps=None, cfg=None, seed=0,
-         progress=False, return_source=False, **settings):
+def edit(
+    bb,
+    image,
+    src,
+    tgt,
+    method,
+    handle=None,
+    tokens_source=False,
+    steps=None,
+    cfg=None,
+    seed=0,
+    progress=False,
+    return_source=False,
+    **settings,
+):
     """Edit `image` ((3, H, W) or (B, 3, H, W) in [-1, 1]) from prompt `src` to prompt `tgt` (a string, or
     one per image) with `method` (a key of METHODS); returns the edited image(s), same shape.
 
@@ -125,11 +152,11 @@ def edit(bb, image, src, tgt, method, handle=None, tokens_source=False, steps=No
     x_src = models.encode_images(bb, images, mode=True)  # the posterior mean: deterministic
     c_src, c_tgt = models.encode_prompts(bb, src), models.encode_prompts(bb, tgt)
     uncond = models.encode_prompts(bb, [""] * B)
-    src_set = 0 if tokens_source else -1   # token set of the source rows; -1: none
+    src_set = 0 if tokens_source else -1  # token set of the source rows; -1: none
     generator = torch.Generator().manual_seed(seed)
     args = (bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, progress)
     editor = {"flowedit": flowedit, "flowalign": flowalign, "rf-inversion": rf_inversion}.get(method, ddim_edit)
-    x, x_source = editor(*args)                              # the source branch's result: DDIM methods only
+    x, x_source = editor(*args)  # the source branch's result: DDIM methods only
     edited = models.decode_latents(bb, x).float().cpu()
     edited = edited[0] if single else edited
     if not return_source:
@@ -149,25 +176,26 @@ def _noise(x, generator):
 # -----------------------------------------------------------------------------
 # Flow backbones
 
+
 def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, progress):
     """FlowEdit, Kulikov et al. 2024, Algorithm 1 (n_min = 0: every one of the last n_max steps edits).
     The edit z moves by the difference of the two velocity fields along coupled paths that share their
     noise: where the prompts agree the difference is zero and z keeps the source's content."""
     sigmas = sample.flow_sigmas(p["steps"], families.time_shift(bb.facts, *x_src.shape[-2:]))
-    first = p["steps"] - of_50(p["n_max"], p["steps"])        # T - n_max: the steps FlowEdit skips
-    z = x_src.clone()                                          # z^FE_{t_max} = x_src
+    first = p["steps"] - of_50(p["n_max"], p["steps"])  # T - n_max: the steps FlowEdit skips
+    z = x_src.clone()  # z^FE_{t_max} = x_src
     for i in _steps(range(first, p["steps"]), progress, "flowedit"):
         t, t_next = sigmas[i], sigmas[i + 1]
         timestep = t * models.NUM_TRAIN_TIMESTEPS
         v_delta = torch.zeros_like(z)
         for _ in range(p["n_avg"]):
             n = _noise(x_src, generator)
-            x_src_t = (1 - t) * x_src + t * n                  # the source image's forward path
-            x_tar_t = z + x_src_t - x_src                      # shifted by the edit so far
+            x_src_t = (1 - t) * x_src + t * n  # the source image's forward path
+            x_tar_t = z + x_src_t - x_src  # shifted by the edit so far
             v_tar = sample.predict(bb, x_tar_t, timestep, c_tgt, uncond, p["cfg"], handle, cond_set=0)
             v_src = sample.predict(bb, x_src_t, timestep, c_src, uncond, p["cfg_src"], handle, cond_set=src_set)
             v_delta += (v_tar - v_src) / p["n_avg"]
-        z = z + (t_next - t) * v_delta                         # Euler step of dz/dt = V_delta
+        z = z + (t_next - t) * v_delta  # Euler step of dz/dt = V_delta
     return z, None
 
 
@@ -208,7 +236,7 @@ def rf_inversion(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator,
     with eta_i = eta for steps start * T <= i < stop * T and 0 after (eta = 1 throughout returns y0)."""
     steps = p["steps"]
     sigmas = sample.flow_sigmas(steps, families.time_shift(bb.facts, *x_src.shape[-2:]))
-    rising = sigmas.flip(0)                                     # the same levels, image -> noise
+    rising = sigmas.flip(0)  # the same levels, image -> noise
     y1 = _noise(x_src, generator)
     Y = x_src.clone()
     for i in _steps(range(steps), progress, "rf-inversion: invert"):
@@ -229,6 +257,7 @@ def rf_inversion(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator,
 
 # -----------------------------------------------------------------------------
 # DDPM UNets: DDIM / Direct Inversion, and the attention control of MasaCtrl and Plug-and-Play
+
 
 def ddim_invert(bb, x0, cond, steps, handle=None, cond_set=-1, progress=False):
     """DDIM inversion (CFG 1): the latents at every level of the `steps`-step DDIM schedule, x0 last.
@@ -271,6 +300,7 @@ def controlled_self_attention(stock, state, share, active):
     """An attention processor for a UNet attn1: the stock one while `active(step)` is false; else
     self-attention written out in which the target rows take `share` ("kv": MasaCtrl's keys and values;
     "qk": PnP's queries and keys) from their source rows. (SD's attn1 has no norms or residual inside.)"""
+
     def processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         if not active(state["step"]) or encoder_hidden_states is not None:
             return stock(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
@@ -284,9 +314,10 @@ def controlled_self_attention(stock, state, share, active):
             v = v[follow]
         B, N, width = q.shape
         q, k, v = (a.view(B, -1, attn.heads, width // attn.heads).transpose(1, 2) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)             # softmax(q k^T / sqrt(d)) v, per head
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, per head
         out = out.transpose(1, 2).reshape(B, N, width)
-        return attn.to_out[1](attn.to_out[0](out))                # output projection, dropout
+        return attn.to_out[1](attn.to_out[0](out))  # output projection, dropout
+
     return processor
 
 
@@ -296,7 +327,7 @@ def attach_control(unet, p, state, steps):
     undo = []
 
     def control_attention(first_layer, share, active):
-        for attn in layers[scaled_layer(first_layer, len(layers)):]:
+        for attn in layers[scaled_layer(first_layer, len(layers)) :]:
             stock = attn.processor
             attn.set_processor(controlled_self_attention(stock, state, share, active))
             undo.append(lambda attn=attn, stock=stock: attn.set_processor(stock))
@@ -310,14 +341,16 @@ def attach_control(unet, p, state, steps):
         block = unet.up_blocks[min(p["feat_block"], len(unet.up_blocks) - 1)]
         resnet = block.resnets[min(p["feat_resnet"], len(block.resnets) - 1)]
 
-        def inject_features(module, args, output):              # the residual block's output, h_src -> h_tgt
+        def inject_features(module, args, output):  # the residual block's output, h_src -> h_tgt
             if state["step"] < tau_feat:
                 return output[source_rows(output.shape[0], state["per_branch"]).to(output.device)]
+
         undo.append(resnet.register_forward_hook(inject_features).remove)
 
     def remove():
         for fn in reversed(undo):
             fn()
+
     return remove
 
 
@@ -350,24 +383,42 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
 # -----------------------------------------------------------------------------
 # Command line
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p)
     p.add_argument("--image", default=None, help="the source image (any format PIL reads)")
     p.add_argument("--src", default=None, help="the source prompt (describes --image)")
     p.add_argument("--tgt", default=None, help="the target prompt (the edit)")
-    p.add_argument("--shapes-check", type=int, default=0, metavar="N", help="tiny-*: N rendered objects with a "
-                   "colour or shape change, every method, success by the checker (with and without --tokens)")
-    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}; masactrl, pnp: their ddim+ "
-                   f"forms (default: flowedit for flow models, direct+pnp for UNets)")
+    p.add_argument(
+        "--shapes-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tiny-*: N rendered objects with a "
+        "colour or shape change, every method, success by the checker (with and without --tokens)",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        help=f"one of {', '.join(METHODS)}; masactrl, pnp: their ddim+ "
+        f"forms (default: flowedit for flow models, direct+pnp for UNets)",
+    )
     p.add_argument("--tokens", default=None, help="soft tokens for the target branch (as sample.py --tokens)")
     p.add_argument("--tokens-source", action="store_true", help="also put the tokens on the source branch")
     p.add_argument("--ema", action="store_true", help="pair-token files: the EMA psi+")
     p.add_argument("--steps", type=int, default=None, help="default: the method's (50)")
     p.add_argument("--cfg", type=float, default=None, help="target CFG (default: the method's)")
-    p.add_argument("--size", type=int, default=None, help="the image is resized (shorter side) and centre-"
-                   "cropped to this side, as diffusers pipelines prepare an input (default: the family's)")
-    p.add_argument("--bench", default=None, help="edit a whole benchmark folder (PIE-Bench, DIV2K, Cat2Dog: benchmarks.py)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="the image is resized (shorter side) and centre-"
+        "cropped to this side, as diffusers pipelines prepare an input (default: the family's)",
+    )
+    p.add_argument(
+        "--bench", default=None, help="edit a whole benchmark folder (PIE-Bench, DIV2K, Cat2Dog: benchmarks.py)"
+    )
     p.add_argument("--limit", type=int, default=0, help="--bench: its first N edits (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/edit")
@@ -402,13 +453,18 @@ def main(argv=None):
         bb = models.from_flags(args)
         return shapes_check(bb, args.shapes_check, sets, info, args.seed)
     if args.bench is None and (args.image is None or args.src is None or args.tgt is None):
-        raise SystemExit("edit.py needs --image, --src and --tgt, or --bench DIR (or --shapes-check N on a tiny model)")
+        raise SystemExit(
+            "edit.py needs --image, --src and --tgt, or --bench DIR (or --shapes-check N on a tiny model)"
+        )
     method = check_method(args.model, args.method or ("flowedit" if facts["prediction"] == "flow" else "direct+pnp"))
     if args.steps is not None and args.steps < 2:
         raise SystemExit("--steps must be at least 2")
     # one record per edit: the benchmark's (benchmarks.py: PIE-Bench, DIV2K with captions, Cat2Dog), or --image's
-    records = (benchmarks.read(args.bench)[:args.limit or None] if args.bench else
-               [dict(name=None, image=args.image, src=args.src, tgt=args.tgt)])
+    records = (
+        benchmarks.read(args.bench)[: args.limit or None]
+        if args.bench
+        else [dict(name=None, image=args.image, src=args.src, tgt=args.tgt)]
+    )
     sample.check_prompts(args.model, [r[k] for r in records for k in ("src", "tgt")])
     size = args.size or facts["size"]
     families.check_size(args.model, size)
@@ -416,11 +472,13 @@ def main(argv=None):
         raise SystemExit("--tokens-source puts the --tokens on the source branch too: pass --tokens FILE")
     # the tokens (or LoRA) file and the first image, read and checked before the model loads
     sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
-    first = data.to_tensor(data.read_image(records[0]["image"], size))   # resized and centre-cropped to the model's size
-    data.check_writable(args.out)   # before the work: a read-only --out must not lose the edit
+    first = data.to_tensor(
+        data.read_image(records[0]["image"], size)
+    )  # resized and centre-cropped to the model's size
+    data.check_writable(args.out)  # before the work: a read-only --out must not lose the edit
 
     bb = models.from_flags(args)
-    families.check_size(args.model, size, bb=bb)         # the loaded model's positional table
+    families.check_size(args.model, size, bb=bb)  # the loaded model's positional table
     run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=args.bench is None)
     for i, record in enumerate(tqdm(records, desc=method, disable=args.bench is None)):
         image = first if i == 0 else data.to_tensor(data.read_image(record["image"], size))
@@ -428,23 +486,44 @@ def main(argv=None):
         if sets is not None:
             with softtokens.attached(bb, sets, info["blocks"]) as handle:
                 edited.append(edit(bb, image, record["src"], record["tgt"], method, handle, args.tokens_source, **run))
-        if args.bench:   # --bench: <out>/plain/<name> and <out>/tokens/<name>, the folders eval.py --bench reads
+        if args.bench:  # --bench: <out>/plain/<name> and <out>/tokens/<name>, the folders eval.py --bench reads
             for variant, picture in zip(("plain", "tokens"), edited):
                 os.makedirs(os.path.dirname(path := os.path.join(args.out, variant, record["name"])), exist_ok=True)
                 sample.save_image(picture, os.path.splitext(path)[0] + ".png")
     if not args.bench:
         for name, picture in zip(("edited.png", "edited-tokens.png"), edited):
             sample.save_image(picture, os.path.join(args.out, name))
-        sample.save_grid(torch.stack([image] + edited), os.path.join(args.out, "strip.png"), per_cell=1 + len(edited), columns=1)
+        sample.save_grid(
+            torch.stack([image] + edited), os.path.join(args.out, "strip.png"), per_cell=1 + len(edited), columns=1
+        )
     settings = {**METHODS[method], **{k: v for k, v in (("steps", args.steps), ("cfg", args.cfg)) if v is not None}}
-    record = dict(model=args.model, image=args.image, src=args.src, tgt=args.tgt, bench=args.bench, edits=len(records),
-                  method=method, tokens=args.tokens, token_set=info and info["token_set"], tokens_source=args.tokens_source,
-                  seed=args.seed, size=list(image.shape[1:]), settings=settings)
+    record = dict(
+        model=args.model,
+        image=args.image,
+        src=args.src,
+        tgt=args.tgt,
+        bench=args.bench,
+        edits=len(records),
+        method=method,
+        tokens=args.tokens,
+        token_set=info and info["token_set"],
+        tokens_source=args.tokens_source,
+        seed=args.seed,
+        size=list(image.shape[1:]),
+        settings=settings,
+    )
     with open(os.path.join(args.out, "edit.json"), "w") as f:
         json.dump(record, f, indent=1)
-    print(f"{method}: " + (f"{len(records)} edits in {args.out}/plain" + (" and tokens" if sets else "") if args.bench else
-                           f"strip.png (source | edited{' | edited with tokens' if sets else ''}) in {args.out}"))
+    print(
+        f"{method}: "
+        + (
+            f"{len(records)} edits in {args.out}/plain" + (" and tokens" if sets else "")
+            if args.bench
+            else f"strip.png (source | edited{' | edited with tokens' if sets else ''}) in {args.out}"
+        )
+    )
     return record
+
 
 if __name__ == "__main__":
     main()

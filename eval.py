@@ -30,6 +30,7 @@ Rows: one per run folder and sample.py "variant" (--compare writes "plain" and "
 The table shows ImageReward, HPS, LPIPS and SSIM x100 and structure distance x1000, as the papers do;
 the JSON (--json) holds the raw values. Values are cached per folder in eval_metrics.json.
 """
+
 import argparse
 import csv
 import glob
@@ -42,8 +43,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shapes import checker
-from shapes import classifier
 import benchmarks
 import data
 import metrics
@@ -51,14 +50,22 @@ import models
 import sample
 import shapes
 import softtokens
+from shapes import checker, classifier
 
 ALL_METRICS = ["shapes", "classifier", "geneval", "edit"] + list(metrics.METRICS)
-DISPLAY_SCALE = {"imagereward": 100, "hps": 100, "lpips": 100, "bg_lpips": 100, "bg_ssim": 100,
-                 "structure_distance": 1000}
+DISPLAY_SCALE = {
+    "imagereward": 100,
+    "hps": 100,
+    "lpips": 100,
+    "bg_lpips": 100,
+    "bg_ssim": 100,
+    "structure_distance": 1000,
+}
 
 
 # -----------------------------------------------------------------------------
 # Run folders
+
 
 def read_records(run):
     """sample.py's records.jsonl: one {"image", "prompt", "seed", "variant", "spec", "tokens", ...} per image."""
@@ -68,7 +75,7 @@ def read_records(run):
     records = []
     for n, record in data.json_lines(path, "a record written by sample.py"):
         if "image" not in record:
-            raise SystemExit(f"{path}:{n}: a record needs an \"image\" path (written by sample.py)")
+            raise SystemExit(f'{path}:{n}: a record needs an "image" path (written by sample.py)')
         records.append(record)
     return records
 
@@ -76,14 +83,16 @@ def read_records(run):
 # -----------------------------------------------------------------------------
 # GenEval: its folder layout out, its scorer's results back
 
+
 def write_geneval(images_by_prompt, metadata, outdir):
     """<outdir>/<00000>/metadata.jsonl (the prompt's line of evaluation_metadata.jsonl) and
     samples/<0000>.png, so GenEval's evaluation/evaluate_images.py runs on it unchanged."""
     for n, meta in enumerate(metadata):
         paths = images_by_prompt.get(meta["prompt"], [])
         if not paths:
-            raise SystemExit(f"no image for GenEval prompt {n} {meta['prompt']!r}: sample every prompt of "
-                             f"the metadata file first")
+            raise SystemExit(
+                f"no image for GenEval prompt {n} {meta['prompt']!r}: sample every prompt of the metadata file first"
+            )
         folder = os.path.join(outdir, f"{n:05d}")
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
         with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
@@ -113,6 +122,7 @@ def read_geneval(path):
 # -----------------------------------------------------------------------------
 # Metrics of a run folder
 
+
 def token_handle(bb, record):
     """The run's soft tokens attached to bb as sample.py attached them, or None for a plain run."""
     if not record.get("tokens") or record.get("variant") == "plain":
@@ -123,7 +133,9 @@ def token_handle(bb, record):
 
 def classifier_records(n_per_category, which="eval"):
     """The first n prompts of each category of the eval (or dev) set; 0: all of them."""
-    return shapes.first_per_category(shapes.load_eval_set() if which == "eval" else shapes.load_dev_set(), n_per_category)
+    return shapes.first_per_category(
+        shapes.load_eval_set() if which == "eval" else shapes.load_dev_set(), n_per_category
+    )
 
 
 def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suffix):
@@ -132,7 +144,9 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
     if metric == "shapes":
         rows = [r for r in rows if "spec" in r]
         images = [metrics.load_image(os.path.join(run, r["image"])) for r in rows]
-        return {f"shapes_{k}": v for k, v in checker.score(images, [r["spec"] for r in rows]).items()} if rows else None
+        return (
+            {f"shapes_{k}": v for k, v in checker.score(images, [r["spec"] for r in rows]).items()} if rows else None
+        )
     if metric in ("geneval", "classifier", "edit") and not first:
         return None
     if metric == "geneval":
@@ -142,8 +156,11 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
         bb = scorers["classifier"]
         handle = token_handle(bb, variant_rows[0]) if variant_rows else None
         try:
-            return {"classifier": classifier.classifier_accuracy(bb, classifier_records(args.classifier_n), args.candidates,
-                                                      handle=handle)}
+            return {
+                "classifier": classifier.classifier_accuracy(
+                    bb, classifier_records(args.classifier_n), args.candidates, handle=handle
+                )
+            }
         finally:
             if handle is not None:
                 handle.remove()
@@ -152,7 +169,7 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
     if scorers.get(metric) is None:
         return None
     paths, prompts = [os.path.join(run, r["image"]) for r in rows], [r["prompt"] for r in rows]
-    if not rows and args.pie:                                 # an edit.py folder: the benchmark's target prompts
+    if not rows and args.pie:  # an edit.py folder: the benchmark's target prompts
         items = benchmarks.items(args.pie, run)
         paths, prompts = [it[2] for it in items], [it[4] for it in items]
     return metrics.generation_metric(metric, scorers[metric], paths, prompts, args.ref) if paths else None
@@ -195,6 +212,7 @@ def replicates(run, metrics, scorers, args):
 # -----------------------------------------------------------------------------
 # Table, JSON, plot
 
+
 def group_name(run, variant):
     name = re.sub(r"-seed\d+$", "", os.path.basename(os.path.normpath(run)))
     return f"{name}[{variant}]" if variant else name
@@ -216,10 +234,25 @@ def summarize(rows):
     return groups
 
 
-COLUMN_ORDER = ([f"shapes_{c}" for c in shapes.CATEGORIES + ["mean"]] + ["classifier"]
-                + [f"geneval_{c}" for c in shapes.CATEGORIES + ["mean"]]
-                + ["imagereward", "pickscore", "clip", "hps", "fid", "lpips", "clip_edited", "clip_whole",
-                   "structure_distance", "bg_psnr", "bg_lpips", "bg_ssim"])
+COLUMN_ORDER = (
+    [f"shapes_{c}" for c in shapes.CATEGORIES + ["mean"]]
+    + ["classifier"]
+    + [f"geneval_{c}" for c in shapes.CATEGORIES + ["mean"]]
+    + [
+        "imagereward",
+        "pickscore",
+        "clip",
+        "hps",
+        "fid",
+        "lpips",
+        "clip_edited",
+        "clip_whole",
+        "structure_distance",
+        "bg_psnr",
+        "bg_lpips",
+        "bg_ssim",
+    ]
+)
 
 
 def markdown_table(groups):
@@ -244,8 +277,11 @@ def markdown_table(groups):
 def read_curve(run, column):
     """(steps, values) of `column` in the run's training CSV (log.csv, else the first *.csv); rows
     where it is empty or missing are skipped."""
-    paths = [os.path.join(run, "log.csv")] if os.path.exists(os.path.join(run, "log.csv")) \
+    paths = (
+        [os.path.join(run, "log.csv")]
+        if os.path.exists(os.path.join(run, "log.csv"))
         else sorted(glob.glob(os.path.join(run, "*.csv")))
+    )
     steps, values = [], []
     if paths:
         with open(paths[0]) as f:
@@ -263,8 +299,10 @@ def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="score_mean"
     """Left: one metric against another, a point per row with +- bars (AGSM Fig. 5). Right: each run's
     validation curve from its training CSV (AGSM Fig. 4). Returns (points, curves) drawn."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     x, y = tradeoff
     points = 0
@@ -293,9 +331,10 @@ def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="score_mean"
 
 # -----------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    models.add_backbone_flags(p)   # the backbone of the classifier metric and of --protocol
+    models.add_backbone_flags(p)  # the backbone of the classifier metric and of --protocol
     p.add_argument("--runs", nargs="+", default=[], help="run folders (records.jsonl + images, or edit.py output)")
     p.add_argument("--metrics", nargs="+", default=["shapes", "geneval"], choices=ALL_METRICS)
     p.add_argument("--ref", default=None, help="reference images for FID and LPIPS (e.g. COCO val 5K)")
@@ -347,21 +386,27 @@ def export_geneval(run, prompts_file):
         suffix = f"-{variant}" if len(variants) > 1 else ""
         out = os.path.join(run, f"geneval{suffix}")
         write_geneval(by_prompt, metadata, out)
-        print(f"wrote {out}; score it with GenEval's `python evaluation/evaluate_images.py {out} "
-              f"--outfile {os.path.join(run, f'geneval_results{suffix}.jsonl')}`, then run eval.py again")
+        print(
+            f"wrote {out}; score it with GenEval's `python evaluation/evaluate_images.py {out} "
+            f"--outfile {os.path.join(run, f'geneval_results{suffix}.jsonl')}`, then run eval.py again"
+        )
 
 
 # -----------------------------------------------------------------------------
 # The shapes world's protocol (checker.protocol_seeds / protocol_scores)
+
 
 def protocol_images(bb, records, which, handle=None, batch=128, steps=None):
     """Every record sampled with its SAMPLES_PER_PROMPT seeds, in protocol order (prompt-major)."""
     pairs = checker.protocol_seeds(len(records), which=which)
     images = []
     for i in tqdm(range(0, len(pairs), batch), desc=f"sample {which}", leave=False):
-        part = pairs[i:i + batch]
-        images.append(sample.generate(bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part],
-                                      steps=steps, handle=handle))
+        part = pairs[i : i + batch]
+        images.append(
+            sample.generate(
+                bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part], steps=steps, handle=handle
+            )
+        )
     return torch.cat(images)
 
 
@@ -370,8 +415,11 @@ def protocol_table(results):
     columns = list(next(iter(results.values())))
     lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, scores in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[c][0]:.3f} [{scores[c][1]:.3f}, {scores[c][2]:.3f}]"
-                                                for c in columns) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{scores[c][0]:.3f} [{scores[c][1]:.3f}, {scores[c][2]:.3f}]" for c in columns)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -393,17 +441,25 @@ def run_protocol(args):
         print(f"{name}: {checker.format_scores(results[name])}", flush=True)
         if path is None:
             base_groups = groups
-        else:   # the same prompts and seeds as the base: the paired difference and its interval
+        else:  # the same prompts and seeds as the base: the paired difference and its interval
             results[f"{name} - base"] = checker.paired_difference(groups, base_groups)
             print(f"{name} - base: {checker.format_scores(results[f'{name} - base'])}", flush=True)
         grids.append(torch.stack([images[checker.SAMPLES_PER_PROMPT * i + k] for i in first for k in range(2)]))
     print(protocol_table(results))
     out = args.json or f"protocol-{args.model}-{args.protocol}.json"
     with open(out, "w") as f:
-        json.dump({"model": args.model, "set": args.protocol, "prompts": len(records),
-                   "samples_per_prompt": checker.SAMPLES_PER_PROMPT, "results": results,
-                   "per_prompt": per_prompt}, f)   # per-prompt values: pooling training seeds later
-    if args.grid:   # rows: the first prompt of each category x 2 seeds; columns: base | each token file
+        json.dump(
+            {
+                "model": args.model,
+                "set": args.protocol,
+                "prompts": len(records),
+                "samples_per_prompt": checker.SAMPLES_PER_PROMPT,
+                "results": results,
+                "per_prompt": per_prompt,
+            },
+            f,
+        )  # per-prompt values: pooling training seeds later
+    if args.grid:  # rows: the first prompt of each category x 2 seeds; columns: base | each token file
         cells = torch.stack([g[j] for j in range(len(grids[0])) for g in grids])
         sample.save_grid(cells, args.grid, per_cell=len(grids), columns=2)
         print(f"wrote {args.grid}")
@@ -427,11 +483,14 @@ def main(argv=None):
         scorers["classifier"] = models.from_flags(args)
     rows = []
     for run in args.runs:
-        rows += [(group_name(run, variant), values)
-                 for variant, _, values in replicates(run, args.metrics, scorers, args)]
-    if not any(values for _, values in rows):   # no run gave a single number
-        raise SystemExit(f"found no images to score in {' '.join(args.runs)}: pass folders written by sample.py "
-                         f"(records.jsonl + images) or edit.py")
+        rows += [
+            (group_name(run, variant), values) for variant, _, values in replicates(run, args.metrics, scorers, args)
+        ]
+    if not any(values for _, values in rows):  # no run gave a single number
+        raise SystemExit(
+            f"found no images to score in {' '.join(args.runs)}: pass folders written by sample.py "
+            f"(records.jsonl + images) or edit.py"
+        )
     groups = summarize(rows)
     print(markdown_table(groups))
     beside = os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))

@@ -9,6 +9,7 @@ of the denoiser, and the papers' hyper-parameters (SoftREPA Table 5 and appendix
 section 4). FLUX.1 is an MM-DiT as SD3 (FluxTransformer2DModel, flow matching), in neither paper. The
 tiny-* families are the offline shapes world (shapes.py, pretrain.py).
 """
+
 import math
 
 # The fields:
@@ -43,89 +44,226 @@ import math
 # A new family is one more entry here (tests/test_models.py registers two made-up ones).
 FAMILIES = {
     "sd3": dict(
-        arch="mmdit", prediction="flow", hub="stabilityai/stable-diffusion-3-medium-diffusers",
-        pipeline="StableDiffusion3Pipeline", pooled="pooled_projections", size=1024, train_size=512,
-        vae_factor=8, size_multiple=16, max_size=3072,
-        flow_shift=3.0, dynamic_shift=None, pack=None, guidance=None,
-        n_tokens=4, token_layers=5, token_blocks=None, time_table=True, init="normal",
+        arch="mmdit",
+        prediction="flow",
+        hub="stabilityai/stable-diffusion-3-medium-diffusers",
+        pipeline="StableDiffusion3Pipeline",
+        pooled="pooled_projections",
+        size=1024,
+        train_size=512,
+        vae_factor=8,
+        size_multiple=16,
+        max_size=3072,
+        flow_shift=3.0,
+        dynamic_shift=None,
+        pack=None,
+        guidance=None,
+        n_tokens=4,
+        token_layers=5,
+        token_blocks=None,
+        time_table=True,
+        init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=100000),
         text_tokens=333,
-        denoiser=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                      attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                      caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
-        test_denoiser=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
-                           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                           caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16),
+        denoiser=dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=192,
+        ),
+        test_denoiser=dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
+            pos_embed_max_size=16,
+        ),
         sample=dict(steps=28, cfg=4.0),
     ),
     "sdxl": dict(
-        arch="unet", prediction="epsilon", hub="stabilityai/stable-diffusion-xl-base-1.0",
-        pipeline="StableDiffusionXLPipeline", pooled="text_time", size=1024, train_size=512,
-        vae_factor=8, size_multiple=32, max_size=None,
-        flow_shift=None, dynamic_shift=None, pack=None, guidance=None,
-        n_tokens=8, token_layers=1, token_blocks=("down", "mid"), time_table=False, init="normal",
+        arch="unet",
+        prediction="epsilon",
+        hub="stabilityai/stable-diffusion-xl-base-1.0",
+        pipeline="StableDiffusionXLPipeline",
+        pooled="text_time",
+        size=1024,
+        train_size=512,
+        vae_factor=8,
+        size_multiple=32,
+        max_size=None,
+        flow_shift=None,
+        dynamic_shift=None,
+        pack=None,
+        guidance=None,
+        n_tokens=8,
+        token_layers=1,
+        token_blocks=("down", "mid"),
+        time_table=False,
+        init="normal",
         softrepa=dict(batch=4, dweight=10.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=1000),
         text_tokens=77,
-        denoiser=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                      block_out_channels=(320, 640, 1280),
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                      cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-                      addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
-        test_denoiser=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                           block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                           attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 2),
-                           addition_embed_type="text_time", addition_time_embed_dim=8,
-                           projection_class_embeddings_input_dim=16 + 6 * 8),
+        denoiser=dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        test_denoiser=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 6 * 8,
+        ),
         sample=dict(steps=50, cfg=7.0),
     ),
     "sd1.5": dict(
-        arch="unet", prediction="epsilon", hub="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        pipeline="StableDiffusionPipeline", pooled=None, size=512, train_size=512,
-        vae_factor=8, size_multiple=64, max_size=None,
-        flow_shift=None, dynamic_shift=None, pack=None, guidance=None,
-        n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
+        arch="unet",
+        prediction="epsilon",
+        hub="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        pipeline="StableDiffusionPipeline",
+        pooled=None,
+        size=512,
+        train_size=512,
+        vae_factor=8,
+        size_multiple=64,
+        max_size=None,
+        flow_shift=None,
+        dynamic_shift=None,
+        pack=None,
+        guidance=None,
+        n_tokens=4,
+        token_layers=1,
+        token_blocks=("down",),
+        time_table=True,
+        init="uncond",
         softrepa=dict(batch=8, dweight=10.0, steps=26000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=100000),
         text_tokens=77,
-        denoiser=dict(sample_size=64, cross_attention_dim=768),   # the rest: UNet2DConditionModel's defaults
-        test_denoiser=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                           block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                           attention_head_dim=4, norm_num_groups=8),
+        denoiser=dict(sample_size=64, cross_attention_dim=768),  # the rest: UNet2DConditionModel's defaults
+        test_denoiser=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        ),
         sample=dict(steps=30, cfg=7.0),
     ),
     # The offline shapes world (32x32 images, 8x8x4 latents). Same architectures, tiny sizes, our own weights.
     "tiny-sd3": dict(
-        arch="mmdit", prediction="flow", hub=None, pipeline=None, pooled="pooled_projections", size=32, train_size=32,
-        vae_factor=4, size_multiple=4, max_size=32,
-        flow_shift=1.0, dynamic_shift=None, pack=None, guidance=None,
-        n_tokens=4, token_layers=2, token_blocks=None, time_table=True, init="normal",
+        arch="mmdit",
+        prediction="flow",
+        hub=None,
+        pipeline=None,
+        pooled="pooled_projections",
+        size=32,
+        train_size=32,
+        vae_factor=4,
+        size_multiple=4,
+        max_size=32,
+        flow_shift=1.0,
+        dynamic_shift=None,
+        pack=None,
+        guidance=None,
+        n_tokens=4,
+        token_layers=2,
+        token_blocks=None,
+        time_table=True,
+        init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=300),
         text_tokens=16,
-        denoiser=dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
-                      attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
-                      caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=8),
+        denoiser=dict(
+            sample_size=8,
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=4,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            joint_attention_dim=128,
+            caption_projection_dim=128,
+            pooled_projection_dim=128,
+            pos_embed_max_size=8,
+        ),
         test_denoiser=None,
         sample=dict(steps=20, cfg=4.0),
     ),
     "tiny-sd1.5": dict(
-        arch="unet", prediction="epsilon", hub=None, pipeline=None, pooled=None, size=32, train_size=32,
-        vae_factor=4, size_multiple=8, max_size=None,
-        flow_shift=None, dynamic_shift=None, pack=None, guidance=None,
-        n_tokens=4, token_layers=1, token_blocks=("down",), time_table=True, init="uncond",
+        arch="unet",
+        prediction="epsilon",
+        hub=None,
+        pipeline=None,
+        pooled=None,
+        size=32,
+        train_size=32,
+        vae_factor=4,
+        size_multiple=8,
+        max_size=None,
+        flow_shift=None,
+        dynamic_shift=None,
+        pack=None,
+        guidance=None,
+        n_tokens=4,
+        token_layers=1,
+        token_blocks=("down",),
+        time_table=True,
+        init="uncond",
         softrepa=dict(batch=4, dweight=10.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=300),
         text_tokens=16,
-        denoiser=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                      cross_attention_dim=128, attention_head_dim=8, norm_num_groups=8),
+        denoiser=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=128,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
         test_denoiser=None,
         sample=dict(steps=30, cfg=4.0),
     ),
@@ -139,14 +277,24 @@ FAMILIES = {
 _SD3 = FAMILIES["sd3"]
 _SD35_TEST = dict(_SD3["test_denoiser"], qk_norm="rms_norm")
 FAMILIES["sd3.5-medium"] = dict(
-    _SD3, hub="stabilityai/stable-diffusion-3.5-medium", max_size=6144, sample=dict(steps=40, cfg=4.5),
-    denoiser=dict(_SD3["denoiser"], pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-    test_denoiser=dict(_SD35_TEST, dual_attention_layers=(0, 1, 2)))
+    _SD3,
+    hub="stabilityai/stable-diffusion-3.5-medium",
+    max_size=6144,
+    sample=dict(steps=40, cfg=4.5),
+    denoiser=dict(
+        _SD3["denoiser"], pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"
+    ),
+    test_denoiser=dict(_SD35_TEST, dual_attention_layers=(0, 1, 2)),
+)
 FAMILIES["sd3.5-large"] = dict(
-    _SD3, hub="stabilityai/stable-diffusion-3.5-large", sample=dict(steps=28, cfg=3.5),
-    denoiser=dict(_SD3["denoiser"], num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-                  qk_norm="rms_norm"),
-    test_denoiser=_SD35_TEST)
+    _SD3,
+    hub="stabilityai/stable-diffusion-3.5-large",
+    sample=dict(steps=28, cfg=3.5),
+    denoiser=dict(
+        _SD3["denoiser"], num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
+    ),
+    test_denoiser=_SD35_TEST,
+)
 
 
 # FLUX.1 (in neither paper): FluxTransformer2DModel, 19 double-stream blocks (SD3's joint block: own text
@@ -166,18 +314,52 @@ FAMILIES["sd3.5-large"] = dict(
 # guidance); at 3.5 it predicts a guided velocity, and score matching would push the tokens to undo the
 # guidance. Fine-tuning scripts differ (1 or 3.5). The test size has 5 double-stream blocks, so that the
 # recipe's 5 token layers run there unchanged.
-_FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
-_FLUX_TEST = dict(_FLUX, num_layers=5, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+_FLUX = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56),
+)
+_FLUX_TEST = dict(
+    _FLUX,
+    num_layers=5,
+    num_single_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(2, 2, 4),
+)
 FAMILIES["flux-dev"] = dict(
-    _SD3, hub="black-forest-labs/FLUX.1-dev", pipeline="FluxPipeline", max_size=None, flow_shift=None,
-    dynamic_shift=(256, 0.5, 4096, 1.15), pack=2, guidance=1.0, text_tokens=512, sample=dict(steps=28, cfg=3.5),
-    denoiser=dict(_FLUX, guidance_embeds=True), test_denoiser=dict(_FLUX_TEST, guidance_embeds=True))
+    _SD3,
+    hub="black-forest-labs/FLUX.1-dev",
+    pipeline="FluxPipeline",
+    max_size=None,
+    flow_shift=None,
+    dynamic_shift=(256, 0.5, 4096, 1.15),
+    pack=2,
+    guidance=1.0,
+    text_tokens=512,
+    sample=dict(steps=28, cfg=3.5),
+    denoiser=dict(_FLUX, guidance_embeds=True),
+    test_denoiser=dict(_FLUX_TEST, guidance_embeds=True),
+)
 FAMILIES["flux-schnell"] = dict(
-    FAMILIES["flux-dev"], hub="black-forest-labs/FLUX.1-schnell", flow_shift=1.0, dynamic_shift=None, guidance=None,
-    text_tokens=256, sample=dict(steps=4, cfg=1.0),
-    denoiser=dict(_FLUX, guidance_embeds=False), test_denoiser=dict(_FLUX_TEST, guidance_embeds=False))
+    FAMILIES["flux-dev"],
+    hub="black-forest-labs/FLUX.1-schnell",
+    flow_shift=1.0,
+    dynamic_shift=None,
+    guidance=None,
+    text_tokens=256,
+    sample=dict(steps=4, cfg=1.0),
+    denoiser=dict(_FLUX, guidance_embeds=False),
+    test_denoiser=dict(_FLUX_TEST, guidance_embeds=False),
+)
 
 
 # -----------------------------------------------------------------------------
@@ -188,6 +370,7 @@ FAMILIES["flux-schnell"] = dict(
 # calculate_shift): mu is linear in the image tokens n, 0.5 at 256 tokens (256 px) to 1.15 at 4096 (1024 px),
 #     sigma' = e^mu / (e^mu + (1 / sigma - 1)),
 # which is the same odds shift with s = e^mu (e^1.15 = 3.16 at 1024 px, about SD3's 3).
+
 
 def time_shift(facts, height, width):
     """The shift s for latents of height x width (flow families; 1: none)."""
@@ -201,6 +384,7 @@ def time_shift(facts, height, width):
 # -----------------------------------------------------------------------------
 # The sizes a family takes: the one rule of every script
 
+
 def check_size(name, height, width=None, what="size", bb=None):
     """One-line error for an image size the family cannot take: the one rule of every script (train,
     sample, edit, the encoding cache, bench). With the loaded backbone `bb`, also the sides its own
@@ -211,14 +395,18 @@ def check_size(name, height, width=None, what="size", bb=None):
     if config.get("pos_embed_max_size"):
         table = config["pos_embed_max_size"] * config["patch_size"] * FAMILIES[name]["vae_factor"]
         if max(height, width or height) > table:
-            raise SystemExit(f"{what} {height}x{width or height} is beyond the loaded {name} model's positional "
-                             f"table ({config['pos_embed_max_size']} patches: {table} px at most); pass --size {table} "
-                             f"or less")
+            raise SystemExit(
+                f"{what} {height}x{width or height} is beyond the loaded {name} model's positional "
+                f"table ({config['pos_embed_max_size']} patches: {table} px at most); pass --size {table} "
+                f"or less"
+            )
     for side in (height, width if width is not None else height):
         if side < multiple or side % multiple or (largest and side > largest):
             limit = f" up to {largest}" if largest else ""
-            raise SystemExit(f"{what} {height}x{width or height} does not fit {name}: it takes sides that are "
-                             f"multiples of {multiple}{limit}; pass --size with such a value")
+            raise SystemExit(
+                f"{what} {height}x{width or height} does not fit {name}: it takes sides that are "
+                f"multiples of {multiple}{limit}; pass --size with such a value"
+            )
 
 
 # -----------------------------------------------------------------------------
@@ -243,17 +431,41 @@ def default_recipe(name, loss, steps=None, paper_tau=False):
     facts, spec = FAMILIES[name], LOSSES[loss]
     recipe = facts[spec["recipe"]]
     steps = steps or recipe["steps"]
-    return dict(loss=loss, data="shapes" if facts["hub"] is None else None, size=facts["train_size"],
-                batch=recipe["batch"], steps=steps, seed=0, lr=1e-3, wd=1e-4, min_lr=1e-5, grad_clip=0.0,
-                n_tokens=facts["n_tokens"], layers=facts["token_layers"], blocks=",".join(facts["token_blocks"] or ()),
-                time_table="on" if facts["time_table"] else "off", init=facts["init"], scale=4.0,
-                dweight=facts["softrepa"]["dweight"], gamma_pos=facts["agsm"]["gamma_pos"],
-                gamma_neg=facts["agsm"]["gamma_neg"], bradley_terry=False, plain_sum=False, noise_per_row=False,
-                gather_text=False, paper_tau=paper_tau, tau=1.0 if paper_tau else spec["tau"], rows_per_forward=0,
-                # LoRA instead of tokens (lora.py; rank 4 on the tokens' blocks: SoftREPA's best LoRA, Table 11)
-                # and SoftREPA's counting loss (app. D; weight 0: off)
-                params="tokens", lora_rank=4, lora_blocks=str(facts["token_layers"]) if facts["arch"] == "mmdit"
-                else ",".join(facts["token_blocks"]), count_weight=0.0, counter=None,
-                # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
-                # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
-                ema_decay=max(0.0, 1 - 10 / steps))
+    return dict(
+        loss=loss,
+        data="shapes" if facts["hub"] is None else None,
+        size=facts["train_size"],
+        batch=recipe["batch"],
+        steps=steps,
+        seed=0,
+        lr=1e-3,
+        wd=1e-4,
+        min_lr=1e-5,
+        grad_clip=0.0,
+        n_tokens=facts["n_tokens"],
+        layers=facts["token_layers"],
+        blocks=",".join(facts["token_blocks"] or ()),
+        time_table="on" if facts["time_table"] else "off",
+        init=facts["init"],
+        scale=4.0,
+        dweight=facts["softrepa"]["dweight"],
+        gamma_pos=facts["agsm"]["gamma_pos"],
+        gamma_neg=facts["agsm"]["gamma_neg"],
+        bradley_terry=False,
+        plain_sum=False,
+        noise_per_row=False,
+        gather_text=False,
+        paper_tau=paper_tau,
+        tau=1.0 if paper_tau else spec["tau"],
+        rows_per_forward=0,
+        # LoRA instead of tokens (lora.py; rank 4 on the tokens' blocks: SoftREPA's best LoRA, Table 11)
+        # and SoftREPA's counting loss (app. D; weight 0: off)
+        params="tokens",
+        lora_rank=4,
+        lora_blocks=str(facts["token_layers"]) if facts["arch"] == "mmdit" else ",".join(facts["token_blocks"]),
+        count_weight=0.0,
+        counter=None,
+        # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
+        # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
+        ema_decay=max(0.0, 1 - 10 / steps),
+    )

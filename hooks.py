@@ -33,6 +33,7 @@ kept out of the soft tokens' reach: in a UNet the attention mask hides the token
 MM-DiT's joint attention (where diffusers' processor takes no mask) the hooked blocks' attention runs
 those rows on the text without the token positions.
 """
+
 import inspect
 from contextlib import contextmanager
 
@@ -60,8 +61,13 @@ def unet_blocks(model, where):
     unknown = set(where) - set(parts)
     if unknown:
         raise ValueError(f"unknown UNet block group(s) {sorted(unknown)}: use down, mid, up")
-    return [b for part in ("down", "mid", "up") if part in where for b in parts[part]
-            if b is not None and getattr(b, "has_cross_attention", False)]
+    return [
+        b
+        for part in ("down", "mid", "up")
+        if part in where
+        for b in parts[part]
+        if b is not None and getattr(b, "has_cross_attention", False)
+    ]
 
 
 _SIGNATURES = {}  # forward signature per module class: inspect.signature costs ~20 us, hooks run per block
@@ -86,9 +92,9 @@ def tokens_for_rows(sets, timesteps, choice=None):
     if choice is None:
         return sets[0](timesteps), None
     choice = choice.to(timesteps.device)
-    per_set = torch.stack([s(timesteps) for s in sets])                 # (S, B, L, m, d)
+    per_set = torch.stack([s(timesteps) for s in sets])  # (S, B, L, m, d)
     rows = torch.arange(len(timesteps), device=timesteps.device)
-    tokens = per_set[choice.clamp(min=0), rows]                          # (B, L, m, d)
+    tokens = per_set[choice.clamp(min=0), rows]  # (B, L, m, d)
     used = choice >= 0
     return tokens * used.view(-1, 1, 1, 1).to(tokens.dtype), used
 
@@ -102,9 +108,17 @@ class NoTokenRowsAttention:
     def __init__(self, inner):
         self.inner = inner
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 soft_rows=None, **kwargs):
-        if image_rotary_emb is not None:   # FLUX: FluxAttention passes its rotary embedding 5th, positionally
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        soft_rows=None,
+        **kwargs,
+    ):
+        if image_rotary_emb is not None:  # FLUX: FluxAttention passes its rotary embedding 5th, positionally
             kwargs["image_rotary_emb"] = image_rotary_emb
         if soft_rows is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
@@ -112,13 +126,13 @@ class NoTokenRowsAttention:
         image_out = torch.empty_like(hidden_states)
         text_out = torch.zeros_like(encoder_hidden_states)
         cut = dict(kwargs)
-        if image_rotary_emb is not None:   # rows without tokens: without the tokens' m rotary positions too
+        if image_rotary_emb is not None:  # rows without tokens: without the tokens' m rotary positions too
             cut["image_rotary_emb"] = tuple(f[m:] for f in image_rotary_emb)
         for rows, text, kw in ((used, encoder_hidden_states, kwargs), (~used, encoder_hidden_states[:, m:], cut)):
             if rows.any():
                 image_rows, text_rows = self.inner(attn, hidden_states[rows], text[rows], attention_mask, **kw)
                 image_out[rows] = image_rows
-                text_out[rows, text_out.shape[1] - text_rows.shape[1]:] = text_rows
+                text_out[rows, text_out.shape[1] - text_rows.shape[1] :] = text_rows
         return image_out, text_out
 
 
@@ -127,8 +141,8 @@ class SoftTokenHooks:
 
     def __init__(self, model, sets):
         self.model, self.sets = model, sets
-        self.choice = None      # None: every row uses sets[0]; else (B,) long, -1 = no tokens
-        self.state = None       # (tokens (B, L, m, d), used (B,) or None) of the forward in progress
+        self.choice = None  # None: every row uses sets[0]; else (B,) long, -1 = no tokens
+        self.state = None  # (tokens (B, L, m, d), used (B,) or None) of the forward in progress
         self._handles, self._processors = [], []
 
     @contextmanager
@@ -172,8 +186,10 @@ def attach(model, tokens, blocks=None):
         raise ValueError(f"token sets differ in shape: {[s.shape for s in sets]}")
     layers, m, width = shape
     if width != token_width(model):
-        raise ValueError(f"soft tokens of shape {shape} (layers, tokens, width) do not fit this "
-                         f"{type(model).__name__}: its token width is {token_width(model)}")
+        raise ValueError(
+            f"soft tokens of shape {shape} (layers, tokens, width) do not fit this "
+            f"{type(model).__name__}: its token width is {token_width(model)}"
+        )
     handle = SoftTokenHooks(model, sets)
     if is_mmdit(model):
         _attach_mmdit(model, handle, layers, m, shape)
@@ -191,7 +207,7 @@ def _attach_mmdit(model, handle, layers, m, shape):
         call = _bind(module, args, kwargs)
         x = call["hidden_states"]
         timestep = call["timestep"]
-        if "img_ids" in call:   # FLUX is called with sigma in [0, 1] and scales it by 1000 itself
+        if "img_ids" in call:  # FLUX is called with sigma in [0, 1] and scales it by 1000 itself
             timestep = torch.as_tensor(timestep) * 1000
         state = handle._tokens_for_call(x.shape[0], timestep, x.device)
         # The state rides in joint_attention_kwargs, a fresh dict per call that the model hands to every
@@ -209,21 +225,24 @@ def _attach_mmdit(model, handle, layers, m, shape):
                 text = call["encoder_hidden_states"]
                 call["encoder_hidden_states"] = torch.cat([tokens[:, k].to(text), text], dim=1)  # Alg. 1 l. 8
                 rope = call.get("image_rotary_emb")
-                if rope is not None:   # FLUX: rotary positions for the m more text positions, whose ids are
-                    cos, sin = rope    # (0, 0, 0) like every FLUX text id: cos 1, sin 0
-                    call["image_rotary_emb"] = (torch.cat([cos.new_ones(m, cos.shape[-1]), cos]),
-                                                torch.cat([sin.new_zeros(m, sin.shape[-1]), sin]))
+                if rope is not None:  # FLUX: rotary positions for the m more text positions, whose ids are
+                    cos, sin = rope  # (0, 0, 0) like every FLUX text id: cos 1, sin 0
+                    call["image_rotary_emb"] = (
+                        torch.cat([cos.new_ones(m, cos.shape[-1]), cos]),
+                        torch.cat([sin.new_zeros(m, sin.shape[-1]), sin]),
+                    )
                 if used is not None:
                     extra["soft_rows"] = (used, m)
             call["joint_attention_kwargs"] = extra or None  # the block's attention sees no state
             return (), call
+
         return hook
 
     def block_post_hook(block, args, kwargs, output):
         text, image = output
         return (None if text is None else text[:, m:]), image  # Alg. 1 l. 13: keep the last n
 
-    def single_block_pre_hook(block, args, kwargs):   # FLUX's single-stream blocks: no tokens, no state
+    def single_block_pre_hook(block, args, kwargs):  # FLUX's single-stream blocks: no tokens, no state
         call = _bind(block, args, kwargs)
         extra = dict(call.get("joint_attention_kwargs") or {})
         extra.pop(_STATE, None)
@@ -244,8 +263,10 @@ def _attach_mmdit(model, handle, layers, m, shape):
 def _attach_unet(model, handle, layers, m, shape, where):
     chosen = unet_blocks(model, where)
     if layers not in (1, len(chosen)):
-        raise ValueError(f"soft tokens of shape {shape} have {layers} layers; the UNet's chosen blocks "
-                         f"{tuple(where)} are {len(chosen)}: use 1 (shared) or {len(chosen)} layers")
+        raise ValueError(
+            f"soft tokens of shape {shape} have {layers} layers; the UNet's chosen blocks "
+            f"{tuple(where)} are {len(chosen)}: use 1 (shared) or {len(chosen)} layers"
+        )
 
     def model_pre_hook(module, args, kwargs):
         call = _bind(module, args, kwargs)
@@ -268,9 +289,9 @@ def _attach_unet(model, handle, layers, m, shape, where):
                     bias = torch.zeros(text.shape[0], 1, text.shape[1], dtype=text.dtype, device=text.device)
                 kwargs["encoder_attention_mask"] = torch.cat([bias[..., :1], token_bias, bias[..., 1:]], dim=-1)
             return args, kwargs
+
         return hook
 
     handle._handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
     for j, block in enumerate(chosen):
         handle._handles.append(block.register_forward_pre_hook(block_pre_hook(j), with_kwargs=True))
-

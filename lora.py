@@ -29,6 +29,7 @@ AGSM on LoRA. AGSM's psi+ / psi- are two token sets, one for matched and one for
 (AGSM sec. 3.3), and its targets come from their EMA copies. Two adapters could play those roles, but
 neither paper defines it, so --params lora takes the losses the paper ran on LoRA: softrepa and dsm.
 """
+
 import json
 import os
 import tempfile
@@ -36,11 +37,11 @@ from contextlib import contextmanager
 
 import torch
 
-ADAPTER = "alignment"                 # the adapter's name inside the denoiser (peft allows several)
-BASE = "__base__"                     # peft's name for "no adapter" in a mixed batch
+ADAPTER = "alignment"  # the adapter's name inside the denoiser (peft allows several)
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 MMDIT_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 UNET_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
-DEFAULT_PIPELINE = {"mmdit": "StableDiffusion3Pipeline", "unet": "StableDiffusionPipeline"}   # tiny-*: same loaders
+DEFAULT_PIPELINE = {"mmdit": "StableDiffusion3Pipeline", "unet": "StableDiffusionPipeline"}  # tiny-*: same loaders
 
 
 def prefix(facts):
@@ -72,16 +73,20 @@ def check_flags(args):
         raise SystemExit(f"--lora-rank must be at least 1 (got {args.lora_rank})")
     token_flags = [f for f in ("n_tokens", "layers", "blocks", "time_table", "init") if getattr(args, f) is not None]
     if args.params == "lora" and token_flags:
-        raise SystemExit(f"--{token_flags[0].replace('_', '-')} shapes soft tokens, and --params lora trains none: drop "
-                         f"it (--lora-rank and --lora-blocks shape the adapters)")
+        raise SystemExit(
+            f"--{token_flags[0].replace('_', '-')} shapes soft tokens, and --params lora trains none: drop "
+            f"it (--lora-rank and --lora-blocks shape the adapters)"
+        )
 
 
 def check_recipe(args, facts):
     """The resolved recipe of a LoRA run: its loss must be one SoftREPA ran on LoRA (see the top of this
     file on AGSM); returns the parsed --lora-blocks."""
     if args.loss == "agsm":
-        raise SystemExit("--params lora trains the losses SoftREPA ran on LoRA (softrepa, dsm); AGSM's psi+/psi- "
-                         "are token sets: pass --loss softrepa or dsm, or --params tokens")
+        raise SystemExit(
+            "--params lora trains the losses SoftREPA ran on LoRA (softrepa, dsm); AGSM's psi+/psi- "
+            "are token sets: pass --loss softrepa or dsm, or --params tokens"
+        )
     return parse_blocks(args.lora_blocks, facts)
 
 
@@ -91,16 +96,23 @@ def target_modules(denoiser, facts, blocks):
     for name, module in denoiser.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        name = name.removesuffix(".base_layer")   # a layer that held an adapter before: peft's wrapper
+        name = name.removesuffix(".base_layer")  # a layer that held an adapter before: peft's wrapper
         if facts["arch"] == "mmdit":
-            parts = name.split(".")      # transformer_blocks.<i>.attn.<projection>
-            if (parts[0] == "transformer_blocks" and parts[2] == "attn" and ".".join(parts[3:]) in MMDIT_PROJECTIONS
-                    and (blocks == "all" or int(parts[1]) < blocks)):
+            parts = name.split(".")  # transformer_blocks.<i>.attn.<projection>
+            if (
+                parts[0] == "transformer_blocks"
+                and parts[2] == "attn"
+                and ".".join(parts[3:]) in MMDIT_PROJECTIONS
+                and (blocks == "all" or int(parts[1]) < blocks)
+            ):
                 names.append(name)
-        else:                            # <group>_blocks.<i>.attentions.<j>...attn1|attn2.<projection>
+        else:  # <group>_blocks.<i>.attentions.<j>...attn1|attn2.<projection>
             group = name.split(".")[0].replace("_blocks", "").replace("_block", "")
-            if (".attn1." in name or ".attn2." in name) and name.split(".attn")[1][2:] in UNET_PROJECTIONS \
-                    and (blocks == "all" or group in blocks):
+            if (
+                (".attn1." in name or ".attn2." in name)
+                and name.split(".attn")[1][2:] in UNET_PROJECTIONS
+                and (blocks == "all" or group in blocks)
+            ):
                 names.append(name)
     if not names:
         raise SystemExit(f"--lora-blocks {blocks}: no attention projection of this {facts['arch']} denoiser is there")
@@ -138,12 +150,17 @@ def add(bb, rank, blocks, alpha=None, seed=0):
     (peft). B starts at zero (both peft inits), so the adapted model starts as the stock one -- as the
     soft tokens do not: they are on from step 0. alpha = r (scale 1), as diffusers' LoRA scripts set it."""
     from peft import LoraConfig
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                        target_modules=target_modules(bb.denoiser, bb.facts, blocks))
-    torch.manual_seed(seed)            # A's gaussian draw: the run's seed decides it, as for the tokens
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        init_lora_weights="gaussian",
+        target_modules=target_modules(bb.denoiser, bb.facts, blocks),
+    )
+    torch.manual_seed(seed)  # A's gaussian draw: the run's seed decides it, as for the tokens
     bb.denoiser.add_adapter(config, adapter_name=ADAPTER)
     params = LoraParams(bb.denoiser, config)
-    for p in params.parameters():      # adapters in fp32 on a bf16 / fp16 backbone, as the tokens are
+    for p in params.parameters():  # adapters in fp32 on a bf16 / fp16 backbone, as the tokens are
         p.data = p.data.float()
     return params
 
@@ -159,13 +176,17 @@ class LoraHandle:
     @contextmanager
     def rows(self, choice):
         if choice is None or bool((torch.as_tensor(choice) >= 0).all()):
-            yield self                           # every row adapted: the ordinary forward
+            yield self  # every row adapted: the ordinary forward
             return
         # peft's mixed-batch forward: each LoRA layer takes adapter_names, one per row of its input
         names = [ADAPTER if int(c) >= 0 else BASE for c in torch.as_tensor(choice).tolist()]
         from peft.tuners.lora import LoraLayer
-        hooks = [m.register_forward_pre_hook(lambda m, a, k: (a, {**k, "adapter_names": names}), with_kwargs=True)
-                 for m in self.denoiser.modules() if isinstance(m, LoraLayer)]
+
+        hooks = [
+            m.register_forward_pre_hook(lambda m, a, k: (a, {**k, "adapter_names": names}), with_kwargs=True)
+            for m in self.denoiser.modules()
+            if isinstance(m, LoraLayer)
+        ]
         try:
             yield self
         finally:
@@ -179,35 +200,50 @@ class LoraHandle:
 # -----------------------------------------------------------------------------
 # Files: diffusers' LoRA format, our metadata beside its own in the safetensors header
 
+
 def save(path, params, facts, **meta):
     """lora.safetensors as the stock pipeline's save_lora_weights writes it (then pipe.load_lora_weights
     reads it), with `meta` (JSON values) added to its header. Atomic, as the token files are."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
-    state = {k: v.detach().float().cpu().contiguous() for k, v in
-             get_peft_model_state_dict(params.denoiser, adapter_name=ADAPTER).items()}
+    from safetensors.torch import load_file, save_file
+
+    state = {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(params.denoiser, adapter_name=ADAPTER).items()
+    }
     pipeline = getattr(diffusers, facts["pipeline"] or DEFAULT_PIPELINE[facts["arch"]])
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in params.config.to_dict().items()
-              if k in ("r", "lora_alpha", "target_modules", "init_lora_weights", "lora_dropout", "use_dora")}
+    config = {
+        k: (sorted(v) if isinstance(v, set) else v)
+        for k, v in params.config.to_dict().items()
+        if k in ("r", "lora_alpha", "target_modules", "init_lora_weights", "lora_dropout", "use_dora")
+    }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        pipeline.save_lora_weights(tmp, weight_name="lora.safetensors", **{f"{prefix(facts)}_lora_layers": state,
-                                   f"{prefix(facts)}_lora_adapter_metadata": config})
+        pipeline.save_lora_weights(
+            tmp,
+            weight_name="lora.safetensors",
+            **{f"{prefix(facts)}_lora_layers": state, f"{prefix(facts)}_lora_adapter_metadata": config},
+        )
         written = os.path.join(tmp, "lora.safetensors")
         with safe_open(written, framework="pt") as f:
             header = dict(f.metadata() or {})
-        header.update({k: json.dumps(v) for k, v in dict(meta, params="lora", rank=config["r"],
-                                                          alpha=config["lora_alpha"]).items()})
+        header.update(
+            {
+                k: json.dumps(v)
+                for k, v in dict(meta, params="lora", rank=config["r"], alpha=config["lora_alpha"]).items()
+            }
+        )
         save_file(load_file(written), os.path.join(tmp, "final"), metadata=header)
         os.replace(os.path.join(tmp, "final"), path)
 
 
 def is_lora_file(path):
     """A LoRA file (ours or any diffusers LoRA): a safetensors file whose keys hold lora_A / lora_B."""
-    from safetensors import safe_open, SafetensorError
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(path, framework="pt") as f:
             return any(".lora_A." in k or ".lora_B." in k for k in f.keys())
@@ -219,9 +255,12 @@ def read(path, name, prefix_of_family, ema=False, neg_uncond=False):
     """(state dict, info) of a LoRA file for family `name`: one-line errors for a file of another family,
     non-finite numbers, or the AGSM-only options."""
     from safetensors import safe_open
+
     if ema or neg_uncond:
-        raise SystemExit(f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds "
-                         f"LoRA adapters (one set)")
+        raise SystemExit(
+            f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds "
+            f"LoRA adapters (one set)"
+        )
     with safe_open(path, framework="pt") as f:
         header = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -232,8 +271,10 @@ def read(path, name, prefix_of_family, ema=False, neg_uncond=False):
         raise SystemExit(f"{path} holds no '{prefix_of_family}.' LoRA keys: it is not a LoRA of {name}'s denoiser")
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
-        raise SystemExit(f"{path} holds non-finite numbers (NaN or inf) in {bad[0]}: it comes from a diverged run; "
-                         f"retrain with a lower --lr")
+        raise SystemExit(
+            f"{path} holds non-finite numbers (NaN or inf) in {bad[0]}: it comes from a diverged run; "
+            f"retrain with a lower --lr"
+        )
     return state, dict(token_set="lora", blocks=None, path=path)
 
 
@@ -241,11 +282,11 @@ def attach(bb, state):
     """The adapters of a LoRA file on bb's denoiser, loaded by diffusers' own loader (the one behind
     pipe.load_lora_weights); returns a LoraHandle."""
     if ADAPTER in (getattr(bb.denoiser, "peft_config", None) or {}):
-        bb.denoiser.delete_adapters(ADAPTER)   # one LoRA at a time
+        bb.denoiser.delete_adapters(ADAPTER)  # one LoRA at a time
     try:
         bb.denoiser.load_lora_adapter(dict(state), prefix=prefix(bb.facts), adapter_name=ADAPTER)
     except (ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"cannot load this LoRA into {bb.name}: {str(e).splitlines()[0]}") from None
-    for module in bb.denoiser.modules():        # the adapter in the backbone's device and dtype
+    for module in bb.denoiser.modules():  # the adapter in the backbone's device and dtype
         module.to(bb.device)
     return LoraHandle(bb.denoiser)

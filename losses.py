@@ -89,6 +89,7 @@ def strictly_lowest(true_errors, other_errors):
 # -----------------------------------------------------------------------------
 # Plain score / flow matching on the matched pairs: the "dsm" baseline (AGSM Table 4 (i)).
 
+
 def dsm_loss(errors):
     return matched(errors).mean()
 
@@ -106,6 +107,7 @@ def dsm_loss(errors):
 # constant; here they are plain numbers.) It adds `dweight` times the plain DSM/FM loss of the matched
 # pairs (10 for SD1.5/SDXL, 0 for SD3; SoftREPA app. B and Table 6).
 
+
 def softrepa_logits(errors, tau=0.07, scale=4.0):
     return scale * torch.exp(-errors / tau)
 
@@ -115,7 +117,7 @@ def softrepa_row_losses(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, 
     dweight times its matched error. The loss of the step is their mean over the B rows (eq. 14), so
     a chunk of rows contributes sum / B and the chunks add up to the whole (--rows-per-forward)."""
     logits = softrepa_logits(errors, tau, scale)
-    if exclude is not None:   # a duplicate caption is no negative: out of the softmax's denominator
+    if exclude is not None:  # a duplicate caption is no negative: out of the softmax's denominator
         logits = logits.masked_fill(exclude.to(logits.device), float("-inf"))
     labels = torch.arange(errors.shape[0], device=errors.device) if rows is None else rows.to(errors.device)
     contrastive = F.cross_entropy(logits, labels, reduction="none")
@@ -157,6 +159,7 @@ def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None):
 # with tau = 0.1 and error gaps of a few hundredths the weights are nearly uniform; with the sum they
 # are nearly one-hot.)
 
+
 def guidance_weight_eps(t, alphas_cumprod=None):
     """tilde A(t) of eq. 15, = lambda_t beta_t sqrt(1 - abar_t) / (alpha_t (1 - abar_{t-1})) (eq. 37).
     The paper chooses lambda_t so that tilde A(t) = 1 in every experiment (sec. 4), and so does its code;
@@ -180,8 +183,19 @@ def plackett_luce_weights(errors_ema, tau, exclude=None):
     return torch.softmax(rewards, dim=1)
 
 
-def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
-                 bradley_terry=False, exclude=None, alphas_cumprod=None, rows=None):
+def agsm_targets(
+    pred_ema,
+    target,
+    timesteps,
+    prediction,
+    gamma_pos=1.0,
+    gamma_neg=1.0,
+    tau=0.1,
+    bradley_terry=False,
+    exclude=None,
+    alphas_cumprod=None,
+    rows=None,
+):
     """The alignment-guided targets (n, K, C, H, W) of eq. 15 / 16 for every pair of the n image rows
     at hand (global indices `rows`; None: all B), and the weights w. Everything here is per row."""
     B, K = pred_ema.shape[:2]
@@ -190,13 +204,13 @@ def agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_n
     if bradley_terry:
         delta, w = bradley_terry_delta(pred_ema, errors_ema, tau, rows)
     else:
-        w = plackett_luce_weights(errors_ema, tau, exclude)                 # (B, K)
-        weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)         # sum_k w_ik pred_ema(i, k)
-        delta = pred_ema - weighted_mean.unsqueeze(1)                       # Delta_ij (eq. 13 / 33)
+        w = plackett_luce_weights(errors_ema, tau, exclude)  # (B, K)
+        weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)  # sum_k w_ik pred_ema(i, k)
+        delta = pred_ema - weighted_mean.unsqueeze(1)  # Delta_ij (eq. 13 / 33)
     eye = matched_mask(B, K, rows, pred_ema.device)
-    gamma = torch.where(eye, gamma_pos, -gamma_neg).to(pred_ema)            # gamma_z (eq. 11)
+    gamma = torch.where(eye, gamma_pos, -gamma_neg).to(pred_ema)  # gamma_z (eq. 11)
     if exclude is not None:
-        gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)           # a duplicate gets no guidance
+        gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)  # a duplicate gets no guidance
     scale = guidance_weight_flow(timesteps) if prediction == "flow" else guidance_weight_eps(timesteps, alphas_cumprod)
     shape = (B, K) + (1,) * (pred_ema.dim() - 2)
     guidance = (gamma * scale.to(pred_ema).view(B, 1)).view(shape) * delta
@@ -210,15 +224,15 @@ def bradley_terry_delta(pred_ema, errors_ema, tau, rows=None):
     no formula; this is the PL derivation above restricted to two candidates.)"""
     B, K = pred_ema.shape[:2]
     local = torch.arange(B, device=pred_ema.device)
-    rows = local if rows is None else rows.to(pred_ema.device)                # the matched column of each row
-    own = errors_ema[local, rows].unsqueeze(1).expand(B, K)                   # err(i, i) beside err(i, j)
-    w_other = torch.softmax(torch.stack([-own, -errors_ema], dim=-1) / tau, dim=-1)[..., 1]   # (B, K)
-    positive = pred_ema[local, rows].unsqueeze(1)                             # (B, 1, C, H, W)
+    rows = local if rows is None else rows.to(pred_ema.device)  # the matched column of each row
+    own = errors_ema[local, rows].unsqueeze(1).expand(B, K)  # err(i, i) beside err(i, j)
+    w_other = torch.softmax(torch.stack([-own, -errors_ema], dim=-1) / tau, dim=-1)[..., 1]  # (B, K)
+    positive = pred_ema[local, rows].unsqueeze(1)  # (B, 1, C, H, W)
     shape = (B, K) + (1,) * (pred_ema.dim() - 2)
     w2 = w_other.view(shape)
-    pair_mean = (1 - w2) * positive + w2 * pred_ema                           # two-candidate weighted mean
-    delta_neg = pred_ema - pair_mean                                          # Delta for (i, j), j != i
-    delta_pos_each = positive - pair_mean                                     # the matched pair vs c^j
+    pair_mean = (1 - w2) * positive + w2 * pred_ema  # two-candidate weighted mean
+    delta_neg = pred_ema - pair_mean  # Delta for (i, j), j != i
+    delta_pos_each = positive - pair_mean  # the matched pair vs c^j
     off = ~matched_mask(B, K, rows, pred_ema.device)
     delta_pos = (delta_pos_each * off.view(shape)).sum(1) / max(K - 1, 1)
     delta = delta_neg.clone()
@@ -232,9 +246,23 @@ def negative_count(B, K, exclude=None):
     return B * K - B - (0 if exclude is None else int(exclude.sum()))
 
 
-def agsm_row_losses(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
-                    bradley_terry=False, exclude=None, plain_sum=False, alphas_cumprod=None, rows=None,
-                    n_rows=None, n_negatives=None):
+def agsm_row_losses(
+    pred,
+    pred_ema,
+    target,
+    timesteps,
+    prediction,
+    gamma_pos=1.0,
+    gamma_neg=1.0,
+    tau=0.1,
+    bradley_terry=False,
+    exclude=None,
+    plain_sum=False,
+    alphas_cumprod=None,
+    rows=None,
+    n_rows=None,
+    n_negatives=None,
+):
     """Eq. 17 split by image row: (n,) the contribution of each row at hand, whose sum over all B rows
     is the loss of the step. Returns (row losses, weights w of those rows).
     `pred` holds psi+ predictions on the matched pairs and psi- ones elsewhere (one batched forward,
@@ -248,24 +276,59 @@ def agsm_row_losses(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0
     line 12 writes one plain sum over all pairs (plain_sum=True), which gives psi- K-1 times the weight.
     Our default follows the code. Either way each row's share is a fixed sum over its own pairs."""
     with torch.no_grad():
-        targets, w = agsm_targets(pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
-                                  bradley_terry, exclude, alphas_cumprod, rows)
-    per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)         # (n, K)
+        targets, w = agsm_targets(
+            pred_ema,
+            target,
+            timesteps,
+            prediction,
+            gamma_pos,
+            gamma_neg,
+            tau,
+            bradley_terry,
+            exclude,
+            alphas_cumprod,
+            rows,
+        )
+    per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)  # (n, K)
     n, K = per_pair.shape
     n_rows = n if n_rows is None else n_rows
     n_negatives = negative_count(n, K, exclude) if n_negatives is None else n_negatives
-    negatives = per_pair.masked_fill(~_off_diagonal(per_pair, exclude, rows), 0.0).sum(dim=1)   # (n,)
+    negatives = per_pair.masked_fill(~_off_diagonal(per_pair, exclude, rows), 0.0).sum(dim=1)  # (n,)
     if plain_sum:
         return matched(per_pair, rows) + negatives, w
     return matched(per_pair, rows) / n_rows + negatives / max(n_negatives, 1), w
 
 
-def agsm_loss(pred, pred_ema, target, timesteps, prediction, gamma_pos=1.0, gamma_neg=1.0, tau=0.1,
-              bradley_terry=False, exclude=None, plain_sum=False, alphas_cumprod=None):
+def agsm_loss(
+    pred,
+    pred_ema,
+    target,
+    timesteps,
+    prediction,
+    gamma_pos=1.0,
+    gamma_neg=1.0,
+    tau=0.1,
+    bradley_terry=False,
+    exclude=None,
+    plain_sum=False,
+    alphas_cumprod=None,
+):
     """Eq. 17 on the whole B x K matrix: E_{D+} || pred_psi+ - tgt ||^2 + E_{D-} || pred_psi- - tgt ||^2
     (the sum of agsm_row_losses over its rows). Returns (loss, weights w)."""
-    row_losses, w = agsm_row_losses(pred, pred_ema, target, timesteps, prediction, gamma_pos, gamma_neg, tau,
-                                    bradley_terry, exclude, plain_sum, alphas_cumprod)
+    row_losses, w = agsm_row_losses(
+        pred,
+        pred_ema,
+        target,
+        timesteps,
+        prediction,
+        gamma_pos,
+        gamma_neg,
+        tau,
+        bradley_terry,
+        exclude,
+        plain_sum,
+        alphas_cumprod,
+    )
     return row_losses.sum(), w
 
 
@@ -293,10 +356,41 @@ def agsm_diagnostics(w, exclude=None, rows=None):
 #   4. (soft count - asked count)^2 on the matched pairs, added to the step's loss with weight
 #      --count-weight; a caption without a count contributes nothing.
 
-NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-                "nine": 9, "ten": 10}
-PHRASE_ENDS = {"and", "on", "in", "with", "to", "of", "at", "near", "next", "above", "below", "under", "behind",
-               "beside", "left", "right", "that", "which", "while", ",", "."}
+NUMBER_WORDS = {
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+}
+PHRASE_ENDS = {
+    "and",
+    "on",
+    "in",
+    "with",
+    "to",
+    "of",
+    "at",
+    "near",
+    "next",
+    "above",
+    "below",
+    "under",
+    "behind",
+    "beside",
+    "left",
+    "right",
+    "that",
+    "which",
+    "while",
+    ",",
+    ".",
+}
 
 
 def prompt_count(caption):
@@ -311,7 +405,7 @@ def prompt_count(caption):
         if count is None:
             continue
         phrase = []
-        for w in words[i + 1:]:
+        for w in words[i + 1 :]:
             if w in PHRASE_ENDS:
                 break
             phrase.append(w)
@@ -324,8 +418,15 @@ def prompt_count(caption):
 
 def singular(word):
     """Crude English singular: squares -> square, boxes -> box, buses -> bus, people stays."""
-    for ending, replacement in (("ies", "y"), ("sses", "ss"), ("shes", "sh"), ("ches", "ch"), ("xes", "x"),
-                                ("uses", "us"), ("s", "")):
+    for ending, replacement in (
+        ("ies", "y"),
+        ("sses", "ss"),
+        ("shes", "sh"),
+        ("ches", "ch"),
+        ("xes", "x"),
+        ("uses", "us"),
+        ("s", ""),
+    ):
         if word.endswith(ending) and not word.endswith("ss"):
             return word[: -len(ending)] + replacement
     return word
@@ -360,6 +461,7 @@ class DetectorCounter(torch.nn.Module):
     def __init__(self, folder):
         super().__init__()
         from transformers import AutoModelForObjectDetection
+
         self.detector = AutoModelForObjectDetection.from_pretrained(folder, local_files_only=True).eval()
         self.detector.requires_grad_(False)
         processor = os.path.join(folder, "preprocessor_config.json")
@@ -371,9 +473,12 @@ class DetectorCounter(torch.nn.Module):
     def soft_count(self, images, nouns):
         """images (B, 3, H, W) in [-1, 1], nouns (B,) -> (B,) expected counts; NaN for an unknown noun."""
         pixels = ((images.float() + 1) / 2 - self.mean) / self.std
-        logits = self.detector(pixel_values=pixels).logits                   # (B, queries, classes [+ 1])
-        probs = (torch.softmax(logits, -1) if logits.shape[-1] == self.detector.config.num_labels + 1
-                 else torch.sigmoid(logits))
+        logits = self.detector(pixel_values=pixels).logits  # (B, queries, classes [+ 1])
+        probs = (
+            torch.softmax(logits, -1)
+            if logits.shape[-1] == self.detector.config.num_labels + 1
+            else torch.sigmoid(logits)
+        )
         columns = torch.tensor([self.labels.get(n, -1) for n in nouns], device=images.device)
         counts = probs.gather(2, columns.clamp(min=0).view(-1, 1, 1).expand(-1, probs.shape[1], 1)).sum((1, 2))
         return torch.where(columns >= 0, counts, torch.full_like(counts, float("nan")))
@@ -386,11 +491,15 @@ def load_counter(spec, model_name, device):
     if spec is None and model_name.startswith("tiny-"):
         spec = checker.COUNTER_WEIGHTS
     if spec is None:
-        raise SystemExit("--count-weight needs --counter FOLDER: a transformers object detector saved with "
-                         "save_pretrained (e.g. a DETR), read from disk")
+        raise SystemExit(
+            "--count-weight needs --counter FOLDER: a transformers object detector saved with "
+            "save_pretrained (e.g. a DETR), read from disk"
+        )
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
         return DetectorCounter(spec).to(device)
     if spec.endswith(".safetensors") and os.path.exists(spec):
         return checker.load_counter(spec).to(device)
-    raise SystemExit(f"--counter {spec}: not a detector folder (config.json + weights) nor a shapes counter "
-                     f".safetensors; pass one of these")
+    raise SystemExit(
+        f"--counter {spec}: not a detector folder (config.json + weights) nor a shapes counter "
+        f".safetensors; pass one of these"
+    )

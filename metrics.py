@@ -18,6 +18,7 @@ this project's test runner) and first downloads the 4 GB LAION weights that the 
 overwrites, so its ten-line score() is repeated on open_clip. ImageReward (BLIP) and LPIPS use their
 packages; Inception uses pytorch-fid, the code the papers cite for FID.
 """
+
 import glob
 import math
 import os
@@ -29,9 +30,14 @@ from tqdm import tqdm
 
 import data
 
-HUB = dict(clip="openai/clip-vit-large-patch14", pickscore="yuvalkirstain/PickScore_v1",
-           pick_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", dino="facebook/dino-vitb8",
-           hps=("xswu/HPSv2", "HPS_v2.1_compressed.pt"), imagereward="ImageReward-v1.0")
+HUB = dict(
+    clip="openai/clip-vit-large-patch14",
+    pickscore="yuvalkirstain/PickScore_v1",
+    pick_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    dino="facebook/dino-vitb8",
+    hps=("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+    imagereward="ImageReward-v1.0",
+)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -42,6 +48,7 @@ def load_image(path):
 
 def to_pil(image):
     from PIL import Image
+
     return Image.fromarray(image)
 
 
@@ -75,7 +82,7 @@ def fid_from_features(a, b):
 def psnr(x, y, data_range=1.0):
     """10 log10(range^2 / MSE) over all pixels (torchmetrics' PeakSignalNoiseRatio, as PIE-Bench)."""
     mse = float(((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 
 def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
@@ -83,15 +90,15 @@ def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
     that fit in the image and over channels (torchmetrics' StructuralSimilarityIndexMeasure):
     SSIM = (2 mu_x mu_y + C1)(2 cov_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2))."""
     t = lambda a: torch.as_tensor(np.asarray(a, np.float64)).permute(2, 0, 1).unsqueeze(1)  # noqa: E731
-    x, y = t(x), t(y)                                                           # (C, 1, H, W)
-    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma ** 2))
+    x, y = t(x), t(y)  # (C, 1, H, W)
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma**2))
     g = g / g.sum()
     kernel = (g[:, None] * g[None, :]).view(1, 1, window, window)
     blur = lambda a: F.conv2d(a, kernel)  # noqa: E731  valid windows only
     mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return float(s.mean())
 
 
@@ -116,6 +123,7 @@ def source(hub_id, weights):
 def load_clip(metric, model_id, weights=None, processor_id=None, device="cpu"):
     """(CLIPModel, CLIPProcessor) from the hub or a local folder, or None."""
     from transformers import CLIPModel, CLIPProcessor
+
     model_src, proc_src = source(model_id, weights), source(processor_id or model_id, weights)
     if model_src is None or proc_src is None:
         return skip(metric, f"--weights {weights} holds no {model_id if model_src is None else processor_id}")
@@ -133,10 +141,16 @@ def clip_cosines(clip, images, prompts, batch=32):
     device, out = next(model.parameters()).device, []
     max_len = model.config.text_config.max_position_embeddings
     for i in range(0, len(images), batch):
-        inputs = processor(text=list(prompts[i:i + batch]), images=[to_pil(im) for im in images[i:i + batch]],
-                           return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+        inputs = processor(
+            text=list(prompts[i : i + batch]),
+            images=[to_pil(im) for im in images[i : i + batch]],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+        )
         o = model(**{k: v.to(device) for k, v in inputs.items()})
-        out.append((o.image_embeds * o.text_embeds).sum(-1).float().cpu())   # both are L2-normalised
+        out.append((o.image_embeds * o.text_embeds).sum(-1).float().cpu())  # both are L2-normalised
     return torch.cat(out), float(model.logit_scale.detach().exp())
 
 
@@ -163,6 +177,7 @@ def load_hps(weights=None, device="cpu"):
                 return skip("hps", f"no {path}")
         else:
             from huggingface_hub import hf_hub_download
+
             path = hf_hub_download(repo, filename)
         model, _, preprocess = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
@@ -177,9 +192,9 @@ def hps_score(hps, images, prompts, batch=16):
     model, preprocess, tokenizer = hps
     device, out = next(model.parameters()).device, []
     for i in range(0, len(images), batch):
-        pixels = torch.stack([preprocess(to_pil(im)) for im in images[i:i + batch]]).to(device)
+        pixels = torch.stack([preprocess(to_pil(im)) for im in images[i : i + batch]]).to(device)
         image_features = model.encode_image(pixels, normalize=True)
-        text_features = model.encode_text(tokenizer(list(prompts[i:i + batch])).to(device), normalize=True)
+        text_features = model.encode_text(tokenizer(list(prompts[i : i + batch])).to(device), normalize=True)
         out += (image_features * text_features).sum(-1).float().cpu().tolist()
     return out
 
@@ -221,19 +236,22 @@ def load_inception(weights=None, device="cpu"):
         return skip("fid", "missing package pytorch-fid: pip install -r requirements-eval.txt")
     if not hub_checkpoint(weights, "pt_inception-2015-12-05"):
         return skip("fid", f"no {weights}/checkpoints/pt_inception-2015-12-05-6726825d.pth")
-    try:   # the 2048-d pool3 features of the TF-ported FID Inception (pt_inception-2015-12-05)
+    try:  # the 2048-d pool3 features of the TF-ported FID Inception (pt_inception-2015-12-05)
         return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        return skip("fid", f"cannot load the FID Inception weights: {type(e).__name__}; offline, put "
-                           f"pt_inception-2015-12-05-6726825d.pth in --weights DIR/checkpoints/")
+        return skip(
+            "fid",
+            f"cannot load the FID Inception weights: {type(e).__name__}; offline, put "
+            f"pt_inception-2015-12-05-6726825d.pth in --weights DIR/checkpoints/",
+        )
 
 
 @torch.no_grad()
 def inception_features(model, paths, batch=50):
     device, out = next(model.parameters()).device, []
     for i in tqdm(range(0, len(paths), batch), desc="inception", leave=False):
-        x = torch.stack([torch.from_numpy(load_image(p).copy()).permute(2, 0, 1) for p in paths[i:i + batch]])
-        out.append(model(x.float().div(255).to(device))[0].flatten(1).cpu())   # in [0, 1]; resized inside
+        x = torch.stack([torch.from_numpy(load_image(p).copy()).permute(2, 0, 1) for p in paths[i : i + batch]])
+        out.append(model(x.float().div(255).to(device))[0].flatten(1).cpu())  # in [0, 1]; resized inside
     return torch.cat(out).numpy()
 
 
@@ -250,8 +268,11 @@ def load_lpips(net="alex", weights=None, device="cpu", random_backbone=False):
     try:
         return lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        return skip("lpips", f"cannot load the {net} backbone: {type(e).__name__}; offline, put torchvision's "
-                             f"{net} weights in --weights DIR/checkpoints/")
+        return skip(
+            "lpips",
+            f"cannot load the {net} backbone: {type(e).__name__}; offline, put torchvision's "
+            f"{net} weights in --weights DIR/checkpoints/",
+        )
 
 
 @torch.no_grad()
@@ -265,6 +286,7 @@ def lpips_distance(model, x, y):
 def load_dino(weights=None, device="cpu"):
     """DINO ViT-B/8 (transformers' copy of facebookresearch/dino's dino_vitb8, which PIE-Bench loads)."""
     from transformers import ViTModel
+
     src = source(HUB["dino"], weights)
     if src is None:
         return skip("structure_distance", f"--weights {weights} holds no {HUB['dino']}")
@@ -284,9 +306,14 @@ def dino_key_self_similarity(model, image):
     hook = keys.register_forward_hook(lambda mod, inp, out: seen.append(out))
     x = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None]
     size = model.config.image_size
-    scale = size / min(x.shape[-2:])                                  # shorter side -> 224, like Resize(224)
-    x = F.interpolate(x, size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)), mode="bilinear",
-                      antialias=True, align_corners=False)
+    scale = size / min(x.shape[-2:])  # shorter side -> 224, like Resize(224)
+    x = F.interpolate(
+        x,
+        size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     try:
         model(pixel_values=((x - mean) / std).to(next(model.parameters()).device), interpolate_pos_encoding=True)
@@ -305,12 +332,14 @@ def structure_distance(model, x, y):
 # The adapters: one row per metric of a folder of generated images, saying how its model loads
 # (weights: a local folder, or None for the hub) and what it computes from (scorer, paths, prompts, ref).
 
+
 def mean_per_image(score):
     def run(scorer, paths, prompts, ref=None):
         values = []
         for i in tqdm(range(0, len(paths), 64), desc=score.__name__, leave=False):
-            values += score(scorer, [load_image(p) for p in paths[i:i + 64]], prompts[i:i + 64])
+            values += score(scorer, [load_image(p) for p in paths[i : i + 64]], prompts[i : i + 64])
         return float(np.mean(values))
+
     return run
 
 
@@ -332,11 +361,14 @@ def lpips_against(scorer, paths, prompts, ref):
 
 
 METRICS = {
-    "clip": dict(load=lambda weights, device: load_clip("clip", HUB["clip"], weights, device=device),
-                 run=mean_per_image(clip_score)),
-    "pickscore": dict(load=lambda weights, device: load_clip("pickscore", HUB["pickscore"], weights,
-                                                             HUB["pick_processor"], device),
-                      run=mean_per_image(pick_score)),
+    "clip": dict(
+        load=lambda weights, device: load_clip("clip", HUB["clip"], weights, device=device),
+        run=mean_per_image(clip_score),
+    ),
+    "pickscore": dict(
+        load=lambda weights, device: load_clip("pickscore", HUB["pickscore"], weights, HUB["pick_processor"], device),
+        run=mean_per_image(pick_score),
+    ),
     "imagereward": dict(load=load_imagereward, run=mean_per_image(imagereward_score)),
     "hps": dict(load=load_hps, run=mean_per_image(hps_score)),
     "fid": dict(load=load_inception, run=fid_against),
@@ -348,8 +380,11 @@ def load_scorers(names, weights=None, device="cpu"):
     """{metric: its loaded model, or None if it cannot load}; "edit" gets PIE-Bench's three models."""
     scorers = {m: METRICS[m]["load"](weights, device) for m in names if m in METRICS}
     if "edit" in names:
-        scorers["edit"] = dict(clip=scorers.get("clip") or METRICS["clip"]["load"](weights, device),
-                               lpips_model=load_lpips("squeeze", weights, device), dino=load_dino(weights, device))
+        scorers["edit"] = dict(
+            clip=scorers.get("clip") or METRICS["clip"]["load"](weights, device),
+            lpips_model=load_lpips("squeeze", weights, device),
+            dino=load_dino(weights, device),
+        )
     return scorers
 
 

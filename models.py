@@ -21,6 +21,7 @@ weights in shapes/weights/. `random_denoiser(family, size)` builds any family's 
 weights at its real size (benchmarks) or test size (tests); `build(name, pretrained, random_init)` is what
 the scripts' flags ask for.
 """
+
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -30,9 +31,9 @@ import torch.nn as nn
 
 import families
 import shapes
-from families import FAMILIES   # the one table of per-family facts
+from families import FAMILIES  # the one table of per-family facts
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # every script's --precision
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every script's --precision
 NUM_TRAIN_TIMESTEPS = 1000  # every family: timesteps in [0, 1000) (flow: sigma * 1000)
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes", "weights")
 
@@ -41,10 +42,10 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes",
 class Backbone:
     name: str
     facts: dict
-    denoiser: nn.Module                 # SD3Transformer2DModel, FluxTransformer2DModel or UNet2DConditionModel
-    pipe: object = None                 # real models: the stock diffusers pipeline (text encoders, VAE)
-    text_encoder: nn.Module = None      # tiny models: one CLIPTextModel with our word vocabulary
-    vae: nn.Module = None               # AutoencoderKL (real: pipe.vae); None: the denoiser works on pixels
+    denoiser: nn.Module  # SD3Transformer2DModel, FluxTransformer2DModel or UNet2DConditionModel
+    pipe: object = None  # real models: the stock diffusers pipeline (text encoders, VAE)
+    text_encoder: nn.Module = None  # tiny models: one CLIPTextModel with our word vocabulary
+    vae: nn.Module = None  # AutoencoderKL (real: pipe.vae); None: the denoiser works on pixels
     alphas_cumprod: torch.Tensor = field(default=None, repr=False)  # DDPM families
 
     def to(self, device, dtype=torch.float32):
@@ -72,13 +73,15 @@ def check_name(name):
 # DDPM noise schedule of SD1.5/SDXL: "scaled_linear" betas from 0.00085 to 0.012 over 1000 steps
 # (the schedulers' configs on the hub). alpha_bar_t = prod_{s<=t} (1 - beta_s).
 
+
 def ddpm_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=NUM_TRAIN_TIMESTEPS):
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
 # -----------------------------------------------------------------------------
 # Loading
+
 
 def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_3=True):
     """The backbone `name` (a key of FAMILIES). Real families come from the Hugging Face hub, or from
@@ -90,23 +93,27 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     else:
         import diffusers
         import transformers
+
         source = pretrained or facts["hub"]
         extra = {} if text_encoder_3 or facts["arch"] != "mmdit" else dict(text_encoder_3=None, tokenizer_3=None)
         if pretrained is not None and not os.path.isdir(pretrained):
             raise SystemExit(f"--pretrained {pretrained}: no such folder (a local copy of {facts['hub']})")
-        diffusers.logging.set_verbosity_error()      # the one-line error below, not pages of warnings first
+        diffusers.logging.set_verbosity_error()  # the one-line error below, not pages of warnings first
         transformers.logging.set_verbosity_error()
         try:
             pipe = getattr(diffusers, facts["pipeline"]).from_pretrained(source, torch_dtype=dtype, **extra)
         except (OSError, ValueError) as e:  # not on disk, and the hub is unreachable or gated
             if pretrained is not None:
-                raise SystemExit(f"cannot load {name} from --pretrained {pretrained} ({type(e).__name__}): it must "
-                                 f"be a complete local copy of {facts['hub']} (model_index.json and its "
-                                 f"subfolders)") from None
+                raise SystemExit(
+                    f"cannot load {name} from --pretrained {pretrained} ({type(e).__name__}): it must "
+                    f"be a complete local copy of {facts['hub']} (model_index.json and its "
+                    f"subfolders)"
+                ) from None
             raise SystemExit(
                 f"cannot load {name} from the hub '{source}' ({type(e).__name__}): if offline, pass --pretrained "
                 f"/path/to/a/local/copy; if online, run `hf auth login` and accept the licence at "
-                f"https://huggingface.co/{facts['hub']}") from None
+                f"https://huggingface.co/{facts['hub']}"
+            ) from None
         pipe.to(device)
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
@@ -122,21 +129,43 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
 
 
 # The shapes world's text encoder and autoencoder (its denoisers: FAMILIES' tiny-*); pretrain.py trains them.
-TINY_TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                        max_position_embeddings=16, projection_dim=128)
+TINY_TEXT_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    projection_dim=128,
+)
 # The shapes world's autoencoder: the real families' AutoencoderKL at 0.23M parameters, 32x32x3 -> 8x8x4
 # (vae_factor 4): 64 latent positions, and the decoder draws the crisp edges (a pixel-space denoiser of the
 # same cost drew blocky fragments). No attention in its middle block: flat colours need none. scaling_factor
 # and shift_factor are measured on renders after training (pretrain.py), saved with the weights.
-TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-                       down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                       layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+    mid_block_add_attention=False,
+)
 
 
 def denoiser_class(facts):
     import diffusers
-    return getattr(diffusers, "FluxTransformer2DModel" if facts["pack"] else "SD3Transformer2DModel"
-                   if facts["arch"] == "mmdit" else "UNet2DConditionModel")
+
+    return getattr(
+        diffusers,
+        "FluxTransformer2DModel"
+        if facts["pack"]
+        else "SD3Transformer2DModel"
+        if facts["arch"] == "mmdit"
+        else "UNet2DConditionModel",
+    )
 
 
 def sized_config(facts, size):
@@ -211,8 +240,9 @@ def random_text_features(bb, batch, seed=0):
 def random_text(bb, batch, seed=0):
     """The denoiser's text kwargs from random_text_features, for a backbone without text encoders."""
     hidden, pooled = random_text_features(bb, batch, seed)
-    return cond_from_features(bb, hidden.to(bb.device, bb.dtype),
-                              None if pooled is None else pooled.to(bb.device, bb.dtype))
+    return cond_from_features(
+        bb, hidden.to(bb.device, bb.dtype), None if pooled is None else pooled.to(bb.device, bb.dtype)
+    )
 
 
 def is_shapes_world(name):
@@ -223,7 +253,9 @@ def is_shapes_world(name):
 def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
     """The flags that pick and place a backbone, the same in every script (read by from_flags)."""
     parser.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(FAMILIES)}")
-    parser.add_argument("--pretrained", default=None, help="local folder of the backbone (default: the hub / shapes/weights/)")
+    parser.add_argument(
+        "--pretrained", default=None, help="local folder of the backbone (default: the hub / shapes/weights/)"
+    )
     parser.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--precision", default=None, choices=list(PRECISIONS), help=f"default: {precision}")
@@ -257,16 +289,23 @@ def build(name, pretrained=None, random_init=False, device="cpu", dtype=torch.fl
 
 def tiny_text_encoder(seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel
+
     # CLIP pools the hidden state at the EOS token (the summary of the prompt); shapes.py explains ids
     ids = shapes.WORD_TO_ID
-    config = CLIPTextConfig(vocab_size=len(shapes.VOCAB), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                            eos_token_id=ids["<eos>"], **TINY_TEXT_CONFIG)
+    config = CLIPTextConfig(
+        vocab_size=len(shapes.VOCAB),
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=ids["<eos>"],
+        **TINY_TEXT_CONFIG,
+    )
     torch.manual_seed(seed)
     return CLIPTextModel(config).eval()
 
 
 def tiny_vae(seed=0, scaling_factor=1.0, shift_factor=0.0):
     from diffusers import AutoencoderKL
+
     torch.manual_seed(seed)
     return AutoencoderKL(**TINY_VAE_CONFIG, scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
 
@@ -274,8 +313,13 @@ def tiny_vae(seed=0, scaling_factor=1.0, shift_factor=0.0):
 def build_tiny(name, seed=0, vae=None):
     """A random-weight shapes-world backbone (what pretrain.py starts from); `vae` defaults to a random one."""
     facts = check_name(name)
-    bb = Backbone(name, facts, random_denoiser(name, seed=seed), text_encoder=tiny_text_encoder(seed + 1),
-                  vae=vae if vae is not None else tiny_vae(seed + 2))
+    bb = Backbone(
+        name,
+        facts,
+        random_denoiser(name, seed=seed),
+        text_encoder=tiny_text_encoder(seed + 1),
+        vae=vae if vae is not None else tiny_vae(seed + 2),
+    )
     if facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod()
     return bb
@@ -287,9 +331,12 @@ TINY_VAE_DIR = os.path.join(WEIGHTS_DIR, "tiny-vae")
 def load_tiny_vae(folder=TINY_VAE_DIR):
     """The trained shapes-world autoencoder, with the latent normalisation stored beside its weights."""
     from safetensors import safe_open
+
     path = os.path.join(folder, "vae.safetensors")
     if not os.path.exists(path):
-        raise SystemExit(f"no autoencoder weights at {path}; rebuild them with `python -m shapes.pretrain --model tiny-vae`")
+        raise SystemExit(
+            f"no autoencoder weights at {path}; rebuild them with `python -m shapes.pretrain --model tiny-vae`"
+        )
     with safe_open(path, "pt") as f:
         meta = f.metadata()
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -301,10 +348,13 @@ def load_tiny_vae(folder=TINY_VAE_DIR):
 def load_tiny(name, folder):
     """shapes/weights/<name>/{denoiser,text_encoder}.safetensors, and the shared autoencoder beside them."""
     from safetensors.torch import load_file
+
     files = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
     missing = [f for f in files.values() if not os.path.exists(f)]
     if missing:
-        raise SystemExit(f"{name}: no weights at {missing[0]}; rebuild them with `python -m shapes.pretrain --model {name}`")
+        raise SystemExit(
+            f"{name}: no weights at {missing[0]}; rebuild them with `python -m shapes.pretrain --model {name}`"
+        )
     vae_folder = os.path.join(os.path.dirname(os.path.abspath(folder)), "tiny-vae")
     bb = build_tiny(name, vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR))
     bb.denoiser.load_state_dict(load_file(files["denoiser"]))
@@ -316,6 +366,7 @@ def load_tiny(name, folder):
 # Prompts: the text kwargs of the denoiser for a list of prompts. Real families use the stock
 # pipeline's own `encode_prompt` (the exact text features the models were trained with).
 
+
 def encode_prompts(bb, prompts, grad=False):
     """grad=True only for pretrain.py, which trains the tiny text encoder; everywhere else it is frozen."""
     facts, device = bb.facts, bb.device
@@ -323,11 +374,12 @@ def encode_prompts(bb, prompts, grad=False):
         if bb.pipe is None:
             out = bb.text_encoder(shapes.tokenize(prompts).to(device))
             hidden, pooled = out.last_hidden_state, out.pooler_output
-        elif facts["pipeline"] == "FluxPipeline":   # T5's sequence, CLIP's pooled output (and zero text ids)
+        elif facts["pipeline"] == "FluxPipeline":  # T5's sequence, CLIP's pooled output (and zero text ids)
             hidden, pooled, _ = bb.pipe.encode_prompt(prompts, device=device, max_sequence_length=facts["text_tokens"])
         elif facts["arch"] == "mmdit":
-            hidden, _, pooled, _ = bb.pipe.encode_prompt(prompts, None, None, device=device,
-                                                         do_classifier_free_guidance=False)
+            hidden, _, pooled, _ = bb.pipe.encode_prompt(
+                prompts, None, None, device=device, do_classifier_free_guidance=False
+            )
         elif facts["pooled"] == "text_time":
             hidden, _, pooled, _ = bb.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
         else:
@@ -342,7 +394,7 @@ def cond_from_features(bb, hidden, pooled):
     cond = {"encoder_hidden_states": hidden}
     if facts["pooled"] == "pooled_projections":
         cond["pooled_projections"] = pooled
-    elif facts["pooled"] == "text_time":   # SDXL; its micro-conditioning time ids come from denoise()
+    elif facts["pooled"] == "text_time":  # SDXL; its micro-conditioning time ids come from denoise()
         cond["added_cond_kwargs"] = {"text_embeds": pooled}
     return cond
 
@@ -354,14 +406,17 @@ def index_cond(cond, index):
 
 def cat_conds(conds):
     """Concatenate conditioning dicts along the batch (e.g. unconditional + conditional for CFG)."""
-    return {k: cat_conds([c[k] for c in conds]) if isinstance(v, dict) else torch.cat([c[k] for c in conds])
-            for k, v in conds[0].items()}
+    return {
+        k: cat_conds([c[k] for c in conds]) if isinstance(v, dict) else torch.cat([c[k] for c in conds])
+        for k, v in conds[0].items()
+    }
 
 
 # -----------------------------------------------------------------------------
 # Images <-> latents, one path for every family: the AutoencoderKL, then the normalisation of its config,
 # x0 = (z - shift_factor) * scaling_factor (SD3: shift 0.0609, scale 1.5305; SD1.5: no shift, 0.18215),
 # chosen so that the latents the denoiser sees have about zero mean and unit variance.
+
 
 def latent_normalisation(vae):
     return vae.config.scaling_factor, (getattr(vae.config, "shift_factor", None) or 0.0)
@@ -402,6 +457,7 @@ def latent_shape(bb, size=None):
 #                       timestep = 1000 sigma (SD3's convention; SoftREPA eq. 11 / AGSM eq. 38)
 # FLUX-dev: sigma = u moved by its dynamic time shift (families.time_shift), as FLUX.1 was trained.
 
+
 def add_noise(bb, x0, noise, u):
     """x_t and the denoiser's timesteps for clean x0 (B, ...), noise like x0, levels u (B,) in [0, 1]."""
     shape = (-1,) + (1,) * (x0.dim() - 1)
@@ -428,8 +484,8 @@ def denoise(bb, x_t, timesteps, cond, guidance=None):
     FLUX-dev's guidance input (the sampler's cfg scale); None: the family's training value."""
     if not torch.is_tensor(timesteps) or timesteps.dim() == 0:
         timesteps = torch.full((x_t.shape[0],), float(timesteps), device=x_t.device)
-    if "added_cond_kwargs" in cond:   # SDXL micro-conditioning (original size, crop top-left, target size):
-        side = x_t.shape[-1] * bb.facts["vae_factor"]   # this image's size, as the stock pipeline sets them
+    if "added_cond_kwargs" in cond:  # SDXL micro-conditioning (original size, crop top-left, target size):
+        side = x_t.shape[-1] * bb.facts["vae_factor"]  # this image's size, as the stock pipeline sets them
         embeds = cond["added_cond_kwargs"]["text_embeds"]
         time_ids = torch.tensor([side, side, 0, 0, side, side], device=embeds.device, dtype=embeds.dtype)
         cond = {**cond, "added_cond_kwargs": {"text_embeds": embeds, "time_ids": time_ids.repeat(len(x_t), 1)}}
@@ -439,11 +495,20 @@ def denoise(bb, x_t, timesteps, cond, guidance=None):
     # come back the same way (FluxPipeline's _pack_latents / _unpack_latents); rotary position ids (0, row, col)
     # per image token, (0, 0, 0) per text position; sigma itself (x 1000 inside the model); dev's guidance.
     (B, C, h, w), p = x_t.shape, bb.facts["pack"]
-    tokens = x_t.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // p) * (w // p), C * p * p)
+    tokens = (
+        x_t.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // p) * (w // p), C * p * p)
+    )
     img_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(h // p).float(), torch.arange(w // p).float()).to(x_t)
     txt_ids = x_t.new_zeros(cond["encoder_hidden_states"].shape[1], 3)
     value = bb.facts["guidance"] if guidance is None else guidance
     guide = torch.full((B,), value, device=x_t.device) if bb.denoiser.config.guidance_embeds else None
-    out = bb.denoiser(tokens, timestep=timesteps / NUM_TRAIN_TIMESTEPS, img_ids=img_ids, txt_ids=txt_ids,
-                      guidance=guide, **cond, return_dict=False)[0]
+    out = bb.denoiser(
+        tokens,
+        timestep=timesteps / NUM_TRAIN_TIMESTEPS,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=guide,
+        **cond,
+        return_dict=False,
+    )[0]
     return out.reshape(B, h // p, w // p, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)

@@ -21,6 +21,7 @@ image of each), grid.png, and records.jsonl, one line per image, which eval.py r
      "model": ..., "tokens": path | null, "token_set": "pos" | "ema_pos" | "tokens" | "softrepa" | "lora" | null,
      "uncond": "psi+" | "psi-" | "lora" | "none", "steps": ..., "cfg": ..., "size": ..., "spec": {...} (if given)}
 """
+
 import argparse
 import json
 import math
@@ -36,7 +37,6 @@ import families
 import models
 import shapes
 import softtokens
-
 
 # -----------------------------------------------------------------------------
 # The sampler core. edit.py uses the same pieces (predict, flow_sigmas, ddim_levels, ddim_step).
@@ -92,8 +92,10 @@ def predict(bb, x, timestep, cond, uncond, cfg, handle=None, uncond_set=None, co
     cond_rows = _rows(cond_set, B)
     distilled = bb.facts["guidance"] is not None
     if distilled and uncond_set is not None:
-        raise SystemExit(f"--neg-uncond puts psi- on the unconditional branch, and {bb.name} has none: it is guidance-"
-                         f"distilled (one branch a step, the cfg scale is its guidance input); sample without it")
+        raise SystemExit(
+            f"--neg-uncond puts psi- on the unconditional branch, and {bb.name} has none: it is guidance-"
+            f"distilled (one branch a step, the cfg scale is its guidance input); sample without it"
+        )
     if cfg == 1.0 or distilled:
         choice = None if bool((cond_rows == 0).all()) else cond_rows
         with handle.rows(choice) if handle is not None else nullcontext():
@@ -120,12 +122,13 @@ def sample_loop(bb, x, cond, uncond, steps, cfg, handle=None, uncond_set=None, p
     loop = range(steps)
     if progress:
         from tqdm import tqdm
+
         loop = tqdm(loop, desc="sampling", leave=False)
     if facts["prediction"] == "flow":
-        sigmas = flow_sigmas(steps, families.time_shift(facts, *x.shape[-2:]))   # SD3: 3; FLUX-dev: by size
+        sigmas = flow_sigmas(steps, families.time_shift(facts, *x.shape[-2:]))  # SD3: 3; FLUX-dev: by size
         for i in loop:
             v = predict(bb, x, sigmas[i] * models.NUM_TRAIN_TIMESTEPS, cond, uncond, cfg, handle, uncond_set)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v                   # Euler step from sigma_i to sigma_i+1
+            x = x + (sigmas[i + 1] - sigmas[i]) * v  # Euler step from sigma_i to sigma_i+1
     else:
         timesteps, levels = ddim_levels(bb, steps)
         for i in loop:
@@ -135,15 +138,14 @@ def sample_loop(bb, x, cond, uncond, steps, cfg, handle=None, uncond_set=None, p
 
 
 @torch.no_grad()
-def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, uncond_set=None,
-             progress=False):
+def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, uncond_set=None, progress=False):
     """Images (B, 3, H, W) in [-1, 1] for `prompts`, one seed each (same seed -> same image)."""
     facts = bb.facts
     steps = steps or facts["sample"]["steps"]
     cfg = facts["sample"]["cfg"] if cfg is None else cfg
     x = initial_noise(models.latent_shape(bb, size), seeds).to(bb.device, bb.dtype)
     cond = models.encode_prompts(bb, list(prompts))
-    uncond = models.encode_prompts(bb, [""] * len(prompts)) if facts["guidance"] is None else None   # distilled: none
+    uncond = models.encode_prompts(bb, [""] * len(prompts)) if facts["guidance"] is None else None  # distilled: none
     x = sample_loop(bb, x, cond, uncond, steps, cfg, handle, uncond_set, progress)
     return models.decode_latents(bb, x).float().cpu()
 
@@ -165,7 +167,7 @@ def read_prompts(path):
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path} line {n} is not JSON ({e.msg}): write one JSON object a line") from None
         if not isinstance(item.get("prompt"), str):
-            raise SystemExit(f"{path} line {n} has no \"prompt\" string")
+            raise SystemExit(f'{path} line {n} has no "prompt" string')
         items.append({k: item[k] for k in ("prompt", "spec") if k in item})
     return items
 
@@ -182,6 +184,7 @@ def check_prompts(name, prompts):
 
 def save_image(image, path):
     from PIL import Image
+
     Image.fromarray(shapes.to_uint8(image)).save(path)
 
 
@@ -189,6 +192,7 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96):
     """A grid of images (N, 3, H, W); `per_cell` consecutive images sit side by side in one cell (the
     plain | tokens pair of --compare). Small images are enlarged (nearest) to be seen."""
     from PIL import Image
+
     n_cells = math.ceil(len(images) / per_cell)
     columns = columns or math.ceil(math.sqrt(n_cells))
     rows = math.ceil(n_cells / columns)
@@ -200,7 +204,7 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96):
         cell, within = divmod(k, per_cell)
         r, c = divmod(cell, columns)
         y, x = r * (h + gap), c * (cell_w + gap) + within * (w + gap // 2)
-        canvas[y:y + h, x:x + w] = shapes.to_uint8(image)
+        canvas[y : y + h, x : x + w] = shapes.to_uint8(image)
     scale = max(1, math.ceil(min_side / h))
     grid = Image.fromarray(canvas)
     if scale > 1:
@@ -221,7 +225,7 @@ def parse_args(argv=None):
     p.add_argument("--neg-uncond", action="store_true", help="psi- on the unconditional branch (AGSM Table 5 (i))")
     p.add_argument("--compare", action="store_true", help="also sample without tokens, side by side in the grid")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--prompts", default=None, help="text file (a prompt a line) or JSONL with a \"prompt\" field")
+    p.add_argument("--prompts", default=None, help='text file (a prompt a line) or JSONL with a "prompt" field')
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per prompt and seed")
     p.add_argument("--steps", type=int, default=None, help="default: the family's (models.FAMILIES)")
     p.add_argument("--cfg", type=float, default=None, help="default: the family's")
@@ -244,9 +248,11 @@ def check_args(args):
         raise SystemExit(f"no token file or folder at {args.tokens}")
     if (args.steps is not None and args.steps < 1) or args.batch < 1:
         raise SystemExit("--steps and --batch must be at least 1")
-    if args.neg_uncond and models.FAMILIES[args.model]["guidance"] is not None:   # checked again in predict
-        raise SystemExit(f"--neg-uncond puts psi- on the unconditional branch, and {args.model} has none: it is "
-                         f"guidance-distilled (one branch per step); drop --neg-uncond")
+    if args.neg_uncond and models.FAMILIES[args.model]["guidance"] is not None:  # checked again in predict
+        raise SystemExit(
+            f"--neg-uncond puts psi- on the unconditional branch, and {args.model} has none: it is "
+            f"guidance-distilled (one branch per step); drop --neg-uncond"
+        )
     args.size = args.size or models.FAMILIES[args.model]["size"]
     families.check_size(args.model, args.size)
 
@@ -262,10 +268,10 @@ def main(argv=None):
     sets, info = (None, dict(token_set=None, blocks=None))
     if args.tokens is not None:
         sets, info = softtokens.read_tokens(args.tokens, args.model, args.ema, args.neg_uncond)
-    data.check_writable(args.out)   # before the work: a read-only --out must not lose the images
+    data.check_writable(args.out)  # before the work: a read-only --out must not lose the images
 
     bb = models.from_flags(args)
-    families.check_size(args.model, args.size, bb=bb)   # the loaded model's positional table
+    families.check_size(args.model, args.size, bb=bb)  # the loaded model's positional table
     uncond_set = 1 if args.neg_uncond else None
     jobs = [(item, seed) for item in items for seed in args.seed]
     variants = (["plain", "tokens"] if args.compare else ["tokens"]) if sets is not None else ["plain"]
@@ -274,9 +280,19 @@ def main(argv=None):
         with softtokens.attached(bb, sets if variant == "tokens" else None, info["blocks"]) as handle:
             out = []
             for start in tqdm(range(0, len(jobs), args.batch), desc=f"sampling ({variant})"):
-                part = jobs[start:start + args.batch]
-                out.append(generate(bb, [it["prompt"] for it, _ in part], [s for _, s in part], steps, cfg,
-                                            args.size, handle, uncond_set if variant == "tokens" else None))
+                part = jobs[start : start + args.batch]
+                out.append(
+                    generate(
+                        bb,
+                        [it["prompt"] for it, _ in part],
+                        [s for _, s in part],
+                        steps,
+                        cfg,
+                        args.size,
+                        handle,
+                        uncond_set if variant == "tokens" else None,
+                    )
+                )
         images[variant] = torch.cat(out)
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
@@ -288,12 +304,22 @@ def main(argv=None):
             save_image(images[variant][k], os.path.join(args.out, name))
             ordered.append(images[variant][k])
             with_tokens = variant == "tokens"
-            record = dict(image=name, prompt=item["prompt"], seed=seed, variant=variant, model=args.model,
-                          tokens=args.tokens if with_tokens else None,
-                          token_set=info["token_set"] if with_tokens else None,
-                          uncond=("psi-" if args.neg_uncond else "lora" if info["token_set"] == "lora" else "psi+")
-                          if with_tokens else "none",
-                          steps=steps, cfg=cfg, size=args.size, random_init=args.random_init)
+            record = dict(
+                image=name,
+                prompt=item["prompt"],
+                seed=seed,
+                variant=variant,
+                model=args.model,
+                tokens=args.tokens if with_tokens else None,
+                token_set=info["token_set"] if with_tokens else None,
+                uncond=("psi-" if args.neg_uncond else "lora" if info["token_set"] == "lora" else "psi+")
+                if with_tokens
+                else "none",
+                steps=steps,
+                cfg=cfg,
+                size=args.size,
+                random_init=args.random_init,
+            )
             if "spec" in item:
                 record["spec"] = item["spec"]
             records.append(record)

@@ -22,6 +22,7 @@ why the constants POS, NEG, EMA_POS, EMA_NEG exist.
 Files are safetensors with metadata saying how to attach them (family, layers, tokens, width, ...);
 `import_softrepa` and `import_agsm` read the authors' released .pth files without running code in them.
 """
+
 import json
 import os
 from contextlib import contextmanager
@@ -63,7 +64,7 @@ class SoftTokens(nn.Module):
 
     @property
     def sets(self):
-        return [self]            # what hooks.attach takes: one set (PairTokens has four)
+        return [self]  # what hooks.attach takes: one set (PairTokens has four)
 
     def trainable(self):
         return list(self.parameters())
@@ -89,7 +90,7 @@ class PairTokens(nn.Module):
         self.neg = SoftTokens(layers, n_tokens, width, False)
         self.ema_pos = SoftTokens(layers, n_tokens, width, time_table, init_std, init_tokens)
         self.ema_neg = SoftTokens(layers, n_tokens, width, False)
-        self.neg.time_table, self.ema_neg.time_table = self.pos.time_table, self.ema_pos.time_table   # shared
+        self.neg.time_table, self.ema_neg.time_table = self.pos.time_table, self.ema_pos.time_table  # shared
         with torch.no_grad():
             # psi- is a second N(0, 0.02) draw, as in the AGSM code (torch.randn(2, ...)); with an init from
             # the text embedding (SD1.5) both start from it. The EMA copies start equal to the live sets
@@ -136,8 +137,10 @@ def token_movement(tokens, initial):
     """How far tokens moved from `initial` (a state_dict of the same module): the cosine between the
     current and the initial token vectors, averaged over tokens (each MM-DiT block sees its tokens through
     a LayerNorm without affine, so only their direction matters), and the relative L2 change."""
-    now = {k: v.detach().float().cpu() for k, v in tokens.state_dict().items() if k.endswith("tokens") and "ema" not in k}
-    if not now:                          # LoRA adapters: no token vectors (B starts at 0: no cosine either)
+    now = {
+        k: v.detach().float().cpu() for k, v in tokens.state_dict().items() if k.endswith("tokens") and "ema" not in k
+    }
+    if not now:  # LoRA adapters: no token vectors (B starts at 0: no cosine either)
         return float("nan"), float("nan")
     cos, rel = [], []
     for k, v in now.items():
@@ -162,8 +165,11 @@ def movement(bb, tokens, initial_tokens, handle, prompts):
         plain = models.denoise(bb, x, t, cond).float()
     with handle.rows(None):
         with_tokens = models.denoise(bb, x, t, cond).float()
-    return dict(token_cos=cos, token_change=change,
-                output_change=float((with_tokens - plain).norm() / plain.norm().clamp(min=1e-12)))
+    return dict(
+        token_cos=cos,
+        token_change=change,
+        output_change=float((with_tokens - plain).norm() / plain.norm().clamp(min=1e-12)),
+    )
 
 
 def make_tokens(bb, loss, n_tokens=None, layers=None, time_table=None, init=None, seed=0):
@@ -184,18 +190,29 @@ def make_tokens(bb, loss, n_tokens=None, layers=None, time_table=None, init=None
 # Files. One safetensors file holds one or more named sets ("tokens", or "pos", "neg", "ema_pos",
 # "ema_neg") and metadata that says how to attach them. safetensors cannot run code when loaded.
 
+
 def save(path, tokens, **meta):
     from safetensors.torch import save_file
-    named = {"tokens": tokens} if isinstance(tokens, SoftTokens) else dict(
-        pos=tokens.pos, neg=tokens.neg, ema_pos=tokens.ema_pos, ema_neg=tokens.ema_neg)
+
+    named = (
+        {"tokens": tokens}
+        if isinstance(tokens, SoftTokens)
+        else dict(pos=tokens.pos, neg=tokens.neg, ema_pos=tokens.ema_pos, ema_neg=tokens.ema_neg)
+    )
     first = next(iter(named.values()))
     layers, n_tokens, width = first.shape
-    meta = {"layers": layers, "n_tokens": n_tokens, "width": width,
-            "time_bins": TIME_BINS if first.time_table is not None else 0, "sets": list(named), **meta}
+    meta = {
+        "layers": layers,
+        "n_tokens": n_tokens,
+        "width": width,
+        "time_bins": TIME_BINS if first.time_table is not None else 0,
+        "sets": list(named),
+        **meta,
+    }
     tensors = {}
     for name, s in named.items():
         tensors[f"{name}.tokens"] = s.tokens.detach().float().cpu().contiguous().clone()
-        if s.time_table is not None:   # (psi+ and psi- share theirs: written under both names, as copies)
+        if s.time_table is not None:  # (psi+ and psi- share theirs: written under both names, as copies)
             tensors[f"{name}.time_table"] = s.time_table.detach().float().cpu().contiguous().clone()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -208,14 +225,17 @@ def load(path, which=None):
     """(SoftTokens or PairTokens, metadata) from a file written by `save`. `which` picks one set of a
     pair file ("pos", "ema_pos", ...) and returns it as a SoftTokens."""
     from safetensors import safe_open
+
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
     with safe_open(path, framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "sets" not in meta:
-        raise SystemExit(f"{path} is not a soft-token file of this project (no metadata); "
-                         f"for the released SoftREPA .pth files use softtokens.import_softrepa")
+        raise SystemExit(
+            f"{path} is not a soft-token file of this project (no metadata); "
+            f"for the released SoftREPA .pth files use softtokens.import_softrepa"
+        )
 
     def build(name):
         s = SoftTokens(meta["layers"], meta["n_tokens"], meta["width"], meta["time_bins"] > 0)
@@ -239,11 +259,12 @@ def import_softrepa(folder, family):
     """The tokens the SoftREPA authors released, as a SoftTokens. `folder` holds dc_tokens.pth and,
     for SD3 / SD1.5, dc_t_tokens.pth (a pickled nn.Embedding). weights_only=True with nn.Embedding as
     the one allowed class: the pickle can rebuild that module and tensors, and run nothing else."""
+
     def read(name):
         return _read_released(os.path.join(folder, name))
 
     tokens = read("dc_tokens.pth")
-    if tokens.dim() == 2:          # UNet files: one set (m, d) shared by the chosen blocks
+    if tokens.dim() == 2:  # UNet files: one set (m, d) shared by the chosen blocks
         tokens = tokens.unsqueeze(0)
     layers, n_tokens, width = tokens.shape
     has_time = os.path.exists(os.path.join(folder, "dc_t_tokens.pth"))
@@ -260,17 +281,21 @@ def _read_released(path):
     as the one allowed class (the pickle can rebuild that module and tensors, and run nothing else)."""
     import pickle
     import re
+
     try:
         with torch.serialization.safe_globals([torch.nn.Embedding]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         asked = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise SystemExit(f"refused to load {path}: its pickle asks for {asked.group(1) if asked else 'an object'}, "
-                         f"which is neither a tensor nor an nn.Embedding, and nothing in it was run; token "
-                         f"files should be plain tensors or safetensors") from None
-    except Exception as e:   # truncated or not a torch file: the unpickler trips on anything
-        raise SystemExit(f"cannot read {path} ({type(e).__name__}): not a tensor file; pass the released .pth "
-                         f"files as downloaded") from None
+        raise SystemExit(
+            f"refused to load {path}: its pickle asks for {asked.group(1) if asked else 'an object'}, "
+            f"which is neither a tensor nor an nn.Embedding, and nothing in it was run; token "
+            f"files should be plain tensors or safetensors"
+        ) from None
+    except Exception as e:  # truncated or not a torch file: the unpickler trips on anything
+        raise SystemExit(
+            f"cannot read {path} ({type(e).__name__}): not a tensor file; pass the released .pth files as downloaded"
+        ) from None
     obj = obj.weight if isinstance(obj, nn.Module) else obj
     if not torch.is_tensor(obj):
         raise SystemExit(f"{path} holds a {type(obj).__name__}, not a tensor or an nn.Embedding of tokens")
@@ -283,7 +308,7 @@ def import_agsm(folder):
     soft_t_tokens.pth, if present, the shared time table, an nn.Embedding(100, L * d). The release holds no
     EMA copies: theirs start equal to the live tokens."""
     tokens = _read_released(os.path.join(folder, "soft_tokens.pth"))
-    if tokens.dim() == 3:          # UNet files: (2, m, d), one set per sign shared by the chosen blocks
+    if tokens.dim() == 3:  # UNet files: (2, m, d), one set per sign shared by the chosen blocks
         tokens = tokens.unsqueeze(1)
     if tokens.dim() != 4 or tokens.shape[0] != 2:
         raise SystemExit(f"{folder}/soft_tokens.pth has shape {tuple(tokens.shape)}, not (2, L, m, d) or (2, m, d)")
@@ -303,6 +328,7 @@ def import_agsm(folder):
 # -----------------------------------------------------------------------------
 # Attaching a file's tokens for sampling, editing and evaluation
 
+
 def read_tokens(path, name, ema=False, neg_uncond=False):
     """The token sets to attach from `path`, and a description of them for the records.
 
@@ -313,34 +339,43 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
     for neg_uncond, set 1 is psi-."""
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "dc_tokens.pth")):
-            raise SystemExit(f"{path} is a folder without dc_tokens.pth: pass a token file written by "
-                             f"train.py or a folder of the released SoftREPA tokens")
+            raise SystemExit(
+                f"{path} is a folder without dc_tokens.pth: pass a token file written by "
+                f"train.py or a folder of the released SoftREPA tokens"
+            )
         if ema or neg_uncond:
-            raise SystemExit("--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); "
-                             f"{path} holds the released SoftREPA tokens (one set)")
+            raise SystemExit(
+                "--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); "
+                f"{path} holds the released SoftREPA tokens (one set)"
+            )
         family = name.removeprefix("tiny-")
         return [import_softrepa(path, family)], dict(token_set="softrepa", blocks=None)
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
-    if lora.is_lora_file(path):          # LoRA adapters (train.py --params lora, or any diffusers LoRA)
+    if lora.is_lora_file(path):  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
         return lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
     from safetensors import SafetensorError
+
     try:
         tokens, meta = load(path)
     except (SafetensorError, OSError, ValueError, KeyError) as e:  # not a token file of ours
-        raise SystemExit(f"cannot read {path} as a soft-token file ({type(e).__name__}): pass a file written "
-                         f"by softtokens.save") from None
+        raise SystemExit(
+            f"cannot read {path} as a soft-token file ({type(e).__name__}): pass a file written by softtokens.save"
+        ) from None
     if meta.get("model") not in (None, name):
         raise SystemExit(f"{path} holds tokens for {meta['model']}, not {name}: pass --model {meta['model']}")
     bad = [k for k, v in tokens.state_dict().items() if not torch.isfinite(v).all()]
     if bad:
-        raise SystemExit(f"{path} holds non-finite numbers (NaN or inf) in {', '.join(bad)}: it comes from a diverged "
-                         f"run; take an earlier checkpoint's tokens or retrain with a lower --lr")
+        raise SystemExit(
+            f"{path} holds non-finite numbers (NaN or inf) in {', '.join(bad)}: it comes from a diverged "
+            f"run; take an earlier checkpoint's tokens or retrain with a lower --lr"
+        )
     blocks = meta.get("blocks")
     if isinstance(tokens, SoftTokens):
         if ema or neg_uncond:
-            raise SystemExit(f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); "
-                             f"{path} holds one set")
+            raise SystemExit(
+                f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds one set"
+            )
         return [tokens], dict(token_set="tokens", blocks=blocks)
     if ema:
         return [tokens.ema_pos, tokens.ema_neg], dict(token_set="ema_pos", blocks=blocks)

@@ -23,6 +23,7 @@ noise and scale the loss per chunk, so their step changes with --nrows; ours doe
 DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages the token gradients and
 the logged numbers, so every rank takes the same optimizer step and the tokens stay identical.
 """
+
 import csv
 import json
 import math
@@ -38,11 +39,11 @@ import losses
 import models
 import softtokens
 
-
 # -----------------------------------------------------------------------------
 # The pieces of a step
 
 # The frozen encoders run under no_grad: their outputs are inputs of the step, never trained.
+
 
 def encode_batch(bb, batch):
     """x0 (latents) and the text kwargs of a data.get_batch batch: encoded by the frozen VAE and text
@@ -51,22 +52,28 @@ def encode_batch(bb, batch):
     with torch.no_grad():
         if "latents" in batch:
             pooled = None if batch["pooled"] is None else batch["pooled"].to(device, dtype)
-            return batch["latents"].to(device, dtype), models.cond_from_features(bb, batch["hidden"].to(device, dtype), pooled)
+            return batch["latents"].to(device, dtype), models.cond_from_features(
+                bb, batch["hidden"].to(device, dtype), pooled
+            )
         # the posterior mean, as the cache stores it (one latent per image): training from images and
         # from its cache take the same steps, and a run's data is a function of its seed alone
-        return (models.encode_images(bb, batch["images"].to(device), mode=True),
-                models.encode_prompts(bb, list(batch["captions"])))
+        return (
+            models.encode_images(bb, batch["images"].to(device), mode=True),
+            models.encode_prompts(bb, list(batch["captions"])),
+        )
 
 
 def gather_text(cond, captions, rank, world):
     """Every rank's captions as more negatives (SoftREPA's gathered text), this rank's first, so that the
     matched pairs stay on the diagonal. Returns the widened text kwargs and the column captions."""
+
     def gather(value):
         if isinstance(value, dict):
             return {k: gather(v) for k, v in value.items()}
         parts = [torch.empty_like(value) for _ in range(world)]
         dist.all_gather(parts, value.contiguous())
-        return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
+        return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1 :])
+
     everyone = [None] * world
     dist.all_gather_object(everyone, captions)
     return gather(cond), captions + [c for r in range(world) if r != rank for c in everyone[r]]
@@ -76,6 +83,7 @@ def gather_text(cond, captions, rank, world):
 # the only difference between the pairs of an image row is the caption, and the row's errors rank the
 # captions with nothing else in the way (SoftREPA eqs. 15-18: the error is a log-likelihood up to a
 # constant). The generator is seeded by (seed, step, rank), which is what makes resuming exact.
+
 
 def draw_noise(bb, x0, seed, step, rank, per_row=False):
     """x_t, timesteps and the regression target. The generator's seed is a function of (seed, step,
@@ -106,14 +114,19 @@ def step_stats(loss, errors, exclude, diagnostics, new_bad, count_error=None):
     in-batch classifier accuracy, AGSM's (win rate, margin) `diagnostics` (None: 0), the squared count
     error of the counting loss (None: 0), newly met unreadable images."""
     zero = errors.new_zeros(())
-    pairs = errors.shape[1] > 1                                  # dsm: the matched pairs only
+    pairs = errors.shape[1] > 1  # dsm: the matched pairs only
     negatives = losses.mismatched(errors, exclude) if pairs else errors.new_zeros(0)
-    return torch.stack([loss.detach().float(), errors.diagonal().mean() if pairs else errors.mean(),
-                        negatives.mean() if negatives.numel() else zero,
-                        losses.classifier_accuracy(errors, exclude).float() if pairs else zero,
-                        *((zero, zero) if diagnostics is None else (d.float() for d in diagnostics)),
-                        zero if count_error is None else count_error.float(),
-                        torch.tensor(float(new_bad), device=errors.device)])
+    return torch.stack(
+        [
+            loss.detach().float(),
+            errors.diagonal().mean() if pairs else errors.mean(),
+            negatives.mean() if negatives.numel() else zero,
+            losses.classifier_accuracy(errors, exclude).float() if pairs else zero,
+            *((zero, zero) if diagnostics is None else (d.float() for d in diagnostics)),
+            zero if count_error is None else count_error.float(),
+            torch.tensor(float(new_bad), device=errors.device),
+        ]
+    )
 
 
 @torch.no_grad()
@@ -131,7 +144,7 @@ def all_reduce_mean(params, stats, world):
         flat[:-1] /= world
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p)
+        p.grad = flat[offset : offset + g.numel()].view_as(p)
         offset += g.numel()
     return flat[offset:].tolist()
 
@@ -139,21 +152,22 @@ def all_reduce_mean(params, stats, world):
 # -----------------------------------------------------------------------------
 # The step
 
+
 def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0, world=1, counter=None):
     """One optimizer step of the tokens (or LoRA adapters, lora.py) on this rank's `batch` at global step
     `step`. `args` holds the recipe (train.py's resolved flags); `counter`, with args.count_weight, adds
     SoftREPA's counting loss (losses.py). Returns the logged numbers, averaged over ranks; with
     stats["diverged"] the loss was not finite and the parameters were not updated."""
     device = bb.device
-    x0, cond = encode_batch(bb, batch)                 # frozen VAE and text encoders (or the cache)
+    x0, cond = encode_batch(bb, batch)  # frozen VAE and text encoders (or the cache)
     captions = columns = list(batch["captions"])
-    if args.gather_text:                               # the other ranks' captions as more negatives
+    if args.gather_text:  # the other ranks' captions as more negatives
         cond, columns = gather_text(cond, captions, rank, world)
     B, K = x0.shape[0], len(columns)
     # (B, K): captions repeating the row's own are no negatives. Built and counted on the CPU, before the
     # move: counting on the GPU would make every step wait for it.
     exclude = losses.duplicates(captions, columns)
-    n_negatives = losses.negative_count(B, K, exclude)             # AGSM's mismatched mean (counted on the CPU)
+    n_negatives = losses.negative_count(B, K, exclude)  # AGSM's mismatched mean (counted on the CPU)
     exclude = exclude.to(device)
     x_t, timesteps, target = draw_noise(bb, x0, args.seed, step, rank, args.noise_per_row)
     # the temperature of the error softmax: the codes' constant, or AGSM Alg. 1 line 8's plain sum over
@@ -163,17 +177,17 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     asks = [losses.prompt_count(c) for c in captions] if args.count_weight else [None] * B
 
     opt.zero_grad(set_to_none=True)
-    chunk = args.rows_per_forward or B                 # image rows per forward (--rows-per-forward)
+    chunk = args.rows_per_forward or B  # image rows per forward (--rows-per-forward)
     loss_sum, row_errors, row_weights, count_errors = 0.0, [], [], []
     for first in range(0, B, chunk):
-        rows = torch.arange(first, min(first + chunk, B), device=device)   # global image-row indices
+        rows = torch.arange(first, min(first + chunk, B), device=device)  # global image-row indices
         n = len(rows)
         with autocast(bb):
             if args.loss == "dsm":
                 # ---- plain score / flow matching (AGSM Table 4 (i)): the n matched pairs (i, i) alone,
                 # one token set; the loss is the mean over the B rows of || pred(x_t^i, c^i) - target_i ||^2
                 pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, rows))
-                errors = losses.pair_errors(pred.unsqueeze(1), target[rows])          # (n, 1)
+                errors = losses.pair_errors(pred.unsqueeze(1), target[rows])  # (n, 1)
                 loss = errors[:, 0].sum() / B
             elif args.loss == "softrepa":
                 # ---- SoftREPA (Alg. 1; eqs. 9-14): each image row i against all K captions, in one
@@ -182,9 +196,9 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 # (eq. 13) go into a cross-entropy whose label is the matched caption (eq. 14).
                 pair_rows, pair_cols = rows.repeat_interleave(K), torch.arange(K, device=device).repeat(n)
                 pred = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols))
-                errors = losses.pair_errors(pred.view(n, K, *x0.shape[1:]), target[rows])   # (n, K)
+                errors = losses.pair_errors(pred.view(n, K, *x0.shape[1:]), target[rows])  # (n, K)
                 row_losses = losses.softrepa_row_losses(errors, tau, args.scale, args.dweight, exclude[rows], rows)
-                loss = row_losses.sum() / B                                            # eq. 14: mean over rows
+                loss = row_losses.sum() / B  # eq. 14: mean over rows
             elif args.loss == "agsm":
                 # ---- AGSM (Alg. 1). Line 7: psi+ on the matched pairs, psi- on the mismatched ones --
                 # one batched forward, the token set chosen per pair (handle.rows).
@@ -195,34 +209,55 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 # make the targets. (The order of the two forwards does not matter: hooks.py hands a block
                 # recomputed under gradient checkpointing the tokens of its own forward.)
                 with torch.no_grad(), handle.rows(torch.where(matched, softtokens.EMA_POS, softtokens.EMA_NEG)):
-                    pred_ema = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows],
-                                              models.index_cond(cond, pair_cols)).view(shape)
+                    pred_ema = models.denoise(
+                        bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols)
+                    ).view(shape)
                 with handle.rows(torch.where(matched, softtokens.POS, softtokens.NEG)):
-                    pred = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows],
-                                          models.index_cond(cond, pair_cols)).view(shape)
+                    pred = models.denoise(
+                        bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols)
+                    ).view(shape)
                 # Lines 8-12 (losses.agsm_row_losses): Plackett-Luce weights w of the EMA errors, the
                 # guided targets v_i + gamma_ij (v_ema(i, j) - sum_k w_ik v_ema(i, k)), and the regression
                 # of psi+ / psi- onto them: matched mean + mismatched mean over the whole matrix.
                 row_losses, w = losses.agsm_row_losses(
-                    pred, pred_ema, target[rows], timesteps[rows], bb.facts["prediction"], args.gamma_pos,
-                    args.gamma_neg, tau, args.bradley_terry, exclude[rows], args.plain_sum, bb.alphas_cumprod,
-                    rows, B, n_negatives)
+                    pred,
+                    pred_ema,
+                    target[rows],
+                    timesteps[rows],
+                    bb.facts["prediction"],
+                    args.gamma_pos,
+                    args.gamma_neg,
+                    tau,
+                    args.bradley_terry,
+                    exclude[rows],
+                    args.plain_sum,
+                    bb.alphas_cumprod,
+                    rows,
+                    B,
+                    n_negatives,
+                )
                 loss = row_losses.sum()
-                errors = losses.pair_errors(pred, target[rows])       # logged: psi+ / psi- errors
+                errors = losses.pair_errors(pred, target[rows])  # logged: psi+ / psi- errors
                 row_weights.append(w)
             else:
                 raise ValueError(f"unknown loss {args.loss!r}")
-            chunk_asks = asks[first:first + n]
+            chunk_asks = asks[first : first + n]
             if any(chunk_asks):
                 # ---- SoftREPA's counting loss (app. D; losses.py): the matched pairs' (i, i) one-step x0_hat
                 # (psi+ for AGSM), decoded with gradient, counted softly; (count - asked)^2, a mean over B rows
-                matched_pred = (pred if args.loss == "dsm" else
-                                pred.view(n, K, *x0.shape[1:])[torch.arange(n, device=device), rows])
-                x0_hat = losses.one_step_x0(matched_pred, x_t[rows], timesteps[rows], bb.facts["prediction"],
-                                            bb.alphas_cumprod)
+                matched_pred = (
+                    pred
+                    if args.loss == "dsm"
+                    else pred.view(n, K, *x0.shape[1:])[torch.arange(n, device=device), rows]
+                )
+                x0_hat = losses.one_step_x0(
+                    matched_pred, x_t[rows], timesteps[rows], bb.facts["prediction"], bb.alphas_cumprod
+                )
                 images = models.decode_latents(bb, x0_hat.to(bb.dtype), grad=True)
                 asked = torch.tensor([a[0] if a else float("nan") for a in chunk_asks], device=device)
-                count_rows = losses.count_row_losses(counter.soft_count(images, [a and a[1] for a in chunk_asks]), asked)
+                count_rows = losses.count_row_losses(
+                    counter.soft_count(images, [a and a[1] for a in chunk_asks]), asked
+                )
                 loss = loss + args.count_weight * count_rows.sum() / B
                 count_errors.append(count_rows.detach())
         # the gradient w.r.t. the tokens only (the backbone is frozen); chunks add up in .grad
@@ -231,14 +266,14 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
         row_errors.append(errors.detach())
 
     # ---- the logged numbers and the gradients, averaged over ranks in one all-reduce
-    errors = torch.cat(row_errors)                     # (B, K), or (B, 1) for dsm
+    errors = torch.cat(row_errors)  # (B, K), or (B, 1) for dsm
     diagnostics = losses.agsm_diagnostics(torch.cat(row_weights), exclude) if row_weights else None
     params = tokens.trainable()
-    counted = sum(a is not None for a in asks)                # logged: the mean over the rows with a count
+    counted = sum(a is not None for a in asks)  # logged: the mean over the rows with a count
     count_error = torch.cat(count_errors).sum() / counted if count_errors else None
     stats = step_stats(loss_sum, errors, exclude, diagnostics, batch["new_bad"], count_error)
     out = dict(zip(STATS, all_reduce_mean(params, stats, world)), lr=sched.get_last_lr()[0])
-    if not math.isfinite(out["loss"]):   # every rank sees the same reduced loss, so all stop together
+    if not math.isfinite(out["loss"]):  # every rank sees the same reduced loss, so all stop together
         return dict(out, diverged=True)
 
     # ---- the update: AdamW on the tokens, the schedule, and AGSM's EMA tokens
@@ -249,8 +284,8 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     scaler.update()
     sched.step()
     if args.loss == "agsm":
-        tokens.update_ema(args.ema_decay)       # AGSM: hat psi <- decay hat psi + (1 - decay) psi
-    out["probe"] = (x_t, timesteps, cond)   # for finite_after_update, at checkpoints only
+        tokens.update_ema(args.ema_decay)  # AGSM: hat psi <- decay hat psi + (1 - decay) psi
+    out["probe"] = (x_t, timesteps, cond)  # for finite_after_update, at checkpoints only
     return out
 
 
@@ -262,10 +297,40 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
 
 # Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
 # refuses a command line that contradicts them (a run is only resumable as the same run).
-TRAJECTORY = ["model", "loss", "data", "size", "batch", "seed", "lr", "wd", "min_lr", "lr_period", "grad_clip",
-              "n_tokens", "layers", "blocks", "time_table", "init", "tau", "scale", "dweight", "gamma_pos",
-              "gamma_neg", "bradley_terry", "plain_sum", "noise_per_row", "ema_decay", "gather_text", "world",
-              "params", "lora_rank", "lora_blocks", "count_weight", "counter"]
+TRAJECTORY = [
+    "model",
+    "loss",
+    "data",
+    "size",
+    "batch",
+    "seed",
+    "lr",
+    "wd",
+    "min_lr",
+    "lr_period",
+    "grad_clip",
+    "n_tokens",
+    "layers",
+    "blocks",
+    "time_table",
+    "init",
+    "tau",
+    "scale",
+    "dweight",
+    "gamma_pos",
+    "gamma_neg",
+    "bradley_terry",
+    "plain_sum",
+    "noise_per_row",
+    "ema_decay",
+    "gather_text",
+    "world",
+    "params",
+    "lora_rank",
+    "lora_blocks",
+    "count_weight",
+    "counter",
+]
 # Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
 # continue a diverged run more slowly). Each change is recorded in config.json under "changes".
 # (--rows-per-forward and --grad-checkpointing are free too: they change the memory, not the step.)
@@ -281,17 +346,24 @@ def save_checkpoint(path, blob):
 def read_checkpoint(path):
     """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
     import pickle
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL " in str(e):     # weights_only refused a class (e.g. posix.system): code would have run
-            raise SystemExit(f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
-                             f"and nothing in it was run; pass a ckpt.pt written by train.py") from None
-        raise SystemExit(f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
-                         f"by train.py, or start a new run in another --out") from None
-    except Exception as e:   # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
-        raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
-                         f"written by train.py, or start a new run in another --out") from None
+        if "GLOBAL " in str(e):  # weights_only refused a class (e.g. posix.system): code would have run
+            raise SystemExit(
+                f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
+                f"and nothing in it was run; pass a ckpt.pt written by train.py"
+            ) from None
+        raise SystemExit(
+            f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
+            f"by train.py, or start a new run in another --out"
+        ) from None
+    except Exception as e:  # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
+        raise SystemExit(
+            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
+            f"written by train.py, or start a new run in another --out"
+        ) from None
     if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
         raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
     return state
@@ -302,6 +374,7 @@ def read_checkpoint(path):
 # before anything else happens: the run's recipe is the checkpoint's, and a command line that says
 # otherwise about the trajectory (say --batch 8 against a run of batch 4) is refused in one line,
 # because "resume" would then silently mean "a different run with the same name".
+
 
 def resume_config(args):
     """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
@@ -315,15 +388,17 @@ def resume_config(args):
             saved = json.loads(state["config"])
             args.changes = saved.get("changes", [])
             for key in TRAJECTORY:
-                if key not in saved:            # a setting newer than the run: its default (resolve)
+                if key not in saved:  # a setting newer than the run: its default (resolve)
                     continue
                 if getattr(args, key) is None:
                     setattr(args, key, saved[key])
                 elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
                     args.changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
                 elif getattr(args, key) != saved[key]:
-                    raise SystemExit(f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
-                                     f": pass the same value, or start a new run in another --out")
+                    raise SystemExit(
+                        f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
+                        f": pass the same value, or start a new run in another --out"
+                    )
         elif args.resume != "latest":
             raise SystemExit(f"--resume {path}: no such checkpoint")
     return state
@@ -332,6 +407,7 @@ def resume_config(args):
 # The log. log.csv holds one row per step (every logged number) and is appended to, never rewritten in
 # place: a resumed run first drops the rows after its checkpoint (they belong to a future that was lost)
 # by writing the kept rows to a new file and renaming it over the old one.
+
 
 def open_log(args, columns, step, master):
     """log.csv (rank 0), appended from `step` on. A resumed run forgets the rows logged after its
@@ -351,10 +427,11 @@ def open_log(args, columns, step, master):
         rewrite.writeheader()
         rewrite.writerows(kept)
     os.replace(csv_path + ".tmp", csv_path)
-    log = open(csv_path, "a", newline="")              # appended from here on, never truncated
+    log = open(csv_path, "a", newline="")  # appended from here on, never truncated
     writer = csv.DictWriter(log, columns, extrasaction="ignore")
     try:
         from torch.utils.tensorboard import SummaryWriter
+
         board = SummaryWriter(os.path.join(args.out, "tb"))
     except ImportError:
         pass
@@ -364,6 +441,7 @@ def open_log(args, columns, step, master):
         log.flush()
         for k, v in row.items() if board is not None else ():
             board.add_scalar(k, v, row["step"])
+
     return record
 
 
@@ -371,10 +449,12 @@ def open_log(args, columns, step, master):
 # looking fine on its own; the lock file holds the pid of the run that owns the folder, so a second one
 # is refused while the first lives, and a lock left by a killed run (its pid gone) is simply taken over.
 
+
 def lock_folder(folder, flag="--out"):
     """Hold `folder` for this process (folder/lock, holding our pid) until it exits: a second run into the
     same folder is refused while the first one lives, and a lock left by a killed run is taken over."""
     import atexit
+
     path = os.path.join(folder, "lock")
     while True:
         try:
@@ -386,9 +466,11 @@ def lock_folder(folder, flag="--out"):
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and process_alive(pid):
-                raise SystemExit(f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
-                                 f"pass another {flag}") from None
-            os.remove(path)                          # stale: its run is gone (or it is ours)
+                raise SystemExit(
+                    f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
+                    f"pass another {flag}"
+                ) from None
+            os.remove(path)  # stale: its run is gone (or it is ours)
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
 
@@ -398,6 +480,7 @@ def lock_folder(folder, flag="--out"):
                 os.remove(path)
         except OSError:
             pass
+
     atexit.register(release)
     return release
 
@@ -419,8 +502,8 @@ def finite_after_update(bb, tokens, handle, args, probe, world=1):
     """A diverged state is never saved as good: the tokens must be finite and give finite predictions on
     the last step's matched pairs (tokens of 1e19 are finite, and NaN in the next forward). All ranks agree."""
     x_t, timesteps, cond = probe
-    cond = models.index_cond(cond, torch.arange(len(x_t), device=x_t.device))   # own captions (gathered: first B)
-    with autocast(bb), handle.rows(torch.full((len(x_t),), softtokens.POS)):   # psi+, or the one set
+    cond = models.index_cond(cond, torch.arange(len(x_t), device=x_t.device))  # own captions (gathered: first B)
+    with autocast(bb), handle.rows(torch.full((len(x_t),), softtokens.POS)):  # psi+, or the one set
         prediction = models.denoise(bb, x_t, timesteps, cond)
     finite = torch.stack([torch.isfinite(p).all() for p in tokens.parameters()] + [torch.isfinite(prediction).all()])
     finite = finite.all().float()
@@ -433,5 +516,5 @@ def peak_memory_gb(device):
     """The peak memory of this process so far, logged every step (peak_mem_gb): on CUDA the allocator's
     peak of live tensors, on the CPU the peak resident set size (everything, the Python process included)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB -> GiB (peak RSS)
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (peak RSS)

@@ -24,6 +24,7 @@ run into the same --out is refused while the first lives. --resume latest contin
 exactly: the data and the noise of a step are functions of (seed, step, rank) alone, and the checkpoint
 holds tokens, EMA, optimizer, scheduler and the step.
 """
+
 import argparse
 import json
 import math
@@ -46,7 +47,6 @@ import softtokens
 import step as training
 from shapes import classifier
 
-
 # -----------------------------------------------------------------------------
 # The flags. Three groups: the backbone (models.add_backbone_flags: --model, --pretrained, --device,
 # --precision, --threads); the recipe, where None means "the paper's default for this family and loss"
@@ -54,16 +54,26 @@ from shapes import classifier
 # step.py); and the machinery, which changes how a step is computed but not which step it is
 # (checkpointing, --rows-per-forward, workers, logging), so a resumed run may change it.
 
+
 def parse_args(argv=None):
     """The command line. Every recipe flag defaults to None so that resolve() can tell "not given" (take
     the paper's value, or the checkpoint's on --resume) from "given" (use it, or refuse it on a resume
     that contradicts the run). `python train.py --help` prints this file's docstring above the flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p, precision="bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--loss", default=None, choices=["softrepa", "agsm", "dsm"], help="default agsm (on --resume: "
-                   "the checkpoint's)")
-    p.add_argument("--data", default=None, help="'shapes' (tiny-* default; 'shapes:CAT,..' or 'shapes-swapped:CAT,..' for the capacity control), a COCO folder, captions_*.json, "
-                   ".jsonl, a folder of images + .txt, or an encoding cache (python data.py cache)")
+    p.add_argument(
+        "--loss",
+        default=None,
+        choices=["softrepa", "agsm", "dsm"],
+        help="default agsm (on --resume: the checkpoint's)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'shapes' (tiny-* default; 'shapes:CAT,..' or 'shapes-swapped:CAT,..' for the capacity control), "
+        "a COCO folder, captions_*.json, .jsonl, a folder of images + .txt, "
+        "or an encoding cache (python data.py cache)",
+    )
     p.add_argument("--val-data", default=None, help="held-out pairs for classifier.classifier_accuracy (real models)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")
     # the recipe: None means the paper default for the model (models.FAMILIES)
@@ -73,46 +83,100 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="1e-3 (both papers)")
     p.add_argument("--wd", type=float, default=None, help="1e-4 (both papers)")
     p.add_argument("--min-lr", type=float, default=None, help="1e-5 (the released SoftREPA code)")
-    p.add_argument("--lr-period", type=int, default=None, help="steps per scheduler step (default: the "
-                   "authors' period scaled to --steps, see lr_at_step)")
+    p.add_argument(
+        "--lr-period",
+        type=int,
+        default=None,
+        help="steps per scheduler step (default: the authors' period scaled to --steps, see lr_at_step)",
+    )
     p.add_argument("--grad-clip", type=float, default=None, help="max token-gradient norm (default 0: off)")
     p.add_argument("--n-tokens", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="token layers (MM-DiT blocks with tokens)")
     p.add_argument("--blocks", default=None, help="UNet block groups with tokens, e.g. down,mid")
     p.add_argument("--time-table", default=None, choices=["on", "off"])
     p.add_argument("--init", default=None, choices=["normal", "uncond"])
-    p.add_argument("--tau", type=float, default=None, help="temperature of the error softmax (softrepa 0.07, "
-                   "agsm 0.1: the authors' codes)")
-    p.add_argument("--paper-tau", action="store_const", const=True, default=None,
-                   help="agsm: tau = 1/(C*H*W), the plain sum of AGSM Alg. 1 line 8")
-    p.add_argument("--plain-sum", action="store_const", const=True, default=None,
-                   help="agsm: one plain sum over all pairs (AGSM Alg. 1 line 12) instead of the code's two means")
-    p.add_argument("--noise-per-row", action="store_const", const=True, default=None,
-                   help="one t and eps per image row instead of one per step (the authors' codes)")
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="temperature of the error softmax (softrepa 0.07, agsm 0.1: the authors' codes)",
+    )
+    p.add_argument(
+        "--paper-tau",
+        action="store_const",
+        const=True,
+        default=None,
+        help="agsm: tau = 1/(C*H*W), the plain sum of AGSM Alg. 1 line 8",
+    )
+    p.add_argument(
+        "--plain-sum",
+        action="store_const",
+        const=True,
+        default=None,
+        help="agsm: one plain sum over all pairs (AGSM Alg. 1 line 12) instead of the code's two means",
+    )
+    p.add_argument(
+        "--noise-per-row",
+        action="store_const",
+        const=True,
+        default=None,
+        help="one t and eps per image row instead of one per step (the authors' codes)",
+    )
     p.add_argument("--scale", type=float, default=None, help="SoftREPA logit scale (4)")
     p.add_argument("--dweight", type=float, default=None, help="SoftREPA: weight of the DSM term")
     p.add_argument("--gamma-pos", type=float, default=None)
     p.add_argument("--gamma-neg", type=float, default=None)
     p.add_argument("--bradley-terry", action="store_const", const=True, default=None, help="AGSM Table 7")
-    p.add_argument("--ema-decay", type=float, default=None, help="AGSM EMA tokens (default 1 - 10/steps: the "
-                   "code's 0.9999 at 100k steps, its horizon a tenth of any run)")
-    p.add_argument("--gather-text", action="store_const", const=True, default=None,
-                   help="softrepa: all ranks' captions as negatives (pair matrix B x world*B)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="AGSM EMA tokens (default 1 - 10/steps: the code's 0.9999 at 100k steps, its horizon a tenth of any run)",
+    )
+    p.add_argument(
+        "--gather-text",
+        action="store_const",
+        const=True,
+        default=None,
+        help="softrepa: all ranks' captions as negatives (pair matrix B x world*B)",
+    )
     # the papers' other arms: LoRA adapters instead of tokens (lora.py), SoftREPA's counting loss (losses.py)
-    p.add_argument("--params", default=None, choices=["tokens", "lora"], help="what is trained: soft tokens "
-                   "(default) or LoRA adapters of the denoiser (SoftREPA Table 3, app. H); lora: softrepa or dsm")
+    p.add_argument(
+        "--params",
+        default=None,
+        choices=["tokens", "lora"],
+        help="what is trained: soft tokens "
+        "(default) or LoRA adapters of the denoiser (SoftREPA Table 3, app. H); lora: softrepa or dsm",
+    )
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (4, SoftREPA Table 11)")
-    p.add_argument("--lora-blocks", default=None, help="LoRA on 'all', the first N MM-DiT blocks, or UNet groups "
-                   "down,mid,up (default: where the family's tokens go)")
-    p.add_argument("--count-weight", type=float, default=None, help="weight of the counting loss (SoftREPA app. D; "
-                   "default 0: off)")
-    p.add_argument("--counter", default=None, help="its counter: a transformers object-detector folder (tiny-*: "
-                   "shapes/weights/counter.safetensors)")
+    p.add_argument(
+        "--lora-blocks",
+        default=None,
+        help="LoRA on 'all', the first N MM-DiT blocks, or UNet groups "
+        "down,mid,up (default: where the family's tokens go)",
+    )
+    p.add_argument(
+        "--count-weight",
+        type=float,
+        default=None,
+        help="weight of the counting loss (SoftREPA app. D; default 0: off)",
+    )
+    p.add_argument(
+        "--counter",
+        default=None,
+        help="its counter: a transformers object-detector folder (tiny-*: shapes/weights/counter.safetensors)",
+    )
     # machinery
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen backbone in backward")
-    p.add_argument("--rows-per-forward", type=int, default=None, metavar="N", help="image rows of the pair matrix "
-                   "per forward and backward (the authors' --nrows; default: all); the step is the same")
+    p.add_argument(
+        "--rows-per-forward",
+        type=int,
+        default=None,
+        metavar="N",
+        help="image rows of the pair matrix "
+        "per forward and backward (the authors' --nrows; default: all); the step is the same",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
     p.add_argument("--ckpt-every", type=int, default=1000)
@@ -134,7 +198,11 @@ def resolve(args, facts):
     for key, value in families.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.paper_tau, args.plain_sum, args.noise_per_row = bool(args.paper_tau), bool(args.plain_sum), bool(args.noise_per_row)
+    args.paper_tau, args.plain_sum, args.noise_per_row = (
+        bool(args.paper_tau),
+        bool(args.plain_sum),
+        bool(args.noise_per_row),
+    )
     # The schedule rule for runs of any length: the authors step CosineAnnealingWarmRestarts(T_0=10) once
     # every `period` iterations, and their runs hold paper_steps / period such periods (SoftREPA 60, AGSM
     # 100). Keeping that number fixed, period = steps * paper_period / paper_steps, gives a run of any length
@@ -151,6 +219,7 @@ def resolve(args, facts):
 # and does so 6 (SoftREPA) or 10 (AGSM) times in a run. resolve() scales the period with --steps so a
 # short run keeps that shape. LambdaLR(lr_at_step) is the same staircase, resumable from its state_dict.
 
+
 def lr_at_step(step, period, min_lr_ratio, cycle=10):
     """The lr multiplier at `step`: CosineAnnealingWarmRestarts(T_0=cycle, eta_min) stepped once every
     `period` steps, as the authors' loops do: lr = min + (max - min) (1 + cos(pi e / cycle)) / 2 with
@@ -166,14 +235,26 @@ def check_flags(args):
     for flag in ("steps", "batch", "ckpt_every", "log_every", "val_n"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
-    for flag in ("lr", "val_every", "wd", "min_lr", "grad_clip", "ema_decay", "tau", "scale", "dweight",
-                 "gamma_pos", "gamma_neg", "count_weight"):
+    for flag in (
+        "lr",
+        "val_every",
+        "wd",
+        "min_lr",
+        "grad_clip",
+        "ema_decay",
+        "tau",
+        "scale",
+        "dweight",
+        "gamma_pos",
+        "gamma_neg",
+        "count_weight",
+    ):
         value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and value >= 0):   # nan / inf / negative
+        if value is not None and not (math.isfinite(value) and value >= 0):  # nan / inf / negative
             raise SystemExit(f"--{flag.replace('_', '-')} must be a finite number, not negative (got {value})")
     if args.rows_per_forward is not None and args.rows_per_forward < 1:
         raise SystemExit(f"--rows-per-forward must be at least 1 (got {args.rows_per_forward})")
-    lora.check_flags(args)   # --lora-rank, and token flags given to a LoRA run (they would do nothing)
+    lora.check_flags(args)  # --lora-rank, and token flags given to a LoRA run (they would do nothing)
     # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
     # across GPUs); dsm has no mismatched pairs to widen
     if args.gather_text and args.loss and families.LOSSES[args.loss]["pairs"] == "diagonal":
@@ -182,9 +263,9 @@ def check_flags(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    models.check_flags(args)               # one-line errors before anything heavy: the model name, ...
+    models.check_flags(args)  # one-line errors before anything heavy: the model name, ...
     facts = models.FAMILIES[args.model]
-    check_flags(args)                      # ... and every number of the recipe
+    check_flags(args)  # ... and every number of the recipe
 
     # ---- DDP, inline as in nanoGPT. torchrun starts one process per device and sets RANK, LOCAL_RANK and
     # WORLD_SIZE; nccl on CUDA, gloo on the CPU. Each rank draws its own images; step.py all-reduces the
@@ -211,7 +292,7 @@ def main(argv=None):
     if master:
         data.check_writable(args.out)
         training.lock_folder(args.out)
-        for name in os.listdir(args.out):          # what a killed write left behind
+        for name in os.listdir(args.out):  # what a killed write left behind
             if name.endswith(".tmp"):
                 os.remove(os.path.join(args.out, name))
 
@@ -221,7 +302,7 @@ def main(argv=None):
     state = training.resume_config(args)
     args.loss = args.loss or "agsm"
     resolve(args, facts)
-    families.check_size(args.model, args.size)      # the family's image sides (every script's one rule)
+    families.check_size(args.model, args.size)  # the family's image sides (every script's one rule)
     # The papers' other arms. LoRA (--params lora) trains the losses SoftREPA ran on it, softrepa and dsm:
     # AGSM's psi+ / psi- are two token sets, which no paper defines on adapters (lora.py). The counting loss
     # (--count-weight, SoftREPA app. D) needs a differentiable counter: the shipped shapes counter on tiny-*,
@@ -230,8 +311,10 @@ def main(argv=None):
     counter = losses.load_counter(args.counter, args.model, device) if args.count_weight else None
     if families.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (world if args.gather_text else 1) < 2:
         # SoftREPA and AGSM compare each image's caption with the other captions of the batch
-        raise SystemExit(f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
-                         f"--batch 1 there are none (the loss is 0). Pass --batch 2 or more, or --loss dsm")
+        raise SystemExit(
+            f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
+            f"--batch 1 there are none (the loss is 0). Pass --batch 2 or more, or --loss dsm"
+        )
     precision = args.precision or ("bf16" if use_cuda else "fp32")
 
     # ---- data (data.py): the shapes stream, a COCO folder, a .jsonl, image + .txt files, or an encoding
@@ -241,7 +324,7 @@ def main(argv=None):
     # the tiny models read only their own small vocabulary (shapes.VOCAB), so foreign captions fail here
     if source["kind"] == "cache" and source["meta"]["model"] != args.model:
         raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
-    if models.is_shapes_world(args.model) and source["kind"] == "files":   # the tiny text encoder's words
+    if models.is_shapes_world(args.model) and source["kind"] == "files":  # the tiny text encoder's words
         data.check_vocabulary(source["records"], args.data)
 
     # ---- the frozen backbone (models.py: the hub, --pretrained, or shapes/weights) and the soft tokens.
@@ -251,8 +334,8 @@ def main(argv=None):
     # The backbone is loaded in --precision (bf16 on CUDA by default; the authors use fp16 with a gradient
     # scaler); the tokens stay fp32 and autocast runs the denoiser in the backbone's dtype (step.py).
     bb = models.from_flags(args, "bf16", device, args.seed)
-    families.check_size(args.model, args.size, bb=bb)   # and the sides the loaded model's positions reach
-    if args.grad_checkpointing:          # recompute the frozen blocks in backward: memory for time
+    families.check_size(args.model, args.size, bb=bb)  # and the sides the loaded model's positions reach
+    if args.grad_checkpointing:  # recompute the frozen blocks in backward: memory for time
         bb.denoiser.enable_gradient_checkpointing()
     blocks = tuple(b for b in args.blocks.split(",") if b)
     if args.params == "lora":
@@ -260,10 +343,15 @@ def main(argv=None):
         # rank r, B = 0 at the start (the stock model), trained by the very same step -- only the trainable
         # numbers differ, which is the comparison. The handle switches the adapters per row (adapted /
         # plain) where the tokens' hooks switch tokens, so validation and the checks below run unchanged.
-        tokens, handle, blocks = lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed), lora.LoraHandle(bb.denoiser), ()
+        tokens, handle, blocks = (
+            lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed),
+            lora.LoraHandle(bb.denoiser),
+            (),
+        )
     else:
-        tokens = softtokens.make_tokens(bb, args.loss, args.n_tokens, args.layers, args.time_table == "on",
-                                        args.init, seed=args.seed).to(device)
+        tokens = softtokens.make_tokens(
+            bb, args.loss, args.n_tokens, args.layers, args.time_table == "on", args.init, seed=args.seed
+        ).to(device)
     initial_tokens = {k: v.detach().clone().cpu() for k, v in tokens.state_dict().items()}  # for `movement`
     if ddp:
         for t in tokens.parameters():
@@ -276,10 +364,13 @@ def main(argv=None):
         bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
 
     # ---- AdamW on the tokens, and the authors' schedule. Weight decay acts on the tokens too (both codes
-    # pass the token parameters to AdamW with wd 1e-4), which keeps unused token entries near zero.: CosineAnnealingWarmRestarts stepped every
+    # pass the token parameters to AdamW with wd 1e-4), which keeps unused token entries near zero.
+    # The schedule: CosineAnnealingWarmRestarts stepped every
     # lr_period steps (lr_at_step). fp16 needs a gradient scaler (small token gradients underflow).
     opt = torch.optim.AdamW(tokens.trainable(), lr=args.lr, weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at_step(step, args.lr_period, args.min_lr / args.lr))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_at_step(step, args.lr_period, args.min_lr / args.lr)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- resume: every state the next step depends on. The data and the noise need only the step number
@@ -291,7 +382,7 @@ def main(argv=None):
         initial_tokens = state["initial_tokens"]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        sched.base_lrs = [args.lr for _ in opt.param_groups]       # a changed --lr acts from here on
+        sched.base_lrs = [args.lr for _ in opt.param_groups]  # a changed --lr acts from here on
         for group in opt.param_groups:
             group["lr"] = args.lr * sched.lr_lambdas[0](state["step"])
         scaler.load_state_dict(state["scaler"])
@@ -312,7 +403,7 @@ def main(argv=None):
         nonlocal last_saved
         flat = torch.cat([t.detach().flatten() for t in tokens.parameters()])
         bad = sorted(source.get("bad", ()))
-        if ddp:   # rank 0's tokens against everyone's, and the union of the unreadable images met
+        if ddp:  # rank 0's tokens against everyone's, and the union of the unreadable images met
             reference = flat.clone()
             dist.broadcast(reference, 0)
             differ = (reference != flat).any().float()
@@ -323,10 +414,18 @@ def main(argv=None):
             dist.all_gather_object(everyone, bad)
             bad = sorted(set().union(*everyone))
         if master:
-            blob = dict(tokens=tokens.state_dict(), initial_tokens=initial_tokens, optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=step, skipped=skipped,
-                        rng_cpu=torch.get_rng_state(), bad_images=torch.tensor(bad, dtype=torch.long),
-                        config=json.dumps(vars(args)))
+            blob = dict(
+                tokens=tokens.state_dict(),
+                initial_tokens=initial_tokens,
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                scaler=scaler.state_dict(),
+                step=step,
+                skipped=skipped,
+                rng_cpu=torch.get_rng_state(),
+                bad_images=torch.tensor(bad, dtype=torch.long),
+                config=json.dumps(vars(args)),
+            )
             if use_cuda:
                 blob["rng_cuda"] = torch.cuda.get_rng_state(device)
             training.save_checkpoint(ckpt_path, blob)
@@ -336,8 +435,10 @@ def main(argv=None):
         """Stop every rank; the last checkpoint written is the last good state, to resume with a lower --lr."""
         if master:
             saved = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none"
-            print(f"\n{what} Last good checkpoint: {saved}. Continue from it more slowly with "
-                  f"--resume latest --lr <lower> (or try --precision fp32)")
+            print(
+                f"\n{what} Last good checkpoint: {saved}. Continue from it more slowly with "
+                f"--resume latest --lr <lower> (or try --precision fp32)"
+            )
         if ddp:
             dist.destroy_process_group()
         raise SystemExit(1)
@@ -364,6 +465,7 @@ def main(argv=None):
         how far the tokens moved from their start and how much they change the denoiser's output."""
         result = classifier.validate(bb, handle, args, step)
         return {**result, **softtokens.movement(bb, tokens, initial_tokens, handle, classifier.DEV_PROMPTS)}
+
     if args.val_every and step == 0 and master:  # the untrained tokens: the first point of the curve
         record({"step": 0, **validate(0)})
     # A step sees B images per rank. SoftREPA and AGSM pair every image with every caption of the batch:
@@ -373,8 +475,10 @@ def main(argv=None):
     B, with_negatives = args.batch, families.LOSSES[args.loss]["pairs"] == "matrix"
     pairs = B * B * (world if args.gather_text else 1) if with_negatives else B
     if master:
-        print(f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "
-              f"{pairs // B} texts per rank per step, {sum(p.numel() for p in tokens.trainable()):,} trainable numbers")
+        print(
+            f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "
+            f"{pairs // B} texts per rank per step, {sum(p.numel() for p in tokens.trainable()):,} trainable numbers"
+        )
 
     # ---- the loop: a batch (a function of seed, step and rank), one step, the log, validation, checkpoints.
     # The step (step.train_step) is where the papers live: the B x B pair matrix of images and captions,
@@ -386,16 +490,22 @@ def main(argv=None):
         t0 = time.time()
         batch = data.get_batch(source, step, rank, world, B)
         stats = training.train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank, world, counter)
-        if stats.get("diverged"):      # a non-finite loss: the tokens were not updated
+        if stats.get("diverged"):  # a non-finite loss: the tokens were not updated
             stop_diverged(f"loss is {stats['loss']} at step {step}: stopping, tokens not updated.")
-        step += 1                      # `step` counts the updates taken: the checkpoint's step is this
+        step += 1  # `step` counts the updates taken: the checkpoint's step is this
         skipped += int(stats["new_bad"])
         # For agsm the in-batch accuracy is that of the training forward (psi+ on the diagonal, psi- off
         # it); the held-out accuracy (validation) ranks captions with psi+ alone. dsm runs no mismatched
         # pairs, so it logs none of their numbers (and no AGSM diagnostics): empty, not zero.
         dt = time.time() - t0
-        row = dict(step=step, steps_per_s=1 / dt, pairs_per_s=pairs * world / dt, peak_mem_gb=training.peak_memory_gb(device),
-                   skipped=skipped, **{k: stats[k] for k in ("loss", "err_matched", "lr")})
+        row = dict(
+            step=step,
+            steps_per_s=1 / dt,
+            pairs_per_s=pairs * world / dt,
+            peak_mem_gb=training.peak_memory_gb(device),
+            skipped=skipped,
+            **{k: stats[k] for k in ("loss", "err_matched", "lr")},
+        )
         if with_negatives:
             row.update(err_mismatched=stats["err_mismatched"], acc=stats["acc"])
         if args.loss == "agsm":
@@ -404,17 +514,24 @@ def main(argv=None):
             row.update(count_error=stats["count_error"])
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
             row.update(validate(step))
-            tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout"))))
+            tqdm.write(
+                f"step {step} validation: "
+                + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout")))
+            )
         record(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}" if with_negatives else "", skipped=skipped)
+        bar.set_postfix(
+            loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}" if with_negatives else "", skipped=skipped
+        )
         # the stdout line: the loss, the matched / mismatched errors and the in-batch accuracy say at a
         # glance whether the tokens are learning to tell captions apart (accuracy up, err- above err+)
         if master and (step % args.log_every == 0 or step == args.steps):
-            tqdm.write(f"step {step}: loss {stats['loss']:.4f} err+ {stats['err_matched']:.4f}"
-                       + (f" err- {stats['err_mismatched']:.4f} acc {stats['acc']:.2f}" if with_negatives else "")
-                       + f" lr {stats['lr']:.2e} {1 / dt:.2f} steps/s {pairs * world / dt:.1f} pairs/s "
-                       f"peak {row['peak_mem_gb']:.2f} GB skipped {skipped}")
+            tqdm.write(
+                f"step {step}: loss {stats['loss']:.4f} err+ {stats['err_matched']:.4f}"
+                + (f" err- {stats['err_mismatched']:.4f} acc {stats['acc']:.2f}" if with_negatives else "")
+                + f" lr {stats['lr']:.2e} {1 / dt:.2f} steps/s {pairs * world / dt:.1f} pairs/s "
+                f"peak {row['peak_mem_gb']:.2f} GB skipped {skipped}"
+            )
         if step % args.ckpt_every == 0 or step == args.steps:
             # a diverged state is never saved as good: tokens of 1e19 are finite and NaN one forward later
             if not training.finite_after_update(bb, tokens, handle, args, stats["probe"], world):
@@ -429,14 +546,41 @@ def main(argv=None):
     # A LoRA run writes lora.safetensors in diffusers' LoRA format instead: the stock pipeline's
     # load_lora_weights reads it, and so do sample.py, edit.py and eval.py --tokens (lora.py).
     if master and args.params == "lora":
-        lora.save(tokens_path, tokens, facts, model=args.model, loss=args.loss, blocks=args.lora_blocks, steps=step,
-                  batch=B, world=world, lr=args.lr, seed=args.seed, count_weight=args.count_weight, data=args.data)
+        lora.save(
+            tokens_path,
+            tokens,
+            facts,
+            model=args.model,
+            loss=args.loss,
+            blocks=args.lora_blocks,
+            steps=step,
+            batch=B,
+            world=world,
+            lr=args.lr,
+            seed=args.seed,
+            count_weight=args.count_weight,
+            data=args.data,
+        )
         print(f"wrote {tokens_path} after {step} steps ({skipped} unreadable images skipped)")
     elif master:
-        softtokens.save(tokens_path, tokens, model=args.model, loss=args.loss, arch=facts["arch"],
-                        blocks=list(blocks), steps=step, batch=B, world=world, lr=args.lr, seed=args.seed,
-                        gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg, dweight=args.dweight,
-                        ema_decay=args.ema_decay, data=args.data)
+        softtokens.save(
+            tokens_path,
+            tokens,
+            model=args.model,
+            loss=args.loss,
+            arch=facts["arch"],
+            blocks=list(blocks),
+            steps=step,
+            batch=B,
+            world=world,
+            lr=args.lr,
+            seed=args.seed,
+            gamma_pos=args.gamma_pos,
+            gamma_neg=args.gamma_neg,
+            dweight=args.dweight,
+            ema_decay=args.ema_decay,
+            data=args.data,
+        )
         print(f"wrote {tokens_path} after {step} steps ({skipped} unreadable images skipped)")
     if ddp:
         dist.destroy_process_group()

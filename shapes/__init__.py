@@ -13,4 +13,5 @@ shapes/: the offline shapes world and our lab -- everything that is not the meth
 `import shapes` is the world (its names are re-exported here), so that the method's files say
 `shapes.render(...)` and `shapes.CATEGORIES` without knowing this folder's layout.
 """
+
 from shapes.world import *  # noqa: F401,F403  (the world's public names: render, caption, CATEGORIES, ...)

@@ -8,7 +8,8 @@ memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra me
     python -m shapes.bench --model sd3 --batch 4      # on a GPU: the real thing (--sampling: sampling instead)
 
 Real families are built from their configs in models.FAMILIES with random weights (timing does not
-depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads). Text features are random tensors of the real shapes,
+depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads).
+Text features are random tensors of the real shapes,
 fed as the encoding cache feeds them (data.py): the text encoders and the VAE run outside what is
 compared here. On a CPU a real-size step takes minutes: pass a small --size (256 px) and few --steps.
 
@@ -20,6 +21,7 @@ softrepa = forward + backward ~ 2F, agsm = that + a no-grad EMA forward ~ 3F: 1.
 FLOPs per step are counted with torch's FlopCounterMode on the warm-up round; on CUDA, model FLOPs
 utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead of estimated FLOPs).
 """
+
 import argparse
 import json
 import os
@@ -32,11 +34,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-if __package__ in (None, ""):   # `python shapes/bench.py`: the repo root on the path, as `python -m shapes.bench` has it
+if __package__ in (
+    None,
+    "",
+):  # `python shapes/bench.py`: the repo root on the path, as `python -m shapes.bench` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hooks
 import families
+import hooks
 import models
 import sample
 import softtokens
@@ -44,6 +49,7 @@ import step as training
 
 # -----------------------------------------------------------------------------
 # The encoding cache's size (data.py)
+
 
 def bytes_per_sample(latent, text, pooled, bytes_per_number):
     """Bytes of one (image, caption) sample: latent (C, h, w), text (tokens, d), pooled width."""
@@ -59,15 +65,18 @@ def print_cache_sizes():
     images, captions = COCO_TRAIN2017
     print("bytes per (image, caption) sample of the encoding cache (ours: bf16; the released code: fp32 .pt files)")
     for name in [n for n in models.FAMILIES if not models.is_shapes_world(n)]:
-        latent, text, pooled = models.feature_shapes(name)   # at the family's training size
+        latent, text, pooled = models.feature_shapes(name)  # at the family's training size
         bf16, fp32 = bytes_per_sample(latent, text, pooled, 2), bytes_per_sample(latent, text, pooled, 4)
         all5 = images * bytes_per_sample(latent, (0,), 0, 2) + captions * bytes_per_sample((0,), text, pooled, 2)
-        print(f"  {name:6s} latents {'x'.join(map(str, latent))} + text {'x'.join(map(str, text))} + pooled "
-              f"{pooled}: bf16 {bf16:,} B ({bf16 / 1e6:.2f} MB), fp32 {fp32:,} B ({fp32 / 1e6:.2f} MB)")
-        print(f"         COCO train2017 in bf16: one caption per image {images * bf16 / 1e12:.2f} TB, all "
-              f"{captions:,} captions {all5 / 1e12:.2f} TB; fp32 one per image {images * fp32 / 1e12:.2f} TB; "
-              f"released README: {RELEASED_TB.get(name, '-')} TB")
-
+        print(
+            f"  {name:6s} latents {'x'.join(map(str, latent))} + text {'x'.join(map(str, text))} + pooled "
+            f"{pooled}: bf16 {bf16:,} B ({bf16 / 1e6:.2f} MB), fp32 {fp32:,} B ({fp32 / 1e6:.2f} MB)"
+        )
+        print(
+            f"         COCO train2017 in bf16: one caption per image {images * bf16 / 1e12:.2f} TB, all "
+            f"{captions:,} captions {all5 / 1e12:.2f} TB; fp32 one per image {images * fp32 / 1e12:.2f} TB; "
+            f"released README: {RELEASED_TB.get(name, '-')} TB"
+        )
 
 
 def pair_matrix(B, K, diagonal_only, device):
@@ -92,7 +101,7 @@ def training_configs(bb, B, size):
     """The timed functions: each runs one forward or one training step, the hooks attached for it alone."""
     batch = random_batch(bb, B, size)
     steps = {"n": 0}
-    forward_tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)   # built once, untimed
+    forward_tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)  # built once, untimed
 
     def forward(with_tokens):
         handle = hooks.attach(bb.denoiser, forward_tokens.sets, bb.facts["token_blocks"]) if with_tokens else None
@@ -116,20 +125,29 @@ def training_configs(bb, B, size):
             training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, steps["n"])
             steps["n"] += 1
             handle.remove()
+
         return run
 
-    return {"forward, no tokens": (lambda: forward(False), B * B), "forward, tokens": (lambda: forward(True), B * B),
-            "softrepa": (make_step("softrepa"), B * B), "agsm": (make_step("agsm"), B * B), "dsm": (make_step("dsm"), B)}
+    return {
+        "forward, no tokens": (lambda: forward(False), B * B),
+        "forward, tokens": (lambda: forward(True), B * B),
+        "softrepa": (make_step("softrepa"), B * B),
+        "agsm": (make_step("agsm"), B * B),
+        "dsm": (make_step("dsm"), B),
+    }
 
 
 def bench_training(bb, args, size, precision):
     configs = training_configs(bb, args.batch, size)
     device = bb.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"{args.model}: {sum(p.numel() for p in bb.denoiser.parameters()) / 1e6:.1f}M parameters (random), "
-          f"{size} px, batch {args.batch} ({args.batch ** 2} pairs), {precision} on {device.type}")
+    print(
+        f"{args.model}: {sum(p.numel() for p in bb.denoiser.parameters()) / 1e6:.1f}M parameters (random), "
+        f"{size} px, batch {args.batch} ({args.batch**2} pairs), {precision} on {device.type}"
+    )
     # warm-up round: counts the FLOPs of every configuration (and lets kernels / allocators settle)
     from torch.utils.flop_counter import FlopCounterMode
+
     flops, peak_mem = {}, {}
     for name, (fn, _) in configs.items():
         with FlopCounterMode(display=False) as counter:
@@ -150,19 +168,25 @@ def bench_training(bb, args, size, precision):
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak is None and device.type == "cuda":
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    print(f"{'configuration':22s} {'ms/step':>10s} {'pairs/s':>9s} {'GFLOP':>10s} {'TFLOP/s':>8s} "
-          f"{'MFU':>6s} {'peak GB':>8s}")
+    print(
+        f"{'configuration':22s} {'ms/step':>10s} {'pairs/s':>9s} {'GFLOP':>10s} {'TFLOP/s':>8s} "
+        f"{'MFU':>6s} {'peak GB':>8s}"
+    )
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, (_, n_pairs) in configs.items():
         rate = flops[name] / median[name]
         mfu = f"{rate / peak:6.1%}" if peak else "     -"
         mem = f"{peak_mem[name]:8.2f}" if name in peak_mem else "       -"
-        print(f"{name:22s} {1e3 * median[name]:10.1f} {n_pairs / median[name]:9.1f} {flops[name] / 1e9:10.1f} "
-              f"{rate / 1e12:8.3f} {mfu} {mem}")
+        print(
+            f"{name:22s} {1e3 * median[name]:10.1f} {n_pairs / median[name]:9.1f} {flops[name] / 1e9:10.1f} "
+            f"{rate / 1e12:8.3f} {mfu} {mem}"
+        )
     if device.type != "cuda":
         print(f"peak memory (process RSS, all configurations): {training.peak_memory_gb(device):.2f} GB")
-    print(f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one more "
-          f"no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})")
+    print(
+        f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one more "
+        f"no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})"
+    )
     print(f"hooks' cost, forward with / without: {median['forward, tokens'] / median['forward, no tokens']:.2f}")
     return dict(median=median, flops=flops)
 
@@ -174,10 +198,11 @@ def bench_training(bb, args, size, precision):
 # attention kept out of it by SDPA's fused kernels. --memory-check measures one dsm step (1 pair) at a
 # few sizes and prints each size's extra bytes over the smallest beside the model's ratio.
 
+
 def positions(bb, size):
     """What the activation term is proportional to, per pair: MM-DiT tokens per block; UNet latent pixels."""
     side = size // bb.facts["vae_factor"]
-    if bb.facts["arch"] == "mmdit":   # FLUX: its packing is the patch
+    if bb.facts["arch"] == "mmdit":  # FLUX: its packing is the patch
         patch = bb.facts["pack"] or bb.denoiser.config.patch_size
         return (side // patch) ** 2 + bb.facts["text_tokens"] + bb.facts["n_tokens"]
     return side * side
@@ -186,24 +211,29 @@ def positions(bb, size):
 def memory_check(bb, sizes):
     rows = []
     recipe = SimpleNamespace(**families.default_recipe(bb.name, "dsm", steps=100))
-    tokens = softtokens.make_tokens(bb, "dsm", init="normal").to(bb.device)   # (no text encoder here)
+    tokens = softtokens.make_tokens(bb, "dsm", init="normal").to(bb.device)  # (no text encoder here)
     opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler(bb.device.type, enabled=False)
     handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
     for size in sizes:
         batch = random_batch(bb, 1, size)
-        peak = allocated_peak(lambda: training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, 0))
+        peak = allocated_peak(
+            lambda batch=batch: training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, 0)
+        )
         rows.append((size, positions(bb, size), peak))
-        print(f"{bb.name} {size} px: {rows[-1][1]} positions per block, step peak {peak / 2 ** 30:.3f} GiB", flush=True)
+        print(f"{bb.name} {size} px: {rows[-1][1]} positions per block, step peak {peak / 2**30:.3f} GiB", flush=True)
     handle.remove()
     (s0, p0, m0) = rows[0]
-    print(f"{'size':>6s} {'positions':>10s} {'peak GiB':>9s} {'extra over ' + str(s0) + ' px':>18s} {'model ratio':>12s} {'measured ratio':>15s}")
+    print(
+        f"{'size':>6s} {'positions':>10s} {'peak GiB':>9s} {'extra over ' + str(s0) + ' px':>18s} "
+        f"{'model ratio':>12s} {'measured ratio':>15s}"
+    )
     for size, p, m in rows:
-        extra = (m - m0) / 2 ** 30
+        extra = (m - m0) / 2**30
         model = (p - p0) / (rows[1][1] - p0) if len(rows) > 1 else 0
         measured = (m - m0) / (rows[1][2] - m0) if len(rows) > 1 and rows[1][2] != m0 else 0
-        print(f"{size:6d} {p:10d} {m / 2 ** 30:9.3f} {extra:18.3f} {model:12.2f} {measured:15.2f}")
+        print(f"{size:6d} {p:10d} {m / 2**30:9.3f} {extra:18.3f} {model:12.2f} {measured:15.2f}")
     return rows
 
 
@@ -222,49 +252,73 @@ def memory_check(bb, sizes):
 # per position what a joint one does), width 3072, over (S/16)^2 + T5 positions (checked at 512 px: 6.12 GB
 # measured, 6.20 modelled); FLOPs: flux-dev's measured 512 px forward x the ratio of positions. CLIP-L + T5-XXL.
 CLIP_L, BIG_G, T5, VAE = 123.1e6, 694.7e6, 4762.3e6, 83.8e6
-TEXT_AND_VAE_PARAMS = {"sd3": (CLIP_L + BIG_G + T5, VAE), "sdxl": (CLIP_L + BIG_G, 83.7e6), "sd1.5": (CLIP_L, 83.7e6),
-                       "flux-dev": (CLIP_L + T5, VAE), "flux-schnell": (CLIP_L + T5, VAE)}
+TEXT_AND_VAE_PARAMS = {
+    "sd3": (CLIP_L + BIG_G + T5, VAE),
+    "sdxl": (CLIP_L + BIG_G, 83.7e6),
+    "sd1.5": (CLIP_L, 83.7e6),
+    "flux-dev": (CLIP_L + T5, VAE),
+    "flux-schnell": (CLIP_L + T5, VAE),
+}
 TEXT_AND_VAE_PARAMS["sd3.5-medium"] = TEXT_AND_VAE_PARAMS["sd3.5-large"] = TEXT_AND_VAE_PARAMS["sd3"]
 MMDIT_K = {False: 11.5, True: 1.72}
 UNET_BYTES_PER_LATENT_PIXEL = {"sd1.5": {False: 0.932e9 / 4096, True: 0.238e9 / 4096}}
 STEP_OVER_FORWARD = {("softrepa", False): 2.19, ("agsm", False): 3.19, ("softrepa", True): 3.18, ("agsm", True): 4.18}
-FORWARD_GFLOP_PER_PAIR = {("sd3", 512): 33719.2 / 16, ("sd3", 1024): 35617.4 / 4, ("sd1.5", 512): 12852.4 / 16,
-                          ("flux-dev", 512): 86010.4 / 4, ("sdxl", 128): 145.1}   # H200; sdxl: CPU, 128 px, 1 pair
+FORWARD_GFLOP_PER_PAIR = {
+    ("sd3", 512): 33719.2 / 16,
+    ("sd3", 1024): 35617.4 / 4,
+    ("sd1.5", 512): 12852.4 / 16,
+    ("flux-dev", 512): 86010.4 / 4,
+    ("sdxl", 128): 145.1,
+}  # H200; sdxl: CPU, 128 px, 1 pair
 
 
 def activation_bytes_per_pair(name, size, checkpointing, sdxl_cpu_slope=None):
     facts, config = models.FAMILIES[name], models.denoiser_config(name)
     if facts["arch"] == "mmdit":
-        patch = facts["pack"] or config["patch_size"]   # FLUX: its packing is the patch
+        patch = facts["pack"] or config["patch_size"]  # FLUX: its packing is the patch
         positions = (size // 8 // patch) ** 2 + facts["text_tokens"] + facts["n_tokens"]
         width = config["num_attention_heads"] * config["attention_head_dim"]
-        blocks = config["num_layers"] + config.get("num_single_layers", 0)   # FLUX: double + single stream
+        blocks = config["num_layers"] + config.get("num_single_layers", 0)  # FLUX: double + single stream
         return MMDIT_K[checkpointing] * blocks * positions * width * 2
     per_pixel = dict(UNET_BYTES_PER_LATENT_PIXEL)
-    if sdxl_cpu_slope:   # fp32 CPU bytes per latent pixel, scaled by SD1.5's GPU/CPU ratio (3.45e-4 GiB on CPU)
-        gpu_over_cpu = per_pixel["sd1.5"][False] / (3.45e-4 * 2 ** 30)
+    if sdxl_cpu_slope:  # fp32 CPU bytes per latent pixel, scaled by SD1.5's GPU/CPU ratio (3.45e-4 GiB on CPU)
+        gpu_over_cpu = per_pixel["sd1.5"][False] / (3.45e-4 * 2**30)
         gc_share = per_pixel["sd1.5"][True] / per_pixel["sd1.5"][False]
         per_pixel["sdxl"] = {False: sdxl_cpu_slope * gpu_over_cpu, True: sdxl_cpu_slope * gpu_over_cpu * gc_share}
     return per_pixel[name][checkpointing] * (size // 8) ** 2
 
 
 def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
-    print(f"| family, px | loss, batch | weights GB | act./pair GB (ckpt) | pairs | largest --rows-per-forward "
-          f"in {gpu_gb} GB (ckpt) | TFLOP/step | s/step at {mfu:.0%} MFU, H100 (ckpt) |")
+    print(
+        f"| family, px | loss, batch | weights GB | act./pair GB (ckpt) | pairs | largest --rows-per-forward "
+        f"in {gpu_gb} GB (ckpt) | TFLOP/step | s/step at {mfu:.0%} MFU, H100 (ckpt) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     sd3_params = sum(p.numel() for p in models.random_denoiser_on_meta("sd3").parameters())
-    for name, size in (("sd3", 512), ("sd3", 1024), ("sdxl", 512), ("sdxl", 1024), ("sd1.5", 512), ("sd3.5-medium", 1024),
-                       ("sd3.5-large", 1024), ("flux-dev", 512), ("flux-dev", 1024), ("flux-schnell", 1024)):
+    for name, size in (
+        ("sd3", 512),
+        ("sd3", 1024),
+        ("sdxl", 512),
+        ("sdxl", 1024),
+        ("sd1.5", 512),
+        ("sd3.5-medium", 1024),
+        ("sd3.5-large", 1024),
+        ("flux-dev", 512),
+        ("flux-dev", 1024),
+        ("flux-schnell", 1024),
+    ):
         denoiser = sum(p.numel() for p in models.random_denoiser_on_meta(name).parameters())
         text, vae = TEXT_AND_VAE_PARAMS[name]
         weights = 2 * (denoiser + text + vae)
         acts = {gc: activation_bytes_per_pair(name, size, gc, sdxl_cpu_slope) for gc in (False, True)}
         key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
-        if name.startswith("flux") and not key:   # FLUX's measured 512 px forward, x the ratio of positions
-            seq = [(side // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for side, n in ((size, name), (512, "flux-dev"))]
+        if name.startswith("flux") and not key:  # FLUX's measured 512 px forward, x the ratio of positions
+            seq = [
+                (side // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for side, n in ((size, name), (512, "flux-dev"))
+            ]
             gflop = FORWARD_GFLOP_PER_PAIR[("flux-dev", 512)] * seq[0] / seq[1]
-        elif name.startswith("sd3.5"):   # computed: SD3's measured FLOPs per pair at this size, x the parameter and
-            seq = [(size // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]   # position ratios
+        elif name.startswith("sd3.5"):  # computed: SD3's measured FLOPs per pair at this size, x the parameter and
+            seq = [(size // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]  # position ratios
             gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params * seq[0] / seq[1]
         else:
             gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
@@ -273,8 +327,11 @@ def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
             rows = {gc: max(0, min(B, int((gpu_gb * 1e9 * 0.9 - weights) // (B * acts[gc])))) for gc in (False, True)}
             tflop = {gc: STEP_OVER_FORWARD[(loss, gc)] * gflop * B * B / 1e3 for gc in (False, True)}
             seconds = {gc: tflop[gc] * 1e12 / (mfu * peak) for gc in (False, True)}
-            print(f"| {name}, {size} | {loss}, {B}x{B} | {weights / 1e9:.1f} | {acts[False] / 1e9:.2f} ({acts[True] / 1e9:.2f}) "
-                  f"| {B * B} | {rows[False]} ({rows[True]}) | {tflop[False]:.0f} | {seconds[False]:.2f} ({seconds[True]:.2f}) |")
+            print(
+                f"| {name}, {size} | {loss}, {B}x{B} | {weights / 1e9:.1f} "
+                f"| {acts[False] / 1e9:.2f} ({acts[True] / 1e9:.2f}) | {B * B} | {rows[False]} ({rows[True]}) "
+                f"| {tflop[False]:.0f} | {seconds[False]:.2f} ({seconds[True]:.2f}) |"
+            )
 
 
 # -----------------------------------------------------------------------------
@@ -292,18 +349,18 @@ def allocated_peak(run):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()   # + allocation, - free
+        current += e.nbytes()  # + allocation, - free
         peak = max(peak, current)
     return peak
 
 
-def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, cond=None, uncond=None,
-                   progress=True):
+def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, cond=None, uncond=None, progress=True):
     """Latency and peak memory of `steps` guided sampler steps on `batch` images, with and without the
     soft tokens `sets` attached (psi+ on both CFG branches, the default). Plain and tokens runs
     alternate, so a slow spell of a shared machine hits both; times are medians over `repeats`, in
@@ -330,18 +387,21 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
     # Wall-clock time, and on the CPU also the process's CPU time: on a shared machine the wall clock
     # counts the time other processes held the cores, the CPU time only this process's own work.
     times = {(v, clock): [] for v in ("plain", "tokens") for clock in ("wall", "cpu")}
-    for variant in ("plain", "tokens"):       # warm-up (first calls allocate and pick kernels)
+    for variant in ("plain", "tokens"):  # warm-up (first calls allocate and pick kernels)
         with_variant(variant, run)
     loop = range(repeats)
     if progress:
         from tqdm import tqdm
+
         loop = tqdm(loop, desc="bench", leave=False)
     for r in loop:
-        for variant in (("plain", "tokens") if r % 2 == 0 else ("tokens", "plain")):
+        for variant in ("plain", "tokens") if r % 2 == 0 else ("tokens", "plain"):
+
             def timed(handle):
                 wall, cpu = time.perf_counter(), time.process_time()
                 run(handle)
                 return time.perf_counter() - wall, time.process_time() - cpu
+
             wall, cpu = with_variant(variant, timed)
             times[variant, "wall"].append(wall / batch)
             times[variant, "cpu"].append(cpu / batch)
@@ -351,8 +411,17 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
     token_bytes = sum(p.numel() * p.element_size() for p in sets[0].parameters())
     memory = {"plain": weights + activations["plain"], "tokens": weights + token_bytes + activations["tokens"]}
     clocks = ["wall", "cpu"] if bb.device.type == "cpu" else ["wall"]
-    result = dict(model=bb.name, size=size, steps=steps, batch=batch, cfg=cfg, repeats=repeats,
-                  device=str(bb.device), dtype=str(bb.dtype).removeprefix("torch."), token_shape=list(sets[0].shape))
+    result = dict(
+        model=bb.name,
+        size=size,
+        steps=steps,
+        batch=batch,
+        cfg=cfg,
+        repeats=repeats,
+        device=str(bb.device),
+        dtype=str(bb.dtype).removeprefix("torch."),
+        token_shape=list(sets[0].shape),
+    )
     for clock in clocks:
         # the overhead from paired runs (adjacent in time, so a slow spell hits both): the median of the
         # per-repeat ratios, with half their interquartile range as its uncertainty; also in ms per sampler step
@@ -360,49 +429,96 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
         ratios = sorted(t / p for t, p in zip(tokens, plain))
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
         name = "latency" if clock == "wall" else "cpu_time"
-        result.update({f"{name}_plain_s": statistics.median(plain), f"{name}_tokens_s": statistics.median(tokens),
-                       f"{name}_overhead_pct": 100 * (statistics.median(ratios) - 1),
-                       f"{name}_overhead_iqr_pct": 100 * (q3 - q1) / 2,
-                       f"{name}_overhead_ms_per_step": 1000 * statistics.median(
-                           [(t - p) * batch / steps for t, p in zip(tokens, plain)])})
-    mb = 2 ** 20
-    result.update(weights_mb=weights / mb, token_params_mb=token_bytes / mb,
-                  activations_plain_mb=activations["plain"] / mb, activations_tokens_mb=activations["tokens"] / mb,
-                  peak_memory_plain_mb=memory["plain"] / mb, peak_memory_tokens_mb=memory["tokens"] / mb,
-                  peak_memory_overhead_pct=100 * (memory["tokens"] / memory["plain"] - 1))
+        result.update(
+            {
+                f"{name}_plain_s": statistics.median(plain),
+                f"{name}_tokens_s": statistics.median(tokens),
+                f"{name}_overhead_pct": 100 * (statistics.median(ratios) - 1),
+                f"{name}_overhead_iqr_pct": 100 * (q3 - q1) / 2,
+                f"{name}_overhead_ms_per_step": 1000
+                * statistics.median([(t - p) * batch / steps for t, p in zip(tokens, plain)]),
+            }
+        )
+    mb = 2**20
+    result.update(
+        weights_mb=weights / mb,
+        token_params_mb=token_bytes / mb,
+        activations_plain_mb=activations["plain"] / mb,
+        activations_tokens_mb=activations["tokens"] / mb,
+        peak_memory_plain_mb=memory["plain"] / mb,
+        peak_memory_tokens_mb=memory["tokens"] / mb,
+        peak_memory_overhead_pct=100 * (memory["tokens"] / memory["plain"] - 1),
+    )
     return result
 
 
 # -----------------------------------------------------------------------------
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
     p.add_argument("--sampling", action="store_true", help="time sampling with / without tokens instead of training")
-    p.add_argument("--batch", type=int, default=None, help="training: images per step, B x B pairs (default 4); "
-                   "sampling: images per sampler batch (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="training: timed rounds after one warm-up (default 5); "
-                   "sampling: sampler steps (default: the family's)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="training: images per step, B x B pairs (default 4); sampling: images per sampler batch (default 1)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training: timed rounds after one warm-up (default 5); sampling: sampler steps (default: the family's)",
+    )
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the family's)")
-    p.add_argument("--precision", default=None, choices=list(models.PRECISIONS), help="default bf16 (training) or "
-                   "fp16 (sampling) on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=list(models.PRECISIONS),
+        help="default bf16 (training) or fp16 (sampling) on CUDA, fp32 on CPU",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (default: looked up)")
-    p.add_argument("--tokens", default=None, help="sampling: a token file or the released SoftREPA folder "
-                   "(default: random tokens of the family's layout; the cost does not depend on their values)")
+    p.add_argument(
+        "--tokens",
+        default=None,
+        help="sampling: a token file or the released SoftREPA folder "
+        "(default: random tokens of the family's layout; the cost does not depend on their values)",
+    )
     p.add_argument("--cfg", type=float, default=None, help="sampling: guidance (default: the family's; 1: one branch)")
     p.add_argument("--repeats", type=int, default=5, help="sampling: timed runs of each variant")
-    p.add_argument("--grad-checkpointing", action="store_true", help="training: recompute the frozen backbone "
-                   "in backward (train.py's flag), to measure what it saves")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="training: recompute the frozen backbone in backward (train.py's flag), to measure what it saves",
+    )
     p.add_argument("--cache-sizes", action="store_true", help="print the encoding cache's bytes per sample and exit")
-    p.add_argument("--memory-check", type=int, nargs="+", default=None, metavar="SIZE", help="peak memory of a "
-                   "1-pair training step at these sizes, beside the memory model's growth (docs/cost.md)")
-    p.add_argument("--memory-model", type=float, default=None, metavar="SDXL_CPU_SLOPE", help="print the memory "
-                   "and time model's table (docs/cost.md), given SDXL's --memory-check slope in bytes per latent pixel")
-    p.add_argument("--sdpa", default=None, choices=["flash", "efficient", "math"], help="--memory-check: force "
-                   "this attention kernel (a GPU runs the fused ones; the CPU may fall back to math, which keeps "
-                   "the N x N attention weights for backward)")
+    p.add_argument(
+        "--memory-check",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SIZE",
+        help="peak memory of a 1-pair training step at these sizes, beside the memory model's growth (docs/cost.md)",
+    )
+    p.add_argument(
+        "--memory-model",
+        type=float,
+        default=None,
+        metavar="SDXL_CPU_SLOPE",
+        help="print the memory "
+        "and time model's table (docs/cost.md), given SDXL's --memory-check slope in bytes per latent pixel",
+    )
+    p.add_argument(
+        "--sdpa",
+        default=None,
+        choices=["flash", "efficient", "math"],
+        help="--memory-check: force "
+        "this attention kernel (a GPU runs the fused ones; the CPU may fall back to math, which keeps "
+        "the N x N attention weights for backward)",
+    )
     args = p.parse_args(argv)
     if args.cache_sizes:
         return print_cache_sizes()
@@ -418,7 +534,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
-    torch.backends.cuda.enable_cudnn_sdp(not on_cuda)   # off on CUDA, as in train.py (docs/cost.md)
+    torch.backends.cuda.enable_cudnn_sdp(not on_cuda)  # off on CUDA, as in train.py (docs/cost.md)
     precision = args.precision or (("fp16" if args.sampling else "bf16") if on_cuda else "fp32")
     bb = models.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
     bb.denoiser.requires_grad_(False)
@@ -428,8 +544,12 @@ def main(argv=None):
         for side in args.memory_check:
             families.check_size(args.model, side)
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                  "math": SDPBackend.MATH}.get(args.sdpa)
+
+        kernel = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }.get(args.sdpa)
         with sdpa_kernel([kernel]) if kernel else nullcontext():
             return memory_check(bb, args.memory_check)
     if not args.sampling:
@@ -437,8 +557,11 @@ def main(argv=None):
         return bench_training(bb, args, size, precision)
     batch = args.batch or 1
     if sets is None:
-        sets = [softtokens.SoftTokens(facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser),
-                                      facts["time_table"])]
+        sets = [
+            softtokens.SoftTokens(
+                facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser), facts["time_table"]
+            )
+        ]
     steps, cfg = args.steps or facts["sample"]["steps"], facts["sample"]["cfg"] if args.cfg is None else args.cfg
     cond, uncond = models.random_text(bb, batch, 0), models.random_text(bb, batch, 1)
     result = bench_sampling(bb, sets, steps, cfg, size, batch, args.repeats, info["blocks"], cond, uncond)

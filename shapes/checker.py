@@ -5,9 +5,11 @@ with statistical power (4 seeds per prompt fixed by rule, bootstrap intervals, o
 GenEval (used by both papers) runs an object detector over generated images. Ours knows the world
 (shapes.py): it recovers objects by nearest-palette-colour masks and connected components, and reads
 the shape off the fill ratio of each component in its bounding box (square 1.0, circle ~0.79,
-triangle ~0.5) and, between squares and circles, how far it reaches into the box's corners. check(image, spec) applies the category's rule; score() gives the per-category
+triangle ~0.5) and, between squares and circles, how far it reaches into the box's corners.
+check(image, spec) applies the category's rule; score() gives the per-category
 fractions and their mean, as GenEval's overall score. Plain numpy / torch: no scipy, no detector.
 """
+
 import os
 
 import numpy as np
@@ -24,14 +26,14 @@ from shapes import BACKGROUND, CATEGORIES, COLORS, PALETTE, relation_holds, to_u
 # fills 0.918 of its box, while a circle a pixel under the renderer's smallest (6 px) fills 0.889;
 # every palette pair is >= 255 apart, so the nearest colour still decides.
 COLOR_MAX_DIST = 150.0  # a pixel further than this from every colour is "no colour"
-MIN_AREA = 12           # components smaller than this (at 32 px) are speckles
+MIN_AREA = 12  # components smaller than this (at 32 px) are speckles
 SQUARE_MIN_FILL = 0.90  # fill ratio >= this: square (renderer gives exactly 1.0)
 SQUARE_MIN_REACH = 1.5  # or a circle's fill but reaching 3 of 4 corners: a square with ragged edges
-REACH_TRIM = 0.25       # corner_reach ignores edge rows / columns this sparse (stray pixels)
+REACH_TRIM = 0.25  # corner_reach ignores edge rows / columns this sparse (stray pixels)
 CIRCLE_MIN_FILL = 0.66  # in [0.66, 0.92): circle (renderer: 0.755-0.852)
 TRIANGLE_MIN_FILL = 0.38  # in [0.38, 0.66): triangle (renderer: 0.50-0.60)
-MAX_ASPECT = 1.5        # renderer's boxes are ~square; long thin blobs are not shapes
-MAX_EXTENT = 0.75       # a blob spanning >75% of the canvas is a colour wash, not an object
+MAX_ASPECT = 1.5  # renderer's boxes are ~square; long thin blobs are not shapes
+MAX_EXTENT = 0.75  # a blob spanning >75% of the canvas is a colour wash, not an object
 
 
 # ----------------------------------------------------------------------------
@@ -61,7 +63,8 @@ def connected_components(mask):
 def corner_reach(xs, ys, x0, y0, x1, y1):
     """How far a component reaches into the corners of its box: per quadrant, the largest
     |dx| / a + |dy| / b of its pixels (a, b the box's half-sides, d from the box centre), and the third
-    largest of the four (a generated square often loses one corner to a slanted edge). A square reaches every corner (rendered: 1.71-1.80, pixel centres stop half a pixel
+    largest of the four (a generated square often loses one corner to a slanted edge).
+    A square reaches every corner (rendered: 1.71-1.80, pixel centres stop half a pixel
     short of 2); a circle reaches √2 = 1.41 at most (rendered: 1.14-1.40). Unlike the fill ratio, a
     square drawn with a ragged extra row or column (a decoder's soft edge half over the colour
     threshold) still reaches ~1.6-1.8, where its fill (0.82-0.85) is a circle's. SQUARE_MIN_REACH = 1.5
@@ -71,14 +74,17 @@ def corner_reach(xs, ys, x0, y0, x1, y1):
     circle's top row holds a third or more of its widest; only a triangle's apex holds less, and
     triangles are told by their fill before the reach is read)."""
     rows, cols = np.bincount(ys - y0), np.bincount(xs - x0)
-    kept_rows, kept_cols = np.nonzero(rows >= REACH_TRIM * rows.max())[0], np.nonzero(cols >= REACH_TRIM * cols.max())[0]
+    kept_rows, kept_cols = (
+        np.nonzero(rows >= REACH_TRIM * rows.max())[0],
+        np.nonzero(cols >= REACH_TRIM * cols.max())[0],
+    )
     y0, y1, x0, x1 = y0 + kept_rows[0], y0 + kept_rows[-1], x0 + kept_cols[0], x0 + kept_cols[-1]
     inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
     xs, ys = xs[inside], ys[inside]
     cx, cy, a, b = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2
     reach = np.abs(xs - cx) / a + np.abs(ys - cy) / b
     quadrants = [(xs <= cx) & (ys <= cy), (xs >= cx) & (ys <= cy), (xs <= cx) & (ys >= cy), (xs >= cx) & (ys >= cy)]
-    return float(sorted(reach[q].max() if q.any() else 0.0 for q in quadrants)[1])   # the 3rd-best corner
+    return float(sorted(reach[q].max() if q.any() else 0.0 for q in quadrants)[1])  # the 3rd-best corner
 
 
 def classify_shape(fill, height, width, size, reach=0.0):
@@ -124,9 +130,15 @@ def detect(image):
             shape = classify_shape(len(ys) / (bh * bw), bh, bw, max(h, w), corner_reach(xs, ys, x0, y0, x1, y1))
             if shape is None:
                 continue
-            objects.append({"color": color, "shape": shape, "area": int(len(ys)),
-                            "centroid": (float(xs.mean()), float(ys.mean())),
-                            "bbox": (int(x0), int(y0), int(x1), int(y1))})
+            objects.append(
+                {
+                    "color": color,
+                    "shape": shape,
+                    "area": int(len(ys)),
+                    "centroid": (float(xs.mean()), float(ys.mean())),
+                    "bbox": (int(x0), int(y0), int(x1), int(y1)),
+                }
+            )
     return objects
 
 
@@ -156,8 +168,12 @@ def check(image, spec):
     if category == "position":  # some a, b matching the spec stand in the relation
         a_s = [o for o in objects if matches(o, spec_objs[0])]
         b_s = [o for o in objects if matches(o, spec_objs[1])]
-        return any(relation_holds(a["centroid"], b["centroid"], spec["relation"], size)
-                   for a in a_s for b in b_s if a is not b)
+        return any(
+            relation_holds(a["centroid"], b["centroid"], spec["relation"], size)
+            for a in a_s
+            for b in b_s
+            if a is not b
+        )
     raise ValueError(f"unknown category {category!r}")
 
 
@@ -232,7 +248,7 @@ def protocol_groups(images, specs, samples=SAMPLES_PER_PROMPT):
         raise ValueError(f"{len(images)} images for {len(specs)} prompts x {samples} samples")
     per_prompt, over = {}, {"overcount_counting": {}, "overcount_single": {}}
     for i, spec in enumerate(specs):
-        shots = images[samples * i: samples * (i + 1)]
+        shots = images[samples * i : samples * (i + 1)]
         per_prompt.setdefault(spec["category"], []).append(np.mean([check(im, spec) for im in shots]))
         flags = [overcount(im, spec) for im in shots]
         if flags[0] is not None:
@@ -245,8 +261,11 @@ def protocol_groups(images, specs, samples=SAMPLES_PER_PROMPT):
 
 
 def ordered(result):
-    return {k: result[k] for k in [c for c in CATEGORIES if c in result] + ["mean", "overcount_counting",
-                                                                            "overcount_single"] if k in result}
+    return {
+        k: result[k]
+        for k in [c for c in CATEGORIES if c in result] + ["mean", "overcount_counting", "overcount_single"]
+        if k in result
+    }
 
 
 def protocol_scores(images, specs, samples=SAMPLES_PER_PROMPT, resamples=2000):
@@ -259,8 +278,11 @@ def paired_difference(groups, base_groups, resamples=2000):
     same prompts with the same seeds, so the difference is resampled per prompt (the same resamples as
     bootstrap_interval's): the prompt-to-prompt spread that both share cancels, and the interval is that
     of the difference itself, much narrower than the two intervals side by side."""
-    diff = {col: {c: np.asarray(v, float) - np.asarray(base_groups[col][c], float) for c, v in g.items()}
-            for col, g in groups.items() if col in base_groups}
+    diff = {
+        col: {c: np.asarray(v, float) - np.asarray(base_groups[col][c], float) for c, v in g.items()}
+        for col, g in groups.items()
+        if col in base_groups
+    }
     return ordered(bootstrap_interval(diff, resamples))
 
 
@@ -271,6 +293,7 @@ def format_scores(scores):
 
 # ----------------------------------------------------------------------------
 # Editing cases (edit.py --shapes-check): success is the edited image passing check() for the target.
+
 
 def shapes_edit_cases(n, seed=0):
     """n rendered single objects and an edit of each: the colour (even cases) or the shape (odd ones)."""
@@ -297,7 +320,7 @@ def shapes_edit_cases(n, seed=0):
 # on renders by shapes/counter.py (held-out accuracy in the README), gives each shape's expected count.
 
 COUNTER_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "counter.safetensors")
-MAX_COUNT = 4            # the world draws 1-4 objects; a shape's count is 0-4
+MAX_COUNT = 4  # the world draws 1-4 objects; a shape's count is 0-4
 
 
 class ShapesCounter(nn.Module):
@@ -306,22 +329,28 @@ class ShapesCounter(nn.Module):
     def __init__(self, width=32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),      # 16 x 16
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),  # 8 x 8
-            nn.Flatten(), nn.Linear(2 * width * 64, 128), nn.SiLU())
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(),  # 16 x 16
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(),  # 8 x 8
+            nn.Flatten(),
+            nn.Linear(2 * width * 64, 128),
+            nn.SiLU(),
+        )
         self.head = nn.Linear(128, len(shapes.SHAPES) * (MAX_COUNT + 1))
 
     def forward(self, images):
-        if images.shape[-1] != 32:                # the counter reads the world's 32 px
+        if images.shape[-1] != 32:  # the counter reads the world's 32 px
             images = F.interpolate(images.float(), size=(32, 32), mode="bilinear", antialias=True)
         return self.head(self.features(images.float())).view(-1, len(shapes.SHAPES), MAX_COUNT + 1)
 
     def soft_count(self, images, nouns):
         """(B,) expected count of each row's shape (noun: "square", "circle", "triangle"); NaN for
         another noun (no counting loss on that row)."""
-        p = torch.softmax(self(images), dim=-1)                               # (B, shapes, counts)
-        expected = (p * torch.arange(MAX_COUNT + 1, device=p.device, dtype=p.dtype)).sum(-1)   # (B, shapes)
+        p = torch.softmax(self(images), dim=-1)  # (B, shapes, counts)
+        expected = (p * torch.arange(MAX_COUNT + 1, device=p.device, dtype=p.dtype)).sum(-1)  # (B, shapes)
         index = torch.tensor([shapes.SHAPES.index(n) if n in shapes.SHAPES else 0 for n in nouns], device=p.device)
         counts = expected.gather(1, index.view(-1, 1))[:, 0]
         known = torch.tensor([n in shapes.SHAPES for n in nouns], device=p.device)
@@ -330,6 +359,7 @@ class ShapesCounter(nn.Module):
 
 def load_counter(path=None):
     from safetensors.torch import load_file
+
     path = path or COUNTER_WEIGHTS
     if not os.path.exists(path):
         raise SystemExit(f"no shapes counter at {path}: train one with python -m shapes.counter")

@@ -10,6 +10,7 @@ candidate captions of that image (like the papers' shared t and eps per row), so
 differs between candidates. Shapes-world records are rendered afresh and get hard negatives from their
 own category; real records (an "image" path and its "captions") take other records' captions.
 """
+
 import os
 from contextlib import nullcontext
 
@@ -23,12 +24,10 @@ import sample
 import shapes
 from shapes import checker
 
-
-
 CLASSIFIER_NOISE_LEVELS = (0.25, 0.5, 0.75)
 
 
-STRICT = {"single_object": "colors", "two_object": "color_attr"}   # colour-exact versions of the rules
+STRICT = {"single_object": "colors", "two_object": "color_attr"}  # colour-exact versions of the rules
 
 
 def ground_truth_images(records, seed=0, size=32):
@@ -56,8 +55,11 @@ def distractors(records, i, image, k, rng):
     else:
         specs = shapes.all_specs(record["spec"]["category"])
         strict = lambda spec: {**spec, "category": STRICT.get(spec["category"], spec["category"])}  # noqa: E731
-        texts = (shapes.caption(specs[j]) for j in rng.permutation(len(specs))
-                 if shapes.caption(specs[j]) != record["prompt"] and not checker.check(image, strict(specs[j])))
+        texts = (
+            shapes.caption(specs[j])
+            for j in rng.permutation(len(specs))
+            if shapes.caption(specs[j]) != record["prompt"] and not checker.check(image, strict(specs[j]))
+        )
     out = []
     for text in texts:
         if text not in out:
@@ -68,39 +70,47 @@ def distractors(records, i, image, k, rng):
 
 
 @torch.no_grad()
-def classifier_errors(bb, records, n_candidates=4, seed=0, handle=None, noise_levels=CLASSIFIER_NOISE_LEVELS,
-                      batch=256):
+def classifier_errors(
+    bb, records, n_candidates=4, seed=0, handle=None, noise_levels=CLASSIFIER_NOISE_LEVELS, batch=256
+):
     """(R, K) denoising errors averaged over the noise levels, column 0 the record's true caption;
     and the K captions of each record."""
     images = ground_truth_images(records, seed, bb.facts["size"])
-    captions = [[r["prompt"]] + distractors(records, i, im, n_candidates - 1, np.random.default_rng([seed, i, 1]))
-                for i, (r, im) in enumerate(zip(records, images))]
+    captions = [
+        [r["prompt"]] + distractors(records, i, im, n_candidates - 1, np.random.default_rng([seed, i, 1]))
+        for i, (r, im) in enumerate(zip(records, images))
+    ]
     unique = sorted({c for row in captions for c in row})
-    cond_all = models.cat_conds([models.encode_prompts(bb, unique[i:i + 64]) for i in range(0, len(unique), 64)])
+    cond_all = models.cat_conds([models.encode_prompts(bb, unique[i : i + 64]) for i in range(0, len(unique), 64)])
     # the posterior mean (mode=True): the classifier's verdict must not depend on a random draw of the VAE
-    x0 = torch.cat([models.encode_images(bb, shapes.to_tensor(np.stack(images[i:i + 16])), mode=True)
-                    for i in range(0, len(images), 16)])
+    x0 = torch.cat(
+        [
+            models.encode_images(bb, shapes.to_tensor(np.stack(images[i : i + 16])), mode=True)
+            for i in range(0, len(images), 16)
+        ]
+    )
     R, L, K, device = len(records), len(noise_levels), n_candidates, bb.device
     noise = torch.randn((R * L,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x0)
-    x0 = x0.repeat_interleave(L, dim=0)                                              # row r * L + l
+    x0 = x0.repeat_interleave(L, dim=0)  # row r * L + l
     u = torch.tensor(noise_levels, dtype=torch.float32).repeat(R).to(device)
     x_t, timesteps = models.add_noise(bb, x0, noise, u)
     target = models.target(bb, x0, noise)
     position = {c: j for j, c in enumerate(unique)}
-    image_row = torch.arange(R * L).repeat_interleave(K)                            # pair (r, l, k)
+    image_row = torch.arange(R * L).repeat_interleave(K)  # pair (r, l, k)
     caption_row = torch.tensor([position[c] for row in captions for _ in range(L) for c in row])
     errors = torch.empty(R * L * K)
-    with handle.rows(None) if handle is not None else nullcontext():                # every row: set 0
+    with handle.rows(None) if handle is not None else nullcontext():  # every row: set 0
         for s in range(0, R * L * K, batch):
-            rows, caps = image_row[s:s + batch].to(device), caption_row[s:s + batch].to(device)
+            rows, caps = image_row[s : s + batch].to(device), caption_row[s : s + batch].to(device)
             pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond_all, caps))
             # the per-element mean squared error of losses.pair_errors
-            errors[s:s + batch] = (pred.float() - target[rows].float()).pow(2).flatten(1).mean(1).cpu()
+            errors[s : s + batch] = (pred.float() - target[rows].float()).pow(2).flatten(1).mean(1).cpu()
     return errors.view(R, L, K).mean(1), captions
 
 
-def classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=None, noise_levels=CLASSIFIER_NOISE_LEVELS,
-                        batch=256):
+def classifier_accuracy(
+    bb, records, n_candidates=4, seed=0, handle=None, noise_levels=CLASSIFIER_NOISE_LEVELS, batch=256
+):
     """Fraction of records whose true caption has a strictly lower error than all K-1 distractors, by
     the rule of the in-batch accuracy (losses.strictly_lowest: a tie counts as wrong, so a text-blind
     model scores 0, not 1/K by the luck of argmin)."""
@@ -112,9 +122,13 @@ def classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=None, noise_
 # train.py's validation (--val-every): a fixed prompt grid sampled with the current tokens, the shapes
 # checker's scores of it (tiny-*), and the held-out accuracy above.
 
-DEV_PROMPTS = [r["prompt"] for r in shapes.load_dev_set()[::30][:8]]   # fixed prompts of the token movement
-VAL_PROMPTS = ["a photo of three apples on a wooden table", "a red bus parked next to a blue car",
-               "a cat sitting to the left of a dog", "two people riding bicycles down a city street"]
+DEV_PROMPTS = [r["prompt"] for r in shapes.load_dev_set()[::30][:8]]  # fixed prompts of the token movement
+VAL_PROMPTS = [
+    "a photo of three apples on a wooden table",
+    "a red bus parked next to a blue car",
+    "a cat sitting to the left of a dog",
+    "two people riding bicycles down a city street",
+]
 
 
 def validate(bb, handle, args, step):
@@ -125,15 +139,30 @@ def validate(bb, handle, args, step):
         records = shapes.first_per_category(shapes.load_dev_set(), args.val_n)
         prompts = [r["prompt"] for r in records]
     else:
-        records = [{"image": path, "prompt": caps[0], "captions": caps}
-                   for path, caps in data.read_records(args.val_data, "val")[:6 * args.val_n]] if args.val_data else []
+        records = (
+            [
+                {"image": path, "prompt": caps[0], "captions": caps}
+                for path, caps in data.read_records(args.val_data, "val")[: 6 * args.val_n]
+            ]
+            if args.val_data
+            else []
+        )
         prompts = VAL_PROMPTS
-    images = torch.cat([sample.generate(bb, prompts[i:i + 16], range(i, i + len(prompts[i:i + 16])), args.val_steps,
-                                        handle=handle)
-                        for i in range(0, len(prompts), 16)])
+    images = torch.cat(
+        [
+            sample.generate(
+                bb, prompts[i : i + 16], range(i, i + len(prompts[i : i + 16])), args.val_steps, handle=handle
+            )
+            for i in range(0, len(prompts), 16)
+        ]
+    )
     os.makedirs(os.path.join(args.out, "val"), exist_ok=True)
-    sample.save_grid(images, os.path.join(args.out, "val", f"step{step:07d}.png"),
-                     columns=args.val_n if tiny else len(prompts), min_side=256)
+    sample.save_grid(
+        images,
+        os.path.join(args.out, "val", f"step{step:07d}.png"),
+        columns=args.val_n if tiny else len(prompts),
+        min_side=256,
+    )
     result = {}
     if tiny:
         result.update({f"score_{k}": v for k, v in checker.score(images, [r["spec"] for r in records]).items()})

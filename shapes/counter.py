@@ -11,6 +11,7 @@ high noise levels.
     python -m shapes.counter                       # train (2 min on 2 cores), write weights/counter.safetensors
     python -m shapes.counter --check               # its accuracy on held-out renders (docs/other-arms.md)
 """
+
 import argparse
 import json
 import os
@@ -20,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from shapes import world
-
 from shapes.checker import COUNTER_WEIGHTS, ShapesCounter, load_counter
 
 
@@ -49,7 +49,7 @@ def degrade(images, generator):
 def accuracy(model, images, counts, batch=512):
     """Fraction of images whose count of every shape is right (argmax), and per-shape accuracy."""
     with torch.no_grad():
-        predicted = torch.cat([model(images[i:i + batch]).argmax(-1) for i in range(0, len(images), batch)])
+        predicted = torch.cat([model(images[i : i + batch]).argmax(-1) for i in range(0, len(images), batch)])
     right = predicted == counts
     return float(right.all(1).float().mean()), float(right.float().mean())
 
@@ -62,10 +62,11 @@ def main(argv=None):
     p.add_argument("--out", default=COUNTER_WEIGHTS)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    held_out = renders(2000, seed=10 ** 6)        # another seed than any training scene
+    held_out = renders(2000, seed=10**6)  # another seed than any training scene
     if not args.check:
         from safetensors.torch import save_file
         from tqdm import tqdm
+
         images, counts = renders(args.n_train, seed=0)
         model, g = ShapesCounter(), torch.Generator().manual_seed(0)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -73,7 +74,7 @@ def main(argv=None):
         for _ in tqdm(range(args.steps), desc="counter"):
             idx = torch.randint(0, len(images), (128,), generator=g)
             x = images[idx]
-            x = torch.cat([x[:64], degrade(x[64:], g)])          # half clean, half blurred and noised
+            x = torch.cat([x[:64], degrade(x[64:], g)])  # half clean, half blurred and noised
             loss = F.cross_entropy(model(x).flatten(0, 1), counts[idx].flatten())
             opt.zero_grad()
             loss.backward()
@@ -85,7 +86,9 @@ def main(argv=None):
     exact, per_shape = accuracy(model, *held_out)
     g = torch.Generator().manual_seed(1)
     blurred, _ = accuracy(model, degrade(held_out[0], g), held_out[1])
-    result = dict(heldout_renders=len(held_out[0]), all_shapes_exact=exact, per_shape=per_shape, degraded_all_exact=blurred)
+    result = dict(
+        heldout_renders=len(held_out[0]), all_shapes_exact=exact, per_shape=per_shape, degraded_all_exact=blurred
+    )
     print(json.dumps(result))
     return result
 

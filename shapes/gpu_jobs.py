@@ -10,6 +10,7 @@ Every job is a plain command of this repo (train.py, eval.py, bench.py); a train
 deadline stopped it. Run folders are under runs/gpu/; --pack writes them (without checkpoints' images)
 as tar files of at most 15 MB into a folder, with one log per job.
 """
+
 import argparse
 import json
 import os
@@ -21,27 +22,64 @@ import time
 
 PY = sys.executable
 RUNS = "runs/gpu"
-BINDING = "two_object,position,color_attr"     # the kinds whose captions name two colours
+BINDING = "two_object,position,color_attr"  # the kinds whose captions name two colours
 
 
-DONE = {}   # run name -> the file its training writes last (tokens.safetensors, or lora.safetensors)
+DONE = {}  # run name -> the file its training writes last (tokens.safetensors, or lora.safetensors)
 
 
 def train(name, model, loss, seed, steps=2000, extra=(), val_every=500):
     out = f"{RUNS}/{name}"
     DONE[name] = f"{out}/{'lora' if 'lora' in extra else 'tokens'}.safetensors"
-    cmd = [PY, "train.py", "--model", model, "--loss", loss, "--seed", str(seed), "--steps", str(steps),
-           "--threads", "1", "--precision", "fp32", "--out", out, "--resume", "latest", "--ckpt-every", "500",
-           "--log-every", "500"]
+    cmd = [
+        PY,
+        "train.py",
+        "--model",
+        model,
+        "--loss",
+        loss,
+        "--seed",
+        str(seed),
+        "--steps",
+        str(steps),
+        "--threads",
+        "1",
+        "--precision",
+        "fp32",
+        "--out",
+        out,
+        "--resume",
+        "latest",
+        "--ckpt-every",
+        "500",
+        "--log-every",
+        "500",
+    ]
     cmd += ["--val-every", str(val_every), "--val-n", "8"] if val_every else []
     return dict(name=name, cmd=cmd + list(extra), done=DONE[name], needs=[])
 
 
 def protocol(name, model, which, runs, n_per_category=0):
     out = f"{RUNS}/{name}.json"
-    cmd = [PY, "eval.py", "--protocol", which, "--model", model, "--threads", "1", "--precision", "fp32",
-           "--n-per-category", str(n_per_category), "--json", out, "--grid", f"{RUNS}/{name}.png",
-           "--tokens"] + [DONE[r] for r in runs]
+    cmd = [
+        PY,
+        "eval.py",
+        "--protocol",
+        which,
+        "--model",
+        model,
+        "--threads",
+        "1",
+        "--precision",
+        "fp32",
+        "--n-per-category",
+        str(n_per_category),
+        "--json",
+        out,
+        "--grid",
+        f"{RUNS}/{name}.png",
+        "--tokens",
+    ] + [DONE[r] for r in runs]
     return dict(name=name, cmd=cmd, done=out, needs=list(runs))
 
 
@@ -60,10 +98,15 @@ def jobs():
         todo.append(train(f"length-tiny-sd3-{loss}", "tiny-sd3", loss, 0, steps=20000, val_every=2000))
     # 2. capacity control: dsm tokens on precise vs swapped captions of the binding kinds, one setting
     #    grown at a time from the defaults, then all of them at once (seed 0, dev set)
-    settings = {"default": (2000, []), "steps20k": (20000, []), "lr1e-2": (2000, ["--lr", "1e-2"]),
-                "tokens16": (2000, ["--n-tokens", "16"]), "layers4": (2000, ["--layers", "4"]),
-                "notime": (2000, ["--time-table", "off"]),
-                "all": (20000, ["--lr", "1e-2", "--n-tokens", "16", "--layers", "4"])}
+    settings = {
+        "default": (2000, []),
+        "steps20k": (20000, []),
+        "lr1e-2": (2000, ["--lr", "1e-2"]),
+        "tokens16": (2000, ["--n-tokens", "16"]),
+        "layers4": (2000, ["--layers", "4"]),
+        "notime": (2000, ["--time-table", "off"]),
+        "all": (20000, ["--lr", "1e-2", "--n-tokens", "16", "--layers", "4"]),
+    }
     capacity = []
 
     def capacity_run(setting, data):
@@ -71,7 +114,8 @@ def jobs():
         steps, extra = settings[setting]
         capacity.append(f"capacity-{data}-{setting}")
         return train(capacity[-1], "tiny-sd3", "dsm", 0, steps=steps, extra=["--data", spec] + extra, val_every=steps)
-    for setting in ("steps20k", "all"):           # the long ones first
+
+    for setting in ("steps20k", "all"):  # the long ones first
         for data in ("precise", "swapped"):
             todo.append(capacity_run(setting, data))
     # 1. the replication: 3 methods x 3 training seeds x 2 backbones, 2,000 steps, paper defaults
@@ -88,19 +132,32 @@ def jobs():
             todo.append(train(f"tau1-tiny-sd3-{loss}-seed{seed}", "tiny-sd3", loss, seed, extra=["--tau", "1"]))
     for layers in (1, 4):
         for seed in (0, 1, 2):
-            todo.append(train(f"layers{layers}-tiny-sd3-softrepa-seed{seed}", "tiny-sd3", "softrepa", seed,
-                              extra=["--layers", str(layers)]))
+            todo.append(
+                train(
+                    f"layers{layers}-tiny-sd3-softrepa-seed{seed}",
+                    "tiny-sd3",
+                    "softrepa",
+                    seed,
+                    extra=["--layers", str(layers)],
+                )
+            )
     # the protocols (eval set for the replication and tau; dev set for layers and capacity), one call
     # per method so that they run side by side (each scores the same base: report.py merges them)
     for model in ("tiny-sd3", "tiny-sd1.5"):
         for loss in ("dsm", "softrepa", "agsm"):
-            todo.append(protocol(f"eval-{model}-{loss}", model, "eval", [f"rep-{model}-{loss}-seed{s}" for s in range(3)]))
+            todo.append(
+                protocol(f"eval-{model}-{loss}", model, "eval", [f"rep-{model}-{loss}-seed{s}" for s in range(3)])
+            )
     for loss in ("softrepa", "agsm"):
-        todo.append(protocol(f"eval-tau1-{loss}", "tiny-sd3", "eval", [f"tau1-tiny-sd3-{loss}-seed{s}" for s in range(3)]))
+        todo.append(
+            protocol(f"eval-tau1-{loss}", "tiny-sd3", "eval", [f"tau1-tiny-sd3-{loss}-seed{s}" for s in range(3)])
+        )
     for layers, prefix in ((1, "layers1-tiny-sd3"), (2, "rep-tiny-sd3"), (4, "layers4-tiny-sd3")):
-        todo.append(protocol(f"dev-layers{layers}", "tiny-sd3", "dev", [f"{prefix}-softrepa-seed{s}" for s in range(3)]))
+        todo.append(
+            protocol(f"dev-layers{layers}", "tiny-sd3", "dev", [f"{prefix}-softrepa-seed{s}" for s in range(3)])
+        )
     for i in range(0, len(capacity), 4):
-        todo.append(protocol(f"dev-capacity{i // 4}", "tiny-sd3", "dev", capacity[i:i + 4]))
+        todo.append(protocol(f"dev-capacity{i // 4}", "tiny-sd3", "dev", capacity[i : i + 4]))
     for loss in ("dsm", "softrepa", "agsm"):
         todo.append(protocol(f"dev-length-{loss}", "tiny-sd3", "dev", [f"length-tiny-sd3-{loss}"]))
     return todo
@@ -111,14 +168,19 @@ def arms_jobs():
     LoRA + SoftREPA at the tokens' parameter count (rank 6 on the tokens' 2 blocks: 24,576 numbers against
     the tokens' 26,624) and at the paper's best LoRA (rank 4, same blocks: 16,384), LoRA + dsm (plain
     fine-tuning, the control), and SoftREPA with the counting loss at two weights."""
-    arms = {"tokens-softrepa": ("softrepa", []),
-            "lora6-softrepa": ("softrepa", ["--params", "lora", "--lora-rank", "6"]),
-            "lora4-softrepa": ("softrepa", ["--params", "lora", "--lora-rank", "4"]),
-            "lora6-dsm": ("dsm", ["--params", "lora", "--lora-rank", "6"]),
-            "count0.1-softrepa": ("softrepa", ["--count-weight", "0.1"]),
-            "count1-softrepa": ("softrepa", ["--count-weight", "1"])}
-    todo = [train(f"arms-{arm}-seed{seed}", "tiny-sd3", loss, seed, extra=extra)
-            for arm, (loss, extra) in arms.items() for seed in (0, 1, 2)]
+    arms = {
+        "tokens-softrepa": ("softrepa", []),
+        "lora6-softrepa": ("softrepa", ["--params", "lora", "--lora-rank", "6"]),
+        "lora4-softrepa": ("softrepa", ["--params", "lora", "--lora-rank", "4"]),
+        "lora6-dsm": ("dsm", ["--params", "lora", "--lora-rank", "6"]),
+        "count0.1-softrepa": ("softrepa", ["--count-weight", "0.1"]),
+        "count1-softrepa": ("softrepa", ["--count-weight", "1"]),
+    }
+    todo = [
+        train(f"arms-{arm}-seed{seed}", "tiny-sd3", loss, seed, extra=extra)
+        for arm, (loss, extra) in arms.items()
+        for seed in (0, 1, 2)
+    ]
     todo += [protocol(f"dev-arms-{arm}", "tiny-sd3", "dev", [f"arms-{arm}-seed{s}" for s in range(3)]) for arm in arms]
     return todo
 
@@ -153,7 +215,7 @@ def pack(folder, logs):
             files.append(tar.name)
             part, size = part + 1, 0
         tar.add(p)
-        size += os.path.getsize(p) * 0.5     # compressed, roughly
+        size += os.path.getsize(p) * 0.5  # compressed, roughly
     if tar:
         tar.close()
     return files
@@ -165,10 +227,14 @@ def main():
     p.add_argument("--parallel", type=int, default=14)
     p.add_argument("--pack", default=None, help="folder for the packed results")
     p.add_argument("--real-size", action="store_true", help="also the real-size memory benches (one at a time)")
-    p.add_argument("--set", default="replication", choices=["replication", "arms"], help="replication: #25's "
-                   "runs; arms: #26's LoRA and counting-loss runs")
+    p.add_argument(
+        "--set",
+        default="replication",
+        choices=["replication", "arms"],
+        help="replication: #25's runs; arms: #26's LoRA and counting-loss runs",
+    )
     args = p.parse_args()
-    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root: train.py, runs/
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: train.py, runs/
     start = time.time()
     logs = f"{RUNS}/logs"
     os.makedirs(logs, exist_ok=True)
@@ -179,13 +245,20 @@ def main():
 
     def launch(job):
         out = open(job.get("stdout") or f"{logs}/{job['name']}.log", "w")
-        running[job["name"]] = (subprocess.Popen(job["cmd"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                                 start_new_session=True), job, time.time())
+        running[job["name"]] = (
+            subprocess.Popen(job["cmd"], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True),
+            job,
+            time.time(),
+        )
+
     while (queue or benches or running) and time.time() - start < args.deadline:
-        for name, (proc, job, t0) in list(running.items()):
+        for name, (proc, _job, t0) in list(running.items()):
             if proc.poll() is not None:
                 status[name] = dict(rc=proc.returncode, wall_s=round(time.time() - t0, 1))
-                print(f"[{time.time() - start:6.0f}s] {name}: rc {proc.returncode} in {time.time() - t0:.0f}s", flush=True)
+                print(
+                    f"[{time.time() - start:6.0f}s] {name}: rc {proc.returncode} in {time.time() - t0:.0f}s",
+                    flush=True,
+                )
                 del running[name]
         failed = {n for n, s in status.items() if s["rc"] != 0}
         for job in list(queue):
@@ -201,7 +274,7 @@ def main():
                 queue.remove(job)
                 launch(job)
         time.sleep(1)
-    for name, (proc, job, t0) in running.items():   # the deadline: stop what runs (checkpoints stay)
+    for name, (proc, _job, t0) in running.items():  # the deadline: stop what runs (checkpoints stay)
         os.killpg(proc.pid, signal.SIGTERM)
         status[name] = dict(rc="stopped at the deadline", wall_s=round(time.time() - t0, 1))
     time.sleep(3)

@@ -31,35 +31,40 @@ Snapshots are chosen on the dev prompt set (shapes/data/dev.jsonl), scored with
     python eval.py --protocol dev --model tiny-sd3 --pretrained runs/pretrain-tiny-sd3/snapshots/step004000
 and shapes/data/eval.jsonl is for the final measurement only (--protocol eval).
 """
+
 import argparse
 import copy
 import csv
 import math
 import os
-import sys
 import shutil
+import sys
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-if __package__ in (None, ""):   # `python shapes/pretrain.py`: the repo root on the path, as `python -m shapes.pretrain` has it
+if __package__ in (
+    None,
+    "",
+):  # `python shapes/pretrain.py`: the repo root on the path, as `python -m shapes.pretrain` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shapes import checker
 import models
 import shapes
+from shapes import checker
 
 TINY = [n for n in models.FAMILIES if models.is_shapes_world(n)]
 
 
-
 # Saving the shapes world's weights (safetensors, with their configs in the metadata)
+
 
 def save_weights(module, path, **metadata):
     """A module's weights as fp32 safetensors, written atomically (a crash keeps the previous file)."""
     from safetensors.torch import save_file
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp")
@@ -68,8 +73,13 @@ def save_weights(module, path, **metadata):
 
 
 def save_tiny_vae(vae, folder=models.TINY_VAE_DIR):
-    save_weights(vae, os.path.join(folder, "vae.safetensors"), model="tiny-vae",
-                 scaling_factor=str(vae.config.scaling_factor), shift_factor=str(vae.config.shift_factor))
+    save_weights(
+        vae,
+        os.path.join(folder, "vae.safetensors"),
+        model="tiny-vae",
+        scaling_factor=str(vae.config.scaling_factor),
+        shift_factor=str(vae.config.shift_factor),
+    )
 
 
 def save_tiny(bb, folder):
@@ -88,8 +98,13 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--loose", type=float, default=0.25, help="fraction of loose (alt-text-like) captions")
-    p.add_argument("--swap", type=float, default=0.0, help="fraction of the precise captions of two "
-                   "differently coloured objects whose colours are exchanged (alt-text binding errors)")
+    p.add_argument(
+        "--swap",
+        type=float,
+        default=0.0,
+        help="fraction of the precise captions of two "
+        "differently coloured objects whose colours are exchanged (alt-text binding errors)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="weights folder (default weights/<model>)")
@@ -99,8 +114,12 @@ def parse_args(argv=None):
     p.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from <work>/ckpt.pt")
-    p.add_argument("--init", default=None, help="denoisers: start from a weights folder (e.g. the shipped "
-                   "weights/tiny-sd3) with a fresh optimiser; the step count and log continue from its pretrain_log.csv")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="denoisers: start from a weights folder (e.g. the shipped "
+        "weights/tiny-sd3) with a fresh optimiser; the step count and log continue from its pretrain_log.csv",
+    )
     p.add_argument("--cooldown", type=int, default=0, help="decay the lr linearly to 0 over the last N of --steps")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
@@ -124,6 +143,7 @@ def init_step(folder):
 # -----------------------------------------------------------------------------
 # The two objectives
 
+
 def vae_loss(vae, images, generator):
     """Reconstruction (L1 + L2: L1 keeps the flat colours' edges sharp) + 1e-6 KL, through a posterior
     sample z = mu + sigma * n, as the SD VAEs are trained."""
@@ -135,13 +155,13 @@ def vae_loss(vae, images, generator):
 
 def denoiser_loss(bb, images, captions, generator):
     """DSM (tiny-sd1.5) or flow matching (tiny-sd3) on one batch, the text encoder trained with it."""
-    x0 = models.encode_images(bb, images)                      # frozen VAE: a posterior sample, normalised
+    x0 = models.encode_images(bb, images)  # frozen VAE: a posterior sample, normalised
     B, device = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator).to(device)
     if bb.facts["prediction"] == "flow":
         u = torch.sigmoid(torch.randn(B, generator=generator))  # logit-normal(0, 1) (SD3 sec. 3.1)
     else:
-        u = torch.rand(B, generator=generator)                  # uniform over the DDPM steps
+        u = torch.rand(B, generator=generator)  # uniform over the DDPM steps
     x_t, timesteps = models.add_noise(bb, x0, noise, u.to(device))
     cond = models.encode_prompts(bb, captions, grad=True)
     pred = models.denoise(bb, x_t, timesteps, cond)
@@ -151,10 +171,12 @@ def denoiser_loss(bb, images, captions, generator):
 def vae_report(vae, n=480, seed=123):
     """PSNR of reconstructions (posterior mean) and the share the exact checker still accepts."""
     specs = [shapes.random_spec(np.random.default_rng([seed, i]), shapes.CATEGORIES[i % 6]) for i in range(n)]
-    images = shapes.to_tensor(np.stack([shapes.render(s, rng=np.random.default_rng([seed, i])) for i, s in enumerate(specs)]))
+    images = shapes.to_tensor(
+        np.stack([shapes.render(s, rng=np.random.default_rng([seed, i])) for i, s in enumerate(specs)])
+    )
     with torch.no_grad():
         recon = vae.decode(vae.encode(images.to(vae.device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
-    mse = ((recon - images) / 2).pow(2).mean().item()   # on [0, 1]
+    mse = ((recon - images) / 2).pow(2).mean().item()  # on [0, 1]
     accepted = np.mean([checker.check(r, s) for r, s in zip(recon, specs)])
     return {"psnr": 10 * math.log10(1 / mse), "checker_accepts": float(accepted)}
 
@@ -168,12 +190,15 @@ def measure_normalisation(vae, generator, n=2048, batch=256):
     for _ in range(n // batch):
         images, _, _ = next(data)
         posterior = vae.encode(images.to(vae.device)).latent_dist
-        zs.append(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(vae.device))
+        zs.append(
+            posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(vae.device)
+        )
     z = torch.cat(zs).float()
     return 1.0 / z.std().item(), z.mean().item()
 
 
 # -----------------------------------------------------------------------------
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -186,7 +211,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     ckpt_path = os.path.join(work, "ckpt.pt")
     if os.path.exists(ckpt_path + ".tmp"):
-        os.remove(ckpt_path + ".tmp")                 # a write that was killed half-way
+        os.remove(ckpt_path + ".tmp")  # a write that was killed half-way
 
     # ---- what is trained: the autoencoder alone, or a denoiser + its text encoder on the frozen VAE
     if is_vae:
@@ -213,8 +238,9 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     generator = torch.Generator().manual_seed(args.seed)
     step = first_step
-    if args.init and not (args.resume and os.path.exists(ckpt_path)):   # the EMA weights are all a folder holds
+    if args.init and not (args.resume and os.path.exists(ckpt_path)):  # the EMA weights are all a folder holds
         from safetensors.torch import load_file
+
         for k in trained:
             trained[k].load_state_dict(load_file(os.path.join(args.init, f"{k}.safetensors")))
             ema[k].load_state_dict(trained[k].state_dict())
@@ -229,12 +255,13 @@ def main(argv=None):
         generator.set_state(state["generator"])
         step = state["step"]
         first_step = state.get("first_step", 0)
-        sched.base_lrs = [args.lr for _ in opt.param_groups]   # a resumed run may continue at another --lr
+        sched.base_lrs = [args.lr for _ in opt.param_groups]  # a resumed run may continue at another --lr
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(sched.last_epoch)
         print(f"resumed at step {step} (lr {args.lr:g})")
-    data = shapes.stream(args.seed + step, args.batch, loose=0.0 if is_vae else args.loose,
-                         swap=0.0 if is_vae else args.swap)  # fresh data on resume
+    data = shapes.stream(
+        args.seed + step, args.batch, loose=0.0 if is_vae else args.loose, swap=0.0 if is_vae else args.swap
+    )  # fresh data on resume
 
     def sampling_copy():
         """The EMA weights as a Backbone (denoisers) or the EMA autoencoder."""
@@ -257,18 +284,23 @@ def main(argv=None):
     def checkpoint():
         state = {k: m.state_dict() for k, m in trained.items()}
         state.update({f"ema_{k}": m.state_dict() for k, m in ema.items()})
-        state.update(opt=opt.state_dict(), sched=sched.state_dict(), generator=generator.get_state(), step=step,
-                     first_step=first_step)
+        state.update(
+            opt=opt.state_dict(),
+            sched=sched.state_dict(),
+            generator=generator.get_state(),
+            step=step,
+            first_step=first_step,
+        )
         torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)    # atomic: a kill mid-write keeps the previous one
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a kill mid-write keeps the previous one
 
     log_path = os.path.join(work, "log.csv")
     new_log = not (step and os.path.exists(log_path))
-    if new_log and init_rows:   # started from a folder: its log is this run's history
+    if new_log and init_rows:  # started from a folder: its log is this run's history
         with open(log_path, "w") as f:
             f.writelines(["step,loss,lr,seconds\n"] + init_rows)
         new_log = False
-    if not new_log:   # resumed: keep the rows up to the checkpoint (a new file renamed over the old one)
+    if not new_log:  # resumed: keep the rows up to the checkpoint (a new file renamed over the old one)
         with open(log_path) as f:
             kept = [row for row in f if not row[:1].isdigit() or int(row.split(",")[0]) <= step]
         with open(log_path + ".tmp", "w") as f:
@@ -315,11 +347,13 @@ def main(argv=None):
     bar.close()
     log.close()
     checkpoint()
-    if is_vae:   # the latent normalisation of the final EMA autoencoder, stored in its config
+    if is_vae:  # the latent normalisation of the final EMA autoencoder, stored in its config
         scale, shift = measure_normalisation(ema["vae"], generator)
         ema["vae"].register_to_config(scaling_factor=scale, shift_factor=shift)
-        print(f"tiny-vae after {step} steps: scaling_factor {scale:.4f}, shift_factor {shift:.4f}, "
-              + ", ".join(f"{k} {v:.3f}" for k, v in vae_report(ema["vae"]).items()))
+        print(
+            f"tiny-vae after {step} steps: scaling_factor {scale:.4f}, shift_factor {shift:.4f}, "
+            + ", ".join(f"{k} {v:.3f}" for k, v in vae_report(ema["vae"]).items())
+        )
     save(out)
     if args.snapshot_every and not is_vae:
         save(os.path.join(work, "snapshots", f"step{step:06d}"))

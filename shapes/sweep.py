@@ -13,6 +13,7 @@ Choose on the dev set only; the chosen setting then gets one final measurement o
 be stopped and started again. This script drives the other scripts through their command lines (no
 imports of scripts, no framework): what it runs is what a person would type.
 """
+
 import argparse
 import csv
 import json
@@ -21,7 +22,10 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):   # `python shapes/sweep.py`: the repo root on the path, as `python -m shapes.sweep` has it
+if __package__ in (
+    None,
+    "",
+):  # `python shapes/sweep.py`: the repo root on the path, as `python -m shapes.sweep` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models
@@ -31,14 +35,20 @@ SETTINGS = ["loss", "steps", "lr", "tau", "gamma_pos", "gamma_neg", "n_tokens", 
 CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # train.py and eval.py live there
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and eval.py live there
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a tiny-* family (the dev set is the shapes world's)")
     p.add_argument("--loss", nargs="+", default=["agsm"], choices=["dsm", "softrepa", "agsm"])
-    p.add_argument("--vary", action="append", default=[], metavar="FLAG=V1,V2",
-                   help="a train.py flag and its values, e.g. tau=0.3,1 or n-tokens=8,16 (repeatable)")
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="FLAG=V1,V2",
+        help="a train.py flag and its values, e.g. tau=0.3,1 or n-tokens=8,16 (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-per-category", type=int, default=20, help="dev prompts per category (x 4 seeds)")
@@ -79,9 +89,31 @@ def train(args, name, loss, extra):
     if os.path.exists(os.path.join(folder, "tokens.safetensors")):
         return None
     start = time.time()
-    run([sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--loss", loss, "--steps", str(args.steps),
-         "--seed", str(args.seed), "--threads", str(args.threads), "--out", folder, "--resume", "latest",
-         "--val-every", str(args.steps), "--val-n", str(args.val_n), *extra])      # validates at the start and the end only
+    run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--model",
+            args.model,
+            "--loss",
+            loss,
+            "--steps",
+            str(args.steps),
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(args.threads),
+            "--out",
+            folder,
+            "--resume",
+            "latest",
+            "--val-every",
+            str(args.steps),
+            "--val-n",
+            str(args.val_n),
+            *extra,
+        ]
+    )  # validates at the start and the end only
     seconds = time.time() - start
     with open(os.path.join(folder, "wall_s"), "w") as f:
         f.write(f"{seconds:.0f}\n")
@@ -100,25 +132,46 @@ def last_logged(folder, column):
 def rows(args, runs, results):
     """One dict per run (and the base first), ready for csv.DictWriter."""
     base = results["base"]
-    out = [dict(run="base", **{c: f"{base[c][0]:.4f}" for c in CATEGORIES},
-                mean=f"{base['mean'][0]:.4f}", mean_low=f"{base['mean'][1]:.4f}", mean_high=f"{base['mean'][2]:.4f}",
-                overcount_counting=f"{base['overcount_counting'][0]:.4f}")]
+    out = [
+        dict(
+            run="base",
+            **{c: f"{base[c][0]:.4f}" for c in CATEGORIES},
+            mean=f"{base['mean'][0]:.4f}",
+            mean_low=f"{base['mean'][1]:.4f}",
+            mean_high=f"{base['mean'][2]:.4f}",
+            overcount_counting=f"{base['overcount_counting'][0]:.4f}",
+        )
+    ]
     for name, _, _ in runs:
         folder = os.path.join(args.out, name)
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
         key = f"tokens {os.path.join(folder, 'tokens.safetensors')}"
         scores, delta = results[key], results[key + " - base"]
-        wall = open(os.path.join(folder, "wall_s")).read().strip() if os.path.exists(os.path.join(folder, "wall_s")) else ""
-        out.append(dict(run=name, **{s: config.get(s, "") for s in SETTINGS},
-                        **{c: f"{scores[c][0]:.4f}" for c in CATEGORIES},
-                        mean=f"{scores['mean'][0]:.4f}", mean_low=f"{scores['mean'][1]:.4f}",
-                        mean_high=f"{scores['mean'][2]:.4f}", delta_mean=f"{delta['mean'][0]:+.4f}",
-                        delta_low=f"{delta['mean'][1]:+.4f}", delta_high=f"{delta['mean'][2]:+.4f}",
-                        overcount_counting=f"{scores['overcount_counting'][0]:.4f}",
-                        delta_overcount=f"{delta['overcount_counting'][0]:+.4f}",
-                        heldout_acc=last_logged(folder, "heldout_acc"), token_cos=last_logged(folder, "token_cos"), output_change=last_logged(folder, "output_change"),
-                        wall_s=wall))
+        wall = (
+            open(os.path.join(folder, "wall_s")).read().strip()
+            if os.path.exists(os.path.join(folder, "wall_s"))
+            else ""
+        )
+        out.append(
+            dict(
+                run=name,
+                **{s: config.get(s, "") for s in SETTINGS},
+                **{c: f"{scores[c][0]:.4f}" for c in CATEGORIES},
+                mean=f"{scores['mean'][0]:.4f}",
+                mean_low=f"{scores['mean'][1]:.4f}",
+                mean_high=f"{scores['mean'][2]:.4f}",
+                delta_mean=f"{delta['mean'][0]:+.4f}",
+                delta_low=f"{delta['mean'][1]:+.4f}",
+                delta_high=f"{delta['mean'][2]:+.4f}",
+                overcount_counting=f"{scores['overcount_counting'][0]:.4f}",
+                delta_overcount=f"{delta['overcount_counting'][0]:+.4f}",
+                heldout_acc=last_logged(folder, "heldout_acc"),
+                token_cos=last_logged(folder, "token_cos"),
+                output_change=last_logged(folder, "output_change"),
+                wall_s=wall,
+            )
+        )
     return out
 
 
@@ -130,22 +183,54 @@ def main(argv=None):
         train(args, name, loss, extra)
     # One protocol call for all runs: the base is sampled once and every run is paired against it.
     protocol = os.path.join(args.out, "protocol-dev.json")
-    run([sys.executable, os.path.join(ROOT, "eval.py"), "--protocol", "dev", "--n-per-category", str(args.n_per_category),
-         "--model", args.model, "--threads", str(args.threads), "--json", protocol,
-         "--tokens", *[os.path.join(args.out, name, "tokens.safetensors") for name, _, _ in runs]])
+    run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "eval.py"),
+            "--protocol",
+            "dev",
+            "--n-per-category",
+            str(args.n_per_category),
+            "--model",
+            args.model,
+            "--threads",
+            str(args.threads),
+            "--json",
+            protocol,
+            "--tokens",
+            *[os.path.join(args.out, name, "tokens.safetensors") for name, _, _ in runs],
+        ]
+    )
     with open(protocol) as f:
         results = json.load(f)["results"]
     table = rows(args, runs, results)
-    columns = ["run", *SETTINGS, *CATEGORIES, "mean", "mean_low", "mean_high", "delta_mean", "delta_low",
-               "delta_high", "overcount_counting", "delta_overcount", "heldout_acc", "token_cos", "output_change", "wall_s"]
+    columns = [
+        "run",
+        *SETTINGS,
+        *CATEGORIES,
+        "mean",
+        "mean_low",
+        "mean_high",
+        "delta_mean",
+        "delta_low",
+        "delta_high",
+        "overcount_counting",
+        "delta_overcount",
+        "heldout_acc",
+        "token_cos",
+        "output_change",
+        "wall_s",
+    ]
     path = os.path.join(args.out, "sweep.csv")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(table)
     for row in table:
-        print(f"{row['run']:>24}: mean {row['mean']}"
-              + (f"  Δ {row['delta_mean']} [{row['delta_low']}, {row['delta_high']}]" if row["run"] != "base" else ""))
+        print(
+            f"{row['run']:>24}: mean {row['mean']}"
+            + (f"  Δ {row['delta_mean']} [{row['delta_low']}, {row['delta_high']}]" if row["run"] != "base" else "")
+        )
     print(f"wrote {path}")
 
 

@@ -45,8 +45,7 @@ CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 # spec["relation"] -> words used in the caption. "above" / "below" read
 # naturally without "to the".
-RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of",
-                    "above": "above", "below": "below"}
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 RELATIONS = list(RELATION_PHRASES)
 
 # Geometry at the reference size of 32 px; everything scales with size / 32.
@@ -54,14 +53,14 @@ RELATIONS = list(RELATION_PHRASES)
 # (measured: circle 0.755-0.852, triangle 0.506-0.571 for sides 7..10) and
 # small enough that four of them plus gaps always fit on a 32x32 canvas.
 OBJ_MIN, OBJ_MAX = 7, 10
-OBJ_GAP = 2            # min empty pixels between two objects' bounding boxes
-BORDER = 1             # min empty pixels between an object and the canvas edge
+OBJ_GAP = 2  # min empty pixels between two objects' bounding boxes
+BORDER = 1  # min empty pixels between an object and the canvas edge
 POSITION_MARGIN = 0.1  # like GenEval: "left of" needs the centroids >= 0.1 * width apart
-
 
 
 # ----------------------------------------------------------------------------
 # Specs and captions
+
 
 def random_spec(rng, category=None):
     """A random prompt spec. rng: np.random.Generator (or an int seed)."""
@@ -70,8 +69,10 @@ def random_spec(rng, category=None):
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
 
     def obj(shape=None, color=None):
-        return {"shape": shape or SHAPES[rng.integers(len(SHAPES))],
-                "color": color or COLORS[rng.integers(len(COLORS))]}
+        return {
+            "shape": shape or SHAPES[rng.integers(len(SHAPES))],
+            "color": color or COLORS[rng.integers(len(COLORS))],
+        }
 
     if category in ("single_object", "colors"):
         return {"category": category, "objects": [obj()]}
@@ -126,9 +127,16 @@ def caption(spec):
 # (Do not leave CLIPTextConfig's default eos_token_id: no token has that id
 # here, the match is all-false and it would silently pool position 0 = BOS.)
 
-_WORDS = sorted(set(
-    ["a", "and", "some"] + COLORS + SHAPES + [s + "s" for s in SHAPES]
-    + list(COUNT_WORDS.values()) + " ".join(RELATION_PHRASES.values()).split()))
+_WORDS = sorted(
+    set(
+        ["a", "and", "some"]
+        + COLORS
+        + SHAPES
+        + [s + "s" for s in SHAPES]
+        + list(COUNT_WORDS.values())
+        + " ".join(RELATION_PHRASES.values()).split()
+    )
+)
 VOCAB = ["<pad>", "<bos>", "<unk>"] + _WORDS + ["<eos>"]
 PAD_ID, BOS_ID, UNK_ID, EOS_ID = 0, 1, 2, len(VOCAB) - 1
 WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
@@ -157,7 +165,7 @@ def tokenize(prompts):
         if len(words) + 2 > MAX_LEN:
             raise ValueError(f"prompt has {len(words)} words, more than {MAX_LEN - 2}: {prompt!r}")
         seq = [BOS_ID] + [WORD_TO_ID.get(w, UNK_ID) for w in words] + [EOS_ID]
-        ids[row, :len(seq)] = torch.tensor(seq)
+        ids[row, : len(seq)] = torch.tensor(seq)
     return ids
 
 
@@ -180,15 +188,16 @@ def loose_caption(spec, rng):
     keep_color = rng.integers(2, size=2).astype(bool)
     a, b = (name(o, c) for o, c in zip(objs, keep_color))
     choice = rng.integers(3)
-    if choice == 0:   # one of the two objects
+    if choice == 0:  # one of the two objects
         return f"a {a}" if rng.integers(2) else f"a {b}"
-    if choice == 1 or category != "position":   # both, without the relation; or colours dropped
+    if choice == 1 or category != "position":  # both, without the relation; or colours dropped
         return f"a {a} and a {b}"
-    return f"a {b} and a {a}"   # the relation's order does not hold in an "and"
+    return f"a {b} and a {a}"  # the relation's order does not hold in an "and"
 
 
 # ----------------------------------------------------------------------------
 # Renderer
+
 
 def shape_mask(shape, side):
     """Boolean (side, side) mask of a shape filling a side x side box.
@@ -245,8 +254,10 @@ def render(spec, size=32, rng=None):
                 x = int(rng.integers(border, size - border - side + 1))
                 y = int(rng.integers(border, size - border - side + 1))
                 # Separated iff the gap-widened boxes do not intersect on some axis.
-                if all(x + side + gap <= bx or bx + bs + gap <= x or
-                       y + side + gap <= by or by + bs + gap <= y for bx, by, bs, _ in boxes):
+                if all(
+                    x + side + gap <= bx or bx + bs + gap <= x or y + side + gap <= by or by + bs + gap <= y
+                    for bx, by, bs, _ in boxes
+                ):
                     boxes.append((x, y, side, shape_mask(shape, side)))
                     break
             else:
@@ -264,7 +275,7 @@ def render(spec, size=32, rng=None):
         canvas = np.empty((size, size, 3), dtype=np.uint8)
         canvas[:] = BACKGROUND
         for (x, y, side, m), (_shape, color) in zip(boxes, objs):
-            canvas[y:y + side, x:x + side][m] = PALETTE[color]
+            canvas[y : y + side, x : x + side][m] = PALETTE[color]
         return canvas
     raise RuntimeError(f"could not lay out {caption(spec)!r} on a {size}px canvas")
 
@@ -289,6 +300,7 @@ def to_uint8(image):
 # ----------------------------------------------------------------------------
 # Training stream and evaluation prompt set
 
+
 def swapped_caption(spec):
     """The two colours exchanged ("a blue circle and a red square" under a red circle and a blue square):
     the binding error of web alt-text."""
@@ -298,7 +310,8 @@ def swapped_caption(spec):
 
 def can_swap(spec):
     """Two objects of different colours. Every such caption teaches binding (two_object and position
-    captions have color_attr's form), so swapping color_attr's alone left it learned (measured: README, shapes world)."""
+    captions have color_attr's form), so swapping color_attr's alone left it learned
+    (measured: README, shapes world)."""
     objs = spec["objects"]
     return len(objs) == 2 and objs[0]["color"] != objs[1]["color"]
 
@@ -316,6 +329,7 @@ def stream(seed, batch_size, size=32, categories=None, loose=0.0, swap=0.0):
         if swap and can_swap(s) and rng.random() < swap:
             return swapped_caption(s)
         return caption(s)
+
     while True:
         specs = [random_spec(rng, categories[rng.integers(len(categories))]) for _ in range(batch_size)]
         images = np.stack([render(s, size, rng) for s in specs])
@@ -381,7 +395,7 @@ def make_dev_set(n_per_category=DEV_N_PER_CATEGORY, seed=DEV_SEED, eval_items=No
     for category in CATEGORIES:
         pool = all_specs(category)
         unseen = [s for s in pool if caption(s) not in eval_prompts]
-        picked = [unseen[i] for i in rng.permutation(len(unseen))]   # first every unseen prompt, then repeats
+        picked = [unseen[i] for i in rng.permutation(len(unseen))]  # first every unseen prompt, then repeats
         while len(picked) < n_per_category:
             picked += [pool[i] for i in rng.permutation(len(pool))]
         items += [{"prompt": caption(s), "spec": s} for s in picked[:n_per_category]]
@@ -399,14 +413,16 @@ def load_dev_set():
 
 def first_per_category(records, n):
     """The first n records of each category, categories in CATEGORIES order (all of them for n = 0)."""
-    return [r for c in CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][:n or None]]
+    return [r for c in CATEGORIES for r in [r for r in records if r["spec"]["category"] == c][: n or None]]
 
 
 # ----------------------------------------------------------------------------
 
+
 def preview(path, rows=6, cols=8, size=32, seed=0, upscale=4):
     """Save a grid of rendered samples (one row per category) and print captions."""
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     pad = 2
     grid = np.full((rows * (size + pad) + pad, cols * (size + pad) + pad, 3), 64, dtype=np.uint8)
@@ -416,7 +432,7 @@ def preview(path, rows=6, cols=8, size=32, seed=0, upscale=4):
         print(f"{category}: " + " | ".join(caption(s) for s in specs))
         for c, spec in enumerate(specs):
             y, x = pad + r * (size + pad), pad + c * (size + pad)
-            grid[y:y + size, x:x + size] = render(spec, size, rng)
+            grid[y : y + size, x : x + size] = render(spec, size, rng)
     Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST).save(path)
 
 

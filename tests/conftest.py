@@ -1,10 +1,11 @@
 """Fixtures shared by several test files: tiny metric models saved to a temporary folder, and a
 random-weight tiny-sd3 backbone."""
-import pytest
 
-import models
+import pytest
 import tiny_metric_models
 import tiny_pipelines
+
+import models
 
 
 @pytest.fixture(scope="session")
@@ -32,4 +33,5 @@ def stock_folder(tmp_path_factory):
         if family not in saved:
             saved[family] = tiny_pipelines.save_stock(family, tmp_path_factory.mktemp("stock") / family)
         return saved[family]
+
     return folder

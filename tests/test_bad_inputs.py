@@ -1,6 +1,7 @@
 """Bad input, tried as a new user would, through the scripts' entry points (in-process, to stay fast):
 every case ends with a one-line message and a non-zero exit, before any work is lost, and a pickle that
 asks to run code is refused without running it. (NaN recovery and the log rewrite: tests/test_train.py.)"""
+
 import json
 import os
 
@@ -12,7 +13,6 @@ from PIL import Image
 import edit
 import eval as evaluation
 import models
-import sample
 import sample
 import softtokens
 import train
@@ -33,6 +33,7 @@ def one_line_error(fn, argv):
 
 class Payload:
     """A pickle that would run a shell command when loaded."""
+
     def __init__(self, marker):
         self.marker = marker
 
@@ -55,12 +56,16 @@ def malicious(tmp_path):
 # -----------------------------------------------------------------------------
 # train.py
 
-@pytest.mark.parametrize("argv, first_words", [
-    (["--steps", "0"], "--steps must be at least 1 (got 0)"),
-    (["--steps", "-5"], "--steps must be at least 1 (got -5)"),
-    (["--batch", "0"], "--batch must be at least 1"),
-    (["--lr", "-1"], "--lr must be a finite number, not negative"),
-])
+
+@pytest.mark.parametrize(
+    "argv, first_words",
+    [
+        (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+        (["--steps", "-5"], "--steps must be at least 1 (got -5)"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--lr", "-1"], "--lr must be a finite number, not negative"),
+    ],
+)
 def test_train_rejects_bad_numbers_before_loading(tmp_path, monkeypatch, argv, first_words):
     monkeypatch.setattr(train.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(train.models, "build_tiny", lambda *a, **k: pytest.fail("the model was built"))
@@ -70,7 +75,9 @@ def test_train_rejects_bad_numbers_before_loading(tmp_path, monkeypatch, argv, f
 
 def test_train_refuses_a_malicious_checkpoint_without_running_it(tmp_path, malicious):
     _, evil = malicious
-    message = one_line_error(train.main, FAST + ["--model", "tiny-sd3", "--resume", str(evil), "--out", str(tmp_path / "r")])
+    message = one_line_error(
+        train.main, FAST + ["--model", "tiny-sd3", "--resume", str(evil), "--out", str(tmp_path / "r")]
+    )
     assert message.startswith(f"--resume {evil}: refused") and "weights_only" not in message
 
 
@@ -93,7 +100,7 @@ def test_train_resume_takes_the_loss_from_the_checkpoint_and_clears_stale_tmp(tm
     train.main(FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--steps", "1", "--out", str(out)])
     (out / "ckpt.pt.tmp").write_bytes(b"half a write")
     result = train.main(FAST + ["--model", "tiny-sd3", "--steps", "2", "--resume", "latest", "--out", str(out)])
-    assert result["step"] == 2 and isinstance(result["tokens"], softtokens.SoftTokens)   # softrepa, not agsm
+    assert result["step"] == 2 and isinstance(result["tokens"], softtokens.SoftTokens)  # softrepa, not agsm
     assert not (out / "ckpt.pt.tmp").exists()
 
 
@@ -113,8 +120,9 @@ def test_train_malformed_jsonl_names_the_line(tmp_path):
 def test_train_long_or_foreign_caption_fails_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(train.models, "build_tiny", lambda *a, **k: pytest.fail("the model was built"))
     long = "a red circle and a blue square and a green triangle and a white square and a yellow circle"
-    path = write_jsonl(tmp_path, ['{"image": "a.png", "caption": "a red circle"}',
-                                  json.dumps({"image": "a.png", "caption": long})])
+    path = write_jsonl(
+        tmp_path, ['{"image": "a.png", "caption": "a red circle"}', json.dumps({"image": "a.png", "caption": long})]
+    )
     message = one_line_error(train.main, FAST + ["--model", "tiny-sd3", "--data", path, "--out", str(tmp_path / "r")])
     assert message.startswith(f"--data {path}: the caption") and "too long: 19 words, at most 14" in message
 
@@ -126,13 +134,29 @@ def test_train_unwritable_out_fails_at_start(tmp_path):
 
 
 def test_offline_real_model_error_names_what_was_passed(tmp_path):
-    message = one_line_error(train.main, ["--model", "sd3", "--pretrained", str(tmp_path / "nowhere"),
-                                          "--data", "shapes", "--out", str(tmp_path / "r")])
+    message = one_line_error(
+        train.main,
+        [
+            "--model",
+            "sd3",
+            "--pretrained",
+            str(tmp_path / "nowhere"),
+            "--data",
+            "shapes",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert message.startswith(f"--pretrained {tmp_path / 'nowhere'}: no such folder")
     (tmp_path / "empty").mkdir()
-    message = one_line_error(train.main, ["--model", "sd3", "--pretrained", str(tmp_path / "empty"),
-                                          "--data", "shapes", "--out", str(tmp_path / "r")])
-    assert message.startswith(f"cannot load sd3 from --pretrained {tmp_path / 'empty'}") and "pass --pretrained" not in message
+    message = one_line_error(
+        train.main,
+        ["--model", "sd3", "--pretrained", str(tmp_path / "empty"), "--data", "shapes", "--out", str(tmp_path / "r")],
+    )
+    assert (
+        message.startswith(f"cannot load sd3 from --pretrained {tmp_path / 'empty'}")
+        and "pass --pretrained" not in message
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -143,8 +167,9 @@ SAMPLE = ["--model", "tiny-sd3", "--random-init", "--steps", "2", "--size", "16"
 
 def test_sample_refuses_malicious_released_tokens(tmp_path, malicious):
     folder, _ = malicious
-    message = one_line_error(sample.main, SAMPLE + ["--prompt", "a red circle", "--tokens", str(folder),
-                                                    "--out", str(tmp_path / "s")])
+    message = one_line_error(
+        sample.main, SAMPLE + ["--prompt", "a red circle", "--tokens", str(folder), "--out", str(tmp_path / "s")]
+    )
     assert message.startswith("refused to load") and "weights_only" not in message
 
 
@@ -167,24 +192,39 @@ def test_sample_malformed_prompts_jsonl_names_the_line(tmp_path):
     assert message.startswith(f"{path} line 2 is not JSON")
 
 
-EDIT = ["--model", "tiny-sd3", "--random-init", "--steps", "2", "--threads", "1", "--src", "a red circle",
-        "--tgt", "a blue circle"]
+EDIT = [
+    "--model",
+    "tiny-sd3",
+    "--random-init",
+    "--steps",
+    "2",
+    "--threads",
+    "1",
+    "--src",
+    "a red circle",
+    "--tgt",
+    "a blue circle",
+]
 
 
 def test_edit_refuses_malicious_tokens_and_unwritable_out(tmp_path, malicious, monkeypatch):
     folder, _ = malicious
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "in.png")
-    message = one_line_error(edit.main, EDIT + ["--image", str(tmp_path / "in.png"), "--tokens", str(folder),
-                                                "--out", str(tmp_path / "e")])
+    message = one_line_error(
+        edit.main, EDIT + ["--image", str(tmp_path / "in.png"), "--tokens", str(folder), "--out", str(tmp_path / "e")]
+    )
     assert message.startswith("refused to load")
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setattr(edit, "edit", lambda *a, **k: pytest.fail("edited before checking --out"))
-    message = one_line_error(edit.main, EDIT + ["--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "file" / "e")])
+    message = one_line_error(
+        edit.main, EDIT + ["--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "file" / "e")]
+    )
     assert message.startswith(f"--out {tmp_path / 'file' / 'e'}: cannot write there")
 
 
 # -----------------------------------------------------------------------------
 # eval.py
+
 
 def test_eval_empty_folder_fails(tmp_path):
     (tmp_path / "empty").mkdir()
@@ -199,8 +239,10 @@ def test_eval_malformed_records_and_missing_images(tmp_path):
     message = one_line_error(evaluation.main, ["--runs", str(run), "--metrics", "shapes"])
     assert message.startswith(f"{run / 'records.jsonl'}:2: not JSON")
     spec = {"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}
-    (run / "records.jsonl").write_text(json.dumps({"image": "images/0.png", "prompt": "a red circle", "spec": spec,
-                                                   "seed": 0, "variant": "plain"}) + "\n")
+    (run / "records.jsonl").write_text(
+        json.dumps({"image": "images/0.png", "prompt": "a red circle", "spec": spec, "seed": 0, "variant": "plain"})
+        + "\n"
+    )
     message = one_line_error(evaluation.main, ["--runs", str(run), "--metrics", "shapes", "--recompute"])
     assert message.startswith(f"cannot read the image {run / 'images' / '0.png'}")
 
@@ -210,18 +252,26 @@ def test_eval_refuses_malicious_tokens_of_a_run(tmp_path, malicious, monkeypatch
     run = tmp_path / "run"
     (run / "images").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(run / "images" / "0.png")
-    (run / "records.jsonl").write_text(json.dumps({"image": "images/0.png", "prompt": "a red circle", "seed": 0,
-                                                   "variant": "tokens", "tokens": str(folder)}) + "\n")
+    (run / "records.jsonl").write_text(
+        json.dumps(
+            {"image": "images/0.png", "prompt": "a red circle", "seed": 0, "variant": "tokens", "tokens": str(folder)}
+        )
+        + "\n"
+    )
     tiny = models.build_tiny("tiny-sd3")
     monkeypatch.setattr(evaluation.models, "load", lambda name, **kw: tiny)
-    message = one_line_error(evaluation.main, ["--runs", str(run), "--metrics", "classifier", "--model", "tiny-sd3",
-                                               "--classifier-n", "1"])
+    message = one_line_error(
+        evaluation.main, ["--runs", str(run), "--metrics", "classifier", "--model", "tiny-sd3", "--classifier-n", "1"]
+    )
     assert message.startswith("refused to load")
 
 
 def test_importers_refuse_malicious_pickles(malicious):
     folder, _ = malicious
-    for importer in (lambda: softtokens.import_softrepa(str(folder), "sd3"), lambda: softtokens.import_agsm(str(folder))):
+    for importer in (
+        lambda: softtokens.import_softrepa(str(folder), "sd3"),
+        lambda: softtokens.import_agsm(str(folder)),
+    ):
         with pytest.raises(SystemExit) as e:
             importer()
         assert str(e.value).startswith("refused to load") and "\n" not in str(e.value)
@@ -229,6 +279,7 @@ def test_importers_refuse_malicious_pickles(malicious):
 
 # -----------------------------------------------------------------------------
 # What a researcher met on the real-model path (issue: the researcher's path)
+
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1e-3"])
 def test_train_refuses_a_learning_rate_that_is_not_a_finite_positive_number(tmp_path, value):
@@ -242,27 +293,53 @@ def test_sample_refuses_a_token_file_holding_nan(tmp_path):
     with torch.no_grad():
         tokens.tokens[0, 0, 0] = float("nan")
     softtokens.save(str(tmp_path / "t.safetensors"), tokens, model="tiny-sd3")
-    message = one_line_error(sample.main, ["--model", "tiny-sd3", "--random-init", "--tokens",
-                                           str(tmp_path / "t.safetensors"), "--prompt", "a red circle",
-                                           "--out", str(tmp_path / "s")])
+    message = one_line_error(
+        sample.main,
+        [
+            "--model",
+            "tiny-sd3",
+            "--random-init",
+            "--tokens",
+            str(tmp_path / "t.safetensors"),
+            "--prompt",
+            "a red circle",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert "non-finite" in message and not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("loss", ["softrepa", "agsm"])
 def test_contrastive_losses_refuse_a_batch_of_one(tmp_path, loss):
-    message = one_line_error(train.main, ["--model", "tiny-sd3", "--random-init", "--loss", loss, "--batch", "1",
-                                          "--out", str(tmp_path / "r"), "--steps", "1"])
+    message = one_line_error(
+        train.main,
+        [
+            "--model",
+            "tiny-sd3",
+            "--random-init",
+            "--loss",
+            loss,
+            "--batch",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "1",
+        ],
+    )
     assert "--batch 2 or more" in message
 
 
 def test_a_second_run_into_a_held_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     import subprocess
     import sys
+
     out = tmp_path / "r"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / "lock").write_text(str(holder.pid))       # a live run holds the folder
+        (out / "lock").write_text(str(holder.pid))  # a live run holds the folder
         message = one_line_error(train.main, FAST + ["--model", "tiny-sd3", "--steps", "1", "--out", str(out)])
         assert "in use by another run" in message and str(holder.pid) in message
     finally:

@@ -1,12 +1,13 @@
 """bench.py: the training benchmark times step.train_step itself for every loss (AGSM one no-grad forward
 more than SoftREPA), and the sampling benchmark measures both variants and their memory."""
+
 import pytest
 import torch
 
-from shapes import bench
 import hooks
 import models
 import softtokens
+from shapes import bench
 
 
 def test_training_bench_times_the_train_step_of_every_loss():
@@ -41,15 +42,17 @@ def strong_tokens(bb):
 
 def test_sampling_bench_measures_both_variants():
     bb = models.build_tiny("tiny-sd3")
-    result = bench.bench_sampling(bb, [strong_tokens(bb)], steps=1, cfg=4.0, size=16, batch=1, repeats=1,
-                                  progress=False)
+    result = bench.bench_sampling(
+        bb, [strong_tokens(bb)], steps=1, cfg=4.0, size=16, batch=1, repeats=1, progress=False
+    )
     assert result["latency_plain_s"] > 0 and result["latency_tokens_s"] > 0
     # activations of a whole sampler step are counted: at least the 2 x 3 x 16 x 16 CFG batch
-    assert result["activations_plain_mb"] * 2 ** 20 >= 2 * 3 * 16 * 16 * 4
+    assert result["activations_plain_mb"] * 2**20 >= 2 * 3 * 16 * 16 * 4
     assert result["activations_tokens_mb"] >= result["activations_plain_mb"] * 0.5
-    weights = sum(p.numel() for p in bb.denoiser.parameters()) * 4 / 2 ** 20
+    weights = sum(p.numel() for p in bb.denoiser.parameters()) * 4 / 2**20
     assert result["weights_mb"] == pytest.approx(weights)
     assert result["peak_memory_plain_mb"] == pytest.approx(weights + result["activations_plain_mb"])
-    cli = bench.main(["--sampling", "--model", "tiny-sd1.5", "--steps", "1", "--size", "16", "--batch", "1",
-                      "--repeats", "1"])
+    cli = bench.main(
+        ["--sampling", "--model", "tiny-sd1.5", "--steps", "1", "--size", "16", "--batch", "1", "--repeats", "1"]
+    )
     assert cli["model"] == "tiny-sd1.5" and cli["token_shape"] == [1, 4, 128]

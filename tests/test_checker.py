@@ -1,6 +1,7 @@
 """checker.py: the exact checker scores 100% on renders and 0% on noise, each category's rule fails the
 images it should, verdicts survive model-like perturbations and agree with the hand-checked generated
 images; the protocol's seeds, scores, bootstrap intervals and over-counting rate by hand."""
+
 import copy
 import os
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from shapes import checker
 import shapes
+from shapes import checker
 
 
 def test_checker_scores_100_on_rendered_images():
@@ -57,7 +58,7 @@ def paint(objects, size=32):
     """Hand-made image: objects are (shape, color, x, y, side) boxes on black."""
     image = np.zeros((size, size, 3), np.uint8)
     for shape, color, x, y, side in objects:
-        image[y:y + side, x:x + side][shapes.shape_mask(shape, side)] = shapes.PALETTE[color]
+        image[y : y + side, x : x + side][shapes.shape_mask(shape, side)] = shapes.PALETTE[color]
     return image
 
 
@@ -126,24 +127,28 @@ def test_swapped_colours_fail_color_attr():
 
 def test_missing_object_fails_two_object():
     image = shapes.render({"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}, 32, 0)
-    spec = {"category": "two_object", "objects": [{"shape": "circle", "color": "red"},
-                                                   {"shape": "square", "color": "red"}]}
+    spec = {
+        "category": "two_object",
+        "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "red"}],
+    }
     assert not checker.check(image, spec)
 
 
 def perturbations(image, rng):
     """A few model-like corruptions of a uint8 (H, W, 3) render."""
     x = image.astype(np.float32)
-    blurred = x.copy()   # a 3x3 box blur at 50%: soft edges, as a decoder draws them
+    blurred = x.copy()  # a 3x3 box blur at 50%: soft edges, as a decoder draws them
     pad = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    box = sum(pad[dy:dy + x.shape[0], dx:dx + x.shape[1]] for dy in range(3) for dx in range(3)) / 9
+    box = sum(pad[dy : dy + x.shape[0], dx : dx + x.shape[1]] for dy in range(3) for dx in range(3)) / 9
     blurred = 0.5 * x + 0.5 * box
     jitter = np.clip(x + rng.uniform(-40, 40, size=(1, 1, 3)) * (x > 0) + rng.normal(0, 12, x.shape), 0, 255)
     speckled = x.copy()
     ys, xs = rng.integers(0, x.shape[0], 6), rng.integers(0, x.shape[1], 6)
     speckled[ys, xs] = rng.choice([0, 255], size=(6, 3))
-    return {name: np.clip(v, 0, 255).round().astype(np.uint8)
-            for name, v in dict(blur=blurred, jitter=jitter, speckles=speckled).items()}
+    return {
+        name: np.clip(v, 0, 255).round().astype(np.uint8)
+        for name, v in dict(blur=blurred, jitter=jitter, speckles=speckled).items()
+    }
 
 
 def test_verdicts_hold_under_model_like_perturbations():
@@ -160,9 +165,9 @@ def test_verdicts_hold_under_model_like_perturbations():
 
 def test_an_object_a_pixel_smaller_or_larger_keeps_its_shape():
     for shape in shapes.SHAPES:
-        for side in range(shapes.OBJ_MIN - 1, shapes.OBJ_MAX + 2):   # one px beyond the renderer's range
+        for side in range(shapes.OBJ_MIN - 1, shapes.OBJ_MAX + 2):  # one px beyond the renderer's range
             canvas = np.zeros((32, 32, 3), dtype=np.uint8)
-            canvas[4:4 + side, 4:4 + side][shapes.shape_mask(shape, side)] = shapes.PALETTE["red"]
+            canvas[4 : 4 + side, 4 : 4 + side][shapes.shape_mask(shape, side)] = shapes.PALETTE["red"]
             found = checker.detect(canvas)
             assert [o["shape"] for o in found] == [shape], (shape, side, found)
 
@@ -172,9 +177,10 @@ def test_squares_with_ragged_edges_stay_squares_and_circles_stay_circles():
     row on an edge (a decoder's soft edge half over the colour threshold), which brings their fill down
     to a circle's (0.82-0.85), squares with one corner slanted, and a stray pixel on an edge. The corner
     reach tells them from circles, whose corners stay empty at every size."""
+
     def detect_one(mask):
         canvas = np.zeros((32, 32, 3), dtype=np.uint8)
-        canvas[4:4 + mask.shape[0], 4:4 + mask.shape[1]][mask] = shapes.PALETTE["green"]
+        canvas[4 : 4 + mask.shape[0], 4 : 4 + mask.shape[1]][mask] = shapes.PALETTE["green"]
         found = checker.detect(canvas)
         assert len(found) == 1, found
         return found[0]["shape"]
@@ -182,18 +188,18 @@ def test_squares_with_ragged_edges_stay_squares_and_circles_stay_circles():
     for side in range(shapes.OBJ_MIN, shapes.OBJ_MAX + 2):
         ragged = np.zeros((side + 1, side + 1), bool)
         ragged[:side, 1:] = True
-        ragged[side - 2:side, 0] = True          # the left column filled on its last two rows only
-        ragged[side, 1] = True                   # and one pixel of a row below
+        ragged[side - 2 : side, 0] = True  # the left column filled on its last two rows only
+        ragged[side, 1] = True  # and one pixel of a row below
         fill = ragged.sum() / ragged.size
-        assert fill < checker.SQUARE_MIN_FILL or side < 9   # fill alone would call it a circle
+        assert fill < checker.SQUARE_MIN_FILL or side < 9  # fill alone would call it a circle
         assert detect_one(ragged) == "square", side
         slanted = np.ones((side, side), bool)
-        for k in range(side // 3):              # one corner cut along a diagonal
-            slanted[-1 - k, :side // 3 - k] = False
+        for k in range(side // 3):  # one corner cut along a diagonal
+            slanted[-1 - k, : side // 3 - k] = False
         assert detect_one(slanted) == "square", side
         stray = np.zeros((side + 1, side), bool)
         stray[1:] = True
-        stray[0, 1] = True                      # one pixel above the top edge
+        stray[0, 1] = True  # one pixel above the top edge
         assert detect_one(stray) == "square", side
         circle = shapes.shape_mask("circle", side)
         assert detect_one(circle) == "circle", side
@@ -210,19 +216,20 @@ def test_protocol_seeds_follow_the_rule():
 
 
 def test_protocol_scores_and_intervals_by_hand():
-    specs = [shapes.random_spec(np.random.default_rng(i), "single_object") for i in range(4)] + \
-            [shapes.random_spec(np.random.default_rng(i), "colors") for i in range(4)]
+    specs = [shapes.random_spec(np.random.default_rng(i), "single_object") for i in range(4)] + [
+        shapes.random_spec(np.random.default_rng(i), "colors") for i in range(4)
+    ]
     images = []
-    for i, spec in enumerate(specs):   # single object: prompt i gets i of 4 images right; colours: all right
+    for i, spec in enumerate(specs):  # single object: prompt i gets i of 4 images right; colours: all right
         right = shapes.render(spec, rng=i)
         wrong = np.zeros_like(right)
         images += [right if (k < i % 4 or spec["category"] == "colors") else wrong for k in range(4)]
     scores = checker.protocol_scores(images, specs, samples=4, resamples=500)
     assert scores["single_object"][0] == pytest.approx(np.mean([0, 0.25, 0.5, 0.75]))
-    assert scores["colors"] == (1.0, 1.0, 1.0)                            # no spread: a zero-width interval
+    assert scores["colors"] == (1.0, 1.0, 1.0)  # no spread: a zero-width interval
     assert scores["mean"][0] == pytest.approx((0.375 + 1) / 2)
     low, high = scores["single_object"][1:]
-    assert 0 <= low < 0.375 < high <= 0.75                                # bounded by the prompt scores
+    assert 0 <= low < 0.375 < high <= 0.75  # bounded by the prompt scores
     assert scores["overcount_single"] == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError):
         checker.protocol_scores(images[:-1], specs)
@@ -235,7 +242,9 @@ def test_overcount_counts_extra_objects():
     assert checker.overcount(three, spec) is True and checker.overcount(two, spec) is False
     single = {"category": "single_object", "objects": [{"shape": "square", "color": "blue"}]}
     twice = shapes.render(dict(single, category="counting", count=2), rng=1)
-    assert checker.overcount(twice, single) is True and checker.overcount(shapes.render(single, rng=1), single) is False
+    assert (
+        checker.overcount(twice, single) is True and checker.overcount(shapes.render(single, rng=1), single) is False
+    )
     assert checker.overcount(two, {"category": "colors", "objects": spec["objects"]}) is None
 
 
@@ -247,13 +256,17 @@ def test_checker_agrees_with_the_hand_checked_generated_images():
     squares circles); it accepts one image the eye rejects (a red pentagon-like blob read as a square)
     and rejects five the eye accepts (merged or touching objects, a rounded triangle, a faint circle)."""
     import json
+
     from PIL import Image
+
     folder = os.path.join(os.path.dirname(__file__), "data", "handchecked")
     labels = json.load(open(os.path.join(folder, "labels.json")))
-    verdicts = [checker.check(np.asarray(Image.open(os.path.join(folder, l["file"])).convert("RGB")), l["spec"])
-                for l in labels]
-    agree = sum(v == l["by_eye"] for v, l in zip(verdicts, labels))
-    accepted_wrongly = sum(v and not l["by_eye"] for v, l in zip(verdicts, labels))
+    verdicts = [
+        checker.check(np.asarray(Image.open(os.path.join(folder, label["file"])).convert("RGB")), label["spec"])
+        for label in labels
+    ]
+    agree = sum(v == label["by_eye"] for v, label in zip(verdicts, labels))
+    accepted_wrongly = sum(v and not label["by_eye"] for v, label in zip(verdicts, labels))
     assert len(labels) == 72 and agree >= 66 and accepted_wrongly <= 1, (agree, accepted_wrongly)
 
 
@@ -269,7 +282,7 @@ def test_paired_difference_by_hand():
     diff, low, high = checker.paired_difference(shifted, base)["mean"]
     assert diff == pytest.approx(0.05) and low == pytest.approx(0.05) and high == pytest.approx(0.05)
     _, base_low, base_high = checker.bootstrap_interval(base)["mean"]
-    assert base_high - base_low > 0.1                                 # each alone: a wide interval
+    assert base_high - base_low > 0.1  # each alone: a wide interval
     noisy = {"mean": {c: v + rng.normal(0.05, 0.01, 40) for c, v in base["mean"].items()}}
     diff, low, high = checker.paired_difference(noisy, base)["mean"]
     assert low < diff < high and high - low < 0.02 and low > 0

@@ -1,20 +1,19 @@
 """classifier.py: the held-out diffusion classifier (SoftREPA eqs. 15-18) on known cases: hard negatives
 that are false of the image, a perfect oracle scores 1, a text-blind model ties and scores 0, and the
 tokens change what a random-weight backbone sees. CPU, offline."""
+
 import numpy as np
 import pytest
 import torch
 
-from shapes import checker
-from shapes import classifier
 import eval as ev
 import hooks
 import models
 import shapes
 import softtokens
+from shapes import checker, classifier
 
 torch.set_num_threads(1)
-
 
 
 def test_distractors_are_hard_negatives():
@@ -22,31 +21,40 @@ def test_distractors_are_hard_negatives():
     for i, record in enumerate(records):
         image = shapes.render(record["spec"], 32, 0)
         picked = classifier.distractors(records, i, image, 3, np.random.default_rng(5))
-        assert picked == classifier.distractors(records, i, image, 3, np.random.default_rng(5))   # deterministic
+        assert picked == classifier.distractors(records, i, image, 3, np.random.default_rng(5))  # deterministic
         assert len(set(picked)) == 3 and record["prompt"] not in picked
         pool = {shapes.caption(s): s for s in shapes.all_specs(record["spec"]["category"])}
-        for text in picked:                                   # same category, and false of the image
+        for text in picked:  # same category, and false of the image
             spec = pool[text]
             strict = {**spec, "category": classifier.STRICT.get(spec["category"], spec["category"])}
             assert not checker.check(image, strict)
     # Real data: other records' prompts, never one of the image's own captions
-    records = [{"image": "x.png", "prompt": p, "captions": [p, "a cat"]} for p in ["a cat", "a dog", "a bird", "a cow"]]
+    records = [
+        {"image": "x.png", "prompt": p, "captions": [p, "a cat"]} for p in ["a cat", "a dog", "a bird", "a cow"]
+    ]
     records[1]["captions"] = ["a dog", "a bird"]
     for k in range(5):
         assert sorted(classifier.distractors(records, 1, None, 2, np.random.default_rng(k))) == ["a cat", "a cow"]
     with pytest.raises(ValueError, match="only 2 distractors"):
         classifier.distractors(records, 1, None, 3, np.random.default_rng(0))
     # "a and b" is the same picture as "b and a": never a distractor of it
-    record = {"prompt": "a red circle and a blue square",
-              "spec": {"category": "two_object", "objects": [{"shape": "circle", "color": "red"},
-                                                             {"shape": "square", "color": "blue"}]}}
+    record = {
+        "prompt": "a red circle and a blue square",
+        "spec": {
+            "category": "two_object",
+            "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}],
+        },
+    }
     image = shapes.render(record["spec"], 32, 0)
-    assert "a blue square and a red circle" not in classifier.distractors([record], 0, image, 100, np.random.default_rng(0))
+    assert "a blue square and a red circle" not in classifier.distractors(
+        [record], 0, image, 100, np.random.default_rng(0)
+    )
 
 
 def image_records(folder, n=8):
     """Real-data records as train.py passes them: an image file, its prompt and all its captions."""
     from PIL import Image
+
     rng, records = np.random.default_rng(0), []
     for i, item in enumerate(ev.classifier_records(2)[:n]):
         path = str(folder / f"{i}.png")
@@ -57,9 +65,17 @@ def image_records(folder, n=8):
 
 @pytest.mark.parametrize("family,data", [("tiny-sd3", "shapes"), ("tiny-sd1.5", "shapes"), ("tiny-sd3", "files")])
 def test_a_perfect_oracle_classifies_everything(family, data, tiny_sd3, tmp_path):
-    bb = tiny_sd3 if family == "tiny-sd3" else models.Backbone(
-        family, models.FAMILIES[family], tiny_sd3.denoiser, text_encoder=tiny_sd3.text_encoder,   # denoiser: replaced
-        alphas_cumprod=models.ddpm_alphas_cumprod())
+    bb = (
+        tiny_sd3
+        if family == "tiny-sd3"
+        else models.Backbone(
+            family,
+            models.FAMILIES[family],
+            tiny_sd3.denoiser,
+            text_encoder=tiny_sd3.text_encoder,  # denoiser: replaced
+            alphas_cumprod=models.ddpm_alphas_cumprod(),
+        )
+    )
     records = ev.classifier_records(2) if data == "shapes" else image_records(tmp_path)
     assert len({r["prompt"] for r in records}) == len(records)
     real = bb.denoiser
@@ -88,12 +104,14 @@ def test_random_weights_classifier_runs_and_sees_the_tokens(tiny_sd3):
         tokens.tokens.normal_(std=1.0)
     handle = hooks.attach(tiny_sd3.denoiser, tokens)
     try:
-        with_tokens, _ = classifier.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,), handle=handle)
+        with_tokens, _ = classifier.classifier_errors(
+            tiny_sd3, records, n_candidates=3, noise_levels=(0.5,), handle=handle
+        )
     finally:
         handle.remove()
     assert not torch.allclose(plain, with_tokens)
     again, _ = classifier.classifier_errors(tiny_sd3, records, n_candidates=3, noise_levels=(0.5,))
-    assert torch.equal(plain, again)                          # removed: the plain model again
+    assert torch.equal(plain, again)  # removed: the plain model again
 
 
 def test_a_text_blind_model_ties_and_scores_zero(tiny_sd3):
@@ -108,7 +126,7 @@ def test_a_text_blind_model_ties_and_scores_zero(tiny_sd3):
     finally:
         tiny_sd3.denoiser = real
     assert torch.all(errors == errors[:, :1]) and accuracy == 0.0
-    assert len(set(errors[:, 0].tolist())) == len(records)                # but images differ
+    assert len(set(errors[:, 0].tolist())) == len(records)  # but images differ
 
 
 class OracleDenoiser(torch.nn.Module):
@@ -118,11 +136,13 @@ class OracleDenoiser(torch.nn.Module):
 
     def __init__(self, bb, records, seed):
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))      # Backbone.device reads the parameters
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # Backbone.device reads the parameters
         self.bb = [bb]
         self.keys = models.encode_prompts(bb, [r["prompt"] for r in records])["encoder_hidden_states"].flatten(1)
         # the latents the classifier encodes (the posterior mean of the backbone's autoencoder)
-        self.x0 = models.encode_images(bb, shapes.to_tensor(np.stack(classifier.ground_truth_images(records, seed, 32))), mode=True)
+        self.x0 = models.encode_images(
+            bb, shapes.to_tensor(np.stack(classifier.ground_truth_images(records, seed, 32))), mode=True
+        )
 
     def forward(self, x_t, timestep, encoder_hidden_states, return_dict=False, **kwargs):
         bb, out = self.bb[0], torch.zeros_like(x_t)
@@ -132,10 +152,10 @@ class OracleDenoiser(torch.nn.Module):
             if distance[b, j] > 1e-3:
                 continue
             x0 = self.x0[j]
-            if bb.facts["prediction"] == "flow":               # x_t = (1 - s) x0 + s eps, target eps - x0
+            if bb.facts["prediction"] == "flow":  # x_t = (1 - s) x0 + s eps, target eps - x0
                 s = float(timestep[b]) / models.NUM_TRAIN_TIMESTEPS
                 out[b] = (x_t[b] - (1 - s) * x0) / s - x0
-            else:                                              # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+            else:  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
                 abar = bb.alphas_cumprod[int(timestep[b])]
                 out[b] = (x_t[b] - abar.sqrt() * x0) / (1 - abar).sqrt()
         return (out,)

@@ -1,5 +1,6 @@
 """data.py: the record readers (COCO 2014/2017, JSONL, folder), resize + centre crop, the step-derived
 data order, skipping unreadable images, the shapes stream and the memory-mapped encoding cache."""
+
 import json
 import os
 
@@ -9,8 +10,8 @@ import torch
 from PIL import Image
 
 import data
-from shapes import bench
 import models
+from shapes import bench
 
 
 def write_coco(root, year="2017", n=4, corrupt=(), split="train"):
@@ -25,7 +26,9 @@ def write_coco(root, year="2017", n=4, corrupt=(), split="train"):
         else:
             Image.fromarray(np.full((36, 48, 3), 20 * i, np.uint8)).save(path, quality=100)
         images.append({"id": 7 + i, "file_name": name})
-        annotations += [{"id": 100 * i + k, "image_id": 7 + i, "caption": f" image {i} caption {k} "} for k in range(5)]
+        annotations += [
+            {"id": 100 * i + k, "image_id": 7 + i, "caption": f" image {i} caption {k} "} for k in range(5)
+        ]
     with open(root / "annotations" / f"captions_{split}{year}.json", "w") as f:
         json.dump({"images": images, "annotations": annotations}, f)
 
@@ -47,17 +50,26 @@ def test_jsonl_and_folder_sources(tmp_path):
     (tmp_path / "a.txt").write_text("first caption\nsecond caption\n")
     (tmp_path / "c.txt").write_text("a caption without an image\n")
     assert data.read_records(str(tmp_path)) == [(str(tmp_path / "a.png"), ["first caption", "second caption"])]
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "caption": "one"}) + "\n\n"
-                                          + json.dumps({"file_name": "b.png", "captions": ["x", "y"]}) + "\n")
-    assert data.read_records(str(tmp_path / "pairs.jsonl")) == [(str(tmp_path / "a.png"), ["one"]),
-                                                                (str(tmp_path / "b.png"), ["x", "y"])]
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"image": "a.png", "caption": "one"})
+        + "\n\n"
+        + json.dumps({"file_name": "b.png", "captions": ["x", "y"]})
+        + "\n"
+    )
+    assert data.read_records(str(tmp_path / "pairs.jsonl")) == [
+        (str(tmp_path / "a.png"), ["one"]),
+        (str(tmp_path / "b.png"), ["x", "y"]),
+    ]
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: str(p / "missing"), "no such file or folder"),
-    (lambda p: str(p), "found no image-caption pairs"),
-    (lambda p: (p / "x.csv").write_text("") or str(p / "x.csv"), "expected a COCO folder"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "missing"), "no such file or folder"),
+        (lambda p: str(p), "found no image-caption pairs"),
+        (lambda p: (p / "x.csv").write_text("") or str(p / "x.csv"), "expected a COCO folder"),
+    ],
+)
 def test_wrong_paths_fail_in_one_line(tmp_path, make, message):
     with pytest.raises(SystemExit) as e:
         data.open_source(make(tmp_path), 32, 0)
@@ -73,15 +85,17 @@ def test_coco_json_without_its_image_folder_fails_at_start(tmp_path):
 
 def test_resize_and_centre_crop_against_written_out_pixels(tmp_path):
     # 4 x 2 image, size 2: the shorter side is already 2, so only the centre crop acts: columns 1 and 2
-    pixels = np.array([[[0, 0, 0], [10, 0, 0], [20, 0, 0], [30, 0, 0]],
-                       [[0, 50, 0], [10, 50, 0], [20, 50, 0], [30, 50, 0]]], np.uint8)
+    pixels = np.array(
+        [[[0, 0, 0], [10, 0, 0], [20, 0, 0], [30, 0, 0]], [[0, 50, 0], [10, 50, 0], [20, 50, 0], [30, 50, 0]]],
+        np.uint8,
+    )
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     expected = torch.tensor([[[10, 20], [10, 20]], [[0, 0], [50, 50]], [[0, 0], [0, 0]]]) / 127.5 - 1
     torch.testing.assert_close(data.load_image(tmp_path / "wide.png", 2), expected.float())
     # a tall 30 x 90 image at 16: shorter side 30 -> 16, the other 90 -> 48, then the centre 16 rows
     tall = np.zeros((90, 30, 3), np.uint8)
     tall[:, :, 1] = 200
-    tall[45 - 24:45 + 24, :, 0] = 255  # a red band 48 rows tall around the middle: the crop sees only red
+    tall[45 - 24 : 45 + 24, :, 0] = 255  # a red band 48 rows tall around the middle: the crop sees only red
     Image.fromarray(tall).save(tmp_path / "tall.png")
     image = data.load_image(tmp_path / "tall.png", 16)
     assert image.shape == (3, 16, 16)
@@ -131,8 +145,9 @@ def test_unreadable_images_are_replaced_and_counted_once(tmp_path, capsys):
     assert capsys.readouterr().err.count("skipping unreadable image") == 2
     # the replacement is deterministic: a fresh source gives the same batch
     fresh = data.open_source(str(tmp_path), 16, seed=0)
-    assert [data.get_batch(fresh, s, 0, 1, 2)["captions"] for s in range(9)] == \
-           [data.get_batch(source, s, 0, 1, 2)["captions"] for s in range(9)]
+    assert [data.get_batch(fresh, s, 0, 1, 2)["captions"] for s in range(9)] == [
+        data.get_batch(source, s, 0, 1, 2)["captions"] for s in range(9)
+    ]
 
 
 def test_shapes_source_is_reproducible_and_differs_by_rank():
@@ -160,8 +175,9 @@ def test_cache_shards_hold_the_encodings_in_bf16(tmp_path, name):
     bb = models.build_tiny(name)
     # shard_gb tiny enough for 2 images per shard: 4 readable images -> 2 shards
     per_image = int(np.prod(models.latent_shape(bb, 32))) + 2 * 16 * 128 + (2 * 128 if name == "tiny-sd3" else 0)
-    meta = data.write_cache(bb, records, str(tmp_path / "cache"), 32, captions_per_image=2, batch=3,
-                            shard_gb=2.5 * per_image * 2 / 1e9)
+    meta = data.write_cache(
+        bb, records, str(tmp_path / "cache"), 32, captions_per_image=2, batch=3, shard_gb=2.5 * per_image * 2 / 1e9
+    )
     assert meta["images"] == 4 and meta["skipped"] == 1 and len(meta["shards"]) == 2
     files = sorted(f for f in os.listdir(tmp_path / "cache") if f.endswith(".bin"))
     assert len(files) == 2 * (3 if name == "tiny-sd3" else 2)  # a few files per shard, not one per sample
@@ -173,10 +189,14 @@ def test_cache_shards_hold_the_encodings_in_bf16(tmp_path, name):
     assert batch["latents"].dtype == torch.bfloat16 and batch["latents"].shape == (2, *models.latent_shape(bb, 32))
     paths = {int(r[0][-6:-4]): r[0] for r in records}
     images = torch.stack([data.load_image(paths[int(c.split()[1])], 32) for c in batch["captions"]])
-    torch.testing.assert_close(batch["latents"].float(), models.encode_images(bb, images, mode=True), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        batch["latents"].float(), models.encode_images(bb, images, mode=True), atol=1e-2, rtol=1e-2
+    )
     with torch.no_grad():
         reference = models.encode_prompts(bb, batch["captions"])
-    cond = models.cond_from_features(bb, batch["hidden"].float(), None if batch["pooled"] is None else batch["pooled"].float())
+    cond = models.cond_from_features(
+        bb, batch["hidden"].float(), None if batch["pooled"] is None else batch["pooled"].float()
+    )
     assert cond.keys() == reference.keys()
     for key in cond:
         torch.testing.assert_close(cond[key], reference[key], atol=3e-2, rtol=1e-2)
@@ -186,11 +206,31 @@ def test_cache_shards_hold_the_encodings_in_bf16(tmp_path, name):
 
 def test_training_from_a_cache(tmp_path):
     import train
+
     write_coco(tmp_path / "coco", n=4)
     bb = models.build_tiny("tiny-sd3")
     data.write_cache(bb, data.read_records(str(tmp_path / "coco")), str(tmp_path / "cache"), 32)
-    result = train.main(["--model", "tiny-sd3", "--loss", "softrepa", "--random-init", "--batch", "2", "--steps", "2",
-                         "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--threads", "1"])
+    result = train.main(
+        [
+            "--model",
+            "tiny-sd3",
+            "--loss",
+            "softrepa",
+            "--random-init",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--data",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+        ]
+    )
     assert result["step"] == 2 and os.path.exists(result["tokens_path"])
     with pytest.raises(SystemExit, match="holds tiny-sd3 encodings"):
-        train.main(["--model", "tiny-sd1.5", "--random-init", "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "x")])
+        train.main(
+            ["--model", "tiny-sd1.5", "--random-init", "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "x")]
+        )

@@ -8,20 +8,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
-
 import tolerances
+import torch
 from PIL import Image
 
 import data
 import edit
 import hooks
+import metrics
 import models
+import sample
 import shapes
 import softtokens
 from shapes import checker
-import metrics
-import sample
 
 torch.set_num_threads(1)
 SPEC = {"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}
@@ -57,6 +56,7 @@ def strong_tokens(bb, seed=0):
 # -----------------------------------------------------------------------------
 # Flow editors
 
+
 def test_flowedit_and_flowalign_with_the_source_prompt_return_the_source():
     bb = models.build_tiny("tiny-sd3")
     image = source_image(16)
@@ -81,7 +81,7 @@ def test_flowedit_and_flowalign_with_the_source_prompt_return_the_source():
     finally:
         handle.remove()
     assert (moved - source).abs().max() > 1e-2
-    assert (both - source).abs().max() < 1e-4   # tokens on both branches: the branches agree again
+    assert (both - source).abs().max() < 1e-4  # tokens on both branches: the branches agree again
 
 
 def test_rf_inversion_controls():
@@ -114,6 +114,7 @@ def test_edit_takes_a_batch():
 # the exact denoiser of Gaussian data x0 ~ N(mu(prompt), I), E[eps | x_t] = sqrt(1-abar) (x_t - sqrt(abar) mu)
 # / (abar + 1 - abar), whose mean depends on the prompt so that CFG matters.
 
+
 class GaussianDenoiser(torch.nn.Module):
     def __init__(self, alphas_cumprod, var=1.0):
         super().__init__()
@@ -128,8 +129,13 @@ class GaussianDenoiser(torch.nn.Module):
 
 def gaussian_backbone():
     abar = models.ddpm_alphas_cumprod()
-    return models.Backbone("tiny-sd1.5", models.FAMILIES["tiny-sd1.5"], GaussianDenoiser(abar),
-                           text_encoder=models.tiny_text_encoder(1), alphas_cumprod=abar)
+    return models.Backbone(
+        "tiny-sd1.5",
+        models.FAMILIES["tiny-sd1.5"],
+        GaussianDenoiser(abar),
+        text_encoder=models.tiny_text_encoder(1),
+        alphas_cumprod=abar,
+    )
 
 
 def test_ddim_inversion_then_regeneration_reconstructs_the_source():
@@ -144,8 +150,8 @@ def test_direct_inversion_reconstructs_better_than_ddim_at_cfg_7():
     bb, image = gaussian_backbone(), source_image()
     _, ddim_source = edit.edit(bb, image, SRC, SRC, "ddim", steps=20, cfg=7.0, return_source=True)
     _, direct_source = edit.edit(bb, image, SRC, SRC, "direct", steps=20, cfg=7.0, return_source=True)
-    assert psnr(ddim_source, image) < 30      # CFG 7 pulls plain DDIM off its inversion (measured 22 dB)
-    assert psnr(direct_source, image) > 60    # Direct Inversion puts it back after every step (exact)
+    assert psnr(ddim_source, image) < 30  # CFG 7 pulls plain DDIM off its inversion (measured 22 dB)
+    assert psnr(direct_source, image) > 60  # Direct Inversion puts it back after every step (exact)
     # the same on a real (random-weight) UNet with attention control on top
     bb = models.build_tiny("tiny-sd1.5")
     small = source_image(16)
@@ -156,6 +162,7 @@ def test_direct_inversion_reconstructs_better_than_ddim_at_cfg_7():
 
 # -----------------------------------------------------------------------------
 # Attention control (MasaCtrl, Plug-and-Play) on the random tiny UNet
+
 
 def written_out_attention(attn, q_in, k_in, v_in):
     """softmax(Q K^T / sqrt(d)) V per head, from the module's own projections."""
@@ -189,7 +196,7 @@ def test_masactrl_and_pnp_match_written_out_attention_and_come_off_cleanly():
     layers = edit.self_attention_layers(unet)
     stock = [m.processor for m in layers]
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 16, layers[4].to_q.in_features, generator=g)   # rows: [source, target]
+    h = torch.randn(2, 16, layers[4].to_q.in_features, generator=g)  # rows: [source, target]
     x, cond = torch.randn(2, *models.latent_shape(bb, 16), generator=g), models.encode_prompts(bb, [SRC, TGT])
     before = models.denoise(bb, x, 500, cond)
 
@@ -200,32 +207,32 @@ def test_masactrl_and_pnp_match_written_out_attention_and_come_off_cleanly():
         state = dict(step=step_on, per_branch=1)
         remove = edit.attach_control(unet, edit.METHODS[method], state, steps=50)
         attn = layers[4]  # controlled in both (MasaCtrl from layer 10 of 16, PnP from 8 of 16: 4 of 7)
-        assert layers[3].processor is stock[3]                             # shallower layers untouched
+        assert layers[3].processor is stock[3]  # shallower layers untouched
         with torch.no_grad():
             out = attn(h)
             src, tgt = h[:1], h[1:]
-            if method == "ddim+masactrl":   # Attn(Q_tgt, K_src, V_src)
+            if method == "ddim+masactrl":  # Attn(Q_tgt, K_src, V_src)
                 want = reference_out(attn, (tgt, src, src))
-            else:                           # softmax(Q_src K_src^T) V_tgt
+            else:  # softmax(Q_src K_src^T) V_tgt
                 q, k = attn.to_q(src), attn.to_k(src)
                 hd = attn.heads
-                split = lambda a: a.view(1, 16, hd, -1).transpose(1, 2)  # noqa: E731
+                split = lambda a, hd=hd: a.view(1, 16, hd, -1).transpose(1, 2)  # noqa: E731
                 w = torch.softmax(split(q) @ split(k).transpose(-1, -2) / split(q).shape[-1] ** 0.5, -1)
                 want = attn.to_out[0]((w @ split(attn.to_v(tgt))).transpose(1, 2).reshape(1, 16, -1))
             assert tolerances.close(out[1:], want)
             assert tolerances.close(out[:1], reference_out(attn, (src, src, src)))  # source: its own
             state["step"] = step_off
-            assert torch.equal(attn(h), stock[4](attn, h))                  # outside the schedule: stock
+            assert torch.equal(attn(h), stock[4](attn, h))  # outside the schedule: stock
             if method == "ddim+pnp":  # the decoder's residual block: target rows get the source's features
                 resnet = unet.up_blocks[1].resnets[1]
                 features = []
-                grab = resnet.register_forward_hook(lambda m, a, o: features.append(o))
+                grab = resnet.register_forward_hook(lambda m, a, o, features=features: features.append(o))
                 for step in (39, 40):
                     state["step"] = step
                     models.denoise(bb, x, 500, cond)
                 grab.remove()
-                assert torch.equal(features[0][1], features[0][0])          # step 39 < tau_f = 40
-                assert not torch.allclose(features[1][1], features[1][0])   # step 40: no longer
+                assert torch.equal(features[0][1], features[0][0])  # step 39 < tau_f = 40
+                assert not torch.allclose(features[1][1], features[1][0])  # step 40: no longer
         remove()
         assert all(m.processor is p for m, p in zip(layers, stock))
         assert not unet.up_blocks[1].resnets[1]._forward_hooks
@@ -249,26 +256,48 @@ def test_control_leaves_the_source_branch_plain():
 # -----------------------------------------------------------------------------
 # The command line
 
+
 @pytest.mark.parametrize("method", list(edit.METHODS))
 def test_every_method_from_the_command_line(tmp_path, method):
     name = "tiny-sd3" if edit.METHODS[method]["prediction"] == "flow" else "tiny-sd1.5"
     Image.fromarray(shapes.render(SPEC, 32, 0)).save(tmp_path / "source.png")
     softtokens.save(str(tmp_path / "tokens.safetensors"), strong_tokens(models.build_tiny(name)), model=name)
     out = tmp_path / "out"
-    record = edit.main(["--model", name, "--random-init", "--image", str(tmp_path / "source.png"), "--src", SRC,
-                        "--tgt", TGT, "--method", method, "--steps", "4", "--size", "16",
-                        "--tokens", str(tmp_path / "tokens.safetensors"), "--out", str(out)])
+    record = edit.main(
+        [
+            "--model",
+            name,
+            "--random-init",
+            "--image",
+            str(tmp_path / "source.png"),
+            "--src",
+            SRC,
+            "--tgt",
+            TGT,
+            "--method",
+            method,
+            "--steps",
+            "4",
+            "--size",
+            "16",
+            "--tokens",
+            str(tmp_path / "tokens.safetensors"),
+            "--out",
+            str(out),
+        ]
+    )
     edited = np.asarray(Image.open(out / "edited.png"))
     with_tokens = np.asarray(Image.open(out / "edited-tokens.png"))
     strip = Image.open(out / "strip.png")
     assert edited.shape == (16, 16, 3) and not np.array_equal(edited, with_tokens)
-    assert 2.5 < strip.width / strip.height < 3.5   # source | edited | edited with tokens
+    assert 2.5 < strip.width / strip.height < 3.5  # source | edited | edited with tokens
     assert json.loads((out / "edit.json").read_text())["method"] == method == record["method"]
 
 
 def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
+
     monkeypatch.setattr(models, "load", no_load)
     monkeypatch.setattr(models, "build_tiny", no_load)
     Image.fromarray(shapes.render(SPEC, 32, 0)).save(tmp_path / "ok.png")
@@ -297,20 +326,37 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         assert message in str(e.value) and "\n" not in str(e.value), (argv, e.value)
 
 
-@pytest.mark.parametrize("name, width, height", [("tiny-sd3", 96, 96), ("tiny-sd3", 100, 60), ("tiny-sd1.5", 512, 768)])
+@pytest.mark.parametrize(
+    "name, width, height", [("tiny-sd3", 96, 96), ("tiny-sd3", 100, 60), ("tiny-sd1.5", 512, 768)]
+)
 def test_input_images_of_any_size_are_resized_and_centre_cropped(tmp_path, name, width, height):
     """As diffusers pipelines prepare an input image: shorter side to the model's size, centre crop."""
     array = np.zeros((height, width, 3), np.uint8)
-    array[:, : width // 2] = (255, 0, 0)                          # left half red, right half black
+    array[:, : width // 2] = (255, 0, 0)  # left half red, right half black
     Image.fromarray(array).save(tmp_path / "in.png")
     out = tmp_path / "o"
-    edit.main(["--model", name, "--random-init", "--image", str(tmp_path / "in.png"), "--src", SRC, "--tgt", TGT,
-               "--steps", "2", "--out", str(out)])
+    edit.main(
+        [
+            "--model",
+            name,
+            "--random-init",
+            "--image",
+            str(tmp_path / "in.png"),
+            "--src",
+            SRC,
+            "--tgt",
+            TGT,
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     side = models.FAMILIES[name]["size"]
     assert np.asarray(Image.open(out / "edited.png")).shape == (side, side, 3)
-    source = data.image_array(str(tmp_path / "in.png"), side)      # what edit.py fed the model
+    source = data.image_array(str(tmp_path / "in.png"), side)  # what edit.py fed the model
     assert source.shape == (side, side, 3)
-    assert source[:, : side // 2 - 1, 0].min() > 200 and source[:, side // 2 + 1:, 0].max() < 50
+    assert source[:, : side // 2 - 1, 0].min() > 200 and source[:, side // 2 + 1 :, 0].max() < 50
 
 
 def test_shapes_edit_cases_need_an_edit():
@@ -320,7 +366,9 @@ def test_shapes_edit_cases_need_an_edit():
     for image, src, tgt, spec in zip(images, sources, targets, specs):
         assert src != tgt and tgt == shapes.caption(spec)
         assert not checker.check(image, spec)
-        assert checker.check(image, {"category": "colors", "objects": [dict(zip(("color", "shape"), src.split()[1:]))]})
+        assert checker.check(
+            image, {"category": "colors", "objects": [dict(zip(("color", "shape"), src.split()[1:]))]}
+        )
 
 
 def test_shipped_tiny_sd15_reconstructs_by_ddim_inversion():

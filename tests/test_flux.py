@@ -8,6 +8,7 @@ tests/test_real_commands.py.)"""
 
 import pytest
 import torch
+from test_models import agsm_inputs, one_agsm_step
 
 import families
 import hooks
@@ -16,7 +17,6 @@ import sample
 import softtokens
 import step
 from shapes import bench
-from test_models import agsm_inputs, one_agsm_step
 
 FLUX = ["flux-dev", "flux-schnell"]
 
@@ -48,19 +48,21 @@ def test_the_time_shift_is_the_stock_schedulers(stock, family):
     """dev: mu linear in the packed image tokens (FluxPipeline's calculate_shift with the scheduler config's
     numbers), sigma' = e^mu / (e^mu + 1/sigma - 1); schnell: no shift. Against the stock scheduler's sigmas."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     bb = stock[family]
     scheduler, config = bb.pipe.scheduler, bb.pipe.scheduler.config
     assert config.use_dynamic_shifting == (family == "flux-dev")
     for px, steps in ((256, 28), (512, 4), (1024, 28)):
         side = px // 8
-        mu = calculate_shift(side * side // 4, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
-                             config.max_shift)
+        mu = calculate_shift(
+            side * side // 4, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+        )
         scheduler.set_timesteps(sigmas=[1 - i / steps for i in range(steps)], mu=mu)
         ours = sample.flow_sigmas(steps, families.time_shift(bb.facts, side, side))
-        torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)     # float32 rounding of two formulas
-    if family == "flux-dev":   # 1.15 at 4096 tokens (1024 px), 0.5 at 256 (256 px)
-        assert families.time_shift(bb.facts, 128, 128) == pytest.approx(torch.e ** 1.15)
-        assert families.time_shift(bb.facts, 32, 32) == pytest.approx(torch.e ** 0.5)
+        torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)  # float32 rounding of two formulas
+    if family == "flux-dev":  # 1.15 at 4096 tokens (1024 px), 0.5 at 256 (256 px)
+        assert families.time_shift(bb.facts, 128, 128) == pytest.approx(torch.e**1.15)
+        assert families.time_shift(bb.facts, 32, 32) == pytest.approx(torch.e**0.5)
 
 
 @pytest.mark.parametrize("family", FLUX)
@@ -69,19 +71,24 @@ def test_denoise_packs_ids_and_guidance_as_the_pipeline_does(stock, family):
     _pack_latents, _prepare_latent_image_ids, zero text ids, sigma, guidance), unpacked by _unpack_latents."""
     bb = stock[family]
     pipe, g = bb.pipe, torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 6, 4, generator=g)                   # 48 x 32 px: a non-square image
+    x = torch.randn(2, 16, 6, 4, generator=g)  # 48 x 32 px: a non-square image
     cond = models.encode_prompts(bb, ["a red cube", "two dogs"])
     sigma = torch.tensor([0.3, 0.8])
     ours = models.denoise(bb, x, sigma * 1000, cond, guidance=3.5)
     guidance = torch.full((2,), 3.5) if family == "flux-dev" else None
     with torch.no_grad():
         stock_out = pipe.transformer(
-            pipe._pack_latents(x, 2, 16, 6, 4), timestep=sigma * 1000 / 1000, guidance=guidance, **cond,
-            img_ids=pipe._prepare_latent_image_ids(2, 3, 2, "cpu", torch.float32), txt_ids=torch.zeros(cond[
-                "encoder_hidden_states"].shape[1], 3), return_dict=False)[0]
+            pipe._pack_latents(x, 2, 16, 6, 4),
+            timestep=sigma * 1000 / 1000,
+            guidance=guidance,
+            **cond,
+            img_ids=pipe._prepare_latent_image_ids(2, 3, 2, "cpu", torch.float32),
+            txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3),
+            return_dict=False,
+        )[0]
     assert torch.equal(ours, pipe._unpack_latents(stock_out, 48, 32, pipe.vae_scale_factor))
-    assert models.latent_normalisation(bb.vae) == (0.3611, 0.1159)   # read from the VAE's config
-    if family == "flux-dev":   # training calls (guidance None) use the fixed training guidance, 1.0
+    assert models.latent_normalisation(bb.vae) == (0.3611, 0.1159)  # read from the VAE's config
+    if family == "flux-dev":  # training calls (guidance None) use the fixed training guidance, 1.0
         one = models.denoise(bb, x, sigma * 1000, cond, guidance=1.0)
         assert torch.equal(models.denoise(bb, x, sigma * 1000, cond), one) and not torch.equal(one, ours)
 
@@ -94,7 +101,7 @@ def test_dev_trains_at_the_shifted_levels(stock):
         x_t, t = models.add_noise(stock[family], x0, eps, u)
         torch.testing.assert_close(x_t, torch.full_like(x0, sigma))
         torch.testing.assert_close(t, torch.tensor([1000 * sigma]))
-    assert 1.5 < s < 1.65   # 64 px: 16 tokens, mu = 0.5 - 0.65 * 240 / 3840 = 0.459
+    assert 1.5 < s < 1.65  # 64 px: 16 tokens, mu = 0.5 - 0.65 * 240 / 3840 = 0.459
 
 
 @pytest.mark.parametrize("family", FLUX)
@@ -105,22 +112,37 @@ def test_the_stock_pipeline_with_tokens_equals_our_sampler(stock, family):
     the last bit). remove() gives the stock sample back bit for bit. One branch a step in both."""
     bb = stock[family]
     pipe, facts = bb.pipe, bb.facts
-    steps = 4                                   # schnell's own; dev's 28 cut to 4
-    cfg = facts["sample"]["cfg"]                # dev 3.5 (its guidance input), schnell 1
+    steps = 4  # schnell's own; dev's 28 cut to 4
+    cfg = facts["sample"]["cfg"]  # dev 3.5 (its guidance input), schnell 1
 
     def draw(output_type):
-        return pipe("a red cube", num_inference_steps=steps, guidance_scale=cfg, height=64, width=64,
-                    max_sequence_length=facts["text_tokens"], output_type=output_type,
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "a red cube",
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            height=64,
+            width=64,
+            max_sequence_length=facts["text_tokens"],
+            output_type=output_type,
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = draw("latent")
     handle = hooks.attach(pipe.transformer, strong_tokens(bb))
     batches = []
     probe = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: batches.append(len(a[0] if a else kw["hidden_states"])), with_kwargs=True)
+        lambda m, a, kw: batches.append(len(a[0] if a else kw["hidden_states"])), with_kwargs=True
+    )
     with_tokens, image = draw("latent"), draw("pt")
-    ours = sample.sample_loop(bb, sample.initial_noise(models.latent_shape(bb, 64), [0]),
-                              models.encode_prompts(bb, ["a red cube"]), None, steps, cfg, handle)
+    ours = sample.sample_loop(
+        bb,
+        sample.initial_noise(models.latent_shape(bb, 64), [0]),
+        models.encode_prompts(bb, ["a red cube"]),
+        None,
+        steps,
+        cfg,
+        handle,
+    )
     our_image = (sample.generate(bb, ["a red cube"], [0], steps, cfg, 64, handle) + 1) / 2
     probe.remove()
     handle.remove()
@@ -149,7 +171,7 @@ def test_one_agsm_step_and_per_row_sets_on_the_packed_path(family):
     stats = one_agsm_step(bb, tokens, handle, batch)
     handle.remove()
     assert not stats.get("diverged")
-    for name in ("pos", "neg"):                 # psi+ learnt on the matched pairs, psi- on the others
+    for name in ("pos", "neg"):  # psi+ learnt on the matched pairs, psi- on the others
         assert not torch.equal(before[f"{name}.tokens"], getattr(tokens, name).tokens), name
 
 
@@ -185,8 +207,25 @@ def test_neg_uncond_on_flux_dev_is_one_line(stock, folders, tmp_path):
     pair = softtokens.make_tokens(stock["flux-dev"], "agsm")
     softtokens.save(path, pair, model="flux-dev", loss="agsm", arch="mmdit")
     with pytest.raises(SystemExit) as err:
-        sample.main(["--model", "flux-dev", "--pretrained", folders["flux-dev"], "--size", "64", "--steps", "1",
-                     "--tokens", path, "--neg-uncond", "--prompt", "a red cube", "--out", str(tmp_path / "out")])
+        sample.main(
+            [
+                "--model",
+                "flux-dev",
+                "--pretrained",
+                folders["flux-dev"],
+                "--size",
+                "64",
+                "--steps",
+                "1",
+                "--tokens",
+                path,
+                "--neg-uncond",
+                "--prompt",
+                "a red cube",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     assert "\n" not in str(err.value) and "--neg-uncond" in str(err.value) and "guidance-distilled" in str(err.value)
 
 

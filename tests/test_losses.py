@@ -1,4 +1,5 @@
 """losses.py against small hand-computed examples (SoftREPA eqs. 9-14, AGSM eqs. 7-17)."""
+
 import math
 
 import pytest
@@ -29,12 +30,13 @@ def test_softrepa_equals_explicit_cross_entropy():
     expected = 0.0
     for i in range(3):
         logits = [scale * math.exp(-errors[i, j].item() / tau) for j in range(3)]
-        expected += -math.log(math.exp(logits[i]) / sum(math.exp(l) for l in logits))
+        expected += -math.log(math.exp(logits[i]) / sum(math.exp(logit) for logit in logits))
     expected /= 3
     assert math.isclose(losses.softrepa_loss(errors, tau, scale).item(), expected, rel_tol=1e-6)
     dsm = (0.10 + 0.12 + 0.15) / 3
-    assert math.isclose(losses.softrepa_loss(errors, tau, scale, dweight=10.0).item(), expected + 10 * dsm,
-                        rel_tol=1e-6)
+    assert math.isclose(
+        losses.softrepa_loss(errors, tau, scale, dweight=10.0).item(), expected + 10 * dsm, rel_tol=1e-6
+    )
 
 
 def test_softrepa_prefers_matched_pairs():
@@ -80,7 +82,7 @@ def test_agsm_targets_term_by_term(prediction):
         mean_pred = sum(weights[k] * pred_ema[i, k] for k in range(3))
         for j in range(3):
             gamma = gp if i == j else -gn
-            expected = target[i] + gamma * 1.0 * (pred_ema[i, j] - mean_pred)   # A~(t) = B(t) = 1
+            expected = target[i] + gamma * 1.0 * (pred_ema[i, j] - mean_pred)  # A~(t) = B(t) = 1
             torch.testing.assert_close(targets[i, j], expected)
 
 
@@ -144,11 +146,14 @@ def test_agsm_accepts_extra_gathered_negatives():
 # -----------------------------------------------------------------------------
 # The authors' code where the papers are silent (AGSM train.py AGSMObjective.forward; SoftREPA's loss)
 
+
 def their_agsm_objective(pred_v, ema_v, v, n_b, n_p, temp=0.1, guidance=1.0, neg_guidance=1.0):
     """AGSMObjective.forward of the AGSM code, re-derived: inputs in ITS layout, prompt-major rows
     (prompt p, image b) -> p * n_b + b, reshaped to (n_p, n_b) and transposed to (b, p)."""
+
     def to_bp(x):
         return x.reshape(n_p, n_b, *x.shape[-3:]).transpose(0, 1)
+
     v, pred_v, ema_v = to_bp(v), to_bp(pred_v), to_bp(ema_v)
     reward = -((v - ema_v) ** 2).mean(dim=(2, 3, 4), keepdim=True)
     weight = torch.exp(reward / temp)
@@ -172,17 +177,18 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
     import hooks
     import models
     import softtokens
+
     bb = models.build_tiny(family)
     pair = softtokens.make_tokens(bb, "agsm")
-    with torch.no_grad():                       # EMA tokens away from the live ones, so w is not uniform
+    with torch.no_grad():  # EMA tokens away from the live ones, so w is not uniform
         for s in (pair.ema_pos, pair.ema_neg):
             s.tokens.normal_(0, 0.5)
     B = 3
     images = torch.randn(B, 3, 16, 16)
     x0 = models.encode_images(bb, images, mode=True)
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=g).expand_as(x0)     # one eps for the step
-    u = torch.full((B,), 0.6)                                                       # one t for the step
+    noise = torch.randn((1,) + tuple(x0.shape[1:]), generator=g).expand_as(x0)  # one eps for the step
+    u = torch.full((B,), 0.6)  # one t for the step
     x_t, timesteps = models.add_noise(bb, x0, noise, u)
     target = models.target(bb, x0, noise)
     cond = models.encode_prompts(bb, ["a red circle", "two blue squares", "a green triangle above a white square"])
@@ -191,9 +197,9 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
     try:
         for layout in ("ours", "theirs"):
             pair.zero_grad(set_to_none=True)
-            if layout == "ours":     # row i * B + j: image i, caption j
+            if layout == "ours":  # row i * B + j: image i, caption j
                 rows, cols = torch.arange(B).repeat_interleave(B), torch.arange(B).repeat(B)
-            else:                    # row p * B + b: prompt p, image b
+            else:  # row p * B + b: prompt p, image b
                 rows, cols = torch.arange(B).repeat(B), torch.arange(B).repeat_interleave(B)
             matched = rows == cols
             args = (x_t[rows], timesteps[rows], models.index_cond(cond, cols))
@@ -203,8 +209,16 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
                 pred = models.denoise(bb, *args)
             if layout == "ours":
                 shape = (B, B) + tuple(x0.shape[1:])
-                loss, w = losses.agsm_loss(pred.view(shape), pred_ema.view(shape), target, timesteps,
-                                           bb.facts["prediction"], 1.0, 1.0, tau=0.1)
+                loss, w = losses.agsm_loss(
+                    pred.view(shape),
+                    pred_ema.view(shape),
+                    target,
+                    timesteps,
+                    bb.facts["prediction"],
+                    1.0,
+                    1.0,
+                    tau=0.1,
+                )
                 win_rate, margin = losses.agsm_diagnostics(w)
             else:
                 loss, win_rate, margin = their_agsm_objective(pred, pred_ema, target[rows], B, B)
@@ -219,12 +233,13 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
-    assert abs(ours[2]) > 0                      # the weights were not uniform: the test saw the softmax
+    assert abs(ours[2]) > 0  # the weights were not uniform: the test saw the softmax
 
 
 def test_agsm_default_temperature_is_the_codes():
     """The AGSM code: w = softmax(-mse.mean(C,H,W) / 0.1). Our default tau is that 0.1."""
     import inspect
+
     assert inspect.signature(losses.agsm_loss).parameters["tau"].default == 0.1
     assert inspect.signature(losses.agsm_targets).parameters["tau"].default == 0.1
     pred_ema, target = example(seed=8)
@@ -245,7 +260,9 @@ def test_duplicate_captions_are_no_negatives():
     for i, keep in enumerate(([0, 1], [0, 1, 2], [1, 2])):
         row = logits[i, keep]
         by_hand.append(-(row[keep.index(i)] - torch.logsumexp(row, 0)))
-    assert losses.softrepa_loss(errors, exclude=exclude).item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-6)
+    assert losses.softrepa_loss(errors, exclude=exclude).item() == pytest.approx(
+        torch.stack(by_hand).mean().item(), rel=1e-6
+    )
     assert losses.softrepa_loss(errors, exclude=exclude).item() != pytest.approx(losses.softrepa_loss(errors).item())
     # AGSM: no weight in the Plackett-Luce softmax, no guidance and no psi- loss for a duplicate
     targets, w = losses.agsm_targets(pred, target, torch.zeros(3), "flow", 1.0, 1.0, exclude=exclude)

@@ -1,4 +1,5 @@
 """models.py: the family table, noising and targets against their formulas, prompt encoding, errors."""
+
 import pytest
 import torch
 
@@ -46,7 +47,7 @@ def test_ddpm_noising_formula():
     x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     x_t, t = models.add_noise(bb, x0, noise, torch.tensor([0.0, 0.5]))
     assert t.tolist() == [0, 500]
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     abar = torch.prod(1 - betas[:501]).float()
     torch.testing.assert_close(x_t[1], abar.sqrt() * x0[1] + (1 - abar).sqrt() * noise[1])
     assert models.target(bb, x0, noise) is noise
@@ -75,8 +76,10 @@ def test_encode_and_denoise_tiny(name):
 
 
 def test_index_and_cat_conds_handle_nested_dicts():
-    cond = {"encoder_hidden_states": torch.arange(6).view(3, 2),
-            "added_cond_kwargs": {"time_ids": torch.arange(3).view(3, 1)}}
+    cond = {
+        "encoder_hidden_states": torch.arange(6).view(3, 2),
+        "added_cond_kwargs": {"time_ids": torch.arange(3).view(3, 1)},
+    }
     picked = models.index_cond(cond, torch.tensor([2, 0, 2]))
     assert picked["encoder_hidden_states"][:, 0].tolist() == [4, 0, 4]
     assert picked["added_cond_kwargs"]["time_ids"].flatten().tolist() == [2, 0, 2]
@@ -95,26 +98,64 @@ def test_random_init_backbone_moves_every_module():
 # here and nowhere else, go through the real code path (random weights at their "real" size, text
 # features of their shapes, tokens attached, one AGSM training step, sampling) without another edit.
 TOY_FAMILIES = {
-    "toy-dit": dict(models.FAMILIES["sd3"], hub="example/toy-dit", size=64, vae_factor=8, size_multiple=16,
-                    max_size=128, n_tokens=3, token_layers=2, text_tokens=9, test_denoiser=None,
-                    denoiser=dict(sample_size=8, patch_size=2, in_channels=8, out_channels=8, num_layers=3,
-                                  attention_head_dim=8, num_attention_heads=3, joint_attention_dim=40,
-                                  caption_projection_dim=24, pooled_projection_dim=12, pos_embed_max_size=8)),
-    "toy-unet": dict(models.FAMILIES["sd1.5"], hub="example/toy-unet", size=64, vae_factor=8, size_multiple=16,
-                     n_tokens=2, init="normal", text_tokens=11, test_denoiser=None,
-                     denoiser=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                   block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=20,
-                                   attention_head_dim=2, norm_num_groups=4)),
+    "toy-dit": dict(
+        models.FAMILIES["sd3"],
+        hub="example/toy-dit",
+        size=64,
+        vae_factor=8,
+        size_multiple=16,
+        max_size=128,
+        n_tokens=3,
+        token_layers=2,
+        text_tokens=9,
+        test_denoiser=None,
+        denoiser=dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=8,
+            out_channels=8,
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            joint_attention_dim=40,
+            caption_projection_dim=24,
+            pooled_projection_dim=12,
+            pos_embed_max_size=8,
+        ),
+    ),
+    "toy-unet": dict(
+        models.FAMILIES["sd1.5"],
+        hub="example/toy-unet",
+        size=64,
+        vae_factor=8,
+        size_multiple=16,
+        n_tokens=2,
+        init="normal",
+        text_tokens=11,
+        test_denoiser=None,
+        denoiser=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=20,
+            attention_head_dim=2,
+            norm_num_groups=4,
+        ),
+    ),
 }
 
 
 def agsm_inputs(bb):
     """AGSM tokens with a random psi+ and a random batch of the family's shapes, noised as a step noises it:
     (tokens, batch, x0, cond, x_t, timesteps)."""
-    from shapes import bench
     import softtokens
     import step
+    from shapes import bench
+
     tokens = softtokens.make_tokens(bb, "agsm")
     with torch.no_grad():
         tokens.pos.tokens.normal_()
@@ -126,21 +167,29 @@ def agsm_inputs(bb):
 
 def one_agsm_step(bb, tokens, handle, batch):
     """step.train_step once with AGSM's recipe for the family; returns its stats."""
-    import step
     from types import SimpleNamespace
+
+    import step
+
     recipe = SimpleNamespace(**families.default_recipe(bb.name, "agsm", steps=10))
     opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return step.train_step(bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0)
+    return step.train_step(
+        bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0
+    )
 
 
 @pytest.mark.parametrize("name", list(TOY_FAMILIES))
 def test_a_new_family_is_one_table_entry(monkeypatch, name):
     import hooks
     import sample
+
     monkeypatch.setitem(models.FAMILIES, name, TOY_FAMILIES[name])
     bb = models.random_backbone(name)
-    assert models.feature_shapes(name)[1] == (TOY_FAMILIES[name]["text_tokens"], models.text_widths(bb.denoiser.config)[0])
+    assert models.feature_shapes(name)[1] == (
+        TOY_FAMILIES[name]["text_tokens"],
+        models.text_widths(bb.denoiser.config)[0],
+    )
     tokens, batch, x0, cond, x_t, timesteps = agsm_inputs(bb)
     handle = hooks.attach(bb.denoiser, tokens.sets, blocks=bb.facts["token_blocks"])
     with torch.no_grad():
@@ -151,7 +200,14 @@ def test_a_new_family_is_one_table_entry(monkeypatch, name):
     before = tokens.pos.tokens.detach().clone()
     stats = one_agsm_step(bb, tokens, handle, batch)
     assert not stats.get("diverged") and not torch.equal(before, tokens.pos.tokens)
-    x = sample.sample_loop(bb, torch.randn(1, *models.latent_shape(bb)), models.random_text(bb, 1, 0),
-                            models.random_text(bb, 1, 1), 2, 2.0, handle)
+    x = sample.sample_loop(
+        bb,
+        torch.randn(1, *models.latent_shape(bb)),
+        models.random_text(bb, 1, 0),
+        models.random_text(bb, 1, 1),
+        2,
+        2.0,
+        handle,
+    )
     assert x.shape == (1,) + models.latent_shape(bb) and torch.isfinite(x).all()
     handle.remove()

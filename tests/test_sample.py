@@ -9,16 +9,15 @@ import json
 
 import numpy as np
 import pytest
+import tiny_pipelines
+import tolerances
 import torch
-
 from PIL import Image
 
 import hooks
 import models
 import sample
 import softtokens
-import tiny_pipelines
-import tolerances
 
 torch.set_num_threads(1)
 TINY = ["tiny-sd3", "tiny-sd1.5"]
@@ -41,6 +40,7 @@ def run(tmp_path, name, tag, *extra, prompt="a red circle above a blue square"):
 
 # -----------------------------------------------------------------------------
 # The command line
+
 
 @pytest.mark.parametrize("name", TINY)
 def test_same_seed_same_image(tmp_path, name):
@@ -74,7 +74,7 @@ def test_tokens_change_image_and_no_tokens_reproduce_plain(tmp_path, name):
 def test_pair_tokens_psi_minus_and_ema(tmp_path):
     name = "tiny-sd3"
     bb = models.build_tiny(name)
-    pair = strong_tokens(bb, softtokens.PairTokens)       # psi+, psi-, EMA copies all different
+    pair = strong_tokens(bb, softtokens.PairTokens)  # psi+, psi-, EMA copies all different
     same = strong_tokens(bb, softtokens.PairTokens)
     same.neg.load_state_dict(same.pos.state_dict())
     same.ema_pos.load_state_dict(same.pos.state_dict())
@@ -96,15 +96,25 @@ def test_pair_tokens_psi_minus_and_ema(tmp_path):
 
 def test_prompt_files_records_and_grid(tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n\ntwo blue squares\n")
-    specs = [{"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]},
-             {"category": "counting", "objects": [{"shape": "square", "color": "blue"}], "count": 2}]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "spec": s, "other": 1}) + "\n"
-                                              for p, s in zip(["a red circle", "two blue squares"], specs)))
+    specs = [
+        {"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]},
+        {"category": "counting", "objects": [{"shape": "square", "color": "blue"}], "count": 2},
+    ]
+    (tmp_path / "p.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": p, "spec": s, "other": 1}) + "\n"
+            for p, s in zip(["a red circle", "two blue squares"], specs)
+        )
+    )
     seeds = ["--seed", "5", "6"]
     text_records, text_images = run(tmp_path, "tiny-sd3", "text", "--prompts", str(tmp_path / "p.txt"), *seeds)
     json_records, json_images = run(tmp_path, "tiny-sd3", "jsonl", "--prompts", str(tmp_path / "p.jsonl"), *seeds)
     assert [(r["prompt"], r["seed"]) for r in text_records] == [
-        ("a red circle", 5), ("a red circle", 6), ("two blue squares", 5), ("two blue squares", 6)]
+        ("a red circle", 5),
+        ("a red circle", 6),
+        ("two blue squares", 5),
+        ("two blue squares", 6),
+    ]
     assert all("spec" not in r for r in text_records)
     assert [r["spec"] for r in json_records] == [specs[0], specs[0], specs[1], specs[1]]
     assert all(np.array_equal(a, b) for a, b in zip(text_images, json_images))
@@ -117,6 +127,7 @@ def test_prompt_files_records_and_grid(tmp_path):
 def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
+
     monkeypatch.setattr(models, "load", no_load)
     monkeypatch.setattr(models, "build_tiny", no_load)
     single = tmp_path / "single.safetensors"
@@ -152,12 +163,20 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # The README's example: tokens in the stock StableDiffusion3Pipeline, on random tiny components
 
+
 def test_stock_sd3_pipeline_with_tokens(tmp_path):
     pipe = tiny_pipelines.sd3_pipeline(tmp_path)
 
     def draw():
-        return pipe("a red cube", num_inference_steps=2, guidance_scale=4.0, height=16, width=16,
-                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            "a red cube",
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            height=16,
+            width=16,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
 
     before = draw()
     pair = softtokens.PairTokens(2, 4, hooks.token_width(pipe.transformer))
@@ -231,12 +250,12 @@ def fp32_sampler_tolerance(bb, steps, cfg, per_forward_ulps=64):
         s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
         shift = bb.facts["flow_shift"]
         s = shift * s / (1 + (shift - 1) * s)
-        for i in range(steps):                       # x <- x + (s_{i+1} - s_i) v: c_x = 1
+        for i in range(steps):  # x <- x + (s_{i+1} - s_i) v: c_x = 1
             bound += float((s[i + 1] - s[i]).abs()) * per_forward
         return bound
     abar = models.ddpm_alphas_cumprod().double()
     ts = list(range(1 + (steps - 1) * (1000 // steps), 0, -(1000 // steps)))
-    for i, t in enumerate(ts):                       # DDIM: c_x = sqrt(a'/a), c_eps = sqrt(1-a') - sqrt(a'(1-a)/a)
+    for i, t in enumerate(ts):  # DDIM: c_x = sqrt(a'/a), c_eps = sqrt(1-a') - sqrt(a'(1-a)/a)
         a, a_next = abar[t], (abar[ts[i + 1]] if i + 1 < steps else abar[0])
         c_x, c_eps = (a_next / a).sqrt(), ((1 - a_next).sqrt() - (a_next * (1 - a) / a).sqrt()).abs()
         bound = float(c_x) * bound + float(c_eps) * per_forward
@@ -280,13 +299,18 @@ def test_size_facts_match_the_models():
     192-position table, SD1.5 4 levels, SDXL 3; the tiny configs in models.py)."""
     f = models.FAMILIES
     assert (f["sd3"]["size_multiple"], f["sd3"]["max_size"]) == (8 * 2, 8 * 2 * 192)
-    assert (f["sd1.5"]["size_multiple"], f["sdxl"]["size_multiple"]) == (8 * 2 ** 3, 8 * 2 ** 2)
+    assert (f["sd1.5"]["size_multiple"], f["sdxl"]["size_multiple"]) == (8 * 2**3, 8 * 2**2)
     tiny = {name: f[name]["denoiser"] for name in ("tiny-sd3", "tiny-sd1.5")}
     assert f["tiny-sd3"]["size_multiple"] == f["tiny-sd3"]["vae_factor"] * tiny["tiny-sd3"]["patch_size"]
-    assert f["tiny-sd3"]["max_size"] == f["tiny-sd3"]["vae_factor"] * tiny["tiny-sd3"]["patch_size"] * tiny["tiny-sd3"]["pos_embed_max_size"]
-    assert f["tiny-sd1.5"]["size_multiple"] == f["tiny-sd1.5"]["vae_factor"] * 2 ** (len(tiny["tiny-sd1.5"]["block_out_channels"]) - 1)
+    assert (
+        f["tiny-sd3"]["max_size"]
+        == f["tiny-sd3"]["vae_factor"] * tiny["tiny-sd3"]["patch_size"] * tiny["tiny-sd3"]["pos_embed_max_size"]
+    )
+    assert f["tiny-sd1.5"]["size_multiple"] == f["tiny-sd1.5"]["vae_factor"] * 2 ** (
+        len(tiny["tiny-sd1.5"]["block_out_channels"]) - 1
+    )
     bb = models.build_tiny("tiny-sd3")
     cond = models.encode_prompts(bb, ["a red circle"])
     models.denoise(bb, torch.randn(1, *models.latent_shape(bb, 32)), 500.0, cond)  # the largest size runs
-    with pytest.raises(ValueError):                              # one patch row more does not
+    with pytest.raises(ValueError):  # one patch row more does not
         models.denoise(bb, torch.randn(1, *models.latent_shape(bb, 36)), 500.0, cond)

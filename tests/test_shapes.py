@@ -41,7 +41,7 @@ def test_every_caption_tokenizes_without_unk():
     captions = [shapes.caption(s) for c in shapes.CATEGORIES for s in shapes.all_specs(c)]
     rng = np.random.default_rng(0)
     captions += [shapes.caption(shapes.random_spec(rng)) for _ in range(500)]
-    captions += [shapes.loose_caption(shapes.random_spec(rng), rng) for _ in range(500)]   # "some" is theirs
+    captions += [shapes.loose_caption(shapes.random_spec(rng), rng) for _ in range(500)]  # "some" is theirs
     ids = shapes.tokenize(captions)
     assert not (ids == shapes.UNK_ID).any()
     used = set(ids.unique().tolist())
@@ -52,6 +52,7 @@ def test_stream_is_reproducible():
     def take(seed):
         gen = shapes.stream(seed, batch_size=8)
         return [next(gen) for _ in range(2)]
+
     a, b, c = take(123), take(123), take(124)
     for (ia, ca, sa), (ib, cb, sb) in zip(a, b):
         assert torch.equal(ia, ib) and ca == cb and sa == sb
@@ -80,6 +81,7 @@ def test_shipped_eval_set_is_consistent():
 # -----------------------------------------------------------------------------
 # Loose pretraining captions, the dev set and the evaluation protocol
 
+
 def test_loose_captions_are_true_but_incomplete():
     rng = np.random.default_rng(0)
     words = set(shapes.VOCAB)
@@ -87,9 +89,10 @@ def test_loose_captions_are_true_but_incomplete():
         spec = shapes.random_spec(rng, shapes.CATEGORIES[i % 6])
         loose = shapes.loose_caption(spec, rng)
         assert set(loose.split()) <= words and loose != ""
-        named = [w for w in loose.replace("s ", " ").split() if w in shapes.SHAPES] + \
-                [w[:-1] for w in loose.split() if w[:-1] in shapes.SHAPES]
-        assert set(named) <= {o["shape"] for o in spec["objects"]}          # nothing that is not drawn
+        named = [w for w in loose.replace("s ", " ").split() if w in shapes.SHAPES] + [
+            w[:-1] for w in loose.split() if w[:-1] in shapes.SHAPES
+        ]
+        assert set(named) <= {o["shape"] for o in spec["objects"]}  # nothing that is not drawn
         if spec["category"] == "counting":
             assert not any(w in loose.split() for w in shapes.COUNT_WORDS.values())
         if spec["category"] in ("single_object", "colors"):
@@ -97,12 +100,12 @@ def test_loose_captions_are_true_but_incomplete():
         assert not any(p in loose for p in ("left of", "right of", "above", "below"))
     images, captions, specs = next(shapes.stream(3, 400, loose=0.25))
     share = np.mean([c != shapes.caption(s) for c, s in zip(captions, specs)])
-    assert 0.1 < share < 0.25            # 25% drawn loose, a few of which equal the precise caption
+    assert 0.1 < share < 0.25  # 25% drawn loose, a few of which equal the precise caption
 
 
 def test_dev_set_is_fixed_and_avoids_eval_prompts_where_it_can():
     dev, evaluation = shapes.load_dev_set(), shapes.load_eval_set()
-    assert dev == shapes.make_dev_set()                                   # the file is what the code writes
+    assert dev == shapes.make_dev_set()  # the file is what the code writes
     seen = {r["prompt"] for r in evaluation}
     for category in ("two_object", "position", "color_attr"):
         prompts = [r["prompt"] for r in dev if r["spec"]["category"] == category]
@@ -115,14 +118,17 @@ def test_dev_set_is_fixed_and_avoids_eval_prompts_where_it_can():
 
 
 def test_swapped_captions_exchange_the_colours_of_every_two_colour_caption():
-    spec = {"category": "color_attr", "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}]}
+    spec = {
+        "category": "color_attr",
+        "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}],
+    }
     assert shapes.swapped_caption(spec) == "a blue circle and a red square"
     position = {**spec, "category": "position", "relation": "above"}
     assert shapes.swapped_caption(position) == "a blue circle above a red square"
     same = {**spec, "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "red"}]}
     assert not shapes.can_swap(same) and not shapes.can_swap({"category": "counting", "objects": spec["objects"][:1]})
     precise = next(shapes.stream(5, 200, loose=0.25))[1]
-    assert next(shapes.stream(5, 200, loose=0.25, swap=0.0))[1] == precise    # swap=0 is the default
+    assert next(shapes.stream(5, 200, loose=0.25, swap=0.0))[1] == precise  # swap=0 is the default
     _, captions, specs = next(shapes.stream(5, 300, swap=1.0))
     for text, spec in zip(captions, specs):
         expected = shapes.swapped_caption(spec) if shapes.can_swap(spec) else shapes.caption(spec)

@@ -1,4 +1,5 @@
 """softtokens.py: eq. 12 semantics, the AGSM pair and its EMA, files, and the released SoftREPA tokens."""
+
 import os
 
 import pytest
@@ -41,18 +42,18 @@ def test_pair_tokens_start_equal_and_ema_moves_toward_live():
     pair = softtokens.PairTokens(2, 3, 8)
     torch.testing.assert_close(pair.ema_pos.tokens, pair.pos.tokens)
     torch.testing.assert_close(pair.ema_neg.tokens, pair.neg.tokens)
-    assert not torch.equal(pair.pos.tokens, pair.neg.tokens)     # two N(0, 0.02) draws, as the AGSM code
-    same = softtokens.PairTokens(2, 3, 8, init_tokens=torch.ones(3, 8))   # SD1.5: both from the BOS vector
+    assert not torch.equal(pair.pos.tokens, pair.neg.tokens)  # two N(0, 0.02) draws, as the AGSM code
+    same = softtokens.PairTokens(2, 3, 8, init_tokens=torch.ones(3, 8))  # SD1.5: both from the BOS vector
     torch.testing.assert_close(same.neg.tokens, same.pos.tokens)
     assert all(not p.requires_grad for p in pair.ema_pos.parameters())
-    assert len(pair.trainable()) == 3          # psi+ tokens, psi- tokens, their one shared time table
+    assert len(pair.trainable()) == 3  # psi+ tokens, psi- tokens, their one shared time table
     with torch.no_grad():
         pair.pos.tokens += 1.0
         pair.pos.time_table += 1.0
     old, old_table = pair.ema_pos.tokens.clone(), pair.ema_pos.time_table.clone()
     pair.update_ema(0.9)
     torch.testing.assert_close(pair.ema_pos.tokens, old + 0.1)
-    torch.testing.assert_close(pair.ema_pos.time_table, old_table + 0.1)   # updated once, not twice
+    torch.testing.assert_close(pair.ema_pos.time_table, old_table + 0.1)  # updated once, not twice
     torch.testing.assert_close(pair.ema_neg.tokens, pair.neg.tokens)
 
 
@@ -70,7 +71,7 @@ def test_psi_plus_and_minus_share_one_time_table():
 def test_time_table_starts_random_like_the_authors_embedding():
     torch.manual_seed(0)
     table = softtokens.SoftTokens(2, 3, 64).time_table
-    assert 0.015 < table.std().item() < 0.025 and table.abs().sum() > 0   # N(0, 0.02), not zeros
+    assert 0.015 < table.std().item() < 0.025 and table.abs().sum() > 0  # N(0, 0.02), not zeros
 
 
 def test_uncond_init_copies_the_empty_prompt_bos_vector():
@@ -84,8 +85,13 @@ def test_uncond_init_copies_the_empty_prompt_bos_vector():
 
 
 def test_released_softrepa_sd15_tokens_are_identical_vectors():
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                          "official-softrepa-tokens", "sd1.5")
+    folder = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "..",
+        "shared",
+        "official-softrepa-tokens",
+        "sd1.5",
+    )
     if not os.path.isdir(folder):
         pytest.skip("released SoftREPA tokens not present")
     tokens = softtokens.import_softrepa(folder, "sd1.5").tokens[0]
@@ -122,13 +128,14 @@ def test_agsm_release_format_imports_and_gives_the_same_outputs(tmp_path, family
             finally:
                 handle.remove()
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
-    assert not torch.equal(outputs[0], outputs[1])                      # psi+ and psi- differ
+    assert not torch.equal(outputs[0], outputs[1])  # psi+ and psi- differ
 
 
 def test_agsm_import_refuses_code_in_the_pickle(tmp_path):
     class Payload:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "ran"),))
+
     torch.save({"x": Payload()}, tmp_path / "soft_tokens.pth")
     with pytest.raises(SystemExit) as e:
         softtokens.import_agsm(str(tmp_path))
@@ -159,6 +166,7 @@ def test_save_load_roundtrip_with_metadata(tmp_path, loss):
 
 def test_load_refuses_foreign_files(tmp_path):
     from safetensors.torch import save_file
+
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SystemExit, match="not a soft-token file"):
         softtokens.load(str(tmp_path / "other.safetensors"))
@@ -167,9 +175,11 @@ def test_load_refuses_foreign_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The authors' released tokens
 
+
 @needs_released
-@pytest.mark.parametrize("family,shape,has_time", [("sd3", (5, 4, 1536), True), ("sd1.5", (1, 4, 768), True),
-                                                   ("sdxl", (1, 4, 2048), False)])
+@pytest.mark.parametrize(
+    "family,shape,has_time", [("sd3", (5, 4, 1536), True), ("sd1.5", (1, 4, 768), True), ("sdxl", (1, 4, 2048), False)]
+)
 def test_import_released_shapes(family, shape, has_time):
     s = softtokens.import_softrepa(os.path.join(RELEASED, family), family)
     assert s.shape == shape
@@ -180,31 +190,49 @@ def test_import_released_shapes(family, shape, has_time):
 def test_import_released_sd3_time_rows_are_per_layer_chunks():
     s = softtokens.import_softrepa(os.path.join(RELEASED, "sd3"), "sd3")
     with torch.serialization.safe_globals([torch.nn.Embedding]):
-        table = torch.load(os.path.join(RELEASED, "sd3", "dc_t_tokens.pth"), map_location="cpu",
-                           weights_only=True).weight
-    out = s(torch.tensor([437.0]))[0]                      # bin 43
+        table = torch.load(
+            os.path.join(RELEASED, "sd3", "dc_t_tokens.pth"), map_location="cpu", weights_only=True
+        ).weight
+    out = s(torch.tensor([437.0]))[0]  # bin 43
     for k in range(5):
-        torch.testing.assert_close(out[k], s.tokens[k] + table[43, k * 1536:(k + 1) * 1536])
+        torch.testing.assert_close(out[k], s.tokens[k] + table[43, k * 1536 : (k + 1) * 1536])
 
 
 def sd3_shaped_model():
     """An SD3-shaped MM-DiT (text stream 1536 wide, 6 blocks so that 5 carry tokens) with random weights.
     Built on the meta device and filled in place: a normal construction would spend seconds on init."""
     from diffusers import SD3Transformer2DModel
+
     with torch.device("meta"):
-        model = SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
-                                      attention_head_dim=64, num_attention_heads=24, joint_attention_dim=32,
-                                      caption_projection_dim=1536, pooled_projection_dim=16, pos_embed_max_size=4)
+        model = SD3Transformer2DModel(
+            sample_size=4,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=32,
+            caption_projection_dim=1536,
+            pooled_projection_dim=16,
+            pos_embed_max_size=4,
+        )
     model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02, generator=g)
-        for name, b in model.named_buffers():   # positional embedding: recompute (it is not random)
+        for name, b in model.named_buffers():  # positional embedding: recompute (it is not random)
             if name.endswith("pos_embed.pos_embed"):
                 from diffusers.models.embeddings import get_2d_sincos_pos_embed
-                b.copy_(torch.as_tensor(get_2d_sincos_pos_embed(1536, 4, base_size=2, interpolation_scale=1.0,
-                                                                output_type="pt")).float().unsqueeze(0))
+
+                b.copy_(
+                    torch.as_tensor(
+                        get_2d_sincos_pos_embed(1536, 4, base_size=2, interpolation_scale=1.0, output_type="pt")
+                    )
+                    .float()
+                    .unsqueeze(0)
+                )
     return model.eval()
 
 
@@ -252,7 +280,7 @@ def test_released_softrepa_folder_reads():
 
 
 def test_a_released_file_that_is_no_tensor_is_a_one_line_error(tmp_path):
-    (tmp_path / "dc_tokens.pth").write_bytes(b"\x80\x02]q\x00(K\x01K\x02e.")   # a pickled list, not a torch file
+    (tmp_path / "dc_tokens.pth").write_bytes(b"\x80\x02]q\x00(K\x01K\x02e.")  # a pickled list, not a torch file
     with pytest.raises(SystemExit, match="not a tensor file"):
         softtokens.import_softrepa(str(tmp_path), "sd3")
     torch.save({"tokens": torch.ones(2)}, tmp_path / "dc_tokens.pth")

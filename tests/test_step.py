@@ -2,6 +2,7 @@
 matrix at once -- tokens after the update and every logged number, within the fp32 tolerance -- for
 each loss, both architectures, with and without gradient checkpointing; and a duplicate caption in a
 chunk is still no negative. Then the run machinery of step.py (checkpoints, resume rules, the log)."""
+
 import csv
 import json
 import os
@@ -10,13 +11,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tolerances
 import torch
 
 import families
 import models
 import softtokens
 import step as training
-import tolerances
 
 torch.set_num_threads(1)
 
@@ -26,11 +27,11 @@ def one_step(name, loss, rows_per_forward, checkpointing, captions):
     bb.denoiser.requires_grad_(False)
     if checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
-        bb.denoiser.train()          # diffusers checkpoints in training mode only
+        bb.denoiser.train()  # diffusers checkpoints in training mode only
     recipe = SimpleNamespace(**families.default_recipe(name, loss, steps=100))
     recipe.rows_per_forward = rows_per_forward
     tokens = softtokens.make_tokens(bb, loss, seed=0)
-    with torch.no_grad():            # tokens that matter, so that the step moves them visibly
+    with torch.no_grad():  # tokens that matter, so that the step moves them visibly
         for p in tokens.parameters():
             p.normal_(0, 0.5)
     tokens.update_ema(0.0) if loss == "agsm" else None
@@ -54,7 +55,7 @@ CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a red sq
 @pytest.mark.parametrize("loss", ["softrepa", "agsm", "dsm"])
 def test_rows_per_forward_takes_the_unchunked_step(name, loss, checkpointing):
     whole, whole_stats, whole_grads = one_step(name, loss, 0, checkpointing, CAPTIONS)
-    for rows in (1, 3):                       # one row at a time, and an uneven split (3 + 1)
+    for rows in (1, 3):  # one row at a time, and an uneven split (3 + 1)
         chunked, stats, grads = one_step(name, loss, rows, checkpointing, CAPTIONS)
         # the same arithmetic in another batch layout (tolerances.py): ~1e-4 of unit-size numbers
         for k in whole_grads:
@@ -64,7 +65,7 @@ def test_rows_per_forward_takes_the_unchunked_step(name, loss, checkpointing):
         for k in training.STATS:
             assert stats[k] == pytest.approx(whole_stats[k], rel=1e-4, abs=1e-5), k
     moved = one_step(name, loss, 0, checkpointing, CAPTIONS)[0]
-    assert all(torch.equal(moved[k], whole[k]) for k in whole)   # deterministic: the comparison means something
+    assert all(torch.equal(moved[k], whole[k]) for k in whole)  # deterministic: the comparison means something
 
 
 @pytest.mark.parametrize("loss", ["softrepa", "agsm"])
@@ -92,20 +93,21 @@ def args_like(out, **given):
 
 def write_checkpoint(out, **config):
     os.makedirs(out, exist_ok=True)
-    training.save_checkpoint(os.path.join(out, "ckpt.pt"), dict(tokens={"t": torch.ones(2)}, step=3,
-                                                             config=json.dumps(config)))
+    training.save_checkpoint(
+        os.path.join(out, "ckpt.pt"), dict(tokens={"t": torch.ones(2)}, step=3, config=json.dumps(config))
+    )
 
 
 def test_a_checkpoint_round_trips_and_a_foreign_file_is_refused(tmp_path):
     write_checkpoint(tmp_path, lr=1e-3)
     state = training.read_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] == 3 and torch.equal(state["tokens"]["t"], torch.ones(2))
-    assert not (tmp_path / "ckpt.pt.tmp").exists()                       # written beside, then renamed
+    assert not (tmp_path / "ckpt.pt.tmp").exists()  # written beside, then renamed
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a checkpoint of train.py"):
         training.read_checkpoint(str(tmp_path / "other.pt"))
     rng = np.random.default_rng(0)
-    for _ in range(50):   # random bytes trip the unpickler in many ways (IndexError, KeyError, ...): one line
+    for _ in range(50):  # random bytes trip the unpickler in many ways (IndexError, KeyError, ...): one line
         (tmp_path / "noise.pt").write_bytes(rng.integers(0, 256, 64, dtype=np.uint8).tobytes())
         with pytest.raises(SystemExit, match="not a readable checkpoint"):
             training.read_checkpoint(str(tmp_path / "noise.pt"))
@@ -114,12 +116,12 @@ def test_a_checkpoint_round_trips_and_a_foreign_file_is_refused(tmp_path):
 def test_resume_takes_the_runs_settings_and_refuses_a_contradiction(tmp_path):
     saved = {key: None for key in training.TRAJECTORY}
     saved.update(model="tiny-sd3", loss="agsm", batch=4, lr=1e-3)
-    del saved["params"]                                   # a checkpoint older than --params
+    del saved["params"]  # a checkpoint older than --params
     write_checkpoint(tmp_path, **saved)
     args = args_like(tmp_path)
     training.resume_config(args)
     assert (args.model, args.loss, args.batch) == ("tiny-sd3", "agsm", 4)
-    assert args.params is None                            # left to resolve(): the default, tokens
+    assert args.params is None  # left to resolve(): the default, tokens
     lower = args_like(tmp_path, lr=1e-4)
     training.resume_config(lower)
     assert lower.changes == [{"step": 3, "lr": 1e-4, "was": 1e-3}]
@@ -132,6 +134,6 @@ def test_the_log_forgets_the_rows_after_the_checkpoint(tmp_path):
     record = training.open_log(args, ["step", "loss"], 0, True)
     for step in (1, 2, 3, 4):
         record({"step": step, "loss": 1.0 / step})
-    training.open_log(args, ["step", "loss"], 2, True)({"step": 3, "loss": 0.5})   # resumed at step 2
+    training.open_log(args, ["step", "loss"], 2, True)({"step": 3, "loss": 0.5})  # resumed at step 2
     with open(tmp_path / "log.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]

@@ -1,6 +1,7 @@
 """sweep.py: one flag changed at a time around the defaults, trained by train.py, scored by one
 eval.py --protocol call, one CSV row per run with its settings and its paired difference; finished
 runs are skipped on a second call."""
+
 import csv
 import os
 
@@ -10,19 +11,30 @@ from shapes import sweep
 
 
 def test_planned_runs_vary_one_flag_at_a_time():
-    args = sweep.parse_args(["--model", "tiny-sd3", "--loss", "softrepa", "agsm", "--vary", "tau=0.3,1",
-                             "--vary", "n-tokens=8"])
+    args = sweep.parse_args(
+        ["--model", "tiny-sd3", "--loss", "softrepa", "agsm", "--vary", "tau=0.3,1", "--vary", "n-tokens=8"]
+    )
     runs = sweep.planned_runs(args)
-    assert [name for name, _, _ in runs] == ["softrepa-default", "softrepa-tau0.3", "softrepa-tau1",
-                                             "softrepa-n-tokens8", "agsm-default", "agsm-tau0.3", "agsm-tau1",
-                                             "agsm-n-tokens8"]
+    assert [name for name, _, _ in runs] == [
+        "softrepa-default",
+        "softrepa-tau0.3",
+        "softrepa-tau1",
+        "softrepa-n-tokens8",
+        "agsm-default",
+        "agsm-tau0.3",
+        "agsm-tau1",
+        "agsm-n-tokens8",
+    ]
     assert runs[2] == ("softrepa-tau1", "softrepa", ["--tau", "1"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "sd3"], "tiny-*"),
-    (["--model", "tiny-sd3", "--vary", "tau"], "FLAG=V1,V2"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "sd3"], "tiny-*"),
+        (["--model", "tiny-sd3", "--vary", "tau"], "FLAG=V1,V2"),
+    ],
+)
 def test_bad_sweeps_stop_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
         sweep.parse_args(argv)
@@ -30,8 +42,22 @@ def test_bad_sweeps_stop_with_one_line(argv, message, capsys):
 
 
 def test_sweep_writes_one_row_per_run_and_skips_finished_runs(tmp_path):
-    argv = ["--model", "tiny-sd3", "--loss", "dsm", "--steps", "2", "--vary", "lr=0.01", "--n-per-category", "1",
-            "--val-n", "1", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        "tiny-sd3",
+        "--loss",
+        "dsm",
+        "--steps",
+        "2",
+        "--vary",
+        "lr=0.01",
+        "--n-per-category",
+        "1",
+        "--val-n",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     sweep.main(argv)
     with open(tmp_path / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
@@ -43,5 +69,5 @@ def test_sweep_writes_one_row_per_run_and_skips_finished_runs(tmp_path):
         assert 0 <= float(row["mean"]) <= 1 and row["heldout_acc"] != ""
     stamp = os.path.getmtime(tmp_path / "dsm-default" / "tokens.safetensors")
     args = sweep.parse_args(argv)
-    assert sweep.train(args, "dsm-default", "dsm", []) is None     # finished: not trained again
+    assert sweep.train(args, "dsm-default", "dsm", []) is None  # finished: not trained again
     assert os.path.getmtime(tmp_path / "dsm-default" / "tokens.safetensors") == stamp

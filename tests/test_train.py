@@ -1,6 +1,7 @@
 """train.py on random-weight tiny backbones: DDP keeps the tokens identical on both ranks, a resumed run
 ends where an uninterrupted one does, a COCO folder with a corrupt image trains and reports it, NaN
 stops the run and keeps the last good checkpoint, bad input fails at start in one line."""
+
 import csv
 import json
 import os
@@ -13,9 +14,9 @@ import torch.multiprocessing as mp
 
 import models
 import shapes
+import softtokens
 import train
 from shapes import classifier
-import softtokens
 
 FAST = ["--random-init", "--batch", "2", "--threads", "1", "--workers", "1"]
 
@@ -33,8 +34,9 @@ def free_port():
 
 def run_rank(rank, world, port, argv, folder):
     """One torchrun-like rank: the environment torchrun would set, then train.main in this process."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     result = train.main(argv)
     torch.save(result["tokens"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
 
@@ -44,7 +46,9 @@ def test_two_rank_gloo_run_keeps_tokens_identical(tmp_path):
     argv = FAST + ["--model", "tiny-sd3", "--loss", "agsm", "--steps", "2", "--out", out]
     # a one-process run of the same command first: it is compared with below, and it imports diffusers
     # here, so that the forked ranks inherit it (importing it anew costs ~15 s on this machine)
-    single = train.main(FAST + ["--model", "tiny-sd3", "--loss", "agsm", "--steps", "2", "--out", str(tmp_path / "one")])
+    single = train.main(
+        FAST + ["--model", "tiny-sd3", "--loss", "agsm", "--steps", "2", "--out", str(tmp_path / "one")]
+    )
     mp.start_processes(run_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys()
@@ -52,6 +56,7 @@ def test_two_rank_gloo_run_keeps_tokens_identical(tmp_path):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     # training happened, and both ranks' data went into it: a one-process run differs
     import softtokens
+
     saved, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
     assert meta["world"] == 2 and meta["loss"] == "agsm" and meta["steps"] == 2
     assert torch.equal(saved.pos.tokens, ranks[0]["pos.tokens"])
@@ -83,6 +88,7 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path, model, loss):
 
 def write_coco(root, n_images=4, corrupt=1, year="2017"):
     from PIL import Image
+
     os.makedirs(root / "annotations")
     os.makedirs(root / f"train{year}")
     rng = np.random.default_rng(0)
@@ -96,9 +102,20 @@ def write_coco(root, n_images=4, corrupt=1, year="2017"):
             array = rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)
             Image.fromarray(array).save(path)
         images.append({"id": 100 + i, "file_name": name, "height": 40, "width": 56})
-        annotations += [{"id": 10 * i + k, "image_id": 100 + i, "caption": ["a red square", "two red squares", "a red square above a blue circle",
-                                                                   "some squares", "a square"][k]}
-                        for k in range(5)]
+        annotations += [
+            {
+                "id": 10 * i + k,
+                "image_id": 100 + i,
+                "caption": [
+                    "a red square",
+                    "two red squares",
+                    "a red square above a blue circle",
+                    "some squares",
+                    "a square",
+                ][k],
+            }
+            for k in range(5)
+        ]
     with open(root / "annotations" / f"captions_train{year}.json", "w") as f:
         json.dump({"images": images, "annotations": annotations}, f)
 
@@ -107,8 +124,10 @@ def test_coco_folder_with_a_corrupt_image_trains_and_reports_it(tmp_path, capsys
     write_coco(tmp_path / "coco")
     out = str(tmp_path / "run")
     # 4 images, batch 2: each epoch is 2 steps, so 4 steps read every image twice
-    result = train.main(FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--steps", "4",
-                                "--data", str(tmp_path / "coco"), "--out", out])
+    result = train.main(
+        FAST
+        + ["--model", "tiny-sd3", "--loss", "softrepa", "--steps", "4", "--data", str(tmp_path / "coco"), "--out", out]
+    )
     assert result["step"] == 4 and result["skipped"] == 1  # counted once, though met in both epochs
     assert [r["skipped"] for r in rows(out)][-1] == "1"
     captured = capsys.readouterr()
@@ -120,7 +139,7 @@ def test_coco_folder_with_a_corrupt_image_trains_and_reports_it(tmp_path, capsys
 def test_divergence_stops_keeps_the_last_good_state_and_resumes_with_a_lower_lr(tmp_path, capsys):
     out = str(tmp_path / "run")
     argv = FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--ckpt-every", "1", "--out", out]
-    train.main(argv + ["--steps", "2"])                            # two good steps
+    train.main(argv + ["--steps", "2"])  # two good steps
     # lr 1e30 from step 2 on: the update throws the tokens to ~1e30, whose prediction overflows
     with pytest.raises(SystemExit):
         train.main(argv + ["--steps", "4", "--lr", "1e30", "--resume", "latest"])
@@ -151,7 +170,7 @@ def test_a_kill_during_the_log_rewrite_loses_no_row(tmp_path, monkeypatch):
     old one. A kill before the rename (simulated: os.replace fails) leaves the old log whole."""
     out = str(tmp_path / "run")
     argv = FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--ckpt-every", "2", "--out", out]
-    train.main(argv + ["--steps", "3"])                            # log rows 1-3, checkpoint at step 2 ... and 3
+    train.main(argv + ["--steps", "3"])  # log rows 1-3, checkpoint at step 2 ... and 3
     before = open(os.path.join(out, "log.csv")).read()
     real_replace = os.replace
 
@@ -159,33 +178,52 @@ def test_a_kill_during_the_log_rewrite_loses_no_row(tmp_path, monkeypatch):
         if dst.endswith("log.csv"):
             raise KeyboardInterrupt("killed")
         return real_replace(src, dst)
+
     monkeypatch.setattr(train.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv + ["--steps", "5", "--resume", "latest"])
     assert open(os.path.join(out, "log.csv")).read() == before
     monkeypatch.setattr(train.os, "replace", real_replace)
-    train.main(argv + ["--steps", "5", "--resume", "latest"])     # and a clean resume continues the log
+    train.main(argv + ["--steps", "5", "--resume", "latest"])  # and a clean resume continues the log
     assert [r["step"] for r in rows(out)] == ["1", "2", "3", "4", "5"]
 
 
 def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
     out = str(tmp_path / "run")
-    train.main(FAST + ["--model", "tiny-sd1.5", "--loss", "softrepa", "--steps", "2", "--val-every", "2",
-                       "--val-n", "1", "--val-steps", "3", "--out", out])
+    train.main(
+        FAST
+        + [
+            "--model",
+            "tiny-sd1.5",
+            "--loss",
+            "softrepa",
+            "--steps",
+            "2",
+            "--val-every",
+            "2",
+            "--val-n",
+            "1",
+            "--val-steps",
+            "3",
+            "--out",
+            out,
+        ]
+    )
     log = rows(out)
-    assert [r["step"] for r in log] == ["0", "1", "2"]           # step 0: the untrained tokens
-    for r in (log[0], log[2]):   # one prompt per category: each score is that image's verdict, 0 or 1
+    assert [r["step"] for r in log] == ["0", "1", "2"]  # step 0: the untrained tokens
+    for r in (log[0], log[2]):  # one prompt per category: each score is that image's verdict, 0 or 1
         per_category = [float(r[f"score_{c}"]) for c in shapes.CATEGORIES]
         assert set(per_category) <= {0.0, 1.0}
         assert float(r["score_mean"]) == pytest.approx(np.mean(per_category), abs=1e-5)
-    assert log[1]["score_mean"] == ""                           # no validation at step 1, and no fake number
+    assert log[1]["score_mean"] == ""  # no validation at step 1, and no fake number
     assert log[1]["heldout_acc"] == ""
     # the logged held-out accuracy at step 2 is that of the saved tokens, recomputed here
     bb = models.build_tiny("tiny-sd1.5", seed=0)
     sets, info = softtokens.read_tokens(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5")
     handle = softtokens.attach_tokens(bb, sets, info["blocks"])
-    records = [r for c in shapes.CATEGORIES for r in [r for r in shapes.load_dev_set()
-                                                     if r["spec"]["category"] == c][:1]]
+    records = [
+        r for c in shapes.CATEGORIES for r in [r for r in shapes.load_dev_set() if r["spec"]["category"] == c][:1]
+    ]
     try:
         expected = classifier.classifier_accuracy(bb, records, n_candidates=4, seed=0, handle=handle)
     finally:
@@ -194,13 +232,16 @@ def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
     assert sorted(os.listdir(os.path.join(out, "val"))) == ["step0000000.png", "step0000002.png"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "sd4"], "unknown model 'sd4'"),
-    (["--model", "sd3", "--random-init"], "--random-init"),
-    (["--model", "tiny-sd3", "--loss", "dsm", "--gather-text"], "--gather-text"),
-    (["--model", "tiny-sd3", "--data", "/no/such/coco"], "/no/such/coco: no such file"),
-    (["--model", "tiny-sd3", "--resume", "/no/such/ckpt.pt"], "no such checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "sd4"], "unknown model 'sd4'"),
+        (["--model", "sd3", "--random-init"], "--random-init"),
+        (["--model", "tiny-sd3", "--loss", "dsm", "--gather-text"], "--gather-text"),
+        (["--model", "tiny-sd3", "--data", "/no/such/coco"], "/no/such/coco: no such file"),
+        (["--model", "tiny-sd3", "--resume", "/no/such/ckpt.pt"], "no such checkpoint"),
+    ],
+)
 def test_bad_input_fails_at_start_in_one_line(tmp_path, argv, message):
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--out", str(tmp_path / "run")])
@@ -210,6 +251,7 @@ def test_bad_input_fails_at_start_in_one_line(tmp_path, argv, message):
 # -----------------------------------------------------------------------------
 # The authors' recipe where the papers are silent (AGSM / SoftREPA train.py)
 
+
 def resolved(*argv):
     args = train.parse_args(["--model", "tiny-sd3"] + list(argv))
     train.resolve(args, models.FAMILIES["tiny-sd3"])
@@ -218,7 +260,7 @@ def resolved(*argv):
 
 def test_schedule_and_ema_rules_reproduce_the_authors_runs_and_scale():
     # at the papers' lengths: their scheduler period and their EMA decay
-    assert resolved("--loss", "agsm", "--steps", "100000").lr_period == 1000   # train_coco.sh --num_iter
+    assert resolved("--loss", "agsm", "--steps", "100000").lr_period == 1000  # train_coco.sh --num_iter
     assert resolved("--loss", "softrepa", "--steps", "30000").lr_period == 500
     assert resolved("--loss", "agsm", "--steps", "100000").ema_decay == pytest.approx(0.9999)
     # a 2,000-step run: the same number of periods (100) and the same EMA horizon fraction (a tenth)
@@ -229,11 +271,12 @@ def test_schedule_and_ema_rules_reproduce_the_authors_runs_and_scale():
     ratio = 1e-5 / 1e-3
     lrs = [train.lr_at_step(s, 50, ratio) for s in range(0, 1100)]
     assert lrs[0] == 1.0 and lrs[49] == 1.0 and lrs[50] < 1.0
-    assert lrs[50 * 5] == pytest.approx(ratio + (1 - ratio) / 2)        # half way down the cosine
-    assert lrs[50 * 10] == 1.0 and lrs[50 * 9] < 0.05                  # restart after 10 periods
+    assert lrs[50 * 5] == pytest.approx(ratio + (1 - ratio) / 2)  # half way down the cosine
+    assert lrs[50 * 10] == 1.0 and lrs[50 * 9] < 0.05  # restart after 10 periods
     torch_sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=10, eta_min=ratio)
-    for e in range(25):                                                # the torch scheduler itself
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), T_0=10, eta_min=ratio
+    )
+    for e in range(25):  # the torch scheduler itself
         if 50 * e < len(lrs):
             assert lrs[50 * e] == pytest.approx(torch_sched.get_last_lr()[0], rel=1e-9)
         torch_sched.step()
@@ -248,9 +291,13 @@ def test_one_t_and_one_noise_per_step_unless_per_row(tmp_path, monkeypatch, per_
     def spy(bb, x0, noise, u):
         seen.append((noise.clone(), u.clone()))
         return real(bb, x0, noise, u)
+
     monkeypatch.setattr(train.models, "add_noise", spy)
-    train.main(FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--batch", "3", "--steps", "2",
-                       "--out", str(tmp_path / "run")] + (["--noise-per-row"] if per_row else []))
+    train.main(
+        FAST
+        + ["--model", "tiny-sd3", "--loss", "softrepa", "--batch", "3", "--steps", "2", "--out", str(tmp_path / "run")]
+        + (["--noise-per-row"] if per_row else [])
+    )
     for noise, u in seen:
         same = bool((u == u[0]).all()) and all(torch.equal(noise[0], n) for n in noise)
         assert same != per_row

@@ -1,5 +1,6 @@
 """Tiny metric models built offline and saved as the hub lays them out (the loaders' from_pretrained path):
 a CLIP whose projections make the red image match "red" and the blue one "blue", and a DINO ViT."""
+
 import json
 
 import numpy as np
@@ -14,27 +15,35 @@ def save_clip(folder):
     and the blue image and "blue", map to the same unit vector, and the two pairs are orthogonal."""
     from PIL import Image
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
     folder.mkdir()
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
     (folder / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")              # no merges: one token per letter
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    (folder / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per letter
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")),
+    )
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=0,
-                                         eos_token_id=1, pad_token_id=1, **small),
-                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=4)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, **small
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **small),
+        projection_dim=4,
+    )
     torch.manual_seed(0)
     model = CLIPModel(config).eval()
-    inputs = processor(text=["red", "blue"], images=[Image.fromarray(RED), Image.fromarray(BLUE)],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        text=["red", "blue"], images=[Image.fromarray(RED), Image.fromarray(BLUE)], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
-        image_features = model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output       # (2, 16)
-        text_features = model.text_model(input_ids=inputs["input_ids"],
-                                         attention_mask=inputs["attention_mask"]).pooler_output
-        targets = torch.eye(4)[:, :2]                                   # pair j -> unit vector e_j
+        image_features = model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output  # (2, 16)
+        text_features = model.text_model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).pooler_output
+        targets = torch.eye(4)[:, :2]  # pair j -> unit vector e_j
         model.visual_projection.weight.copy_(targets @ torch.linalg.pinv(image_features.T))
         model.text_projection.weight.copy_(targets @ torch.linalg.pinv(text_features.T))
     model.save_pretrained(folder)
@@ -44,7 +53,17 @@ def save_clip(folder):
 
 def save_dino(folder):
     from transformers import ViTConfig, ViTModel
+
     torch.manual_seed(0)
-    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(folder)
+    ViTModel(
+        ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(folder)
     return folder

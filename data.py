@@ -2,9 +2,8 @@
 data.py: the image-caption pairs that train.py trains on, and the optional encoding cache.
 
 Sources, picked by `--data`:
-  shapes      the shapes world's endless stream (shapes/world.py), for the tiny-* models;
-              shapes:CAT,CAT only those categories; shapes-swapped:CAT,.. the colours of two
-              differently coloured objects exchanged in every caption (the capacity control)
+  stream      a source whose batches are drawn rather than read: `draw(step, rank, batch)`. train.py
+              opens the shapes world's stream this way (`--data shapes`, shapes/pairs.py)
   COCO        a folder holding annotations/captions_{train,val}{2014,2017}.json and the image folder
               {train,val}{2014,2017}/, or the captions_*.json file itself. Every image has ~5
               captions; a random one is used per image and epoch (as SoftREPA's COCO loader does).
@@ -47,7 +46,6 @@ import torch
 
 import families
 import models
-import shapes
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -159,17 +157,26 @@ def check_writable(folder, flag="--out"):
         ) from None
 
 
-def check_vocabulary(records, path):
-    """The shapes world's text encoder reads only its own words (shapes.VOCAB), at most shapes.MAX_LEN - 2
-    of them: a caption outside that fails here, on the first pass, not in the middle of a run."""
-    for image, captions in records:
-        for caption in captions:
-            problem = shapes.language_problem(caption)
-            if problem:
-                raise SystemExit(
-                    f"--data {path}: the caption {caption!r} of {image} is not in the shapes "
-                    f"world's language ({problem}); tiny models read only shapes.VOCAB"
-                )
+def read_prompts(path):
+    """[{"prompt": ..., "spec": ... (if any)}] from a text file (one prompt a line) or JSONL."""
+    if not os.path.exists(path):
+        raise SystemExit(f"no prompts file at {path}")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise SystemExit(f"{path} has no prompts")
+    if not lines[0].startswith("{"):
+        return [{"prompt": line} for line in lines]
+    items = []
+    for n, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path} line {n} is not JSON ({e.msg}): write one JSON object a line") from None
+        if not isinstance(item.get("prompt"), str):
+            raise SystemExit(f'{path} line {n} has no "prompt" string')
+        items.append({k: item[k] for k in ("prompt", "spec") if k in item})
+    return items
 
 
 def image_array(path, size=None):
@@ -229,8 +236,6 @@ def try_load(path, size):
 
 def open_source(spec, size, seed, split="train", workers=4):
     """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it."""
-    if spec.split(":")[0] in ("shapes", "shapes-swapped"):
-        return shapes_source(spec, size, seed)
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "cache.json")):
         return open_cache(spec, size, seed)
     if glob.glob(os.path.join(spec, "shard-*.bin")):
@@ -248,21 +253,6 @@ def open_source(spec, size, seed, split="train", workers=4):
         pool=ThreadPoolExecutor(max(1, workers)),
         epoch=None,
     )
-
-
-def shapes_source(spec, size, seed):
-    """'shapes' (the six categories, precise captions), 'shapes:two_object,color_attr' (those categories
-    only) or 'shapes-swapped[:categories]' (the colours of two differently coloured objects exchanged
-    in their caption): the capacity control of the shapes world (docs/shapes-results.md)."""
-    name, _, listed = spec.partition(":")
-    categories = [c for c in listed.split(",") if c] or list(shapes.CATEGORIES)
-    unknown = [c for c in categories if c not in shapes.CATEGORIES]
-    if unknown:
-        raise SystemExit(
-            f"--data {spec}: unknown shapes categor{'ies' if len(unknown) > 1 else 'y'} "
-            f"{', '.join(unknown)}; choose from {', '.join(shapes.CATEGORIES)}"
-        )
-    return dict(kind="shapes", seed=seed, size=size, categories=categories, swap=int(name == "shapes-swapped"))
 
 
 def epoch_order(seed, epoch, n):
@@ -287,16 +277,8 @@ def slots(source, step, rank, world, batch):
 def get_batch(source, step, rank=0, world=1, batch=4):
     """This rank's `batch` pairs of global step `step`: {"images" (B,3,H,W) or "latents"/"hidden"/
     "pooled" (cache), "captions": [B str], "new_bad": unreadable images first met in this call}."""
-    if source["kind"] == "shapes":
-        rng = np.random.default_rng([source["seed"], step, rank])
-        categories = source["categories"]
-        specs = [shapes.random_spec(rng, categories[rng.integers(len(categories))]) for _ in range(batch)]
-        images = np.stack([shapes.render(s, source["size"], rng) for s in specs])
-        # shapes-swapped: every caption of two differently coloured objects names the colours the other
-        # way round (shapes.swapped_caption) -- a control that tells what tokens can *un*learn
-        caption = [shapes.caption, shapes.swapped_caption][source["swap"]]
-        captions = [caption(s) if shapes.can_swap(s) else shapes.caption(s) for s in specs]
-        return dict(images=shapes.to_tensor(images), captions=captions, new_bad=0)
+    if source["kind"] == "stream":  # drawn, not read: the shapes world's stream (shapes/pairs.py)
+        return dict(source["draw"](step, rank, batch), new_bad=0)
     order, picks, start, _ = slots(source, step, rank, world, batch)
     if source["kind"] == "cache":
         return cache_batch(source, order[start : start + batch], picks[order[start : start + batch]])
@@ -484,24 +466,17 @@ def main(argv=None):
     c.add_argument("--batch", type=int, default=8)
     c.add_argument("--shard-gb", type=float, default=4.0)
     c.add_argument("--pretrained", default=None)
-    c.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
     c.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     facts = models.check_name(args.model)
+    if models.is_shapes_world(args.model):  # its stream is drawn afresh every step: nothing to cache
+        raise SystemExit(f"{args.model} trains on the shapes world's stream (--data shapes): it needs no cache")
     size = args.size or facts["train_size"]  # the cache is for training: the authors' training size
     families.check_size(args.model, size)  # the one size rule of every script
     records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.random_init and not models.is_shapes_world(args.model):
-        raise SystemExit("--random-init builds the tiny shapes-world backbones: use it with tiny-sd3 or tiny-sd1.5")
-    bb = models.build(
-        args.model,
-        args.pretrained,
-        args.random_init,
-        device,
-        STORE_DTYPES[args.store] if device == "cuda" else torch.float32,
-        seed=args.seed,
-    )
+    dtype = STORE_DTYPES[args.store] if device == "cuda" else torch.float32
+    bb = models.load(args.model, pretrained=args.pretrained, device=device, dtype=dtype)
     families.check_size(args.model, size, bb=bb)  # and the loaded model's positional table
     meta = write_cache(
         bb, records, args.out, size, args.captions_per_image, args.store, args.batch, args.shard_gb, args.seed

@@ -61,9 +61,9 @@ import benchmarks
 import data
 import families
 import models
-import sample
-import softtokens
-from shapes import checker
+import sampler
+import trained
+from shapes import backbones, checker
 
 # The editors and their paper settings (AGSM app. F). Step counts and thresholds are for 50 steps.
 METHODS = {
@@ -97,7 +97,7 @@ def check_method(name, method):
     method = ALIASES.get(method, method)
     if method not in METHODS:
         raise SystemExit(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    prediction = models.FAMILIES[name]["prediction"]
+    prediction = families.FAMILIES[name]["prediction"]
     if METHODS[method]["prediction"] != prediction:
         fitting = [m for m, p in METHODS.items() if p["prediction"] == prediction]
         raise SystemExit(
@@ -181,7 +181,7 @@ def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pro
     """FlowEdit, Kulikov et al. 2024, Algorithm 1 (n_min = 0: every one of the last n_max steps edits).
     The edit z moves by the difference of the two velocity fields along coupled paths that share their
     noise: where the prompts agree the difference is zero and z keeps the source's content."""
-    sigmas = sample.flow_sigmas(p["steps"], families.time_shift(bb.facts, *x_src.shape[-2:]))
+    sigmas = sampler.flow_sigmas(p["steps"], families.time_shift(bb.facts, *x_src.shape[-2:]))
     first = p["steps"] - of_50(p["n_max"], p["steps"])  # T - n_max: the steps FlowEdit skips
     z = x_src.clone()  # z^FE_{t_max} = x_src
     for i in _steps(range(first, p["steps"]), progress, "flowedit"):
@@ -192,8 +192,8 @@ def flowedit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pro
             n = _noise(x_src, generator)
             x_src_t = (1 - t) * x_src + t * n  # the source image's forward path
             x_tar_t = z + x_src_t - x_src  # shifted by the edit so far
-            v_tar = sample.predict(bb, x_tar_t, timestep, c_tgt, uncond, p["cfg"], handle, cond_set=0)
-            v_src = sample.predict(bb, x_src_t, timestep, c_src, uncond, p["cfg_src"], handle, cond_set=src_set)
+            v_tar = sampler.predict(bb, x_tar_t, timestep, c_tgt, uncond, p["cfg"], handle, cond_set=0)
+            v_src = sampler.predict(bb, x_src_t, timestep, c_src, uncond, p["cfg_src"], handle, cond_set=src_set)
             v_delta += (v_tar - v_src) / p["n_avg"]
         z = z + (t_next - t) * v_delta  # Euler step of dz/dt = V_delta
     return z, None
@@ -210,7 +210,7 @@ def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
     the zeta term is the step of the flow-matching regulariser that keeps the edit's clean estimate near
     the source's along the whole trajectory (FlowAlign's source consistency). The authors' code integrates
     all T steps; AGSM runs it "consistent with the FlowEdit configuration", n_max = 33 (n_max=50: theirs)."""
-    sigmas = sample.flow_sigmas(p["steps"], families.time_shift(bb.facts, *x_src.shape[-2:]))
+    sigmas = sampler.flow_sigmas(p["steps"], families.time_shift(bb.facts, *x_src.shape[-2:]))
     first = p["steps"] - of_50(p["n_max"], p["steps"])
     z = x_src.clone()
     for i in _steps(range(first, p["steps"]), progress, "flowalign"):
@@ -219,8 +219,8 @@ def flowalign(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
         n = _noise(x_src, generator)
         q_t = (1 - t) * x_src + t * n
         p_t = z + q_t - x_src
-        v_p = sample.predict(bb, p_t, timestep, c_tgt, c_src, p["cfg"], handle, cond_set=0)
-        v_q = sample.predict(bb, q_t, timestep, c_src, None, 1.0, handle, cond_set=src_set)
+        v_p = sampler.predict(bb, p_t, timestep, c_tgt, c_src, p["cfg"], handle, cond_set=0)
+        v_q = sampler.predict(bb, q_t, timestep, c_src, None, 1.0, handle, cond_set=src_set)
         z = z + (t_next - t) * (v_p - v_q) + p["zeta"] * ((q_t - t * v_q) - (p_t - t * v_p))
     return z, None
 
@@ -235,20 +235,20 @@ def rf_inversion(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator,
         X <- X + (sigma' - sigma) [v(X) + eta_i ((X - y0) / sigma - v(X))]
     with eta_i = eta for steps start * T <= i < stop * T and 0 after (eta = 1 throughout returns y0)."""
     steps = p["steps"]
-    sigmas = sample.flow_sigmas(steps, families.time_shift(bb.facts, *x_src.shape[-2:]))
+    sigmas = sampler.flow_sigmas(steps, families.time_shift(bb.facts, *x_src.shape[-2:]))
     rising = sigmas.flip(0)  # the same levels, image -> noise
     y1 = _noise(x_src, generator)
     Y = x_src.clone()
     for i in _steps(range(steps), progress, "rf-inversion: invert"):
         s, s_next = rising[i], rising[i + 1]
-        u = sample.predict(bb, Y, s * models.NUM_TRAIN_TIMESTEPS, uncond, None, 1.0, handle, cond_set=src_set)
+        u = sampler.predict(bb, Y, s * models.NUM_TRAIN_TIMESTEPS, uncond, None, 1.0, handle, cond_set=src_set)
         u_cond = (y1 - Y) / (1 - s)
         Y = Y + (s_next - s) * (u + p["gamma"] * (u_cond - u))
     X = Y
     first, last = int(p["start"] * steps), min(int(p["stop"] * steps), steps)
     for i in _steps(range(steps), progress, "rf-inversion: edit"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        v = sample.predict(bb, X, s * models.NUM_TRAIN_TIMESTEPS, c_tgt, uncond, p["cfg"], handle, cond_set=0)
+        v = sampler.predict(bb, X, s * models.NUM_TRAIN_TIMESTEPS, c_tgt, uncond, p["cfg"], handle, cond_set=0)
         eta = p["eta"] if first <= i < last else 0.0
         v_cond = (X - x_src) / s
         X = X + (s_next - s) * (v + eta * (v_cond - v))
@@ -264,12 +264,12 @@ def ddim_invert(bb, x0, cond, steps, handle=None, cond_set=-1, progress=False):
     Sampling step i goes from level i to i + 1 with eps(x, timesteps[i]); inversion runs it backwards,
     from level i + 1 to i with eps evaluated at the current (less noisy) x -- the usual approximation
     eps(x_{t-1}, t) ~ eps(x_t, t) that makes DDIM inversion inexact by a little each step."""
-    timesteps, levels = sample.ddim_levels(bb, steps)
+    timesteps, levels = sampler.ddim_levels(bb, steps)
     latents = [None] * steps + [x0]
     x = x0
     for i in _steps(range(steps - 1, -1, -1), progress, "DDIM inversion"):
-        eps = sample.predict(bb, x, int(timesteps[i]), cond, None, 1.0, handle, cond_set=cond_set)
-        x = sample.ddim_step(x, eps, levels[i + 1], levels[i])
+        eps = sampler.predict(bb, x, int(timesteps[i]), cond, None, 1.0, handle, cond_set=cond_set)
+        x = sampler.ddim_step(x, eps, levels[i + 1], levels[i])
         latents[i] = x
     return latents
 
@@ -289,7 +289,7 @@ def scaled_layer(index, n):
 
 
 def source_rows(n, per_branch):
-    """For a batch laid out as sample.predict lays it out, [src, tgt] (CFG 1) or [src, tgt] uncond then
+    """For a batch laid out as sampler.predict lays it out, [src, tgt] (CFG 1) or [src, tgt] uncond then
     [src, tgt] cond, chunks of `per_branch` rows: the row each row takes the source's features from
     (itself for source rows; the matching source row, uncond to uncond and cond to cond, for target rows)."""
     r = torch.arange(n)
@@ -359,7 +359,7 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
     that the attention control can hand the source's features to the target). Returns (target, source)."""
     steps, B = p["steps"], x_src.shape[0]
     inverted = ddim_invert(bb, x_src, c_src, steps, handle, src_set, progress)
-    timesteps, levels = sample.ddim_levels(bb, steps)
+    timesteps, levels = sampler.ddim_levels(bb, steps)
     cond, unconds = models.cat_conds([c_src, c_tgt]), models.cat_conds([uncond, uncond])
     rows = torch.cat([torch.full((B,), src_set), torch.zeros(B, dtype=torch.long)])  # tokens: target rows
     state = dict(step=0, per_branch=B)
@@ -369,8 +369,8 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
         for i in _steps(range(steps), progress, p["inversion"] + ("+" + p["control"] if p["control"] else "")):
             state["step"] = i
             x = torch.cat([x_source, x_target])
-            eps = sample.predict(bb, x, int(timesteps[i]), cond, unconds, p["cfg"], handle, cond_set=rows)
-            x_source, x_target = sample.ddim_step(x, eps, levels[i], levels[i + 1]).chunk(2)
+            eps = sampler.predict(bb, x, int(timesteps[i]), cond, unconds, p["cfg"], handle, cond_set=rows)
+            x_source, x_target = sampler.ddim_step(x, eps, levels[i], levels[i + 1]).chunk(2)
             if p["inversion"] == "direct":
                 # PnP-Inversion: add the gap between the inversion latent and the source branch back to
                 # the source branch (it is then on the inversion trajectory again, exactly)
@@ -434,7 +434,7 @@ def shapes_check(bb, n, sets, info, seed=0):
     for method in methods:
         row = {}
         for label in ("plain", "tokens") if sets is not None else ("plain",):
-            with softtokens.attached(bb, sets if label == "tokens" else None, info and info["blocks"]) as handle:
+            with trained.attached(bb, sets if label == "tokens" else None, info and info["blocks"]) as handle:
                 edited = edit(bb, images, sources, targets, method, handle, seed=seed)
             row[label] = sum(checker.check(e, s) for e, s in zip(edited, specs))
         results[method] = row
@@ -444,13 +444,13 @@ def shapes_check(bb, n, sets, info, seed=0):
 
 def main(argv=None):
     args = parse_args(argv)
-    models.check_flags(args)
-    facts, tiny = models.FAMILIES[args.model], models.is_shapes_world(args.model)
+    models.check_backbone_flags(args)
+    facts, tiny = families.FAMILIES[args.model], models.is_shapes_world(args.model)
     if args.shapes_check:
         if not tiny:
             raise SystemExit("--shapes-check edits shapes-world images: use it with tiny-sd3 or tiny-sd1.5")
-        sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
-        bb = models.from_flags(args)
+        sets, info = trained.read(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
+        bb = models.from_flags(args, shapes_world=backbones.load)
         return shapes_check(bb, args.shapes_check, sets, info, args.seed)
     if args.bench is None and (args.image is None or args.src is None or args.tgt is None):
         raise SystemExit(
@@ -465,35 +465,35 @@ def main(argv=None):
         if args.bench
         else [dict(name=None, image=args.image, src=args.src, tgt=args.tgt)]
     )
-    sample.check_prompts(args.model, [r[k] for r in records for k in ("src", "tgt")])
+    backbones.check_prompts(args.model, [r[k] for r in records for k in ("src", "tgt")])
     size = args.size or facts["size"]
     families.check_size(args.model, size)
     if args.tokens_source and args.tokens is None:
         raise SystemExit("--tokens-source puts the --tokens on the source branch too: pass --tokens FILE")
     # the tokens (or LoRA) file and the first image, read and checked before the model loads
-    sets, info = softtokens.read_tokens(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
+    sets, info = trained.read(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
     first = data.to_tensor(
         data.read_image(records[0]["image"], size)
     )  # resized and centre-cropped to the model's size
     data.check_writable(args.out)  # before the work: a read-only --out must not lose the edit
 
-    bb = models.from_flags(args)
+    bb = models.from_flags(args, shapes_world=backbones.load)
     families.check_size(args.model, size, bb=bb)  # the loaded model's positional table
     run = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, progress=args.bench is None)
     for i, record in enumerate(tqdm(records, desc=method, disable=args.bench is None)):
         image = first if i == 0 else data.to_tensor(data.read_image(record["image"], size))
         edited = [edit(bb, image, record["src"], record["tgt"], method, **run)]
         if sets is not None:
-            with softtokens.attached(bb, sets, info["blocks"]) as handle:
+            with trained.attached(bb, sets, info["blocks"]) as handle:
                 edited.append(edit(bb, image, record["src"], record["tgt"], method, handle, args.tokens_source, **run))
         if args.bench:  # --bench: <out>/plain/<name> and <out>/tokens/<name>, the folders eval.py --bench reads
             for variant, picture in zip(("plain", "tokens"), edited):
                 os.makedirs(os.path.dirname(path := os.path.join(args.out, variant, record["name"])), exist_ok=True)
-                sample.save_image(picture, os.path.splitext(path)[0] + ".png")
+                sampler.save_image(picture, os.path.splitext(path)[0] + ".png")
     if not args.bench:
         for name, picture in zip(("edited.png", "edited-tokens.png"), edited):
-            sample.save_image(picture, os.path.join(args.out, name))
-        sample.save_grid(
+            sampler.save_image(picture, os.path.join(args.out, name))
+        sampler.save_grid(
             torch.stack([image] + edited), os.path.join(args.out, "strip.png"), per_cell=1 + len(edited), columns=1
         )
     settings = {**METHODS[method], **{k: v for k, v in (("steps", args.steps), ("cfg", args.cfg)) if v is not None}}

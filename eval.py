@@ -47,10 +47,10 @@ import benchmarks
 import data
 import metrics
 import models
-import sample
+import sampler
 import shapes
-import softtokens
-from shapes import checker, classifier
+import trained
+from shapes import backbones, checker, classifier
 
 ALL_METRICS = ["shapes", "classifier", "geneval", "edit"] + list(metrics.METRICS)
 DISPLAY_SCALE = {
@@ -127,8 +127,8 @@ def token_handle(bb, record):
     """The run's soft tokens attached to bb as sample.py attached them, or None for a plain run."""
     if not record.get("tokens") or record.get("variant") == "plain":
         return None
-    sets, info = softtokens.read_tokens(record["tokens"], bb.name, ema=record.get("token_set") == "ema_pos")
-    return softtokens.attach_tokens(bb, sets, info["blocks"])
+    sets, info = trained.read(record["tokens"], bb.name, ema=record.get("token_set") == "ema_pos")
+    return trained.attach(bb, sets, info["blocks"])
 
 
 def classifier_records(n_per_category, which="eval"):
@@ -403,7 +403,7 @@ def protocol_images(bb, records, which, handle=None, batch=128, steps=None):
     for i in tqdm(range(0, len(pairs), batch), desc=f"sample {which}", leave=False):
         part = pairs[i : i + batch]
         images.append(
-            sample.generate(
+            sampler.generate(
                 bb, [records[p]["prompt"] for p, _ in part], [s for _, s in part], steps=steps, handle=handle
             )
         )
@@ -425,15 +425,15 @@ def protocol_table(results):
 
 def run_protocol(args):
     """--protocol: base and each --tokens file on the dev or eval prompts, 4 seeds each, with intervals."""
-    bb = models.from_flags(args)
+    bb = models.from_flags(args, shapes_world=backbones.load)
     records = classifier_records(args.n_per_category, args.protocol)
     specs = [r["spec"] for r in records]
     variants = [("base", None)] + [(f"tokens {path}", path) for path in args.tokens]
     results, grids, per_prompt = {}, [], {}
     first = [next(i for i, r in enumerate(records) if r["spec"]["category"] == c) for c in shapes.CATEGORIES]
     for name, path in variants:
-        sets, info = softtokens.read_tokens(path, args.model, ema=args.ema) if path else (None, {"blocks": None})
-        with softtokens.attached(bb, sets, info["blocks"]) as handle:
+        sets, info = trained.read(path, args.model, ema=args.ema) if path else (None, {"blocks": None})
+        with trained.attached(bb, sets, info["blocks"]) as handle:
             images = protocol_images(bb, records, args.protocol, handle)
         groups = checker.protocol_groups(images, specs)
         results[name] = checker.ordered(checker.bootstrap_interval(groups))
@@ -461,7 +461,7 @@ def run_protocol(args):
         )  # per-prompt values: pooling training seeds later
     if args.grid:  # rows: the first prompt of each category x 2 seeds; columns: base | each token file
         cells = torch.stack([g[j] for j in range(len(grids[0])) for g in grids])
-        sample.save_grid(cells, args.grid, per_cell=len(grids), columns=2)
+        sampler.save_grid(cells, args.grid, per_cell=len(grids), columns=2)
         print(f"wrote {args.grid}")
     print(f"wrote {out}")
     return results
@@ -469,7 +469,7 @@ def run_protocol(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    models.check_flags(args)
+    models.check_backbone_flags(args)
     if args.protocol:
         for path in args.tokens:
             if not os.path.exists(path):
@@ -480,7 +480,7 @@ def main(argv=None):
         return export_geneval(args.to_geneval, args.geneval_prompts)
     scorers = metrics.load_scorers(args.metrics, args.weights, args.device)
     if "classifier" in args.metrics:
-        scorers["classifier"] = models.from_flags(args)
+        scorers["classifier"] = models.from_flags(args, shapes_world=backbones.load)
     rows = []
     for run in args.runs:
         rows += [

@@ -418,6 +418,7 @@ def check_size(name, height, width=None, what="size", bb=None):
 #   paper_run  (iterations, scheduler period) of the authors' runs, for train.py's schedule rule
 #              (SoftREPA: 30k stepped every 500; AGSM: 100k stepped every --num_iter = 1000, as its
 #              scripts/train_coco.sh sets it for SD3 and SD1.5)
+DEFAULT_LOSS = "agsm"  # train.py --loss when neither the flag nor a resumed checkpoint says
 LOSSES = {
     "dsm": dict(pairs="diagonal", tau=None, recipe="agsm", paper_run=(100000, 1000)),
     "softrepa": dict(pairs="matrix", tau=0.07, recipe="softrepa", paper_run=(30000, 500)),

@@ -22,7 +22,7 @@ of the chosen block groups, the groups that carry the tokens (families.py token_
 The file. A run writes lora.safetensors in diffusers' LoRA format -- the keys of save_lora_weights
 ("transformer." / "unet." + the peft names) and its adapter metadata -- so the stock pipeline loads it
 with pipe.load_lora_weights(path); our metadata (model, loss, steps ...) rides along in the same header.
-sample.py, edit.py and eval.py take it where they take a token file (softtokens.read_tokens sends it
+sample.py, edit.py and eval.py take it where they take a token file (trained.read sends it
 here).
 
 AGSM on LoRA. AGSM's psi+ / psi- are two token sets, one for matched and one for mismatched pairs
@@ -66,7 +66,7 @@ def parse_blocks(value, facts):
     return groups
 
 
-def check_flags(args):
+def check_lora_flags(args):
     """train.py's one-line errors about LoRA that need no recipe: the rank, and soft-token flags given to a
     LoRA run (they would silently do nothing)."""
     if args.lora_rank is not None and args.lora_rank < 1:
@@ -79,7 +79,7 @@ def check_flags(args):
         )
 
 
-def check_recipe(args, facts):
+def check_lora_recipe(args, facts):
     """The resolved recipe of a LoRA run: its loss must be one SoftREPA ran on LoRA (see the top of this
     file on AGSM); returns the parsed --lora-blocks."""
     if args.loss == "agsm":
@@ -166,7 +166,7 @@ def add(bb, rank, blocks, alpha=None, seed=0):
 
 
 class LoraHandle:
-    """What softtokens.attached hands out for a LoRA file: the hooks' interface, so that sampling,
+    """What trained.attached hands out for a LoRA file: the hooks' interface, so that sampling,
     editing and the protocol run unchanged. rows(choice) picks the adapter per row: -1 is the plain
     model (the base weights), any set index the adapted one; remove() takes the adapter off again."""
 

@@ -23,14 +23,10 @@ x_t = (1 - t) x0 + t eps (SoftREPA eq. 11; AGSM eqs. 38-39). Both are the same c
 is chosen by models.target.
 """
 
-import json
-import os
 import re
 
 import torch
 import torch.nn.functional as F
-
-from shapes import checker
 
 
 def pair_errors(pred, target):
@@ -90,8 +86,11 @@ def strictly_lowest(true_errors, other_errors):
 # Plain score / flow matching on the matched pairs: the "dsm" baseline (AGSM Table 4 (i)).
 
 
-def dsm_loss(errors):
-    return matched(errors).mean()
+def dsm_loss(*, errors, batch_rows):
+    """The matched pairs' mean squared error over the step's B image rows, || pred(x_t^i, c^i) - target_i ||^2.
+    `errors` (n, 1) are the pair errors of the n rows at hand (the step runs only the matched pairs); a
+    chunk of rows contributes its sum / B, so the chunks of one step add up to the mean over all B."""
+    return errors[:, 0].sum() / batch_rows
 
 
 # -----------------------------------------------------------------------------
@@ -124,9 +123,12 @@ def softrepa_row_losses(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, 
     return contrastive + dweight * matched(errors, rows)
 
 
-def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None):
-    """Eq. 14 on the whole B x K matrix: the mean of the rows' losses (+ dweight * DSM)."""
-    return softrepa_row_losses(errors, tau, scale, dweight, exclude).mean()
+def softrepa_loss(*, errors, tau, scale, dweight, exclude, rows, batch_rows):
+    """Eq. 14 for the n image rows at hand (global indices `rows` of the step's B): each row's cross-entropy
+    over its K captions (eq. 9, logits of eq. 13) plus dweight times its matched error, summed and divided
+    by B -- the rows' share of the mean over all B rows, so chunks of rows add up to the whole step."""
+    row_losses = softrepa_row_losses(errors, tau, scale, dweight, exclude, rows)
+    return row_losses.sum() / batch_rows
 
 
 # -----------------------------------------------------------------------------
@@ -160,80 +162,65 @@ def softrepa_loss(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None):
 # are nearly one-hot.)
 
 
-def guidance_weight_eps(t, alphas_cumprod=None):
-    """tilde A(t) of eq. 15, = lambda_t beta_t sqrt(1 - abar_t) / (alpha_t (1 - abar_{t-1})) (eq. 37).
-    The paper chooses lambda_t so that tilde A(t) = 1 in every experiment (sec. 4), and so does its code;
-    so do we: a (B,) tensor of ones for the DDPM timesteps t. This is the place to try another lambda_t:
-    `alphas_cumprod` (the backbone's abar, passed down from agsm_loss) gives eq. 37's abar_t, abar_{t-1},
-    alpha_t = abar_t / abar_{t-1} and beta_t = 1 - alpha_t."""
-    return torch.ones_like(t, dtype=torch.float32)
-
-
-def guidance_weight_flow(t):
-    """B(t) of eq. 16, = K(t) lambda_t d / sigma_{t+d}^2 (eq. 51). Set to 1 like tilde A(t)."""
-    return torch.ones_like(t, dtype=torch.float32)
-
-
-def plackett_luce_weights(errors_ema, tau, exclude=None):
-    """w_ij = softmax_j(r_ij) with r_ij = -err_ema(i, j) / tau (eqs. 7, 14; Alg. 1 line 8); duplicate
-    captions (exclude) get no weight: a caption is one choice, however often it appears in the batch."""
-    rewards = -errors_ema / tau
-    if exclude is not None:
-        rewards = rewards.masked_fill(exclude.to(rewards.device), float("-inf"))
-    return torch.softmax(rewards, dim=1)
+def guidance_weight(timesteps):
+    """The scale of the guidance term: tilde A(t) of eq. 15 (DDPM, = lambda_t beta_t sqrt(1 - abar_t) /
+    (alpha_t (1 - abar_{t-1})), eq. 37) or B(t) of eq. 16 (flow, = K(t) lambda_t d / sigma_{t+d}^2, eq. 51).
+    The paper chooses lambda_t so that the scale is 1 in every experiment (sec. 4), and so does its code;
+    so do we: a tensor of ones per row. This is the place to try another lambda_t."""
+    return torch.ones_like(timesteps, dtype=torch.float32)
 
 
 def agsm_targets(
-    pred_ema,
-    target,
-    timesteps,
-    prediction,
-    gamma_pos=1.0,
-    gamma_neg=1.0,
-    tau=0.1,
-    bradley_terry=False,
-    exclude=None,
-    alphas_cumprod=None,
-    rows=None,
+    *, pred_ema, target, timesteps, gamma_pos, gamma_neg, tau, bradley_terry=False, exclude=None, rows=None
 ):
-    """The alignment-guided targets (n, K, C, H, W) of eq. 15 / 16 for every pair of the n image rows
-    at hand (global indices `rows`; None: all B), and the weights w. Everything here is per row."""
-    B, K = pred_ema.shape[:2]
+    """AGSM Alg. 1 lines 8-11: the alignment-guided targets (n, K, C, H, W) of eq. 15 / 16 for every pair of
+    the n image rows at hand (global indices `rows` of the step's B; None: all of them), from the EMA
+    tokens' predictions `pred_ema` (n, K, C, H, W) of the same pairs; and the weights w (n, K). Each row
+    is computed from its own pairs alone, which is what lets the step run the rows a few at a time."""
+    n, K = pred_ema.shape[:2]
     pred_ema = pred_ema.float()
     errors_ema = pair_errors(pred_ema, target)
-    if bradley_terry:
+    if bradley_terry:  # AGSM Table 7: pairwise choices instead of one choice among K captions
         delta, w = bradley_terry_delta(pred_ema, errors_ema, tau, rows)
     else:
-        w = plackett_luce_weights(errors_ema, tau, exclude)  # (B, K)
-        weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)  # sum_k w_ik pred_ema(i, k)
-        delta = pred_ema - weighted_mean.unsqueeze(1)  # Delta_ij (eq. 13 / 33)
-    eye = matched_mask(B, K, rows, pred_ema.device)
-    gamma = torch.where(eye, gamma_pos, -gamma_neg).to(pred_ema)  # gamma_z (eq. 11)
+        # line 8: w_ij = softmax_j(r_ij), r_ij = -err_ema(i, j) / tau (eqs. 7, 14); a duplicate caption is
+        # one choice however often it appears in the batch, so its copies get no weight (exclude)
+        rewards = -errors_ema / tau
+        if exclude is not None:
+            rewards = rewards.masked_fill(exclude.to(rewards.device), float("-inf"))
+        w = torch.softmax(rewards, dim=1)
+        # line 9: Delta_ij = pred_ema(i, j) - sum_k w_ik pred_ema(i, k)   (eqs. 13 / 33)
+        weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)
+        delta = pred_ema - weighted_mean.unsqueeze(1)
+    # line 10: gamma_ij = +gamma+ on the matched pair, -gamma- on the mismatched ones (eq. 11)
+    matched_pairs = matched_mask(n, K, rows, pred_ema.device)
+    gamma = torch.where(matched_pairs, gamma_pos, -gamma_neg).to(pred_ema)
     if exclude is not None:
-        gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)  # a duplicate gets no guidance
-    scale = guidance_weight_flow(timesteps) if prediction == "flow" else guidance_weight_eps(timesteps, alphas_cumprod)
-    shape = (B, K) + (1,) * (pred_ema.dim() - 2)
-    guidance = (gamma * scale.to(pred_ema).view(B, 1)).view(shape) * delta
+        gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)  # a duplicate caption gets no guidance
+    # line 11: target_ij = eps_i (or v_i) + gamma_ij * A(t) * Delta_ij   (eqs. 15, 16)
+    scale = guidance_weight(timesteps)
+    shape = (n, K) + (1,) * (pred_ema.dim() - 2)
+    guidance = (gamma * scale.to(pred_ema).view(n, 1)).view(shape) * delta
     return target.float().unsqueeze(1) + guidance, w
 
 
 def bradley_terry_delta(pred_ema, errors_ema, tau, rows=None):
     """AGSM Table 7's pairwise alternative: each mismatched pair (i, j) is a two-way choice between
     c^i and c^j, so its weights are a softmax over {i, j} only. A mismatched pair's Delta comes from its
-    own comparison; the matched pair's Delta is the mean over its B - 1 comparisons. (The paper gives
+    own comparison; the matched pair's Delta is the mean over its K - 1 comparisons. (The paper gives
     no formula; this is the PL derivation above restricted to two candidates.)"""
-    B, K = pred_ema.shape[:2]
-    local = torch.arange(B, device=pred_ema.device)
+    n, K = pred_ema.shape[:2]
+    local = torch.arange(n, device=pred_ema.device)
     rows = local if rows is None else rows.to(pred_ema.device)  # the matched column of each row
-    own = errors_ema[local, rows].unsqueeze(1).expand(B, K)  # err(i, i) beside err(i, j)
-    w_other = torch.softmax(torch.stack([-own, -errors_ema], dim=-1) / tau, dim=-1)[..., 1]  # (B, K)
-    positive = pred_ema[local, rows].unsqueeze(1)  # (B, 1, C, H, W)
-    shape = (B, K) + (1,) * (pred_ema.dim() - 2)
+    own = errors_ema[local, rows].unsqueeze(1).expand(n, K)  # err(i, i) beside err(i, j)
+    w_other = torch.softmax(torch.stack([-own, -errors_ema], dim=-1) / tau, dim=-1)[..., 1]  # (n, K)
+    positive = pred_ema[local, rows].unsqueeze(1)  # (n, 1, C, H, W)
+    shape = (n, K) + (1,) * (pred_ema.dim() - 2)
     w2 = w_other.view(shape)
     pair_mean = (1 - w2) * positive + w2 * pred_ema  # two-candidate weighted mean
     delta_neg = pred_ema - pair_mean  # Delta for (i, j), j != i
     delta_pos_each = positive - pair_mean  # the matched pair vs c^j
-    off = ~matched_mask(B, K, rows, pred_ema.device)
+    off = ~matched_mask(n, K, rows, pred_ema.device)
     delta_pos = (delta_pos_each * off.view(shape)).sum(1) / max(K - 1, 1)
     delta = delta_neg.clone()
     delta[local, rows] = delta_pos
@@ -246,29 +233,29 @@ def negative_count(B, K, exclude=None):
     return B * K - B - (0 if exclude is None else int(exclude.sum()))
 
 
-def agsm_row_losses(
+def agsm_loss(
+    *,
     pred,
     pred_ema,
     target,
     timesteps,
-    prediction,
-    gamma_pos=1.0,
-    gamma_neg=1.0,
-    tau=0.1,
+    gamma_pos,
+    gamma_neg,
+    tau,
     bradley_terry=False,
     exclude=None,
     plain_sum=False,
-    alphas_cumprod=None,
     rows=None,
-    n_rows=None,
+    batch_rows=None,
     n_negatives=None,
 ):
-    """Eq. 17 split by image row: (n,) the contribution of each row at hand, whose sum over all B rows
-    is the loss of the step. Returns (row losses, weights w of those rows).
-    `pred` holds psi+ predictions on the matched pairs and psi- ones elsewhere (one batched forward,
-    hooks.py); `pred_ema` the same with the EMA tokens, computed without gradient; the targets are
-    detached. `rows` / `n_rows` / `n_negatives`: the global row indices of these rows, B, and the
-    negative count of the whole matrix (negative_count); None: these rows are the whole matrix.
+    """AGSM eq. 17 (Alg. 1 line 12) for the n image rows at hand: E_{D+} || pred_psi+ - tgt ||^2 +
+    E_{D-} || pred_psi- - tgt ||^2, those rows' share of the step's loss. Returns (loss, weights w).
+    `pred` (n, K, C, H, W) holds psi+ predictions on the matched pairs and psi- ones elsewhere (one batched
+    forward, hooks.py); `pred_ema` the same with the EMA tokens, without gradient; the targets (lines
+    8-11, agsm_targets) are constants. `rows`, `batch_rows`, `n_negatives`: these rows' global indices,
+    the step's B, and the negative count of the whole matrix (negative_count); None: these rows are the
+    whole matrix.
 
     Weighting of the two terms: the code (AGSMObjective.forward) averages the matched and the
     mismatched pairs separately and adds the means, pos.sum() / B + neg.sum() / (B K - B), so the B
@@ -277,58 +264,26 @@ def agsm_row_losses(
     Our default follows the code. Either way each row's share is a fixed sum over its own pairs."""
     with torch.no_grad():
         targets, w = agsm_targets(
-            pred_ema,
-            target,
-            timesteps,
-            prediction,
-            gamma_pos,
-            gamma_neg,
-            tau,
-            bradley_terry,
-            exclude,
-            alphas_cumprod,
-            rows,
+            pred_ema=pred_ema,
+            target=target,
+            timesteps=timesteps,
+            gamma_pos=gamma_pos,
+            gamma_neg=gamma_neg,
+            tau=tau,
+            bradley_terry=bradley_terry,
+            exclude=exclude,
+            rows=rows,
         )
-    per_pair = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)  # (n, K)
-    n, K = per_pair.shape
-    n_rows = n if n_rows is None else n_rows
+    # line 12: the regression of psi+ (matched) and psi- (mismatched) onto the targets, per pair
+    pair_losses = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)  # (n, K)
+    n, K = pair_losses.shape
+    batch_rows = n if batch_rows is None else batch_rows
     n_negatives = negative_count(n, K, exclude) if n_negatives is None else n_negatives
-    negatives = per_pair.masked_fill(~_off_diagonal(per_pair, exclude, rows), 0.0).sum(dim=1)  # (n,)
+    negatives = pair_losses.masked_fill(~_off_diagonal(pair_losses, exclude, rows), 0.0).sum(dim=1)  # (n,)
     if plain_sum:
-        return matched(per_pair, rows) + negatives, w
-    return matched(per_pair, rows) / n_rows + negatives / max(n_negatives, 1), w
-
-
-def agsm_loss(
-    pred,
-    pred_ema,
-    target,
-    timesteps,
-    prediction,
-    gamma_pos=1.0,
-    gamma_neg=1.0,
-    tau=0.1,
-    bradley_terry=False,
-    exclude=None,
-    plain_sum=False,
-    alphas_cumprod=None,
-):
-    """Eq. 17 on the whole B x K matrix: E_{D+} || pred_psi+ - tgt ||^2 + E_{D-} || pred_psi- - tgt ||^2
-    (the sum of agsm_row_losses over its rows). Returns (loss, weights w)."""
-    row_losses, w = agsm_row_losses(
-        pred,
-        pred_ema,
-        target,
-        timesteps,
-        prediction,
-        gamma_pos,
-        gamma_neg,
-        tau,
-        bradley_terry,
-        exclude,
-        plain_sum,
-        alphas_cumprod,
-    )
+        row_losses = matched(pair_losses, rows) + negatives
+    else:
+        row_losses = matched(pair_losses, rows) / batch_rows + negatives / max(n_negatives, 1)
     return row_losses.sum(), w
 
 
@@ -352,7 +307,8 @@ def agsm_diagnostics(w, exclude=None, rows=None):
 #        DDPM:  x_t = sqrt(abar) x0 + sqrt(1 - abar) eps      =>  x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)
 #   3. decoded by the frozen VAE *with* gradient, and a differentiable count of the object in it: a
 #      detector's hard count (boxes over a threshold) has no gradient, so we add up probabilities -- the
-#      expected number of detections of that class (a counter's soft_count; shapes/counter.py, DetectorCounter)
+#      expected number of detections of that class (a counter's soft_count: counting.DetectorCounter, or
+#      the shapes world's ShapesCounter in shapes/checker.py)
 #   4. (soft count - asked count)^2 on the matched pairs, added to the step's loss with weight
 #      --count-weight; a caption without a count contributes nothing.
 
@@ -449,57 +405,3 @@ def count_row_losses(soft_counts, asked):
     # zeroed *before* the square: a NaN inside it would turn into a NaN gradient even where it is not chosen
     soft, asked = torch.where(known, soft_counts.float(), 0.0), torch.where(known, asked.float(), 0.0)
     return (soft - asked).pow(2)
-
-
-class DetectorCounter(torch.nn.Module):
-    """A transformers object detector (DETR, Conditional / Deformable DETR, YOLOS, RT-DETR ...) saved in
-    a local folder, as a differentiable counter: the soft count of class c in an image is the sum over
-    the detector's queries of p(query is a c) -- softmax over the classes and "no object" for the DETR
-    family, a sigmoid where the head has no such class (RT-DETR). Its mean and std normalise the input
-    as its image processor does; the image keeps its own size (the DETR family takes any)."""
-
-    def __init__(self, folder):
-        super().__init__()
-        from transformers import AutoModelForObjectDetection
-
-        self.detector = AutoModelForObjectDetection.from_pretrained(folder, local_files_only=True).eval()
-        self.detector.requires_grad_(False)
-        processor = os.path.join(folder, "preprocessor_config.json")
-        config = json.load(open(processor)) if os.path.exists(processor) else {}
-        self.register_buffer("mean", torch.tensor(config.get("image_mean", [0.485, 0.456, 0.406])).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(config.get("image_std", [0.229, 0.224, 0.225])).view(1, 3, 1, 1))
-        self.labels = {singular(v.lower()): int(k) for k, v in self.detector.config.id2label.items()}
-
-    def soft_count(self, images, nouns):
-        """images (B, 3, H, W) in [-1, 1], nouns (B,) -> (B,) expected counts; NaN for an unknown noun."""
-        pixels = ((images.float() + 1) / 2 - self.mean) / self.std
-        logits = self.detector(pixel_values=pixels).logits  # (B, queries, classes [+ 1])
-        probs = (
-            torch.softmax(logits, -1)
-            if logits.shape[-1] == self.detector.config.num_labels + 1
-            else torch.sigmoid(logits)
-        )
-        columns = torch.tensor([self.labels.get(n, -1) for n in nouns], device=images.device)
-        counts = probs.gather(2, columns.clamp(min=0).view(-1, 1, 1).expand(-1, probs.shape[1], 1)).sum((1, 2))
-        return torch.where(columns >= 0, counts, torch.full_like(counts, float("nan")))
-
-
-def load_counter(spec, model_name, device):
-    """--counter: a folder holding a transformers object detector (config.json and weights), or a shapes
-    counter's .safetensors file (shapes/counter.py); None: tiny-* take the shipped shapes counter, and a
-    real family has no default (no detector can be downloaded here)."""
-    if spec is None and model_name.startswith("tiny-"):
-        spec = checker.COUNTER_WEIGHTS
-    if spec is None:
-        raise SystemExit(
-            "--count-weight needs --counter FOLDER: a transformers object detector saved with "
-            "save_pretrained (e.g. a DETR), read from disk"
-        )
-    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
-        return DetectorCounter(spec).to(device)
-    if spec.endswith(".safetensors") and os.path.exists(spec):
-        return checker.load_counter(spec).to(device)
-    raise SystemExit(
-        f"--counter {spec}: not a detector folder (config.json + weights) nor a shapes counter "
-        f".safetensors; pass one of these"
-    )

@@ -15,11 +15,12 @@ them. The scripts use backbones only through the functions of this file:
     pred = denoise(bb, x_t, timesteps, cond)   # epsilon (DDPM) or velocity (flow)
     loss = (pred - target(bb, x0, noise)) ** 2
 
-The tiny-* models are the offline "shapes world" (shapes.py, pretrain.py): VAE latents too (a small
-AutoencoderKL, 32x32x3 <-> 8x8x4, shared by both), one small CLIP text encoder of a word-level vocabulary,
-weights in shapes/weights/. `random_denoiser(family, size)` builds any family's denoiser with random
-weights at its real size (benchmarks) or test size (tests); `build(name, pretrained, random_init)` is what
-the scripts' flags ask for.
+The tiny-* families are the offline "shapes world": the same classes at tiny sizes, with a small CLIP
+text encoder of a word-level vocabulary. The method knows no world of its own, so they are loaded by
+shapes/backbones.py, which the scripts hand to `from_flags` (the one place a script chooses the world);
+the Backbone it returns carries its own `tokenize`.
+`random_denoiser(family, size)` builds any family's denoiser with random weights at its real size
+(benchmarks) or test size (tests); `from_flags(args)` is what the scripts' flags ask for.
 """
 
 import inspect
@@ -30,12 +31,10 @@ import torch
 import torch.nn as nn
 
 import families
-import shapes
 from families import FAMILIES  # the one table of per-family facts
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every script's --precision
 NUM_TRAIN_TIMESTEPS = 1000  # every family: timesteps in [0, 1000) (flow: sigma * 1000)
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes", "weights")
 
 
 @dataclass
@@ -44,7 +43,8 @@ class Backbone:
     facts: dict
     denoiser: nn.Module  # SD3Transformer2DModel, FluxTransformer2DModel or UNet2DConditionModel
     pipe: object = None  # real models: the stock diffusers pipeline (text encoders, VAE)
-    text_encoder: nn.Module = None  # tiny models: one CLIPTextModel with our word vocabulary
+    text_encoder: nn.Module = None  # tiny models: one CLIPTextModel with their word vocabulary
+    tokenize: object = None  # tiny models: list[str] -> the input ids of text_encoder
     vae: nn.Module = None  # AutoencoderKL (real: pipe.vae); None: the denoiser works on pixels
     alphas_cumprod: torch.Tensor = field(default=None, repr=False)  # DDPM families
 
@@ -84,75 +84,44 @@ def ddpm_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=NUM_TRAIN_TIME
 
 
 def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_3=True):
-    """The backbone `name` (a key of FAMILIES). Real families come from the Hugging Face hub, or from
-    `pretrained` (a local folder laid out as the hub repo). Tiny families come from shapes/weights/<name>/."""
+    """The backbone `name` (a key of FAMILIES, a real family) from the Hugging Face hub, or from `pretrained`
+    (a local folder laid out as the hub repo). The shapes world's tiny families: shapes.backbones.load."""
     facts = check_name(name)
     if is_shapes_world(name):
-        bb = load_tiny(name, pretrained or os.path.join(WEIGHTS_DIR, name))
-        bb.to(device, dtype)
-    else:
-        import diffusers
-        import transformers
+        raise SystemExit(f"{name} is a shapes-world backbone: load it with shapes.backbones.load")
+    import diffusers
+    import transformers
 
-        source = pretrained or facts["hub"]
-        extra = {} if text_encoder_3 or facts["arch"] != "mmdit" else dict(text_encoder_3=None, tokenizer_3=None)
-        if pretrained is not None and not os.path.isdir(pretrained):
-            raise SystemExit(f"--pretrained {pretrained}: no such folder (a local copy of {facts['hub']})")
-        diffusers.logging.set_verbosity_error()  # the one-line error below, not pages of warnings first
-        transformers.logging.set_verbosity_error()
-        try:
-            pipe = getattr(diffusers, facts["pipeline"]).from_pretrained(source, torch_dtype=dtype, **extra)
-        except (OSError, ValueError) as e:  # not on disk, and the hub is unreachable or gated
-            if pretrained is not None:
-                raise SystemExit(
-                    f"cannot load {name} from --pretrained {pretrained} ({type(e).__name__}): it must "
-                    f"be a complete local copy of {facts['hub']} (model_index.json and its "
-                    f"subfolders)"
-                ) from None
+    source = pretrained or facts["hub"]
+    extra = {} if text_encoder_3 or facts["arch"] != "mmdit" else dict(text_encoder_3=None, tokenizer_3=None)
+    if pretrained is not None and not os.path.isdir(pretrained):
+        raise SystemExit(f"--pretrained {pretrained}: no such folder (a local copy of {facts['hub']})")
+    diffusers.logging.set_verbosity_error()  # the one-line error below, not pages of warnings first
+    transformers.logging.set_verbosity_error()
+    try:
+        pipe = getattr(diffusers, facts["pipeline"]).from_pretrained(source, torch_dtype=dtype, **extra)
+    except (OSError, ValueError) as e:  # not on disk, and the hub is unreachable or gated
+        if pretrained is not None:
             raise SystemExit(
-                f"cannot load {name} from the hub '{source}' ({type(e).__name__}): if offline, pass --pretrained "
-                f"/path/to/a/local/copy; if online, run `hf auth login` and accept the licence at "
-                f"https://huggingface.co/{facts['hub']}"
+                f"cannot load {name} from --pretrained {pretrained} ({type(e).__name__}): it must "
+                f"be a complete local copy of {facts['hub']} (model_index.json and its "
+                f"subfolders)"
             ) from None
-        pipe.to(device)
-        for module in pipe.components.values():
-            if isinstance(module, nn.Module):
-                module.requires_grad_(False).eval()
-        denoiser = pipe.transformer if facts["arch"] == "mmdit" else pipe.unet
-        bb = Backbone(name, facts, denoiser, pipe=pipe, vae=pipe.vae)
-    for module in (bb.denoiser, bb.text_encoder, bb.vae):
-        if module is not None:
+        raise SystemExit(
+            f"cannot load {name} from the hub '{source}' ({type(e).__name__}): if offline, pass --pretrained "
+            f"/path/to/a/local/copy; if online, run `hf auth login` and accept the licence at "
+            f"https://huggingface.co/{facts['hub']}"
+        ) from None
+    pipe.to(device)
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module):
             module.requires_grad_(False).eval()
+    denoiser = pipe.transformer if facts["arch"] == "mmdit" else pipe.unet
+    bb = Backbone(name, facts, denoiser, pipe=pipe, vae=pipe.vae)
+    bb.denoiser.requires_grad_(False).eval()
     if facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod().to(device)
     return bb
-
-
-# The shapes world's text encoder and autoencoder (its denoisers: FAMILIES' tiny-*); pretrain.py trains them.
-TINY_TEXT_CONFIG = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    max_position_embeddings=16,
-    projection_dim=128,
-)
-# The shapes world's autoencoder: the real families' AutoencoderKL at 0.23M parameters, 32x32x3 -> 8x8x4
-# (vae_factor 4): 64 latent positions, and the decoder draws the crisp edges (a pixel-space denoiser of the
-# same cost drew blocky fragments). No attention in its middle block: flat colours need none. scaling_factor
-# and shift_factor are measured on renders after training (pretrain.py), saved with the weights.
-TINY_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(16, 32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=32,
-    mid_block_add_attention=False,
-)
 
 
 def denoiser_class(facts):
@@ -197,10 +166,8 @@ def random_denoiser_on_meta(name):
 
 
 def random_backbone(name, size="real", seed=0):
-    """A backbone with random weights: tiny-* whole (build_tiny); a real family's denoiser alone, without
-    text encoders or VAE (text features then come from random_text)."""
-    if is_shapes_world(name):
-        return build_tiny(name, seed)
+    """A real family's backbone with random weights: the denoiser alone, without text encoders or VAE
+    (text features then come from random_text). The shapes world's: shapes.backbones.build_tiny."""
     bb = Backbone(name, check_name(name), random_denoiser(name, size, seed).requires_grad_(False))
     if bb.facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod()
@@ -262,7 +229,7 @@ def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
-def check_flags(args):
+def check_backbone_flags(args):
     """One-line errors of the backbone flags, before anything heavy; fills in --device."""
     check_name(args.model)
     if args.random_init and not is_shapes_world(args.model):
@@ -272,94 +239,18 @@ def check_flags(args):
         torch.set_num_threads(args.threads)
 
 
-def from_flags(args, gpu_precision="fp16", device=None, seed=0):
-    """The backbone that add_backbone_flags' flags ask for (device: train.py's rank's own)."""
+def from_flags(args, gpu_precision="fp16", device=None, seed=0, shapes_world=None):
+    """The backbone that add_backbone_flags' flags ask for (device: train.py's rank's own), in --precision.
+    A tiny family comes from `shapes_world`, the shapes world's loader (shapes.backbones.load), which the
+    scripts that offer the world hand in: the method itself knows no world of its own."""
     device = device or args.device
     precision = args.precision or (gpu_precision if str(device).startswith("cuda") else "fp32")
-    return build(args.model, args.pretrained, args.random_init, device, PRECISIONS[precision], seed)
-
-
-def build(name, pretrained=None, random_init=False, device="cpu", dtype=torch.float32, seed=0):
-    """The backbone a script's flags ask for: the trained one (load), or with random_init a random-weight
-    one (tests, benchmarks), moved to device / dtype. One-line errors before anything heavy."""
-    if not random_init:
-        return load(name, pretrained=pretrained, device=device, dtype=dtype)
-    return random_backbone(name, seed=seed).to(device, dtype)
-
-
-def tiny_text_encoder(seed=0):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    # CLIP pools the hidden state at the EOS token (the summary of the prompt); shapes.py explains ids
-    ids = shapes.WORD_TO_ID
-    config = CLIPTextConfig(
-        vocab_size=len(shapes.VOCAB),
-        pad_token_id=ids["<pad>"],
-        bos_token_id=ids["<bos>"],
-        eos_token_id=ids["<eos>"],
-        **TINY_TEXT_CONFIG,
-    )
-    torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
-
-
-def tiny_vae(seed=0, scaling_factor=1.0, shift_factor=0.0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(**TINY_VAE_CONFIG, scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
-
-
-def build_tiny(name, seed=0, vae=None):
-    """A random-weight shapes-world backbone (what pretrain.py starts from); `vae` defaults to a random one."""
-    facts = check_name(name)
-    bb = Backbone(
-        name,
-        facts,
-        random_denoiser(name, seed=seed),
-        text_encoder=tiny_text_encoder(seed + 1),
-        vae=vae if vae is not None else tiny_vae(seed + 2),
-    )
-    if facts["prediction"] == "epsilon":
-        bb.alphas_cumprod = ddpm_alphas_cumprod()
-    return bb
-
-
-TINY_VAE_DIR = os.path.join(WEIGHTS_DIR, "tiny-vae")
-
-
-def load_tiny_vae(folder=TINY_VAE_DIR):
-    """The trained shapes-world autoencoder, with the latent normalisation stored beside its weights."""
-    from safetensors import safe_open
-
-    path = os.path.join(folder, "vae.safetensors")
-    if not os.path.exists(path):
-        raise SystemExit(
-            f"no autoencoder weights at {path}; rebuild them with `python -m shapes.pretrain --model tiny-vae`"
-        )
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    vae = tiny_vae(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
-    vae.load_state_dict(state)
-    return vae
-
-
-def load_tiny(name, folder):
-    """shapes/weights/<name>/{denoiser,text_encoder}.safetensors, and the shared autoencoder beside them."""
-    from safetensors.torch import load_file
-
-    files = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
-    missing = [f for f in files.values() if not os.path.exists(f)]
-    if missing:
-        raise SystemExit(
-            f"{name}: no weights at {missing[0]}; rebuild them with `python -m shapes.pretrain --model {name}`"
-        )
-    vae_folder = os.path.join(os.path.dirname(os.path.abspath(folder)), "tiny-vae")
-    bb = build_tiny(name, vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR))
-    bb.denoiser.load_state_dict(load_file(files["denoiser"]))
-    bb.text_encoder.load_state_dict(load_file(files["text_encoder"]))
-    return bb
+    dtype = PRECISIONS[precision]
+    if not is_shapes_world(args.model):
+        return load(args.model, pretrained=args.pretrained, device=device, dtype=dtype)
+    if shapes_world is None:
+        raise SystemExit(f"{args.model} is a shapes-world backbone, and this command takes the real families only")
+    return shapes_world(args.model, args.pretrained, random_init=args.random_init, seed=seed).to(device, dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -372,7 +263,7 @@ def encode_prompts(bb, prompts, grad=False):
     facts, device = bb.facts, bb.device
     with torch.set_grad_enabled(grad):
         if bb.pipe is None:
-            out = bb.text_encoder(shapes.tokenize(prompts).to(device))
+            out = bb.text_encoder(bb.tokenize(prompts).to(device))
             hidden, pooled = out.last_hidden_state, out.pooler_output
         elif facts["pipeline"] == "FluxPipeline":  # T5's sequence, CLIP's pooled output (and zero text ids)
             hidden, pooled, _ = bb.pipe.encode_prompt(prompts, device=device, max_sequence_length=facts["text_tokens"])

@@ -24,193 +24,17 @@ image of each), grid.png, and records.jsonl, one line per image, which eval.py r
 
 import argparse
 import json
-import math
 import os
-from contextlib import nullcontext
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import data
 import families
 import models
-import shapes
-import softtokens
-
-# -----------------------------------------------------------------------------
-# The sampler core. edit.py uses the same pieces (predict, flow_sigmas, ddim_levels, ddim_step).
-
-
-def flow_sigmas(steps, shift=1.0):
-    """steps + 1 noise levels from 1 to 0 (FlowMatchEulerDiscreteScheduler with `shift`; FLUX-dev's dynamic
-    shift is this with shift = e^mu, families.time_shift)."""
-    sigmas = torch.linspace(1.0, 0.0, steps + 1)
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def ddim_timesteps(steps):
-    """SD's "leading" spacing with steps_offset = 1: 981, 961, ..., 1 for 50 steps (descending)."""
-    ratio = models.NUM_TRAIN_TIMESTEPS // steps
-    return (torch.arange(steps) * ratio + 1).flip(0)
-
-
-def ddim_levels(bb, steps):
-    """(timesteps (steps,), alpha_bar levels (steps + 1,)). Step i takes x from level i to level i + 1
-    with the denoiser called at timesteps[i]; the last level is alpha_bar[0] (SD's DDIM scheduler has
-    set_alpha_to_one = False), so DDIM's final x is its clean-image estimate at t = 0."""
-    abar = bb.alphas_cumprod.cpu()
-    timesteps = ddim_timesteps(steps)
-    return timesteps, torch.cat([abar[timesteps], abar[:1]])
-
-
-def ddim_step(x, eps, abar_from, abar_to):
-    """DDIM (eta = 0) from noise level abar_from to abar_to. Run with abar_to < abar_from it samples;
-    with abar_to > abar_from it is DDIM inversion (edit.py). Both use the same two lines:
-        x0  = (x - sqrt(1 - abar_from) eps) / sqrt(abar_from)     the clean image eps implies
-        x'  = sqrt(abar_to) x0 + sqrt(1 - abar_to) eps             re-noised to the new level"""
-    x0 = (x - (1 - abar_from).sqrt() * eps) / abar_from.sqrt()
-    return abar_to.sqrt() * x0 + (1 - abar_to).sqrt() * eps
-
-
-def _rows(token_set, n):
-    """A token-set choice for n rows: an int (every row) or a (n,) LongTensor; -1 = no tokens."""
-    if torch.is_tensor(token_set):
-        return token_set.long()
-    return torch.full((n,), int(token_set), dtype=torch.long)
-
-
-def predict(bb, x, timestep, cond, uncond, cfg, handle=None, uncond_set=None, cond_set=0):
-    """One guided prediction. x (B, ...), cond / uncond: text kwargs with B rows each. With cfg == 1 the
-    unconditional branch is skipped. With soft tokens attached (`handle`), cond_set is the token set of
-    the conditional rows and uncond_set that of the unconditional rows (None: the same as cond_set):
-    an int, or one per row as a (B,) LongTensor; -1 = no tokens (edit.py runs a source branch without
-    tokens next to a target branch with them). A guidance-distilled family (FLUX-dev) runs one branch
-    whatever cfg is: the cfg scale is its guidance input, and there is no unconditional branch."""
-    B = x.shape[0]
-    t = torch.full((B,), float(timestep), device=x.device)
-    cond_rows = _rows(cond_set, B)
-    distilled = bb.facts["guidance"] is not None
-    if distilled and uncond_set is not None:
-        raise SystemExit(
-            f"--neg-uncond puts psi- on the unconditional branch, and {bb.name} has none: it is guidance-"
-            f"distilled (one branch a step, the cfg scale is its guidance input); sample without it"
-        )
-    if cfg == 1.0 or distilled:
-        choice = None if bool((cond_rows == 0).all()) else cond_rows
-        with handle.rows(choice) if handle is not None else nullcontext():
-            return models.denoise(bb, x, t, cond, guidance=cfg if distilled else None)
-    uncond_rows = cond_rows if uncond_set is None else _rows(uncond_set, B)
-    choice = torch.cat([uncond_rows, cond_rows])
-    if bool((choice == 0).all()):
-        choice = None  # every row uses the first set: the hooks' plain path
-    both = models.cat_conds([uncond, cond])
-    with handle.rows(choice) if handle is not None else nullcontext():
-        pred_uncond, pred_cond = models.denoise(bb, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-    return pred_uncond + cfg * (pred_cond - pred_uncond)
-
-
-def initial_noise(shape, seeds):
-    """x_T for each seed, drawn on the CPU so that a seed gives the same image on every device."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-@torch.no_grad()
-def sample_loop(bb, x, cond, uncond, steps, cfg, handle=None, uncond_set=None, progress=False):
-    """The sampler proper: from noise x at the highest noise level to clean latents."""
-    facts = bb.facts
-    loop = range(steps)
-    if progress:
-        from tqdm import tqdm
-
-        loop = tqdm(loop, desc="sampling", leave=False)
-    if facts["prediction"] == "flow":
-        sigmas = flow_sigmas(steps, families.time_shift(facts, *x.shape[-2:]))  # SD3: 3; FLUX-dev: by size
-        for i in loop:
-            v = predict(bb, x, sigmas[i] * models.NUM_TRAIN_TIMESTEPS, cond, uncond, cfg, handle, uncond_set)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v  # Euler step from sigma_i to sigma_i+1
-    else:
-        timesteps, levels = ddim_levels(bb, steps)
-        for i in loop:
-            eps = predict(bb, x, int(timesteps[i]), cond, uncond, cfg, handle, uncond_set)
-            x = ddim_step(x, eps, levels[i], levels[i + 1])
-    return x
-
-
-@torch.no_grad()
-def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, uncond_set=None, progress=False):
-    """Images (B, 3, H, W) in [-1, 1] for `prompts`, one seed each (same seed -> same image)."""
-    facts = bb.facts
-    steps = steps or facts["sample"]["steps"]
-    cfg = facts["sample"]["cfg"] if cfg is None else cfg
-    x = initial_noise(models.latent_shape(bb, size), seeds).to(bb.device, bb.dtype)
-    cond = models.encode_prompts(bb, list(prompts))
-    uncond = models.encode_prompts(bb, [""] * len(prompts)) if facts["guidance"] is None else None  # distilled: none
-    x = sample_loop(bb, x, cond, uncond, steps, cfg, handle, uncond_set, progress)
-    return models.decode_latents(bb, x).float().cpu()
-
-
-def read_prompts(path):
-    """[{"prompt": ..., "spec": ... (if any)}] from a text file (one prompt a line) or JSONL."""
-    if not os.path.exists(path):
-        raise SystemExit(f"no prompts file at {path}")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise SystemExit(f"{path} has no prompts")
-    if not lines[0].startswith("{"):
-        return [{"prompt": line} for line in lines]
-    items = []
-    for n, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path} line {n} is not JSON ({e.msg}): write one JSON object a line") from None
-        if not isinstance(item.get("prompt"), str):
-            raise SystemExit(f'{path} line {n} has no "prompt" string')
-        items.append({k: item[k] for k in ("prompt", "spec") if k in item})
-    return items
-
-
-def check_prompts(name, prompts):
-    """The tiny models read only the shapes world's words (shapes.VOCAB), at most shapes.MAX_LEN tokens."""
-    if not models.is_shapes_world(name):
-        return
-    for prompt in prompts:
-        problem = shapes.language_problem(prompt)
-        if problem:
-            raise SystemExit(f"prompt {prompt!r} is not in the shapes world's language ({problem})")
-
-
-def save_image(image, path):
-    from PIL import Image
-
-    Image.fromarray(shapes.to_uint8(image)).save(path)
-
-
-def save_grid(images, path, per_cell=1, columns=None, min_side=96):
-    """A grid of images (N, 3, H, W); `per_cell` consecutive images sit side by side in one cell (the
-    plain | tokens pair of --compare). Small images are enlarged (nearest) to be seen."""
-    from PIL import Image
-
-    n_cells = math.ceil(len(images) / per_cell)
-    columns = columns or math.ceil(math.sqrt(n_cells))
-    rows = math.ceil(n_cells / columns)
-    _, _, h, w = images.shape
-    gap = 2
-    cell_w = per_cell * w + (per_cell - 1) * (gap // 2)
-    canvas = np.full((rows * (h + gap) - gap, columns * (cell_w + gap) - gap, 3), 255, np.uint8)
-    for k, image in enumerate(images):
-        cell, within = divmod(k, per_cell)
-        r, c = divmod(cell, columns)
-        y, x = r * (h + gap), c * (cell_w + gap) + within * (w + gap // 2)
-        canvas[y : y + h, x : x + w] = shapes.to_uint8(image)
-    scale = max(1, math.ceil(min_side / h))
-    grid = Image.fromarray(canvas)
-    if scale > 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    grid.save(path)
-
+import sampler
+import trained
+from shapes import backbones
 
 # -----------------------------------------------------------------------------
 # The command line
@@ -227,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts", default=None, help='text file (a prompt a line) or JSONL with a "prompt" field')
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per prompt and seed")
-    p.add_argument("--steps", type=int, default=None, help="default: the family's (models.FAMILIES)")
+    p.add_argument("--steps", type=int, default=None, help="default: the family's (families.FAMILIES)")
     p.add_argument("--cfg", type=float, default=None, help="default: the family's")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the family's)")
     p.add_argument("--batch", type=int, default=16, help="images per denoiser batch")
@@ -237,7 +61,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every one-line error that needs no model, before the model is loaded."""
-    models.check_flags(args)
+    models.check_backbone_flags(args)
     if (args.prompt is None) == (args.prompts is None):
         raise SystemExit("give the prompts with exactly one of --prompt TEXT or --prompts FILE")
     if args.no_tokens:
@@ -248,41 +72,41 @@ def check_args(args):
         raise SystemExit(f"no token file or folder at {args.tokens}")
     if (args.steps is not None and args.steps < 1) or args.batch < 1:
         raise SystemExit("--steps and --batch must be at least 1")
-    if args.neg_uncond and models.FAMILIES[args.model]["guidance"] is not None:  # checked again in predict
+    if args.neg_uncond and families.FAMILIES[args.model]["guidance"] is not None:  # checked again in predict
         raise SystemExit(
             f"--neg-uncond puts psi- on the unconditional branch, and {args.model} has none: it is "
             f"guidance-distilled (one branch per step); drop --neg-uncond"
         )
-    args.size = args.size or models.FAMILIES[args.model]["size"]
+    args.size = args.size or families.FAMILIES[args.model]["size"]
     families.check_size(args.model, args.size)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    facts = models.FAMILIES[args.model]
+    facts = families.FAMILIES[args.model]
     steps = args.steps or facts["sample"]["steps"]
     cfg = facts["sample"]["cfg"] if args.cfg is None else args.cfg
-    items = [{"prompt": args.prompt}] if args.prompt is not None else read_prompts(args.prompts)
-    check_prompts(args.model, [item["prompt"] for item in items])
+    items = [{"prompt": args.prompt}] if args.prompt is not None else data.read_prompts(args.prompts)
+    backbones.check_prompts(args.model, [item["prompt"] for item in items])
     sets, info = (None, dict(token_set=None, blocks=None))
     if args.tokens is not None:
-        sets, info = softtokens.read_tokens(args.tokens, args.model, args.ema, args.neg_uncond)
+        sets, info = trained.read(args.tokens, args.model, args.ema, args.neg_uncond)
     data.check_writable(args.out)  # before the work: a read-only --out must not lose the images
 
-    bb = models.from_flags(args)
+    bb = models.from_flags(args, shapes_world=backbones.load)
     families.check_size(args.model, args.size, bb=bb)  # the loaded model's positional table
     uncond_set = 1 if args.neg_uncond else None
     jobs = [(item, seed) for item in items for seed in args.seed]
     variants = (["plain", "tokens"] if args.compare else ["tokens"]) if sets is not None else ["plain"]
     images = {}
     for variant in variants:
-        with softtokens.attached(bb, sets if variant == "tokens" else None, info["blocks"]) as handle:
+        with trained.attached(bb, sets if variant == "tokens" else None, info["blocks"]) as handle:
             out = []
             for start in tqdm(range(0, len(jobs), args.batch), desc=f"sampling ({variant})"):
                 part = jobs[start : start + args.batch]
                 out.append(
-                    generate(
+                    sampler.generate(
                         bb,
                         [it["prompt"] for it, _ in part],
                         [s for _, s in part],
@@ -301,7 +125,7 @@ def main(argv=None):
         for variant in variants:
             suffix = f"-{variant}" if len(variants) > 1 else ""
             name = os.path.join("images", f"{k:05d}{suffix}.png")
-            save_image(images[variant][k], os.path.join(args.out, name))
+            sampler.save_image(images[variant][k], os.path.join(args.out, name))
             ordered.append(images[variant][k])
             with_tokens = variant == "tokens"
             record = dict(
@@ -325,7 +149,7 @@ def main(argv=None):
             records.append(record)
     with open(os.path.join(args.out, "records.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    save_grid(torch.stack(ordered), os.path.join(args.out, "grid.png"), per_cell=len(variants))
+    sampler.save_grid(torch.stack(ordered), os.path.join(args.out, "grid.png"), per_cell=len(variants))
     print(f"{len(records)} images, grid.png and records.jsonl in {args.out}")
     return records
 

@@ -25,13 +25,11 @@ Files are safetensors with metadata saying how to attach them (family, layers, t
 
 import json
 import os
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 import hooks
-import lora
 import models
 
 TIME_BINS = 100
@@ -173,7 +171,7 @@ def movement(bb, tokens, initial_tokens, handle, prompts):
 
 
 def make_tokens(bb, loss, n_tokens=None, layers=None, time_table=None, init=None, seed=0):
-    """The soft tokens for backbone `bb` with the paper defaults of its family (models.FAMILIES),
+    """The soft tokens for backbone `bb` with the paper defaults of its family (families.FAMILIES),
     each overridable: a SoftTokens for softrepa / dsm, a PairTokens for agsm."""
     facts = bb.facts
     n_tokens = n_tokens or facts["n_tokens"]
@@ -352,8 +350,6 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
         return [import_softrepa(path, family)], dict(token_set="softrepa", blocks=None)
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
-    if lora.is_lora_file(path):  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
-        return lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
     from safetensors import SafetensorError
 
     try:
@@ -383,24 +379,9 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
 
 
 def attach_tokens(bb, sets, blocks=None):
-    """hooks.attach with the family's blocks, on the backbone's device; a one-line error on a misfit.
-    A LoRA file's state dict (read_tokens) goes onto the denoiser's weights instead (lora.attach)."""
-    if isinstance(sets, dict):
-        return lora.attach(bb, sets)
+    """hooks.attach with the family's blocks, on the backbone's device; a one-line error on a misfit."""
     sets = [s.to(bb.device) for s in sets]
     try:
         return hooks.attach(bb.denoiser, sets, blocks=tuple(blocks or bb.facts["token_blocks"] or ()) or None)
     except ValueError as e:
         raise SystemExit(f"cannot attach these tokens to {bb.name}: {e}") from None
-
-
-@contextmanager
-def attached(bb, sets, blocks=None):
-    """with attached(bb, sets, blocks) as handle: ...  -- the token sets on the backbone inside the block
-    and off again after it, whatever happens; sets=None: no tokens (handle None)."""
-    handle = attach_tokens(bb, sets, blocks) if sets is not None else None
-    try:
-        yield handle
-    finally:
-        if handle is not None:
-            handle.remove()

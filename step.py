@@ -24,11 +24,7 @@ DDP inline (nanoGPT): each rank draws its own images; one all-reduce averages th
 the logged numbers, so every rank takes the same optimizer step and the tokens stay identical.
 """
 
-import csv
-import json
 import math
-import os
-import resource
 from contextlib import nullcontext
 
 import numpy as np
@@ -129,11 +125,12 @@ def step_stats(loss, errors, exclude, diagnostics, new_bad, count_error=None):
     )
 
 
-@torch.no_grad()
 # DDP without DistributedDataParallel: the trainable parameters are a few tensors of tokens, so one
 # flat all-reduce of their gradients and the logged numbers after backward is all that DDP would do
 # here, in one place a reader can see (nanoGPT wraps the model; ours has nothing to wrap).
 
+
+@torch.no_grad()
 def all_reduce_mean(params, stats, world):
     """One all-reduce carries the token gradients and the logged numbers: every rank then holds the mean
     gradient of the global batch. The last stat (newly met unreadable images) stays a sum."""
@@ -184,31 +181,42 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
         n = len(rows)
         with autocast(bb):
             if args.loss == "dsm":
-                # ---- plain score / flow matching (AGSM Table 4 (i)): the n matched pairs (i, i) alone,
-                # one token set; the loss is the mean over the B rows of || pred(x_t^i, c^i) - target_i ||^2
-                pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, rows))
+                # ---- plain score / flow matching (AGSM Table 4 (i)): the n matched pairs (i, i) alone, with
+                # the one token set; the loss is the mean over the B rows of || pred(x_t^i, c^i) - target_i ||^2
+                with handle.rows(None):  # every row: the one token set (or the LoRA adapters)
+                    pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, rows))
                 errors = losses.pair_errors(pred.unsqueeze(1), target[rows])  # (n, 1)
-                loss = errors[:, 0].sum() / B
+                loss = losses.dsm_loss(errors=errors, batch_rows=B)
             elif args.loss == "softrepa":
-                # ---- SoftREPA (Alg. 1; eqs. 9-14): each image row i against all K captions, in one
-                # batched forward of n x K pairs with the soft tokens prepended (hooks.py). The error of
-                # pair (i, j) is || v_theta(x_t^i, t, c^j) - v_i ||^2 (eq. 11); the logits exp(-err / tau)
-                # (eq. 13) go into a cross-entropy whose label is the matched caption (eq. 14).
+                # ---- SoftREPA (Alg. 1; eqs. 9-14): each image row i against all K captions, in one batched
+                # forward of n x K pairs with the soft tokens prepended (hooks.py). The error of pair (i, j) is
+                # || v_theta(x_t^i, t, c^j) - v_i ||^2 (eq. 11); the logits exp(-err / tau) (eq. 13) go into a
+                # cross-entropy whose label is the matched caption (eq. 14).
                 pair_rows, pair_cols = rows.repeat_interleave(K), torch.arange(K, device=device).repeat(n)
-                pred = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols))
+                with handle.rows(None):  # every pair: the one token set (or the LoRA adapters)
+                    pred = models.denoise(bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols))
                 errors = losses.pair_errors(pred.view(n, K, *x0.shape[1:]), target[rows])  # (n, K)
-                row_losses = losses.softrepa_row_losses(errors, tau, args.scale, args.dweight, exclude[rows], rows)
-                loss = row_losses.sum() / B  # eq. 14: mean over rows
+                loss = losses.softrepa_loss(
+                    errors=errors,
+                    tau=tau,
+                    scale=args.scale,
+                    dweight=args.dweight,
+                    exclude=exclude[rows],
+                    rows=rows,
+                    batch_rows=B,
+                )
             elif args.loss == "agsm":
-                # ---- AGSM (Alg. 1). Line 7: psi+ on the matched pairs, psi- on the mismatched ones --
-                # one batched forward, the token set chosen per pair (handle.rows).
+                # ---- AGSM (Alg. 1; lines 4-6, t, eps and x_t, are draw_noise above). Line 7: psi+ on the
+                # matched pairs, psi- on the mismatched ones -- one batched forward, the token set chosen per
+                # pair (handle.rows).
                 pair_rows, pair_cols = rows.repeat_interleave(K), torch.arange(K, device=device).repeat(n)
                 matched = pair_rows == pair_cols
                 shape = (n, K, *x0.shape[1:])
-                # Lines 8-9 need the EMA tokens' predictions of the same pairs, without gradient: they
-                # make the targets. (The order of the two forwards does not matter: hooks.py hands a block
+                # Lines 8-9 need the EMA tokens' predictions of the same pairs, without gradient: they make
+                # the targets. (The order of the two forwards does not matter: hooks.py hands a block
                 # recomputed under gradient checkpointing the tokens of its own forward.)
-                with torch.no_grad(), handle.rows(torch.where(matched, softtokens.EMA_POS, softtokens.EMA_NEG)):
+                ema_sets = torch.where(matched, softtokens.EMA_POS, softtokens.EMA_NEG)
+                with torch.no_grad(), handle.rows(ema_sets):
                     pred_ema = models.denoise(
                         bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols)
                     ).view(shape)
@@ -216,27 +224,24 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                     pred = models.denoise(
                         bb, x_t[pair_rows], timesteps[pair_rows], models.index_cond(cond, pair_cols)
                     ).view(shape)
-                # Lines 8-12 (losses.agsm_row_losses): Plackett-Luce weights w of the EMA errors, the
-                # guided targets v_i + gamma_ij (v_ema(i, j) - sum_k w_ik v_ema(i, k)), and the regression
-                # of psi+ / psi- onto them: matched mean + mismatched mean over the whole matrix.
-                row_losses, w = losses.agsm_row_losses(
-                    pred,
-                    pred_ema,
-                    target[rows],
-                    timesteps[rows],
-                    bb.facts["prediction"],
-                    args.gamma_pos,
-                    args.gamma_neg,
-                    tau,
-                    args.bradley_terry,
-                    exclude[rows],
-                    args.plain_sum,
-                    bb.alphas_cumprod,
-                    rows,
-                    B,
-                    n_negatives,
+                # Lines 8-12 (losses.agsm_loss): Plackett-Luce weights w of the EMA errors, the guided targets
+                # v_i + gamma_ij (v_ema(i, j) - sum_k w_ik v_ema(i, k)), and the regression of psi+ / psi- onto
+                # them: the matched mean plus the mismatched mean over the whole matrix.
+                loss, w = losses.agsm_loss(
+                    pred=pred,
+                    pred_ema=pred_ema,
+                    target=target[rows],
+                    timesteps=timesteps[rows],
+                    gamma_pos=args.gamma_pos,
+                    gamma_neg=args.gamma_neg,
+                    tau=tau,
+                    bradley_terry=args.bradley_terry,
+                    exclude=exclude[rows],
+                    plain_sum=args.plain_sum,
+                    rows=rows,
+                    batch_rows=B,
+                    n_negatives=n_negatives,
                 )
-                loss = row_losses.sum()
                 errors = losses.pair_errors(pred, target[rows])  # logged: psi+ / psi- errors
                 row_weights.append(w)
             else:
@@ -289,214 +294,6 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     return out
 
 
-# -----------------------------------------------------------------------------
-# The run between steps: what train.py keeps so that nothing is lost. A run folder holds one run
-# (lock_folder), its checkpoint ckpt.pt (written atomically: a kill mid-write keeps the previous one;
-# loaded with weights_only=True, so a file from elsewhere runs no code), config.json and log.csv
-# (appended, never rewritten in place); --resume latest continues the very same run.
-
-# Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
-# refuses a command line that contradicts them (a run is only resumable as the same run).
-TRAJECTORY = [
-    "model",
-    "loss",
-    "data",
-    "size",
-    "batch",
-    "seed",
-    "lr",
-    "wd",
-    "min_lr",
-    "lr_period",
-    "grad_clip",
-    "n_tokens",
-    "layers",
-    "blocks",
-    "time_table",
-    "init",
-    "tau",
-    "scale",
-    "dweight",
-    "gamma_pos",
-    "gamma_neg",
-    "bradley_terry",
-    "plain_sum",
-    "noise_per_row",
-    "ema_decay",
-    "gather_text",
-    "world",
-    "params",
-    "lora_rank",
-    "lora_blocks",
-    "count_weight",
-    "counter",
-]
-# Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
-# continue a diverged run more slowly). Each change is recorded in config.json under "changes".
-# (--rows-per-forward and --grad-checkpointing are free too: they change the memory, not the step.)
-CHANGEABLE_ON_RESUME = ["lr"]
-
-
-def save_checkpoint(path, blob):
-    """Atomic: written beside, then renamed over the previous checkpoint (a crash keeps the old one)."""
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def read_checkpoint(path):
-    """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL " in str(e):  # weights_only refused a class (e.g. posix.system): code would have run
-            raise SystemExit(
-                f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
-                f"and nothing in it was run; pass a ckpt.pt written by train.py"
-            ) from None
-        raise SystemExit(
-            f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
-            f"by train.py, or start a new run in another --out"
-        ) from None
-    except Exception as e:  # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
-        raise SystemExit(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
-            f"written by train.py, or start a new run in another --out"
-        ) from None
-    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
-        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
-    return state
-
-
-# Resuming. A checkpoint is a plain dict of tensors and one JSON string (the run's flags), loaded with
-# weights_only=True so that a file from elsewhere cannot run code. resume_config reads the flags back
-# before anything else happens: the run's recipe is the checkpoint's, and a command line that says
-# otherwise about the trajectory (say --batch 8 against a run of batch 4) is refused in one line,
-# because "resume" would then silently mean "a different run with the same name".
-
-
-def resume_config(args):
-    """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
-    that contradicts the checkpoint is an error, except the few that only act on the steps to come
-    (CHANGEABLE_ON_RESUME), which are recorded in args.changes."""
-    ckpt_path, state, args.changes = os.path.join(args.out, "ckpt.pt"), None, []
-    if args.resume:
-        path = ckpt_path if args.resume == "latest" else args.resume
-        if os.path.exists(path):
-            state = read_checkpoint(path)
-            saved = json.loads(state["config"])
-            args.changes = saved.get("changes", [])
-            for key in TRAJECTORY:
-                if key not in saved:  # a setting newer than the run: its default (resolve)
-                    continue
-                if getattr(args, key) is None:
-                    setattr(args, key, saved[key])
-                elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
-                    args.changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
-                elif getattr(args, key) != saved[key]:
-                    raise SystemExit(
-                        f"--resume {path}: that run has {key}={saved[key]!r}, this one {getattr(args, key)!r}"
-                        f": pass the same value, or start a new run in another --out"
-                    )
-        elif args.resume != "latest":
-            raise SystemExit(f"--resume {path}: no such checkpoint")
-    return state
-
-
-# The log. log.csv holds one row per step (every logged number) and is appended to, never rewritten in
-# place: a resumed run first drops the rows after its checkpoint (they belong to a future that was lost)
-# by writing the kept rows to a new file and renaming it over the old one.
-
-
-def open_log(args, columns, step, master):
-    """log.csv (rank 0), appended from `step` on. A resumed run forgets the rows logged after its
-    checkpoint: the kept rows go to a new file renamed over the old one, so a kill at any moment leaves
-    the old log or the new one, whole. Returns a function that writes one row (and to TensorBoard)."""
-    if not master:
-        return lambda row: None
-    csv_path, board = os.path.join(args.out, "log.csv"), None
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    kept = []
-    if step and os.path.exists(csv_path):
-        with open(csv_path) as f:
-            kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
-        rewrite.writeheader()
-        rewrite.writerows(kept)
-    os.replace(csv_path + ".tmp", csv_path)
-    log = open(csv_path, "a", newline="")  # appended from here on, never truncated
-    writer = csv.DictWriter(log, columns, extrasaction="ignore")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        board = SummaryWriter(os.path.join(args.out, "tb"))
-    except ImportError:
-        pass
-
-    def record(row):
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        log.flush()
-        for k, v in row.items() if board is not None else ():
-            board.add_scalar(k, v, row["step"])
-
-    return record
-
-
-# One run per folder. Two runs writing one folder would interleave their checkpoints and logs, each
-# looking fine on its own; the lock file holds the pid of the run that owns the folder, so a second one
-# is refused while the first lives, and a lock left by a killed run (its pid gone) is simply taken over.
-
-
-def lock_folder(folder, flag="--out"):
-    """Hold `folder` for this process (folder/lock, holding our pid) until it exits: a second run into the
-    same folder is refused while the first one lives, and a lock left by a killed run is taken over."""
-    import atexit
-
-    path = os.path.join(folder, "lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(open(path).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise SystemExit(
-                    f"{flag} {folder} is in use by another run (pid {pid}): wait for it, stop it, or "
-                    f"pass another {flag}"
-                ) from None
-            os.remove(path)  # stale: its run is gone (or it is ours)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-
-    def release():
-        try:
-            if open(path).read().strip() == str(os.getpid()):
-                os.remove(path)
-        except OSError:
-            pass
-
-    atexit.register(release)
-    return release
-
-
-def process_alive(pid):
-    """Whether process `pid` lives: signal 0 delivers nothing and only checks that the process exists
-    (PermissionError: it exists, under another user). A lock whose holder is gone is stale."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @torch.no_grad()
 def finite_after_update(bb, tokens, handle, args, probe, world=1):
     """A diverged state is never saved as good: the tokens must be finite and give finite predictions on
@@ -510,11 +307,3 @@ def finite_after_update(bb, tokens, handle, args, probe, world=1):
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
-
-
-def peak_memory_gb(device):
-    """The peak memory of this process so far, logged every step (peak_mem_gb): on CUDA the allocator's
-    peak of live tensors, on the CPU the peak resident set size (everything, the Python process included)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (peak RSS)

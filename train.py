@@ -26,7 +26,6 @@ holds tokens, EMA, optimizer, scheduler and the step.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,16 +35,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import counting
 import data
 import families
 import hooks
 import lora
-import losses
 import models
-import shapes
+import run
 import softtokens
-import step as training
-from shapes import classifier
+from families import FAMILIES
+from shapes import backbones, checker, classifier, pairs
+from shapes import world as shapes_world
+from step import STATS, finite_after_update, train_step
 
 # -----------------------------------------------------------------------------
 # The flags. Three groups: the backbone (models.add_backbone_flags: --model, --pretrained, --device,
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--val-data", default=None, help="held-out pairs for classifier.classifier_accuracy (real models)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")
-    # the recipe: None means the paper default for the model (models.FAMILIES)
+    # the recipe: None means the paper default for the model (families.FAMILIES)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images per rank; the pair matrix is batch x batch")
     p.add_argument("--size", type=int, default=None, help="training image size")
@@ -188,13 +189,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve(args, facts):
+def resolve(args):
     """Fill every unset recipe value with the model family's paper default (families.default_recipe).
 
     The defaults come from the authors' runs where a paper is silent (docs/choices.md, "Choices the papers leave
     open"): for example the training size (512 px for every real family: both codes train there, while
     SDXL and SD3 sample at 1024), tau (the codes' 0.07 / 0.1, not AGSM Alg. 1's plain sum), AGSM's
     two separate means (not Alg. 1 line 12's one sum) and one t and eps per step (not per row)."""
+    args.loss = args.loss or families.DEFAULT_LOSS
     for key, value in families.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -211,6 +213,13 @@ def resolve(args, facts):
     args.lr_period = args.lr_period or max(1, round(args.steps * paper_period / paper_steps))
     if args.data is None:
         raise SystemExit(f"--data is required for {args.model}: a COCO folder, a .jsonl, a folder or a cache")
+    families.check_size(args.model, args.size)  # the family's image sides (every script's one rule)
+    if families.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (args.world if args.gather_text else 1) < 2:
+        # SoftREPA and AGSM compare each image's caption with the other captions of the batch
+        raise SystemExit(
+            f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
+            f"--batch 1 there are none (the loss is 0). Pass --batch 2 or more, or --loss dsm"
+        )
 
 
 # The learning-rate schedule. Both codes build CosineAnnealingWarmRestarts(T_0=10, eta_min=1e-5) and call
@@ -228,7 +237,7 @@ def lr_at_step(step, period, min_lr_ratio, cycle=10):
     return min_lr_ratio + (1 - min_lr_ratio) * (1 + math.cos(math.pi * e / cycle)) / 2
 
 
-def check_flags(args):
+def check_recipe_flags(args):
     """Every one-line error that needs no model and no data, before anything heavy. A user who types
     --lr nan or --steps 0 should learn it in one line in a second, not from an optimizer traceback
     after a multi-GB model has loaded; numbers are checked for being finite as well as in range."""
@@ -254,22 +263,173 @@ def check_flags(args):
             raise SystemExit(f"--{flag.replace('_', '-')} must be a finite number, not negative (got {value})")
     if args.rows_per_forward is not None and args.rows_per_forward < 1:
         raise SystemExit(f"--rows-per-forward must be at least 1 (got {args.rows_per_forward})")
-    lora.check_flags(args)  # --lora-rank, and token flags given to a LoRA run (they would do nothing)
+    lora.check_lora_flags(args)  # --lora-rank, and token flags given to a LoRA run (they would do nothing)
     # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
     # across GPUs); dsm has no mismatched pairs to widen
     if args.gather_text and args.loss and families.LOSSES[args.loss]["pairs"] == "diagonal":
         raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
 
 
+# -----------------------------------------------------------------------------
+# The setup that main() calls, one function a piece: the data, the counter, what trains, the log.
+
+
+def open_data(args):
+    """The training pairs of --data (data.py): the shapes world's stream (shapes/pairs.py; this script's
+    choice for the tiny models), a COCO folder, a .jsonl, image + .txt files, or an encoding cache of
+    latents and text features (`python data.py cache`). A wrong path fails here, before the model loads."""
+    if pairs.is_stream(args.data):
+        return pairs.open_stream(args.data, args.size, args.seed)
+    source = data.open_source(args.data, args.size, args.seed, workers=args.workers)
+    # a cache holds one family's latents and text features (and one size's: data.open_cache checks it);
+    # the tiny models read only their own small vocabulary, so foreign captions fail here
+    if source["kind"] == "cache" and source["meta"]["model"] != args.model:
+        raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
+    if models.is_shapes_world(args.model) and source["kind"] == "files":
+        pairs.check_vocabulary(source["records"], args.data)
+    return source
+
+
+def open_counter(args, device):
+    """The counting loss's differentiable counter (SoftREPA app. D; losses.py): on the tiny models the
+    shipped shapes counter (shapes/checker.py) or a shapes counter file, on a real family a transformers
+    object detector from a local folder (counting.py; none can be downloaded here)."""
+    if models.is_shapes_world(args.model) and (args.counter is None or args.counter.endswith(".safetensors")):
+        if args.counter is not None and not os.path.exists(args.counter):
+            raise SystemExit(f"--counter {args.counter}: no such file (a shapes counter .safetensors)")
+        return checker.load_counter(args.counter or checker.COUNTER_WEIGHTS).to(device)
+    return counting.open_detector(args.counter, device)
+
+
+def make_trainable(args, bb, lora_blocks, device, ddp):
+    """(what trains, its handle, the token blocks). SoftREPA and dsm train one token set; AGSM two, psi+ for
+    matched and psi- for mismatched pairs, and their EMA copies (softtokens.PairTokens). The same seed on
+    every rank gives the same start, and the broadcast makes sure of it. The tokens stay fp32; autocast runs
+    the denoiser in the backbone's dtype (step.py). The handle puts them into the denoiser's text stream
+    (hooks.py; MM-DiT: the first L blocks, SoftREPA Alg. 1; UNet: the chosen blocks' cross-attention), and
+    `handle.rows(...)` chooses per row which set a forward uses; the stock forward is untouched.
+    --params lora (lora.py; SoftREPA Table 3): W' = W + B A on the attention projections of the chosen blocks,
+    B = 0 at the start (the stock model), trained by the very same step; its handle switches the adapters
+    per row (adapted / plain) where the tokens' hooks switch tokens."""
+    if args.params == "lora":
+        trainable = lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed)
+        handle, blocks = lora.LoraHandle(bb.denoiser), ()
+    else:
+        trainable = softtokens.make_tokens(
+            bb, args.loss, args.n_tokens, args.layers, args.time_table == "on", args.init, seed=args.seed
+        ).to(device)
+        blocks = tuple(b for b in args.blocks.split(",") if b)
+    if ddp:
+        for t in trainable.parameters():
+            dist.broadcast(t.data, 0)
+    if args.params != "lora":
+        handle = hooks.attach(bb.denoiser, trainable.sets, blocks=blocks or None)
+    if args.compile:
+        bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
+    return trainable, handle, blocks
+
+
+def open_log(args, step, master, bb, trainable, device):
+    """log.csv (run.open_log) with this run's columns, fixed up front so that a resumed run appends rows of
+    the same shape; and the run's one-line summary. Returns (record, with_negatives, pairs per rank).
+    A step sees B images per rank. SoftREPA and AGSM pair every image with every caption of the batch:
+    B x B pairs (B x world*B with --gather-text), the matched ones on the diagonal. So the papers'
+    "batch 16 (4, 12)" is 4 images x 4 captions: 4 matched and 12 mismatched pairs. dsm runs the B
+    matched pairs alone, which makes it the control that shows what the negatives add."""
+    tiny = models.is_shapes_world(args.model)
+    columns = ["step"] + STATS[:-1] + ["lr", "steps_per_s", "pairs_per_s", "peak_mem_gb", "skipped"]
+    if args.val_every:  # validation (shapes/classifier.py): scores, held-out accuracy, movement
+        columns += ["token_cos", "token_change", "output_change"]
+        columns += [f"score_{c}" for c in shapes_world.CATEGORIES + ["mean"]] if tiny else []
+        columns += ["heldout_acc"] if tiny or args.val_data else []
+    record = run.open_log(args, columns, step, master)
+    B, with_negatives = args.batch, families.LOSSES[args.loss]["pairs"] == "matrix"
+    pairs_per_rank = B * B * (args.world if args.gather_text else 1) if with_negatives else B
+    if master:
+        print(
+            f"{args.model} {args.loss}: {args.world} rank(s) on {device.type} ({args.precision}), {B} images x "
+            f"{pairs_per_rank // B} texts per rank per step, {sum(p.numel() for p in trainable.trainable()):,} trainable "
+            f"numbers"
+        )
+    return record, with_negatives, pairs_per_rank
+
+
+def log_row(args, stats, *, step, skipped, seconds, pairs):
+    """One row of log.csv. For agsm the in-batch accuracy is that of the training forward (psi+ on the
+    diagonal, psi- off it); the held-out accuracy (validation) ranks captions with psi+ alone. dsm runs no
+    mismatched pairs, so it logs none of their numbers (and no AGSM diagnostics): empty, not zero."""
+    row = dict(
+        step=step,
+        steps_per_s=1 / seconds,
+        pairs_per_s=pairs / seconds,
+        peak_mem_gb=run.peak_memory_gb(torch.device(args.device.split(":")[0])),
+        skipped=skipped,
+        **{k: stats[k] for k in ("loss", "err_matched", "lr")},
+    )
+    if families.LOSSES[args.loss]["pairs"] == "matrix":
+        row.update(err_mismatched=stats["err_mismatched"], acc=stats["acc"])
+    if args.loss == "agsm":
+        row.update(win_rate=stats["win_rate"], score_margin=stats["score_margin"])
+    if args.count_weight:
+        row.update(count_error=stats["count_error"])
+    return row
+
+
+def log_line(stats, row, step, with_negatives):
+    """The stdout line: the loss, the matched / mismatched errors and the in-batch accuracy say at a glance
+    whether the tokens are learning to tell captions apart (accuracy up, err- above err+)."""
+    negatives = f" err- {stats['err_mismatched']:.4f} acc {stats['acc']:.2f}" if with_negatives else ""
+    return (
+        f"step {step}: loss {stats['loss']:.4f} err+ {stats['err_matched']:.4f}{negatives} lr {stats['lr']:.2e} "
+        f"{row['steps_per_s']:.2f} steps/s {row['pairs_per_s']:.1f} pairs/s peak {row['peak_mem_gb']:.2f} GB "
+        f"skipped {row['skipped']}"
+    )
+
+
+def validate(bb, handle, trainable, initial_tokens, args, step):
+    """Samples and scores with the current tokens (shapes/classifier.py: a prompt grid, its shapes scores on
+    tiny-*, the held-out classifier accuracy), and token_cos / token_change / output_change: how far the
+    tokens moved from their start and how much they change the denoiser's output."""
+    result = classifier.validate(bb, handle, args, step)
+    return {**result, **softtokens.movement(bb, trainable, initial_tokens, handle, classifier.DEV_PROMPTS)}
+
+
+def save_trained(args, trainable, blocks, step, master):
+    """The trained file (rank 0): tokens.safetensors (softtokens.save) or lora.safetensors (lora.save), with
+    the run's recipe in its metadata. Returns its path."""
+    facts, common = FAMILIES[args.model], dict(model=args.model, loss=args.loss, steps=step, batch=args.batch)
+    common.update(world=args.world, lr=args.lr, seed=args.seed, data=args.data)
+    if args.params == "lora":
+        path = os.path.join(args.out, "lora.safetensors")
+        if master:
+            lora.save(path, trainable, facts, blocks=args.lora_blocks, count_weight=args.count_weight, **common)
+        return path
+    path = os.path.join(args.out, "tokens.safetensors")
+    if master:
+        softtokens.save(
+            path,
+            trainable,
+            arch=facts["arch"],
+            blocks=list(blocks),
+            gamma_pos=args.gamma_pos,
+            gamma_neg=args.gamma_neg,
+            dweight=args.dweight,
+            ema_decay=args.ema_decay,
+            **common,
+        )
+    return path
+
+
 def main(argv=None):
+    # ---- flags: every one-line error that needs no model and no data comes first
     args = parse_args(argv)
-    models.check_flags(args)  # one-line errors before anything heavy: the model name, ...
-    facts = models.FAMILIES[args.model]
-    check_flags(args)  # ... and every number of the recipe
+    models.check_backbone_flags(args)  # the model name, --device, --threads ...
+    check_recipe_flags(args)  # ... and every number of the recipe
 
     # ---- DDP, inline as in nanoGPT. torchrun starts one process per device and sets RANK, LOCAL_RANK and
     # WORLD_SIZE; nccl on CUDA, gloo on the CPU. Each rank draws its own images; step.py all-reduces the
-    # token gradients, so every rank takes the same optimizer step and the tokens stay identical.
+    # gradients, so every rank takes the same optimizer step and the tokens stay identical. Rank 0 alone
+    # writes files and prints; a rank that dies takes the group down, and the run resumes from its checkpoint.
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
     use_cuda = args.device.startswith("cuda")
@@ -282,309 +442,98 @@ def main(argv=None):
         # cuDNN's fused attention crashed in the backward pass on FLUX.1-dev's step (an H200, torch 2.11 +
         # CUDA 13; docs/cost.md): PyTorch's flash / memory-efficient kernels take over, with the same memory
         torch.backends.cuda.enable_cudnn_sdp(False)
-    # Rank 0 alone writes files (checkpoints, log, tokens) and prints; every rank computes. A rank that
-    # dies takes the process group down with it, and the run resumes from the last checkpoint.
-    master = rank == 0
-    args.world = world
+    master, args.world = rank == 0, world
+    args.precision = args.precision or ("bf16" if use_cuda else "fp32")  # the authors' fp16 needs a scaler
 
-    # ---- the run folder: writable (checked now, not at the first checkpoint), and held by this run alone
-    args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or 'agsm'}")
-    if master:
-        data.check_writable(args.out)
-        training.lock_folder(args.out)
-        for name in os.listdir(args.out):  # what a killed write left behind
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(args.out, name))
-
-    # ---- the recipe. On --resume, the checkpoint's settings; every flag still unset then takes the
-    # papers' default for this family and loss (families.default_recipe, models.FAMILIES): batch 4 images x
-    # 4 captions, lr 1e-3, the tokens' layout, tau, gammas, the authors' training size (512 px).
-    state = training.resume_config(args)
-    args.loss = args.loss or "agsm"
-    resolve(args, facts)
-    families.check_size(args.model, args.size)  # the family's image sides (every script's one rule)
-    # The papers' other arms. LoRA (--params lora) trains the losses SoftREPA ran on it, softrepa and dsm:
-    # AGSM's psi+ / psi- are two token sets, which no paper defines on adapters (lora.py). The counting loss
-    # (--count-weight, SoftREPA app. D) needs a differentiable counter: the shipped shapes counter on tiny-*,
-    # a detector folder (--counter) on a real family. Both are checked here, before the backbone loads.
-    lora_blocks = lora.check_recipe(args, facts) if args.params == "lora" else None
-    counter = losses.load_counter(args.counter, args.model, device) if args.count_weight else None
-    if families.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (world if args.gather_text else 1) < 2:
-        # SoftREPA and AGSM compare each image's caption with the other captions of the batch
-        raise SystemExit(
-            f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
-            f"--batch 1 there are none (the loss is 0). Pass --batch 2 or more, or --loss dsm"
-        )
-    precision = args.precision or ("bf16" if use_cuda else "fp32")
-
-    # ---- data (data.py): the shapes stream, a COCO folder, a .jsonl, image + .txt files, or an encoding
-    # cache of latents and text features (`python data.py cache`). A wrong path fails here, before the model.
-    source = data.open_source(args.data, args.size, args.seed, workers=args.workers)
-    # a cache holds one family's latents and text features (and one size's: data.open_cache checks it);
-    # the tiny models read only their own small vocabulary (shapes.VOCAB), so foreign captions fail here
-    if source["kind"] == "cache" and source["meta"]["model"] != args.model:
-        raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
-    if models.is_shapes_world(args.model) and source["kind"] == "files":  # the tiny text encoder's words
-        data.check_vocabulary(source["records"], args.data)
-
-    # ---- the frozen backbone (models.py: the hub, --pretrained, or shapes/weights) and the soft tokens.
-    # SoftREPA and dsm train one set; AGSM two, psi+ for matched and psi- for mismatched pairs, and their
-    # EMA copies (softtokens.PairTokens). The same seed on every rank gives the same initial tokens, and
-    # the broadcast makes sure of it.
-    # The backbone is loaded in --precision (bf16 on CUDA by default; the authors use fp16 with a gradient
-    # scaler); the tokens stay fp32 and autocast runs the denoiser in the backbone's dtype (step.py).
-    bb = models.from_flags(args, "bf16", device, args.seed)
+    # ---- the run folder (run.py: writable, locked, no half-written files) and the recipe: on --resume the
+    # checkpoint's, then the papers' defaults for this family and loss (resolve). Then the data, the counter
+    # and the frozen backbone (the hub, --pretrained, or the shapes world's weights: this script's choice).
+    args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or families.DEFAULT_LOSS}")
+    run.open_folder(args.out, master)
+    state = run.resume_config(args)
+    resolve(args)
+    lora_blocks = lora.check_lora_recipe(args, FAMILIES[args.model]) if args.params == "lora" else None
+    counter = open_counter(args, device) if args.count_weight else None
+    source = open_data(args)
+    bb = models.from_flags(args, device=device, seed=args.seed, shapes_world=backbones.load)
     families.check_size(args.model, args.size, bb=bb)  # and the sides the loaded model's positions reach
     if args.grad_checkpointing:  # recompute the frozen blocks in backward: memory for time
         bb.denoiser.enable_gradient_checkpointing()
-    blocks = tuple(b for b in args.blocks.split(",") if b)
-    if args.params == "lora":
-        # LoRA (lora.py; SoftREPA Table 3): W' = W + B A on the attention projections of the chosen blocks,
-        # rank r, B = 0 at the start (the stock model), trained by the very same step -- only the trainable
-        # numbers differ, which is the comparison. The handle switches the adapters per row (adapted /
-        # plain) where the tokens' hooks switch tokens, so validation and the checks below run unchanged.
-        tokens, handle, blocks = (
-            lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed),
-            lora.LoraHandle(bb.denoiser),
-            (),
-        )
-    else:
-        tokens = softtokens.make_tokens(
-            bb, args.loss, args.n_tokens, args.layers, args.time_table == "on", args.init, seed=args.seed
-        ).to(device)
-    initial_tokens = {k: v.detach().clone().cpu() for k, v in tokens.state_dict().items()}  # for `movement`
-    if ddp:
-        for t in tokens.parameters():
-            dist.broadcast(t.data, 0)
-    # the hooks put the tokens into the denoiser's text stream (MM-DiT: the first L blocks, SoftREPA
-    # Alg. 1; UNet: the cross-attention of the chosen block groups); the stock forward is untouched
-    if args.params != "lora":
-        handle = hooks.attach(bb.denoiser, tokens.sets, blocks=blocks or None)
-    if args.compile:
-        bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
 
-    # ---- AdamW on the tokens, and the authors' schedule. Weight decay acts on the tokens too (both codes
-    # pass the token parameters to AdamW with wd 1e-4), which keeps unused token entries near zero.
-    # The schedule: CosineAnnealingWarmRestarts stepped every
-    # lr_period steps (lr_at_step). fp16 needs a gradient scaler (small token gradients underflow).
-    opt = torch.optim.AdamW(tokens.trainable(), lr=args.lr, weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_at_step(step, args.lr_period, args.min_lr / args.lr)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # ---- resume: every state the next step depends on. The data and the noise need only the step number
-    # (data.get_batch and step.draw_noise seed their generators with (seed, step, rank)), so a resumed
-    # run draws exactly what the uninterrupted one would have drawn; the RNG states cover the rest.
-    step, skipped, last_saved, ckpt_path = 0, 0, None, os.path.join(args.out, "ckpt.pt")
+    # ---- what trains (soft tokens, or LoRA adapters), AdamW on it and the authors' schedule; then the
+    # checkpoint's state on --resume, or step 0 saved before any update: a good state to return to even if
+    # the very first update diverges (a too-high --lr shows at once, and the run goes on more slowly).
+    trainable, handle, blocks = make_trainable(args, bb, lora_blocks, device, ddp)
+    initial_tokens = {k: v.detach().clone().cpu() for k, v in trainable.state_dict().items()}  # for `movement`
+    opt = torch.optim.AdamW(trainable.trainable(), lr=args.lr, weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at_step(s, args.lr_period, args.min_lr / args.lr))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # small gradients underflow
+    ckpt_path, step, skipped = os.path.join(args.out, "ckpt.pt"), 0, 0
+    saved = dict(path=ckpt_path, args=args, tokens=trainable, opt=opt, sched=sched, scaler=scaler, device=device)
     if state is not None:
-        tokens.load_state_dict(state["tokens"])
-        initial_tokens = state["initial_tokens"]
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        sched.base_lrs = [args.lr for _ in opt.param_groups]  # a changed --lr acts from here on
-        for group in opt.param_groups:
-            group["lr"] = args.lr * sched.lr_lambdas[0](state["step"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if use_cuda and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        step, skipped = state["step"], state["skipped"]
-        last_saved = step
+        step, skipped, initial_tokens, bad = run.restore(
+            state, args=args, tokens=trainable, opt=opt, sched=sched, scaler=scaler, device=device
+        )
         if source["kind"] == "files":
-            source["bad"] = set(state["bad_images"].tolist())
+            source["bad"] = bad
         if master:
             print(f"resumed {ckpt_path if args.resume == 'latest' else args.resume} at step {step}")
-
-    def checkpoint():
-        """All ranks: check that the tokens agree and pool the unreadable-image lists; rank 0 writes.
-        The tokens must be bit-identical across ranks (same start, same all-reduced gradient, same
-        AdamW): a difference means a bug, and it is better to stop than to save either copy."""
-        nonlocal last_saved
-        flat = torch.cat([t.detach().flatten() for t in tokens.parameters()])
-        bad = sorted(source.get("bad", ()))
-        if ddp:  # rank 0's tokens against everyone's, and the union of the unreadable images met
-            reference = flat.clone()
-            dist.broadcast(reference, 0)
-            differ = (reference != flat).any().float()
-            dist.all_reduce(differ, op=dist.ReduceOp.MAX)
-            if differ.item():
-                raise SystemExit(f"step {step}: the tokens differ between ranks (they must be identical)")
-            everyone = [None] * world
-            dist.all_gather_object(everyone, bad)
-            bad = sorted(set().union(*everyone))
-        if master:
-            blob = dict(
-                tokens=tokens.state_dict(),
-                initial_tokens=initial_tokens,
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                scaler=scaler.state_dict(),
-                step=step,
-                skipped=skipped,
-                rng_cpu=torch.get_rng_state(),
-                bad_images=torch.tensor(bad, dtype=torch.long),
-                config=json.dumps(vars(args)),
-            )
-            if use_cuda:
-                blob["rng_cuda"] = torch.cuda.get_rng_state(device)
-            training.save_checkpoint(ckpt_path, blob)
-        last_saved = step
-
-    def stop_diverged(what):
-        """Stop every rank; the last checkpoint written is the last good state, to resume with a lower --lr."""
-        if master:
-            saved = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none"
-            print(
-                f"\n{what} Last good checkpoint: {saved}. Continue from it more slowly with "
-                f"--resume latest --lr <lower> (or try --precision fp32)"
-            )
-        if ddp:
-            dist.destroy_process_group()
-        raise SystemExit(1)
-
-    # Step 0 is saved before any update: a good state to return to even if the very first update
-    # diverges (a too-high --lr shows up at once, and the run can go on from here more slowly).
-    if state is None:
-        checkpoint()
-
-    # ---- logging (rank 0): log.csv every step, a stdout line every log_every steps, TensorBoard if
-    # installed. Validation (--val-every, shapes/classifier.py): a prompt grid, its shapes scores (tiny-*),
-    # the held-out classifier accuracy, and how far the tokens and the outputs moved.
-    # (the columns are fixed up front so that a resumed run appends rows of the same shape)
-    tiny = models.is_shapes_world(args.model)
-    columns = ["step"] + training.STATS[:-1] + ["lr", "steps_per_s", "pairs_per_s", "peak_mem_gb", "skipped"]
-    if args.val_every:
-        columns += ["token_cos", "token_change", "output_change"]
-        columns += [f"score_{c}" for c in shapes.CATEGORIES + ["mean"]] if tiny else []
-        columns += ["heldout_acc"] if tiny or args.val_data else []
-    record = training.open_log(args, columns, step, master)
-
-    def validate(step):
-        """Samples and scores with the current tokens, and token_cos / token_change / output_change:
-        how far the tokens moved from their start and how much they change the denoiser's output."""
-        result = classifier.validate(bb, handle, args, step)
-        return {**result, **softtokens.movement(bb, tokens, initial_tokens, handle, classifier.DEV_PROMPTS)}
-
+    else:
+        run.save_state(**saved, initial_tokens=initial_tokens, step=0, skipped=0, bad_images=(), world=world)
+    last_saved = step
+    record, with_negatives, pairs_per_rank = open_log(args, step, master, bb, trainable, device)
     if args.val_every and step == 0 and master:  # the untrained tokens: the first point of the curve
-        record({"step": 0, **validate(0)})
-    # A step sees B images per rank. SoftREPA and AGSM pair every image with every caption of the batch:
-    # B x B pairs (B x world*B with --gather-text), the matched ones on the diagonal. So the papers'
-    # "batch 16 (4, 12)" is 4 images x 4 captions: 4 matched and 12 mismatched pairs. dsm runs the B
-    # matched pairs alone, which makes it the control that shows what the negatives add.
-    B, with_negatives = args.batch, families.LOSSES[args.loss]["pairs"] == "matrix"
-    pairs = B * B * (world if args.gather_text else 1) if with_negatives else B
-    if master:
-        print(
-            f"{args.model} {args.loss}: {world} rank(s) on {device.type} ({precision}), {B} images x "
-            f"{pairs // B} texts per rank per step, {sum(p.numel() for p in tokens.trainable()):,} trainable numbers"
-        )
+        record({"step": 0, **validate(bb, handle, trainable, initial_tokens, args, 0)})
 
-    # ---- the loop: a batch (a function of seed, step and rank), one step, the log, validation, checkpoints.
-    # The step (step.train_step) is where the papers live: the B x B pair matrix of images and captions,
-    # the frozen denoiser's predictions with the tokens attached, SoftREPA's cross-entropy over each
-    # image's captions or AGSM's regression onto alignment-guided targets, the backward pass into the
-    # tokens, the all-reduce across ranks, AdamW, and for AGSM the EMA tokens that make its targets.
+    # ---- the loop: a batch (a function of seed, step and rank), one step (step.train_step: the B x B pair
+    # matrix, the frozen denoiser's predictions with the tokens attached, SoftREPA's cross-entropy or AGSM's
+    # regression onto guided targets, backward, the all-reduce, AdamW, AGSM's EMA), the log, validation,
+    # and checkpoints -- never of a diverged state.
+    B = args.batch
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.model} {args.loss}", disable=not master, file=sys.stdout)
     while step < args.steps:
         t0 = time.time()
         batch = data.get_batch(source, step, rank, world, B)
-        stats = training.train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank, world, counter)
-        if stats.get("diverged"):  # a non-finite loss: the tokens were not updated
-            stop_diverged(f"loss is {stats['loss']} at step {step}: stopping, tokens not updated.")
+        stats = train_step(bb, trainable, handle, opt, sched, scaler, args, batch, step, rank, world, counter)
+        if stats.get("diverged"):  # a non-finite loss: the parameters were not updated
+            stop = f"loss is {stats['loss']} at step {step}: stopping, tokens not updated."
+            run.stop_diverged(stop, ckpt_path=ckpt_path, last_saved=last_saved, master=master)
         step += 1  # `step` counts the updates taken: the checkpoint's step is this
         skipped += int(stats["new_bad"])
-        # For agsm the in-batch accuracy is that of the training forward (psi+ on the diagonal, psi- off
-        # it); the held-out accuracy (validation) ranks captions with psi+ alone. dsm runs no mismatched
-        # pairs, so it logs none of their numbers (and no AGSM diagnostics): empty, not zero.
-        dt = time.time() - t0
-        row = dict(
-            step=step,
-            steps_per_s=1 / dt,
-            pairs_per_s=pairs * world / dt,
-            peak_mem_gb=training.peak_memory_gb(device),
-            skipped=skipped,
-            **{k: stats[k] for k in ("loss", "err_matched", "lr")},
-        )
-        if with_negatives:
-            row.update(err_mismatched=stats["err_mismatched"], acc=stats["acc"])
-        if args.loss == "agsm":
-            row.update(win_rate=stats["win_rate"], score_margin=stats["score_margin"])
-        if args.count_weight:
-            row.update(count_error=stats["count_error"])
+        row = log_row(args, stats, step=step, skipped=skipped, seconds=time.time() - t0, pairs=pairs_per_rank * world)
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
-            row.update(validate(step))
-            tqdm.write(
-                f"step {step} validation: "
-                + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("score_mean", "heldout")))
-            )
+            row.update(validate(bb, handle, trainable, initial_tokens, args, step))
+            shown = {k: v for k, v in row.items() if k.startswith(("score_mean", "heldout"))}
+            tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         record(row)
         bar.update(1)
         bar.set_postfix(
             loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}" if with_negatives else "", skipped=skipped
         )
-        # the stdout line: the loss, the matched / mismatched errors and the in-batch accuracy say at a
-        # glance whether the tokens are learning to tell captions apart (accuracy up, err- above err+)
         if master and (step % args.log_every == 0 or step == args.steps):
-            tqdm.write(
-                f"step {step}: loss {stats['loss']:.4f} err+ {stats['err_matched']:.4f}"
-                + (f" err- {stats['err_mismatched']:.4f} acc {stats['acc']:.2f}" if with_negatives else "")
-                + f" lr {stats['lr']:.2e} {1 / dt:.2f} steps/s {pairs * world / dt:.1f} pairs/s "
-                f"peak {row['peak_mem_gb']:.2f} GB skipped {skipped}"
-            )
+            tqdm.write(log_line(stats, row, step, with_negatives))
         if step % args.ckpt_every == 0 or step == args.steps:
             # a diverged state is never saved as good: tokens of 1e19 are finite and NaN one forward later
-            if not training.finite_after_update(bb, tokens, handle, args, stats["probe"], world):
-                stop_diverged(f"the update of step {step} diverged (tokens or predictions not finite): not saved.")
-            checkpoint()
+            if not finite_after_update(bb, trainable, handle, args, stats["probe"], world):
+                stop = f"the update of step {step} diverged (tokens or predictions not finite): not saved."
+                run.stop_diverged(stop, ckpt_path=ckpt_path, last_saved=last_saved, master=master)
+            bad = source.get("bad", ())
+            run.save_state(
+                **saved, initial_tokens=initial_tokens, step=step, skipped=skipped, bad_images=bad, world=world
+            )
+            last_saved = step
     bar.close()
 
-    # ---- the trained tokens, with what sample.py needs to attach them again (safetensors: no code runs).
-    # An AGSM file holds psi+, psi- and their EMA copies; sampling uses psi+ on both CFG branches by
-    # default (AGSM sec. 4), --ema the EMA copy, --neg-uncond psi- on the unconditional branch.
-    tokens_path = os.path.join(args.out, "lora.safetensors" if args.params == "lora" else "tokens.safetensors")
-    # A LoRA run writes lora.safetensors in diffusers' LoRA format instead: the stock pipeline's
-    # load_lora_weights reads it, and so do sample.py, edit.py and eval.py --tokens (lora.py).
-    if master and args.params == "lora":
-        lora.save(
-            tokens_path,
-            tokens,
-            facts,
-            model=args.model,
-            loss=args.loss,
-            blocks=args.lora_blocks,
-            steps=step,
-            batch=B,
-            world=world,
-            lr=args.lr,
-            seed=args.seed,
-            count_weight=args.count_weight,
-            data=args.data,
-        )
-        print(f"wrote {tokens_path} after {step} steps ({skipped} unreadable images skipped)")
-    elif master:
-        softtokens.save(
-            tokens_path,
-            tokens,
-            model=args.model,
-            loss=args.loss,
-            arch=facts["arch"],
-            blocks=list(blocks),
-            steps=step,
-            batch=B,
-            world=world,
-            lr=args.lr,
-            seed=args.seed,
-            gamma_pos=args.gamma_pos,
-            gamma_neg=args.gamma_neg,
-            dweight=args.dweight,
-            ema_decay=args.ema_decay,
-            data=args.data,
-        )
+    # ---- the trained file, with what sample.py needs to attach it again (safetensors: no code runs). An AGSM
+    # token file holds psi+, psi- and their EMA copies; sampling uses psi+ on both CFG branches by default
+    # (AGSM sec. 4), --ema the EMA copy, --neg-uncond psi- on the unconditional branch. A LoRA run writes
+    # lora.safetensors in diffusers' LoRA format: the stock pipeline's load_lora_weights reads it too.
+    tokens_path = save_trained(args, trainable, blocks, step, master)
+    if master:
         print(f"wrote {tokens_path} after {step} steps ({skipped} unreadable images skipped)")
     if ddp:
         dist.destroy_process_group()
-    return dict(tokens=tokens, step=step, skipped=skipped, out=args.out, tokens_path=tokens_path, rank=rank)
+    return dict(tokens=trainable, step=step, skipped=skipped, out=args.out, tokens_path=tokens_path, rank=rank)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra me
     python -m shapes.bench --model sd1.5 --size 256 --batch 2 --steps 2     # real-size UNet, random weights
     python -m shapes.bench --model sd3 --batch 4      # on a GPU: the real thing (--sampling: sampling instead)
 
-Real families are built from their configs in models.FAMILIES with random weights (timing does not
+Real families are built from their configs in families.FAMILIES with random weights (timing does not
 depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads).
 Text features are random tensors of the real shapes,
 fed as the encoding cache feeds them (data.py): the text encoders and the VAE run outside what is
@@ -34,6 +34,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import run
+import sampler
+import trained
+from shapes import backbones
+
 if __package__ in (
     None,
     "",
@@ -43,7 +48,6 @@ if __package__ in (
 import families
 import hooks
 import models
-import sample
 import softtokens
 import step as training
 
@@ -64,7 +68,7 @@ def print_cache_sizes():
     """`python -m shapes.bench --cache-sizes`: what data.py's encoding cache takes per sample and for COCO."""
     images, captions = COCO_TRAIN2017
     print("bytes per (image, caption) sample of the encoding cache (ours: bf16; the released code: fp32 .pt files)")
-    for name in [n for n in models.FAMILIES if not models.is_shapes_world(n)]:
+    for name in [n for n in families.FAMILIES if not models.is_shapes_world(n)]:
         latent, text, pooled = models.feature_shapes(name)  # at the family's training size
         bf16, fp32 = bytes_per_sample(latent, text, pooled, 2), bytes_per_sample(latent, text, pooled, 4)
         all5 = images * bytes_per_sample(latent, (0,), 0, 2) + captions * bytes_per_sample((0,), text, pooled, 2)
@@ -164,7 +168,7 @@ def bench_training(bb, args, size, precision):
             sync()
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
-                peak_mem[name] = training.peak_memory_gb(device)
+                peak_mem[name] = run.peak_memory_gb(device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak is None and device.type == "cuda":
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
@@ -182,7 +186,7 @@ def bench_training(bb, args, size, precision):
             f"{rate / 1e12:8.3f} {mfu} {mem}"
         )
     if device.type != "cuda":
-        print(f"peak memory (process RSS, all configurations): {training.peak_memory_gb(device):.2f} GB")
+        print(f"peak memory (process RSS, all configurations): {run.peak_memory_gb(device):.2f} GB")
     print(
         f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one more "
         f"no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})"
@@ -273,7 +277,7 @@ FORWARD_GFLOP_PER_PAIR = {
 
 
 def activation_bytes_per_pair(name, size, checkpointing, sdxl_cpu_slope=None):
-    facts, config = models.FAMILIES[name], models.denoiser_config(name)
+    facts, config = families.FAMILIES[name], models.denoiser_config(name)
     if facts["arch"] == "mmdit":
         patch = facts["pack"] or config["patch_size"]  # FLUX: its packing is the patch
         positions = (size // 8 // patch) ** 2 + facts["text_tokens"] + facts["n_tokens"]
@@ -314,16 +318,17 @@ def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
         key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
         if name.startswith("flux") and not key:  # FLUX's measured 512 px forward, x the ratio of positions
             seq = [
-                (side // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for side, n in ((size, name), (512, "flux-dev"))
+                (side // 16) ** 2 + families.FAMILIES[n]["text_tokens"]
+                for side, n in ((size, name), (512, "flux-dev"))
             ]
             gflop = FORWARD_GFLOP_PER_PAIR[("flux-dev", 512)] * seq[0] / seq[1]
         elif name.startswith("sd3.5"):  # computed: SD3's measured FLOPs per pair at this size, x the parameter and
-            seq = [(size // 16) ** 2 + models.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]  # position ratios
+            seq = [(size // 16) ** 2 + families.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]  # position ratios
             gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params * seq[0] / seq[1]
         else:
             gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
         for loss in ("softrepa", "agsm"):
-            B = models.FAMILIES[name][loss]["batch"]
+            B = families.FAMILIES[name][loss]["batch"]
             rows = {gc: max(0, min(B, int((gpu_gb * 1e9 * 0.9 - weights) // (B * acts[gc])))) for gc in (False, True)}
             tflop = {gc: STEP_OVER_FORWARD[(loss, gc)] * gflop * B * B / 1e3 for gc in (False, True)}
             seconds = {gc: tflop[gc] * 1e12 / (mfu * peak) for gc in (False, True)}
@@ -369,15 +374,15 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
         cond = models.encode_prompts(bb, ["a red circle above a blue square"] * batch)
         uncond = models.encode_prompts(bb, [""] * batch)
     shape = models.latent_shape(bb, size)
-    x = sample.initial_noise(shape, range(batch)).to(bb.device, bb.dtype)
+    x = sampler.initial_noise(shape, range(batch)).to(bb.device, bb.dtype)
     sync = torch.cuda.synchronize if bb.device.type == "cuda" else (lambda: None)
 
     def run(handle):
-        sample.sample_loop(bb, x, cond, uncond, steps, cfg, handle)
+        sampler.sample_loop(bb, x, cond, uncond, steps, cfg, handle)
         sync()
 
     def with_variant(variant, fn):
-        handle = softtokens.attach_tokens(bb, sets, blocks) if variant == "tokens" else None
+        handle = trained.attach(bb, sets, blocks) if variant == "tokens" else None
         try:
             return fn(handle)
         finally:
@@ -457,7 +462,7 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(models.FAMILIES)}")
+    p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(families.FAMILIES)}")
     p.add_argument("--sampling", action="store_true", help="time sampling with / without tokens instead of training")
     p.add_argument(
         "--batch",
@@ -530,13 +535,13 @@ def main(argv=None):
             raise SystemExit(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     size = args.size or facts["size"]
     families.check_size(args.model, size)
-    sets, info = softtokens.read_tokens(args.tokens, args.model) if args.tokens else (None, dict(blocks=None))
+    sets, info = trained.read(args.tokens, args.model) if args.tokens else (None, dict(blocks=None))
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
     torch.backends.cuda.enable_cudnn_sdp(not on_cuda)  # off on CUDA, as in train.py (docs/cost.md)
     precision = args.precision or (("fp16" if args.sampling else "bf16") if on_cuda else "fp32")
-    bb = models.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
+    bb = backbones.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
     bb.denoiser.requires_grad_(False)
     if args.grad_checkpointing:
         bb.denoiser.enable_gradient_checkpointing()

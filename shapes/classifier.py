@@ -20,7 +20,7 @@ import torch
 import data
 import losses
 import models
-import sample
+import sampler
 import shapes
 from shapes import checker
 
@@ -150,14 +150,14 @@ def validate(bb, handle, args, step):
         prompts = VAL_PROMPTS
     images = torch.cat(
         [
-            sample.generate(
+            sampler.generate(
                 bb, prompts[i : i + 16], range(i, i + len(prompts[i : i + 16])), args.val_steps, handle=handle
             )
             for i in range(0, len(prompts), 16)
         ]
     )
     os.makedirs(os.path.join(args.out, "val"), exist_ok=True)
-    sample.save_grid(
+    sampler.save_grid(
         images,
         os.path.join(args.out, "val", f"step{step:07d}.png"),
         columns=args.val_n if tiny else len(prompts),

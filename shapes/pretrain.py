@@ -45,6 +45,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import families
+from shapes import backbones
+
 if __package__ in (
     None,
     "",
@@ -55,7 +58,7 @@ import models
 import shapes
 from shapes import checker
 
-TINY = [n for n in models.FAMILIES if models.is_shapes_world(n)]
+TINY = [n for n in families.FAMILIES if models.is_shapes_world(n)]
 
 
 # Saving the shapes world's weights (safetensors, with their configs in the metadata)
@@ -72,7 +75,7 @@ def save_weights(module, path, **metadata):
     os.replace(tmp, path)
 
 
-def save_tiny_vae(vae, folder=models.TINY_VAE_DIR):
+def save_tiny_vae(vae, folder=backbones.TINY_VAE_DIR):
     save_weights(
         vae,
         os.path.join(folder, "vae.safetensors"),
@@ -108,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="weights folder (default weights/<model>)")
-    p.add_argument("--vae", default=models.TINY_VAE_DIR, help="denoisers: the trained autoencoder's folder")
+    p.add_argument("--vae", default=backbones.TINY_VAE_DIR, help="denoisers: the trained autoencoder's folder")
     p.add_argument("--work", default=None, help="checkpoints, snapshots and logs (default runs/pretrain-<model>)")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps")
@@ -206,7 +209,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     is_vae = args.model == "tiny-vae"
-    out = args.out or os.path.join(models.WEIGHTS_DIR, args.model)
+    out = args.out or os.path.join(backbones.WEIGHTS_DIR, args.model)
     work = args.work or os.path.join("runs", f"pretrain-{args.model}")
     os.makedirs(work, exist_ok=True)
     ckpt_path = os.path.join(work, "ckpt.pt")
@@ -215,9 +218,9 @@ def main(argv=None):
 
     # ---- what is trained: the autoencoder alone, or a denoiser + its text encoder on the frozen VAE
     if is_vae:
-        trained = {"vae": models.tiny_vae(args.seed)}
+        trained = {"vae": backbones.tiny_vae(args.seed)}
     else:
-        bb = models.build_tiny(args.model, seed=args.seed, vae=models.load_tiny_vae(args.vae))
+        bb = backbones.build_tiny(args.model, seed=args.seed, vae=backbones.load_tiny_vae(args.vae))
         bb.vae.requires_grad_(False).to(device)
         trained = {"denoiser": bb.denoiser, "text_encoder": bb.text_encoder}
     for module in trained.values():
@@ -267,7 +270,7 @@ def main(argv=None):
         """The EMA weights as a Backbone (denoisers) or the EMA autoencoder."""
         if is_vae:
             return ema["vae"]
-        copy_bb = models.build_tiny(args.model, vae=bb.vae)
+        copy_bb = backbones.build_tiny(args.model, vae=bb.vae)
         copy_bb.denoiser, copy_bb.text_encoder = ema["denoiser"], ema["text_encoder"]
         return copy_bb
 

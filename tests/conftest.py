@@ -5,7 +5,7 @@ import pytest
 import tiny_metric_models
 import tiny_pipelines
 
-import models
+from shapes import backbones
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def tiny_dino_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_sd3():
-    return models.build_tiny("tiny-sd3")
+    return backbones.build_tiny("tiny-sd3")
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ from PIL import Image
 
 import edit
 import eval as evaluation
-import models
 import sample
 import softtokens
 import train
+from shapes import backbones
 
 torch.set_num_threads(1)
 FAST = ["--random-init", "--batch", "2", "--threads", "1", "--workers", "1"]
@@ -258,7 +258,7 @@ def test_eval_refuses_malicious_tokens_of_a_run(tmp_path, malicious, monkeypatch
         )
         + "\n"
     )
-    tiny = models.build_tiny("tiny-sd3")
+    tiny = backbones.build_tiny("tiny-sd3")
     monkeypatch.setattr(evaluation.models, "load", lambda name, **kw: tiny)
     message = one_line_error(
         evaluation.main, ["--runs", str(run), "--metrics", "classifier", "--model", "tiny-sd3", "--classifier-n", "1"]
@@ -288,7 +288,7 @@ def test_train_refuses_a_learning_rate_that_is_not_a_finite_positive_number(tmp_
 
 
 def test_sample_refuses_a_token_file_holding_nan(tmp_path):
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     tokens = softtokens.make_tokens(bb, "softrepa")
     with torch.no_grad():
         tokens.tokens[0, 0, 0] = float("nan")

@@ -4,10 +4,11 @@ more than SoftREPA), and the sampling benchmark measures both variants and their
 import pytest
 import torch
 
+import families
 import hooks
 import models
 import softtokens
-from shapes import bench
+from shapes import backbones, bench
 
 
 def test_training_bench_times_the_train_step_of_every_loss():
@@ -26,7 +27,7 @@ def test_training_bench_batch_has_the_family_feature_shapes():
     batch = bench.random_batch(bb, 3, 32)
     width, pooled = models.text_widths(bb.denoiser.config)
     assert batch["latents"].shape == (3,) + models.latent_shape(bb, 32)
-    assert batch["hidden"].shape == (3, models.FAMILIES["sd3"]["text_tokens"], width)
+    assert batch["hidden"].shape == (3, families.FAMILIES["sd3"]["text_tokens"], width)
     assert batch["pooled"].shape == (3, pooled) and len(set(batch["captions"])) == 3
 
 
@@ -41,7 +42,7 @@ def strong_tokens(bb):
 
 
 def test_sampling_bench_measures_both_variants():
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     result = bench.bench_sampling(
         bb, [strong_tokens(bb)], steps=1, cfg=4.0, size=16, batch=1, repeats=1, progress=False
     )

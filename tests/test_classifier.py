@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import eval as ev
+import families
 import hooks
 import models
 import shapes
@@ -70,7 +71,7 @@ def test_a_perfect_oracle_classifies_everything(family, data, tiny_sd3, tmp_path
         if family == "tiny-sd3"
         else models.Backbone(
             family,
-            models.FAMILIES[family],
+            families.FAMILIES[family],
             tiny_sd3.denoiser,
             text_encoder=tiny_sd3.text_encoder,  # denoiser: replaced
             alphas_cumprod=models.ddpm_alphas_cumprod(),

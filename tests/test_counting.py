@@ -11,6 +11,7 @@ import pytest
 import tolerances
 import torch
 
+import families
 import losses
 import models
 import shapes
@@ -49,7 +50,7 @@ def test_every_counting_prompt_of_the_shapes_world_is_read_exactly():
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd1.5"])
 def test_one_step_x0_inverts_the_forward_process(name):
     """With the true target as the prediction, x0_hat is x0 (flow: x_t - s v; DDPM: eq. of step 2)."""
-    bb = types.SimpleNamespace(facts=models.FAMILIES[name], alphas_cumprod=models.ddpm_alphas_cumprod())
+    bb = types.SimpleNamespace(facts=families.FAMILIES[name], alphas_cumprod=models.ddpm_alphas_cumprod())
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     x_t, t = models.add_noise(bb, x0, noise, torch.tensor([0.1, 0.5, 0.9]))

@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 import models
-from shapes import bench
+from shapes import backbones, bench
 
 
 def write_coco(root, year="2017", n=4, corrupt=(), split="train"):
@@ -172,7 +172,7 @@ def test_bytes_per_sample_of_sd3_at_1024_and_at_its_training_size():
 def test_cache_shards_hold_the_encodings_in_bf16(tmp_path, name):
     write_coco(tmp_path / "coco", n=5, corrupt=(1,))
     records = data.read_records(str(tmp_path / "coco"))
-    bb = models.build_tiny(name)
+    bb = backbones.build_tiny(name)
     # shard_gb tiny enough for 2 images per shard: 4 readable images -> 2 shards
     per_image = int(np.prod(models.latent_shape(bb, 32))) + 2 * 16 * 128 + (2 * 128 if name == "tiny-sd3" else 0)
     meta = data.write_cache(
@@ -208,7 +208,7 @@ def test_training_from_a_cache(tmp_path):
     import train
 
     write_coco(tmp_path / "coco", n=4)
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     data.write_cache(bb, data.read_records(str(tmp_path / "coco")), str(tmp_path / "cache"), 32)
     result = train.main(
         [

@@ -14,13 +14,14 @@ from PIL import Image
 
 import data
 import edit
+import families
 import hooks
 import metrics
 import models
-import sample
+import sampler
 import shapes
 import softtokens
-from shapes import checker
+from shapes import backbones, checker
 
 torch.set_num_threads(1)
 SPEC = {"category": "single_object", "objects": [{"shape": "circle", "color": "red"}]}
@@ -58,7 +59,7 @@ def strong_tokens(bb, seed=0):
 
 
 def test_flowedit_and_flowalign_with_the_source_prompt_return_the_source():
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     image = source_image(16)
     source = through_vae(bb, image)
     # FlowEdit: V_delta = v(x_tar_t, c_src) - v(x_src_t, c_src) = 0 while z = x_src, when both branches
@@ -85,7 +86,7 @@ def test_flowedit_and_flowalign_with_the_source_prompt_return_the_source():
 
 
 def test_rf_inversion_controls():
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     image = source_image(16)
     # eta = 1 all the way: X_{i+1} - y0 = (X_i - y0) sigma_{i+1} / sigma_i, which is 0 at sigma = 0
     back = edit.edit(bb, image, SRC, TGT, "rf-inversion", steps=6, eta=1.0, stop=1.0)
@@ -93,14 +94,14 @@ def test_rf_inversion_controls():
     # gamma = 1: the controlled forward ODE ends exactly at the noise y1, whatever the model says;
     # regenerating with eta = 0 is then plain sampling from y1 with the target prompt
     y1 = torch.randn((1,) + models.latent_shape(bb, 16), generator=torch.Generator().manual_seed(3))
-    x = sample.sample_loop(bb, y1, models.encode_prompts(bb, [TGT]), models.encode_prompts(bb, [""]), 6, 13.5)
+    x = sampler.sample_loop(bb, y1, models.encode_prompts(bb, [TGT]), models.encode_prompts(bb, [""]), 6, 13.5)
     plain = models.decode_latents(bb, x)[0]
     controlled = edit.edit(bb, image, SRC, TGT, "rf-inversion", steps=6, seed=3, gamma=1.0, eta=0.0)
     assert torch.allclose(controlled, plain, atol=1e-4)
 
 
 def test_edit_takes_a_batch():
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     images = torch.stack([source_image(16), -source_image(16)])
     out = edit.edit(bb, images, [SRC, SRC], [TGT, SRC], "flowedit", steps=4)
     assert out.shape == images.shape
@@ -131,9 +132,9 @@ def gaussian_backbone():
     abar = models.ddpm_alphas_cumprod()
     return models.Backbone(
         "tiny-sd1.5",
-        models.FAMILIES["tiny-sd1.5"],
+        families.FAMILIES["tiny-sd1.5"],
         GaussianDenoiser(abar),
-        text_encoder=models.tiny_text_encoder(1),
+        text_encoder=backbones.tiny_text_encoder(1),
         alphas_cumprod=abar,
     )
 
@@ -153,7 +154,7 @@ def test_direct_inversion_reconstructs_better_than_ddim_at_cfg_7():
     assert psnr(ddim_source, image) < 30  # CFG 7 pulls plain DDIM off its inversion (measured 22 dB)
     assert psnr(direct_source, image) > 60  # Direct Inversion puts it back after every step (exact)
     # the same on a real (random-weight) UNet with attention control on top
-    bb = models.build_tiny("tiny-sd1.5")
+    bb = backbones.build_tiny("tiny-sd1.5")
     small = source_image(16)
     _, ddim_source = edit.edit(bb, small, SRC, SRC, "ddim+masactrl", steps=6, return_source=True)
     edited, direct_source = edit.edit(bb, small, SRC, SRC, "direct+masactrl", steps=6, return_source=True)
@@ -176,11 +177,11 @@ def written_out_attention(attn, q_in, k_in, v_in):
 
 
 def test_self_attention_layers_in_forward_order_and_layer_mapping():
-    unet = models.build_tiny("tiny-sd1.5").denoiser
+    unet = backbones.build_tiny("tiny-sd1.5").denoiser
     layers = edit.self_attention_layers(unet)
     order = []
     handles = [m.register_forward_hook(lambda m, a, o: order.append(m)) for m in layers]
-    bb = models.build_tiny("tiny-sd1.5")
+    bb = backbones.build_tiny("tiny-sd1.5")
     bb.denoiser = unet
     models.denoise(bb, torch.randn(1, *models.latent_shape(bb, 16)), 500, models.encode_prompts(bb, [SRC]))
     for h in handles:
@@ -191,7 +192,7 @@ def test_self_attention_layers_in_forward_order_and_layer_mapping():
 
 
 def test_masactrl_and_pnp_match_written_out_attention_and_come_off_cleanly():
-    bb = models.build_tiny("tiny-sd1.5")
+    bb = backbones.build_tiny("tiny-sd1.5")
     unet = bb.denoiser
     layers = edit.self_attention_layers(unet)
     stock = [m.processor for m in layers]
@@ -240,7 +241,7 @@ def test_masactrl_and_pnp_match_written_out_attention_and_come_off_cleanly():
 
 
 def test_control_leaves_the_source_branch_plain():
-    bb = models.build_tiny("tiny-sd1.5")
+    bb = backbones.build_tiny("tiny-sd1.5")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, *models.latent_shape(bb, 16), generator=g)
     cond = models.encode_prompts(bb, [SRC, TGT])
@@ -261,7 +262,7 @@ def test_control_leaves_the_source_branch_plain():
 def test_every_method_from_the_command_line(tmp_path, method):
     name = "tiny-sd3" if edit.METHODS[method]["prediction"] == "flow" else "tiny-sd1.5"
     Image.fromarray(shapes.render(SPEC, 32, 0)).save(tmp_path / "source.png")
-    softtokens.save(str(tmp_path / "tokens.safetensors"), strong_tokens(models.build_tiny(name)), model=name)
+    softtokens.save(str(tmp_path / "tokens.safetensors"), strong_tokens(backbones.build_tiny(name)), model=name)
     out = tmp_path / "out"
     record = edit.main(
         [
@@ -352,7 +353,7 @@ def test_input_images_of_any_size_are_resized_and_centre_cropped(tmp_path, name,
             str(out),
         ]
     )
-    side = models.FAMILIES[name]["size"]
+    side = families.FAMILIES[name]["size"]
     assert np.asarray(Image.open(out / "edited.png")).shape == (side, side, 3)
     source = data.image_array(str(tmp_path / "in.png"), side)  # what edit.py fed the model
     assert source.shape == (side, side, 3)
@@ -376,7 +377,7 @@ def test_shipped_tiny_sd15_reconstructs_by_ddim_inversion():
     reconstructs rendered images above 40 dB PSNR, and at CFG 7 Direct Inversion's source branch is closer to
     the source than plain DDIM's. The images compared against are the autoencoder's own reconstructions of
     the renders (decode(encode(x))): inversion cannot undo the VAE's error (~35 dB), only its own."""
-    bb = models.load("tiny-sd1.5")
+    bb = backbones.load("tiny-sd1.5")
     renders, sources, _, _ = checker.shapes_edit_cases(2, seed=0)
     images = models.decode_latents(bb, models.encode_images(bb, renders, mode=True))
     psnr = lambda a, b: [float(metrics.psnr((x + 1) / 2, (y + 1) / 2)) for x, y in zip(a, b)]  # noqa: E731

@@ -14,6 +14,7 @@ import families
 import hooks
 import models
 import sample
+import sampler
 import softtokens
 import step
 from shapes import bench
@@ -58,7 +59,7 @@ def test_the_time_shift_is_the_stock_schedulers(stock, family):
             side * side // 4, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
         )
         scheduler.set_timesteps(sigmas=[1 - i / steps for i in range(steps)], mu=mu)
-        ours = sample.flow_sigmas(steps, families.time_shift(bb.facts, side, side))
+        ours = sampler.flow_sigmas(steps, families.time_shift(bb.facts, side, side))
         torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)  # float32 rounding of two formulas
     if family == "flux-dev":  # 1.15 at 4096 tokens (1024 px), 0.5 at 256 (256 px)
         assert families.time_shift(bb.facts, 128, 128) == pytest.approx(torch.e**1.15)
@@ -107,7 +108,7 @@ def test_dev_trains_at_the_shifted_levels(stock):
 @pytest.mark.parametrize("family", FLUX)
 def test_the_stock_pipeline_with_tokens_equals_our_sampler(stock, family):
     """hooks.attach(pipe.transformer, ...) on the stock FluxPipeline: the tokens change its sample, and our
-    sampler (sample.generate) gives the stock pipeline's latents and images for the same seed and steps:
+    sampler (sampler.generate) gives the stock pipeline's latents and images for the same seed and steps:
     schnell bit for bit; dev to float32 rounding (its shifted sigmas, computed by two formulas, differ in
     the last bit). remove() gives the stock sample back bit for bit. One branch a step in both."""
     bb = stock[family]
@@ -134,16 +135,16 @@ def test_the_stock_pipeline_with_tokens_equals_our_sampler(stock, family):
         lambda m, a, kw: batches.append(len(a[0] if a else kw["hidden_states"])), with_kwargs=True
     )
     with_tokens, image = draw("latent"), draw("pt")
-    ours = sample.sample_loop(
+    ours = sampler.sample_loop(
         bb,
-        sample.initial_noise(models.latent_shape(bb, 64), [0]),
+        sampler.initial_noise(models.latent_shape(bb, 64), [0]),
         models.encode_prompts(bb, ["a red cube"]),
         None,
         steps,
         cfg,
         handle,
     )
-    our_image = (sample.generate(bb, ["a red cube"], [0], steps, cfg, 64, handle) + 1) / 2
+    our_image = (sampler.generate(bb, ["a red cube"], [0], steps, cfg, 64, handle) + 1) / 2
     probe.remove()
     handle.remove()
     stock_latents = pipe._unpack_latents(with_tokens, 64, 64, pipe.vae_scale_factor)

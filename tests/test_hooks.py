@@ -5,12 +5,13 @@ import pytest
 import tolerances
 import torch
 
+import families
 import hooks
 import models
 import softtokens
 
 FAMILIES = ["sd3", "sd1.5", "sdxl", "sd3.5-medium", "sd3.5-large"]
-MMDIT = [f for f in FAMILIES if models.FAMILIES[f]["arch"] == "mmdit"]  # SD3.5-Medium: dual attention, QK-norm
+MMDIT = [f for f in FAMILIES if families.FAMILIES[f]["arch"] == "mmdit"]  # SD3.5-Medium: dual attention, QK-norm
 
 
 def inputs(family, batch=4, seed=0, n_text=7):
@@ -18,7 +19,7 @@ def inputs(family, batch=4, seed=0, n_text=7):
     width, pooled = models.text_widths(models.denoiser_config(family, "test"))  # the test-size config's widths
     x = torch.randn(batch, 4, 8, 8, generator=g)
     cond = {"encoder_hidden_states": torch.randn(batch, n_text, width, generator=g)}
-    if models.FAMILIES[family]["arch"] == "mmdit":
+    if families.FAMILIES[family]["arch"] == "mmdit":
         cond["pooled_projections"] = torch.randn(batch, pooled, generator=g)
     if family == "sdxl":
         cond["added_cond_kwargs"] = {
@@ -44,7 +45,7 @@ def random_tokens(model, layers, n_tokens=3, seed=0, time_table=True):
 
 
 def layers_for(family):
-    return 2 if models.FAMILIES[family]["arch"] == "mmdit" else 1
+    return 2 if families.FAMILIES[family]["arch"] == "mmdit" else 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -341,7 +342,7 @@ def test_stock_unet_pipelines_with_tokens(tmp_path, family):
 
     before = draw()
     tokens = random_tokens(pipe.unet, 1, n_tokens=4)
-    handle = hooks.attach(pipe.unet, tokens, blocks=models.FAMILIES[family]["token_blocks"])
+    handle = hooks.attach(pipe.unet, tokens, blocks=families.FAMILIES[family]["token_blocks"])
     with_tokens = draw()
     handle.remove()
     after = draw()

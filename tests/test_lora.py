@@ -9,11 +9,14 @@ import os
 import pytest
 import torch
 
+import families
 import lora
 import models
 import sample
 import softtokens
 import train
+import trained
+from shapes import backbones
 
 FAST = ["--threads", "1", "--batch", "4", "--workers", "1", "--log-every", "100"]
 
@@ -39,7 +42,7 @@ def test_the_paper_layout_has_table_11s_parameter_counts():
     4 on 1-10 0.98M ("0.9M"), all 24 blocks 2.35M ("2.3M"); the soft tokens 0.80M ("0.9M")."""
     counts = {}
     for rank, blocks in ((4, 5), (8, 5), (4, 10), (4, "all")):
-        bb = models.Backbone("sd3", models.FAMILIES["sd3"], models.random_denoiser_on_meta("sd3"))
+        bb = models.Backbone("sd3", families.FAMILIES["sd3"], models.random_denoiser_on_meta("sd3"))
         counts[(rank, blocks)] = lora.add(bb, rank, blocks).numel()
     assert counts[(4, 5)] == 5 * 8 * 2 * 1536 * 4 == 491_520
     assert counts[(8, 5)] == counts[(4, 10)] == 983_040
@@ -92,8 +95,8 @@ def test_the_file_loads_with_the_stock_pipelines_load_lora_weights(tmp_path, sto
     torch.testing.assert_close(stock, ours, rtol=0, atol=1e-5)
     # and our reader gives the same adapters to a fresh backbone
     fresh = models.load(family, pretrained=folder)
-    state, info = softtokens.read_tokens(path, family)
-    with softtokens.attached(fresh, state) as handle:
+    state, info = trained.read(path, family)
+    with trained.attached(fresh, state) as handle:
         torch.testing.assert_close(models.denoise(fresh, x, t, cond), ours, rtol=0, atol=1e-6)
         with handle.rows(torch.full((2,), -1)):
             plain = models.denoise(fresh, x, t, cond)
@@ -180,9 +183,9 @@ def test_a_lora_file_refuses_the_agsm_options_and_another_family(tmp_path, tiny_
     lora.save(path, params, tiny_sd3.facts, model="tiny-sd3", loss="softrepa")
     lora.LoraHandle(tiny_sd3.denoiser).remove()
     with pytest.raises(SystemExit, match="need an AGSM pair-token file"):
-        softtokens.read_tokens(path, "tiny-sd3", neg_uncond=True)
+        trained.read(path, "tiny-sd3", neg_uncond=True)
     with pytest.raises(SystemExit, match="not tiny-sd1.5: pass --model tiny-sd3"):
-        softtokens.read_tokens(path, "tiny-sd1.5")
+        trained.read(path, "tiny-sd1.5")
     assert os.path.getsize(path) < 200_000
 
 
@@ -194,7 +197,7 @@ def test_a_lora_file_edits_like_a_token_file_with_per_row_branches(tmp_path):
     import edit
     import shapes
 
-    bb = models.load("tiny-sd1.5")
+    bb = backbones.load("tiny-sd1.5")
     params = perturbed(bb, 4, ("down",))
     path = str(tmp_path / "lora.safetensors")
     lora.save(path, params, bb.facts, model="tiny-sd1.5", loss="softrepa")

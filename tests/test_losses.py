@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import losses
+from shapes import backbones
 
 
 def example(B=3, C=2, seed=0):
@@ -178,7 +179,7 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
     import models
     import softtokens
 
-    bb = models.build_tiny(family)
+    bb = backbones.build_tiny(family)
     pair = softtokens.make_tokens(bb, "agsm")
     with torch.no_grad():  # EMA tokens away from the live ones, so w is not uniform
         for s in (pair.ema_pos, pair.ema_neg):

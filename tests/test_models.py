@@ -5,17 +5,19 @@ import torch
 
 import families
 import models
+import sampler
+from shapes import backbones
 
 
 def test_every_family_has_the_same_facts():
-    keys = set(models.FAMILIES["sd3"])
-    for name, facts in models.FAMILIES.items():
+    keys = set(families.FAMILIES["sd3"])
+    for name, facts in families.FAMILIES.items():
         assert set(facts) == keys, name
         assert facts["arch"] in ("mmdit", "unet") and facts["prediction"] in ("flow", "epsilon")
 
 
 def test_paper_defaults():
-    f = models.FAMILIES
+    f = families.FAMILIES
     assert (f["sd3"]["n_tokens"], f["sd3"]["token_layers"], f["sd3"]["time_table"]) == (4, 5, True)
     assert f["sdxl"]["token_blocks"] == ("down", "mid") and not f["sdxl"]["time_table"]
     assert f["sd1.5"]["init"] == "uncond" and f["sd1.5"]["token_blocks"] == ("down",)
@@ -30,7 +32,7 @@ def test_unknown_model_is_one_line():
 
 def test_missing_tiny_weights_say_how_to_rebuild(tmp_path):
     with pytest.raises(SystemExit, match="python -m shapes.pretrain --model tiny-sd3"):
-        models.load("tiny-sd3", pretrained=str(tmp_path))
+        backbones.load("tiny-sd3", pretrained=str(tmp_path))
 
 
 def test_offline_hub_model_fails_in_one_line(monkeypatch, tmp_path):
@@ -43,7 +45,7 @@ def test_offline_hub_model_fails_in_one_line(monkeypatch, tmp_path):
 
 
 def test_ddpm_noising_formula():
-    bb = models.build_tiny("tiny-sd1.5")
+    bb = backbones.build_tiny("tiny-sd1.5")
     x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     x_t, t = models.add_noise(bb, x0, noise, torch.tensor([0.0, 0.5]))
     assert t.tolist() == [0, 500]
@@ -54,7 +56,7 @@ def test_ddpm_noising_formula():
 
 
 def test_flow_noising_formula():
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     x_t, t = models.add_noise(bb, x0, noise, torch.tensor([0.25, 1.0]))
     torch.testing.assert_close(t, torch.tensor([250.0, 1000.0]))
@@ -65,7 +67,7 @@ def test_flow_noising_formula():
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd1.5"])
 def test_encode_and_denoise_tiny(name):
-    bb = models.build_tiny(name)
+    bb = backbones.build_tiny(name)
     cond = models.encode_prompts(bb, ["a red circle", ""])
     assert cond["encoder_hidden_states"].shape[:2] == (2, 16)
     assert ("pooled_projections" in cond) == (name == "tiny-sd3")
@@ -90,16 +92,16 @@ def test_index_and_cat_conds_handle_nested_dicts():
 def test_random_init_backbone_moves_every_module():
     """--random-init builds on the CPU in fp32 and then moves the backbone: the autoencoder too (on CUDA
     a VAE left behind fails at the first encode; here the dtype shows it)."""
-    bb = models.build("tiny-sd3", random_init=True, device="cpu", dtype=torch.bfloat16)
+    bb = backbones.load("tiny-sd3", random_init=True).to("cpu", torch.bfloat16)
     assert {m.dtype for m in (bb.denoiser, bb.text_encoder, bb.vae)} == {torch.bfloat16}
 
 
-# A backbone family is one entry of models.FAMILIES: a made-up MM-DiT and a made-up UNet, registered
+# A backbone family is one entry of families.FAMILIES: a made-up MM-DiT and a made-up UNet, registered
 # here and nowhere else, go through the real code path (random weights at their "real" size, text
 # features of their shapes, tokens attached, one AGSM training step, sampling) without another edit.
 TOY_FAMILIES = {
     "toy-dit": dict(
-        models.FAMILIES["sd3"],
+        families.FAMILIES["sd3"],
         hub="example/toy-dit",
         size=64,
         vae_factor=8,
@@ -124,7 +126,7 @@ TOY_FAMILIES = {
         ),
     ),
     "toy-unet": dict(
-        models.FAMILIES["sd1.5"],
+        families.FAMILIES["sd1.5"],
         hub="example/toy-unet",
         size=64,
         vae_factor=8,
@@ -182,10 +184,9 @@ def one_agsm_step(bb, tokens, handle, batch):
 @pytest.mark.parametrize("name", list(TOY_FAMILIES))
 def test_a_new_family_is_one_table_entry(monkeypatch, name):
     import hooks
-    import sample
 
-    monkeypatch.setitem(models.FAMILIES, name, TOY_FAMILIES[name])
-    bb = models.random_backbone(name)
+    monkeypatch.setitem(families.FAMILIES, name, TOY_FAMILIES[name])
+    bb = backbones.random_backbone(name)
     assert models.feature_shapes(name)[1] == (
         TOY_FAMILIES[name]["text_tokens"],
         models.text_widths(bb.denoiser.config)[0],
@@ -200,7 +201,7 @@ def test_a_new_family_is_one_table_entry(monkeypatch, name):
     before = tokens.pos.tokens.detach().clone()
     stats = one_agsm_step(bb, tokens, handle, batch)
     assert not stats.get("diverged") and not torch.equal(before, tokens.pos.tokens)
-    x = sample.sample_loop(
+    x = sampler.sample_loop(
         bb,
         torch.randn(1, *models.latent_shape(bb)),
         models.random_text(bb, 1, 0),

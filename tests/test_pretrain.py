@@ -10,7 +10,7 @@ import torch
 
 import models
 import shapes
-from shapes import pretrain
+from shapes import backbones, pretrain
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "tiny_reference.safetensors")
 
@@ -35,7 +35,7 @@ def fixed_step_lowers(loss_fn, params):
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd1.5"])
 def test_one_denoiser_step_lowers_the_loss_on_a_fixed_batch(name):
     torch.manual_seed(0)
-    bb = models.build_tiny(name)
+    bb = backbones.build_tiny(name)
     bb.denoiser.train()
     bb.text_encoder.train()
     images, captions, _ = next(shapes.stream(0, 8))
@@ -47,19 +47,19 @@ def test_one_denoiser_step_lowers_the_loss_on_a_fixed_batch(name):
 
 
 def test_one_autoencoder_step_lowers_the_loss_on_a_fixed_batch():
-    vae = models.tiny_vae(0).train()
+    vae = backbones.tiny_vae(0).train()
     images, _, _ = next(shapes.stream(0, 8))
     before, after = fixed_step_lowers(lambda g: pretrain.vae_loss(vae, images, g), list(vae.parameters()))
     assert after < before
 
 
 def test_shipped_autoencoder_reconstructs_what_the_checker_accepts():
-    vae = models.load_tiny_vae()
+    vae = backbones.load_tiny_vae()
     report = pretrain.vae_report(vae, n=60)
     assert report["psnr"] > 25 and report["checker_accepts"] >= 0.95, report
     # the stored normalisation gives the denoisers latents of about unit variance
     images, _, _ = next(shapes.stream(5, 64))
-    bb = models.build_tiny("tiny-sd3", vae=vae)
+    bb = backbones.build_tiny("tiny-sd3", vae=vae)
     x0 = models.encode_images(bb, images)
     assert abs(x0.std().item() - 1) < 0.15 and abs(x0.mean().item()) < 0.15
 
@@ -95,14 +95,14 @@ def reference_inputs(bb):
 
 
 def reference_outputs(name):
-    bb = models.load(name)
+    bb = backbones.load(name)
     x, t, prompts = reference_inputs(bb)
     with torch.no_grad():
         return models.denoise(bb, x, t, models.encode_prompts(bb, prompts))
 
 
 def reference_reconstruction():
-    vae = models.load_tiny_vae()
+    vae = backbones.load_tiny_vae()
     images = shapes.to_tensor(np.stack([shapes.render(shapes.random_spec(i), rng=i) for i in range(2)]))
     with torch.no_grad():
         return vae.decode(vae.encode(images).latent_dist.mode()).sample
@@ -138,7 +138,7 @@ def test_init_continues_from_a_weights_folder_with_its_step_and_log(tmp_path):
     folder = tmp_path / "shipped"
     folder.mkdir()
     for part in ("denoiser", "text_encoder"):
-        shutil.copy(os.path.join(models.WEIGHTS_DIR, "tiny-sd3", f"{part}.safetensors"), folder)
+        shutil.copy(os.path.join(backbones.WEIGHTS_DIR, "tiny-sd3", f"{part}.safetensors"), folder)
     (folder / "pretrain_log.csv").write_text("step,loss,lr,seconds\n1,0.5,1e-4,1.0\n2,0.4,1e-4,2.0\n")
     argv = [
         "--model",
@@ -167,7 +167,7 @@ def test_init_continues_from_a_weights_folder_with_its_step_and_log(tmp_path):
     assert (tmp_path / "w" / "pretrain_log.csv").read_text().splitlines() == rows  # a later --init continues at 4
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert state["step"] == 4 and state["first_step"] == 2
-    shipped = models.load_tiny("tiny-sd3", str(folder)).denoiser.state_dict()
+    shipped = backbones.load_tiny("tiny-sd3", str(folder)).denoiser.state_dict()
     assert any(not torch.equal(v, shipped[k]) for k, v in state["ema_denoiser"].items())  # it trained
     with pytest.raises(SystemExit):
         pretrain.main(["--model", "tiny-sd3", "--init", str(tmp_path / "nowhere")])

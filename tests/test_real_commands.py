@@ -19,6 +19,7 @@ from test_train import free_port, rows, run_rank, write_coco
 import data
 import edit
 import eval as ev
+import families
 import hooks
 import models
 import sample
@@ -76,7 +77,7 @@ def test_the_readme_names_a_train_command_for_every_real_family():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stock_folder_loads_and_the_hooks_see_the_stock_text_stream(stock, family):
     bb = models.load(family, pretrained=stock[family])
-    facts = models.FAMILIES[family]
+    facts = families.FAMILIES[family]
     cond = models.encode_prompts(bb, ["a red cube", "two dogs"])
     key = "encoder_hidden_states"
     # what the stock pipeline encodes (SD3: 77 CLIP + 256 T5 positions; UNets: 77)
@@ -247,7 +248,7 @@ def test_sample_every_edit_method_and_eval_with_the_trained_tokens(stock, traine
             )
         )
     ).save(tmp_path / "source.png")
-    prediction = models.FAMILIES[family]["prediction"]
+    prediction = families.FAMILIES[family]["prediction"]
     methods = [m for m, spec in edit.METHODS.items() if spec["prediction"] == prediction]
     for method in methods:
         out = tmp_path / f"edit-{method}"

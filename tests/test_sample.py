@@ -3,7 +3,7 @@
 # bit; psi- / EMA selection), the records eval.py reads, the one-line input errors, and the stock
 # diffusers pipeline with hooks (README example). The sampler itself: the samplers against written-out
 # loops (Euler on the flow ODE, DDIM), per-row token sets in a guided prediction, and the size facts
-# of models.FAMILIES that families.check_size enforces (the second half of this file).
+# of families.FAMILIES that families.check_size enforces (the second half of this file).
 
 import json
 
@@ -14,10 +14,14 @@ import tolerances
 import torch
 from PIL import Image
 
+import families
 import hooks
 import models
 import sample
+import sampler
 import softtokens
+import trained
+from shapes import backbones
 
 torch.set_num_threads(1)
 TINY = ["tiny-sd3", "tiny-sd1.5"]
@@ -52,7 +56,7 @@ def test_same_seed_same_image(tmp_path, name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_tokens_change_image_and_no_tokens_reproduce_plain(tmp_path, name):
-    bb = models.build_tiny(name)
+    bb = backbones.build_tiny(name)
     softtokens.save(str(tmp_path / "tokens.safetensors"), strong_tokens(bb), model=name)
     softtokens.save(str(tmp_path / "empty.safetensors"), strong_tokens(bb, n_tokens=0), model=name)
     _, plain = run(tmp_path, name, "plain")
@@ -65,15 +69,15 @@ def test_tokens_change_image_and_no_tokens_reproduce_plain(tmp_path, name):
     assert [r["variant"] for r in records] == ["plain", "tokens"]
     assert np.array_equal(both[0], plain[0]) and np.array_equal(both[1], with_tokens[0])
     # bit for bit below the 8-bit PNG as well
-    image = sample.generate(bb, ["a red circle"], [0], steps=2, size=16)
-    handle = softtokens.attach_tokens(bb, [strong_tokens(bb, n_tokens=0)])
-    assert torch.equal(sample.generate(bb, ["a red circle"], [0], steps=2, size=16, handle=handle), image)
+    image = sampler.generate(bb, ["a red circle"], [0], steps=2, size=16)
+    handle = trained.attach(bb, [strong_tokens(bb, n_tokens=0)])
+    assert torch.equal(sampler.generate(bb, ["a red circle"], [0], steps=2, size=16, handle=handle), image)
     handle.remove()
 
 
 def test_pair_tokens_psi_minus_and_ema(tmp_path):
     name = "tiny-sd3"
-    bb = models.build_tiny(name)
+    bb = backbones.build_tiny(name)
     pair = strong_tokens(bb, softtokens.PairTokens)  # psi+, psi-, EMA copies all different
     same = strong_tokens(bb, softtokens.PairTokens)
     same.neg.load_state_dict(same.pos.state_dict())
@@ -264,29 +268,29 @@ def fp32_sampler_tolerance(bb, steps, cfg, per_forward_ulps=64):
 
 @pytest.mark.parametrize("name", TINY)
 def test_generate_matches_written_out_sampler(name):
-    bb = models.build_tiny(name)
+    bb = backbones.build_tiny(name)
     prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
-    got = sample.generate(bb, prompts, seeds, steps=3, cfg=4.0, size=16)
+    got = sampler.generate(bb, prompts, seeds, steps=3, cfg=4.0, size=16)
     want = reference_sample(bb, prompts, seeds, 3, 4.0, 16)
     # The two loops do the same arithmetic, but not in the same batch layout (the sampler runs the
     # unconditional and conditional branches in one batch), so BLAS may sum in another order: the
     # results agree to fp32 rounding, amplified by the sample, not bit for bit.
     tolerance = fp32_sampler_tolerance(bb, 3, 4.0)
     assert (got - want).abs().max() <= tolerance, ((got - want).abs().max(), tolerance)
-    assert sample.ddim_timesteps(50)[0] == 981 and sample.ddim_timesteps(50)[-1] == 1
+    assert sampler.ddim_timesteps(50)[0] == 981 and sampler.ddim_timesteps(50)[-1] == 1
 
 
 def test_predict_token_rows_are_per_row():
     # cond_set / uncond_set per row: a row with -1 computes the plain model, a row with 0 uses the tokens
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     x = torch.randn(2, *models.latent_shape(bb, 16))
     cond, uncond = models.encode_prompts(bb, ["a red circle"] * 2), models.encode_prompts(bb, [""] * 2)
-    plain = sample.predict(bb, x, 500.0, cond, uncond, 4.0)
+    plain = sampler.predict(bb, x, 500.0, cond, uncond, 4.0)
     handle = hooks.attach(bb.denoiser, strong_tokens(bb))
     try:
-        both = sample.predict(bb, x, 500.0, cond, uncond, 4.0, handle)
-        mixed = sample.predict(bb, x, 500.0, cond, uncond, 4.0, handle, cond_set=torch.tensor([-1, 0]))
-        none_cfg1 = sample.predict(bb, x, 500.0, cond, uncond, 1.0, handle, cond_set=-1)
+        both = sampler.predict(bb, x, 500.0, cond, uncond, 4.0, handle)
+        mixed = sampler.predict(bb, x, 500.0, cond, uncond, 4.0, handle, cond_set=torch.tensor([-1, 0]))
+        none_cfg1 = sampler.predict(bb, x, 500.0, cond, uncond, 1.0, handle, cond_set=-1)
     finally:
         handle.remove()
     assert tolerances.close(mixed[0], plain[0]) and tolerances.close(mixed[1], both[1])
@@ -295,9 +299,9 @@ def test_predict_token_rows_are_per_row():
 
 
 def test_size_facts_match_the_models():
-    """models.FAMILIES' size facts follow from the architectures (hub configs: SD3-medium patch 2 with a
+    """families.FAMILIES' size facts follow from the architectures (hub configs: SD3-medium patch 2 with a
     192-position table, SD1.5 4 levels, SDXL 3; the tiny configs in models.py)."""
-    f = models.FAMILIES
+    f = families.FAMILIES
     assert (f["sd3"]["size_multiple"], f["sd3"]["max_size"]) == (8 * 2, 8 * 2 * 192)
     assert (f["sd1.5"]["size_multiple"], f["sdxl"]["size_multiple"]) == (8 * 2**3, 8 * 2**2)
     tiny = {name: f[name]["denoiser"] for name in ("tiny-sd3", "tiny-sd1.5")}
@@ -309,7 +313,7 @@ def test_size_facts_match_the_models():
     assert f["tiny-sd1.5"]["size_multiple"] == f["tiny-sd1.5"]["vae_factor"] * 2 ** (
         len(tiny["tiny-sd1.5"]["block_out_channels"]) - 1
     )
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     cond = models.encode_prompts(bb, ["a red circle"])
     models.denoise(bb, torch.randn(1, *models.latent_shape(bb, 32)), 500.0, cond)  # the largest size runs
     with pytest.raises(ValueError):  # one patch row more does not

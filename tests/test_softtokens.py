@@ -8,6 +8,8 @@ import torch
 import hooks
 import models
 import softtokens
+import trained
+from shapes import backbones
 
 RELEASED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "official-softrepa-tokens")
 needs_released = pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")
@@ -77,7 +79,7 @@ def test_time_table_starts_random_like_the_authors_embedding():
 def test_uncond_init_copies_the_empty_prompt_bos_vector():
     """SD1.5 init of both codes: the BOS state of "" copied m times (the released SoftREPA SD1.5 tokens
     are four identical vectors)."""
-    bb = models.build_tiny("tiny-sd1.5")
+    bb = backbones.build_tiny("tiny-sd1.5")
     s = softtokens.make_tokens(bb, "softrepa")
     hidden = models.encode_prompts(bb, [""])["encoder_hidden_states"][0]
     assert s.shape == (1, 4, 128)
@@ -104,7 +106,7 @@ def test_released_softrepa_sd15_tokens_are_identical_vectors():
 def test_agsm_release_format_imports_and_gives_the_same_outputs(tmp_path, family):
     """checkpoints/<family>/soft_tokens.pth: one tensor (2, L, m, d) -- (2, m, d) for the UNet -- and
     soft_t_tokens.pth: an nn.Embedding(100, L * d), written here exactly so and imported back."""
-    bb = models.build_tiny(family)
+    bb = backbones.build_tiny(family)
     pair = softtokens.make_tokens(bb, "agsm")
     with torch.no_grad():
         for p in pair.parameters():
@@ -145,7 +147,7 @@ def test_agsm_import_refuses_code_in_the_pickle(tmp_path):
 
 @pytest.mark.parametrize("loss", ["softrepa", "agsm"])
 def test_save_load_roundtrip_with_metadata(tmp_path, loss):
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     tokens = softtokens.make_tokens(bb, loss)
     with torch.no_grad():
         for p in tokens.parameters():
@@ -264,19 +266,19 @@ def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
 
 
 def test_tokens_that_do_not_fit_fail_in_one_line():
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     with pytest.raises(SystemExit, match="cannot attach these tokens to tiny-sd3"):
-        softtokens.attach_tokens(bb, [softtokens.SoftTokens(2, 4, 64)])
+        trained.attach(bb, [softtokens.SoftTokens(2, 4, 64)])
 
 
 @pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")
 def test_released_softrepa_folder_reads():
-    (sd3,), info = softtokens.read_tokens(os.path.join(RELEASED, "sd3"), "sd3")
+    (sd3,), info = trained.read(os.path.join(RELEASED, "sd3"), "sd3")
     assert sd3.shape == (5, 4, 1536) and sd3.time_table is not None and info["token_set"] == "softrepa"
-    (sdxl,), _ = softtokens.read_tokens(os.path.join(RELEASED, "sdxl"), "sdxl")
+    (sdxl,), _ = trained.read(os.path.join(RELEASED, "sdxl"), "sdxl")
     assert sdxl.shape == (1, 4, 2048) and sdxl.time_table is None
     with pytest.raises(SystemExit, match="pair-token file"):
-        softtokens.read_tokens(os.path.join(RELEASED, "sd1.5"), "sd1.5", neg_uncond=True)
+        trained.read(os.path.join(RELEASED, "sd1.5"), "sd1.5", neg_uncond=True)
 
 
 def test_a_released_file_that_is_no_tensor_is_a_one_line_error(tmp_path):

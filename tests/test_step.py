@@ -15,15 +15,17 @@ import tolerances
 import torch
 
 import families
-import models
+import run
 import softtokens
 import step as training
+import trained
+from shapes import backbones
 
 torch.set_num_threads(1)
 
 
 def one_step(name, loss, rows_per_forward, checkpointing, captions):
-    bb = models.build_tiny(name, seed=0)
+    bb = backbones.build_tiny(name, seed=0)
     bb.denoiser.requires_grad_(False)
     if checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
@@ -40,7 +42,7 @@ def one_step(name, loss, rows_per_forward, checkpointing, captions):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(1)
     batch = dict(images=torch.rand((len(captions), 3, 32, 32), generator=g) * 2 - 1, captions=captions, new_bad=0)
-    handle = softtokens.attach_tokens(bb, tokens.sets)
+    handle = trained.attach(bb, tokens.sets)
     stats = training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, step=3)
     handle.remove()
     grads = {k: p.grad.clone() for k, p in zip(range(99), tokens.trainable())}
@@ -86,54 +88,54 @@ def test_a_duplicate_caption_is_no_negative_in_any_chunk(loss):
 
 
 def args_like(out, **given):
-    values = {key: None for key in training.TRAJECTORY}
+    values = {key: None for key in run.TRAJECTORY}
     values.update(given)
     return types.SimpleNamespace(out=str(out), resume="latest", **values)
 
 
 def write_checkpoint(out, **config):
     os.makedirs(out, exist_ok=True)
-    training.save_checkpoint(
+    run.save_checkpoint(
         os.path.join(out, "ckpt.pt"), dict(tokens={"t": torch.ones(2)}, step=3, config=json.dumps(config))
     )
 
 
 def test_a_checkpoint_round_trips_and_a_foreign_file_is_refused(tmp_path):
     write_checkpoint(tmp_path, lr=1e-3)
-    state = training.read_checkpoint(str(tmp_path / "ckpt.pt"))
+    state = run.read_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] == 3 and torch.equal(state["tokens"]["t"], torch.ones(2))
     assert not (tmp_path / "ckpt.pt.tmp").exists()  # written beside, then renamed
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a checkpoint of train.py"):
-        training.read_checkpoint(str(tmp_path / "other.pt"))
+        run.read_checkpoint(str(tmp_path / "other.pt"))
     rng = np.random.default_rng(0)
     for _ in range(50):  # random bytes trip the unpickler in many ways (IndexError, KeyError, ...): one line
         (tmp_path / "noise.pt").write_bytes(rng.integers(0, 256, 64, dtype=np.uint8).tobytes())
         with pytest.raises(SystemExit, match="not a readable checkpoint"):
-            training.read_checkpoint(str(tmp_path / "noise.pt"))
+            run.read_checkpoint(str(tmp_path / "noise.pt"))
 
 
 def test_resume_takes_the_runs_settings_and_refuses_a_contradiction(tmp_path):
-    saved = {key: None for key in training.TRAJECTORY}
+    saved = {key: None for key in run.TRAJECTORY}
     saved.update(model="tiny-sd3", loss="agsm", batch=4, lr=1e-3)
     del saved["params"]  # a checkpoint older than --params
     write_checkpoint(tmp_path, **saved)
     args = args_like(tmp_path)
-    training.resume_config(args)
+    run.resume_config(args)
     assert (args.model, args.loss, args.batch) == ("tiny-sd3", "agsm", 4)
     assert args.params is None  # left to resolve(): the default, tokens
     lower = args_like(tmp_path, lr=1e-4)
-    training.resume_config(lower)
+    run.resume_config(lower)
     assert lower.changes == [{"step": 3, "lr": 1e-4, "was": 1e-3}]
     with pytest.raises(SystemExit, match="that run has batch=4, this one 8"):
-        training.resume_config(args_like(tmp_path, batch=8))
+        run.resume_config(args_like(tmp_path, batch=8))
 
 
 def test_the_log_forgets_the_rows_after_the_checkpoint(tmp_path):
     args = types.SimpleNamespace(out=str(tmp_path), lr=1e-3)
-    record = training.open_log(args, ["step", "loss"], 0, True)
+    record = run.open_log(args, ["step", "loss"], 0, True)
     for step in (1, 2, 3, 4):
         record({"step": step, "loss": 1.0 / step})
-    training.open_log(args, ["step", "loss"], 2, True)({"step": 3, "loss": 0.5})  # resumed at step 2
+    run.open_log(args, ["step", "loss"], 2, True)({"step": 3, "loss": 0.5})  # resumed at step 2
     with open(tmp_path / "log.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]

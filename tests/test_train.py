@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import families
 import models
 import shapes
 import softtokens
 import train
-from shapes import classifier
+import trained
+from shapes import backbones, classifier
 
 FAST = ["--random-init", "--batch", "2", "--threads", "1", "--workers", "1"]
 
@@ -55,7 +57,6 @@ def test_two_rank_gloo_run_keeps_tokens_identical(tmp_path):
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     # training happened, and both ranks' data went into it: a one-process run differs
-    import softtokens
 
     saved, meta = softtokens.load(os.path.join(out, "tokens.safetensors"))
     assert meta["world"] == 2 and meta["loss"] == "agsm" and meta["steps"] == 2
@@ -218,9 +219,9 @@ def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
     assert log[1]["score_mean"] == ""  # no validation at step 1, and no fake number
     assert log[1]["heldout_acc"] == ""
     # the logged held-out accuracy at step 2 is that of the saved tokens, recomputed here
-    bb = models.build_tiny("tiny-sd1.5", seed=0)
-    sets, info = softtokens.read_tokens(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5")
-    handle = softtokens.attach_tokens(bb, sets, info["blocks"])
+    bb = backbones.build_tiny("tiny-sd1.5", seed=0)
+    sets, info = trained.read(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5")
+    handle = trained.attach(bb, sets, info["blocks"])
     records = [
         r for c in shapes.CATEGORIES for r in [r for r in shapes.load_dev_set() if r["spec"]["category"] == c][:1]
     ]
@@ -254,7 +255,7 @@ def test_bad_input_fails_at_start_in_one_line(tmp_path, argv, message):
 
 def resolved(*argv):
     args = train.parse_args(["--model", "tiny-sd3"] + list(argv))
-    train.resolve(args, models.FAMILIES["tiny-sd3"])
+    train.resolve(args, families.FAMILIES["tiny-sd3"])
     return args
 
 

@@ -11,6 +11,7 @@ import json
 
 import torch
 
+import families
 import models
 
 
@@ -210,9 +211,9 @@ def stock_pipeline(family, folder):
     import os
 
     os.makedirs(folder, exist_ok=True)
-    if models.FAMILIES[family]["pipeline"] == "FluxPipeline":
+    if families.FAMILIES[family]["pipeline"] == "FluxPipeline":
         return flux_pipeline(folder, family)
-    mmdit = models.FAMILIES[family]["arch"] == "mmdit"
+    mmdit = families.FAMILIES[family]["arch"] == "mmdit"
     pipe = sd3_pipeline(folder, family) if mmdit else {"sdxl": sdxl_pipeline, "sd1.5": sd15_pipeline}[family](folder)
     scaling = (
         dict(shift_factor=0.0609, scaling_factor=1.5305)

@@ -86,11 +86,11 @@ def strictly_lowest(true_errors, other_errors):
 # Plain score / flow matching on the matched pairs: the "dsm" baseline (AGSM Table 4 (i)).
 
 
-def dsm_loss(*, errors, batch_rows):
+def dsm_loss(*, errors, batch_rows=None):
     """The matched pairs' mean squared error over the step's B image rows, || pred(x_t^i, c^i) - target_i ||^2.
     `errors` (n, 1) are the pair errors of the n rows at hand (the step runs only the matched pairs); a
     chunk of rows contributes its sum / B, so the chunks of one step add up to the mean over all B."""
-    return errors[:, 0].sum() / batch_rows
+    return errors[:, 0].sum() / (errors.shape[0] if batch_rows is None else batch_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -123,12 +123,12 @@ def softrepa_row_losses(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, 
     return contrastive + dweight * matched(errors, rows)
 
 
-def softrepa_loss(*, errors, tau, scale, dweight, exclude, rows, batch_rows):
+def softrepa_loss(*, errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, rows=None, batch_rows=None):
     """Eq. 14 for the n image rows at hand (global indices `rows` of the step's B): each row's cross-entropy
     over its K captions (eq. 9, logits of eq. 13) plus dweight times its matched error, summed and divided
     by B -- the rows' share of the mean over all B rows, so chunks of rows add up to the whole step."""
     row_losses = softrepa_row_losses(errors, tau, scale, dweight, exclude, rows)
-    return row_losses.sum() / batch_rows
+    return row_losses.sum() / (errors.shape[0] if batch_rows is None else batch_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def guidance_weight(timesteps):
 
 
 def agsm_targets(
-    *, pred_ema, target, timesteps, gamma_pos, gamma_neg, tau, bradley_terry=False, exclude=None, rows=None
+    *, pred_ema, target, timesteps, gamma_pos=1.0, gamma_neg=1.0, tau=0.1, bradley_terry=False, exclude=None, rows=None
 ):
     """AGSM Alg. 1 lines 8-11: the alignment-guided targets (n, K, C, H, W) of eq. 15 / 16 for every pair of
     the n image rows at hand (global indices `rows` of the step's B; None: all of them), from the EMA
@@ -239,9 +239,9 @@ def agsm_loss(
     pred_ema,
     target,
     timesteps,
-    gamma_pos,
-    gamma_neg,
-    tau,
+    gamma_pos=1.0,
+    gamma_neg=1.0,
+    tau=0.1,
     bradley_terry=False,
     exclude=None,
     plain_sum=False,

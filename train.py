@@ -274,6 +274,26 @@ def check_recipe_flags(args):
 # The setup that main() calls, one function a piece: the data, the counter, what trains, the log.
 
 
+def start_ddp(args):
+    """DDP, as in nanoGPT: torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE;
+    nccl on CUDA, gloo on the CPU. Each rank draws its own images; step.py all-reduces the gradients, so
+    every rank takes the same optimizer step and the tokens stay identical. A rank that dies takes the group
+    down with it, and the run resumes from its last checkpoint. Returns (ddp, rank, world size, device)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    use_cuda = args.device.startswith("cuda")
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        # cuDNN's fused attention crashed in the backward pass on FLUX.1-dev's step (an H200, torch 2.11 +
+        # CUDA 13; docs/cost.md): PyTorch's flash / memory-efficient kernels take over, with the same memory
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return ddp, rank, world, device
+
+
 def open_data(args):
     """The training pairs of --data (data.py): the shapes world's stream (shapes/pairs.py; this script's
     choice for the tiny models), a COCO folder, a .jsonl, image + .txt files, or an encoding cache of
@@ -346,10 +366,10 @@ def open_log(args, step, master, bb, trainable, device):
     B, with_negatives = args.batch, families.LOSSES[args.loss]["pairs"] == "matrix"
     pairs_per_rank = B * B * (args.world if args.gather_text else 1) if with_negatives else B
     if master:
+        numbers = sum(p.numel() for p in trainable.trainable())
         print(
             f"{args.model} {args.loss}: {args.world} rank(s) on {device.type} ({args.precision}), {B} images x "
-            f"{pairs_per_rank // B} texts per rank per step, {sum(p.numel() for p in trainable.trainable()):,} trainable "
-            f"numbers"
+            f"{pairs_per_rank // B} texts per rank per step, {numbers:,} trainable numbers"
         )
     return record, with_negatives, pairs_per_rank
 
@@ -426,24 +446,11 @@ def main(argv=None):
     models.check_backbone_flags(args)  # the model name, --device, --threads ...
     check_recipe_flags(args)  # ... and every number of the recipe
 
-    # ---- DDP, inline as in nanoGPT. torchrun starts one process per device and sets RANK, LOCAL_RANK and
-    # WORLD_SIZE; nccl on CUDA, gloo on the CPU. Each rank draws its own images; step.py all-reduces the
-    # gradients, so every rank takes the same optimizer step and the tokens stay identical. Rank 0 alone
-    # writes files and prints; a rank that dies takes the group down, and the run resumes from its checkpoint.
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    use_cuda = args.device.startswith("cuda")
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        # cuDNN's fused attention crashed in the backward pass on FLUX.1-dev's step (an H200, torch 2.11 +
-        # CUDA 13; docs/cost.md): PyTorch's flash / memory-efficient kernels take over, with the same memory
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    # ---- DDP (torchrun) or one process; rank 0 alone writes files and prints, every rank computes
+    ddp, rank, world, device = start_ddp(args)
     master, args.world = rank == 0, world
-    args.precision = args.precision or ("bf16" if use_cuda else "fp32")  # the authors' fp16 needs a scaler
+    # bf16 on CUDA (the authors' fp16 needs a gradient scaler, which --precision fp16 gets), fp32 on the CPU
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # ---- the run folder (run.py: writable, locked, no half-written files) and the recipe: on --resume the
     # checkpoint's, then the papers' defaults for this family and loss (resolve). Then the data, the counter

@@ -68,7 +68,7 @@ def malicious(tmp_path):
 )
 def test_train_rejects_bad_numbers_before_loading(tmp_path, monkeypatch, argv, first_words):
     monkeypatch.setattr(train.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(train.models, "build_tiny", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(backbones, "build_tiny", lambda *a, **k: pytest.fail("the model was built"))
     message = one_line_error(train.main, ["--model", "tiny-sd3", "--out", str(tmp_path / "r")] + argv)
     assert message.startswith(first_words)
 
@@ -118,7 +118,7 @@ def test_train_malformed_jsonl_names_the_line(tmp_path):
 
 
 def test_train_long_or_foreign_caption_fails_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.models, "build_tiny", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(backbones, "build_tiny", lambda *a, **k: pytest.fail("the model was built"))
     long = "a red circle and a blue square and a green triangle and a white square and a yellow circle"
     path = write_jsonl(
         tmp_path, ['{"image": "a.png", "caption": "a red circle"}', json.dumps({"image": "a.png", "caption": long})]
@@ -175,7 +175,7 @@ def test_sample_refuses_malicious_released_tokens(tmp_path, malicious):
 
 def test_sample_unwritable_out_fails_before_sampling(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    monkeypatch.setattr(sample.sampler, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
     message = one_line_error(sample.main, SAMPLE + ["--prompt", "a red circle", "--out", str(tmp_path / "file" / "s")])
     assert message.startswith(f"--out {tmp_path / 'file' / 's'}: cannot write there")
 
@@ -259,7 +259,7 @@ def test_eval_refuses_malicious_tokens_of_a_run(tmp_path, malicious, monkeypatch
         + "\n"
     )
     tiny = backbones.build_tiny("tiny-sd3")
-    monkeypatch.setattr(evaluation.models, "load", lambda name, **kw: tiny)
+    monkeypatch.setattr(evaluation.backbones, "load", lambda *a, **kw: tiny)
     message = one_line_error(
         evaluation.main, ["--runs", str(run), "--metrics", "classifier", "--model", "tiny-sd3", "--classifier-n", "1"]
     )

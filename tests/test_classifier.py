@@ -74,6 +74,7 @@ def test_a_perfect_oracle_classifies_everything(family, data, tiny_sd3, tmp_path
             families.FAMILIES[family],
             tiny_sd3.denoiser,
             text_encoder=tiny_sd3.text_encoder,  # denoiser: replaced
+            tokenize=tiny_sd3.tokenize,
             alphas_cumprod=models.ddpm_alphas_cumprod(),
         )
     )

@@ -11,6 +11,7 @@ import pytest
 import tolerances
 import torch
 
+import counting
 import families
 import losses
 import models
@@ -116,7 +117,7 @@ def save_tiny_detr(folder, labels):
 
 def test_a_transformers_detector_from_a_folder_is_a_soft_counter(tmp_path):
     save_tiny_detr(tmp_path / "detr", ["cat", "dog", "person"])
-    counter = losses.load_counter(str(tmp_path / "detr"), "sd3", "cpu")
+    counter = counting.open_detector(str(tmp_path / "detr"), "cpu")
     images = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
     soft = counter.soft_count(images, ["cat", "zebra"])
     assert 0 < soft[0] < 5 and torch.isnan(soft[1])  # at most one detection per query; no "zebra" label
@@ -126,9 +127,9 @@ def test_a_transformers_detector_from_a_folder_is_a_soft_counter(tmp_path):
 
 def test_counter_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--count-weight needs --counter FOLDER"):
-        losses.load_counter(None, "sd3", "cpu")
+        counting.open_detector(None, "cpu")
     with pytest.raises(SystemExit, match="not a detector folder"):
-        losses.load_counter(str(tmp_path), "sd3", "cpu")
+        counting.open_detector(str(tmp_path), "cpu")
     with pytest.raises(SystemExit) as e:
         train.main(
             FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--count-weight", "nan", "--out", str(tmp_path / "r")]

@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 import models
-from shapes import backbones, bench
+from shapes import backbones, bench, pairs
 
 
 def write_coco(root, year="2017", n=4, corrupt=(), split="train"):
@@ -151,7 +151,7 @@ def test_unreadable_images_are_replaced_and_counted_once(tmp_path, capsys):
 
 
 def test_shapes_source_is_reproducible_and_differs_by_rank():
-    source = data.open_source("shapes", 32, seed=1)
+    source = pairs.open_stream("shapes", 32, seed=1)
     a, b = data.get_batch(source, 4, 0, 2, 3), data.get_batch(source, 4, 0, 2, 3)
     assert a["captions"] == b["captions"] and torch.equal(a["images"], b["images"])
     assert a["images"].shape == (3, 3, 32, 32) and a["images"].min() >= -1 and a["images"].max() <= 1

@@ -135,6 +135,7 @@ def gaussian_backbone():
         families.FAMILIES["tiny-sd1.5"],
         GaussianDenoiser(abar),
         text_encoder=backbones.tiny_text_encoder(1),
+        tokenize=shapes.tokenize,
         alphas_cumprod=abar,
     )
 
@@ -300,7 +301,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(models, "load", no_load)
-    monkeypatch.setattr(models, "build_tiny", no_load)
+    monkeypatch.setattr(backbones, "build_tiny", no_load)
     Image.fromarray(shapes.render(SPEC, 32, 0)).save(tmp_path / "ok.png")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "odd.png")

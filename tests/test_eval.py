@@ -245,7 +245,7 @@ def test_classifier_column_uses_each_runs_tokens(tmp_path, tiny_sd3, monkeypatch
     attached = []
     real_attach = hooks.attach
     monkeypatch.setattr(hooks, "attach", lambda *a, **k: attached.append(real_attach(*a, **k)) or attached[-1])
-    monkeypatch.setattr(ev.models, "load", lambda name, **kw: tiny_sd3)
+    monkeypatch.setattr(ev.backbones, "load", lambda *a, **kw: tiny_sd3)
     groups = ev.main(
         [
             "--runs",

@@ -33,17 +33,19 @@ def test_softrepa_equals_explicit_cross_entropy():
         logits = [scale * math.exp(-errors[i, j].item() / tau) for j in range(3)]
         expected += -math.log(math.exp(logits[i]) / sum(math.exp(logit) for logit in logits))
     expected /= 3
-    assert math.isclose(losses.softrepa_loss(errors, tau, scale).item(), expected, rel_tol=1e-6)
+    assert math.isclose(losses.softrepa_loss(errors=errors, tau=tau, scale=scale).item(), expected, rel_tol=1e-6)
     dsm = (0.10 + 0.12 + 0.15) / 3
     assert math.isclose(
-        losses.softrepa_loss(errors, tau, scale, dweight=10.0).item(), expected + 10 * dsm, rel_tol=1e-6
+        losses.softrepa_loss(errors=errors, tau=tau, scale=scale, dweight=10.0).item(),
+        expected + 10 * dsm,
+        rel_tol=1e-6,
     )
 
 
 def test_softrepa_prefers_matched_pairs():
     good = torch.tensor([[0.1, 0.5], [0.5, 0.1]])
     bad = torch.tensor([[0.5, 0.1], [0.1, 0.5]])
-    assert losses.softrepa_loss(good) < losses.softrepa_loss(bad)
+    assert losses.softrepa_loss(errors=good) < losses.softrepa_loss(errors=bad)
 
 
 def test_classifier_accuracy():
@@ -56,7 +58,7 @@ def test_agsm_with_zero_gamma_is_plain_matching(prediction):
     pred, target = example(seed=1)
     pred_ema = pred + 0.1 * torch.randn_like(pred)
     t = torch.tensor([10.0, 500.0, 990.0])
-    loss, _ = losses.agsm_loss(pred, pred_ema, target, t, prediction, gamma_pos=0.0, gamma_neg=0.0)
+    loss, _ = losses.agsm_loss(pred=pred, pred_ema=pred_ema, target=target, timesteps=t, gamma_pos=0.0, gamma_neg=0.0)
     errors = losses.pair_errors(pred, target)
     eye = torch.eye(3, dtype=torch.bool)
     assert loss.item() == pytest.approx(errors[eye].mean().item() + errors[~eye].mean().item(), rel=1e-6)
@@ -65,7 +67,9 @@ def test_agsm_with_zero_gamma_is_plain_matching(prediction):
 def test_agsm_delta_is_zero_when_all_texts_agree():
     _, target = example()
     same = torch.randn(3, 1, 2, 2, 2).expand(3, 3, 2, 2, 2)
-    targets, w = losses.agsm_targets(same, target, torch.zeros(3), "epsilon", 1.0, 1.0)
+    targets, w = losses.agsm_targets(
+        pred_ema=same, target=target, timesteps=torch.zeros(3), gamma_pos=1.0, gamma_neg=1.0
+    )
     torch.testing.assert_close(targets, target.unsqueeze(1).expand_as(targets))
     torch.testing.assert_close(w, torch.full((3, 3), 1 / 3))
 
@@ -75,7 +79,9 @@ def test_agsm_targets_term_by_term(prediction):
     """Eq. 15 (epsilon) / eq. 16 (flow) written out with loops, Alg. 1 lines 8-10."""
     pred_ema, target = example(seed=2)
     tau, gp, gn = 0.5, 1.0, 0.1
-    targets, w = losses.agsm_targets(pred_ema, target, torch.zeros(3), prediction, gp, gn, tau)
+    targets, w = losses.agsm_targets(
+        pred_ema=pred_ema, target=target, timesteps=torch.zeros(3), gamma_pos=gp, gamma_neg=gn, tau=tau
+    )
     for i in range(3):
         errs = [((pred_ema[i, k] - target[i]) ** 2).mean() for k in range(3)]
         weights = torch.softmax(-torch.stack(errs) / tau, dim=0)
@@ -92,9 +98,13 @@ def test_agsm_loss_regresses_onto_detached_targets():
     pred = pred.clone().requires_grad_(True)
     pred_ema = pred.detach() + 0.05
     t = torch.zeros(3)
-    loss, _ = losses.agsm_loss(pred, pred_ema, target, t, "flow", 1.0, 0.1, tau=0.5)
+    loss, _ = losses.agsm_loss(
+        pred=pred, pred_ema=pred_ema, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1, tau=0.5
+    )
     loss.backward()
-    targets, _ = losses.agsm_targets(pred_ema, target, t, "flow", 1.0, 0.1, tau=0.5)
+    targets, _ = losses.agsm_targets(
+        pred_ema=pred_ema, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1, tau=0.5
+    )
     per_pair = (pred.detach() - targets).pow(2).flatten(2).mean(2)
     eye = torch.eye(3, dtype=torch.bool)
     assert loss.item() == pytest.approx(per_pair[eye].mean().item() + per_pair[~eye].mean().item(), rel=1e-6)
@@ -109,21 +119,37 @@ def test_agsm_loss_regresses_onto_detached_targets():
 def test_bradley_terry_two_texts_equals_plackett_luce():
     """With B = 2 each image has one negative: the pairwise and the listwise models coincide."""
     pred_ema, target = example(B=2, seed=4)
-    pl, _ = losses.agsm_targets(pred_ema, target, torch.zeros(2), "epsilon", 1.0, 1.0, tau=0.3)
-    bt, _ = losses.agsm_targets(pred_ema, target, torch.zeros(2), "epsilon", 1.0, 1.0, tau=0.3, bradley_terry=True)
+    pl, _ = losses.agsm_targets(
+        pred_ema=pred_ema, target=target, timesteps=torch.zeros(2), gamma_pos=1.0, gamma_neg=1.0, tau=0.3
+    )
+    bt, _ = losses.agsm_targets(
+        pred_ema=pred_ema,
+        target=target,
+        timesteps=torch.zeros(2),
+        gamma_pos=1.0,
+        gamma_neg=1.0,
+        tau=0.3,
+        bradley_terry=True,
+    )
     torch.testing.assert_close(pl, bt)
 
 
 def test_bradley_terry_differs_from_plackett_luce_with_more_texts():
     pred_ema, target = example(B=3, seed=5)
-    pl, _ = losses.agsm_targets(pred_ema, target, torch.zeros(3), "epsilon", tau=0.3)
-    bt, _ = losses.agsm_targets(pred_ema, target, torch.zeros(3), "epsilon", tau=0.3, bradley_terry=True)
+    pl, _ = losses.agsm_targets(pred_ema=pred_ema, target=target, timesteps=torch.zeros(3), tau=0.3)
+    bt, _ = losses.agsm_targets(
+        pred_ema=pred_ema, target=target, timesteps=torch.zeros(3), tau=0.3, bradley_terry=True
+    )
     assert not torch.allclose(pl, bt)
 
 
 def test_dsm_loss_is_the_matched_mean():
-    errors = torch.tensor([[1.0, 9.0], [9.0, 3.0]])
-    assert losses.dsm_loss(errors).item() == 2.0
+    errors = torch.tensor([[1.0], [3.0]])  # (B, 1): the matched pairs alone, as the step runs them
+    assert losses.dsm_loss(errors=errors).item() == 2.0
+    # a chunk of rows contributes its share of the mean over the step's B rows
+    assert losses.dsm_loss(errors=errors[:1], batch_rows=2).item() + losses.dsm_loss(
+        errors=errors[1:], batch_rows=2
+    ).item() == pytest.approx(2.0)
 
 
 def test_agsm_accepts_extra_gathered_negatives():
@@ -131,14 +157,24 @@ def test_agsm_accepts_extra_gathered_negatives():
     Extra captions that predict exactly like an existing one only re-weight; the per-pair formula holds."""
     g = torch.Generator().manual_seed(6)
     pred_ema, target = torch.randn(2, 5, 1, 2, 2, generator=g), torch.randn(2, 1, 2, 2, generator=g)
-    targets, w = losses.agsm_targets(pred_ema, target, torch.zeros(2), "epsilon", 1.0, 0.5, tau=0.4)
+    targets, w = losses.agsm_targets(
+        pred_ema=pred_ema, target=target, timesteps=torch.zeros(2), gamma_pos=1.0, gamma_neg=0.5, tau=0.4
+    )
     assert targets.shape == (2, 5, 1, 2, 2) and w.shape == (2, 5)
     for i in range(2):
         mean_pred = (w[i].view(5, 1, 1, 1) * pred_ema[i]).sum(0)
         for j in range(5):
             gamma = 1.0 if i == j else -0.5
             torch.testing.assert_close(targets[i, j], target[i] + gamma * (pred_ema[i, j] - mean_pred))
-    loss, _ = losses.agsm_loss(pred_ema, pred_ema, target, torch.zeros(2), "epsilon", 1.0, 0.5, tau=0.4)
+    loss, _ = losses.agsm_loss(
+        pred=pred_ema,
+        pred_ema=pred_ema,
+        target=target,
+        timesteps=torch.zeros(2),
+        gamma_pos=1.0,
+        gamma_neg=0.5,
+        tau=0.4,
+    )
     per_pair = (pred_ema - targets).pow(2).flatten(2).mean(2)
     eye = torch.eye(2, 5, dtype=torch.bool)
     assert loss.item() == pytest.approx(per_pair[eye].mean().item() + per_pair[~eye].mean().item(), rel=1e-6)
@@ -211,13 +247,12 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
             if layout == "ours":
                 shape = (B, B) + tuple(x0.shape[1:])
                 loss, w = losses.agsm_loss(
-                    pred.view(shape),
-                    pred_ema.view(shape),
-                    target,
-                    timesteps,
-                    bb.facts["prediction"],
-                    1.0,
-                    1.0,
+                    pred=pred.view(shape),
+                    pred_ema=pred_ema.view(shape),
+                    target=target,
+                    timesteps=timesteps,
+                    gamma_pos=1.0,
+                    gamma_neg=1.0,
                     tau=0.1,
                 )
                 win_rate, margin = losses.agsm_diagnostics(w)
@@ -244,7 +279,7 @@ def test_agsm_default_temperature_is_the_codes():
     assert inspect.signature(losses.agsm_loss).parameters["tau"].default == 0.1
     assert inspect.signature(losses.agsm_targets).parameters["tau"].default == 0.1
     pred_ema, target = example(seed=8)
-    _, w = losses.agsm_targets(pred_ema, target, torch.zeros(3), "flow")
+    _, w = losses.agsm_targets(pred_ema=pred_ema, target=target, timesteps=torch.zeros(3))
     errors = losses.pair_errors(pred_ema, target)
     torch.testing.assert_close(w, torch.softmax(-errors / 0.1, dim=1))
 
@@ -261,15 +296,19 @@ def test_duplicate_captions_are_no_negatives():
     for i, keep in enumerate(([0, 1], [0, 1, 2], [1, 2])):
         row = logits[i, keep]
         by_hand.append(-(row[keep.index(i)] - torch.logsumexp(row, 0)))
-    assert losses.softrepa_loss(errors, exclude=exclude).item() == pytest.approx(
+    assert losses.softrepa_loss(errors=errors, exclude=exclude).item() == pytest.approx(
         torch.stack(by_hand).mean().item(), rel=1e-6
     )
-    assert losses.softrepa_loss(errors, exclude=exclude).item() != pytest.approx(losses.softrepa_loss(errors).item())
+    assert losses.softrepa_loss(errors=errors, exclude=exclude).item() != pytest.approx(
+        losses.softrepa_loss(errors=errors).item()
+    )
     # AGSM: no weight in the Plackett-Luce softmax, no guidance and no psi- loss for a duplicate
-    targets, w = losses.agsm_targets(pred, target, torch.zeros(3), "flow", 1.0, 1.0, exclude=exclude)
+    targets, w = losses.agsm_targets(
+        pred_ema=pred, target=target, timesteps=torch.zeros(3), gamma_pos=1.0, gamma_neg=1.0, exclude=exclude
+    )
     assert w[0, 2] == 0 and w[2, 0] == 0 and torch.allclose(w.sum(1), torch.ones(3))
     torch.testing.assert_close(targets[0, 2], target[0].float())
-    loss, _ = losses.agsm_loss(pred, pred, target, torch.zeros(3), "flow", exclude=exclude)
+    loss, _ = losses.agsm_loss(pred=pred, pred_ema=pred, target=target, timesteps=torch.zeros(3), exclude=exclude)
     per_pair = (pred - targets).pow(2).flatten(2).mean(2)
     negatives = per_pair[~torch.eye(3, dtype=torch.bool) & ~exclude]
     assert loss.item() == pytest.approx(per_pair.diagonal().mean().item() + negatives.mean().item(), rel=1e-6)
@@ -282,9 +321,11 @@ def test_duplicate_captions_are_no_negatives():
 def test_agsm_plain_sum_is_alg1_line_12():
     pred, target = example(seed=10)
     t = torch.zeros(3)
-    code, _ = losses.agsm_loss(pred, pred, target, t, "flow", 1.0, 0.1)
-    literal, _ = losses.agsm_loss(pred, pred, target, t, "flow", 1.0, 0.1, plain_sum=True)
-    targets, _ = losses.agsm_targets(pred, target, t, "flow", 1.0, 0.1)
+    code, _ = losses.agsm_loss(pred=pred, pred_ema=pred, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1)
+    literal, _ = losses.agsm_loss(
+        pred=pred, pred_ema=pred, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1, plain_sum=True
+    )
+    targets, _ = losses.agsm_targets(pred_ema=pred, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1)
     per_pair = (pred - targets).pow(2).flatten(2).mean(2)
     eye = torch.eye(3, dtype=torch.bool)
     assert literal.item() == pytest.approx(per_pair.sum().item(), rel=1e-6)

@@ -159,10 +159,10 @@ def test_kill_then_resume_latest_equals_an_uninterrupted_run(stock, coco, tmp_pa
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", killed_at_step_3)
+    monkeypatch.setattr(train, "train_step", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train.main(small(argv, stock["sd3"], coco, str(tmp_path / "split")) + fixed + ["--steps", "4"])
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(train, "train_step", real_step)
     resumed = train.main(
         small(argv, stock["sd3"], coco, str(tmp_path / "split")) + fixed + ["--steps", "4", "--resume", "latest"]
     )

@@ -133,7 +133,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(models, "load", no_load)
-    monkeypatch.setattr(models, "build_tiny", no_load)
+    monkeypatch.setattr(backbones, "build_tiny", no_load)
     single = tmp_path / "single.safetensors"
     softtokens.save(str(single), softtokens.SoftTokens(2, 4, 128), model="tiny-sd3")
     garbage = tmp_path / "garbage.safetensors"

@@ -6,6 +6,8 @@ the shapes world's protocol with statistical power.
     python eval.py --runs out/sd3 --metrics clip pickscore imagereward hps fid lpips --ref coco/val5k
     python eval.py --runs out/pnp/plain out/pnp/tokens --metrics edit imagereward pickscore hps --bench PIE-Bench_v1
     python eval.py --to-geneval out/sd3 --geneval-prompts geneval/prompts/evaluation_metadata.jsonl
+    python eval.py --runs out/sd3-geneval2 --metrics soft-tifa --geneval2 GenEval2/geneval2_data.jsonl \
+        --vqa-model weights/Qwen3-VL-8B-Instruct
     python eval.py --protocol dev --model tiny-sd3 --tokens runs/agsm/tokens.safetensors   # shapes world
 
 What is measured (SoftREPA Tables 1-2, AGSM Tables 1-2, Figures 4-5):
@@ -14,6 +16,9 @@ What is measured (SoftREPA Tables 1-2, AGSM Tables 1-2, Figures 4-5):
                 the true caption must have the lowest denoising error among K (classifier.py,
                 SoftREPA eqs. 15-18)
   geneval       GenEval per category: its folder layout written out, its scorer's results jsonl read back
+  soft-tifa     GenEval 2 (arXiv 2512.16853) in-process: a VQA model's probability of each atom's correct
+                answer, Soft-TIFA AM and GM, AM per skill and GM per atom count (metrics.soft_tifa_scores);
+                the model is any transformers image-text-to-text folder (--vqa-model), the prompts --geneval2
   clip, pickscore, imagereward, hps, fid, lpips: metrics.py; edit: the editing benchmarks' (benchmarks.py)
 Heavy metric models are optional (pip install -r requirements-eval.txt); they load from the Hugging
 Face hub, or only from --weights DIR when it is given: DIR/<hub id, or its last part> for the CLIP
@@ -52,7 +57,7 @@ import shapes
 import trained
 from shapes import backbones, checker, classifier
 
-ALL_METRICS = ["shapes", "classifier", "geneval", "edit"] + list(metrics.METRICS)
+ALL_METRICS = ["shapes", "classifier", "geneval", "soft-tifa", "edit"] + list(metrics.METRICS)
 DISPLAY_SCALE = {
     "imagereward": 100,
     "hps": 100,
@@ -60,6 +65,7 @@ DISPLAY_SCALE = {
     "bg_lpips": 100,
     "bg_ssim": 100,
     "structure_distance": 1000,
+    **{column: 100 for column in metrics.SOFT_TIFA_COLUMNS},  # GenEval 2 prints Soft-TIFA x100
 }
 
 
@@ -169,6 +175,8 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
     if scorers.get(metric) is None:
         return None
     paths, prompts = [os.path.join(run, r["image"]) for r in rows], [r["prompt"] for r in rows]
+    if metric == "soft-tifa":  # GenEval 2: each image found by its record's prompt
+        return metrics.soft_tifa_metric(scorers[metric], paths, prompts)
     if not rows and args.pie:  # an edit.py folder: the benchmark's target prompts
         items = benchmarks.items(args.pie, run)
         paths, prompts = [it[2] for it in items], [it[4] for it in items]
@@ -181,6 +189,8 @@ def replicates(run, metrics, scorers, args):
     cache_path = os.path.join(run, "eval_metrics.json")
     # the settings a cached value depends on: a cache computed with others is stale, not reusable
     settings = {k: getattr(args, k, None) for k in ("model", "classifier_n", "candidates", "ref", "pie")}
+    # soft-tifa's files count only when given, so that caches written before these flags existed stay valid
+    settings.update({k: v for k in ("geneval2", "vqa_model") if (v := getattr(args, k, None))})
     cache = {}
     if not args.recompute and os.path.exists(cache_path):
         with open(cache_path) as f:
@@ -238,6 +248,7 @@ COLUMN_ORDER = (
     [f"shapes_{c}" for c in shapes.CATEGORIES + ["mean"]]
     + ["classifier"]
     + [f"geneval_{c}" for c in shapes.CATEGORIES + ["mean"]]
+    + metrics.SOFT_TIFA_COLUMNS
     + [
         "imagereward",
         "pickscore",
@@ -349,6 +360,8 @@ def parse_args(argv=None):
     p.add_argument("--curve", default="score_mean", help="training-CSV column of the validation curves")
     p.add_argument("--to-geneval", metavar="RUN", help="write RUN's images in GenEval's layout, then exit")
     p.add_argument("--geneval-prompts", help="GenEval's prompts/evaluation_metadata.jsonl (for --to-geneval)")
+    p.add_argument("--geneval2", metavar="FILE", help="soft-tifa: GenEval 2's geneval2_data.jsonl")
+    p.add_argument("--vqa-model", metavar="DIR", help="soft-tifa: local image-text-to-text model (Qwen3-VL-8B...)")
     p.add_argument("--protocol", choices=["dev", "eval"], help="shapes world: sample and score a prompt set with CIs")
     p.add_argument("--tokens", nargs="*", default=[], help="--protocol: token files to score beside the base")
     p.add_argument("--ema", action="store_true", help="--protocol: sample AGSM files with their EMA tokens")
@@ -481,6 +494,8 @@ def main(argv=None):
     scorers = metrics.load_scorers(args.metrics, args.weights, args.device)
     if "classifier" in args.metrics:
         scorers["classifier"] = models.from_flags(args, shapes_world=backbones.load)
+    if "soft-tifa" in args.metrics:
+        scorers["soft-tifa"] = metrics.load_soft_tifa(args.geneval2, args.vqa_model, args.device)
     rows = []
     for run in args.runs:
         rows += [

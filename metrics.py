@@ -392,3 +392,171 @@ def generation_metric(name, scorer, paths, prompts, ref=None):
     """{name: value} of metric `name` on images `paths` with their prompts (fid / lpips: against `ref`)."""
     value = METRICS[name]["run"](scorer, paths, prompts, ref)
     return None if value is None else {name: value}
+
+
+# -----------------------------------------------------------------------------
+# GenEval 2 scored with Soft-TIFA (Kamath et al., "GenEval 2: Addressing Benchmark Drift in Text-to-Image
+# Evaluation", arXiv 2512.16853; data and scorer: github.com/facebookresearch/GenEval2, evaluation.py and
+# soft_tifa_analysis.py). Each prompt of geneval2_data.jsonl holds its atoms as VQA pairs (`vqa_list`,
+# [question, answer]) with one skill each (`skills`) and its compositionality (`atom_count`; "a" and "and"
+# are asked about but not counted). An atom's soft score is the VQA model's probability of the correct
+# answer given the image. Soft-TIFA AM averages a prompt's scores arithmetically (atom level), GM
+# geometrically (prompt level: one missed atom sinks the prompt); both are then averaged over the prompts.
+
+GENEVAL2_VQA = "Qwen/Qwen3-VL-8B-Instruct"  # the VQA model of GenEval 2's evaluation.py
+GENEVAL2_SKILLS = ("object", "attribute", "count", "position", "verb")
+GENEVAL2_ATOM_COUNTS = range(3, 11)  # the atom counts of the benchmark's 800 prompts, 100 each
+NUMBER_WORDS = dict(one=1, two=2, three=3, four=4, five=5, six=6, seven=7, eight=8, nine=9, ten=10)
+SOFT_TIFA_COLUMNS = (
+    ["soft_tifa_am", "soft_tifa_gm"]
+    + [f"soft_tifa_am_{skill}" for skill in GENEVAL2_SKILLS]
+    + [f"soft_tifa_gm_atoms{k}" for k in GENEVAL2_ATOM_COUNTS]
+)
+
+
+def read_geneval2(path):
+    """The benchmark's prompts: [{"prompt", "atom_count", "vqa_list", "skills"}], a one-line error for a
+    line that lacks a field or has a skill per VQA pair that does not line up."""
+    expected = 'one GenEval 2 prompt: {"prompt", "atom_count", "vqa_list": [[question, answer], ...], "skills"}'
+    items = []
+    for n, item in data.json_lines(path, expected):
+        pairs, skills = item.get("vqa_list"), item.get("skills")
+        if not (
+            isinstance(item.get("prompt"), str)
+            and isinstance(item.get("atom_count"), int)
+            and isinstance(pairs, list)
+            and isinstance(skills, list)
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in pairs)
+        ):
+            raise SystemExit(f"{path}:{n}: not a GenEval 2 line; each line is {expected}")
+        if not pairs or len(pairs) != len(skills):
+            raise SystemExit(f"{path}:{n}: {len(pairs)} VQA pairs and {len(skills)} skills; one skill per pair")
+        unknown = sorted(set(skills) - set(GENEVAL2_SKILLS))
+        if unknown:  # soft_tifa_analysis.py stops on them too
+            raise SystemExit(f"{path}:{n}: unknown skill {unknown[0]!r}; GenEval 2's are {', '.join(GENEVAL2_SKILLS)}")
+        items.append({k: item[k] for k in ("prompt", "atom_count", "vqa_list", "skills")})
+    if not items:
+        raise SystemExit(f"{path} has no prompts")
+    return items
+
+
+def geometric_mean(values):
+    """(prod v)^(1/n), 0 if any value is 0 (scipy.stats.gmean, which GenEval 2 uses)."""
+    values = np.asarray(values, np.float64)
+    if (values <= 0).any():
+        return 0.0
+    return float(np.exp(np.log(values).mean()))
+
+
+def soft_tifa_scores(answer_probs, skills, atom_counts):
+    """Soft-TIFA of a set of images, one per benchmark prompt, from the probabilities of the correct answers.
+
+    answer_probs[i][j]: the probability of prompt i's j-th atom; skills[i][j]: that atom's skill;
+    atom_counts[i]: prompt i's atom count. Returns, in [0, 1] (the paper prints x100):
+      soft_tifa_am / soft_tifa_gm: the mean over prompts of each prompt's arithmetic / geometric mean
+      soft_tifa_am_<skill>: the mean over every atom of that skill, pooled over prompts (atom level, AM)
+      soft_tifa_gm_atoms<k>: the mean of the geometric means of the prompts with k atoms (prompt level, GM)
+    As in GenEval 2's evaluation.py and soft_tifa_analysis.py; a skill or atom count that no prompt has
+    gets no column."""
+    if not (len(answer_probs) == len(skills) == len(atom_counts)) or not answer_probs:
+        raise ValueError("one list of probabilities, one list of skills and one atom count per prompt")
+    am = [float(np.mean(p)) for p in answer_probs]
+    gm = [geometric_mean(p) for p in answer_probs]
+    scores = {"soft_tifa_am": float(np.mean(am)), "soft_tifa_gm": float(np.mean(gm))}
+    by_skill = {}
+    for probs, names in zip(answer_probs, skills):
+        if len(probs) != len(names):
+            raise ValueError(f"{len(probs)} probabilities and {len(names)} skills for one prompt")
+        for p, skill in zip(probs, names):
+            by_skill.setdefault(skill, []).append(p)
+    if set(by_skill) - set(GENEVAL2_SKILLS):
+        raise ValueError(f"unknown skills {sorted(set(by_skill) - set(GENEVAL2_SKILLS))}")
+    for skill in (s for s in GENEVAL2_SKILLS if s in by_skill):
+        scores[f"soft_tifa_am_{skill}"] = float(np.mean(by_skill[skill]))
+    for k in sorted(set(atom_counts)):
+        scores[f"soft_tifa_gm_atoms{k}"] = float(np.mean([g for g, c in zip(gm, atom_counts) if c == k]))
+    return scores
+
+
+def answer_variants(question, answer):
+    """The spellings of a correct answer whose first tokens count as that answer: the word capitalised or
+    not, with and without a leading space, and for "How many" the digits too (GenEval 2's evaluation.py,
+    which sums the probabilities of these first tokens; its yes/no answers are all "Yes")."""
+    word = answer.strip()
+    spellings = [word.lower(), word.capitalize()]
+    if question.startswith("How many") and word.lower() in NUMBER_WORDS:
+        spellings.append(str(NUMBER_WORDS[word.lower()]))
+    variants = []
+    for s in spellings:
+        variants += [s, " " + s]
+    return variants
+
+
+def load_soft_tifa(benchmark, vqa_folder, device="cpu"):
+    """(GenEval 2's prompts, (VQA model, its processor)) from the benchmark file and a local folder holding
+    any transformers image-text-to-text model, or None after one line saying why it is skipped."""
+    if benchmark is None or not os.path.isfile(benchmark):
+        where = f"no file {benchmark}" if benchmark else "no --geneval2 FILE"
+        return skip("soft-tifa", f"{where}: GenEval 2's geneval2_data.jsonl (github.com/facebookresearch/GenEval2)")
+    items = read_geneval2(benchmark)
+    if vqa_folder is None or not os.path.isdir(vqa_folder):
+        where = f"no folder {vqa_folder}" if vqa_folder else "no --vqa-model DIR"
+        return skip("soft-tifa", f"{where}: a local image-text-to-text model, e.g. GenEval 2's {GENEVAL2_VQA}")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(vqa_folder)
+        model = AutoModelForImageTextToText.from_pretrained(vqa_folder, dtype="auto").to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        return skip("soft-tifa", f"cannot load {vqa_folder} as an image-text-to-text model: {type(e).__name__}")
+    return items, (model, processor)
+
+
+def vqa_inputs(vqa, image, question):
+    """The model's inputs for one uint8 (H, W, 3) image and question: GenEval 2's one user turn (the image,
+    then "<question> Answer in one word.") in the processor's chat template, ending where the answer begins."""
+    model, processor = vqa
+    turn = [{"type": "image", "image": to_pil(image)}, {"type": "text", "text": f"{question} Answer in one word."}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": turn}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    return inputs.to(model.device, dtype=model.dtype)  # only the floating tensors (pixels) take the dtype
+
+
+@torch.no_grad()
+def answer_probability(vqa, image, question, answer):
+    """P(correct answer | image, question): the softmax over the vocabulary of the model's logits for the
+    first answer token, summed over the distinct first tokens of the answer's spellings (answer_variants).
+    One forward pass, no generation: GenEval 2 reads the same distribution off generate()'s first scores."""
+    model, processor = vqa
+    logits = model(**vqa_inputs(vqa, image, question), logits_to_keep=1).logits[0, -1]
+    ids = {processor.tokenizer(v, add_special_tokens=False).input_ids[0] for v in answer_variants(question, answer)}
+    return float(torch.softmax(logits.float(), -1)[sorted(ids)].sum())
+
+
+def soft_tifa_metric(scorer, paths, prompts):
+    """Soft-TIFA of one replicate's images (the records' paths and prompts), or None if no image is of a
+    benchmark prompt. An image per prompt: a run that misses some prompt is a one-line error, since a score
+    over part of the benchmark is not GenEval 2's."""
+    items, vqa = scorer
+    by_prompt = {item["prompt"]: item for item in items}
+    pairs = [(path, by_prompt[prompt]) for path, prompt in zip(paths, prompts) if prompt in by_prompt]
+    if not pairs:
+        return None
+    missing = len(set(by_prompt) - set(prompts))
+    if missing:
+        raise SystemExit(
+            f"soft-tifa: no image for {missing} of the {len(by_prompt)} GenEval 2 prompts; sample every prompt "
+            f"of the benchmark file (sample.py --prompts FILE)"
+        )
+    answer_probs = []
+    for path, item in tqdm(pairs, desc="soft-tifa", leave=False):
+        image = load_image(path)
+        answer_probs.append([answer_probability(vqa, image, q, a) for q, a in item["vqa_list"]])
+    return soft_tifa_scores(
+        answer_probs, [item["skills"] for _, item in pairs], [item["atom_count"] for _, item in pairs]
+    )

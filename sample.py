@@ -13,6 +13,7 @@ puts psi- on the unconditional branch (AGSM Table 5 (i)).
     python sample.py --model tiny-sd3 --prompt "a red circle above a blue square" --seed 0 1 2 3
     python sample.py --model tiny-sd3 --prompts shapes/data/eval.jsonl --tokens runs/x/tokens.safetensors --out out/x
     python sample.py --model sd3 --tokens ../shared/official-softrepa-tokens/sd3 --prompt "..." --compare
+    python sample.py --model sd3 --prompts GenEval2/geneval2_data.jsonl --out out/sd3-geneval2   # eval.py soft-tifa
 
 (Latency and memory with and without tokens: `python -m shapes.bench --sampling`.)
 What it writes in --out: images/NNNNN.png (one per prompt and seed; with --compare also the plain

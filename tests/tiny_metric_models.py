@@ -67,3 +67,59 @@ def save_dino(folder):
         add_pooling_layer=False,
     ).save_pretrained(folder)
     return folder
+
+
+def save_vqa(folder, words="How many Are there any Is the in image? Answer in one word. Yes yes No no one two 1 2"):
+    """A tiny LLaVA (CLIP vision tower, Llama language model, random weights) with a processor that works
+    offline: a byte-level BPE tokenizer (" yes" and "yes" are different tokens, as in Qwen's) trained here
+    on `words`, CLIP's image processor and a one-turn chat template. Saved as the hub lays a model out,
+    so AutoProcessor / AutoModelForImageTextToText load it from the folder."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    bpe = Tokenizer(BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<image>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator([words, words.lower()], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}
+    )
+    template = (
+        "{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",  # CLIP's class token dropped: 16 image tokens
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, **small),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, **small
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,  # the tests set the output layer alone
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -7,7 +7,8 @@ SD3 is an MM-DiT (`SD3Transformer2DModel`) trained with flow matching; SD1.5 and
 soft tokens go, how the noise is added and what the target is, how prompts are encoded, the shapes
 of the denoiser, and the papers' hyper-parameters (SoftREPA Table 5 and appendix B; AGSM Table 11 and
 section 4). FLUX.1 is an MM-DiT as SD3 (FluxTransformer2DModel, flow matching), in neither paper. The
-tiny-* families are the offline shapes world (shapes.py, pretrain.py).
+tiny-* families are the offline shapes world (shapes/world.py; trained by shapes/pretrain.py, loaded by
+shapes/backbones.py).
 """
 
 import math

@@ -28,10 +28,9 @@ Per-row token sets. `attach` takes one SoftTokens or a list of sets (e.g. PairTo
 [psi+, psi-, EMA psi+, EMA psi-]). A forward inside `with handle.rows(choice):` reads a LongTensor
 `choice` with one entry per batch row: the set that row uses, or -1 for no tokens (None: every row
 uses set 0). AGSM's step runs all B x B pairs, psi+ on the diagonal and psi- elsewhere, in one batched
-forward this way. Rows without tokens are
-kept out of the soft tokens' reach: in a UNet the attention mask hides the token positions; in the
-MM-DiT's joint attention (where diffusers' processor takes no mask) the hooked blocks' attention runs
-those rows on the text without the token positions.
+forward this way. Rows without tokens are kept out of the soft tokens' reach: in a UNet the attention
+mask hides the token positions; in the MM-DiT's joint attention (where diffusers' processor takes no
+mask) the hooked blocks' attention runs those rows on the text without the token positions.
 """
 
 import inspect

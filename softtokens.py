@@ -8,7 +8,7 @@ tokens, optionally time dependent:
 
 where t is the denoiser's timestep in [0, 1000] (SD3: sigma * 1000) and bin(t) = min(int(t), 999) // 10
 picks one of 100 rows. The time row is added to every one of the layer's m tokens. This is exactly how
-the authors' released tokens are used (../shared/official-softrepa-tokens/README.md): their
+the authors' released tokens are used (the SoftREPA repository, github.com/softrepa/SoftREPA): their
 `dc_tokens` is our `tokens` and the rows of their `dc_t_tokens` embedding are our `time_table`.
 
 AGSM (Alg. 1, eq. 17) trains two sets, psi+ for matched pairs and psi- for mismatched pairs, and
@@ -253,7 +253,7 @@ def load(path, which=None):
     return pair, meta
 
 
-def import_softrepa(folder, family):
+def import_softrepa(folder):
     """The tokens the SoftREPA authors released, as a SoftTokens. `folder` holds dc_tokens.pth and,
     for SD3 / SD1.5, dc_t_tokens.pth (a pickled nn.Embedding). weights_only=True with nn.Embedding as
     the one allowed class: the pickle can rebuild that module and tensors, and run nothing else."""
@@ -346,8 +346,7 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
                 "--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); "
                 f"{path} holds the released SoftREPA tokens (one set)"
             )
-        family = name.removeprefix("tiny-")
-        return [import_softrepa(path, family)], dict(token_set="softrepa", blocks=None)
+        return [import_softrepa(path)], dict(token_set="softrepa", blocks=None)
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
     from safetensors import SafetensorError

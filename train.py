@@ -9,20 +9,22 @@ matching on the matched pairs (dsm, AGSM Table 4 (i)) -- for SD1.5, SDXL, SD3 an
 
 What is trained. Only the soft tokens (softtokens.py): a few learnable text-stream positions that the
 hooks (hooks.py) prepend to the text of the first blocks of the frozen denoiser. Nothing of the backbone
-changes, so a token file is a few hundred kB and can be taken off again (sample.py --no-tokens).
+changes, so a token file is a few hundred kB and can be taken off again (sample.py --no-tokens). For
+SoftREPA's comparison (its Table 3), --params lora trains LoRA adapters instead, with the same step (lora.py).
 
 The step -- batch, pair matrix, forward(s), loss, backward, all-reduce, AdamW, EMA -- is
 step.train_step (step.py, one explicit branch per loss beside the papers' algorithms). This file is
 the loop around it, read top to bottom, as nanoGPT's train.py:
     flags -> DDP -> the run folder -> the recipe (the papers' defaults per family) -> data -> backbone
     and tokens -> AdamW and the authors' schedule -> resume -> logging -> the loop -> the tokens.
+main() reads in that order; each setup step it calls is a function below the flags, named for what it does.
 AdamW on the tokens only, lr 1e-3, wd 1e-4 (SoftREPA Table 5, AGSM Table 11 and both codes).
 
-Nothing is lost. Checkpoints are written atomically; a diverged update is never saved (step 0 is saved
-first); a run that stopped on NaN continues from its last good checkpoint with a lower --lr; a second
-run into the same --out is refused while the first lives. --resume latest continues the same run
-exactly: the data and the noise of a step are functions of (seed, step, rank) alone, and the checkpoint
-holds tokens, EMA, optimizer, scheduler and the step.
+Nothing is lost (run.py, the run's bookkeeping). Checkpoints are written atomically; a diverged update is
+never saved (step 0 is saved first); a run that stopped on NaN continues from its last good checkpoint
+with a lower --lr; a second run into the same --out is refused while the first lives. --resume latest
+continues the same run exactly: the data and the noise of a step are functions of (seed, step, rank)
+alone, and the checkpoint holds tokens, EMA, optimizer, scheduler and the step.
 """
 
 import argparse
@@ -52,7 +54,7 @@ from step import STATS, finite_after_update, train_step
 # The flags. Three groups: the backbone (models.add_backbone_flags: --model, --pretrained, --device,
 # --precision, --threads); the recipe, where None means "the paper's default for this family and loss"
 # (filled in by resolve below, recorded in config.json, and fixed for the life of a run: TRAJECTORY in
-# step.py); and the machinery, which changes how a step is computed but not which step it is
+# run.py); and the machinery, which changes how a step is computed but not which step it is
 # (checkpointing, --rows-per-forward, workers, logging), so a resumed run may change it.
 
 

@@ -49,7 +49,7 @@ import families
 import hooks
 import models
 import softtokens
-import step as training
+import step
 
 # -----------------------------------------------------------------------------
 # The encoding cache's size (data.py)
@@ -109,10 +109,10 @@ def training_configs(bb, B, size):
 
     def forward(with_tokens):
         handle = hooks.attach(bb.denoiser, forward_tokens.sets, bb.facts["token_blocks"]) if with_tokens else None
-        x0, cond = training.encode_batch(bb, batch)
-        x_t, timesteps, _ = training.draw_noise(bb, x0, 0, 0, 0)
+        x0, cond = step.encode_batch(bb, batch)
+        x_t, timesteps, _ = step.draw_noise(bb, x0, 0, 0, 0)
         rows, cols = pair_matrix(B, B, False, bb.device)
-        with torch.no_grad(), training.autocast(bb):
+        with torch.no_grad(), step.autocast(bb):
             models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, cols))
         if handle:
             handle.remove()
@@ -126,7 +126,7 @@ def training_configs(bb, B, size):
 
         def run():
             handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
-            training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, steps["n"])
+            step.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, steps["n"])
             steps["n"] += 1
             handle.remove()
 
@@ -223,7 +223,7 @@ def memory_check(bb, sizes):
     for size in sizes:
         batch = random_batch(bb, 1, size)
         peak = allocated_peak(
-            lambda batch=batch: training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, 0)
+            lambda batch=batch: step.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, 0)
         )
         rows.append((size, positions(bb, size), peak))
         print(f"{bb.name} {size} px: {rows[-1][1]} positions per block, step peak {peak / 2**30:.3f} GiB", flush=True)

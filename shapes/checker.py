@@ -3,7 +3,7 @@ checker.py: judging images of the shapes world, GenEval-style but exact, and the
 with statistical power (4 seeds per prompt fixed by rule, bootstrap intervals, over-counting).
 
 GenEval (used by both papers) runs an object detector over generated images. Ours knows the world
-(shapes.py): it recovers objects by nearest-palette-colour masks and connected components, and reads
+(shapes/world.py): it recovers objects by nearest-palette-colour masks and connected components, and reads
 the shape off the fill ratio of each component in its bounding box (square 1.0, circle ~0.79,
 triangle ~0.5) and, between squares and circles, how far it reaches into the box's corners.
 check(image, spec) applies the category's rule; score() gives the per-category

@@ -2,7 +2,7 @@
 pretrain.py: train the shapes world's tiny backbones from scratch.
 
 The papers start from SD1.5 / SDXL / SD3, trained on billions of pairs, and freeze them. Our offline
-stand-ins are trained here on the endless shapes stream (shapes.py), in the same two stages as the
+stand-ins are trained here on the endless shapes stream (shapes/world.py), in the same two stages as the
 real models:
   1. tiny-vae:   an AutoencoderKL, 32x32x3 <-> 8x8x4, reconstruction loss + a tiny KL term (as the
                  SD VAEs, whose KL weight is ~1e-6). Afterwards its latent normalisation is measured on

@@ -1,4 +1,4 @@
-# shapes.py -- the shapes world: specs, captions, its word-level language, the renderer, the endless
+# shapes/world.py -- the shapes world: specs, captions, its word-level language, the renderer, the endless
 # training stream and the dev / eval prompt sets. The exact checker and the evaluation protocol that
 # judge its images are checker.py.
 #

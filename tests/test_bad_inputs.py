@@ -269,7 +269,7 @@ def test_eval_refuses_malicious_tokens_of_a_run(tmp_path, malicious, monkeypatch
 def test_importers_refuse_malicious_pickles(malicious):
     folder, _ = malicious
     for importer in (
-        lambda: softtokens.import_softrepa(str(folder), "sd3"),
+        lambda: softtokens.import_softrepa(str(folder)),
         lambda: softtokens.import_agsm(str(folder)),
     ):
         with pytest.raises(SystemExit) as e:

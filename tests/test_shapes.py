@@ -1,4 +1,4 @@
-# Tests for the shapes world (shapes.py): the tokenizer, the stream, the loose captions and the shipped
+# Tests for the shapes world (shapes/world.py): the tokenizer, the stream, the loose captions and the shipped
 # eval and dev sets must be consistent. The checker: tests/test_checker.py.
 
 import numpy as np
@@ -70,7 +70,7 @@ def test_shipped_eval_set_is_consistent():
     categories = [it["spec"]["category"] for it in items]
     assert {c: categories.count(c) for c in shapes.CATEGORIES} == {c: 80 for c in shapes.CATEGORIES}
     assert all(shapes.caption(it["spec"]) == it["prompt"] for it in items)
-    # The file is exactly what `python shapes.py --write-eval` produces.
+    # The file is exactly what `python -m shapes.world --write-eval` produces.
     assert items == shapes.make_eval_set(shapes.EVAL_N_PER_CATEGORY, shapes.EVAL_SEED)
 
 

@@ -96,7 +96,7 @@ def test_released_softrepa_sd15_tokens_are_identical_vectors():
     )
     if not os.path.isdir(folder):
         pytest.skip("released SoftREPA tokens not present")
-    tokens = softtokens.import_softrepa(folder, "sd1.5").tokens[0]
+    tokens = softtokens.import_softrepa(folder).tokens[0]
     # after training they are no longer exactly equal, but far closer to each other than to zero
     spread = (tokens - tokens.mean(0)).norm(dim=1).max() / tokens.norm(dim=1).mean()
     assert spread < 0.5, spread
@@ -183,14 +183,14 @@ def test_load_refuses_foreign_files(tmp_path):
     "family,shape,has_time", [("sd3", (5, 4, 1536), True), ("sd1.5", (1, 4, 768), True), ("sdxl", (1, 4, 2048), False)]
 )
 def test_import_released_shapes(family, shape, has_time):
-    s = softtokens.import_softrepa(os.path.join(RELEASED, family), family)
+    s = softtokens.import_softrepa(os.path.join(RELEASED, family))
     assert s.shape == shape
     assert (s.time_table is not None) == has_time
 
 
 @needs_released
 def test_import_released_sd3_time_rows_are_per_layer_chunks():
-    s = softtokens.import_softrepa(os.path.join(RELEASED, "sd3"), "sd3")
+    s = softtokens.import_softrepa(os.path.join(RELEASED, "sd3"))
     with torch.serialization.safe_globals([torch.nn.Embedding]):
         table = torch.load(
             os.path.join(RELEASED, "sd3", "dc_t_tokens.pth"), map_location="cpu", weights_only=True
@@ -240,7 +240,7 @@ def sd3_shaped_model():
 
 @needs_released
 def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
-    sd3 = softtokens.import_softrepa(os.path.join(RELEASED, "sd3"), "sd3")
+    sd3 = softtokens.import_softrepa(os.path.join(RELEASED, "sd3"))
     model = sd3_shaped_model()
     x = torch.randn(1, 4, 4, 4)
     cond = {"encoder_hidden_states": torch.randn(1, 5, 32), "pooled_projections": torch.randn(1, 16)}
@@ -253,7 +253,7 @@ def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
     assert not torch.allclose(base, tuned, atol=1e-4)
     del model
 
-    sd15 = softtokens.import_softrepa(os.path.join(RELEASED, "sd1.5"), "sd1.5")
+    sd15 = softtokens.import_softrepa(os.path.join(RELEASED, "sd1.5"))
     unet = models.random_denoiser("sd1.5", "test", cross_attention_dim=768)
     cond = {"encoder_hidden_states": torch.randn(1, 7, 768)}
     x = torch.randn(1, 4, 8, 8)
@@ -284,7 +284,7 @@ def test_released_softrepa_folder_reads():
 def test_a_released_file_that_is_no_tensor_is_a_one_line_error(tmp_path):
     (tmp_path / "dc_tokens.pth").write_bytes(b"\x80\x02]q\x00(K\x01K\x02e.")  # a pickled list, not a torch file
     with pytest.raises(SystemExit, match="not a tensor file"):
-        softtokens.import_softrepa(str(tmp_path), "sd3")
+        softtokens.import_softrepa(str(tmp_path))
     torch.save({"tokens": torch.ones(2)}, tmp_path / "dc_tokens.pth")
     with pytest.raises(SystemExit, match="holds a dict, not a tensor"):
-        softtokens.import_softrepa(str(tmp_path), "sd3")
+        softtokens.import_softrepa(str(tmp_path))

@@ -55,6 +55,7 @@ import models
 import sampler
 import shapes
 import trained
+from run import provenance
 from shapes import backbones, checker, classifier
 
 ALL_METRICS = ["shapes", "classifier", "geneval", "soft-tifa", "edit"] + list(metrics.METRICS)
@@ -463,6 +464,7 @@ def run_protocol(args):
     with open(out, "w") as f:
         json.dump(
             {
+                **provenance(),  # the commit that made these numbers, and whether its tree had changes
                 "model": args.model,
                 "set": args.protocol,
                 "prompts": len(records),

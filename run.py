@@ -112,14 +112,21 @@ def read_checkpoint(path):
 def resume_config(args):
     """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
     that contradicts the checkpoint is an error, except the few that only act on the steps to come
-    (CHANGEABLE_ON_RESUME), which are recorded in args.changes."""
+    (CHANGEABLE_ON_RESUME), which are recorded in args.changes. The code's commit goes into args (and so
+    into config.json); a run resumed by other code records the switch in args.changes too."""
     ckpt_path, state, args.changes = os.path.join(args.out, "ckpt.pt"), None, []
+    code = provenance()
+    args.commit, args.dirty = code["commit"], code["dirty"]
     if args.resume:
         path = ckpt_path if args.resume == "latest" else args.resume
         if os.path.exists(path):
             state = read_checkpoint(path)
             saved = json.loads(state["config"])
             args.changes = saved.get("changes", [])
+            if saved.get("commit") != args.commit or saved.get("dirty") != args.dirty:
+                was = f"{saved.get('commit', 'unrecorded')}{'+changes' if saved.get('dirty') else ''}"
+                now = f"{args.commit}{'+changes' if args.dirty else ''}"
+                args.changes.append({"step": state["step"], "commit": now, "was": was})
             for key in TRAJECTORY:
                 if key not in saved:  # a setting newer than the run: its default (resolve)
                     continue

@@ -29,7 +29,7 @@ import train
 
 FAMILIES = ["sd3", "sdxl", "sd1.5"]
 SMALL = ["--size", "64", "--steps", "2", "--batch", "2", "--workers", "1", "--threads", "1"]
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORE = ["families", "models", "softtokens", "hooks", "losses", "step", "run", "data", "sampler"]
 ARMS = ["lora", "counting", "trained"]
 MEASURES = ["metrics", "benchmarks"]

@@ -11,7 +11,7 @@ import softtokens
 import trained
 from shapes import backbones
 
-RELEASED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "official-softrepa-tokens")
+RELEASED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "official-softrepa-tokens")
 needs_released = pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")
 
 
@@ -88,7 +88,7 @@ def test_uncond_init_copies_the_empty_prompt_bos_vector():
 
 def test_released_softrepa_sd15_tokens_are_identical_vectors():
     folder = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         "..",
         "shared",
         "official-softrepa-tokens",

@@ -520,8 +520,11 @@ def main(argv=None):
             )
         record(row)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}" if with_negatives else "", skipped=skipped
+        bar.set_postfix(  # shown at the bar's next redraw (refresh=False): redraws keep to its mininterval
+            loss=f"{stats['loss']:.4f}",
+            acc=f"{stats['acc']:.2f}" if with_negatives else "",
+            skipped=skipped,
+            refresh=False,
         )
         # the stdout line: the loss, the matched / mismatched errors and the in-batch accuracy say at a
         # glance whether the tokens are learning to tell captions apart (accuracy up, err- above err+)

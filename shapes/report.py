@@ -582,11 +582,11 @@ def beside_json(path, json_path):
 
 
 def delta_table(paths, columns=("color_attr", "two_object", "position", "mean"), allow_mixed=False):
-    """One row per token file of the protocol JSONs: its paired difference with the base (value [95%],
-    two_level_bootstrap with one run: the prompt clusters) in `columns`, and the output change its run
-    logged last (log.csv's output_change); first the base of each file (once if they share it)."""
+    """One row per token file of the protocol JSONs ("<run> − base"): its paired difference with the
+    base (value [95%], two_level_bootstrap with one run: the prompt clusters) in `columns`, and the output
+    change its run logged last (log.csv's output_change); first the base of each file (once if shared)."""
     lines = [
-        "| run | " + " | ".join(f"Δ {c}" for c in columns) + " | output change |",
+        "| run | " + " | ".join(columns) + " | output change |",
         "|---" * (len(columns) + 2) + "|",
     ]
     rows, versions, bases = [], {}, []
@@ -613,7 +613,7 @@ def delta_table(paths, columns=("color_attr", "two_object", "position", "mean"),
                     values = [r["output_change"] for r in csv.DictReader(f) if r.get("output_change")]
                 change = f"{float(values[-1]):.3f}" if values else ""
             delta = two_level_bootstrap({0: per_prompt[name]}, clusters, base)
-            label = os.path.basename(match.group("folder"))
+            label = f"{os.path.basename(match.group('folder'))} − base"
             versions[label] = code_version(protocol, path, [folder])
             rows.append((label, [cell(*delta[c], signed=True) for c in columns], change))
     marks, note = version_marks(versions, allow_mixed, "--deltas")

@@ -476,7 +476,14 @@ def run_protocol(args):
         )  # per-prompt values: pooling training seeds later
     if args.grid:  # rows: the first prompt of each category x 2 seeds; columns: base | each token file
         cells = torch.stack([g[j] for j in range(len(grids[0])) for g in grids])
-        sampler.save_grid(cells, args.grid, per_cell=len(grids), columns=2)
+        names = ["base"] + (["tokens"] if len(variants) == 2 else [f"tokens {v}" for v in range(1, len(variants))])
+        verdicts = [  # each image under its variant's name and the checker's verdict on its prompt
+            f"{names[v]}: {'pass' if checker.check(g[j], specs[first[j // 2]]) else 'fail'}"
+            for j in range(len(grids[0]))
+            for v, g in enumerate(grids)
+        ]
+        rows = [records[i]["prompt"] for i in first]
+        sampler.save_grid(cells, args.grid, per_cell=len(grids), columns=2, row_labels=rows, image_labels=verdicts)
         print(f"wrote {args.grid}")
     print(f"wrote {out}")
     return results

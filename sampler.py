@@ -153,10 +153,11 @@ def save_image(image, path):
     Image.fromarray(to_uint8(image)).save(path)
 
 
-def save_grid(images, path, per_cell=1, columns=None, min_side=96):
+def save_grid(images, path, per_cell=1, columns=None, min_side=96, row_labels=None, image_labels=None):
     """A grid of images (N, 3, H, W); `per_cell` consecutive images sit side by side in one cell (the
-    plain | tokens pair of --compare). Small images are enlarged (nearest) to be seen."""
-    from PIL import Image
+    plain | tokens pair of --compare). Small images are enlarged (nearest) to be seen. row_labels: a
+    line of text above each grid row (its prompt); image_labels: one under each image (what it is)."""
+    from PIL import Image, ImageDraw
 
     n_cells = math.ceil(len(images) / per_cell)
     columns = columns or math.ceil(math.sqrt(n_cells))
@@ -165,13 +166,30 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96):
     gap = 2
     cell_w = per_cell * w + (per_cell - 1) * (gap // 2)
     canvas = np.full((rows * (h + gap) - gap, columns * (cell_w + gap) - gap, 3), 255, np.uint8)
+    corners = []
     for k, image in enumerate(images):
         cell, within = divmod(k, per_cell)
         r, c = divmod(cell, columns)
         y, x = r * (h + gap), c * (cell_w + gap) + within * (w + gap // 2)
         canvas[y : y + h, x : x + w] = to_uint8(image)
+        corners.append((r, x))
     scale = max(1, math.ceil(min_side / h))
     grid = Image.fromarray(canvas)
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if row_labels or image_labels:  # each grid row becomes: its label, the images, their labels
+        line, above, below = 12, 12 * bool(row_labels), 12 * bool(image_labels)
+        step = (h + gap) * scale + above + below
+        labelled = Image.new("RGB", (grid.width, rows * step), "white")
+        draw = ImageDraw.Draw(labelled)
+        for r in range(rows):
+            strip = grid.crop((0, r * (h + gap) * scale, grid.width, (r * (h + gap) + h) * scale))
+            labelled.paste(strip, (0, r * step + above))
+            if row_labels:
+                draw.text((2, r * step), row_labels[r], fill="black")
+        for k, (r, x) in enumerate(corners if image_labels else []):
+            draw.text(
+                (x * scale + 2, r * step + above + h * scale + (below - line) // 2), image_labels[k], fill="black"
+            )
+        grid = labelled
     grid.save(path)

@@ -516,8 +516,11 @@ def main(argv=None):
             tqdm.write(f"step {step} validation: " + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         record(row)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}" if with_negatives else "", skipped=skipped
+        bar.set_postfix(  # shown at the bar's next redraw (refresh=False): redraws keep to its mininterval
+            loss=f"{stats['loss']:.4f}",
+            acc=f"{stats['acc']:.2f}" if with_negatives else "",
+            skipped=skipped,
+            refresh=False,
         )
         if master and (step % args.log_every == 0 or step == args.steps):
             tqdm.write(log_line(stats, row, step, with_negatives))

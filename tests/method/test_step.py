@@ -117,7 +117,7 @@ def test_a_checkpoint_round_trips_and_a_foreign_file_is_refused(tmp_path):
 
 def test_resume_takes_the_runs_settings_and_refuses_a_contradiction(tmp_path):
     saved = {key: None for key in run.TRAJECTORY}
-    saved.update(model="tiny-sd3", loss="agsm", batch=4, lr=1e-3)
+    saved.update(model="tiny-sd3", loss="agsm", batch=4, lr=1e-3, **run.provenance())  # made by this code
     del saved["params"]  # a checkpoint older than --params
     write_checkpoint(tmp_path, **saved)
     args = args_like(tmp_path)
@@ -129,6 +129,19 @@ def test_resume_takes_the_runs_settings_and_refuses_a_contradiction(tmp_path):
     assert lower.changes == [{"step": 3, "lr": 1e-4, "was": 1e-3}]
     with pytest.raises(SystemExit, match="that run has batch=4, this one 8"):
         run.resume_config(args_like(tmp_path, batch=8))
+
+
+def test_config_records_the_commit_and_a_resume_by_other_code(tmp_path):
+    saved = {key: None for key in run.TRAJECTORY}
+    saved.update(model="tiny-sd3", loss="agsm", batch=4, lr=1e-3, commit="0" * 40, dirty=False)
+    write_checkpoint(tmp_path, **saved)
+    args = args_like(tmp_path)
+    run.resume_config(args)
+    here = run.provenance()
+    assert (args.commit, args.dirty) == (here["commit"], here["dirty"])
+    assert len(here["commit"]) == 40 or here["commit"] == "unknown"
+    now = here["commit"] + ("+changes" if here["dirty"] else "")
+    assert args.changes == [{"step": 3, "commit": now, "was": "0" * 40}]
 
 
 def test_the_log_forgets_the_rows_after_the_checkpoint(tmp_path):

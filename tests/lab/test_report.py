@@ -97,7 +97,8 @@ def test_sweep_csv_becomes_a_table(tmp_path):
     folder = tmp_path / "sweep-tiny-sd3"
     folder.mkdir()
     (folder / "sweep.csv").write_text(
-        "run,loss,steps,lr,tau,gamma_pos,gamma_neg,n_tokens,layers,blocks,mean,mean_low,mean_high,delta_mean,delta_low,delta_high,"
+        "run,loss,steps,lr,tau,gamma_pos,gamma_neg,n_tokens,layers,blocks,"
+        "mean,mean_low,mean_high,delta_mean,delta_low,delta_high,"
         "overcount_counting,heldout_acc,token_cos,output_change\n"
         "base,,,,,,,,,,0.7,0.66,0.74,,,,0.2,,,\n"
         "softrepa-tau1,softrepa,2000,0.001,1.0,,,4,2,,0.72,0.68,0.76,+0.02,-0.01,+0.05,0.25,0.979,0.1,0.04\n"

@@ -25,6 +25,7 @@ the Backbone it returns carries its own `tokenize`.
 
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -99,7 +100,9 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     diffusers.logging.set_verbosity_error()  # the one-line error below, not pages of warnings first
     transformers.logging.set_verbosity_error()
     try:
-        pipe = getattr(diffusers, facts["pipeline"]).from_pretrained(source, torch_dtype=dtype, **extra)
+        with warnings.catch_warnings():  # newer diffusers name torch_dtype `dtype`; older ones know only this
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = getattr(diffusers, facts["pipeline"]).from_pretrained(source, torch_dtype=dtype, **extra)
     except (OSError, ValueError) as e:  # not on disk, and the hub is unreachable or gated
         if pretrained is not None:
             raise SystemExit(

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 import families
+import flags
 import models
 import shapes
 
@@ -465,8 +466,8 @@ def cache_batch(source, indices, picks):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("cache", help="encode a data set once into memory-mapped shards")
     c.add_argument("--model", required=True)
@@ -475,18 +476,24 @@ def main(argv=None):
     c.add_argument("--split", default="train")
     c.add_argument(
         "--size",
-        type=int,
+        type=flags.POSITIVE_INT,
         default=None,
         help="image size (default: the family's training size, 512 for the real ones)",
     )
-    c.add_argument("--captions-per-image", type=int, default=1, help="captions kept per image (COCO has 5)")
+    c.add_argument(
+        "--captions-per-image", type=flags.POSITIVE_INT, default=1, help="captions kept per image (COCO has 5)"
+    )
     c.add_argument("--store", default="bf16", choices=list(STORE_DTYPES))
-    c.add_argument("--batch", type=int, default=8)
-    c.add_argument("--shard-gb", type=float, default=4.0)
+    c.add_argument("--batch", type=flags.POSITIVE_INT, default=8, help="images per encoder batch")
+    c.add_argument("--shard-gb", type=flags.POSITIVE_FLOAT, default=4.0, help="GB per shard")
     c.add_argument("--pretrained", default=None)
     c.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
-    c.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    c.add_argument("--seed", type=flags.SEED, default=0, help="a seed in [0, 2^63)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     facts = models.check_name(args.model)
     size = args.size or facts["train_size"]  # the cache is for training: the authors' training size
     families.check_size(args.model, size)  # the one size rule of every script

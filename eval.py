@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import flags
 import metrics
 import models
 import sample
@@ -332,15 +333,22 @@ def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="score_mean"
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p)  # the backbone of the classifier metric and of --protocol
     p.add_argument("--runs", nargs="+", default=[], help="run folders (records.jsonl + images, or edit.py output)")
     p.add_argument("--metrics", nargs="+", default=["shapes", "geneval"], choices=ALL_METRICS)
     p.add_argument("--ref", default=None, help="reference images for FID and LPIPS (e.g. COCO val 5K)")
     p.add_argument("--bench", "--pie", dest="pie", help="editing benchmark: PIE-Bench, DIV2K or Cat2Dog folder")
-    p.add_argument("--classifier-n", type=int, default=20, help="classifier: eval prompts per category")
-    p.add_argument("--candidates", type=int, default=4, help="classifier: captions per image (1 true)")
+    p.add_argument(
+        "--classifier-n",
+        type=flags.NON_NEGATIVE_INT,
+        default=20,
+        help="classifier: eval prompts per category (0: all)",
+    )
+    p.add_argument(
+        "--candidates", type=flags.integer_in(2), default=4, help="classifier: captions per image (1 true), at least 2"
+    )
     p.add_argument("--weights", default=None, help="local folder of metric weights (then no hub access)")
     p.add_argument("--recompute", action="store_true", help="ignore the runs' eval_metrics.json caches")
     p.add_argument("--json", default=None, help="results file (default: eval.json beside the first run)")
@@ -352,9 +360,18 @@ def parse_args(argv=None):
     p.add_argument("--protocol", choices=["dev", "eval"], help="shapes world: sample and score a prompt set with CIs")
     p.add_argument("--tokens", nargs="*", default=[], help="--protocol: token files to score beside the base")
     p.add_argument("--ema", action="store_true", help="--protocol: sample AGSM files with their EMA tokens")
-    p.add_argument("--n-per-category", type=int, default=0, help="--protocol: first N prompts per category")
+    p.add_argument(
+        "--n-per-category",
+        type=flags.NON_NEGATIVE_INT,
+        default=0,
+        help="--protocol: first N prompts per category (0: all)",
+    )
     p.add_argument("--grid", default=None, help="--protocol: PNG of base | tokens, first prompt per category")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):

@@ -69,8 +69,7 @@ def parse_blocks(value, facts):
 def check_flags(args):
     """train.py's one-line errors about LoRA that need no recipe: the rank, and soft-token flags given to a
     LoRA run (they would silently do nothing)."""
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise SystemExit(f"--lora-rank must be at least 1 (got {args.lora_rank})")
+    # the rank's domain (at least 1) is the parser's: flags.POSITIVE_INT
     token_flags = [f for f in ("n_tokens", "layers", "blocks", "time_table", "init") if getattr(args, f) is not None]
     if args.params == "lora" and token_flags:
         raise SystemExit(

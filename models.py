@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import families
+import flags
 import shapes
 from families import FAMILIES  # the one table of per-family facts
 
@@ -259,7 +260,7 @@ def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
     parser.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--precision", default=None, choices=list(PRECISIONS), help=f"default: {precision}")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=flags.THREADS, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def check_flags(args):

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import data
 import families
+import flags
 import models
 import shapes
 import softtokens
@@ -216,8 +217,8 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96):
 # The command line
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p)
     p.add_argument("--tokens", default=None, help="soft-token file (softtokens.save) or a folder of SoftREPA .pth")
     p.add_argument("--no-tokens", action="store_true", help="sample the plain model (ignore --tokens)")
@@ -226,13 +227,27 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="also sample without tokens, side by side in the grid")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts", default=None, help='text file (a prompt a line) or JSONL with a "prompt" field')
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per prompt and seed")
-    p.add_argument("--steps", type=int, default=None, help="default: the family's (models.FAMILIES)")
-    p.add_argument("--cfg", type=float, default=None, help="default: the family's")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the family's)")
-    p.add_argument("--batch", type=int, default=16, help="images per denoiser batch")
+    p.add_argument(
+        "--seed", type=flags.SEED, nargs="+", default=[0], help="one image per prompt and seed, each in [0, 2^63)"
+    )
+    p.add_argument("--steps", type=flags.POSITIVE_INT, default=None, help="default: the family's (models.FAMILIES)")
+    p.add_argument(
+        "--cfg",
+        type=flags.NON_NEGATIVE_FLOAT,
+        default=None,
+        help="default: the family's; 1: the conditional prediction alone, 0: the unconditional alone "
+        "(guidance-distilled FLUX: its guidance input)",
+    )
+    p.add_argument(
+        "--size", type=flags.POSITIVE_INT, default=None, help="image side in pixels (default: the family's)"
+    )
+    p.add_argument("--batch", type=flags.POSITIVE_INT, default=16, help="images per denoiser batch")
     p.add_argument("--out", default="out/sample")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -246,8 +261,6 @@ def check_args(args):
         raise SystemExit("--ema, --neg-uncond and --compare act on soft tokens: pass --tokens FILE")
     if args.tokens is not None and not os.path.exists(args.tokens):
         raise SystemExit(f"no token file or folder at {args.tokens}")
-    if (args.steps is not None and args.steps < 1) or args.batch < 1:
-        raise SystemExit("--steps and --batch must be at least 1")
     if args.neg_uncond and models.FAMILIES[args.model]["guidance"] is not None:  # checked again in predict
         raise SystemExit(
             f"--neg-uncond puts psi- on the unconditional branch, and {args.model} has none: it is "

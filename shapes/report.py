@@ -28,6 +28,7 @@ if __package__ in (
 ):  # `python shapes/report.py`: the repo root on the path, as `python -m shapes.report` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flags
 from shapes import checker
 
 METHODS = ["dsm", "softrepa", "agsm"]
@@ -37,8 +38,8 @@ FOLDER = re.compile(r"(?P<model>.+)-(?P<loss>dsm|softrepa|agsm)-seed(?P<seed>\d+
 TOKENS = re.compile(r"tokens (?P<folder>.*)/tokens\.safetensors$")  # a protocol JSON's key
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model",
         default=[],
@@ -72,6 +73,11 @@ def parse_args(argv=None):
         help="protocol JSONs: one row per token file, its paired "
         "difference with the base (the capacity control), and its run's output change",
     )
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.plot_runs and not args.plot:
         p.error("--plot-runs needs --plot FILE")

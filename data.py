@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 import families
+import files
 import flags
 import models
 import shapes
@@ -143,21 +144,6 @@ def read_records(path, split="train"):
             f"folder: image files with same-named .txt captions)"
         )
     return records
-
-
-def check_writable(folder, flag="--out"):
-    """Create `folder` and a scratch file in it: a read-only or invalid --out fails before the work, not
-    after it."""
-    import tempfile
-
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise SystemExit(
-            f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); pass a folder you can write to"
-        ) from None
 
 
 def check_vocabulary(records, path):
@@ -346,21 +332,23 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
     dtype, rng = STORE_DTYPES[store], np.random.default_rng(seed)
     (np_bits, torch_bits), width = STORE_BITS[dtype], dtype.itemsize
     K, fields, shards, skipped = captions_per_image, None, [], 0
-    files, rows, shard_rows, kept = {}, 0, 0, []
+    open_maps, rows, shard_rows, kept = {}, 0, 0, []
+    # every file is written beside its place and renamed there at the end (files.commit): a full disk or a
+    # stop midway leaves the previous cache in `out` whole, and its own temporary files removed
+    staged = []
 
-    def close_shard(files, rows, kept):
+    def close_shard(open_maps, rows, kept):
         name = f"shard-{len(shards):05d}"
-        field_shapes = {f: shape for f, (_, shape) in files.items()}
-        for mm, _ in files.values():
+        field_shapes = {f: (shape, mm.filename) for f, (mm, shape) in open_maps.items()}
+        for mm, _ in open_maps.values():
             mm.flush()
         del mm
-        files.clear()  # unmap before cutting the preallocated files to the rows written
-        for f, shape in field_shapes.items():
-            os.truncate(os.path.join(out, f"{name}.{f}.bin"), rows * int(np.prod(shape)) * width)
-        header = os.path.join(out, f"{name}.json")
-        with open(header + ".tmp", "w") as fh:
+        open_maps.clear()  # unmap before cutting the preallocated files to the rows written
+        for shape, scratch in field_shapes.values():
+            os.truncate(scratch, rows * int(np.prod(shape)) * width)
+        header = files.scratch(os.path.join(out, f"{name}.json"), 0, staged)
+        with open(header, "w") as fh:
             json.dump({"count": rows, "images": [r[0] for r in kept], "captions": [r[1] for r in kept]}, fh)
-        os.replace(header + ".tmp", header)
         shards.append({"name": name, "count": rows})
 
     for start in tqdm(range(0, len(records), batch), desc="encoding cache"):
@@ -386,21 +374,29 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
             per_image = sum(int(np.prod(s)) for s in fields.values()) * width
             shard_rows = max(1, int(shard_gb * 1e9 // per_image))
         for b, (record, _) in enumerate(part):
-            if not files:  # open the next shard: one preallocated file per field
+            if not open_maps:  # open the next shard: one preallocated file per field
                 name = f"shard-{len(shards):05d}"
-                files = {
-                    f: (np.memmap(os.path.join(out, f"{name}.{f}.bin"), np_bits, "w+", shape=(shard_rows, *s)), s)
+                open_maps = {
+                    f: (
+                        np.memmap(
+                            shard_file(out, f"{name}.{f}.bin", shard_rows, s, width, staged),
+                            np_bits,
+                            "r+",
+                            shape=(shard_rows, *s),
+                        ),
+                        s,
+                    )
                     for f, s in fields.items()
                 }
                 rows, kept = 0, []
             for f, v in values.items():  # the numbers' bits, as integers of their width
-                files[f][0][rows] = v[b].to(dtype).view(torch_bits).cpu().numpy()
+                open_maps[f][0][rows] = v[b].to(dtype).view(torch_bits).cpu().numpy()
             kept.append((record[0], caps[b]))
             rows += 1
             if rows == shard_rows:
-                close_shard(files, rows, kept)
-    if files:
-        close_shard(files, rows, kept)
+                close_shard(open_maps, rows, kept)
+    if open_maps:
+        close_shard(open_maps, rows, kept)
     meta = dict(
         model=bb.name,
         size=size,
@@ -411,10 +407,15 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
         images=sum(s["count"] for s in shards),
         skipped=skipped,
     )
-    with open(os.path.join(out, "cache.json.tmp"), "w") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(os.path.join(out, "cache.json.tmp"), os.path.join(out, "cache.json"))  # written last: complete
+    files.discard([os.path.join(out, "cache.json")])  # the previous cache ends here; its shards are replaced
+    files.commit(staged)
+    files.write_json(os.path.join(out, "cache.json"), meta)  # written last: the cache is complete
     return meta
+
+
+def shard_file(out, name, rows, shape, width, staged):
+    """The temporary file of one field of a shard, its space reserved (files.scratch)."""
+    return files.scratch(os.path.join(out, name), rows * int(np.prod(shape)) * width, staged)
 
 
 def open_cache(folder, size, seed):
@@ -498,6 +499,7 @@ def main(argv=None):
     size = args.size or facts["train_size"]  # the cache is for training: the authors' training size
     families.check_size(args.model, size)  # the one size rule of every script
     records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
+    files.check_writable(args.out)  # and a place that cannot be written
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.random_init and not models.is_shapes_world(args.model):
         raise SystemExit("--random-init builds the tiny shapes-world backbones: use it with tiny-sd3 or tiny-sd1.5")

@@ -50,7 +50,6 @@ edited-with-tokens) and edit.json; --bench DIR edits a benchmark into --out/plai
 """
 
 import argparse
-import json
 import os
 
 import torch
@@ -60,6 +59,7 @@ from tqdm import tqdm
 import benchmarks
 import data
 import families
+import files
 import flags
 import models
 import sample
@@ -483,7 +483,7 @@ def main(argv=None):
     first = data.to_tensor(
         data.read_image(records[0]["image"], size)
     )  # resized and centre-cropped to the model's size
-    data.check_writable(args.out)  # before the work: a read-only --out must not lose the edit
+    files.check_writable(args.out)  # before the work: a read-only --out must not lose the edit
 
     bb = models.from_flags(args)
     families.check_size(args.model, size, bb=bb)  # the loaded model's positional table
@@ -520,8 +520,7 @@ def main(argv=None):
         size=list(image.shape[1:]),
         settings=settings,
     )
-    with open(os.path.join(args.out, "edit.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    files.write_json(os.path.join(args.out, "edit.json"), record)
     print(
         f"{method}: "
         + (

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 
 import torch
 
+import files
+
 ADAPTER = "alignment"  # the adapter's name inside the denoiser (peft allows several)
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 MMDIT_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -205,8 +207,6 @@ def save(path, params, facts, **meta):
     reads it), with `meta` (JSON values) added to its header. Atomic, as the token files are."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     state = {
         k: v.detach().float().cpu().contiguous()
@@ -218,9 +218,16 @@ def save(path, params, facts, **meta):
         for k, v in params.config.to_dict().items()
         if k in ("r", "lora_alpha", "target_modules", "init_lora_weights", "lora_dropout", "use_dora")
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    files.write(path, lambda tmp: write_lora_file(tmp, pipeline, facts, state, config, meta))
+
+
+def write_lora_file(path, pipeline, facts, state, config, meta):
+    """What lora.save writes, to `path` (files.write's temporary file): the stock pipeline's file, in a
+    scratch folder beside, and our metadata added to its header."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         pipeline.save_lora_weights(
             tmp,
             weight_name="lora.safetensors",
@@ -235,8 +242,7 @@ def save(path, params, facts, **meta):
                 for k, v in dict(meta, params="lora", rank=config["r"], alpha=config["lora_alpha"]).items()
             }
         )
-        save_file(load_file(written), os.path.join(tmp, "final"), metadata=header)
-        os.replace(os.path.join(tmp, "final"), path)
+        save_file(load_file(written), path, metadata=header)
 
 
 def is_lora_file(path):

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
 import families
+import files
 import flags
 import models
 import shapes
@@ -148,6 +148,7 @@ def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, u
     cond = models.encode_prompts(bb, list(prompts))
     uncond = models.encode_prompts(bb, [""] * len(prompts)) if facts["guidance"] is None else None  # distilled: none
     x = sample_loop(bb, x, cond, uncond, steps, cfg, handle, uncond_set, progress)
+    files.check_finite(x, f"sampling {prompts[0]!r}")  # NaN or inf: one line, no image
     return models.decode_latents(bb, x).float().cpu()
 
 
@@ -186,7 +187,7 @@ def check_prompts(name, prompts):
 def save_image(image, path):
     from PIL import Image
 
-    Image.fromarray(shapes.to_uint8(image)).save(path)
+    files.save_image(Image.fromarray(shapes.to_uint8(image)), path)
 
 
 def save_grid(images, path, per_cell=1, columns=None, min_side=96):
@@ -210,7 +211,7 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96):
     grid = Image.fromarray(canvas)
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    grid.save(path)
+    files.save_image(grid, path)
 
 
 # -----------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def main(argv=None):
     sets, info = (None, dict(token_set=None, blocks=None))
     if args.tokens is not None:
         sets, info = softtokens.read_tokens(args.tokens, args.model, args.ema, args.neg_uncond)
-    data.check_writable(args.out)  # before the work: a read-only --out must not lose the images
+    files.check_writable(args.out)  # before the work: a read-only --out must not lose the images
 
     bb = models.from_flags(args)
     families.check_size(args.model, args.size, bb=bb)  # the loaded model's positional table
@@ -336,8 +337,7 @@ def main(argv=None):
             if "spec" in item:
                 record["spec"] = item["spec"]
             records.append(record)
-    with open(os.path.join(args.out, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    files.write_text(os.path.join(args.out, "records.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     save_grid(torch.stack(ordered), os.path.join(args.out, "grid.png"), per_cell=len(variants))
     print(f"{len(records)} images, grid.png and records.jsonl in {args.out}")
     return records

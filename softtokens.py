@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+import files
 import hooks
 import lora
 import models
@@ -214,11 +215,8 @@ def save(path, tokens, **meta):
         tensors[f"{name}.tokens"] = s.tokens.detach().float().cpu().contiguous().clone()
         if s.time_table is not None:  # (psi+ and psi- share theirs: written under both names, as copies)
             tensors[f"{name}.time_table"] = s.time_table.detach().float().cpu().contiguous().clone()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    files.write(path, lambda tmp: save_file(tensors, tmp, metadata=header))  # atomic: never half a file
 
 
 def load(path, which=None):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import files
 import losses
 import models
 import softtokens
@@ -338,9 +339,8 @@ CHANGEABLE_ON_RESUME = ["lr"]
 
 
 def save_checkpoint(path, blob):
-    """Atomic: written beside, then renamed over the previous checkpoint (a crash keeps the old one)."""
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: written beside, then renamed over the previous checkpoint (a crash or a full disk keeps the old one)."""
+    files.write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def read_checkpoint(path):
@@ -416,17 +416,12 @@ def open_log(args, columns, step, master):
     if not master:
         return lambda row: None
     csv_path, board = os.path.join(args.out, "log.csv"), None
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    files.write_json(os.path.join(args.out, "config.json"), vars(args))
     kept = []
     if step and os.path.exists(csv_path):
         with open(csv_path) as f:
             kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
-        rewrite.writeheader()
-        rewrite.writerows(kept)
-    os.replace(csv_path + ".tmp", csv_path)
+    files.write_csv(csv_path, columns, kept)
     log = open(csv_path, "a", newline="")  # appended from here on, never truncated
     writer = csv.DictWriter(log, columns, extrasaction="ignore")
     try:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import data
 import families
+import files
 import flags
 import hooks
 import lora
@@ -299,7 +300,7 @@ def main(argv=None):
     # ---- the run folder: writable (checked now, not at the first checkpoint), and held by this run alone
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or 'agsm'}")
     if master:
-        data.check_writable(args.out)
+        files.check_writable(args.out)
         training.lock_folder(args.out)
         for name in os.listdir(args.out):  # what a killed write left behind
             if name.endswith(".tmp"):

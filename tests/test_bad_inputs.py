@@ -239,7 +239,10 @@ def test_edit_refuses_malicious_tokens_and_unwritable_out(tmp_path, malicious, m
 def test_eval_empty_folder_fails(tmp_path):
     (tmp_path / "empty").mkdir()
     message = one_line_error(evaluation.main, ["--runs", str(tmp_path / "empty"), "--metrics", "shapes"])
-    assert message.startswith("found no images to score")
+    assert message.endswith(
+        "empty: no records.jsonl, so no images to score: pass folders written by sample.py "
+        "(records.jsonl + images), or edit.py --bench folders with --bench DIR"
+    )
 
 
 def test_eval_malformed_records_and_missing_images(tmp_path):

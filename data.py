@@ -87,17 +87,7 @@ def read_coco(ann, images):
 def json_lines(path, expected):
     """(line number, object) for every non-empty line of a JSONL file; a line that is not a JSON object is
     a one-line error naming the file, the line and what each line should hold (`expected`)."""
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); each line is {expected}") from None
-            if not isinstance(item, dict):
-                raise SystemExit(f"{path}:{n}: not a JSON object; each line is {expected}")
-            yield n, item
+    return files.read_json_lines(path, expected)
 
 
 def read_jsonl(path):
@@ -419,8 +409,7 @@ def shard_file(out, name, rows, shape, width, staged):
 
 
 def open_cache(folder, size, seed):
-    with open(os.path.join(folder, "cache.json")) as fh:
-        meta = json.load(fh)
+    meta = files.read_cache_meta(folder, lambda store: STORE_DTYPES[store].itemsize)  # every shard there
     if meta["size"] != size:
         raise SystemExit(
             f"cache {folder} was encoded at {meta['size']} px, training is at {size}: pass --size {meta['size']}"
@@ -432,8 +421,7 @@ def open_cache(folder, size, seed):
             maps[f].append(
                 np.memmap(os.path.join(folder, f"{shard['name']}.{f}.bin"), bits, "r", shape=(shard["count"], *shape))
             )
-        with open(os.path.join(folder, f"{shard['name']}.json")) as fh:
-            captions += json.load(fh)["captions"]
+        captions += files.read_json(os.path.join(folder, f"{shard['name']}.json"), "a shard header")["captions"]
     offsets = np.cumsum([0] + [s["count"] for s in meta["shards"]])
     return dict(
         kind="cache",

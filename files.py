@@ -223,10 +223,16 @@ def read_cache_meta(folder, bytes_per_number):
     return meta
 
 
-def read_benchmark_json(path, expected, kind):
-    """A benchmark folder's index (PIE-Bench's mapping_file.json, DIV2K's prompts_editing.json): a non-empty
-    JSON `kind` whose entries are checked by the caller."""
-    return read_json(path, expected, kind, nonempty=True)
+def read_benchmark_index(path, kind, keys):
+    """A benchmark folder's index (PIE-Bench's mapping_file.json: an object; DIV2K's prompts_editing.json: a
+    list): not empty, and every entry an object holding `keys`."""
+    expected = f"a non-empty JSON {'object' if kind is dict else 'list'} of entries with {', '.join(keys)}"
+    index = read_json(path, expected, kind, nonempty=True)
+    for key, entry in index.items() if kind is dict else enumerate(index):
+        lacking = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+        if lacking:
+            raise SystemExit(f"{path}: entry {key!r} lacks {', '.join(lacking)}; expected {expected}")
+    return index
 
 
 def first_line(e):

@@ -259,17 +259,16 @@ def is_lora_file(path):
 def read(path, name, prefix_of_family, ema=False, neg_uncond=False):
     """(state dict, info) of a LoRA file for family `name`: one-line errors for a file of another family,
     non-finite numbers, or the AGSM-only options."""
-    from safetensors import safe_open
-
     if ema or neg_uncond:
         raise SystemExit(
             f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds "
             f"LoRA adapters (one set)"
         )
-    with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model = json.loads(header["model"]) if "model" in header else None
+    header, state = files.read_safetensors(path, "a LoRA file (lora.safetensors of train.py --params lora)")
+    try:
+        model = json.loads(header["model"]) if "model" in header else None
+    except ValueError:
+        raise SystemExit(f"{path}: its 'model' metadata is not JSON; expected a LoRA file of train.py") from None
     if model not in (None, name):
         raise SystemExit(f"{path} holds LoRA adapters for {model}, not {name}: pass --model {model}")
     if not any(k.startswith(prefix_of_family + ".") for k in state):

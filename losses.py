@@ -30,6 +30,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+import files
 from shapes import checker
 
 
@@ -496,6 +497,7 @@ def load_counter(spec, model_name, device):
             "save_pretrained (e.g. a DETR), read from disk"
         )
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
+        files.check_detector(spec)  # its config names a detector class, before transformers loads it
         return DetectorCounter(spec).to(device)
     if spec.endswith(".safetensors") and os.path.exists(spec):
         return checker.load_counter(spec).to(device)

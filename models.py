@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import families
+import files
 import flags
 import shapes
 from families import FAMILIES  # the one table of per-family facts
@@ -97,8 +98,8 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
 
         source = pretrained or facts["hub"]
         extra = {} if text_encoder_3 or facts["arch"] != "mmdit" else dict(text_encoder_3=None, tokenizer_3=None)
-        if pretrained is not None and not os.path.isdir(pretrained):
-            raise SystemExit(f"--pretrained {pretrained}: no such folder (a local copy of {facts['hub']})")
+        if pretrained is not None:  # its configs name the family's classes, checked before any weight loads
+            files.check_pretrained(pretrained, name, facts["pipeline"], denoiser_class(facts).__name__, facts["hub"])
         diffusers.logging.set_verbosity_error()  # the one-line error below, not pages of warnings first
         transformers.logging.set_verbosity_error()
         try:
@@ -331,35 +332,32 @@ TINY_VAE_DIR = os.path.join(WEIGHTS_DIR, "tiny-vae")
 
 def load_tiny_vae(folder=TINY_VAE_DIR):
     """The trained shapes-world autoencoder, with the latent normalisation stored beside its weights."""
-    from safetensors import safe_open
-
     path = os.path.join(folder, "vae.safetensors")
     if not os.path.exists(path):
         raise SystemExit(
             f"no autoencoder weights at {path}; rebuild them with `python -m shapes.pretrain --model tiny-vae`"
         )
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    vae = tiny_vae(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
-    vae.load_state_dict(state)
+    meta, _ = files.read_safetensors(path, "the shapes world's autoencoder (shapes.pretrain --model tiny-vae)", False)
+    try:
+        vae = tiny_vae(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
+    except (KeyError, ValueError):
+        raise SystemExit(f"{path}: no scaling_factor / shift_factor in its metadata; expected tiny-vae's") from None
+    files.load_weights(vae, path, "the shapes world's autoencoder")
     return vae
 
 
 def load_tiny(name, folder):
     """shapes/weights/<name>/{denoiser,text_encoder}.safetensors, and the shared autoencoder beside them."""
-    from safetensors.torch import load_file
-
-    files = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
-    missing = [f for f in files.values() if not os.path.exists(f)]
+    parts = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
+    missing = [f for f in parts.values() if not os.path.exists(f)]
     if missing:
         raise SystemExit(
             f"{name}: no weights at {missing[0]}; rebuild them with `python -m shapes.pretrain --model {name}`"
         )
     vae_folder = os.path.join(os.path.dirname(os.path.abspath(folder)), "tiny-vae")
     bb = build_tiny(name, vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR))
-    bb.denoiser.load_state_dict(load_file(files["denoiser"]))
-    bb.text_encoder.load_state_dict(load_file(files["text_encoder"]))
+    files.load_weights(bb.denoiser, parts["denoiser"], f"{name}'s denoiser")  # another model's: one line
+    files.load_weights(bb.text_encoder, parts["text_encoder"], f"{name}'s text encoder")
     return bb
 
 

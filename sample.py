@@ -154,24 +154,7 @@ def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, u
 
 def read_prompts(path):
     """[{"prompt": ..., "spec": ... (if any)}] from a text file (one prompt a line) or JSONL."""
-    if not os.path.exists(path):
-        raise SystemExit(f"no prompts file at {path}")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise SystemExit(f"{path} has no prompts")
-    if not lines[0].startswith("{"):
-        return [{"prompt": line} for line in lines]
-    items = []
-    for n, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path} line {n} is not JSON ({e.msg}): write one JSON object a line") from None
-        if not isinstance(item.get("prompt"), str):
-            raise SystemExit(f'{path} line {n} has no "prompt" string')
-        items.append({k: item[k] for k in ("prompt", "spec") if k in item})
-    return items
+    return files.read_prompt_file(path)
 
 
 def check_prompts(name, prompts):

@@ -222,13 +222,9 @@ def save(path, tokens, **meta):
 def load(path, which=None):
     """(SoftTokens or PairTokens, metadata) from a file written by `save`. `which` picks one set of a
     pair file ("pos", "ema_pos", ...) and returns it as a SoftTokens."""
-    from safetensors import safe_open
-
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = files.read_safetensors(path, "a soft-token file written by train.py", json_metadata=True)
     if "sets" not in meta:
         raise SystemExit(
             f"{path} is not a soft-token file of this project (no metadata); "
@@ -277,23 +273,8 @@ def import_softrepa(folder, family):
 def _read_released(path):
     """A released .pth: a tensor or a pickled nn.Embedding, loaded with weights_only=True and nn.Embedding
     as the one allowed class (the pickle can rebuild that module and tensors, and run nothing else)."""
-    import pickle
-    import re
-
-    try:
-        with torch.serialization.safe_globals([torch.nn.Embedding]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        asked = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise SystemExit(
-            f"refused to load {path}: its pickle asks for {asked.group(1) if asked else 'an object'}, "
-            f"which is neither a tensor nor an nn.Embedding, and nothing in it was run; token "
-            f"files should be plain tensors or safetensors"
-        ) from None
-    except Exception as e:  # truncated or not a torch file: the unpickler trips on anything
-        raise SystemExit(
-            f"cannot read {path} ({type(e).__name__}): not a tensor file; pass the released .pth files as downloaded"
-        ) from None
+    expected = "the released .pth file as downloaded: a tensor or an nn.Embedding"
+    obj = files.read_checkpoint(path, "--tokens", expected, allowed=[torch.nn.Embedding])
     obj = obj.weight if isinstance(obj, nn.Module) else obj
     if not torch.is_tensor(obj):
         raise SystemExit(f"{path} holds a {type(obj).__name__}, not a tensor or an nn.Embedding of tokens")

@@ -345,25 +345,8 @@ def save_checkpoint(path, blob):
 
 def read_checkpoint(path):
     """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL " in str(e):  # weights_only refused a class (e.g. posix.system): code would have run
-            raise SystemExit(
-                f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
-                f"and nothing in it was run; pass a ckpt.pt written by train.py"
-            ) from None
-        raise SystemExit(
-            f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
-            f"by train.py, or start a new run in another --out"
-        ) from None
-    except Exception as e:  # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
-        raise SystemExit(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
-            f"written by train.py, or start a new run in another --out"
-        ) from None
+    expected = "a ckpt.pt written by train.py (or start a new run in another --out)"
+    state = files.read_checkpoint(path, "--resume", expected)
     if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
         raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
     return state

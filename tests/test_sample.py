@@ -139,7 +139,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         (["--model", "sd4", "--prompt", "x"], "unknown model"),
         (base, "exactly one of --prompt"),
         (base + ["--prompt", "a", "--prompts", "p.txt"], "exactly one of --prompt"),
-        (base + ["--prompts", str(tmp_path / "missing.txt")], "no prompts file"),
+        (base + ["--prompts", str(tmp_path / "missing.txt")], "no such prompts file"),
         (base + ["--prompt", "a purple dog"], "unknown words dog, purple"),
         (base + ["--prompt", "a red circle", "--size", "48"], "multiples of 4 up to 32"),
         (base + ["--prompt", "a red circle", "--size", "30"], "multiples of 4 up to 32"),

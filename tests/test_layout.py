@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD = [
     "families",
+    "files",
     "flags",
     "models",
     "softtokens",

@@ -147,7 +147,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         (base + ["--prompt", "a red circle", "--compare"], "pass --tokens"),
         (base + ["--prompt", "a red circle", "--tokens", str(single), "--neg-uncond"], "pair-token file"),
         (base + ["--prompt", "a red circle", "--tokens", str(tmp_path)], "without dc_tokens.pth"),
-        (base + ["--prompt", "a red circle", "--tokens", str(garbage)], "cannot read"),
+        (base + ["--prompt", "a red circle", "--tokens", str(garbage)], "not a readable safetensors file"),
         (["--model", "sd3", "--random-init", "--prompt", "a cat"], "--random-init builds"),
     ]
     for argv, message in cases:

@@ -204,7 +204,12 @@ def read_cache_meta(folder, bytes_per_number):
     meta = read_json(os.path.join(folder, "cache.json"), expected)
     if any(k not in meta for k in CACHE_KEYS):
         raise SystemExit(f"{folder}/cache.json: lacks {[k for k in CACHE_KEYS if k not in meta]}; expected {expected}")
-    width = bytes_per_number(meta["store"])
+    try:
+        width = bytes_per_number(meta["store"])
+    except KeyError:
+        raise SystemExit(
+            f"{folder}/cache.json: store {meta['store']!r} is none of this project's; expected {expected}"
+        ) from None
     for shard in meta["shards"]:
         header = read_json(os.path.join(folder, f"{shard['name']}.json"), f"a shard header of {expected}")
         if len(header.get("captions", ())) != shard["count"]:

@@ -337,7 +337,7 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
 
     try:
         tokens, meta = load(path)
-    except (SafetensorError, OSError, ValueError, KeyError) as e:  # not a token file of ours
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:  # not a token file of ours (shapes)
         raise SystemExit(
             f"cannot read {path} as a soft-token file ({type(e).__name__}): pass a file written by softtokens.save"
         ) from None

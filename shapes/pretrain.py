@@ -51,6 +51,7 @@ if __package__ in (
 ):  # `python shapes/pretrain.py`: the repo root on the path, as `python -m shapes.pretrain` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import files
 import flags
 import models
 import shapes
@@ -315,21 +316,17 @@ def main(argv=None):
             step=step,
             first_step=first_step,
         )
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a kill mid-write keeps the previous one
+        files.write(ckpt_path, lambda tmp: torch.save(state, tmp))  # atomic: a kill or a full disk keeps the last
 
     log_path = os.path.join(work, "log.csv")
     new_log = not (step and os.path.exists(log_path))
     if new_log and init_rows:  # started from a folder: its log is this run's history
-        with open(log_path, "w") as f:
-            f.writelines(["step,loss,lr,seconds\n"] + init_rows)
+        files.write_text(log_path, "".join(["step,loss,lr,seconds\n"] + init_rows))
         new_log = False
     if not new_log:  # resumed: keep the rows up to the checkpoint (a new file renamed over the old one)
         with open(log_path) as f:
             kept = [row for row in f if not row[:1].isdigit() or int(row.split(",")[0]) <= step]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+        files.write_text(log_path, "".join(kept))
     log = open(log_path, "w" if new_log else "a", newline="")
     writer = csv.writer(log)
     if new_log:

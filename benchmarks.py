@@ -25,12 +25,12 @@ is why SoftREPA's Table 2 leaves CLIP-edited, PSNR and SSIM blank for them). The
 """
 
 import glob
-import json
 import os
 
 import numpy as np
 from tqdm import tqdm
 
+import files
 import metrics
 
 PROMPTS = "prompts_editing.json"
@@ -58,12 +58,15 @@ def cat_images(folder):
     return found
 
 
+PIE_KEYS = ("image_path", "original_prompt", "editing_prompt", "mask")
+DIV2K_KEYS = ("img_path", "prompt", "tgt_prompt")
+
+
 def read(folder):
     """The records of a benchmark folder (see the layouts above), in the benchmark's order."""
     which = kind(folder)
     if which == "pie":
-        with open(os.path.join(folder, "mapping_file.json")) as f:
-            mapping = json.load(f)
+        mapping = files.read_benchmark_index(os.path.join(folder, "mapping_file.json"), dict, PIE_KEYS)
         clean = lambda text: text.replace("[", "").replace("]", "")  # noqa: E731  (PIE marks the edit in brackets)
         return [
             dict(
@@ -78,10 +81,7 @@ def read(folder):
         ]
     listed = {}
     if os.path.exists(os.path.join(folder, PROMPTS)):
-        with open(os.path.join(folder, PROMPTS)) as f:
-            entries = json.load(f)
-        if not isinstance(entries, list) or not all({"img_path", "prompt", "tgt_prompt"} <= set(e) for e in entries):
-            raise SystemExit(f"{folder}/{PROMPTS}: expected a list of {{img_path, prompt, tgt_prompt}}")
+        entries = files.read_benchmark_index(os.path.join(folder, PROMPTS), list, DIV2K_KEYS)
         listed = {e["img_path"]: (e["prompt"].strip(), e["tgt_prompt"].strip()) for e in entries}
     if which == "cat2dog":
         records = []

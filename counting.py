@@ -13,6 +13,7 @@ import os
 
 import torch
 
+import files
 import losses
 
 
@@ -59,4 +60,5 @@ def open_detector(folder, device):
         )
     if not (os.path.isdir(folder) and os.path.exists(os.path.join(folder, "config.json"))):
         raise SystemExit(f"--counter {folder}: not a detector folder (config.json + weights); pass one")
+    files.check_detector(folder)  # its config names a detector class, before transformers loads it
     return DetectorCounter(folder).to(device)

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 import families
+import files
+import flags
 import models
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -83,17 +85,7 @@ def read_coco(ann, images):
 def json_lines(path, expected):
     """(line number, object) for every non-empty line of a JSONL file; a line that is not a JSON object is
     a one-line error naming the file, the line and what each line should hold (`expected`)."""
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); each line is {expected}") from None
-            if not isinstance(item, dict):
-                raise SystemExit(f"{path}:{n}: not a JSON object; each line is {expected}")
-            yield n, item
+    return files.read_json_lines(path, expected)
 
 
 def read_jsonl(path):
@@ -140,43 +132,6 @@ def read_records(path, split="train"):
             f"folder: image files with same-named .txt captions)"
         )
     return records
-
-
-def check_writable(folder, flag="--out"):
-    """Create `folder` and a scratch file in it: a read-only or invalid --out fails before the work, not
-    after it."""
-    import tempfile
-
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise SystemExit(
-            f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); pass a folder you can write to"
-        ) from None
-
-
-def read_prompts(path):
-    """[{"prompt": ..., "spec": ... (if any)}] from a text file (one prompt a line) or JSONL."""
-    if not os.path.exists(path):
-        raise SystemExit(f"no prompts file at {path}")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise SystemExit(f"{path} has no prompts")
-    if not lines[0].startswith("{"):
-        return [{"prompt": line} for line in lines]
-    items = []
-    for n, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path} line {n} is not JSON ({e.msg}): write one JSON object a line") from None
-        if not isinstance(item.get("prompt"), str):
-            raise SystemExit(f'{path} line {n} has no "prompt" string')
-        items.append({k: item[k] for k in ("prompt", "spec") if k in item})
-    return items
 
 
 def image_array(path, size=None):
@@ -327,21 +282,23 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
     dtype, rng = STORE_DTYPES[store], np.random.default_rng(seed)
     (np_bits, torch_bits), width = STORE_BITS[dtype], dtype.itemsize
     K, fields, shards, skipped = captions_per_image, None, [], 0
-    files, rows, shard_rows, kept = {}, 0, 0, []
+    open_maps, rows, shard_rows, kept = {}, 0, 0, []
+    # every file is written beside its place and renamed there at the end (files.commit): a full disk or a
+    # stop midway leaves the previous cache in `out` whole, and its own temporary files removed
+    staged = []
 
-    def close_shard(files, rows, kept):
+    def close_shard(open_maps, rows, kept):
         name = f"shard-{len(shards):05d}"
-        field_shapes = {f: shape for f, (_, shape) in files.items()}
-        for mm, _ in files.values():
+        field_shapes = {f: (shape, mm.filename) for f, (mm, shape) in open_maps.items()}
+        for mm, _ in open_maps.values():
             mm.flush()
         del mm
-        files.clear()  # unmap before cutting the preallocated files to the rows written
-        for f, shape in field_shapes.items():
-            os.truncate(os.path.join(out, f"{name}.{f}.bin"), rows * int(np.prod(shape)) * width)
-        header = os.path.join(out, f"{name}.json")
-        with open(header + ".tmp", "w") as fh:
+        open_maps.clear()  # unmap before cutting the preallocated files to the rows written
+        for shape, scratch in field_shapes.values():
+            os.truncate(scratch, rows * int(np.prod(shape)) * width)
+        header = files.scratch(os.path.join(out, f"{name}.json"), 0, staged)
+        with open(header, "w") as fh:
             json.dump({"count": rows, "images": [r[0] for r in kept], "captions": [r[1] for r in kept]}, fh)
-        os.replace(header + ".tmp", header)
         shards.append({"name": name, "count": rows})
 
     for start in tqdm(range(0, len(records), batch), desc="encoding cache"):
@@ -367,21 +324,29 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
             per_image = sum(int(np.prod(s)) for s in fields.values()) * width
             shard_rows = max(1, int(shard_gb * 1e9 // per_image))
         for b, (record, _) in enumerate(part):
-            if not files:  # open the next shard: one preallocated file per field
+            if not open_maps:  # open the next shard: one preallocated file per field
                 name = f"shard-{len(shards):05d}"
-                files = {
-                    f: (np.memmap(os.path.join(out, f"{name}.{f}.bin"), np_bits, "w+", shape=(shard_rows, *s)), s)
+                open_maps = {
+                    f: (
+                        np.memmap(
+                            shard_file(out, f"{name}.{f}.bin", shard_rows, s, width, staged),
+                            np_bits,
+                            "r+",
+                            shape=(shard_rows, *s),
+                        ),
+                        s,
+                    )
                     for f, s in fields.items()
                 }
                 rows, kept = 0, []
             for f, v in values.items():  # the numbers' bits, as integers of their width
-                files[f][0][rows] = v[b].to(dtype).view(torch_bits).cpu().numpy()
+                open_maps[f][0][rows] = v[b].to(dtype).view(torch_bits).cpu().numpy()
             kept.append((record[0], caps[b]))
             rows += 1
             if rows == shard_rows:
-                close_shard(files, rows, kept)
-    if files:
-        close_shard(files, rows, kept)
+                close_shard(open_maps, rows, kept)
+    if open_maps:
+        close_shard(open_maps, rows, kept)
     meta = dict(
         model=bb.name,
         size=size,
@@ -392,15 +357,19 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
         images=sum(s["count"] for s in shards),
         skipped=skipped,
     )
-    with open(os.path.join(out, "cache.json.tmp"), "w") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(os.path.join(out, "cache.json.tmp"), os.path.join(out, "cache.json"))  # written last: complete
+    files.discard([os.path.join(out, "cache.json")])  # the previous cache ends here; its shards are replaced
+    files.commit(staged)
+    files.write_json(os.path.join(out, "cache.json"), meta)  # written last: the cache is complete
     return meta
 
 
+def shard_file(out, name, rows, shape, width, staged):
+    """The temporary file of one field of a shard, its space reserved (files.scratch)."""
+    return files.scratch(os.path.join(out, name), rows * int(np.prod(shape)) * width, staged)
+
+
 def open_cache(folder, size, seed):
-    with open(os.path.join(folder, "cache.json")) as fh:
-        meta = json.load(fh)
+    meta = files.read_cache_meta(folder, lambda store: STORE_DTYPES[store].itemsize)  # every shard there
     if meta["size"] != size:
         raise SystemExit(
             f"cache {folder} was encoded at {meta['size']} px, training is at {size}: pass --size {meta['size']}"
@@ -412,8 +381,7 @@ def open_cache(folder, size, seed):
             maps[f].append(
                 np.memmap(os.path.join(folder, f"{shard['name']}.{f}.bin"), bits, "r", shape=(shard["count"], *shape))
             )
-        with open(os.path.join(folder, f"{shard['name']}.json")) as fh:
-            captions += json.load(fh)["captions"]
+        captions += files.read_json(os.path.join(folder, f"{shard['name']}.json"), "a shard header")["captions"]
     offsets = np.cumsum([0] + [s["count"] for s in meta["shards"]])
     return dict(
         kind="cache",
@@ -447,8 +415,8 @@ def cache_batch(source, indices, picks):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("cache", help="encode a data set once into memory-mapped shards")
     c.add_argument("--model", required=True)
@@ -457,23 +425,30 @@ def main(argv=None):
     c.add_argument("--split", default="train")
     c.add_argument(
         "--size",
-        type=int,
+        type=flags.POSITIVE_INT,
         default=None,
         help="image size (default: the family's training size, 512 for the real ones)",
     )
-    c.add_argument("--captions-per-image", type=int, default=1, help="captions kept per image (COCO has 5)")
+    c.add_argument(
+        "--captions-per-image", type=flags.POSITIVE_INT, default=1, help="captions kept per image (COCO has 5)"
+    )
     c.add_argument("--store", default="bf16", choices=list(STORE_DTYPES))
-    c.add_argument("--batch", type=int, default=8)
-    c.add_argument("--shard-gb", type=float, default=4.0)
+    c.add_argument("--batch", type=flags.POSITIVE_INT, default=8, help="images per encoder batch")
+    c.add_argument("--shard-gb", type=flags.POSITIVE_FLOAT, default=4.0, help="GB per shard")
     c.add_argument("--pretrained", default=None)
-    c.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    c.add_argument("--seed", type=flags.SEED, default=0, help="a seed in [0, 2^63)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     facts = models.check_name(args.model)
     if models.is_shapes_world(args.model):  # its stream is drawn afresh every step: nothing to cache
         raise SystemExit(f"{args.model} trains on the shapes world's stream (--data shapes): it needs no cache")
     size = args.size or facts["train_size"]  # the cache is for training: the authors' training size
     families.check_size(args.model, size)  # the one size rule of every script
     records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
+    files.check_writable(args.out)  # and a place that cannot be written
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = STORE_DTYPES[args.store] if device == "cuda" else torch.float32
     bb = models.load(args.model, pretrained=args.pretrained, device=device, dtype=dtype)

@@ -50,7 +50,6 @@ edited-with-tokens) and edit.json; --bench DIR edits a benchmark into --out/plai
 """
 
 import argparse
-import json
 import os
 
 import torch
@@ -60,6 +59,8 @@ from tqdm import tqdm
 import benchmarks
 import data
 import families
+import files
+import flags
 import models
 import sampler
 import trained
@@ -384,19 +385,19 @@ def ddim_edit(bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, pr
 # Command line
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p)
     p.add_argument("--image", default=None, help="the source image (any format PIL reads)")
     p.add_argument("--src", default=None, help="the source prompt (describes --image)")
     p.add_argument("--tgt", default=None, help="the target prompt (the edit)")
     p.add_argument(
         "--shapes-check",
-        type=int,
+        type=flags.NON_NEGATIVE_INT,
         default=0,
         metavar="N",
         help="tiny-*: N rendered objects with a "
-        "colour or shape change, every method, success by the checker (with and without --tokens)",
+        "colour or shape change, every method, success by the checker (with and without --tokens); 0: none",
     )
     p.add_argument(
         "--method",
@@ -407,11 +408,16 @@ def parse_args(argv=None):
     p.add_argument("--tokens", default=None, help="soft tokens for the target branch (as sample.py --tokens)")
     p.add_argument("--tokens-source", action="store_true", help="also put the tokens on the source branch")
     p.add_argument("--ema", action="store_true", help="pair-token files: the EMA psi+")
-    p.add_argument("--steps", type=int, default=None, help="default: the method's (50)")
-    p.add_argument("--cfg", type=float, default=None, help="target CFG (default: the method's)")
+    p.add_argument("--steps", type=flags.integer_in(2), default=None, help="at least 2 (default: the method's, 50)")
+    p.add_argument(
+        "--cfg",
+        type=flags.NON_NEGATIVE_FLOAT,
+        default=None,
+        help="target CFG (default: the method's; 1: none, 0: unconditional)",
+    )
     p.add_argument(
         "--size",
-        type=int,
+        type=flags.POSITIVE_INT,
         default=None,
         help="the image is resized (shorter side) and centre-"
         "cropped to this side, as diffusers pipelines prepare an input (default: the family's)",
@@ -419,10 +425,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--bench", default=None, help="edit a whole benchmark folder (PIE-Bench, DIV2K, Cat2Dog: benchmarks.py)"
     )
-    p.add_argument("--limit", type=int, default=0, help="--bench: its first N edits (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=flags.NON_NEGATIVE_INT, default=0, help="--bench: its first N edits (0: all)")
+    p.add_argument("--seed", type=flags.SEED, default=0, help="a seed in [0, 2^63)")
     p.add_argument("--out", default="out/edit")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def shapes_check(bb, n, sets, info, seed=0):
@@ -457,8 +467,6 @@ def main(argv=None):
             "edit.py needs --image, --src and --tgt, or --bench DIR (or --shapes-check N on a tiny model)"
         )
     method = check_method(args.model, args.method or ("flowedit" if facts["prediction"] == "flow" else "direct+pnp"))
-    if args.steps is not None and args.steps < 2:
-        raise SystemExit("--steps must be at least 2")
     # one record per edit: the benchmark's (benchmarks.py: PIE-Bench, DIV2K with captions, Cat2Dog), or --image's
     records = (
         benchmarks.read(args.bench)[: args.limit or None]
@@ -475,7 +483,7 @@ def main(argv=None):
     first = data.to_tensor(
         data.read_image(records[0]["image"], size)
     )  # resized and centre-cropped to the model's size
-    data.check_writable(args.out)  # before the work: a read-only --out must not lose the edit
+    files.check_writable(args.out)  # before the work: a read-only --out must not lose the edit
 
     bb = models.from_flags(args, shapes_world=backbones.load)
     families.check_size(args.model, size, bb=bb)  # the loaded model's positional table
@@ -512,8 +520,7 @@ def main(argv=None):
         size=list(image.shape[1:]),
         settings=settings,
     )
-    with open(os.path.join(args.out, "edit.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    files.write_json(os.path.join(args.out, "edit.json"), record)
     print(
         f"{method}: "
         + (

@@ -50,6 +50,8 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import files
+import flags
 import metrics
 import models
 import sampler
@@ -102,14 +104,13 @@ def write_geneval(images_by_prompt, metadata, outdir):
             )
         folder = os.path.join(outdir, f"{n:05d}")
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
-            f.write(json.dumps(meta) + "\n")
+        files.write_text(os.path.join(folder, "metadata.jsonl"), json.dumps(meta) + "\n")
         for k, path in enumerate(paths):
             target = os.path.join(folder, "samples", f"{k:04d}.png")
             if path.lower().endswith(".png"):
-                shutil.copyfile(path, target)
+                files.write(target, lambda tmp, source=path: shutil.copyfile(source, tmp))
             else:
-                metrics.to_pil(metrics.load_image(path)).save(target)
+                files.save_image(metrics.to_pil(metrics.load_image(path)), target)
 
 
 def read_geneval(path):
@@ -184,6 +185,27 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
     return metrics.generation_metric(metric, scorers[metric], paths, prompts, args.ref) if paths else None
 
 
+def nothing_scored(args):
+    """The one line when no run gave a single number: the real cause, found in the first run's records."""
+    for run in args.runs:
+        records = read_records(run)
+        if not records and not args.pie:
+            return (
+                f"{run}: no records.jsonl, so no images to score: pass folders written by sample.py "
+                f"(records.jsonl + images), or edit.py --bench folders with --bench DIR"
+            )
+        if records and args.metrics in (["shapes"], ["shapes", "geneval"]) and not any("spec" in r for r in records):
+            return (
+                f"{run}: its {len(records)} records carry no shapes spec, so the shapes metric has nothing to "
+                f"check (and there are no GenEval results): sample a shapes prompt set "
+                f"(sample.py --prompts shapes/data/eval.jsonl), or pass --metrics {' / '.join(metrics.METRICS)}"
+            )
+    return (
+        f"none of --metrics {' '.join(args.metrics)} applies to {' '.join(args.runs)}: shapes needs records with a "
+        f"spec, geneval its results file, edit --bench DIR, fid / lpips --ref DIR"
+    )
+
+
 def replicates(run, metrics, scorers, args):
     """[(variant, seed, {column: value})] of one run folder, reusing <run>/eval_metrics.json."""
     records = read_records(run)
@@ -194,8 +216,7 @@ def replicates(run, metrics, scorers, args):
     settings.update({k: v for k in ("geneval2", "vqa_model") if (v := getattr(args, k, None))})
     cache = {}
     if not args.recompute and os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cache = json.load(f)
+        cache = files.read_json(cache_path, "eval.py's cache of this run's scores (delete it, or pass --recompute)")
         if cache.get("_settings") != settings:
             cache = {}
     cache["_settings"] = settings
@@ -215,8 +236,7 @@ def replicates(run, metrics, scorers, args):
                 values.update(done.get(metric, {}))
             out.append((variant, seed, values))
     if records or args.pie:
-        with open(cache_path, "w") as f:
-            json.dump(cache, f, indent=1)
+        files.write_json(cache_path, cache)
     return out
 
 
@@ -336,7 +356,7 @@ def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="score_mean"
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return points, curves
 
@@ -344,15 +364,22 @@ def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="score_mean"
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p)  # the backbone of the classifier metric and of --protocol
     p.add_argument("--runs", nargs="+", default=[], help="run folders (records.jsonl + images, or edit.py output)")
     p.add_argument("--metrics", nargs="+", default=["shapes", "geneval"], choices=ALL_METRICS)
     p.add_argument("--ref", default=None, help="reference images for FID and LPIPS (e.g. COCO val 5K)")
     p.add_argument("--bench", "--pie", dest="pie", help="editing benchmark: PIE-Bench, DIV2K or Cat2Dog folder")
-    p.add_argument("--classifier-n", type=int, default=20, help="classifier: eval prompts per category")
-    p.add_argument("--candidates", type=int, default=4, help="classifier: captions per image (1 true)")
+    p.add_argument(
+        "--classifier-n",
+        type=flags.NON_NEGATIVE_INT,
+        default=20,
+        help="classifier: eval prompts per category (0: all)",
+    )
+    p.add_argument(
+        "--candidates", type=flags.integer_in(2), default=4, help="classifier: captions per image (1 true), at least 2"
+    )
     p.add_argument("--weights", default=None, help="local folder of metric weights (then no hub access)")
     p.add_argument("--recompute", action="store_true", help="ignore the runs' eval_metrics.json caches")
     p.add_argument("--json", default=None, help="results file (default: eval.json beside the first run)")
@@ -366,9 +393,18 @@ def parse_args(argv=None):
     p.add_argument("--protocol", choices=["dev", "eval"], help="shapes world: sample and score a prompt set with CIs")
     p.add_argument("--tokens", nargs="*", default=[], help="--protocol: token files to score beside the base")
     p.add_argument("--ema", action="store_true", help="--protocol: sample AGSM files with their EMA tokens")
-    p.add_argument("--n-per-category", type=int, default=0, help="--protocol: first N prompts per category")
+    p.add_argument(
+        "--n-per-category",
+        type=flags.NON_NEGATIVE_INT,
+        default=0,
+        help="--protocol: first N prompts per category (0: all)",
+    )
     p.add_argument("--grid", default=None, help="--protocol: PNG of base | tokens, first prompt per category")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -461,19 +497,19 @@ def run_protocol(args):
         grids.append(torch.stack([images[checker.SAMPLES_PER_PROMPT * i + k] for i in first for k in range(2)]))
     print(protocol_table(results))
     out = args.json or f"protocol-{args.model}-{args.protocol}.json"
-    with open(out, "w") as f:
-        json.dump(
-            {
-                **provenance(),  # the commit that made these numbers, and whether its tree had changes
-                "model": args.model,
-                "set": args.protocol,
-                "prompts": len(records),
-                "samples_per_prompt": checker.SAMPLES_PER_PROMPT,
-                "results": results,
-                "per_prompt": per_prompt,
-            },
-            f,
-        )  # per-prompt values: pooling training seeds later
+    files.write_json(
+        out,
+        {
+            **provenance(),  # the commit that made these numbers, and whether its tree had changes
+            "model": args.model,
+            "set": args.protocol,
+            "prompts": len(records),
+            "samples_per_prompt": checker.SAMPLES_PER_PROMPT,
+            "results": results,
+            "per_prompt": per_prompt,
+        },
+        indent=None,
+    )  # per-prompt values: pooling training seeds later
     if args.grid:  # rows: the first prompt of each category x 2 seeds; columns: base | each token file
         cells = torch.stack([g[j] for j in range(len(grids[0])) for g in grids])
         names = ["base"] + (["tokens"] if len(variants) == 2 else [f"tokens {v}" for v in range(1, len(variants))])
@@ -511,16 +547,12 @@ def main(argv=None):
             (group_name(run, variant), values) for variant, _, values in replicates(run, args.metrics, scorers, args)
         ]
     if not any(values for _, values in rows):  # no run gave a single number
-        raise SystemExit(
-            f"found no images to score in {' '.join(args.runs)}: pass folders written by sample.py "
-            f"(records.jsonl + images) or edit.py"
-        )
+        raise SystemExit(nothing_scored(args))
     groups = summarize(rows)
     print(markdown_table(groups))
     beside = os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
     json_path = args.json or os.path.join(beside, "eval.json")
-    with open(json_path, "w") as f:
-        json.dump({"runs": args.runs, "groups": groups}, f, indent=1)
+    files.write_json(json_path, {"runs": args.runs, "groups": groups})
     print(f"wrote {json_path}")
     if args.plot is not None:
         png = args.plot or os.path.join(beside, "eval.png")

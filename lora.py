@@ -37,6 +37,8 @@ from contextlib import contextmanager
 
 import torch
 
+import files
+
 ADAPTER = "alignment"  # the adapter's name inside the denoiser (peft allows several)
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 MMDIT_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -69,8 +71,7 @@ def parse_blocks(value, facts):
 def check_lora_flags(args):
     """train.py's one-line errors about LoRA that need no recipe: the rank, and soft-token flags given to a
     LoRA run (they would silently do nothing)."""
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise SystemExit(f"--lora-rank must be at least 1 (got {args.lora_rank})")
+    # the rank's domain (at least 1) is the parser's: flags.POSITIVE_INT
     token_flags = [f for f in ("n_tokens", "layers", "blocks", "time_table", "init") if getattr(args, f) is not None]
     if args.params == "lora" and token_flags:
         raise SystemExit(
@@ -206,8 +207,6 @@ def save(path, params, facts, **meta):
     reads it), with `meta` (JSON values) added to its header. Atomic, as the token files are."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     state = {
         k: v.detach().float().cpu().contiguous()
@@ -219,9 +218,16 @@ def save(path, params, facts, **meta):
         for k, v in params.config.to_dict().items()
         if k in ("r", "lora_alpha", "target_modules", "init_lora_weights", "lora_dropout", "use_dora")
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    files.write(path, lambda tmp: write_lora_file(tmp, pipeline, facts, state, config, meta))
+
+
+def write_lora_file(path, pipeline, facts, state, config, meta):
+    """What lora.save writes, to `path` (files.write's temporary file): the stock pipeline's file, in a
+    scratch folder beside, and our metadata added to its header."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         pipeline.save_lora_weights(
             tmp,
             weight_name="lora.safetensors",
@@ -236,8 +242,7 @@ def save(path, params, facts, **meta):
                 for k, v in dict(meta, params="lora", rank=config["r"], alpha=config["lora_alpha"]).items()
             }
         )
-        save_file(load_file(written), os.path.join(tmp, "final"), metadata=header)
-        os.replace(os.path.join(tmp, "final"), path)
+        save_file(load_file(written), path, metadata=header)
 
 
 def is_lora_file(path):
@@ -254,17 +259,16 @@ def is_lora_file(path):
 def read(path, name, prefix_of_family, ema=False, neg_uncond=False):
     """(state dict, info) of a LoRA file for family `name`: one-line errors for a file of another family,
     non-finite numbers, or the AGSM-only options."""
-    from safetensors import safe_open
-
     if ema or neg_uncond:
         raise SystemExit(
             f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds "
             f"LoRA adapters (one set)"
         )
-    with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model = json.loads(header["model"]) if "model" in header else None
+    header, state = files.read_safetensors(path, "a LoRA file (lora.safetensors of train.py --params lora)")
+    try:
+        model = json.loads(header["model"]) if "model" in header else None
+    except ValueError:
+        raise SystemExit(f"{path}: its 'model' metadata is not JSON; expected a LoRA file of train.py") from None
     if model not in (None, name):
         raise SystemExit(f"{path} holds LoRA adapters for {model}, not {name}: pass --model {model}")
     if not any(k.startswith(prefix_of_family + ".") for k in state):

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 
 import families
+import files
+import flags
 from families import FAMILIES  # the one table of per-family facts
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every script's --precision
@@ -97,6 +99,8 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     extra = {} if text_encoder_3 or facts["arch"] != "mmdit" else dict(text_encoder_3=None, tokenizer_3=None)
     if pretrained is not None and not os.path.isdir(pretrained):
         raise SystemExit(f"--pretrained {pretrained}: no such folder (a local copy of {facts['hub']})")
+    if pretrained is not None:  # its configs name the family's classes, checked before any weight loads
+        files.check_pretrained(pretrained, name, facts["pipeline"], denoiser_class(facts).__name__, facts["hub"])
     diffusers.logging.set_verbosity_error()  # the one-line error below, not pages of warnings first
     transformers.logging.set_verbosity_error()
     try:
@@ -229,7 +233,7 @@ def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
     parser.add_argument("--random-init", action="store_true", help="tiny-* only: random weights (tests)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--precision", default=None, choices=list(PRECISIONS), help=f"default: {precision}")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=flags.THREADS, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def check_backbone_flags(args):

@@ -21,7 +21,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-import data
+import files
 
 # The run between steps: what train.py keeps so that nothing is lost. A run folder holds one run
 # (lock_folder), its checkpoint ckpt.pt (written atomically: a kill mid-write keeps the previous one;
@@ -71,32 +71,16 @@ CHANGEABLE_ON_RESUME = ["lr"]
 
 
 def save_checkpoint(path, blob):
-    """Atomic: written beside, then renamed over the previous checkpoint (a crash keeps the old one)."""
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: written beside, then renamed over the previous checkpoint (a crash or a full disk keeps the old
+    one, and leaves no temporary file; files.write)."""
+    files.write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def read_checkpoint(path):
-    """A checkpoint of this script, loaded without running code; one-line errors for anything else."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL " in str(e):  # weights_only refused a class (e.g. posix.system): code would have run
-            raise SystemExit(
-                f"--resume {path}: refused, its pickle asks to build objects that are not tensors, "
-                f"and nothing in it was run; pass a ckpt.pt written by train.py"
-            ) from None
-        raise SystemExit(
-            f"--resume {path}: not a readable checkpoint (UnpicklingError); pass a ckpt.pt written "
-            f"by train.py, or start a new run in another --out"
-        ) from None
-    except Exception as e:  # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
-        raise SystemExit(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); pass a ckpt.pt "
-            f"written by train.py, or start a new run in another --out"
-        ) from None
+    """A checkpoint of this script, loaded without running code (files.read_checkpoint: weights_only=True);
+    one-line errors for anything else."""
+    expected = "a ckpt.pt written by train.py (or start a new run in another --out)"
+    state = files.read_checkpoint(path, "--resume", expected)
     if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
         raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
     return state
@@ -156,17 +140,12 @@ def open_log(args, columns, step, master):
     if not master:
         return lambda row: None
     csv_path, board = os.path.join(args.out, "log.csv"), None
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    files.write_json(os.path.join(args.out, "config.json"), vars(args))
     kept = []
     if step and os.path.exists(csv_path):
         with open(csv_path) as f:
             kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        rewrite = csv.DictWriter(f, columns, extrasaction="ignore")
-        rewrite.writeheader()
-        rewrite.writerows(kept)
-    os.replace(csv_path + ".tmp", csv_path)
+    files.write_csv(csv_path, columns, kept)
     log = open(csv_path, "a", newline="")  # appended from here on, never truncated
     writer = csv.DictWriter(log, columns, extrasaction="ignore")
     try:
@@ -254,7 +233,7 @@ def open_folder(folder, master):
     this run alone (lock_folder), and cleared of what a killed write left behind (*.tmp). Rank 0 only."""
     if not master:
         return
-    data.check_writable(folder)
+    files.check_writable(folder)
     lock_folder(folder)
     for name in os.listdir(folder):
         if name.endswith(".tmp"):

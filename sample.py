@@ -30,8 +30,9 @@ import os
 import torch
 from tqdm import tqdm
 
-import data
 import families
+import files
+import flags
 import models
 import sampler
 import trained
@@ -41,8 +42,8 @@ from shapes import backbones
 # The command line
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p)
     p.add_argument("--tokens", default=None, help="soft-token file (softtokens.save) or a folder of SoftREPA .pth")
     p.add_argument("--no-tokens", action="store_true", help="sample the plain model (ignore --tokens)")
@@ -51,13 +52,27 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="also sample without tokens, side by side in the grid")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts", default=None, help='text file (a prompt a line) or JSONL with a "prompt" field')
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one image per prompt and seed")
-    p.add_argument("--steps", type=int, default=None, help="default: the family's (families.FAMILIES)")
-    p.add_argument("--cfg", type=float, default=None, help="default: the family's")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the family's)")
-    p.add_argument("--batch", type=int, default=16, help="images per denoiser batch")
+    p.add_argument(
+        "--seed", type=flags.SEED, nargs="+", default=[0], help="one image per prompt and seed, each in [0, 2^63)"
+    )
+    p.add_argument("--steps", type=flags.POSITIVE_INT, default=None, help="default: the family's (families.py)")
+    p.add_argument(
+        "--cfg",
+        type=flags.NON_NEGATIVE_FLOAT,
+        default=None,
+        help="default: the family's; 1: the conditional prediction alone, 0: the unconditional alone "
+        "(guidance-distilled FLUX: its guidance input)",
+    )
+    p.add_argument(
+        "--size", type=flags.POSITIVE_INT, default=None, help="image side in pixels (default: the family's)"
+    )
+    p.add_argument("--batch", type=flags.POSITIVE_INT, default=16, help="images per denoiser batch")
     p.add_argument("--out", default="out/sample")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -71,8 +86,6 @@ def check_args(args):
         raise SystemExit("--ema, --neg-uncond and --compare act on soft tokens: pass --tokens FILE")
     if args.tokens is not None and not os.path.exists(args.tokens):
         raise SystemExit(f"no token file or folder at {args.tokens}")
-    if (args.steps is not None and args.steps < 1) or args.batch < 1:
-        raise SystemExit("--steps and --batch must be at least 1")
     if args.neg_uncond and families.FAMILIES[args.model]["guidance"] is not None:  # checked again in predict
         raise SystemExit(
             f"--neg-uncond puts psi- on the unconditional branch, and {args.model} has none: it is "
@@ -88,12 +101,12 @@ def main(argv=None):
     facts = families.FAMILIES[args.model]
     steps = args.steps or facts["sample"]["steps"]
     cfg = facts["sample"]["cfg"] if args.cfg is None else args.cfg
-    items = [{"prompt": args.prompt}] if args.prompt is not None else data.read_prompts(args.prompts)
+    items = [{"prompt": args.prompt}] if args.prompt is not None else files.read_prompt_file(args.prompts)
     backbones.check_prompts(args.model, [item["prompt"] for item in items])
     sets, info = (None, dict(token_set=None, blocks=None))
     if args.tokens is not None:
         sets, info = trained.read(args.tokens, args.model, args.ema, args.neg_uncond)
-    data.check_writable(args.out)  # before the work: a read-only --out must not lose the images
+    files.check_writable(args.out)  # before the work: a read-only --out must not lose the images
 
     bb = models.from_flags(args, shapes_world=backbones.load)
     families.check_size(args.model, args.size, bb=bb)  # the loaded model's positional table
@@ -148,8 +161,7 @@ def main(argv=None):
             if "spec" in item:
                 record["spec"] = item["spec"]
             records.append(record)
-    with open(os.path.join(args.out, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    files.write_text(os.path.join(args.out, "records.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     sampler.save_grid(torch.stack(ordered), os.path.join(args.out, "grid.png"), per_cell=len(variants))
     print(f"{len(records)} images, grid.png and records.jsonl in {args.out}")
     return records

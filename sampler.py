@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import families
+import files
 import models
 
 # -----------------------------------------------------------------------------
@@ -130,6 +131,7 @@ def generate(bb, prompts, seeds, steps=None, cfg=None, size=None, handle=None, u
     cond = models.encode_prompts(bb, list(prompts))
     uncond = models.encode_prompts(bb, [""] * len(prompts)) if facts["guidance"] is None else None  # distilled: none
     x = sample_loop(bb, x, cond, uncond, steps, cfg, handle, uncond_set, progress)
+    files.check_finite(x, f"sampling {prompts[0]!r}")  # NaN or inf: one line, no image
     return models.decode_latents(bb, x).float().cpu()
 
 
@@ -150,7 +152,7 @@ def to_uint8(image):
 def save_image(image, path):
     from PIL import Image
 
-    Image.fromarray(to_uint8(image)).save(path)
+    files.save_image(Image.fromarray(to_uint8(image)), path)
 
 
 def save_grid(images, path, per_cell=1, columns=None, min_side=96, row_labels=None, image_labels=None):
@@ -192,4 +194,4 @@ def save_grid(images, path, per_cell=1, columns=None, min_side=96, row_labels=No
                 (x * scale + 2, r * step + above + h * scale + (below - line) // 2), image_labels[k], fill="black"
             )
         grid = labelled
-    grid.save(path)
+    files.save_image(grid, path)

@@ -29,6 +29,7 @@ import os
 import torch
 import torch.nn as nn
 
+import files
 import hooks
 import models
 
@@ -212,23 +213,16 @@ def save(path, tokens, **meta):
         tensors[f"{name}.tokens"] = s.tokens.detach().float().cpu().contiguous().clone()
         if s.time_table is not None:  # (psi+ and psi- share theirs: written under both names, as copies)
             tensors[f"{name}.time_table"] = s.time_table.detach().float().cpu().contiguous().clone()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    files.write(path, lambda tmp: save_file(tensors, tmp, metadata=header))  # atomic: never half a file
 
 
 def load(path, which=None):
     """(SoftTokens or PairTokens, metadata) from a file written by `save`. `which` picks one set of a
     pair file ("pos", "ema_pos", ...) and returns it as a SoftTokens."""
-    from safetensors import safe_open
-
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = files.read_safetensors(path, "a soft-token file written by train.py", json_metadata=True)
     if "sets" not in meta:
         raise SystemExit(
             f"{path} is not a soft-token file of this project (no metadata); "
@@ -277,23 +271,8 @@ def import_softrepa(folder):
 def _read_released(path):
     """A released .pth: a tensor or a pickled nn.Embedding, loaded with weights_only=True and nn.Embedding
     as the one allowed class (the pickle can rebuild that module and tensors, and run nothing else)."""
-    import pickle
-    import re
-
-    try:
-        with torch.serialization.safe_globals([torch.nn.Embedding]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        asked = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise SystemExit(
-            f"refused to load {path}: its pickle asks for {asked.group(1) if asked else 'an object'}, "
-            f"which is neither a tensor nor an nn.Embedding, and nothing in it was run; token "
-            f"files should be plain tensors or safetensors"
-        ) from None
-    except Exception as e:  # truncated or not a torch file: the unpickler trips on anything
-        raise SystemExit(
-            f"cannot read {path} ({type(e).__name__}): not a tensor file; pass the released .pth files as downloaded"
-        ) from None
+    expected = "the released .pth file as downloaded: a tensor or an nn.Embedding"
+    obj = files.read_checkpoint(path, "--tokens", expected, allowed=[torch.nn.Embedding])
     obj = obj.weight if isinstance(obj, nn.Module) else obj
     if not torch.is_tensor(obj):
         raise SystemExit(f"{path} holds a {type(obj).__name__}, not a tensor or an nn.Embedding of tokens")
@@ -353,7 +332,7 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
 
     try:
         tokens, meta = load(path)
-    except (SafetensorError, OSError, ValueError, KeyError) as e:  # not a token file of ours
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:  # not a token file of ours (shapes)
         raise SystemExit(
             f"cannot read {path} as a soft-token file ({type(e).__name__}): pass a file written by softtokens.save"
         ) from None

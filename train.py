@@ -40,6 +40,7 @@ from tqdm import tqdm
 import counting
 import data
 import families
+import flags
 import hooks
 import lora
 import models
@@ -58,11 +59,11 @@ from step import STATS, finite_after_update, train_step
 # (checkpointing, --rows-per-forward, workers, logging), so a resumed run may change it.
 
 
-def parse_args(argv=None):
+def build_parser():
     """The command line. Every recipe flag defaults to None so that resolve() can tell "not given" (take
     the paper's value, or the checkpoint's on --resume) from "given" (use it, or refuse it on a resume
     that contradicts the run). `python train.py --help` prints this file's docstring above the flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p, precision="bf16 on CUDA, fp32 on the CPU")
     p.add_argument(
         "--loss",
@@ -80,27 +81,36 @@ def parse_args(argv=None):
     p.add_argument("--val-data", default=None, help="held-out pairs for classifier.classifier_accuracy (real models)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")
     # the recipe: None means the paper default for the model (families.FAMILIES)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None, help="images per rank; the pair matrix is batch x batch")
-    p.add_argument("--size", type=int, default=None, help="training image size")
-    p.add_argument("--lr", type=float, default=None, help="1e-3 (both papers)")
-    p.add_argument("--wd", type=float, default=None, help="1e-4 (both papers)")
-    p.add_argument("--min-lr", type=float, default=None, help="1e-5 (the released SoftREPA code)")
+    p.add_argument("--steps", type=flags.POSITIVE_INT, default=None)
+    p.add_argument(
+        "--batch", type=flags.POSITIVE_INT, default=None, help="images per rank; the pair matrix is batch x batch"
+    )
+    p.add_argument("--size", type=flags.POSITIVE_INT, default=None, help="training image size")
+    p.add_argument("--lr", type=flags.POSITIVE_FLOAT, default=None, help="1e-3 (both papers)")
+    p.add_argument("--wd", type=flags.NON_NEGATIVE_FLOAT, default=None, help="1e-4 (both papers); 0: no weight decay")
+    p.add_argument(
+        "--min-lr",
+        type=flags.NON_NEGATIVE_FLOAT,
+        default=None,
+        help="1e-5 (the released SoftREPA code); 0: the cosine falls to 0",
+    )
     p.add_argument(
         "--lr-period",
-        type=int,
+        type=flags.POSITIVE_INT,
         default=None,
         help="steps per scheduler step (default: the authors' period scaled to --steps, see lr_at_step)",
     )
-    p.add_argument("--grad-clip", type=float, default=None, help="max token-gradient norm (default 0: off)")
-    p.add_argument("--n-tokens", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None, help="token layers (MM-DiT blocks with tokens)")
+    p.add_argument(
+        "--grad-clip", type=flags.NON_NEGATIVE_FLOAT, default=None, help="max token-gradient norm (default 0: off)"
+    )
+    p.add_argument("--n-tokens", type=flags.POSITIVE_INT, default=None)
+    p.add_argument("--layers", type=flags.POSITIVE_INT, default=None, help="token layers (MM-DiT blocks with tokens)")
     p.add_argument("--blocks", default=None, help="UNet block groups with tokens, e.g. down,mid")
     p.add_argument("--time-table", default=None, choices=["on", "off"])
     p.add_argument("--init", default=None, choices=["normal", "uncond"])
     p.add_argument(
         "--tau",
-        type=float,
+        type=flags.POSITIVE_FLOAT,
         default=None,
         help="temperature of the error softmax (softrepa 0.07, agsm 0.1: the authors' codes)",
     )
@@ -125,16 +135,29 @@ def parse_args(argv=None):
         default=None,
         help="one t and eps per image row instead of one per step (the authors' codes)",
     )
-    p.add_argument("--scale", type=float, default=None, help="SoftREPA logit scale (4)")
-    p.add_argument("--dweight", type=float, default=None, help="SoftREPA: weight of the DSM term")
-    p.add_argument("--gamma-pos", type=float, default=None)
-    p.add_argument("--gamma-neg", type=float, default=None)
+    p.add_argument("--scale", type=flags.POSITIVE_FLOAT, default=None, help="SoftREPA logit scale (4)")
+    p.add_argument(
+        "--dweight", type=flags.NON_NEGATIVE_FLOAT, default=None, help="SoftREPA: weight of the DSM term (0: none)"
+    )
+    p.add_argument(
+        "--gamma-pos",
+        type=flags.NON_NEGATIVE_FLOAT,
+        default=None,
+        help="AGSM gamma+ (0: matched pairs regress onto plain eps)",
+    )
+    p.add_argument(
+        "--gamma-neg",
+        type=flags.NON_NEGATIVE_FLOAT,
+        default=None,
+        help="AGSM gamma- (0: mismatched pairs regress onto plain eps)",
+    )
     p.add_argument("--bradley-terry", action="store_const", const=True, default=None, help="AGSM Table 7")
     p.add_argument(
         "--ema-decay",
-        type=float,
+        type=flags.PROBABILITY,
         default=None,
-        help="AGSM EMA tokens (default 1 - 10/steps: the code's 0.9999 at 100k steps, its horizon a tenth of any run)",
+        help="AGSM EMA tokens (default 1 - 10/steps: the code's 0.9999 at 100k steps, its horizon a tenth of any "
+        "run; 0: the EMA is the current tokens, 1: it stays at the start)",
     )
     p.add_argument(
         "--gather-text",
@@ -151,7 +174,7 @@ def parse_args(argv=None):
         help="what is trained: soft tokens "
         "(default) or LoRA adapters of the denoiser (SoftREPA Table 3, app. H); lora: softrepa or dsm",
     )
-    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (4, SoftREPA Table 11)")
+    p.add_argument("--lora-rank", type=flags.POSITIVE_INT, default=None, help="LoRA rank (4, SoftREPA Table 11)")
     p.add_argument(
         "--lora-blocks",
         default=None,
@@ -160,7 +183,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--count-weight",
-        type=float,
+        type=flags.NON_NEGATIVE_FLOAT,
         default=None,
         help="weight of the counting loss (SoftREPA app. D; default 0: off)",
     )
@@ -170,25 +193,34 @@ def parse_args(argv=None):
         help="its counter: a transformers object-detector folder (tiny-*: shapes/weights/counter.safetensors)",
     )
     # machinery
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=flags.SEED, default=None, help="a seed in [0, 2^63) (default 0)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen backbone in backward")
     p.add_argument(
         "--rows-per-forward",
-        type=int,
+        type=flags.POSITIVE_INT,
         default=None,
         metavar="N",
         help="image rows of the pair matrix "
         "per forward and backward (the authors' --nrows; default: all); the step is the same",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding threads")
-    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--workers", type=flags.POSITIVE_INT, default=4, help="image-decoding threads")
+    p.add_argument("--ckpt-every", type=flags.POSITIVE_INT, default=1000)
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' (<out>/ckpt.pt if there is one)")
-    p.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: never)")
-    p.add_argument("--val-n", type=int, default=8, help="tiny-*: eval prompts per shapes category")
-    p.add_argument("--val-steps", type=int, default=None, help="sampling steps (default: the family's)")
-    p.add_argument("--log-every", type=int, default=10, help="a stdout line every N steps (the CSV gets every step)")
-    return p.parse_args(argv)
+    p.add_argument("--val-every", type=flags.NON_NEGATIVE_INT, default=0, help="validate every N steps (0: never)")
+    p.add_argument("--val-n", type=flags.POSITIVE_INT, default=8, help="tiny-*: eval prompts per shapes category")
+    p.add_argument("--val-steps", type=flags.POSITIVE_INT, default=None, help="sampling steps (default: the family's)")
+    p.add_argument(
+        "--log-every",
+        type=flags.POSITIVE_INT,
+        default=10,
+        help="a stdout line every N steps (the CSV gets every step)",
+    )
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def resolve(args):
@@ -240,32 +272,9 @@ def lr_at_step(step, period, min_lr_ratio, cycle=10):
 
 
 def check_recipe_flags(args):
-    """Every one-line error that needs no model and no data, before anything heavy. A user who types
-    --lr nan or --steps 0 should learn it in one line in a second, not from an optimizer traceback
-    after a multi-GB model has loaded; numbers are checked for being finite as well as in range."""
-    for flag in ("steps", "batch", "ckpt_every", "log_every", "val_n"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
-    for flag in (
-        "lr",
-        "val_every",
-        "wd",
-        "min_lr",
-        "grad_clip",
-        "ema_decay",
-        "tau",
-        "scale",
-        "dweight",
-        "gamma_pos",
-        "gamma_neg",
-        "count_weight",
-    ):
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and value >= 0):  # nan / inf / negative
-            raise SystemExit(f"--{flag.replace('_', '-')} must be a finite number, not negative (got {value})")
-    if args.rows_per_forward is not None and args.rows_per_forward < 1:
-        raise SystemExit(f"--rows-per-forward must be at least 1 (got {args.rows_per_forward})")
-    lora.check_lora_flags(args)  # --lora-rank, and token flags given to a LoRA run (they would do nothing)
+    """Every one-line error that needs no model and no data, before anything heavy. The numbers' domains
+    (--lr nan, --steps 0, ...) are the parser's (flags.py); what is left are flags that contradict each other."""
+    lora.check_lora_flags(args)  # token flags given to a LoRA run (they would do nothing)
     # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
     # across GPUs); dsm has no mismatched pairs to widen
     if args.gather_text and args.loss and families.LOSSES[args.loss]["pairs"] == "diagonal":

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+import files
 import models
 from shapes import world
 
@@ -93,35 +94,32 @@ TINY_VAE_DIR = os.path.join(WEIGHTS_DIR, "tiny-vae")
 
 def load_tiny_vae(folder=TINY_VAE_DIR):
     """The trained shapes-world autoencoder, with the latent normalisation stored beside its weights."""
-    from safetensors import safe_open
-
     path = os.path.join(folder, "vae.safetensors")
     if not os.path.exists(path):
         raise SystemExit(
             f"no autoencoder weights at {path}; rebuild them with `python -m shapes.pretrain --model tiny-vae`"
         )
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    vae = tiny_vae(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
-    vae.load_state_dict(state)
+    meta, _ = files.read_safetensors(path, "the shapes world's autoencoder (shapes.pretrain --model tiny-vae)", False)
+    try:
+        vae = tiny_vae(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
+    except (KeyError, ValueError):
+        raise SystemExit(f"{path}: no scaling_factor / shift_factor in its metadata; expected tiny-vae's") from None
+    files.load_weights(vae, path, "the shapes world's autoencoder")
     return vae
 
 
 def load_tiny(name, folder):
     """shapes/weights/<name>/{denoiser,text_encoder}.safetensors, and the shared autoencoder beside them."""
-    from safetensors.torch import load_file
-
-    files = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
-    missing = [f for f in files.values() if not os.path.exists(f)]
+    parts = {part: os.path.join(folder, f"{part}.safetensors") for part in ("denoiser", "text_encoder")}
+    missing = [f for f in parts.values() if not os.path.exists(f)]
     if missing:
         raise SystemExit(
             f"{name}: no weights at {missing[0]}; rebuild them with `python -m shapes.pretrain --model {name}`"
         )
     vae_folder = os.path.join(os.path.dirname(os.path.abspath(folder)), "tiny-vae")
     bb = build_tiny(name, vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR))
-    bb.denoiser.load_state_dict(load_file(files["denoiser"]))
-    bb.text_encoder.load_state_dict(load_file(files["text_encoder"]))
+    files.load_weights(bb.denoiser, parts["denoiser"], f"{name}'s denoiser")  # another model's: one line
+    files.load_weights(bb.text_encoder, parts["text_encoder"], f"{name}'s text encoder")
     return bb
 
 

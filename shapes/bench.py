@@ -46,6 +46,7 @@ if __package__ in (
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import families
+import flags
 import hooks
 import models
 import softtokens
@@ -460,23 +461,23 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-sd3", help=f"one of {', '.join(families.FAMILIES)}")
     p.add_argument("--sampling", action="store_true", help="time sampling with / without tokens instead of training")
     p.add_argument(
         "--batch",
-        type=int,
+        type=flags.POSITIVE_INT,
         default=None,
         help="training: images per step, B x B pairs (default 4); sampling: images per sampler batch (default 1)",
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=flags.POSITIVE_INT,
         default=None,
         help="training: timed rounds after one warm-up (default 5); sampling: sampler steps (default: the family's)",
     )
-    p.add_argument("--size", type=int, default=None, help="image size in px (default: the family's)")
+    p.add_argument("--size", type=flags.POSITIVE_INT, default=None, help="image size in px (default: the family's)")
     p.add_argument(
         "--precision",
         default=None,
@@ -484,16 +485,26 @@ def main(argv=None):
         help="default bf16 (training) or fp16 (sampling) on CUDA, fp32 on CPU",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (default: looked up)")
+    p.add_argument("--threads", type=flags.THREADS, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--peak-tflops",
+        type=flags.POSITIVE_FLOAT,
+        default=None,
+        help="the device's peak, for MFU (default: looked up)",
+    )
     p.add_argument(
         "--tokens",
         default=None,
         help="sampling: a token file or the released SoftREPA folder "
         "(default: random tokens of the family's layout; the cost does not depend on their values)",
     )
-    p.add_argument("--cfg", type=float, default=None, help="sampling: guidance (default: the family's; 1: one branch)")
-    p.add_argument("--repeats", type=int, default=5, help="sampling: timed runs of each variant")
+    p.add_argument(
+        "--cfg",
+        type=flags.NON_NEGATIVE_FLOAT,
+        default=None,
+        help="sampling: guidance (default: the family's; 1: one branch; 0: the unconditional alone, two branches)",
+    )
+    p.add_argument("--repeats", type=flags.POSITIVE_INT, default=5, help="sampling: timed runs of each variant")
     p.add_argument(
         "--grad-checkpointing",
         action="store_true",
@@ -502,7 +513,7 @@ def main(argv=None):
     p.add_argument("--cache-sizes", action="store_true", help="print the encoding cache's bytes per sample and exit")
     p.add_argument(
         "--memory-check",
-        type=int,
+        type=flags.POSITIVE_INT,
         nargs="+",
         default=None,
         metavar="SIZE",
@@ -510,7 +521,7 @@ def main(argv=None):
     )
     p.add_argument(
         "--memory-model",
-        type=float,
+        type=flags.real_in(0, 1e12, open_low=True),
         default=None,
         metavar="SDXL_CPU_SLOPE",
         help="print the memory "
@@ -524,15 +535,16 @@ def main(argv=None):
         "this attention kernel (a GPU runs the fused ones; the CPU may fall back to math, which keeps "
         "the N x N attention weights for backward)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.cache_sizes:
         return print_cache_sizes()
     if args.memory_model:
         return print_memory_model(args.memory_model)
     facts = models.check_name(args.model)
-    for flag in ("batch", "steps", "repeats"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     size = args.size or facts["size"]
     families.check_size(args.model, size)
     sets, info = trained.read(args.tokens, args.model) if args.tokens else (None, dict(blocks=None))

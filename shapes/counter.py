@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import flags
 from shapes import world
 from shapes.checker import COUNTER_WEIGHTS, ShapesCounter, load_counter
 
@@ -54,13 +55,17 @@ def accuracy(model, images, counts, batch=512):
     return float(right.all(1).float().mean()), float(right.float().mean())
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="only report the shipped counter's held-out accuracy")
-    p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--n-train", type=flags.POSITIVE_INT, default=20000, help="training scenes")
+    p.add_argument("--steps", type=flags.POSITIVE_INT, default=3000)
     p.add_argument("--out", default=COUNTER_WEIGHTS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     torch.manual_seed(0)
     held_out = renders(2000, seed=10**6)  # another seed than any training scene
     if not args.check:

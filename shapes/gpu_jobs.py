@@ -20,6 +20,8 @@ import sys
 import tarfile
 import time
 
+import flags
+
 PY = sys.executable
 RUNS = "runs/gpu"
 BINDING = "two_object,position,color_attr"  # the kinds whose captions name two colours
@@ -221,10 +223,10 @@ def pack(folder, logs):
     return files
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--deadline", type=float, default=480, help="seconds; then every job is stopped")
-    p.add_argument("--parallel", type=int, default=14)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deadline", type=flags.POSITIVE_FLOAT, default=480, help="seconds; then every job is stopped")
+    p.add_argument("--parallel", type=flags.POSITIVE_INT, default=14, help="jobs at once")
     p.add_argument("--pack", default=None, help="folder for the packed results")
     p.add_argument("--real-size", action="store_true", help="also the real-size memory benches (one at a time)")
     p.add_argument(
@@ -233,7 +235,11 @@ def main():
         choices=["replication", "arms"],
         help="replication: #25's runs; arms: #26's LoRA and counting-loss runs",
     )
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: train.py, runs/
     start = time.time()
     logs = f"{RUNS}/logs"

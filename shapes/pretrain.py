@@ -54,6 +54,8 @@ if __package__ in (
 ):  # `python shapes/pretrain.py`: the repo root on the path, as `python -m shapes.pretrain` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import files
+import flags
 import models
 import shapes
 from shapes import checker
@@ -90,32 +92,47 @@ def save_tiny(bb, folder):
         save_weights(module, os.path.join(folder, f"{part}.safetensors"), model=bb.name)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-sd3", choices=["tiny-vae"] + TINY)
-    p.add_argument("--steps", type=int, default=100000, help="at most this many steps (see also --minutes)")
-    p.add_argument("--minutes", type=float, default=0, help="stop cleanly after this wall time (0: no limit)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (tiny-vae), 5e-4 (denoisers)")
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--uncond-prob", type=float, default=0.1)
-    p.add_argument("--loose", type=float, default=0.25, help="fraction of loose (alt-text-like) captions")
+    p.add_argument(
+        "--steps", type=flags.POSITIVE_INT, default=100000, help="at most this many steps (see also --minutes)"
+    )
+    p.add_argument(
+        "--minutes", type=flags.NON_NEGATIVE_FLOAT, default=0, help="stop cleanly after this wall time (0: no limit)"
+    )
+    p.add_argument("--batch", type=flags.POSITIVE_INT, default=64)
+    p.add_argument("--lr", type=flags.POSITIVE_FLOAT, default=None, help="default 1e-3 (tiny-vae), 5e-4 (denoisers)")
+    p.add_argument("--warmup", type=flags.POSITIVE_INT, default=200, help="steps of linear lr warm-up")
+    p.add_argument(
+        "--ema", type=flags.PROBABILITY, default=0.999, help="EMA decay in [0, 1] (0: the EMA is the current weights)"
+    )
+    p.add_argument(
+        "--uncond-prob", type=flags.PROBABILITY, default=0.1, help="share in [0, 1] of captions dropped (for CFG)"
+    )
+    p.add_argument(
+        "--loose", type=flags.PROBABILITY, default=0.25, help="fraction in [0, 1] of loose (alt-text-like) captions"
+    )
     p.add_argument(
         "--swap",
-        type=float,
+        type=flags.PROBABILITY,
         default=0.0,
-        help="fraction of the precise captions of two "
+        help="fraction in [0, 1] of the precise captions of two "
         "differently coloured objects whose colours are exchanged (alt-text binding errors)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flags.SEED, default=0, help="a seed in [0, 2^63)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="weights folder (default weights/<model>)")
     p.add_argument("--vae", default=backbones.TINY_VAE_DIR, help="denoisers: the trained autoencoder's folder")
     p.add_argument("--work", default=None, help="checkpoints, snapshots and logs (default runs/pretrain-<model>)")
-    p.add_argument("--ckpt-every", type=int, default=250)
-    p.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA weights every N steps")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--ckpt-every", type=flags.POSITIVE_INT, default=250)
+    p.add_argument(
+        "--snapshot-every",
+        type=flags.NON_NEGATIVE_INT,
+        default=0,
+        help="keep the EMA weights every N steps (0: never)",
+    )
+    p.add_argument("--threads", type=flags.THREADS, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from <work>/ckpt.pt")
     p.add_argument(
         "--init",
@@ -123,10 +140,18 @@ def parse_args(argv=None):
         help="denoisers: start from a weights folder (e.g. the shipped "
         "weights/tiny-sd3) with a fresh optimiser; the step count and log continue from its pretrain_log.csv",
     )
-    p.add_argument("--cooldown", type=int, default=0, help="decay the lr linearly to 0 over the last N of --steps")
+    p.add_argument(
+        "--cooldown",
+        type=flags.NON_NEGATIVE_INT,
+        default=0,
+        help="decay the lr linearly to 0 over the last N of --steps (0: no cool-down)",
+    )
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1:
-        p.error("--steps and --batch must be at least 1")
     args.lr = args.lr or (1e-3 if args.model == "tiny-vae" else 5e-4)
     if args.init and (args.model == "tiny-vae" or not os.path.exists(os.path.join(args.init, "denoiser.safetensors"))):
         p.error(f"--init takes a denoiser's weights folder (with denoiser.safetensors); got {args.init!r}")
@@ -294,21 +319,17 @@ def main(argv=None):
             step=step,
             first_step=first_step,
         )
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a kill mid-write keeps the previous one
+        files.write(ckpt_path, lambda tmp: torch.save(state, tmp))  # atomic: a kill or a full disk keeps the last
 
     log_path = os.path.join(work, "log.csv")
     new_log = not (step and os.path.exists(log_path))
     if new_log and init_rows:  # started from a folder: its log is this run's history
-        with open(log_path, "w") as f:
-            f.writelines(["step,loss,lr,seconds\n"] + init_rows)
+        files.write_text(log_path, "".join(["step,loss,lr,seconds\n"] + init_rows))
         new_log = False
     if not new_log:  # resumed: keep the rows up to the checkpoint (a new file renamed over the old one)
         with open(log_path) as f:
             kept = [row for row in f if not row[:1].isdigit() or int(row.split(",")[0]) <= step]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+        files.write_text(log_path, "".join(kept))
     log = open(log_path, "w" if new_log else "a", newline="")
     writer = csv.writer(log)
     if new_log:

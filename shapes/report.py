@@ -31,6 +31,7 @@ if __package__ in (
 ):  # `python shapes/report.py`: the repo root on the path, as `python -m shapes.report` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flags
 from shapes import checker
 
 METHODS = ["dsm", "softrepa", "agsm"]
@@ -258,8 +259,8 @@ def version_marks(versions, allow_mixed, what):
     return {row: f" ({letters[v]})" for row, v in versions.items()}, note
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model",
         default=[],
@@ -311,6 +312,11 @@ def parse_args(argv=None):
         action="store_true",
         help="pool and pair files made by different code (marked in the table) instead of refusing",
     )
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.sweep_json and len(args.sweep_json) != len(args.sweep):
         p.error(f"{len(args.sweep)} --sweep but {len(args.sweep_json)} --sweep-json: give one JSON per CSV")

@@ -28,6 +28,7 @@ if __package__ in (
 ):  # `python shapes/sweep.py`: the repo root on the path, as `python -m shapes.sweep` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flags
 import models
 
 # The columns of a row: the run's settings (from its config.json), then the dev-set scores.
@@ -38,8 +39,8 @@ CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and eval.py live there
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a tiny-* family (the dev set is the shapes world's)")
     p.add_argument("--loss", nargs="+", default=["agsm"], choices=["dsm", "softrepa", "agsm"])
     p.add_argument(
@@ -49,12 +50,24 @@ def parse_args(argv=None):
         metavar="FLAG=V1,V2",
         help="a train.py flag and its values, e.g. tau=0.3,1 or n-tokens=8,16 (repeatable)",
     )
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-per-category", type=int, default=20, help="dev prompts per category (x 4 seeds)")
-    p.add_argument("--val-n", type=int, default=8, help="train.py's end-of-run validation: prompts per category")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=flags.POSITIVE_INT, default=2000)
+    p.add_argument("--seed", type=flags.SEED, default=0, help="a seed in [0, 2^63)")
+    p.add_argument(
+        "--n-per-category",
+        type=flags.NON_NEGATIVE_INT,
+        default=20,
+        help="dev prompts per category (x 4 seeds; 0: all)",
+    )
+    p.add_argument(
+        "--val-n", type=flags.POSITIVE_INT, default=8, help="train.py's end-of-run validation: prompts per category"
+    )
+    p.add_argument("--threads", type=flags.THREADS, default=1, help="torch CPU threads per run (0: torch's default)")
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweep-<model>)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if not models.is_shapes_world(args.model):
         p.error(f"--model {args.model}: the sweep scores on the shapes world's dev set; use a tiny-* model")

@@ -15,12 +15,13 @@
 # and `swapped_caption`s, which exchange two colours, as web alt-text does: a base model trained on them
 # binds weakly, like the real models whose failures the soft tokens are meant to fix.
 
-import argparse
 import json
 import os
 
 import numpy as np
 import torch
+
+import flags
 
 # ----------------------------------------------------------------------------
 # The world: shapes, palette, categories
@@ -436,13 +437,18 @@ def preview(path, rows=6, cols=8, size=32, seed=0, upscale=4):
     Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST).save(path)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="The shapes world: renderer, prompts and exact checker.")
+def build_parser():
+    parser = flags.Parser(description="The shapes world: renderer, prompts and exact checker.")
     parser.add_argument("--write-eval", metavar="PATH", help="write the fixed evaluation prompt set (jsonl)")
     parser.add_argument("--write-dev", metavar="PATH", help="write the dev prompt set (jsonl)")
     parser.add_argument("--preview", metavar="PATH", help="save a grid of rendered samples (png)")
-    parser.add_argument("--n-per-category", type=int, default=EVAL_N_PER_CATEGORY)
-    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--n-per-category", type=flags.POSITIVE_INT, default=EVAL_N_PER_CATEGORY)
+    parser.add_argument("--seed", type=flags.SEED, default=EVAL_SEED, help="a seed in [0, 2^63)")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = build_parser()
     args = parser.parse_args()
     if not (args.write_eval or args.write_dev or args.preview):
         parser.error("nothing to do: pass --write-eval PATH, --write-dev PATH and/or --preview PATH")

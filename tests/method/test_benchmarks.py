@@ -98,7 +98,7 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="no editing benchmark folder"):
         benchmarks.read(str(tmp_path))
     (tmp_path / "prompts_editing.json").write_text(json.dumps({"img_path": "x"}))
-    with pytest.raises(SystemExit, match="expected a list of"):
+    with pytest.raises(SystemExit, match="expected a non-empty JSON list of entries"):
         benchmarks.read(str(tmp_path))
     (tmp_path / "prompts_editing.json").write_text(
         json.dumps([{"img_path": "9.png", "prompt": "a", "tgt_prompt": "b"}])

@@ -11,8 +11,8 @@ import pytest
 import tiny_metric_models
 import torch
 
-import data
 import eval as ev
+import files
 import metrics
 import sample
 
@@ -85,7 +85,7 @@ def test_benchmark_file_errors_are_one_line(tmp_path):
         assert message in str(e.value) and "bad.jsonl:2" in str(e.value) and "\n" not in str(e.value)
     # sample.py reads the same file for its prompts
     (tmp_path / "good.jsonl").write_text(good)
-    assert data.read_prompts(str(tmp_path / "good.jsonl")) == [{"prompt": "a red circle"}]
+    assert files.read_prompt_file(str(tmp_path / "good.jsonl")) == [{"prompt": "a red circle"}]
 
 
 def test_missing_benchmark_or_model_is_skipped_with_one_line(tmp_path, capsys):

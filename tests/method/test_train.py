@@ -136,13 +136,29 @@ def test_coco_folder_with_a_corrupt_image_trains_and_reports_it(tmp_path, capsys
     assert os.path.exists(os.path.join(out, "tokens.safetensors"))
 
 
-def test_divergence_stops_keeps_the_last_good_state_and_resumes_with_a_lower_lr(tmp_path, capsys):
+def diverging_updates(monkeypatch):
+    """AdamW steps that throw the tokens to inf: a diverged update (an --lr of 1e30 did it before the
+    parser refused such an lr, flags.py)."""
+    adamw_step = torch.optim.AdamW.step
+
+    def diverged(self, *args, **kwargs):
+        result = adamw_step(self, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverged)
+
+
+def test_divergence_stops_keeps_the_last_good_state_and_resumes_with_a_lower_lr(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     argv = FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--ckpt-every", "1", "--out", out]
     train.main(argv + ["--steps", "2"])  # two good steps
-    # lr 1e30 from step 2 on: the update throws the tokens to ~1e30, whose prediction overflows
-    with pytest.raises(SystemExit):
-        train.main(argv + ["--steps", "4", "--lr", "1e30", "--resume", "latest"])
+    # from step 2 on, the update throws the tokens to inf
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        diverging_updates(patched)
+        train.main(argv + ["--steps", "4", "--resume", "latest"])
     printed = capsys.readouterr().out
     assert "diverged" in printed and "Last good checkpoint" in printed and "--lr <lower>" in printed
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -156,10 +172,11 @@ def test_divergence_stops_keeps_the_last_good_state_and_resumes_with_a_lower_lr(
     assert [r["step"] for r in rows(out)] == ["1", "2", "3", "4"]
 
 
-def test_nan_from_the_first_update_keeps_the_initial_state(tmp_path, capsys):
+def test_nan_from_the_first_update_keeps_the_initial_state(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
+    diverging_updates(monkeypatch)
     with pytest.raises(SystemExit):
-        train.main(FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--steps", "3", "--lr", "1e30", "--out", out])
+        train.main(FAST + ["--model", "tiny-sd3", "--loss", "dsm", "--steps", "3", "--out", out])
     assert "Last good checkpoint" in capsys.readouterr().out
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert state["step"] == 0 and not os.path.exists(os.path.join(out, "tokens.safetensors"))

@@ -1,0 +1,379 @@
+"""
+files.py: every file read from the user, and every file written, each class of them handled in one place.
+
+Reading. A file or folder a user names (--tokens, --resume, --pretrained, --counter, --data CACHE, --bench,
+--runs, --prompts) is read by one function here, which turns any parse, shape, key or config error into one
+line: the path, and what was expected there. A folder of the wrong family is refused from its config before
+any weights load; a cache with a shard missing is refused before training starts.
+
+Writing. Every output goes through `write(path, write_to)`: `write_to(tmp)` writes a temporary file beside
+`path`, which is flushed to disk (fsync) and renamed over `path` (os.replace), so a reader never sees half a
+file and a crash keeps the last good one. A full disk or a read-only place ends in one line that names the
+path and the cause; the temporary file is removed and the previous file is left as it was.
+`check_writable(folder)` is what a script calls first, before any heavy work, so that a place it cannot write
+fails in a second, not after an hour. The encoding cache, whose shards are written row by row, stages its
+files with `scratch` and renames them all at the end (`commit`), so an interrupted cache leaves the previous
+one whole.
+
+Sampling. `check_finite(latents, what)` is the last check before latents become images: a NaN or inf (from
+--cfg, the tokens or the model) ends in one line and no image is saved.
+"""
+
+import errno
+import json
+import os
+import tempfile
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def read_json(path, expected, kind=dict, nonempty=False):
+    """The JSON value in `path`, which must be a `kind` (dict or list), and not empty with nonempty=True."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {expected}")
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable JSON ({first_line(e)}); expected {expected}") from None
+    if not isinstance(value, kind):
+        raise SystemExit(f"{path}: holds a JSON {type(value).__name__}; expected {expected}")
+    if nonempty and not value:
+        raise SystemExit(f"{path}: is empty; expected {expected}")
+    return value
+
+
+def read_json_lines(path, expected):
+    """[(line number, object)] of a JSON-lines file (records.jsonl, a --data .jsonl): each line an object."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected JSON lines, each {expected}")
+    found = []
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except ValueError as e:
+                    raise SystemExit(f"{path}:{n}: not JSON ({first_line(e)}); each line is {expected}") from None
+                if not isinstance(item, dict):
+                    raise SystemExit(f"{path}:{n}: not a JSON object; each line is {expected}")
+                found.append((n, item))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(
+            f"{path}: not readable text ({first_line(e)}); expected JSON lines, each {expected}"
+        ) from None
+    return found
+
+
+def read_prompt_file(path):
+    """--prompts: [{"prompt", "spec" (if any)}] from a text file (a prompt a line) or JSON lines with "prompt"."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such prompts file; expected a text file (a prompt a line) or JSON lines")
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path}: not readable text ({first_line(e)}); expected a prompt a line") from None
+    if not lines:
+        raise SystemExit(f'{path}: has no prompts; expected a prompt a line, or JSON lines with a "prompt"')
+    if not lines[0].startswith("{"):
+        return [{"prompt": line} for line in lines]
+    items = []
+    for n, item in read_json_lines(path, 'an object with a "prompt" string'):
+        if not isinstance(item.get("prompt"), str):
+            raise SystemExit(f'{path}:{n}: has no "prompt" string; each line is an object with a "prompt" string')
+        items.append({k: item[k] for k in ("prompt", "spec") if k in item})
+    return items
+
+
+def read_safetensors(path, expected, tensors=True, json_metadata=False):
+    """(metadata, {key: tensor}) of a safetensors file -- (metadata, [keys]) with tensors=False, which reads
+    the header alone; json_metadata: each metadata value decoded from JSON (softtokens.save writes them so).
+    Anything that is not such a file (truncated, random bytes, a .pt) is one line."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {expected}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            content = {k: f.get_tensor(k) for k in f.keys()} if tensors else list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({first_line(e)}); expected {expected}") from None
+    if json_metadata:
+        try:
+            meta = {k: json.loads(v) for k, v in meta.items()}
+        except ValueError as e:
+            raise SystemExit(f"{path}: its metadata is not JSON ({first_line(e)}); expected {expected}") from None
+    return meta, content
+
+
+def load_weights(module, path, what):
+    """Load a safetensors state dict into `module`, after checking that every key and shape fits: another
+    model's file is one line, not argparse-sized pages of state-dict keys."""
+    _, state = read_safetensors(path, f"the weights of {what}")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    misshapen = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or misshapen:
+        first = (
+            f"{misshapen[0]} is {tuple(state[misshapen[0]].shape)}, not {tuple(own[misshapen[0]].shape)}"
+            if misshapen
+            else f"{(missing or extra)[0]} is {'missing' if missing else 'not in the model'}"
+        )
+        raise SystemExit(
+            f"{path}: its tensors do not fit {what} ({len(missing)} missing, {len(extra)} unexpected, "
+            f"{len(misshapen)} of another shape; {first}); expected the weights of {what}"
+        )
+    module.load_state_dict(state)
+
+
+def read_checkpoint(path, flag, expected, allowed=()):
+    """torch.load(weights_only=True): a pickle that asks for anything but tensors (and the classes in
+    `allowed`) is refused without running it; a truncated or foreign file is one line."""
+    import pickle
+    import re
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"{flag} {path}: no such file; expected {expected}")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if asked:  # weights_only refused a class (e.g. posix.system): code would have run
+            raise SystemExit(
+                f"{flag} {path}: refused, its pickle asks for {asked.group(1)}, which is not a tensor, and "
+                f"nothing in it was run; expected {expected}"
+            ) from None
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint (UnpicklingError); expected {expected}") from None
+    except Exception as e:  # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
+        raise SystemExit(
+            f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); expected {expected}"
+        ) from None
+
+
+def check_pretrained(folder, name, pipeline, denoiser_class, hub):
+    """--pretrained: a local copy of the hub repo of family `name`, checked from its configs before any
+    weights load: model_index.json names the family's pipeline, and the denoiser's config its class."""
+    expected = f"a local copy of {hub} (model_index.json and its subfolders) for --model {name}"
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--pretrained {folder}: no such folder; expected {expected}")
+    index = read_json(os.path.join(folder, "model_index.json"), expected)
+    if index.get("_class_name") != pipeline:
+        raise SystemExit(
+            f"--pretrained {folder}: holds a {index.get('_class_name')}, not the {pipeline} of {name}; pass "
+            f"the --model it was saved for, or {expected}"
+        )
+    part = "transformer" if "Transformer" in denoiser_class else "unet"
+    config = read_json(os.path.join(folder, part, "config.json"), f"the {denoiser_class} config of {expected}")
+    if config.get("_class_name") != denoiser_class:
+        raise SystemExit(
+            f"--pretrained {folder}: its {part} is a {config.get('_class_name')}, not the {denoiser_class} of "
+            f"{name}; expected {expected}"
+        )
+
+
+def check_detector(folder):
+    """--counter FOLDER: a transformers object detector saved with save_pretrained (config.json + weights),
+    checked from its config before the weights load."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES as DETECTORS
+
+    expected = "a transformers object detector saved with save_pretrained (e.g. a DETR)"
+    config = read_json(os.path.join(folder, "config.json"), expected)
+    if config.get("model_type") not in DETECTORS:
+        raise SystemExit(
+            f"--counter {folder}: its config.json is a {config.get('model_type')!r} model, not an object "
+            f"detector ({', '.join(sorted(DETECTORS)[:4])}, ...); expected {expected}"
+        )
+
+
+CACHE_KEYS = ("model", "size", "store", "captions_per_image", "fields", "shards")
+
+
+def read_cache_meta(folder, bytes_per_number):
+    """An encoding cache (python data.py cache): cache.json, and every shard's files present and of the
+    size it declares (a deleted or cut shard fails here, before training, not at its first batch)."""
+    expected = "an encoding cache written by `python data.py cache`"
+    meta = read_json(os.path.join(folder, "cache.json"), expected)
+    if any(k not in meta for k in CACHE_KEYS):
+        raise SystemExit(f"{folder}/cache.json: lacks {[k for k in CACHE_KEYS if k not in meta]}; expected {expected}")
+    try:
+        width = bytes_per_number(meta["store"])
+    except KeyError:
+        raise SystemExit(
+            f"{folder}/cache.json: store {meta['store']!r} is none of this project's; expected {expected}"
+        ) from None
+    for shard in meta["shards"]:
+        header = read_json(os.path.join(folder, f"{shard['name']}.json"), f"a shard header of {expected}")
+        if len(header.get("captions", ())) != shard["count"]:
+            raise SystemExit(
+                f"{folder}/{shard['name']}.json: holds {len(header.get('captions', ()))} captions for "
+                f"{shard['count']} images; expected {expected} (rebuild it)"
+            )
+        for field, shape in meta["fields"].items():
+            path = os.path.join(folder, f"{shard['name']}.{field}.bin")
+            size = shard["count"] * width
+            for n in shape:
+                size *= n
+            if not os.path.isfile(path) or os.path.getsize(path) != size:
+                found = "missing" if not os.path.isfile(path) else f"{os.path.getsize(path)} bytes, not {size}"
+                raise SystemExit(f"{path}: {found}; expected a shard of {expected} (rebuild the cache)")
+    return meta
+
+
+def read_benchmark_index(path, kind, keys):
+    """A benchmark folder's index (PIE-Bench's mapping_file.json: an object; DIV2K's prompts_editing.json: a
+    list): not empty, and every entry an object holding `keys`."""
+    expected = f"a non-empty JSON {'object' if kind is dict else 'list'} of entries with {', '.join(keys)}"
+    index = read_json(path, expected, kind, nonempty=True)
+    for key, entry in index.items() if kind is dict else enumerate(index):
+        lacking = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+        if lacking:
+            raise SystemExit(f"{path}: entry {key!r} lacks {', '.join(lacking)}; expected {expected}")
+    return index
+
+
+def first_line(e):
+    """The first line of an exception's message (some libraries' run to pages)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+
+def check_writable(folder, flag="--out"):
+    """Create `folder` and a scratch file in it: a read-only or invalid place fails before the work."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise SystemExit(
+            f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); pass a folder you can write to"
+        ) from None
+
+
+def temporary(path):
+    """The temporary file beside `path` that its write goes through."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.tmp")
+
+
+def write_failed(path, e):
+    """The one line of a write that failed: the path, the cause, and that nothing was lost."""
+    if isinstance(e, OSError):
+        cause = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+    else:
+        cause = first_line(e)
+    return SystemExit(
+        f"cannot write {path} ({cause}); the last good copy, if any, is kept: free space or write elsewhere"
+    )
+
+
+def write(path, write_to):
+    """The one way a file is written: write_to(tmp) fills a temporary file beside `path`, which is then
+    synced and renamed over `path`. On a full disk or a read-only place: one line, `path` as it was, and
+    no temporary file left behind."""
+    tmp = temporary(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_to(tmp)
+        commit([(tmp, path)])
+    except Exception as e:  # torch.save says RuntimeError ("file write failed"), safetensors SafetensorError
+        if not (isinstance(e, OSError) or "write" in str(e).lower() or "space" in str(e).lower()):
+            raise  # a bug of the caller, not of the place
+        raise write_failed(path, e) from None
+    finally:
+        discard([tmp])  # gone already after a commit
+    return path
+
+
+def write_json(path, value, indent=1):
+    return write(path, lambda tmp: dump_json(tmp, value, indent))
+
+
+def write_text(path, text):
+    def write_to(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return write(path, write_to)
+
+
+def write_csv(path, columns, rows):
+    """A CSV with a header of `columns` and a row per dict of `rows` (keys beyond the columns ignored)."""
+    import csv
+
+    def write_to(tmp):
+        with open(tmp, "w", newline="") as f:
+            table = csv.DictWriter(f, columns, extrasaction="ignore")
+            table.writeheader()
+            table.writerows(rows)
+
+    return write(path, write_to)
+
+
+def save_image(image, path):
+    """A PIL image, in the format of `path`'s extension (the temporary name has none)."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    return write(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def dump_json(tmp, value, indent):
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=indent)
+
+
+def scratch(path, nbytes, staged):
+    """A temporary file beside `path`, `nbytes` long and its blocks reserved now (a full disk fails here,
+    as one line, not later as a SIGBUS in a memory map), added to `staged` [(temporary, path)] for commit.
+    A failure removes every temporary file staged so far: the files they were to replace stay as they were."""
+    tmp = temporary(path)
+    staged.append((tmp, path))
+    try:
+        with open(tmp, "wb") as f:
+            if nbytes:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        discard([t for t, _ in staged])
+        raise write_failed(path, e) from None
+    return tmp
+
+
+def commit(pairs):
+    """Sync every (temporary, path) to disk, then rename each over its path, in order."""
+    for tmp, _ in pairs:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    for tmp, path in pairs:
+        os.replace(tmp, path)
+
+
+def discard(temporaries):
+    for tmp in temporaries:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def check_finite(latents, what):
+    """The last check before latents are decoded and saved: NaN or inf is one line, and no image."""
+    if not torch.isfinite(latents).all():
+        raise SystemExit(
+            f"{what}: the sampled latents hold NaN or inf, so no image was saved; lower --cfg, check the "
+            f"tokens (a diverged run's), or sample in --precision fp32"
+        )

@@ -158,6 +158,7 @@ def edit(
     args = (bb, x_src, c_src, c_tgt, uncond, p, handle, src_set, generator, progress)
     editor = {"flowedit": flowedit, "flowalign": flowalign, "rf-inversion": rf_inversion}.get(method, ddim_edit)
     x, x_source = editor(*args)  # the source branch's result: DDIM methods only
+    files.check_finite(x, f"editing to {tgt[0]!r}")  # NaN or inf: one line, no image
     edited = models.decode_latents(bb, x).float().cpu()
     edited = edited[0] if single else edited
     if not return_source:

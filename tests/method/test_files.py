@@ -13,6 +13,7 @@ from PIL import Image
 import benchmarks
 import counting
 import data
+import edit
 import eval as evaluation
 import files
 import lora
@@ -280,3 +281,10 @@ def test_nan_latents_are_one_line_and_no_image(tmp_path, monkeypatch):
     argv = ["--model", "tiny-sd3", "--random-init", "--threads", "1", "--prompt", "a red circle", "--out", str(out)]
     assert "NaN or inf, so no image was saved" in one_line(sample.main, argv)
     assert not (out / "images").exists() or os.listdir(out / "images") == []
+
+
+def test_nan_latents_of_an_edit_are_one_line(monkeypatch):
+    monkeypatch.setattr(edit, "flowedit", lambda bb, x_src, *a: (x_src * float("inf"), None))
+    bb = models.build_tiny("tiny-sd3")
+    message = one_line(edit.edit, bb, torch.zeros(3, 32, 32), "a red circle", "a blue circle", "flowedit")
+    assert "editing to 'a blue circle'" in message and "NaN or inf" in message

@@ -101,6 +101,14 @@ def test_a_number_outside_the_domain_is_refused_in_two_lines(module, prefix, des
         )
 
 
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_help_still_lists_every_flag(module):
+    parser = importlib.import_module(module).build_parser()
+    for _, sub in parsers(parser):
+        text = sub.format_help()
+        assert all(a.option_strings[0] in text for a in sub._actions if a.option_strings), module
+
+
 def test_the_types_name_their_domain():
     assert flags.POSITIVE_INT("3") == 3 and flags.NON_NEGATIVE_INT("0") == 0 and flags.SEED(str(2**63 - 1)) > 0
     assert flags.POSITIVE_FLOAT("1e-3") == 1e-3 and flags.PROBABILITY("1") == 1.0

@@ -234,11 +234,8 @@ def resolve(args):
     for key, value in families.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.paper_tau, args.plain_sum, args.noise_per_row = (
-        bool(args.paper_tau),
-        bool(args.plain_sum),
-        bool(args.noise_per_row),
-    )
+    for switch in ("paper_tau", "plain_sum", "noise_per_row"):  # None (not given) is the codes' choice: off
+        setattr(args, switch, bool(getattr(args, switch)))
     # The schedule rule for runs of any length: the authors step CosineAnnealingWarmRestarts(T_0=10) once
     # every `period` iterations, and their runs hold paper_steps / period such periods (SoftREPA 60, AGSM
     # 100). Keeping that number fixed, period = steps * paper_period / paper_steps, gives a run of any length

@@ -19,8 +19,8 @@ import files
 import lora
 import models
 import run
-import sampler
 import sample
+import sampler
 import softtokens
 from shapes import backbones
 
@@ -285,6 +285,6 @@ def test_nan_latents_are_one_line_and_no_image(tmp_path, monkeypatch):
 
 def test_nan_latents_of_an_edit_are_one_line(monkeypatch):
     monkeypatch.setattr(edit, "flowedit", lambda bb, x_src, *a: (x_src * float("inf"), None))
-    bb = models.build_tiny("tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
     message = one_line(edit.edit, bb, torch.zeros(3, 32, 32), "a red circle", "a blue circle", "flowedit")
     assert "editing to 'a blue circle'" in message and "NaN or inf" in message

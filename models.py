@@ -8,7 +8,7 @@ table `FAMILIES` (families.py): where the soft tokens go, how the noise is added
 how prompts are encoded, the denoiser's shapes, and the papers' hyper-parameters; the functions here read
 them. The scripts use backbones only through the functions of this file:
 
-    bb = load("sd3")                           # or "tiny-sd3", or load("sd3", pretrained="/path")
+    bb = load("sd3")                           # or load("sd3", pretrained="/path"); tiny-*: shapes.backbones
     cond = encode_prompts(bb, ["a cat"])       # the denoiser's text kwargs
     x0 = encode_images(bb, images)             # images in [-1, 1] -> latents (the VAE)
     x_t, timesteps = add_noise(bb, x0, noise, u)   # u in [0, 1] is the noise level

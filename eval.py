@@ -528,6 +528,10 @@ def run_protocol(args):
 def main(argv=None):
     args = parse_args(argv)
     models.check_backbone_flags(args)
+    for flag in ("json", "grid", "plot"):  # the outputs' places, before the work rather than after it
+        path = getattr(args, flag, None)
+        if path:
+            files.check_writable(os.path.dirname(os.path.abspath(path)), f"--{flag} {path}: its folder")
     if args.protocol:
         for path in args.tokens:
             if not os.path.exists(path):

@@ -364,3 +364,11 @@ def test_a_second_run_into_a_held_folder_is_refused_and_a_stale_lock_is_taken_ov
     # the holder was killed: its lock is stale, and the run (or a resume) goes ahead
     result = train.main(FAST + ["--model", "tiny-sd3", "--steps", "1", "--out", str(out), "--resume", "latest"])
     assert result["step"] == 1
+
+
+def test_eval_refuses_an_unwritable_output_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation.backbones, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("not a folder")
+    target = str(tmp_path / "file" / "protocol.json")
+    message = one_line_error(evaluation.main, ["--protocol", "dev", "--model", "tiny-sd3", "--json", target])
+    assert message.startswith(f"--json {target}: its folder") and "cannot write there" in message

@@ -327,3 +327,21 @@ def stop_diverged(what, *, ckpt_path, last_saved, master):
     if dist.is_initialized():
         dist.destroy_process_group()
     raise SystemExit(1)
+
+
+def resume_or_start(state, saved, initial_tokens, source, master, world):
+    """Before the loop. On --resume, every state of the checkpoint back into the run (restore), and the
+    unreadable images it had met; otherwise step 0 is saved before any update, a good state to return to
+    even if the very first update diverges. `saved`: save_state's arguments that stay fixed for the run.
+    Returns (step, skipped, the tokens' starting values)."""
+    if state is None:
+        save_state(**saved, initial_tokens=initial_tokens, step=0, skipped=0, bad_images=(), world=world)
+        return 0, 0, initial_tokens
+    keep = {k: saved[k] for k in ("args", "tokens", "opt", "sched", "scaler", "device")}
+    step, skipped, initial_tokens, bad = restore(state, **keep)
+    if source["kind"] == "files":
+        source["bad"] = bad
+    if master:
+        args = saved["args"]
+        print(f"resumed {saved['path'] if args.resume == 'latest' else args.resume} at step {step}")
+    return step, skipped, initial_tokens

@@ -483,18 +483,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(trainable.trainable(), lr=args.lr, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at_step(s, args.lr_period, args.min_lr / args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # small gradients underflow
-    ckpt_path, step, skipped = os.path.join(args.out, "ckpt.pt"), 0, 0
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
     saved = dict(path=ckpt_path, args=args, tokens=trainable, opt=opt, sched=sched, scaler=scaler, device=device)
-    if state is not None:
-        step, skipped, initial_tokens, bad = run.restore(
-            state, args=args, tokens=trainable, opt=opt, sched=sched, scaler=scaler, device=device
-        )
-        if source["kind"] == "files":
-            source["bad"] = bad
-        if master:
-            print(f"resumed {ckpt_path if args.resume == 'latest' else args.resume} at step {step}")
-    else:
-        run.save_state(**saved, initial_tokens=initial_tokens, step=0, skipped=0, bad_images=(), world=world)
+    step, skipped, initial_tokens = run.resume_or_start(state, saved, initial_tokens, source, master, world)
     last_saved = step
     record, with_negatives, pairs_per_rank = open_log(args, step, master, bb, trainable, device)
     if args.val_every and step == 0 and master:  # the untrained tokens: the first point of the curve

@@ -146,7 +146,9 @@ def to_uint8(image):
     image = np.asarray(image)
     if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
         return image
-    return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+    if image.ndim == 3 and image.shape[0] == 3:
+        return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+    raise TypeError(f"expected uint8 (H,W,3) or float (3,H,W) in [-1,1], got {image.dtype} {image.shape}")
 
 
 def save_image(image, path):

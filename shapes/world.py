@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import flags
+from sampler import to_uint8  # noqa: F401  (shapes.to_uint8: the pixels of a PNG, as the sampler saves them)
 
 # ----------------------------------------------------------------------------
 # The world: shapes, palette, categories
@@ -284,18 +285,6 @@ def render(spec, size=32, rng=None):
 def to_tensor(images):
     """uint8 (B, H, W, 3) numpy -> float tensor (B, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8(image):
-    """float tensor / array (3, H, W) in [-1, 1], or uint8 (H, W, 3) -> uint8 (H, W, 3)."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().float().numpy()
-    image = np.asarray(image)
-    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
-        return image
-    if image.ndim == 3 and image.shape[0] == 3:
-        return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
-    raise TypeError(f"expected uint8 (H,W,3) or float (3,H,W) in [-1,1], got {image.dtype} {image.shape}")
 
 
 # ----------------------------------------------------------------------------

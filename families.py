@@ -42,7 +42,7 @@ import math
 #                are what bench.py times (the cost of a step does not depend on the weights).
 #   test_denoiser  the same architecture at test size (tests; hooks' reference checks); tiny-*: None,
 #                their real size is already small.
-# A new family is one more entry here (tests/test_models.py registers two made-up ones).
+# A new family is one more entry here (tests/method/test_models.py registers two made-up ones).
 FAMILIES = {
     "sd3": dict(
         arch="mmdit",

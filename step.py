@@ -16,7 +16,7 @@ captions and nothing else. A caption that repeats the row's own is no negative (
 Rows per forward. Both losses are sums over image rows (losses.py: each row's share is fixed by its
 own pairs and by counts of the whole matrix), so the rows can go through the frozen denoiser a few
 at a time -- forward, loss, backward, the gradients adding up in .grad -- and the step is the same
-step as the unchunked one (tests/test_step.py checks it). This is the authors' --nrows, which is
+step as the unchunked one (tests/method/test_step.py checks it). This is the authors' --nrows, which is
 what makes SD3 at the papers' batch fit a GPU (docs/real-models.md). (Their chunks each draw fresh
 noise and scale the loss per chunk, so their step changes with --nrows; ours does not.)
 

@@ -21,7 +21,7 @@ import shapes
 from shapes import BACKGROUND, CATEGORIES, COLORS, PALETTE, relation_holds, to_uint8
 
 # Checker thresholds (see detect / classify_shape).
-# COLOR_MAX_DIST and SQUARE_MIN_FILL were set on perturbed renders (tests/test_checker.py): a decoder's soft
+# COLOR_MAX_DIST and SQUARE_MIN_FILL were set on perturbed renders (tests/lab/test_checker.py): a decoder's soft
 # edges leave a white square's corner pixels ~123 from white, and a 7 px square without its 4 corners
 # fills 0.918 of its box, while a circle a pixel under the renderer's smallest (6 px) fills 0.889;
 # every palette pair is >= 255 apart, so the nearest colour still decides.

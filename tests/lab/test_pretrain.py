@@ -120,7 +120,7 @@ def test_shipped_weights_reproduce_the_stored_output(name):
 
 if (
     __name__ == "__main__"
-):  # rewrite the reference after re-running pretrain.py: PYTHONPATH=. python tests/test_pretrain.py
+):  # rewrite the reference after re-running pretrain.py: PYTHONPATH=. python tests/lab/test_pretrain.py
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(REFERENCE), exist_ok=True)

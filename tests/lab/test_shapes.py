@@ -1,5 +1,5 @@
 # Tests for the shapes world (shapes/world.py): the tokenizer, the stream, the loose captions and the shipped
-# eval and dev sets must be consistent. The checker: tests/test_checker.py.
+# eval and dev sets must be consistent. The checker: tests/lab/test_checker.py.
 
 import numpy as np
 import pytest

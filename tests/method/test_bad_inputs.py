@@ -1,6 +1,6 @@
 """Bad input, tried as a new user would, through the scripts' entry points (in-process, to stay fast):
 every case ends with a one-line message and a non-zero exit, before any work is lost, and a pickle that
-asks to run code is refused without running it. (NaN recovery and the log rewrite: tests/test_train.py.)"""
+asks to run code is refused without running it. (NaN recovery and the log rewrite: tests/method/test_train.py.)"""
 
 import json
 import os

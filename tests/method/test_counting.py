@@ -134,7 +134,9 @@ def test_counter_errors_are_one_line(tmp_path):
         train.main(
             FAST + ["--model", "tiny-sd3", "--loss", "softrepa", "--count-weight", "nan", "--out", str(tmp_path / "r")]
         )
-    assert e.value.code == 2  # the parser's refusal (flags.NON_NEGATIVE_FLOAT); tests/test_flags.py tries every flag
+    assert (
+        e.value.code == 2
+    )  # the parser's refusal (flags.NON_NEGATIVE_FLOAT); tests/method/test_flags.py tries every flag
 
 
 def counting_batch_run(tmp_path, name, extra):

@@ -1,6 +1,6 @@
 # Tests for eval.py: run folders scored through the command line (the shapes checker, each run's
 # tokens in the classifier column), GenEval and PIE-Bench layouts, the table with +- over seeds, and
-# --plot. The metrics themselves: tests/test_metrics.py; the classifier: tests/test_classifier.py.
+# --plot. The metrics themselves: tests/method/test_metrics.py; the classifier: tests/lab/test_classifier.py.
 import json
 import math
 import os

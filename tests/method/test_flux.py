@@ -3,8 +3,8 @@ the stock diffusers FluxPipeline of tests/tiny_pipelines.py (test-size transform
 the hub's scheduler configs): its packing, position ids, time shift and latent normalisation; the stock
 pipeline sampling with tokens attached by hooks.attach against our sampler; one AGSM step, per-row sets and
 gradient checkpointing on the packed path; and --neg-uncond on the guidance-distilled dev. (Alg. 1 written
-out block by block: tests/test_hooks.py; train.py and sample.py from a --pretrained folder:
-tests/test_real_commands.py.)"""
+out block by block: tests/method/test_hooks.py; train.py and sample.py from a --pretrained folder:
+tests/method/test_real_commands.py.)"""
 
 import pytest
 import torch

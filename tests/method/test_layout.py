@@ -66,7 +66,7 @@ def layer_of(module):
 
 def test_every_module_has_a_layer():
     unplaced = [m for m in top_level_modules() if layer_of(m) is None]
-    assert not unplaced, f"place {unplaced} in a layer of tests/test_layout.py"
+    assert not unplaced, f"place {unplaced} in a layer of tests/method/test_layout.py"
 
 
 @pytest.mark.parametrize("module", CORE + ARMS + MEASURES)

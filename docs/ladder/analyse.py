@@ -203,16 +203,19 @@ def winner(arms, base):
 
 
 def main():
+    argv = sys.argv[1:]
     folder = os.path.join(HERE, "eval")
+    if argv[:1] == ["--folder"]:
+        folder, argv = argv[1], argv[2:]
     arms, base, meta = load(folder)
-    if sys.argv[1:] == ["--winner"]:
+    if argv == ["--winner"]:
         print(winner(arms, base))
         return
     order = ["a-whole-dsm", "b-lora-dsm", "c-tokens-dsm", "tokens-softrepa", "lora-softrepa", "tokens-agsm"]
     order += [a for a in arms if a not in order]
     if arms:
         point, boots, cats = bootstrap(arms, base, meta, np.random.default_rng(0))
-        print(f"## The ladder (tiny-sd3, eval set: {len(meta['prompt_texts'])} prompts x 4 sampling seeds)\n")
+        print(f"## {meta['model']}, eval set: {len(meta['prompt_texts'])} prompts x 4 sampling seeds\n")
         print(ladder_table(point, boots, cats, arms, order))
         print()
         for a in order:

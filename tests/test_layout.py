@@ -40,6 +40,7 @@ LAB = [
     "shapes/report",
     "shapes/gpu_jobs",
     "shapes/counter",
+    "shapes/ladder_eval",
 ]
 SCRIPTS = {
     "train",
@@ -51,6 +52,7 @@ SCRIPTS = {
     "shapes.report",
     "shapes.gpu_jobs",
     "shapes.counter",
+    "shapes.ladder_eval",
 }
 MAX_LINES = 450
 

@@ -146,6 +146,12 @@ def build_parser():
         default=0,
         help="decay the lr linearly to 0 over the last N of --steps (0: no cool-down)",
     )
+    p.add_argument(
+        "--freeze-text",
+        action="store_true",
+        help="denoisers: train the denoiser alone, the text encoder frozen "
+        "(as train.py's tokens and LoRA see it): the whole-denoiser positive control of docs/ladder/",
+    )
     return p
 
 
@@ -181,7 +187,7 @@ def vae_loss(vae, images, generator):
     return (recon - images).abs().mean() + (recon - images).pow(2).mean() + 1e-6 * posterior.kl().mean()
 
 
-def denoiser_loss(bb, images, captions, generator):
+def denoiser_loss(bb, images, captions, generator, text_grad=True):
     """DSM (tiny-sd1.5) or flow matching (tiny-sd3) on one batch, the text encoder trained with it."""
     x0 = models.encode_images(bb, images)  # frozen VAE: a posterior sample, normalised
     B, device = x0.shape[0], x0.device
@@ -191,7 +197,7 @@ def denoiser_loss(bb, images, captions, generator):
     else:
         u = torch.rand(B, generator=generator)  # uniform over the DDPM steps
     x_t, timesteps = models.add_noise(bb, x0, noise, u.to(device))
-    cond = models.encode_prompts(bb, captions, grad=True)
+    cond = models.encode_prompts(bb, captions, grad=text_grad)
     pred = models.denoise(bb, x_t, timesteps, cond)
     return (pred.float() - models.target(bb, x0, noise).float()).pow(2).mean()
 
@@ -248,6 +254,9 @@ def main(argv=None):
         bb = backbones.build_tiny(args.model, seed=args.seed, vae=backbones.load_tiny_vae(args.vae))
         bb.vae.requires_grad_(False).to(device)
         trained = {"denoiser": bb.denoiser, "text_encoder": bb.text_encoder}
+        if args.freeze_text:  # the text encoder stays as --init gives it (loaded below), out of the optimiser
+            del trained["text_encoder"]
+            bb.text_encoder.requires_grad_(False).eval().to(device)
     for module in trained.values():
         module.to(device).train()
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in trained.items()}
@@ -273,6 +282,10 @@ def main(argv=None):
             trained[k].load_state_dict(load_file(os.path.join(args.init, f"{k}.safetensors")))
             ema[k].load_state_dict(trained[k].state_dict())
         print(f"started from {args.init} (step {step})")
+    if args.freeze_text and args.init:  # the frozen text encoder: --init's, on a fresh start and on resume alike
+        from safetensors.torch import load_file
+
+        bb.text_encoder.load_state_dict(load_file(os.path.join(args.init, "text_encoder.safetensors")))
     if args.resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for k in trained:
@@ -296,7 +309,8 @@ def main(argv=None):
         if is_vae:
             return ema["vae"]
         copy_bb = backbones.build_tiny(args.model, vae=bb.vae)
-        copy_bb.denoiser, copy_bb.text_encoder = ema["denoiser"], ema["text_encoder"]
+        copy_bb.denoiser = ema["denoiser"]
+        copy_bb.text_encoder = ema["text_encoder"] if "text_encoder" in ema else bb.text_encoder
         return copy_bb
 
     def save(folder):
@@ -344,7 +358,7 @@ def main(argv=None):
         else:
             drop = torch.rand(len(captions), generator=generator) < args.uncond_prob
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            loss = denoiser_loss(bb, images, captions, generator)
+            loss = denoiser_loss(bb, images, captions, generator, text_grad=not args.freeze_text)
         if not torch.isfinite(loss):
             raise SystemExit(f"loss is {loss.item()} at step {step}: stopping; the last good state is {ckpt_path}")
         opt.zero_grad(set_to_none=True)

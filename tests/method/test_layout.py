@@ -20,7 +20,15 @@ CORE = ["families", "models", "softtokens", "hooks", "losses", "step", "run", "d
 ARMS = ["lora", "counting", "trained"]
 MEASURES = ["metrics", "benchmarks"]
 SCRIPTS = ["train", "sample", "edit", "eval"]
-LAB_TOOLS = ["shapes.pretrain", "shapes.bench", "shapes.sweep", "shapes.report", "shapes.gpu_jobs", "shapes.counter"]
+LAB_TOOLS = [
+    "shapes.pretrain",
+    "shapes.bench",
+    "shapes.sweep",
+    "shapes.report",
+    "shapes.gpu_jobs",
+    "shapes.counter",
+    "shapes.ladder_eval",
+]
 # what each layer may import from the project (a module may always import within its own layer, except scripts)
 ALLOWED = {
     "core": set(CORE),

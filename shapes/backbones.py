@@ -132,7 +132,7 @@ def load(name, pretrained=None, random_init=False, seed=0):
     if pretrained is not None and not os.path.exists(os.path.join(pretrained, "denoiser.safetensors")):
         raise SystemExit(
             f"--pretrained {pretrained}: no {name} weights there (denoiser.safetensors, text_encoder.safetensors); "
-            f"pass a folder written by `python -m shapes.pretrain` (its --out, or one of its snapshots)"
+            f"pass a folder written by `python -m shapes.pretrain --model {name}` (its --out, or a snapshot)"
         )
     bb = load_tiny(name, pretrained or os.path.join(WEIGHTS_DIR, name))
     for module in (bb.denoiser, bb.text_encoder, bb.vae):

@@ -323,9 +323,7 @@ def open_counter(args, device):
     shipped shapes counter (shapes/checker.py) or a shapes counter file, on a real family a transformers
     object detector from a local folder (counting.py; none can be downloaded here)."""
     if models.is_shapes_world(args.model) and (args.counter is None or args.counter.endswith(".safetensors")):
-        if args.counter is not None and not os.path.exists(args.counter):
-            raise SystemExit(f"--counter {args.counter}: no such file (a shapes counter .safetensors)")
-        return checker.load_counter(args.counter or checker.COUNTER_WEIGHTS).to(device)
+        return checker.load_counter(args.counter).to(device)  # None: the shipped one
     return counting.open_detector(args.counter, device)
 
 
@@ -382,7 +380,7 @@ def open_log(args, step, master, bb, trainable, device):
     return record, with_negatives, pairs_per_rank
 
 
-def log_row(args, stats, *, step, skipped, seconds, pairs):
+def log_row(args, stats, *, step, skipped, seconds, pairs, device, with_negatives):
     """One row of log.csv. For agsm the in-batch accuracy is that of the training forward (psi+ on the
     diagonal, psi- off it); the held-out accuracy (validation) ranks captions with psi+ alone. dsm runs no
     mismatched pairs, so it logs none of their numbers (and no AGSM diagnostics): empty, not zero."""
@@ -390,11 +388,11 @@ def log_row(args, stats, *, step, skipped, seconds, pairs):
         step=step,
         steps_per_s=1 / seconds,
         pairs_per_s=pairs / seconds,
-        peak_mem_gb=run.peak_memory_gb(torch.device(args.device.split(":")[0])),
+        peak_mem_gb=run.peak_memory_gb(device),
         skipped=skipped,
         **{k: stats[k] for k in ("loss", "err_matched", "lr")},
     )
-    if families.LOSSES[args.loss]["pairs"] == "matrix":
+    if with_negatives:
         row.update(err_mismatched=stats["err_mismatched"], acc=stats["acc"])
     if args.loss == "agsm":
         row.update(win_rate=stats["win_rate"], score_margin=stats["score_margin"])
@@ -506,7 +504,16 @@ def main(argv=None):
             run.stop_diverged(stop, ckpt_path=ckpt_path, last_saved=last_saved, master=master)
         step += 1  # `step` counts the updates taken: the checkpoint's step is this
         skipped += int(stats["new_bad"])
-        row = log_row(args, stats, step=step, skipped=skipped, seconds=time.time() - t0, pairs=pairs_per_rank * world)
+        row = log_row(
+            args,
+            stats,
+            step=step,
+            skipped=skipped,
+            seconds=time.time() - t0,
+            pairs=pairs_per_rank * world,
+            device=device,
+            with_negatives=with_negatives,
+        )
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and master:
             row.update(validate(bb, handle, trainable, initial_tokens, args, step))
             shown = {k: v for k, v in row.items() if k.startswith(("score_mean", "heldout"))}

@@ -35,8 +35,13 @@ import math
 #   pack         FLUX: the latents enter the denoiser as tokens of pack x pack latent pixels (models.denoise)
 #   guidance     FLUX-dev: the value of its distilled-guidance input in training; sampling puts the cfg scale
 #                there, one branch a step. None: no such input (CFG, where cfg != 1, runs two branches).
-#   text_tokens  length of the text stream the denoiser reads (SD3: 77 CLIP + 256 T5 positions); its
-#                width and the pooled width are read from the denoiser's config (models.text_widths)
+#   text_tokens  length of the text stream the denoiser reads; its width and the pooled width are read from
+#                the denoiser's config (models.text_widths)
+#   max_sequence_length  T5 families: the T5 positions in it (the pipelines' argument of that name; --max-
+#                sequence-length changes it: with_text_length). SD3: 77 CLIP + 512 T5 = 589, as both authors'
+#                codes encode (SoftREPA and AGSM sampler.py, max_length=512; SD3 does not mask T5's padding, so
+#                the length changes predictions); the pipeline's default of 256 is the flag's other choice.
+#                SD3.5 and FLUX (no paper): the pipelines' and model cards' lengths. None: no T5.
 #   denoiser     the diffusers config of the denoiser at its real size: the hub checkpoint's, or for
 #                tiny-* the shapes-world model that pretrain.py trains. Random weights of this config
 #                are what bench.py times (the cost of a step does not depend on the weights).
@@ -66,7 +71,8 @@ FAMILIES = {
         init="normal",
         softrepa=dict(batch=4, dweight=0.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=100000),
-        text_tokens=333,
+        text_tokens=589,
+        max_sequence_length=512,
         denoiser=dict(
             sample_size=128,
             patch_size=2,
@@ -118,6 +124,7 @@ FAMILIES = {
         softrepa=dict(batch=4, dweight=10.0, steps=30000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=1000),
         text_tokens=77,
+        max_sequence_length=None,
         denoiser=dict(
             sample_size=128,
             in_channels=4,
@@ -175,6 +182,7 @@ FAMILIES = {
         softrepa=dict(batch=8, dweight=10.0, steps=26000),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=100000),
         text_tokens=77,
+        max_sequence_length=None,
         denoiser=dict(sample_size=64, cross_attention_dim=768),  # the rest: UNet2DConditionModel's defaults
         test_denoiser=dict(
             sample_size=8,
@@ -214,6 +222,7 @@ FAMILIES = {
         softrepa=dict(batch=4, dweight=0.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=0.1, steps=300),
         text_tokens=16,
+        max_sequence_length=None,
         denoiser=dict(
             sample_size=8,
             patch_size=1,
@@ -253,6 +262,7 @@ FAMILIES = {
         softrepa=dict(batch=4, dweight=10.0, steps=300),
         agsm=dict(batch=4, gamma_pos=1.0, gamma_neg=1.0, steps=300),
         text_tokens=16,
+        max_sequence_length=None,
         denoiser=dict(
             sample_size=8,
             in_channels=4,
@@ -271,8 +281,9 @@ FAMILIES = {
 }
 
 
-# SD3.5 (not in either paper): SD3's SD3Transformer2DModel, text stream (77 CLIP + 256 T5) and flow
-# matching, so every fact is SD3's but the checkpoint's shapes and the model cards' sampling defaults.
+# SD3.5 (not in either paper): SD3's SD3Transformer2DModel, text stream (77 CLIP + T5) and flow
+# matching, so every fact is SD3's but the checkpoint's shapes, the model cards' sampling defaults and the
+# pipeline's T5 length (256: no authors' code to follow).
 # Medium adds dual attention in its first 13 blocks, both add QK-norm. The token layout and the training
 # recipe are SD3's -- ours, not a paper's: no one has published soft tokens for SD3.5.
 _SD3 = FAMILIES["sd3"]
@@ -281,6 +292,8 @@ FAMILIES["sd3.5-medium"] = dict(
     _SD3,
     hub="stabilityai/stable-diffusion-3.5-medium",
     max_size=6144,
+    text_tokens=333,  # 77 CLIP + the pipeline's 256 T5 positions
+    max_sequence_length=256,
     sample=dict(steps=40, cfg=4.5),
     denoiser=dict(
         _SD3["denoiser"], pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"
@@ -290,6 +303,8 @@ FAMILIES["sd3.5-medium"] = dict(
 FAMILIES["sd3.5-large"] = dict(
     _SD3,
     hub="stabilityai/stable-diffusion-3.5-large",
+    text_tokens=333,
+    max_sequence_length=256,
     sample=dict(steps=28, cfg=3.5),
     denoiser=dict(
         _SD3["denoiser"], num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
@@ -346,6 +361,7 @@ FAMILIES["flux-dev"] = dict(
     pack=2,
     guidance=1.0,
     text_tokens=512,
+    max_sequence_length=512,
     sample=dict(steps=28, cfg=3.5),
     denoiser=dict(_FLUX, guidance_embeds=True),
     test_denoiser=dict(_FLUX_TEST, guidance_embeds=True),
@@ -357,6 +373,7 @@ FAMILIES["flux-schnell"] = dict(
     dynamic_shift=None,
     guidance=None,
     text_tokens=256,
+    max_sequence_length=256,
     sample=dict(steps=4, cfg=1.0),
     denoiser=dict(_FLUX, guidance_embeds=False),
     test_denoiser=dict(_FLUX_TEST, guidance_embeds=False),
@@ -410,64 +427,10 @@ def check_size(name, height, width=None, what="size", bb=None):
             )
 
 
-# -----------------------------------------------------------------------------
-# The papers' recipes. What each loss needs -- facts, not code: step.train_step branches on the loss name
-# itself (AGSM's psi+ / psi- and their EMA copies: softtokens.PairTokens).
-#   pairs      "matrix": every image with every caption; "diagonal": the B matched pairs only
-#   tau        the temperature of the error softmax in the authors' codes (SoftREPA 0.07, AGSM 0.1)
-#   recipe     the entry of FAMILIES holding the paper's batch and steps
-#   paper_run  (iterations, scheduler period) of the authors' runs, for train.py's schedule rule
-#              (SoftREPA: 30k stepped every 500; AGSM: 100k stepped every --num_iter = 1000, as its
-#              scripts/train_coco.sh sets it for SD3 and SD1.5)
-DEFAULT_LOSS = "agsm"  # train.py --loss when neither the flag nor a resumed checkpoint says
-LOSSES = {
-    "dsm": dict(pairs="diagonal", tau=None, recipe="agsm", paper_run=(100000, 1000)),
-    "softrepa": dict(pairs="matrix", tau=0.07, recipe="softrepa", paper_run=(30000, 500)),
-    "agsm": dict(pairs="matrix", tau=0.1, recipe="agsm", paper_run=(100000, 1000)),
-}
-
-
-def default_recipe(name, loss, steps=None, paper_tau=False):
-    """The papers' recipe for family `name` and `loss` (FAMILIES and LOSSES): what train.py uses for
-    every flag left unset, and what bench.py times."""
-    facts, spec = FAMILIES[name], LOSSES[loss]
-    recipe = facts[spec["recipe"]]
-    steps = steps or recipe["steps"]
-    return dict(
-        loss=loss,
-        data="shapes" if facts["hub"] is None else None,
-        size=facts["train_size"],
-        batch=recipe["batch"],
-        steps=steps,
-        seed=0,
-        lr=1e-3,
-        wd=1e-4,
-        min_lr=1e-5,
-        grad_clip=0.0,
-        n_tokens=facts["n_tokens"],
-        layers=facts["token_layers"],
-        blocks=",".join(facts["token_blocks"] or ()),
-        time_table="on" if facts["time_table"] else "off",
-        init=facts["init"],
-        scale=4.0,
-        dweight=facts["softrepa"]["dweight"],
-        gamma_pos=facts["agsm"]["gamma_pos"],
-        gamma_neg=facts["agsm"]["gamma_neg"],
-        bradley_terry=False,
-        plain_sum=False,
-        noise_per_row=False,
-        gather_text=False,
-        paper_tau=paper_tau,
-        tau=1.0 if paper_tau else spec["tau"],
-        rows_per_forward=0,
-        # LoRA instead of tokens (lora.py; rank 4 on the tokens' blocks: SoftREPA's best LoRA, Table 11)
-        # and SoftREPA's counting loss (app. D; weight 0: off)
-        params="tokens",
-        lora_rank=4,
-        lora_blocks=str(facts["token_layers"]) if facts["arch"] == "mmdit" else ",".join(facts["token_blocks"]),
-        count_weight=0.0,
-        counter=None,
-        # The EMA rule: the AGSM code's decay 0.9999 per step over 100k steps averages over the last
-        # 1 / (1 - 0.9999) = 10^4 steps, a tenth of the run; 1 - 10 / steps keeps that fraction.
-        ema_decay=max(0.0, 1 - 10 / steps),
-    )
+def with_text_length(facts, max_sequence_length):
+    """The facts of a backbone whose text stream holds `max_sequence_length` T5 positions (--max-sequence-length;
+    None: the family's): SD3's stream is 77 CLIP positions then T5's, FLUX's is T5's alone."""
+    if max_sequence_length is None or max_sequence_length == facts["max_sequence_length"]:
+        return facts
+    clip = facts["text_tokens"] - facts["max_sequence_length"]  # SD3: 77, FLUX: 0
+    return dict(facts, max_sequence_length=max_sequence_length, text_tokens=clip + max_sequence_length)

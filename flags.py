@@ -92,3 +92,60 @@ def integer_in(low, high=INT_MAX):
 def real_in(low, high, open_low=False):
     """A finite number in [low, high] (or (low, high]), for a flag whose natural bound is not FLOAT_MAX."""
     return Real(low, high, open_low)
+
+
+# -----------------------------------------------------------------------------
+# A setting of a run, declared once (recipe.py holds train.py's): the command line, the default, the resume
+# rule and the help are all derived from its one entry.
+
+KEEP, CHANGE, FREE = "keep", "may change", "free"  # what a resumed run does with a setting (Setting.resume)
+
+
+class Setting:
+    """One setting of a run.
+
+    name     the attribute (`lr_period`); its flag is --lr-period
+    domain   a type of this file (POSITIVE_INT, ...), a list of choices, SWITCH (a flag that takes no value),
+             or str (a path or a free-form value)
+    default  a value, or a rule: a function of (facts, args) -- the family's facts (families.py) and the
+             settings resolved before this one (settings resolve in the order they are declared)
+    help     what it is; the parser adds the default (a value) or `rule` (the rule's words)
+    resume   KEEP: the run's trajectory depends on it, so a resumed run takes it from its checkpoint and
+             refuses a command line that contradicts it; CHANGE: taken from the checkpoint unless given,
+             and a new value is recorded as a change (lr: continue a diverged run more slowly); FREE: how a
+             step is computed or logged, not which step it is (may differ on every resume)
+    applies  None (always), or a function of args saying whether this run uses it: given to a run that
+             does not use it, the flag is refused in one line (say, --n-tokens with --params lora)
+    flag     False for settings whose flag another file declares (--model: models.add_backbone_flags) or
+             that are no flag at all (world: the number of ranks torchrun starts)
+    """
+
+    def __init__(self, name, domain, default, help, resume, applies=None, rule=None, flag=True, metavar=None):
+        self.name, self.domain, self.default, self.help, self.resume = name, domain, default, help, resume
+        self.applies, self.rule, self.flag, self.metavar = applies, rule, flag, metavar
+
+    @property
+    def option(self):
+        return "--" + self.name.replace("_", "-")
+
+    def value_for(self, facts, args):
+        """The default of this setting for a run whose earlier settings are `args`."""
+        return self.default(facts, args) if callable(self.default) else self.default
+
+    def add_to(self, parser):
+        """The flag, with default None: None means "not given" (take the default, or the checkpoint's)."""
+        shown = self.rule if self.rule else ("off" if self.domain is SWITCH else self.default)
+        text = f"{self.help} (default: {shown})" if shown is not None else self.help
+        kwargs = dict(default=None, help=text.replace("%", "%%"))
+        if self.domain is SWITCH:
+            kwargs.update(action="store_const", const=True)
+        elif isinstance(self.domain, (list, tuple)):
+            kwargs.update(choices=list(self.domain))
+        elif self.domain is not str:
+            kwargs.update(type=self.domain)
+        if self.metavar:
+            kwargs.update(metavar=self.metavar)
+        parser.add_argument(self.option, **kwargs)
+
+
+SWITCH = object()  # Setting.domain of a flag that takes no value

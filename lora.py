@@ -68,29 +68,6 @@ def parse_blocks(value, facts):
     return groups
 
 
-def check_lora_flags(args):
-    """train.py's one-line errors about LoRA that need no recipe: the rank, and soft-token flags given to a
-    LoRA run (they would silently do nothing)."""
-    # the rank's domain (at least 1) is the parser's: flags.POSITIVE_INT
-    token_flags = [f for f in ("n_tokens", "layers", "blocks", "time_table", "init") if getattr(args, f) is not None]
-    if args.params == "lora" and token_flags:
-        raise SystemExit(
-            f"--{token_flags[0].replace('_', '-')} shapes soft tokens, and --params lora trains none: drop "
-            f"it (--lora-rank and --lora-blocks shape the adapters)"
-        )
-
-
-def check_lora_recipe(args, facts):
-    """The resolved recipe of a LoRA run: its loss must be one SoftREPA ran on LoRA (see the top of this
-    file on AGSM); returns the parsed --lora-blocks."""
-    if args.loss == "agsm":
-        raise SystemExit(
-            "--params lora trains the losses SoftREPA ran on LoRA (softrepa, dsm); AGSM's psi+/psi- "
-            "are token sets: pass --loss softrepa or dsm, or --params tokens"
-        )
-    return parse_blocks(args.lora_blocks, facts)
-
-
 def target_modules(denoiser, facts, blocks):
     """The full names of the linear layers that get adapters (the layout above)."""
     names = []

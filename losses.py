@@ -28,6 +28,25 @@ import re
 import torch
 import torch.nn.functional as F
 
+# -----------------------------------------------------------------------------
+# The losses, declared once: train.py's --loss choices, the recipe's defaults (recipe.py), the step's branches
+# (step.train_step: one per name) and the lab's sweeps all read this table. Facts, not code:
+#   pairs      "matrix": every image with every caption (B x K pairs); "diagonal": the B matched pairs only
+#   token_sets "one": one set of soft tokens; "pair": AGSM's psi+ and psi- and their EMA copies
+#              (softtokens.PairTokens), which no paper defines on LoRA adapters or the whole denoiser
+#   tau        the temperature of the error softmax in the authors' codes (SoftREPA 0.07, AGSM 0.1)
+#   recipe     the entry of families.FAMILIES holding the paper's batch and steps
+#   paper_run  (iterations, scheduler period) of the authors' runs, for the schedule rule (recipe.py)
+#              (SoftREPA: 30k stepped every 500; AGSM: 100k stepped every --num_iter = 1000, as its
+#              scripts/train_coco.sh sets it for SD3 and SD1.5)
+# Adding a loss: its function below, its entry here, its branch in step.train_step, and its test.
+LOSSES = {
+    "dsm": dict(pairs="diagonal", token_sets="one", tau=None, recipe="agsm", paper_run=(100000, 1000)),
+    "softrepa": dict(pairs="matrix", token_sets="one", tau=0.07, recipe="softrepa", paper_run=(30000, 500)),
+    "agsm": dict(pairs="matrix", token_sets="pair", tau=0.1, recipe="agsm", paper_run=(100000, 1000)),
+}
+DEFAULT_LOSS = "agsm"  # train.py --loss when neither the flag nor a resumed checkpoint says
+
 
 def pair_errors(pred, target):
     """(B, K) mean squared error over C, H, W of each pair against its row's target.
@@ -107,27 +126,21 @@ def dsm_loss(*, errors, batch_rows=None):
 # pairs (10 for SD1.5/SDXL, 0 for SD3; SoftREPA app. B and Table 6).
 
 
-def softrepa_logits(errors, tau=0.07, scale=4.0):
-    return scale * torch.exp(-errors / tau)
-
-
-def softrepa_row_losses(errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, rows=None):
-    """(n,) the loss of each image row: its cross-entropy (eq. 9 with the logits of eq. 13) plus
-    dweight times its matched error. The loss of the step is their mean over the B rows (eq. 14), so
-    a chunk of rows contributes sum / B and the chunks add up to the whole (--rows-per-forward)."""
-    logits = softrepa_logits(errors, tau, scale)
+def softrepa_loss(*, errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, rows=None, batch_rows=None):
+    """SoftREPA eqs. 11-14 for the n image rows at hand (global indices `rows` of the step's B; None: all of
+    them). `errors` (n, K) are eq. 11's pair errors, err(i, j) = || v_theta(x_t^i, t, c^j) - v_i ||^2
+    (pair_errors). Each row's loss is its cross-entropy over its K captions plus dweight times its matched
+    error; the step's loss is their mean over the B rows (eq. 14), so a chunk of rows contributes sum / B and
+    the chunks add up to the whole (--rows-per-forward)."""
+    # eq. 13: the logits l(x_i, c_j) = scale * exp(-err(i, j) / tau), bounded in (0, scale]
+    logits = scale * torch.exp(-errors / tau)
     if exclude is not None:  # a duplicate caption is no negative: out of the softmax's denominator
         logits = logits.masked_fill(exclude.to(logits.device), float("-inf"))
+    # eqs. 9, 14: the cross-entropy of each row over its captions, the matched caption as the label
     labels = torch.arange(errors.shape[0], device=errors.device) if rows is None else rows.to(errors.device)
-    contrastive = F.cross_entropy(logits, labels, reduction="none")
-    return contrastive + dweight * matched(errors, rows)
-
-
-def softrepa_loss(*, errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, rows=None, batch_rows=None):
-    """Eq. 14 for the n image rows at hand (global indices `rows` of the step's B): each row's cross-entropy
-    over its K captions (eq. 9, logits of eq. 13) plus dweight times its matched error, summed and divided
-    by B -- the rows' share of the mean over all B rows, so chunks of rows add up to the whole step."""
-    row_losses = softrepa_row_losses(errors, tau, scale, dweight, exclude, rows)
+    row_losses = F.cross_entropy(logits, labels, reduction="none")
+    # app. B: plus dweight times the matched pair's plain DSM / FM error
+    row_losses = row_losses + dweight * matched(errors, rows)
     return row_losses.sum() / (errors.shape[0] if batch_rows is None else batch_rows)
 
 
@@ -160,48 +173,6 @@ def softrepa_loss(*, errors, tau=0.07, scale=4.0, dweight=0.0, exclude=None, row
 # with A(t) = 1 would add a 1/2, tau = 2 / (C*H*W); Alg. 1 has none. (The per-element scale matters:
 # with tau = 0.1 and error gaps of a few hundredths the weights are nearly uniform; with the sum they
 # are nearly one-hot.)
-
-
-def guidance_weight(timesteps):
-    """The scale of the guidance term: tilde A(t) of eq. 15 (DDPM, = lambda_t beta_t sqrt(1 - abar_t) /
-    (alpha_t (1 - abar_{t-1})), eq. 37) or B(t) of eq. 16 (flow, = K(t) lambda_t d / sigma_{t+d}^2, eq. 51).
-    The paper chooses lambda_t so that the scale is 1 in every experiment (sec. 4), and so does its code;
-    so do we: a tensor of ones per row. This is the place to try another lambda_t."""
-    return torch.ones_like(timesteps, dtype=torch.float32)
-
-
-def agsm_targets(
-    *, pred_ema, target, timesteps, gamma_pos=1.0, gamma_neg=1.0, tau=0.1, bradley_terry=False, exclude=None, rows=None
-):
-    """AGSM Alg. 1 lines 8-11: the alignment-guided targets (n, K, C, H, W) of eq. 15 / 16 for every pair of
-    the n image rows at hand (global indices `rows` of the step's B; None: all of them), from the EMA
-    tokens' predictions `pred_ema` (n, K, C, H, W) of the same pairs; and the weights w (n, K). Each row
-    is computed from its own pairs alone, which is what lets the step run the rows a few at a time."""
-    n, K = pred_ema.shape[:2]
-    pred_ema = pred_ema.float()
-    errors_ema = pair_errors(pred_ema, target)
-    if bradley_terry:  # AGSM Table 7: pairwise choices instead of one choice among K captions
-        delta, w = bradley_terry_delta(pred_ema, errors_ema, tau, rows)
-    else:
-        # line 8: w_ij = softmax_j(r_ij), r_ij = -err_ema(i, j) / tau (eqs. 7, 14); a duplicate caption is
-        # one choice however often it appears in the batch, so its copies get no weight (exclude)
-        rewards = -errors_ema / tau
-        if exclude is not None:
-            rewards = rewards.masked_fill(exclude.to(rewards.device), float("-inf"))
-        w = torch.softmax(rewards, dim=1)
-        # line 9: Delta_ij = pred_ema(i, j) - sum_k w_ik pred_ema(i, k)   (eqs. 13 / 33)
-        weighted_mean = torch.einsum("ik,ik...->i...", w, pred_ema)
-        delta = pred_ema - weighted_mean.unsqueeze(1)
-    # line 10: gamma_ij = +gamma+ on the matched pair, -gamma- on the mismatched ones (eq. 11)
-    matched_pairs = matched_mask(n, K, rows, pred_ema.device)
-    gamma = torch.where(matched_pairs, gamma_pos, -gamma_neg).to(pred_ema)
-    if exclude is not None:
-        gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)  # a duplicate caption gets no guidance
-    # line 11: target_ij = eps_i (or v_i) + gamma_ij * A(t) * Delta_ij   (eqs. 15, 16)
-    scale = guidance_weight(timesteps)
-    shape = (n, K) + (1,) * (pred_ema.dim() - 2)
-    guidance = (gamma * scale.to(pred_ema).view(n, 1)).view(shape) * delta
-    return target.float().unsqueeze(1) + guidance, w
 
 
 def bradley_terry_delta(pred_ema, errors_ema, tau, rows=None):
@@ -238,7 +209,6 @@ def agsm_loss(
     pred,
     pred_ema,
     target,
-    timesteps,
     gamma_pos=1.0,
     gamma_neg=1.0,
     tau=0.1,
@@ -249,42 +219,47 @@ def agsm_loss(
     batch_rows=None,
     n_negatives=None,
 ):
-    """AGSM eq. 17 (Alg. 1 line 12) for the n image rows at hand: E_{D+} || pred_psi+ - tgt ||^2 +
-    E_{D-} || pred_psi- - tgt ||^2, those rows' share of the step's loss. Returns (loss, weights w).
-    `pred` (n, K, C, H, W) holds psi+ predictions on the matched pairs and psi- ones elsewhere (one batched
-    forward, hooks.py); `pred_ema` the same with the EMA tokens, without gradient; the targets (lines
-    8-11, agsm_targets) are constants. `rows`, `batch_rows`, `n_negatives`: these rows' global indices,
-    the step's B, and the negative count of the whole matrix (negative_count); None: these rows are the
-    whole matrix.
+    """AGSM Alg. 1 lines 8-12 for the n image rows at hand. Returns (loss, weights w (n, K), targets).
 
-    Weighting of the two terms: the code (AGSMObjective.forward) averages the matched and the
-    mismatched pairs separately and adds the means, pos.sum() / B + neg.sum() / (B K - B), so the B
-    matched pairs weigh as much as the B(K-1) mismatched ones, as eq. 17's two expectations do. Alg. 1
-    line 12 writes one plain sum over all pairs (plain_sum=True), which gives psi- K-1 times the weight.
-    Our default follows the code. Either way each row's share is a fixed sum over its own pairs."""
-    with torch.no_grad():
-        targets, w = agsm_targets(
-            pred_ema=pred_ema,
-            target=target,
-            timesteps=timesteps,
-            gamma_pos=gamma_pos,
-            gamma_neg=gamma_neg,
-            tau=tau,
-            bradley_terry=bradley_terry,
-            exclude=exclude,
-            rows=rows,
-        )
-    # line 12: the regression of psi+ (matched) and psi- (mismatched) onto the targets, per pair
+    `pred` (n, K, C, H, W) holds psi+ predictions on the matched pairs and psi- ones elsewhere (one batched
+    forward, hooks.py); `pred_ema` the same pairs with the EMA tokens, without gradient; `target` (n, C, H, W)
+    each row's eps_i or v_i. `rows`, `batch_rows`, `n_negatives`: these rows' global indices, the step's B,
+    and the negative count of the whole matrix (negative_count); None: these rows are the whole matrix. Each
+    row's targets come from its own pairs alone, which lets the step run the rows a few at a time."""
+    n, K = pred.shape[:2]
+    shape = (n, K) + (1,) * (pred.dim() - 2)  # to broadcast a (n, K) number over C, H, W
+    with torch.no_grad():  # lines 8-11 build constants: the targets
+        pred_ema = pred_ema.float()
+        errors_ema = pair_errors(pred_ema, target)  # err_ema(i, k), per-element means as both codes
+        if bradley_terry:  # AGSM Table 7: pairwise choices instead of one choice among the K captions
+            delta, w = bradley_terry_delta(pred_ema, errors_ema, tau, rows)
+        else:
+            # line 8: w_ik = softmax_k(r_ik), the reward r_ik = -err_ema(i, k) / tau (eqs. 7, 14); a duplicate
+            # caption is one choice however often it appears in the batch, so its copies get no weight
+            rewards = -errors_ema / tau
+            if exclude is not None:
+                rewards = rewards.masked_fill(exclude.to(rewards.device), float("-inf"))
+            w = torch.softmax(rewards, dim=1)
+            # line 9: Delta_ij = pred_ema(i, j) - sum_k w_ik pred_ema(i, k)   (eqs. 13 / 33)
+            delta = pred_ema - torch.einsum("ik,ik...->i...", w, pred_ema).unsqueeze(1)
+        # line 10: gamma_ij = +gamma+ on the matched pair, -gamma- on the mismatched ones (eq. 11); a duplicate
+        # caption gets no guidance
+        gamma = torch.where(matched_mask(n, K, rows, pred.device), gamma_pos, -gamma_neg).to(pred_ema)
+        if exclude is not None:
+            gamma = gamma.masked_fill(exclude.to(gamma.device), 0.0)
+        # line 11: target_ij = eps_i (or v_i) + gamma_ij * A(t) * Delta_ij (eqs. 15, 16), with A(t) = B(t) = 1:
+        # the paper chooses lambda_t so that the scale is 1 in every experiment (sec. 4), and so does its code
+        targets = target.float().unsqueeze(1) + gamma.view(shape) * delta
+    # line 12: psi+ (matched) and psi- (mismatched) regress onto the targets, eq. 17's two expectations
     pair_losses = (pred.float() - targets).pow(2).flatten(2).mean(dim=2)  # (n, K)
-    n, K = pair_losses.shape
     batch_rows = n if batch_rows is None else batch_rows
     n_negatives = negative_count(n, K, exclude) if n_negatives is None else n_negatives
     negatives = pair_losses.masked_fill(~_off_diagonal(pair_losses, exclude, rows), 0.0).sum(dim=1)  # (n,)
-    if plain_sum:
+    if plain_sum:  # Alg. 1 line 12 as written: one plain sum over all pairs (psi- weighs K - 1 times more)
         row_losses = matched(pair_losses, rows) + negatives
-    else:
+    else:  # the code (AGSMObjective.forward): the matched mean plus the mismatched mean, as eq. 17
         row_losses = matched(pair_losses, rows) / batch_rows + negatives / max(n_negatives, 1)
-    return row_losses.sum(), w
+    return row_losses.sum(), w, targets
 
 
 def agsm_diagnostics(w, exclude=None, rows=None):

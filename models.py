@@ -86,10 +86,11 @@ def ddpm_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=NUM_TRAIN_TIME
 # Loading
 
 
-def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_3=True):
+def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_3=True, max_sequence_length=None):
     """The backbone `name` (a key of FAMILIES, a real family) from the Hugging Face hub, or from `pretrained`
-    (a local folder laid out as the hub repo). The shapes world's tiny families: shapes.backbones.load."""
-    facts = check_name(name)
+    (a local folder laid out as the hub repo), its text stream `max_sequence_length` T5 positions long (None: the
+    family's). The shapes world's tiny families: shapes.backbones.load."""
+    facts = families.with_text_length(check_name(name), max_sequence_length)
     if is_shapes_world(name):
         raise SystemExit(f"{name} is a shapes-world backbone: load it with shapes.backbones.load")
     import diffusers
@@ -234,11 +235,20 @@ def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--precision", default=None, choices=list(PRECISIONS), help=f"default: {precision}")
     parser.add_argument("--threads", type=flags.THREADS, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--max-sequence-length",
+        type=flags.POSITIVE_INT,
+        default=None,
+        help="T5 positions of the text stream (SD3, SD3.5, FLUX; default: the family's, families.py -- SD3: 512 "
+        "as the authors' codes, 256 as the stock pipeline)",
+    )
 
 
 def check_backbone_flags(args):
     """One-line errors of the backbone flags, before anything heavy; fills in --device."""
-    check_name(args.model)
+    facts = check_name(args.model or "tiny-sd3")  # train.py: None until a resumed run's checkpoint says
+    if getattr(args, "max_sequence_length", None) and facts["max_sequence_length"] is None:
+        raise SystemExit(f"--max-sequence-length sets T5's positions, and {args.model} reads no T5: drop it")
     if args.random_init and not is_shapes_world(args.model):
         raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,7 +264,8 @@ def from_flags(args, gpu_precision="fp16", device=None, seed=0, shapes_world=Non
     precision = args.precision or (gpu_precision if str(device).startswith("cuda") else "fp32")
     dtype = PRECISIONS[precision]
     if not is_shapes_world(args.model):
-        return load(args.model, pretrained=args.pretrained, device=device, dtype=dtype)
+        msl = getattr(args, "max_sequence_length", None)
+        return load(args.model, pretrained=args.pretrained, device=device, dtype=dtype, max_sequence_length=msl)
     if shapes_world is None:
         raise SystemExit(f"{args.model} is a shapes-world backbone, and this command takes the real families only")
     return shapes_world(args.model, args.pretrained, random_init=args.random_init, seed=seed).to(device, dtype)
@@ -273,10 +284,17 @@ def encode_prompts(bb, prompts, grad=False):
             out = bb.text_encoder(bb.tokenize(prompts).to(device))
             hidden, pooled = out.last_hidden_state, out.pooler_output
         elif facts["pipeline"] == "FluxPipeline":  # T5's sequence, CLIP's pooled output (and zero text ids)
-            hidden, pooled, _ = bb.pipe.encode_prompt(prompts, device=device, max_sequence_length=facts["text_tokens"])
-        elif facts["arch"] == "mmdit":
+            hidden, pooled, _ = bb.pipe.encode_prompt(
+                prompts, device=device, max_sequence_length=facts["max_sequence_length"]
+            )
+        elif facts["arch"] == "mmdit":  # SD3: 77 CLIP positions, then T5's max_sequence_length (families.py)
             hidden, _, pooled, _ = bb.pipe.encode_prompt(
-                prompts, None, None, device=device, do_classifier_free_guidance=False
+                prompts,
+                None,
+                None,
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=facts["max_sequence_length"],
             )
         elif facts["pooled"] == "text_time":
             hidden, _, pooled, _ = bb.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
@@ -321,8 +339,8 @@ def latent_normalisation(vae):
 
 
 def encode_images(bb, images, mode=False):
-    """images (B, 3, H, W) in [-1, 1] -> latents x0: a sample of the VAE posterior, as in training,
-    or with mode=True its mean (deterministic; what image editing starts from)."""
+    """images (B, 3, H, W) in [-1, 1] -> latents x0: a sample of the VAE posterior (shapes/pretrain.py), or with
+    mode=True its mean (deterministic: what training and its encoding cache take, and what editing starts from)."""
     if bb.vae is None:
         return images.to(bb.device, bb.dtype)
     scale, shift = latent_normalisation(bb.vae)

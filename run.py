@@ -8,8 +8,9 @@ commit that ran them) and log.csv (appended, never rewritten in place). `--resum
 very same run: the data and the noise of a step are functions of (seed, step, rank) alone (data.get_batch,
 step.draw_noise), and the checkpoint holds everything else a step depends on.
 
-train.py calls this file in a few lines: open_folder, resume_config and restore before the loop,
-save_checkpoint and stop_diverged inside it, open_log for the log.
+train.py calls this file in a few lines: open_folder, resume_config and resume_or_start before the loop,
+save_state and stop_diverged inside it, open_log for the log. Which settings a resumed run keeps is declared
+with each setting (recipe.py: KEEP, CHANGE or FREE).
 """
 
 import csv
@@ -22,52 +23,8 @@ import torch
 import torch.distributed as dist
 
 import files
-
-# The run between steps: what train.py keeps so that nothing is lost. A run folder holds one run
-# (lock_folder), its checkpoint ckpt.pt (written atomically: a kill mid-write keeps the previous one;
-# loaded with weights_only=True, so a file from elsewhere runs no code), config.json and log.csv
-# (appended, never rewritten in place); --resume latest continues the very same run.
-
-# Settings that decide the training trajectory: a resumed run takes them from its checkpoint and
-# refuses a command line that contradicts them (a run is only resumable as the same run).
-TRAJECTORY = [
-    "model",
-    "loss",
-    "data",
-    "size",
-    "batch",
-    "seed",
-    "lr",
-    "wd",
-    "min_lr",
-    "lr_period",
-    "grad_clip",
-    "n_tokens",
-    "layers",
-    "blocks",
-    "time_table",
-    "init",
-    "tau",
-    "scale",
-    "dweight",
-    "gamma_pos",
-    "gamma_neg",
-    "bradley_terry",
-    "plain_sum",
-    "noise_per_row",
-    "ema_decay",
-    "gather_text",
-    "world",
-    "params",
-    "lora_rank",
-    "lora_blocks",
-    "count_weight",
-    "counter",
-]
-# Settings a resumed run may change: they act on the steps still to come, not on the past (lr: e.g. to
-# continue a diverged run more slowly). Each change is recorded in config.json under "changes".
-# (--rows-per-forward and --grad-checkpointing are free too: they change the memory, not the step.)
-CHANGEABLE_ON_RESUME = ["lr"]
+import recipe
+from flags import CHANGE
 
 
 def save_checkpoint(path, blob):
@@ -94,10 +51,11 @@ def read_checkpoint(path):
 
 
 def resume_config(args):
-    """--resume: the checkpoint (or None), its trajectory settings filled into the unset flags. A flag
-    that contradicts the checkpoint is an error, except the few that only act on the steps to come
-    (CHANGEABLE_ON_RESUME), which are recorded in args.changes. The code's commit goes into args (and so
-    into config.json); a run resumed by other code records the switch in args.changes too."""
+    """--resume: the checkpoint (or None), its settings filled into the unset flags: every setting that
+    recipe.py declares KEEP or CHANGE. A flag that contradicts the checkpoint on a KEEP setting is an error;
+    a CHANGE setting (lr, steps) acts on the steps to come and its new value is recorded in args.changes.
+    The code's commit goes into args (and so into config.json); a run resumed by other code records the
+    switch in args.changes too."""
     ckpt_path, state, args.changes = os.path.join(args.out, "ckpt.pt"), None, []
     code = provenance()
     args.commit, args.dirty = code["commit"], code["dirty"]
@@ -111,12 +69,12 @@ def resume_config(args):
                 was = f"{saved.get('commit', 'unrecorded')}{'+changes' if saved.get('dirty') else ''}"
                 now = f"{args.commit}{'+changes' if args.dirty else ''}"
                 args.changes.append({"step": state["step"], "commit": now, "was": was})
-            for key in TRAJECTORY:
+            for key in recipe.RESUMED:
                 if key not in saved:  # a setting newer than the run: its default (resolve)
                     continue
                 if getattr(args, key) is None:
                     setattr(args, key, saved[key])
-                elif getattr(args, key) != saved[key] and key in CHANGEABLE_ON_RESUME:
+                elif getattr(args, key) != saved[key] and recipe.BY_NAME[key].resume == CHANGE:
                     args.changes.append({"step": state["step"], key: getattr(args, key), "was": saved[key]})
                 elif getattr(args, key) != saved[key]:
                     raise SystemExit(

@@ -32,6 +32,8 @@ import torch.nn as nn
 import files
 import hooks
 import models
+import recipe
+from losses import LOSSES
 
 TIME_BINS = 100
 POS, NEG, EMA_POS, EMA_NEG = 0, 1, 2, 3  # positions in PairTokens.sets
@@ -83,7 +85,7 @@ class PairTokens(nn.Module):
     """AGSM's dual parameterisation (sec. 3.3, Alg. 1): psi+ and psi-, and their EMA copies. psi+ and
     psi- share one time table (the same Parameter object in both), as in the AGSM code."""
 
-    def __init__(self, layers, n_tokens, width, time_table=True, init_std=0.02, init_tokens=None):
+    def __init__(self, layers, n_tokens, width, time_table=True, init_std=0.02, init_tokens=None, ema_init="copy"):
         super().__init__()
         self.pos = SoftTokens(layers, n_tokens, width, time_table, init_std, init_tokens)
         self.neg = SoftTokens(layers, n_tokens, width, False)
@@ -92,15 +94,18 @@ class PairTokens(nn.Module):
         self.neg.time_table, self.ema_neg.time_table = self.pos.time_table, self.ema_pos.time_table  # shared
         with torch.no_grad():
             # psi- is a second N(0, 0.02) draw, as in the AGSM code (torch.randn(2, ...)); with an init from
-            # the text embedding (SD1.5) both start from it. The EMA copies start equal to the live sets
-            # (theirs is a separately built module with its own random draw, which a 0.9999 decay would
-            # carry for ~10^4 steps: we do not copy that).
+            # the text embedding (SD1.5) both start from it.
             if init_tokens is not None:
                 self.neg.tokens.copy_(self.pos.tokens)
-            self.ema_pos.tokens.copy_(self.pos.tokens)
-            self.ema_neg.tokens.copy_(self.neg.tokens)
-            if time_table:
-                self.ema_pos.time_table.copy_(self.pos.time_table)
+                self.ema_neg.tokens.copy_(self.pos.tokens)
+            if ema_init == "copy":  # the EMA copies start equal to the live sets (ours, the shapes world's)
+                self.ema_pos.tokens.copy_(self.pos.tokens)
+                self.ema_neg.tokens.copy_(self.neg.tokens)
+                if time_table:
+                    self.ema_pos.time_table.copy_(self.pos.time_table)
+            # ema_init "draw": the EMA sets keep their own N(0, 0.02) draws above, as the AGSM code's EMA model
+            # is built separately with its own random tokens (sampler.py: a second SD3Transformer2DModel_AGSM),
+            # which its 0.9999 decay carries for ~10^4 steps (recipe.py: the default on the real families)
         self.ema_pos.requires_grad_(False)
         self.ema_neg.requires_grad_(False)
 
@@ -118,7 +123,7 @@ class PairTokens(nn.Module):
     @torch.no_grad()
     def update_ema(self, decay):
         """hat psi <- decay * hat psi + (1 - decay) * psi, each distinct parameter once (AGSM train.py
-        update_ema; its decay 0.9999 per step at 100k steps, train.py scales it with the run)."""
+        update_ema; its decay 0.9999 per step at 100k steps, recipe.py scales it with the run)."""
         for e, p in zip(self._unique(self.ema_pos, self.ema_neg), self._unique(self.pos, self.neg)):
             e.lerp_(p, 1.0 - decay)
 
@@ -171,18 +176,18 @@ def movement(bb, tokens, initial_tokens, handle, prompts):
     )
 
 
-def make_tokens(bb, loss, n_tokens=None, layers=None, time_table=None, init=None, seed=0):
-    """The soft tokens for backbone `bb` with the paper defaults of its family (families.FAMILIES),
-    each overridable: a SoftTokens for softrepa / dsm, a PairTokens for agsm."""
-    facts = bb.facts
-    n_tokens = n_tokens or facts["n_tokens"]
-    layers = layers or facts["token_layers"]
-    time_table = facts["time_table"] if time_table is None else time_table
-    init = init or facts["init"]
+def make_tokens(bb, loss, seed=0, **settings):
+    """The soft tokens for backbone `bb` and `loss`: a SoftTokens for a loss of one set, a PairTokens for a loss
+    of two (losses.LOSSES' token_sets: AGSM's psi+ and psi-). `settings` (n_tokens, layers, time_table "on" or
+    "off", init, ema_init) are the run's; those not given take the recipe's defaults (recipe.py)."""
+    r = recipe.defaults(bb.name, loss, **settings)
+    n_tokens, layers, time_table = r["n_tokens"], r["layers"], r["time_table"] == "on"
     torch.manual_seed(seed)
-    init_tokens = uncond_init(bb, n_tokens) if init == "uncond" else None
-    cls = PairTokens if loss == "agsm" else SoftTokens
-    return cls(layers, n_tokens, hooks.token_width(bb.denoiser), time_table, 0.02, init_tokens)
+    init_tokens = uncond_init(bb, n_tokens) if r["init"] == "uncond" else None
+    width = hooks.token_width(bb.denoiser)
+    if LOSSES[loss]["token_sets"] == "pair":
+        return PairTokens(layers, n_tokens, width, time_table, 0.02, init_tokens, r["ema_init"])
+    return SoftTokens(layers, n_tokens, width, time_table, 0.02, init_tokens)
 
 
 # -----------------------------------------------------------------------------

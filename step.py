@@ -227,11 +227,10 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 # Lines 8-12 (losses.agsm_loss): Plackett-Luce weights w of the EMA errors, the guided targets
                 # v_i + gamma_ij (v_ema(i, j) - sum_k w_ik v_ema(i, k)), and the regression of psi+ / psi- onto
                 # them: the matched mean plus the mismatched mean over the whole matrix.
-                loss, w = losses.agsm_loss(
+                loss, w, _ = losses.agsm_loss(
                     pred=pred,
                     pred_ema=pred_ema,
                     target=target[rows],
-                    timesteps=timesteps[rows],
                     gamma_pos=args.gamma_pos,
                     gamma_neg=args.gamma_neg,
                     tau=tau,

@@ -44,178 +44,31 @@ import flags
 import hooks
 import lora
 import models
+import recipe
 import run
 import softtokens
 from families import FAMILIES
+from losses import DEFAULT_LOSS, LOSSES
 from shapes import backbones, checker, classifier, pairs
 from shapes import world as shapes_world
 from step import STATS, finite_after_update, train_step
 
 # -----------------------------------------------------------------------------
-# The flags. Three groups: the backbone (models.add_backbone_flags: --model, --pretrained, --device,
-# --precision, --threads); the recipe, where None means "the paper's default for this family and loss"
-# (filled in by resolve below, recorded in config.json, and fixed for the life of a run: TRAJECTORY in
-# run.py); and the machinery, which changes how a step is computed but not which step it is
-# (checkpointing, --rows-per-forward, workers, logging), so a resumed run may change it.
+# The flags. The backbone's (models.add_backbone_flags: --model, --pretrained, --device, --precision, --threads,
+# --max-sequence-length), every setting of the run (recipe.py: each declared once, with its domain, default or
+# rule, help and what a resumed run does with it), and the run folder's two (--out, --resume).
 
 
 def build_parser():
-    """The command line. Every recipe flag defaults to None so that resolve() can tell "not given" (take
-    the paper's value, or the checkpoint's on --resume) from "given" (use it, or refuse it on a resume
-    that contradicts the run). `python train.py --help` prints this file's docstring above the flags."""
+    """The command line. Every setting defaults to None so that resolve can tell "not given" (take the
+    recipe's default, or the checkpoint's on --resume) from "given" (use it, or refuse it on a resume that
+    contradicts the run). `python train.py --help` prints this file's docstring above the flags."""
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p, precision="bf16 on CUDA, fp32 on the CPU")
-    p.add_argument(
-        "--loss",
-        default=None,
-        choices=["softrepa", "agsm", "dsm"],
-        help="default agsm (on --resume: the checkpoint's)",
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="'shapes' (tiny-* default; 'shapes:CAT,..' or 'shapes-swapped:CAT,..' for the capacity control), "
-        "a COCO folder, captions_*.json, .jsonl, a folder of images + .txt, "
-        "or an encoding cache (python data.py cache)",
-    )
-    p.add_argument("--val-data", default=None, help="held-out pairs for classifier.classifier_accuracy (real models)")
+    p.set_defaults(model=None)  # None until the command line, a resumed checkpoint or the recipe says
+    recipe.add_flags(p)
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")
-    # the recipe: None means the paper default for the model (families.FAMILIES)
-    p.add_argument("--steps", type=flags.POSITIVE_INT, default=None)
-    p.add_argument(
-        "--batch", type=flags.POSITIVE_INT, default=None, help="images per rank; the pair matrix is batch x batch"
-    )
-    p.add_argument("--size", type=flags.POSITIVE_INT, default=None, help="training image size")
-    p.add_argument("--lr", type=flags.POSITIVE_FLOAT, default=None, help="1e-3 (both papers)")
-    p.add_argument("--wd", type=flags.NON_NEGATIVE_FLOAT, default=None, help="1e-4 (both papers); 0: no weight decay")
-    p.add_argument(
-        "--min-lr",
-        type=flags.NON_NEGATIVE_FLOAT,
-        default=None,
-        help="1e-5 (the released SoftREPA code); 0: the cosine falls to 0",
-    )
-    p.add_argument(
-        "--lr-period",
-        type=flags.POSITIVE_INT,
-        default=None,
-        help="steps per scheduler step (default: the authors' period scaled to --steps, see lr_at_step)",
-    )
-    p.add_argument(
-        "--grad-clip", type=flags.NON_NEGATIVE_FLOAT, default=None, help="max token-gradient norm (default 0: off)"
-    )
-    p.add_argument("--n-tokens", type=flags.POSITIVE_INT, default=None)
-    p.add_argument("--layers", type=flags.POSITIVE_INT, default=None, help="token layers (MM-DiT blocks with tokens)")
-    p.add_argument("--blocks", default=None, help="UNet block groups with tokens, e.g. down,mid")
-    p.add_argument("--time-table", default=None, choices=["on", "off"])
-    p.add_argument("--init", default=None, choices=["normal", "uncond"])
-    p.add_argument(
-        "--tau",
-        type=flags.POSITIVE_FLOAT,
-        default=None,
-        help="temperature of the error softmax (softrepa 0.07, agsm 0.1: the authors' codes)",
-    )
-    p.add_argument(
-        "--paper-tau",
-        action="store_const",
-        const=True,
-        default=None,
-        help="agsm: tau = 1/(C*H*W), the plain sum of AGSM Alg. 1 line 8",
-    )
-    p.add_argument(
-        "--plain-sum",
-        action="store_const",
-        const=True,
-        default=None,
-        help="agsm: one plain sum over all pairs (AGSM Alg. 1 line 12) instead of the code's two means",
-    )
-    p.add_argument(
-        "--noise-per-row",
-        action="store_const",
-        const=True,
-        default=None,
-        help="one t and eps per image row instead of one per step (the authors' codes)",
-    )
-    p.add_argument("--scale", type=flags.POSITIVE_FLOAT, default=None, help="SoftREPA logit scale (4)")
-    p.add_argument(
-        "--dweight", type=flags.NON_NEGATIVE_FLOAT, default=None, help="SoftREPA: weight of the DSM term (0: none)"
-    )
-    p.add_argument(
-        "--gamma-pos",
-        type=flags.NON_NEGATIVE_FLOAT,
-        default=None,
-        help="AGSM gamma+ (0: matched pairs regress onto plain eps)",
-    )
-    p.add_argument(
-        "--gamma-neg",
-        type=flags.NON_NEGATIVE_FLOAT,
-        default=None,
-        help="AGSM gamma- (0: mismatched pairs regress onto plain eps)",
-    )
-    p.add_argument("--bradley-terry", action="store_const", const=True, default=None, help="AGSM Table 7")
-    p.add_argument(
-        "--ema-decay",
-        type=flags.PROBABILITY,
-        default=None,
-        help="AGSM EMA tokens (default 1 - 10/steps: the code's 0.9999 at 100k steps, its horizon a tenth of any "
-        "run; 0: the EMA is the current tokens, 1: it stays at the start)",
-    )
-    p.add_argument(
-        "--gather-text",
-        action="store_const",
-        const=True,
-        default=None,
-        help="softrepa: all ranks' captions as negatives (pair matrix B x world*B)",
-    )
-    # the papers' other arms: LoRA adapters instead of tokens (lora.py), SoftREPA's counting loss (losses.py)
-    p.add_argument(
-        "--params",
-        default=None,
-        choices=["tokens", "lora"],
-        help="what is trained: soft tokens "
-        "(default) or LoRA adapters of the denoiser (SoftREPA Table 3, app. H); lora: softrepa or dsm",
-    )
-    p.add_argument("--lora-rank", type=flags.POSITIVE_INT, default=None, help="LoRA rank (4, SoftREPA Table 11)")
-    p.add_argument(
-        "--lora-blocks",
-        default=None,
-        help="LoRA on 'all', the first N MM-DiT blocks, or UNet groups "
-        "down,mid,up (default: where the family's tokens go)",
-    )
-    p.add_argument(
-        "--count-weight",
-        type=flags.NON_NEGATIVE_FLOAT,
-        default=None,
-        help="weight of the counting loss (SoftREPA app. D; default 0: off)",
-    )
-    p.add_argument(
-        "--counter",
-        default=None,
-        help="its counter: a transformers object-detector folder (tiny-*: shapes/weights/counter.safetensors)",
-    )
-    # machinery
-    p.add_argument("--seed", type=flags.SEED, default=None, help="a seed in [0, 2^63) (default 0)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen backbone in backward")
-    p.add_argument(
-        "--rows-per-forward",
-        type=flags.POSITIVE_INT,
-        default=None,
-        metavar="N",
-        help="image rows of the pair matrix "
-        "per forward and backward (the authors' --nrows; default: all); the step is the same",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
-    p.add_argument("--workers", type=flags.POSITIVE_INT, default=4, help="image-decoding threads")
-    p.add_argument("--ckpt-every", type=flags.POSITIVE_INT, default=1000)
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' (<out>/ckpt.pt if there is one)")
-    p.add_argument("--val-every", type=flags.NON_NEGATIVE_INT, default=0, help="validate every N steps (0: never)")
-    p.add_argument("--val-n", type=flags.POSITIVE_INT, default=8, help="tiny-*: eval prompts per shapes category")
-    p.add_argument("--val-steps", type=flags.POSITIVE_INT, default=None, help="sampling steps (default: the family's)")
-    p.add_argument(
-        "--log-every",
-        type=flags.POSITIVE_INT,
-        default=10,
-        help="a stdout line every N steps (the CSV gets every step)",
-    )
     return p
 
 
@@ -223,29 +76,17 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def resolve(args):
-    """Fill every unset recipe value with the model family's paper default (families.default_recipe).
-
-    The defaults come from the authors' runs where a paper is silent (docs/choices.md, "Choices the papers leave
-    open"): for example the training size (512 px for every real family: both codes train there, while
-    SDXL and SD3 sample at 1024), tau (the codes' 0.07 / 0.1, not AGSM Alg. 1's plain sum), AGSM's
-    two separate means (not Alg. 1 line 12's one sum) and one t and eps per step (not per row)."""
-    args.loss = args.loss or families.DEFAULT_LOSS
-    for key, value in families.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for switch in ("paper_tau", "plain_sum", "noise_per_row"):  # None (not given) is the codes' choice: off
-        setattr(args, switch, bool(getattr(args, switch)))
-    # The schedule rule for runs of any length: the authors step CosineAnnealingWarmRestarts(T_0=10) once
-    # every `period` iterations, and their runs hold paper_steps / period such periods (SoftREPA 60, AGSM
-    # 100). Keeping that number fixed, period = steps * paper_period / paper_steps, gives a run of any length
-    # the same shape of schedule: 6 (SoftREPA) or 10 (AGSM) cosine cycles, constant within each period.
-    paper_steps, paper_period = families.LOSSES[args.loss]["paper_run"]
-    args.lr_period = args.lr_period or max(1, round(args.steps * paper_period / paper_steps))
+def resolve(args, given=()):
+    """Fill every unset setting with its default (recipe.resolve: the papers' recipe for the family and loss,
+    and the authors' codes where the papers are silent: docs/choices.md), then the one-line errors that need
+    the whole recipe: what trains against the loss, flags this run does not use (both in recipe.resolve), the
+    data, the image size, and a pair matrix to contrast."""
+    recipe.resolve(args, given)
     if args.data is None:
         raise SystemExit(f"--data is required for {args.model}: a COCO folder, a .jsonl, a folder or a cache")
     families.check_size(args.model, args.size)  # the family's image sides (every script's one rule)
-    if families.LOSSES[args.loss]["pairs"] == "matrix" and args.batch * (args.world if args.gather_text else 1) < 2:
+    spec = LOSSES[args.loss]
+    if spec["pairs"] == "matrix" and args.batch * (args.world if args.gather_text else 1) < 2:
         # SoftREPA and AGSM compare each image's caption with the other captions of the batch
         raise SystemExit(
             f"--loss {args.loss} contrasts each image with the other captions of its batch: with "
@@ -266,16 +107,6 @@ def lr_at_step(step, period, min_lr_ratio, cycle=10):
     e = (step // period) mod cycle, constant within each period."""
     e = (step // period) % cycle
     return min_lr_ratio + (1 - min_lr_ratio) * (1 + math.cos(math.pi * e / cycle)) / 2
-
-
-def check_recipe_flags(args):
-    """Every one-line error that needs no model and no data, before anything heavy. The numbers' domains
-    (--lr nan, --steps 0, ...) are the parser's (flags.py); what is left are flags that contradict each other."""
-    lora.check_lora_flags(args)  # token flags given to a LoRA run (they would do nothing)
-    # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
-    # across GPUs); dsm has no mismatched pairs to widen
-    if args.gather_text and args.loss and families.LOSSES[args.loss]["pairs"] == "diagonal":
-        raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
 
 
 # -----------------------------------------------------------------------------
@@ -341,9 +172,8 @@ def make_trainable(args, bb, lora_blocks, device, ddp):
         trainable = lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed)
         handle, blocks = lora.LoraHandle(bb.denoiser), ()
     else:
-        trainable = softtokens.make_tokens(
-            bb, args.loss, args.n_tokens, args.layers, args.time_table == "on", args.init, seed=args.seed
-        ).to(device)
+        shape = dict(n_tokens=args.n_tokens, layers=args.layers, time_table=args.time_table, init=args.init)
+        trainable = softtokens.make_tokens(bb, args.loss, seed=args.seed, ema_init=args.ema_init, **shape).to(device)
         blocks = tuple(b for b in args.blocks.split(",") if b)
     if ddp:
         for t in trainable.parameters():
@@ -369,7 +199,7 @@ def open_log(args, step, master, bb, trainable, device):
         columns += [f"score_{c}" for c in shapes_world.CATEGORIES + ["mean"]] if tiny else []
         columns += ["heldout_acc"] if tiny or args.val_data else []
     record = run.open_log(args, columns, step, master)
-    B, with_negatives = args.batch, families.LOSSES[args.loss]["pairs"] == "matrix"
+    B, with_negatives = args.batch, LOSSES[args.loss]["pairs"] == "matrix"
     pairs_per_rank = B * B * (args.world if args.gather_text else 1) if with_negatives else B
     if master:
         numbers = sum(p.numel() for p in trainable.trainable())
@@ -448,9 +278,9 @@ def save_trained(args, trainable, blocks, step, master):
 
 def main(argv=None):
     # ---- flags: every one-line error that needs no model and no data comes first
-    args = parse_args(argv)
+    args = parse_args(argv)  # every number's domain (flags.py) is checked here
+    given = recipe.given(args)  # the settings the command line gives (the rest: the checkpoint's, the recipe's)
     models.check_backbone_flags(args)  # the model name, --device, --threads ...
-    check_recipe_flags(args)  # ... and every number of the recipe
 
     # ---- DDP (torchrun) or one process; rank 0 alone writes files and prints, every rank computes
     ddp, rank, world, device = start_ddp(args)
@@ -459,13 +289,14 @@ def main(argv=None):
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # ---- the run folder (run.py: writable, locked, no half-written files) and the recipe: on --resume the
-    # checkpoint's, then the papers' defaults for this family and loss (resolve). Then the data, the counter
+    # checkpoint's, then the recipe's defaults for this family and loss (resolve). Then the data, the counter
     # and the frozen backbone (the hub, --pretrained, or the shapes world's weights: this script's choice).
-    args.out = args.out or os.path.join("runs", f"{args.model}-{args.loss or families.DEFAULT_LOSS}")
-    run.open_folder(args.out, master)
+    named = f"{args.model or recipe.BY_NAME['model'].default}-{args.loss or DEFAULT_LOSS}"
+    args.out = args.out or os.path.join("runs", named)
     state = run.resume_config(args)
-    resolve(args)
-    lora_blocks = lora.check_lora_recipe(args, FAMILIES[args.model]) if args.params == "lora" else None
+    resolve(args, given)
+    run.open_folder(args.out, master)
+    lora_blocks = lora.parse_blocks(args.lora_blocks, FAMILIES[args.model]) if args.params == "lora" else None
     counter = open_counter(args, device) if args.count_weight else None
     source = open_data(args)
     bb = models.from_flags(args, device=device, seed=args.seed, shapes_world=backbones.load)

@@ -49,6 +49,7 @@ import families
 import flags
 import hooks
 import models
+import recipe
 import softtokens
 import step
 
@@ -119,15 +120,15 @@ def training_configs(bb, B, size):
             handle.remove()
 
     def make_step(loss):
-        recipe = SimpleNamespace(**families.default_recipe(bb.name, loss, steps=100000))
+        settings = SimpleNamespace(**recipe.defaults(bb.name, loss, steps=100000))
         tokens = softtokens.make_tokens(bb, loss, init="normal").to(bb.device)
-        opt = torch.optim.AdamW(tokens.trainable(), lr=recipe.lr, weight_decay=recipe.wd)
+        opt = torch.optim.AdamW(tokens.trainable(), lr=settings.lr, weight_decay=settings.wd)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         scaler = torch.amp.GradScaler(bb.device.type, enabled=bb.dtype == torch.float16)
 
         def run():
             handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
-            step.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, steps["n"])
+            step.train_step(bb, tokens, handle, opt, sched, scaler, settings, batch, steps["n"])
             steps["n"] += 1
             handle.remove()
 
@@ -215,7 +216,7 @@ def positions(bb, size):
 
 def memory_check(bb, sizes):
     rows = []
-    recipe = SimpleNamespace(**families.default_recipe(bb.name, "dsm", steps=100))
+    settings = SimpleNamespace(**recipe.defaults(bb.name, "dsm", steps=100))
     tokens = softtokens.make_tokens(bb, "dsm", init="normal").to(bb.device)  # (no text encoder here)
     opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -224,7 +225,7 @@ def memory_check(bb, sizes):
     for size in sizes:
         batch = random_batch(bb, 1, size)
         peak = allocated_peak(
-            lambda batch=batch: step.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, 0)
+            lambda batch=batch: step.train_step(bb, tokens, handle, opt, sched, scaler, settings, batch, 0)
         )
         rows.append((size, positions(bb, size), peak))
         print(f"{bb.name} {size} px: {rows[-1][1]} positions per block, step peak {peak / 2**30:.3f} GiB", flush=True)

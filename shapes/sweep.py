@@ -2,7 +2,7 @@
 
 The knobs both papers ablate (SoftREPA Fig. 6 and Table 10: the number of tokens, the token layers,
 τ; AGSM Tables 6 and 12: γ±, the layers, the steps), plus lr, varied one at a time around the family's
-defaults (families.default_recipe), as the papers' ablations do. Every run is train.py with one flag
+defaults (recipe.py), as the papers' ablations do. Every run is train.py with one flag
 changed; then one eval.py --protocol dev scores the base and every run's tokens on the same prompts and
 seeds, so each row carries its paired difference against the base with its 95% interval.
 
@@ -30,6 +30,7 @@ if __package__ in (
 
 import flags
 import models
+from losses import DEFAULT_LOSS, LOSSES
 
 # The columns of a row: the run's settings (from its config.json), then the dev-set scores.
 SETTINGS = ["loss", "steps", "lr", "tau", "gamma_pos", "gamma_neg", "n_tokens", "layers", "blocks", "batch", "seed"]
@@ -42,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py a
 def build_parser():
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a tiny-* family (the dev set is the shapes world's)")
-    p.add_argument("--loss", nargs="+", default=["agsm"], choices=["dsm", "softrepa", "agsm"])
+    p.add_argument("--loss", nargs="+", default=[DEFAULT_LOSS], choices=list(LOSSES))
     p.add_argument(
         "--vary",
         action="append",

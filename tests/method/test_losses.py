@@ -57,8 +57,7 @@ def test_classifier_accuracy():
 def test_agsm_with_zero_gamma_is_plain_matching(prediction):
     pred, target = example(seed=1)
     pred_ema = pred + 0.1 * torch.randn_like(pred)
-    t = torch.tensor([10.0, 500.0, 990.0])
-    loss, _ = losses.agsm_loss(pred=pred, pred_ema=pred_ema, target=target, timesteps=t, gamma_pos=0.0, gamma_neg=0.0)
+    loss, _, _ = losses.agsm_loss(pred=pred, pred_ema=pred_ema, target=target, gamma_pos=0.0, gamma_neg=0.0)
     errors = losses.pair_errors(pred, target)
     eye = torch.eye(3, dtype=torch.bool)
     assert loss.item() == pytest.approx(errors[eye].mean().item() + errors[~eye].mean().item(), rel=1e-6)
@@ -67,9 +66,7 @@ def test_agsm_with_zero_gamma_is_plain_matching(prediction):
 def test_agsm_delta_is_zero_when_all_texts_agree():
     _, target = example()
     same = torch.randn(3, 1, 2, 2, 2).expand(3, 3, 2, 2, 2)
-    targets, w = losses.agsm_targets(
-        pred_ema=same, target=target, timesteps=torch.zeros(3), gamma_pos=1.0, gamma_neg=1.0
-    )
+    _, w, targets = losses.agsm_loss(pred=same, pred_ema=same, target=target, gamma_pos=1.0, gamma_neg=1.0)
     torch.testing.assert_close(targets, target.unsqueeze(1).expand_as(targets))
     torch.testing.assert_close(w, torch.full((3, 3), 1 / 3))
 
@@ -79,8 +76,8 @@ def test_agsm_targets_term_by_term(prediction):
     """Eq. 15 (epsilon) / eq. 16 (flow) written out with loops, Alg. 1 lines 8-10."""
     pred_ema, target = example(seed=2)
     tau, gp, gn = 0.5, 1.0, 0.1
-    targets, w = losses.agsm_targets(
-        pred_ema=pred_ema, target=target, timesteps=torch.zeros(3), gamma_pos=gp, gamma_neg=gn, tau=tau
+    _, w, targets = losses.agsm_loss(
+        pred=pred_ema, pred_ema=pred_ema, target=target, gamma_pos=gp, gamma_neg=gn, tau=tau
     )
     for i in range(3):
         errs = [((pred_ema[i, k] - target[i]) ** 2).mean() for k in range(3)]
@@ -97,13 +94,10 @@ def test_agsm_loss_regresses_onto_detached_targets():
     pred, target = example(seed=3)
     pred = pred.clone().requires_grad_(True)
     pred_ema = pred.detach() + 0.05
-    t = torch.zeros(3)
-    loss, _ = losses.agsm_loss(
-        pred=pred, pred_ema=pred_ema, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1, tau=0.5
-    )
+    loss, _, _ = losses.agsm_loss(pred=pred, pred_ema=pred_ema, target=target, gamma_pos=1.0, gamma_neg=0.1, tau=0.5)
     loss.backward()
-    targets, _ = losses.agsm_targets(
-        pred_ema=pred_ema, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1, tau=0.5
+    _, _, targets = losses.agsm_loss(
+        pred=pred_ema, pred_ema=pred_ema, target=target, gamma_pos=1.0, gamma_neg=0.1, tau=0.5
     )
     per_pair = (pred.detach() - targets).pow(2).flatten(2).mean(2)
     eye = torch.eye(3, dtype=torch.bool)
@@ -119,13 +113,11 @@ def test_agsm_loss_regresses_onto_detached_targets():
 def test_bradley_terry_two_texts_equals_plackett_luce():
     """With B = 2 each image has one negative: the pairwise and the listwise models coincide."""
     pred_ema, target = example(B=2, seed=4)
-    pl, _ = losses.agsm_targets(
-        pred_ema=pred_ema, target=target, timesteps=torch.zeros(2), gamma_pos=1.0, gamma_neg=1.0, tau=0.3
-    )
-    bt, _ = losses.agsm_targets(
+    _, _, pl = losses.agsm_loss(pred=pred_ema, pred_ema=pred_ema, target=target, gamma_pos=1.0, gamma_neg=1.0, tau=0.3)
+    _, _, bt = losses.agsm_loss(
+        pred=pred_ema,
         pred_ema=pred_ema,
         target=target,
-        timesteps=torch.zeros(2),
         gamma_pos=1.0,
         gamma_neg=1.0,
         tau=0.3,
@@ -136,10 +128,8 @@ def test_bradley_terry_two_texts_equals_plackett_luce():
 
 def test_bradley_terry_differs_from_plackett_luce_with_more_texts():
     pred_ema, target = example(B=3, seed=5)
-    pl, _ = losses.agsm_targets(pred_ema=pred_ema, target=target, timesteps=torch.zeros(3), tau=0.3)
-    bt, _ = losses.agsm_targets(
-        pred_ema=pred_ema, target=target, timesteps=torch.zeros(3), tau=0.3, bradley_terry=True
-    )
+    _, _, pl = losses.agsm_loss(pred=pred_ema, pred_ema=pred_ema, target=target, tau=0.3)
+    _, _, bt = losses.agsm_loss(pred=pred_ema, pred_ema=pred_ema, target=target, tau=0.3, bradley_terry=True)
     assert not torch.allclose(pl, bt)
 
 
@@ -157,8 +147,8 @@ def test_agsm_accepts_extra_gathered_negatives():
     Extra captions that predict exactly like an existing one only re-weight; the per-pair formula holds."""
     g = torch.Generator().manual_seed(6)
     pred_ema, target = torch.randn(2, 5, 1, 2, 2, generator=g), torch.randn(2, 1, 2, 2, generator=g)
-    targets, w = losses.agsm_targets(
-        pred_ema=pred_ema, target=target, timesteps=torch.zeros(2), gamma_pos=1.0, gamma_neg=0.5, tau=0.4
+    _, w, targets = losses.agsm_loss(
+        pred=pred_ema, pred_ema=pred_ema, target=target, gamma_pos=1.0, gamma_neg=0.5, tau=0.4
     )
     assert targets.shape == (2, 5, 1, 2, 2) and w.shape == (2, 5)
     for i in range(2):
@@ -166,11 +156,10 @@ def test_agsm_accepts_extra_gathered_negatives():
         for j in range(5):
             gamma = 1.0 if i == j else -0.5
             torch.testing.assert_close(targets[i, j], target[i] + gamma * (pred_ema[i, j] - mean_pred))
-    loss, _ = losses.agsm_loss(
+    loss, _, _ = losses.agsm_loss(
         pred=pred_ema,
         pred_ema=pred_ema,
         target=target,
-        timesteps=torch.zeros(2),
         gamma_pos=1.0,
         gamma_neg=0.5,
         tau=0.4,
@@ -246,11 +235,10 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
                 pred = models.denoise(bb, *args)
             if layout == "ours":
                 shape = (B, B) + tuple(x0.shape[1:])
-                loss, w = losses.agsm_loss(
+                loss, w, _ = losses.agsm_loss(
                     pred=pred.view(shape),
                     pred_ema=pred_ema.view(shape),
                     target=target,
-                    timesteps=timesteps,
                     gamma_pos=1.0,
                     gamma_neg=1.0,
                     tau=0.1,
@@ -277,9 +265,12 @@ def test_agsm_default_temperature_is_the_codes():
     import inspect
 
     assert inspect.signature(losses.agsm_loss).parameters["tau"].default == 0.1
-    assert inspect.signature(losses.agsm_targets).parameters["tau"].default == 0.1
     pred_ema, target = example(seed=8)
-    _, w = losses.agsm_targets(pred_ema=pred_ema, target=target, timesteps=torch.zeros(3))
+    _, w, _ = losses.agsm_loss(
+        pred=pred_ema,
+        pred_ema=pred_ema,
+        target=target,
+    )
     errors = losses.pair_errors(pred_ema, target)
     torch.testing.assert_close(w, torch.softmax(-errors / 0.1, dim=1))
 
@@ -291,7 +282,7 @@ def test_duplicate_captions_are_no_negatives():
     pred, target = example(seed=9)
     errors = losses.pair_errors(pred, target)
     # SoftREPA: pair (0, 2) and (2, 0) leave the softmax; by hand, row 0 competes with column 1 only
-    logits = losses.softrepa_logits(errors)
+    logits = 4.0 * torch.exp(-errors / 0.07)  # eq. 13 at the defaults (scale 4, tau 0.07)
     by_hand = []
     for i, keep in enumerate(([0, 1], [0, 1, 2], [1, 2])):
         row = logits[i, keep]
@@ -303,12 +294,12 @@ def test_duplicate_captions_are_no_negatives():
         losses.softrepa_loss(errors=errors).item()
     )
     # AGSM: no weight in the Plackett-Luce softmax, no guidance and no psi- loss for a duplicate
-    targets, w = losses.agsm_targets(
-        pred_ema=pred, target=target, timesteps=torch.zeros(3), gamma_pos=1.0, gamma_neg=1.0, exclude=exclude
+    _, w, targets = losses.agsm_loss(
+        pred=pred, pred_ema=pred, target=target, gamma_pos=1.0, gamma_neg=1.0, exclude=exclude
     )
     assert w[0, 2] == 0 and w[2, 0] == 0 and torch.allclose(w.sum(1), torch.ones(3))
     torch.testing.assert_close(targets[0, 2], target[0].float())
-    loss, _ = losses.agsm_loss(pred=pred, pred_ema=pred, target=target, timesteps=torch.zeros(3), exclude=exclude)
+    loss, _, _ = losses.agsm_loss(pred=pred, pred_ema=pred, target=target, exclude=exclude)
     per_pair = (pred - targets).pow(2).flatten(2).mean(2)
     negatives = per_pair[~torch.eye(3, dtype=torch.bool) & ~exclude]
     assert loss.item() == pytest.approx(per_pair.diagonal().mean().item() + negatives.mean().item(), rel=1e-6)
@@ -320,12 +311,11 @@ def test_duplicate_captions_are_no_negatives():
 
 def test_agsm_plain_sum_is_alg1_line_12():
     pred, target = example(seed=10)
-    t = torch.zeros(3)
-    code, _ = losses.agsm_loss(pred=pred, pred_ema=pred, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1)
-    literal, _ = losses.agsm_loss(
-        pred=pred, pred_ema=pred, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1, plain_sum=True
+    code, _, _ = losses.agsm_loss(pred=pred, pred_ema=pred, target=target, gamma_pos=1.0, gamma_neg=0.1)
+    literal, _, _ = losses.agsm_loss(
+        pred=pred, pred_ema=pred, target=target, gamma_pos=1.0, gamma_neg=0.1, plain_sum=True
     )
-    targets, _ = losses.agsm_targets(pred_ema=pred, target=target, timesteps=t, gamma_pos=1.0, gamma_neg=0.1)
+    _, _, targets = losses.agsm_loss(pred=pred, pred_ema=pred, target=target, gamma_pos=1.0, gamma_neg=0.1)
     per_pair = (pred - targets).pow(2).flatten(2).mean(2)
     eye = torch.eye(3, dtype=torch.bool)
     assert literal.item() == pytest.approx(per_pair.sum().item(), rel=1e-6)

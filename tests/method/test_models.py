@@ -5,6 +5,7 @@ import torch
 
 import families
 import models
+import recipe
 import sampler
 from shapes import backbones
 
@@ -173,11 +174,11 @@ def one_agsm_step(bb, tokens, handle, batch):
 
     import step
 
-    recipe = SimpleNamespace(**families.default_recipe(bb.name, "agsm", steps=10))
+    settings = SimpleNamespace(**recipe.defaults(bb.name, "agsm", steps=10))
     opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return step.train_step(
-        bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), recipe, batch, 0
+        bb, tokens, handle, opt, sched, torch.amp.GradScaler("cpu", enabled=False), settings, batch, 0
     )
 
 

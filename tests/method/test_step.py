@@ -9,7 +9,7 @@ import pytest
 import tolerances
 import torch
 
-import families
+import recipe
 import softtokens
 import step as training
 import trained
@@ -24,20 +24,20 @@ def one_step(name, loss, rows_per_forward, checkpointing, captions):
     if checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
         bb.denoiser.train()  # diffusers checkpoints in training mode only
-    recipe = SimpleNamespace(**families.default_recipe(name, loss, steps=100))
-    recipe.rows_per_forward = rows_per_forward
+    settings = SimpleNamespace(**recipe.defaults(name, loss, steps=100))
+    settings.rows_per_forward = rows_per_forward
     tokens = softtokens.make_tokens(bb, loss, seed=0)
     with torch.no_grad():  # tokens that matter, so that the step moves them visibly
         for p in tokens.parameters():
             p.normal_(0, 0.5)
     tokens.update_ema(0.0) if loss == "agsm" else None
-    opt = torch.optim.AdamW(tokens.trainable(), lr=recipe.lr, weight_decay=recipe.wd)
+    opt = torch.optim.AdamW(tokens.trainable(), lr=settings.lr, weight_decay=settings.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(1)
     batch = dict(images=torch.rand((len(captions), 3, 32, 32), generator=g) * 2 - 1, captions=captions, new_bad=0)
     handle = trained.attach(bb, tokens.sets)
-    stats = training.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, step=3)
+    stats = training.train_step(bb, tokens, handle, opt, sched, scaler, settings, batch, step=3)
     handle.remove()
     grads = {k: p.grad.clone() for k, p in zip(range(99), tokens.trainable())}
     return {k: v.detach().clone() for k, v in tokens.state_dict().items()}, stats, grads

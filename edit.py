@@ -436,7 +436,7 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def shapes_check(bb, n, sets, info, seed=0):
+def shapes_check(bb, n, loaded, seed=0):
     """How many of n shapes edits each method gets right (the target's colour-shape binding present),
     without and with the soft tokens on the target branch."""
     images, sources, targets, specs = checker.shapes_edit_cases(n, seed)
@@ -444,8 +444,8 @@ def shapes_check(bb, n, sets, info, seed=0):
     results = {}
     for method in methods:
         row = {}
-        for label in ("plain", "tokens") if sets is not None else ("plain",):
-            with trained.attached(bb, sets if label == "tokens" else None, info and info["blocks"]) as handle:
+        for label in ("plain", "tokens") if loaded is not None else ("plain",):
+            with trained.attached(bb, loaded if label == "tokens" else None) as handle:
                 edited = edit(bb, images, sources, targets, method, handle, seed=seed)
             row[label] = sum(checker.check(e, s) for e, s in zip(edited, specs))
         results[method] = row
@@ -460,9 +460,9 @@ def main(argv=None):
     if args.shapes_check:
         if not tiny:
             raise SystemExit("--shapes-check edits shapes-world images: use it with tiny-sd3 or tiny-sd1.5")
-        sets, info = trained.read(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
+        loaded = trained.read(args.tokens, args.model, ema=args.ema)
         bb = models.from_flags(args, shapes_world=backbones.load)
-        return shapes_check(bb, args.shapes_check, sets, info, args.seed)
+        return shapes_check(bb, args.shapes_check, loaded, args.seed)
     if args.bench is None and (args.image is None or args.src is None or args.tgt is None):
         raise SystemExit(
             "edit.py needs --image, --src and --tgt, or --bench DIR (or --shapes-check N on a tiny model)"
@@ -480,7 +480,7 @@ def main(argv=None):
     if args.tokens_source and args.tokens is None:
         raise SystemExit("--tokens-source puts the --tokens on the source branch too: pass --tokens FILE")
     # the tokens (or LoRA) file and the first image, read and checked before the model loads
-    sets, info = trained.read(args.tokens, args.model, ema=args.ema) if args.tokens else (None, None)
+    loaded = trained.read(args.tokens, args.model, ema=args.ema)
     first = data.to_tensor(
         data.read_image(records[0]["image"], size)
     )  # resized and centre-cropped to the model's size
@@ -492,8 +492,8 @@ def main(argv=None):
     for i, record in enumerate(tqdm(records, desc=method, disable=args.bench is None)):
         image = first if i == 0 else data.to_tensor(data.read_image(record["image"], size))
         edited = [edit(bb, image, record["src"], record["tgt"], method, **run)]
-        if sets is not None:
-            with trained.attached(bb, sets, info["blocks"]) as handle:
+        if loaded is not None:
+            with trained.attached(bb, loaded) as handle:
                 edited.append(edit(bb, image, record["src"], record["tgt"], method, handle, args.tokens_source, **run))
         if args.bench:  # --bench: <out>/plain/<name> and <out>/tokens/<name>, the folders eval.py --bench reads
             for variant, picture in zip(("plain", "tokens"), edited):
@@ -515,7 +515,7 @@ def main(argv=None):
         edits=len(records),
         method=method,
         tokens=args.tokens,
-        token_set=info and info["token_set"],
+        token_set=loaded and loaded.token_set,
         tokens_source=args.tokens_source,
         seed=args.seed,
         size=list(image.shape[1:]),
@@ -525,9 +525,9 @@ def main(argv=None):
     print(
         f"{method}: "
         + (
-            f"{len(records)} edits in {args.out}/plain" + (" and tokens" if sets else "")
+            f"{len(records)} edits in {args.out}/plain" + (" and tokens" if loaded else "")
             if args.bench
-            else f"strip.png (source | edited{' | edited with tokens' if sets else ''}) in {args.out}"
+            else f"strip.png (source | edited{' | edited with tokens' if loaded else ''}) in {args.out}"
         )
     )
     return record

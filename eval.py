@@ -135,8 +135,7 @@ def token_handle(bb, record):
     """The run's soft tokens attached to bb as sample.py attached them, or None for a plain run."""
     if not record.get("tokens") or record.get("variant") == "plain":
         return None
-    sets, info = trained.read(record["tokens"], bb.name, ema=record.get("token_set") == "ema_pos")
-    return trained.attach(bb, sets, info["blocks"])
+    return trained.attach(bb, trained.read(record["tokens"], bb.name, ema=record.get("token_set") == "ema_pos"))
 
 
 def classifier_records(n_per_category, which="eval"):
@@ -482,8 +481,7 @@ def run_protocol(args):
     results, grids, per_prompt = {}, [], {}
     first = [next(i for i, r in enumerate(records) if r["spec"]["category"] == c) for c in shapes.CATEGORIES]
     for name, path in variants:
-        sets, info = trained.read(path, args.model, ema=args.ema) if path else (None, {"blocks": None})
-        with trained.attached(bb, sets, info["blocks"]) as handle:
+        with trained.attached(bb, trained.read(path, args.model, ema=args.ema)) as handle:
             images = protocol_images(bb, records, args.protocol, handle)
         groups = checker.protocol_groups(images, specs)
         results[name] = checker.ordered(checker.bootstrap_interval(groups))

@@ -6,14 +6,15 @@ blocks, and `remove()` unregisters them, after which the model computes exactly 
 before (same modules, same weights, same code path).
 
 MM-DiT (SD3Transformer2DModel), SoftREPA Algorithm 1. The text stream H_text enters block k after the
-frozen `context_embedder`. For k < L the block's own tokens are prepended,
+frozen `context_embedder`. For the first L blocks k < L (the placement below may name other blocks) the
+block's own tokens are prepended,
         hat H_text^(k-1) = [s^(k,t); H_text^(k-1)]          (Alg. 1 line 8)
 the block mixes image and text in joint attention, and its text output is cut back to the last n
 positions before the next block,
         H_text^(k) = hat H_text^(k)[-n:]                     (Alg. 1 line 13)
-so every block sees its own tokens only. Blocks k >= L are untouched. The same path serves SD3.5
+so every block sees its own tokens only. The other blocks are untouched. The same path serves SD3.5
 (dual attention, QK-norm: the same block interface) and FLUX's FluxTransformer2DModel, whose blocks
-also take the text stream separately and return (text, image): there the tokens go into the first L
+also take the text stream separately and return (text, image): there the tokens go into the placed
 double-stream blocks, each such block gets the rotary embedding of its own text length (the tokens'
 ids are FLUX's text ids, zeros: cos 1, sin 0), and the single-stream blocks see no tokens.
 
@@ -173,11 +174,45 @@ class SoftTokenHooks:
         return tokens, used
 
 
-def attach(model, tokens, blocks=None):
+# Where the tokens go: the placement, carried by every token file (softtokens.save) so that a file attaches as
+# it was trained. One dict, its keys by architecture:
+#   MM-DiT  {"blocks": [k_0, k_1, ...]}  the transformer blocks with tokens, layer l of the tokens in block k_l
+#           (default: the first L blocks, SoftREPA Alg. 1)
+#   UNet    {"groups": ["down", "mid"]}  the cross-attention blocks of these groups; with L = 1 layer they share
+#           it, with L > 1 the j-th chosen block takes layer j (default: ("down",))
+# A key this code does not know is refused, never ignored: a file placed some other way must not be attached
+# silently to the default blocks.
+PLACEMENT_KEYS = {"mmdit": {"blocks"}, "unet": {"groups"}}
+
+
+def placement_of(model, layers, placement=None):
+    """The full placement of `layers` token layers in `model`: `placement`'s keys checked, the rest defaulted.
+    ValueError (one line) for a placement the model cannot take."""
+    arch = "mmdit" if is_mmdit(model) else "unet"
+    placement = dict(placement or {})
+    unknown = set(placement) - PLACEMENT_KEYS[arch]
+    if unknown:
+        raise ValueError(
+            f"placement {sorted(unknown)} is not one this code can honour on a {type(model).__name__} (it places "
+            f"tokens by {sorted(PLACEMENT_KEYS[arch])})"
+        )
+    if arch == "unet":
+        return {"groups": list(placement.get("groups") or ("down",))}
+    blocks = [int(k) for k in placement.get("blocks", range(layers))]
+    n_blocks = len(model.transformer_blocks)
+    if len(blocks) != layers or len(set(blocks)) != layers or not all(0 <= k < n_blocks for k in blocks):
+        raise ValueError(
+            f"{layers} token layers cannot go into blocks {blocks} of a model with {n_blocks} blocks (one distinct "
+            f"block per layer)"
+        )
+    return {"blocks": blocks}
+
+
+def attach(model, tokens, placement=None):
     """Attach soft tokens to a stock diffusers denoiser; returns a SoftTokenHooks with `.remove()`.
 
     tokens: a SoftTokens, or a list of them (the sets a row can choose from; same shapes).
-    blocks: UNet only, the groups to put tokens in, e.g. ("down",) or ("down", "mid").
+    placement: where they go (the dict above; None or missing keys: the default).
     """
     sets = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
     shape = sets[0].shape
@@ -189,18 +224,22 @@ def attach(model, tokens, blocks=None):
             f"soft tokens of shape {shape} (layers, tokens, width) do not fit this "
             f"{type(model).__name__}: its token width is {token_width(model)}"
         )
+    if is_mmdit(model) and layers > len(model.transformer_blocks):
+        raise ValueError(
+            f"soft tokens of shape {shape} need {layers} blocks; this model has {len(model.transformer_blocks)}"
+        )
+    where = placement_of(model, layers, placement)
     handle = SoftTokenHooks(model, sets)
+    handle.placement = where
     if is_mmdit(model):
-        _attach_mmdit(model, handle, layers, m, shape)
+        _attach_mmdit(model, handle, where["blocks"], m)
     else:
-        _attach_unet(model, handle, layers, m, shape, blocks or ("down",))
+        _attach_unet(model, handle, layers, m, shape, where["groups"])
     return handle
 
 
-def _attach_mmdit(model, handle, layers, m, shape):
-    n_blocks = len(model.transformer_blocks)
-    if layers > n_blocks:
-        raise ValueError(f"soft tokens of shape {shape} need {layers} blocks; this model has {n_blocks}")
+def _attach_mmdit(model, handle, blocks, m):
+    layer_of = {k: layer for layer, k in enumerate(blocks)}  # block index -> the token layer it takes
 
     def model_pre_hook(module, args, kwargs):
         call = _bind(module, args, kwargs)
@@ -220,9 +259,9 @@ def _attach_mmdit(model, handle, layers, m, shape):
             call = _bind(block, args, kwargs)
             extra = dict(call.get("joint_attention_kwargs") or {})
             tokens, used = extra.pop(_STATE)
-            if k < layers:
+            if k in layer_of:
                 text = call["encoder_hidden_states"]
-                call["encoder_hidden_states"] = torch.cat([tokens[:, k].to(text), text], dim=1)  # Alg. 1 l. 8
+                call["encoder_hidden_states"] = torch.cat([tokens[:, layer_of[k]].to(text), text], dim=1)  # Alg.1 l.8
                 rope = call.get("image_rotary_emb")
                 if rope is not None:  # FLUX: rotary positions for the m more text positions, whose ids are
                     cos, sin = rope  # (0, 0, 0) like every FLUX text id: cos 1, sin 0
@@ -253,7 +292,7 @@ def _attach_mmdit(model, handle, layers, m, shape):
         handle._handles.append(block.register_forward_pre_hook(single_block_pre_hook, with_kwargs=True))
     for k, block in enumerate(model.transformer_blocks):
         handle._handles.append(block.register_forward_pre_hook(block_pre_hook(k), with_kwargs=True))
-        if k < layers:
+        if k in layer_of:
             handle._handles.append(block.register_forward_hook(block_post_hook, with_kwargs=True))
             handle._processors.append((block.attn, block.attn.processor))
             block.attn.set_processor(NoTokenRowsAttention(block.attn.processor))

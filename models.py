@@ -245,12 +245,14 @@ def add_backbone_flags(parser, precision="fp16 on a GPU, fp32 on the CPU"):
 
 
 def check_backbone_flags(args):
-    """One-line errors of the backbone flags, before anything heavy; fills in --device."""
-    facts = check_name(args.model or "tiny-sd3")  # train.py: None until a resumed run's checkpoint says
-    if getattr(args, "max_sequence_length", None) and facts["max_sequence_length"] is None:
-        raise SystemExit(f"--max-sequence-length sets T5's positions, and {args.model} reads no T5: drop it")
-    if args.random_init and not is_shapes_world(args.model):
-        raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
+    """One-line errors of the backbone flags, before anything heavy; fills in --device. (train.py: --model is None
+    until a resumed run's checkpoint or the recipe says; it calls this again once it is known.)"""
+    if args.model is not None:
+        facts = check_name(args.model)
+        if getattr(args, "max_sequence_length", None) and facts["max_sequence_length"] is None:
+            raise SystemExit(f"--max-sequence-length sets T5's positions, and {args.model} reads no T5: drop it")
+        if args.random_init and not is_shapes_world(args.model):
+            raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)

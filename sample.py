@@ -1,14 +1,9 @@
 """
-sample.py: text-to-image sampling with or without soft tokens (SoftREPA sec. 4.1, AGSM sec. 4.1) --
-the sampler every script uses (edit.py, eval.py, train.py's validation) and its command line.
-
-The sampler loops are written out so that every step can be read:
-  flow models (SD3, tiny-sd3): Euler on the probability-flow ODE dx/dsigma = v, sigma from 1 to 0,
-      with SD3's time shift sigma' = shift sigma / (1 + (shift - 1) sigma);
-  DDPM models (SD1.5, SDXL, tiny-sd1.5): DDIM (eta = 0) on SD's "leading" timestep spacing.
-Classifier-free guidance: pred = uncond + cfg (cond - uncond), both branches in one batch. By default
-both CFG branches use psi+ (SoftREPA; AGSM sec. 4 and Table 5 (ii)); `--neg-uncond` (uncond_set=1)
-puts psi- on the unconditional branch (AGSM Table 5 (i)).
+sample.py: text-to-image sampling with or without soft tokens (SoftREPA sec. 4.1, AGSM sec. 4.1) -- the
+command line. The sampler itself (flow Euler and DDIM written out, classifier-free guidance with per-row
+tokens) is sampler.py, which edit.py, eval.py and train.py's validation use too. A trained file (tokens or
+LoRA) attaches as it was trained (trained.py). By default both CFG branches use psi+ (SoftREPA; AGSM sec. 4
+and Table 5 (ii)); `--neg-uncond` puts psi- on the unconditional branch (AGSM Table 5 (i)).
 
     python sample.py --model tiny-sd3 --prompt "a red circle above a blue square" --seed 0 1 2 3
     python sample.py --model tiny-sd3 --prompts shapes/data/eval.jsonl --tokens runs/x/tokens.safetensors --out out/x
@@ -103,19 +98,17 @@ def main(argv=None):
     cfg = facts["sample"]["cfg"] if args.cfg is None else args.cfg
     items = [{"prompt": args.prompt}] if args.prompt is not None else files.read_prompt_file(args.prompts)
     backbones.check_prompts(args.model, [item["prompt"] for item in items])
-    sets, info = (None, dict(token_set=None, blocks=None))
-    if args.tokens is not None:
-        sets, info = trained.read(args.tokens, args.model, args.ema, args.neg_uncond)
+    loaded = trained.read(args.tokens, args.model, args.ema, args.neg_uncond)  # None without --tokens
     files.check_writable(args.out)  # before the work: a read-only --out must not lose the images
 
     bb = models.from_flags(args, shapes_world=backbones.load)
     families.check_size(args.model, args.size, bb=bb)  # the loaded model's positional table
     uncond_set = 1 if args.neg_uncond else None
     jobs = [(item, seed) for item in items for seed in args.seed]
-    variants = (["plain", "tokens"] if args.compare else ["tokens"]) if sets is not None else ["plain"]
+    variants = (["plain", "tokens"] if args.compare else ["tokens"]) if loaded is not None else ["plain"]
     images = {}
     for variant in variants:
-        with trained.attached(bb, sets if variant == "tokens" else None, info["blocks"]) as handle:
+        with trained.attached(bb, loaded if variant == "tokens" else None) as handle:
             out = []
             for start in tqdm(range(0, len(jobs), args.batch), desc=f"sampling ({variant})"):
                 part = jobs[start : start + args.batch]
@@ -149,8 +142,8 @@ def main(argv=None):
                 variant=variant,
                 model=args.model,
                 tokens=args.tokens if with_tokens else None,
-                token_set=info["token_set"] if with_tokens else None,
-                uncond=("psi-" if args.neg_uncond else "lora" if info["token_set"] == "lora" else "psi+")
+                token_set=loaded.token_set if with_tokens else None,
+                uncond=("psi-" if args.neg_uncond else "lora" if loaded.token_set == "lora" else "psi+")
                 if with_tokens
                 else "none",
                 steps=steps,

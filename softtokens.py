@@ -312,13 +312,14 @@ def import_agsm(folder):
 
 
 def read_tokens(path, name, ema=False, neg_uncond=False):
-    """The token sets to attach from `path`, and a description of them for the records.
+    """The token sets to attach from `path`, where they go, and their name for the records.
 
     path: a file written by softtokens.save (a SoftTokens, or AGSM's PairTokens, of which we sample
     with psi+ -- its EMA copy with ema=True -- and put psi- on the unconditional branch with
     neg_uncond=True), or a folder of the SoftREPA authors' released .pth files. Returns
-    (sets, info): attach `sets` with hooks.attach; set 0 is the one for the conditional branch and,
-    for neg_uncond, set 1 is psi-."""
+    (sets, meta, token_set): set 0 is the one for the conditional branch and, for neg_uncond, set 1 is
+    psi-; meta is the file's metadata, its "placement" (hooks.py) filled in for files written before
+    placements were recorded (their UNet "blocks"; None: the family's default, as the released tokens)."""
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "dc_tokens.pth")):
             raise SystemExit(
@@ -330,7 +331,7 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
                 "--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); "
                 f"{path} holds the released SoftREPA tokens (one set)"
             )
-        return [import_softrepa(path)], dict(token_set="softrepa", blocks=None)
+        return [import_softrepa(path)], dict(placement=None), "softrepa"
     if not os.path.exists(path):
         raise SystemExit(f"no token file at {path}")
     from safetensors import SafetensorError
@@ -349,22 +350,26 @@ def read_tokens(path, name, ema=False, neg_uncond=False):
             f"{path} holds non-finite numbers (NaN or inf) in {', '.join(bad)}: it comes from a diverged "
             f"run; take an earlier checkpoint's tokens or retrain with a lower --lr"
         )
-    blocks = meta.get("blocks")
+    if "placement" not in meta:  # written before placements were recorded: UNet groups under "blocks"
+        meta["placement"] = {"groups": meta["blocks"]} if meta.get("blocks") else None
     if isinstance(tokens, SoftTokens):
         if ema or neg_uncond:
             raise SystemExit(
                 f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds one set"
             )
-        return [tokens], dict(token_set="tokens", blocks=blocks)
+        return [tokens], meta, "tokens"
     if ema:
-        return [tokens.ema_pos, tokens.ema_neg], dict(token_set="ema_pos", blocks=blocks)
-    return [tokens.pos, tokens.neg], dict(token_set="pos", blocks=blocks)
+        return [tokens.ema_pos, tokens.ema_neg], meta, "ema_pos"
+    return [tokens.pos, tokens.neg], meta, "pos"
 
 
-def attach_tokens(bb, sets, blocks=None):
-    """hooks.attach with the family's blocks, on the backbone's device; a one-line error on a misfit."""
+def attach_tokens(bb, sets, placement=None):
+    """hooks.attach on the backbone's device at `placement` (None: the family's: the first L blocks of an
+    MM-DiT, the family's groups of a UNet); a one-line error for a placement the backbone cannot take."""
     sets = [s.to(bb.device) for s in sets]
+    if placement is None and bb.facts["arch"] == "unet":
+        placement = {"groups": list(bb.facts["token_blocks"])}
     try:
-        return hooks.attach(bb.denoiser, sets, blocks=tuple(blocks or bb.facts["token_blocks"] or ()) or None)
+        return hooks.attach(bb.denoiser, sets, placement)
     except ValueError as e:
         raise SystemExit(f"cannot attach these tokens to {bb.name}: {e}") from None

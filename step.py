@@ -158,7 +158,7 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     device = bb.device
     x0, cond = encode_batch(bb, batch)  # frozen VAE and text encoders (or the cache)
     captions = columns = list(batch["captions"])
-    if args.gather_text:  # the other ranks' captions as more negatives
+    if args.gather_text and world > 1:  # the other ranks' captions as more negatives (one rank: none to add)
         cond, columns = gather_text(cond, captions, rank, world)
     B, K = x0.shape[0], len(columns)
     # (B, K): captions repeating the row's own are no negatives. Built and counted on the CPU, before the

@@ -159,30 +159,31 @@ def open_counter(args, device):
 
 
 def make_trainable(args, bb, lora_blocks, device, ddp):
-    """(what trains, its handle, the token blocks). SoftREPA and dsm train one token set; AGSM two, psi+ for
+    """(what trains, its handle). SoftREPA and dsm train one token set; AGSM two, psi+ for
     matched and psi- for mismatched pairs, and their EMA copies (softtokens.PairTokens). The same seed on
     every rank gives the same start, and the broadcast makes sure of it. The tokens stay fp32; autocast runs
     the denoiser in the backbone's dtype (step.py). The handle puts them into the denoiser's text stream
-    (hooks.py; MM-DiT: the first L blocks, SoftREPA Alg. 1; UNet: the chosen blocks' cross-attention), and
+    (hooks.py; MM-DiT: the first L blocks, SoftREPA Alg. 1; UNet: the --blocks groups' cross-attention) at the
+    placement the token file will carry (handle.placement), and
     `handle.rows(...)` chooses per row which set a forward uses; the stock forward is untouched.
     --params lora (lora.py; SoftREPA Table 3): W' = W + B A on the attention projections of the chosen blocks,
     B = 0 at the start (the stock model), trained by the very same step; its handle switches the adapters
     per row (adapted / plain) where the tokens' hooks switch tokens."""
     if args.params == "lora":
         trainable = lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed)
-        handle, blocks = lora.LoraHandle(bb.denoiser), ()
+        handle = lora.LoraHandle(bb.denoiser)
     else:
         shape = dict(n_tokens=args.n_tokens, layers=args.layers, time_table=args.time_table, init=args.init)
         trainable = softtokens.make_tokens(bb, args.loss, seed=args.seed, ema_init=args.ema_init, **shape).to(device)
-        blocks = tuple(b for b in args.blocks.split(",") if b)
     if ddp:
         for t in trainable.parameters():
             dist.broadcast(t.data, 0)
     if args.params != "lora":
-        handle = hooks.attach(bb.denoiser, trainable.sets, blocks=blocks or None)
+        placement = {"groups": args.blocks.split(",")} if bb.facts["arch"] == "unet" else None  # MM-DiT: --layers
+        handle = hooks.attach(bb.denoiser, trainable.sets, placement)
     if args.compile:
         bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
-    return trainable, handle, blocks
+    return trainable, handle
 
 
 def open_log(args, step, master, bb, trainable, device):
@@ -250,11 +251,12 @@ def validate(bb, handle, trainable, initial_tokens, args, step):
     return {**result, **softtokens.movement(bb, trainable, initial_tokens, handle, classifier.DEV_PROMPTS)}
 
 
-def save_trained(args, trainable, blocks, step, master):
+def save_trained(args, trainable, handle, step, master):
     """The trained file (rank 0): tokens.safetensors (softtokens.save) or lora.safetensors (lora.save), with
     the run's recipe in its metadata. Returns its path."""
     facts, common = FAMILIES[args.model], dict(model=args.model, loss=args.loss, steps=step, batch=args.batch)
     common.update(world=args.world, lr=args.lr, seed=args.seed, data=args.data)
+    common.update(max_sequence_length=args.max_sequence_length)  # the text stream the file was trained on
     if args.params == "lora":
         path = os.path.join(args.out, "lora.safetensors")
         if master:
@@ -266,7 +268,7 @@ def save_trained(args, trainable, blocks, step, master):
             path,
             trainable,
             arch=facts["arch"],
-            blocks=list(blocks),
+            placement=handle.placement,
             gamma_pos=args.gamma_pos,
             gamma_neg=args.gamma_neg,
             dweight=args.dweight,
@@ -295,6 +297,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", named)
     state = run.resume_config(args)
     resolve(args, given)
+    models.check_backbone_flags(args)  # again: the model may have come from the checkpoint
     run.open_folder(args.out, master)
     lora_blocks = lora.parse_blocks(args.lora_blocks, FAMILIES[args.model]) if args.params == "lora" else None
     counter = open_counter(args, device) if args.count_weight else None
@@ -307,7 +310,7 @@ def main(argv=None):
     # ---- what trains (soft tokens, or LoRA adapters), AdamW on it and the authors' schedule; then the
     # checkpoint's state on --resume, or step 0 saved before any update: a good state to return to even if
     # the very first update diverges (a too-high --lr shows at once, and the run goes on more slowly).
-    trainable, handle, blocks = make_trainable(args, bb, lora_blocks, device, ddp)
+    trainable, handle = make_trainable(args, bb, lora_blocks, device, ddp)
     initial_tokens = {k: v.detach().clone().cpu() for k, v in trainable.state_dict().items()}  # for `movement`
     opt = torch.optim.AdamW(trainable.trainable(), lr=args.lr, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at_step(s, args.lr_period, args.min_lr / args.lr))
@@ -375,7 +378,7 @@ def main(argv=None):
     # token file holds psi+, psi- and their EMA copies; sampling uses psi+ on both CFG branches by default
     # (AGSM sec. 4), --ema the EMA copy, --neg-uncond psi- on the unconditional branch. A LoRA run writes
     # lora.safetensors in diffusers' LoRA format: the stock pipeline's load_lora_weights reads it too.
-    tokens_path = save_trained(args, trainable, blocks, step, master)
+    tokens_path = save_trained(args, trainable, handle, step, master)
     if master:
         print(f"wrote {tokens_path} after {step} steps ({skipped} unreadable images skipped)")
     if ddp:

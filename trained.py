@@ -1,43 +1,76 @@
 """
-trained.py: a trained file, soft tokens or LoRA adapters, read and put on a backbone for sampling.
+trained.py: a trained file, soft tokens or LoRA adapters, read and put on a backbone as it was trained.
 
 What train.py writes is one of two things (SoftREPA Table 3 compares them): a token file
 (softtokens.save; or a folder of the SoftREPA authors' released tokens), whose sets the hooks put into
 the text stream, or a LoRA file in diffusers' format (lora.save; or any diffusers LoRA), whose adapters
-go onto the denoiser's attention weights. sample.py, edit.py and eval.py take either through the two
-functions below, and get back the same kind of handle (`handle.rows(...)` picks per row what each image
-gets), so nothing downstream asks which one it is.
+go onto the denoiser's attention weights. A file carries how it attaches: its family, what it holds, and
+where it goes (a token file's placement: hooks.py; a LoRA file's keys name their layers). sample.py,
+edit.py, eval.py, the lab's tools and the analyses under docs/ all take a file through `read`, then
+`attached` (or `attach`), and get back the same kind of handle (`handle.rows(...)` picks per row what
+each image gets), so nothing downstream asks which one it is or where it goes.
 """
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import lora
 import models
 import softtokens
 
 
+@dataclass
+class Trained:
+    """A trained file as read: what it holds and how it attaches."""
+
+    path: str
+    kind: str  # "tokens" or "lora"
+    sets: object  # the token sets (psi+ first; psi- second for --neg-uncond), or the LoRA state dict
+    placement: dict | None  # tokens: where the hooks put them (hooks.py; None: the family's); LoRA: None
+    token_set: str  # for the records: "tokens", "pos", "ema_pos", "softrepa" (released) or "lora"
+    max_sequence_length: int | None = None  # the text stream it was trained on (T5 families; None: not recorded)
+
+
 def read(path, name, ema=False, neg_uncond=False):
-    """(sets, info) of the trained file at `path` for family `name`: LoRA adapters' state dict, or the
-    token sets (softtokens.read_tokens: psi+ first; its EMA copy with ema=True; psi- second, for the
-    unconditional branch with neg_uncond=True). info: the token_set name for the records and the blocks."""
+    """The trained file at `path` for family `name` (None: no file, None back), checked before any model
+    loads: its family, its numbers, and the AGSM-only options (ema: psi+'s EMA copy; neg_uncond: psi- on the
+    unconditional branch)."""
+    if path is None:
+        return None
     if lora.is_lora_file(path):  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
-        return lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
-    return softtokens.read_tokens(path, name, ema, neg_uncond)
+        state, _ = lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
+        return Trained(path, "lora", state, None, "lora")
+    sets, meta, token_set = softtokens.read_tokens(path, name, ema, neg_uncond)
+    return Trained(path, "tokens", sets, meta["placement"], token_set, meta.get("max_sequence_length"))
 
 
-def attach(bb, sets, blocks=None):
-    """The sets of read() on the backbone: adapters onto the denoiser's weights (lora.attach), tokens into
-    its text stream (softtokens.attach_tokens). Returns the handle; handle.remove() takes them off."""
-    if isinstance(sets, dict):
-        return lora.attach(bb, sets)
-    return softtokens.attach_tokens(bb, sets, blocks)
+def of_tokens(sets, placement=None):
+    """Token sets in memory (a run's, a test's), as a Trained that attach takes: at `placement` (hooks.py;
+    None: the family's)."""
+    return Trained("(in memory)", "tokens", list(sets), placement, "tokens")
+
+
+def attach(bb, trained):
+    """The file's sets on the backbone as they were trained: adapters onto the denoiser's weights
+    (lora.attach), tokens into its text stream at the file's placement (softtokens.attach_tokens). A file
+    the backbone cannot take as it was trained is a one-line error. Returns the handle; handle.remove()
+    takes them off."""
+    trained_on, here = trained.max_sequence_length, bb.facts.get("max_sequence_length")
+    if trained_on is not None and here is not None and trained_on != here:
+        raise SystemExit(
+            f"{trained.path} was trained on a text stream of {trained_on} T5 positions, and this {bb.name} reads "
+            f"{here}: pass --max-sequence-length {trained_on}"
+        )
+    if trained.kind == "lora":
+        return lora.attach(bb, trained.sets)
+    return softtokens.attach_tokens(bb, trained.sets, trained.placement)
 
 
 @contextmanager
-def attached(bb, sets, blocks=None):
-    """with attached(bb, sets, blocks) as handle: ...  -- the trained sets on the backbone inside the block
-    and off again after it, whatever happens; sets=None: nothing attached (handle None)."""
-    handle = attach(bb, sets, blocks) if sets is not None else None
+def attached(bb, trained):
+    """with attached(bb, trained) as handle: ...  -- the trained sets on the backbone inside the block
+    and off again after it, whatever happens; trained=None: nothing attached (handle None)."""
+    handle = attach(bb, trained) if trained is not None else None
     try:
         yield handle
     finally:

@@ -110,7 +110,7 @@ def training_configs(bb, B, size):
     forward_tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)  # built once, untimed
 
     def forward(with_tokens):
-        handle = hooks.attach(bb.denoiser, forward_tokens.sets, bb.facts["token_blocks"]) if with_tokens else None
+        handle = softtokens.attach_tokens(bb, forward_tokens.sets) if with_tokens else None
         x0, cond = step.encode_batch(bb, batch)
         x_t, timesteps, _ = step.draw_noise(bb, x0, 0, 0, 0)
         rows, cols = pair_matrix(B, B, False, bb.device)
@@ -127,7 +127,7 @@ def training_configs(bb, B, size):
         scaler = torch.amp.GradScaler(bb.device.type, enabled=bb.dtype == torch.float16)
 
         def run():
-            handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
+            handle = softtokens.attach_tokens(bb, tokens.sets)
             step.train_step(bb, tokens, handle, opt, sched, scaler, settings, batch, steps["n"])
             steps["n"] += 1
             handle.remove()
@@ -200,7 +200,7 @@ def bench_training(bb, args, size, precision):
 # -----------------------------------------------------------------------------
 # The activation term of the memory model (docs/cost.md), checked where it can be: the bytes a training
 # step holds for backward grow with the positions each block sees -- MM-DiT: (S/16)^2 image patches +
-# 333 text positions (+ the tokens) per block; UNet: the latent pixels (S/8)^2 at each level, the
+# 589 text positions (+ the tokens) per block; UNet: the latent pixels (S/8)^2 at each level, the
 # attention kept out of it by SDPA's fused kernels. --memory-check measures one dsm step (1 pair) at a
 # few sizes and prints each size's extra bytes over the smallest beside the model's ratio.
 
@@ -221,7 +221,7 @@ def memory_check(bb, sizes):
     opt = torch.optim.AdamW(tokens.trainable(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler(bb.device.type, enabled=False)
-    handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
+    handle = softtokens.attach_tokens(bb, tokens.sets)
     for size in sizes:
         batch = random_batch(bb, 1, size)
         peak = allocated_peak(
@@ -246,7 +246,7 @@ def memory_check(bb, sizes):
 # The memory and time model of a real-size training step (docs/cost.md), per rank, bf16:
 #   memory  = weights (denoiser + text encoders + VAE, all on the GPU as train.py keeps them)
 #           + activations per pair x pairs per forward (--rows-per-forward rows x B captions)
-#   activations per pair: MM-DiT  k x blocks x positions x width x 2 bytes, positions = (S/16)^2 + 333 + m;
+#   activations per pair: MM-DiT  k x blocks x positions x width x 2 bytes, positions = (S/16)^2 + 589 + m (SD3);
 #                         UNet    c x latent pixels (S/8)^2
 #   FLOPs per step = a x the forward of the pair matrix (softrepa: forward + activation backward; agsm:
 #   + the EMA forward; --grad-checkpointing: + one more forward), at 40% MFU of an H100 (989 TFLOP/s)
@@ -276,6 +276,15 @@ FORWARD_GFLOP_PER_PAIR = {
     ("flux-dev", 512): 86010.4 / 4,
     ("sdxl", 128): 145.1,
 }  # H200; sdxl: CPU, 128 px, 1 pair
+# The text positions those MM-DiT forwards ran with: SD3's were measured at the stock pipeline's 77 CLIP + 256
+# T5 positions, before SD3's default became the authors' 77 + 512 (families.py); a row scales a measured
+# forward by its own image + text positions over the measured ones (the projections and MLPs, which dominate
+# the FLOPs, are linear in the positions; attention's quadratic share is left out of the scaling).
+MEASURED_TEXT_TOKENS = {"sd3": 333, "flux-dev": 512}
+
+
+def mmdit_positions(name, size, text_tokens=None):
+    return (size // 16) ** 2 + (text_tokens or families.FAMILIES[name]["text_tokens"])
 
 
 def activation_bytes_per_pair(name, size, checkpointing, sdxl_cpu_slope=None):
@@ -318,15 +327,15 @@ def print_memory_model(sdxl_cpu_slope, gpu_gb=80, mfu=0.4, peak=989e12):
         weights = 2 * (denoiser + text + vae)
         acts = {gc: activation_bytes_per_pair(name, size, gc, sdxl_cpu_slope) for gc in (False, True)}
         key = (name, size) if (name, size) in FORWARD_GFLOP_PER_PAIR else None
+        measured = lambda n, side: mmdit_positions(n, side, MEASURED_TEXT_TOKENS[n])  # what the H200 ran
         if name.startswith("flux") and not key:  # FLUX's measured 512 px forward, x the ratio of positions
-            seq = [
-                (side // 16) ** 2 + families.FAMILIES[n]["text_tokens"]
-                for side, n in ((size, name), (512, "flux-dev"))
-            ]
-            gflop = FORWARD_GFLOP_PER_PAIR[("flux-dev", 512)] * seq[0] / seq[1]
-        elif name.startswith("sd3.5"):  # computed: SD3's measured FLOPs per pair at this size, x the parameter and
-            seq = [(size // 16) ** 2 + families.FAMILIES[n]["text_tokens"] for n in (name, "sd3")]  # position ratios
-            gflop = FORWARD_GFLOP_PER_PAIR[("sd3", size)] * denoiser / sd3_params * seq[0] / seq[1]
+            gflop = FORWARD_GFLOP_PER_PAIR[("flux-dev", 512)] * mmdit_positions(name, size) / measured("flux-dev", 512)
+        elif name.startswith("sd3"):  # SD3's measured FLOPs per pair at this size, x the position (and SD3.5's
+            # parameter) ratios: SD3's own rows are computed too, its text now 589 positions long, not 333
+            params = denoiser / sd3_params
+            gflop = (
+                FORWARD_GFLOP_PER_PAIR[("sd3", size)] * params * mmdit_positions(name, size) / measured("sd3", size)
+            )
         else:
             gflop = FORWARD_GFLOP_PER_PAIR[key] if key else FORWARD_GFLOP_PER_PAIR[("sdxl", 128)] * (size / 128) ** 2
         for loss in ("softrepa", "agsm"):
@@ -367,9 +376,10 @@ def allocated_peak(run):
     return peak
 
 
-def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, cond=None, uncond=None, progress=True):
+def bench_sampling(bb, loaded, steps, cfg, size, batch=1, repeats=5, cond=None, uncond=None, progress=True):
     """Latency and peak memory of `steps` guided sampler steps on `batch` images, with and without the
-    soft tokens `sets` attached (psi+ on both CFG branches, the default). Plain and tokens runs
+    trained file `loaded` (trained.read, or a trained.Trained of random tokens) attached (psi+ on both CFG
+    branches, the default). Plain and tokens runs
     alternate, so a slow spell of a shared machine hits both; times are medians over `repeats`, in
     seconds per image, and the overhead is the median of the paired ratios. Returns a dict of numbers."""
     if cond is None:
@@ -384,7 +394,7 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
         sync()
 
     def with_variant(variant, fn):
-        handle = trained.attach(bb, sets, blocks) if variant == "tokens" else None
+        handle = trained.attach(bb, loaded) if variant == "tokens" else None
         try:
             return fn(handle)
         finally:
@@ -415,7 +425,7 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
     # peak memory = the weights (+ the tokens' own parameters) + the activations' peak above them
     activations = {v: with_variant(v, lambda h: allocated_peak(lambda: run(h))) for v in ("plain", "tokens")}
     weights = sum(p.numel() * p.element_size() for p in bb.denoiser.parameters())
-    token_bytes = sum(p.numel() * p.element_size() for p in sets[0].parameters())
+    token_bytes = sum(p.numel() * p.element_size() for p in loaded.sets[0].parameters())
     memory = {"plain": weights + activations["plain"], "tokens": weights + token_bytes + activations["tokens"]}
     clocks = ["wall", "cpu"] if bb.device.type == "cpu" else ["wall"]
     result = dict(
@@ -427,7 +437,7 @@ def bench_sampling(bb, sets, steps, cfg, size, batch=1, repeats=5, blocks=None, 
         repeats=repeats,
         device=str(bb.device),
         dtype=str(bb.dtype).removeprefix("torch."),
-        token_shape=list(sets[0].shape),
+        token_shape=list(loaded.sets[0].shape),
     )
     for clock in clocks:
         # the overhead from paired runs (adjacent in time, so a slow spell hits both): the median of the
@@ -548,7 +558,7 @@ def main(argv=None):
     facts = models.check_name(args.model)
     size = args.size or facts["size"]
     families.check_size(args.model, size)
-    sets, info = trained.read(args.tokens, args.model) if args.tokens else (None, dict(blocks=None))
+    loaded = trained.read(args.tokens, args.model)  # None: random tokens of the family's shape, below
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
@@ -574,15 +584,12 @@ def main(argv=None):
         args.batch, args.steps = args.batch or 4, args.steps or 5
         return bench_training(bb, args, size, precision)
     batch = args.batch or 1
-    if sets is None:
-        sets = [
-            softtokens.SoftTokens(
-                facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser), facts["time_table"]
-            )
-        ]
+    if loaded is None:
+        shape = (facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser), facts["time_table"])
+        loaded = trained.Trained("random tokens", "tokens", [softtokens.SoftTokens(*shape)], None, "tokens")
     steps, cfg = args.steps or facts["sample"]["steps"], facts["sample"]["cfg"] if args.cfg is None else args.cfg
     cond, uncond = models.random_text(bb, batch, 0), models.random_text(bb, batch, 1)
-    result = bench_sampling(bb, sets, steps, cfg, size, batch, args.repeats, info["blocks"], cond, uncond)
+    result = bench_sampling(bb, loaded, steps, cfg, size, batch, args.repeats, cond, uncond)
     print(json.dumps(result, indent=1))
     return result
 

@@ -42,9 +42,8 @@ def records_and_seeds(which, seeds):
 
 def score(bb, records, pairs, samples, path=None, batch=128, model="tiny-sd3"):
     """Per-image verdicts (prompt-major) and eval.py's per-prompt groups for one variant."""
-    sets, info = trained.read(path, model) if path else (None, {"blocks": None})
     images = []
-    with trained.attached(bb, sets, info["blocks"]) as handle:
+    with trained.attached(bb, trained.read(path, model)) as handle:
         for i in range(0, len(pairs), batch):
             part = pairs[i : i + batch]
             prompts, seeds = [records[p]["prompt"] for p, _ in part], [s for _, s in part]

@@ -36,6 +36,8 @@ def open_stream(spec, size, seed):
             f"--data {spec}: unknown shapes categor{'ies' if len(unknown) > 1 else 'y'} "
             f"{', '.join(unknown)}; choose from {', '.join(world.CATEGORIES)}"
         )
+    if size < 32:  # world.render's floor: smaller objects cannot be told apart by their fill
+        raise SystemExit(f"--size {size}: the shapes world draws its images at 32 px or more; pass --size 32")
     draw = functools.partial(draw_batch, seed=seed, size=size, categories=categories, swapped=name == "shapes-swapped")
     return dict(kind="stream", spec=spec, draw=draw)
 

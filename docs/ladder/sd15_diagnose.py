@@ -62,8 +62,7 @@ def movement(folder, bb, model):
     tiny-sd1.5, BOS x m; for tiny-sd3 the N(0, 0.02) draw is from the run's seed)."""
     path = os.path.join(folder, "tokens.safetensors")
     cfg = json.load(open(os.path.join(folder, "config.json")))
-    sets, info = trained.read(path, model)
-    tok = sets[0]  # psi+ for AGSM
+    tok = trained.read(path, model).sets[0]  # psi+ for AGSM
     init = softtokens.make_tokens(bb, cfg["loss"], seed=cfg["seed"])
     init = init.pos if hasattr(init, "pos") else init
     out = {}
@@ -86,7 +85,7 @@ def grads(bb, model, n_batches=16, loss="dsm"):
     tokens = softtokens.make_tokens(bb, loss, seed=0)
     source = pairs.open_stream("shapes", 32, 0)
     gs = {"tokens": [], "time_table": []}
-    with trained.attached(bb, tokens.sets) as handle:
+    with trained.attached(bb, trained.of_tokens(tokens.sets)) as handle:
         for k in range(n_batches):
             batch = data.get_batch(source, k, 0, 1, 4)
             x0, cond = steplib.encode_batch(bb, batch)
@@ -114,7 +113,7 @@ def grads(bb, model, n_batches=16, loss="dsm"):
 
 
 @torch.no_grad()
-def attention_share(bb, model, tokens_sets, prompts):
+def attention_share(bb, model, loaded, prompts):
     """Share of cross-attention probability that lands on the soft-token positions, per block with tokens
     (UNet: attn2 of the chosen blocks; MM-DiT: the joint attention's text part is not separable here, so
     only for the UNet)."""
@@ -134,7 +133,7 @@ def attention_share(bb, model, tokens_sets, prompts):
         q = q.view(B, N, h, C // h).transpose(1, 2)
         k = k.view(B, ctx.shape[1], h, C // h).transpose(1, 2)
         a = (q @ k.transpose(-1, -2) * (C // h) ** -0.5).softmax(-1)  # (B, h, N, L)
-        m = tokens_sets[0].tokens.shape[1]
+        m = loaded.sets[0].tokens.shape[1]
         shares.append(
             dict(
                 tokens=float(a[..., 1 : 1 + m].sum(-1).mean()),
@@ -154,7 +153,7 @@ def attention_share(bb, model, tokens_sets, prompts):
     x = torch.randn((len(prompts),) + models.latent_shape(bb), generator=g)
     cond = models.encode_prompts(bb, prompts)
     t = torch.full((len(prompts),), 500.0)
-    with trained.attached(bb, tokens_sets) as handle, handle.rows(None):
+    with trained.attached(bb, loaded) as handle, handle.rows(None):
         models.denoise(bb, x, t, cond)
     for h in hs:
         h.remove()
@@ -162,7 +161,7 @@ def attention_share(bb, model, tokens_sets, prompts):
 
 
 @torch.no_grad()
-def output_change(bb, tokens_sets, prompts):
+def output_change(bb, loaded, prompts):
     g = torch.Generator().manual_seed(0)
     x = torch.randn((len(prompts),) + models.latent_shape(bb), generator=g)
     cond = models.encode_prompts(bb, prompts)
@@ -170,7 +169,7 @@ def output_change(bb, tokens_sets, prompts):
     for tval in (100.0, 500.0, 900.0):
         t = torch.full((len(prompts),), tval)
         plain = models.denoise(bb, x, t, cond).float()
-        with trained.attached(bb, tokens_sets) as handle, handle.rows(None):
+        with trained.attached(bb, loaded) as handle, handle.rows(None):
             tok = models.denoise(bb, x, t, cond).float()
         out[int(tval)] = float((tok - plain).norm() / plain.norm())
     return out
@@ -207,17 +206,18 @@ def main():
             layers=bb.facts["token_layers"],
         )
         r["grad_at_init"] = grads(bb, model)
-        r["output_change_at_init"] = output_change(bb, init.sets, prompts)
-        r["attention_at_init"] = attention_share(bb, model, init.sets, prompts)
+        r["output_change_at_init"] = output_change(bb, trained.of_tokens(init.sets), prompts)
+        r["attention_at_init"] = attention_share(bb, model, trained.of_tokens(init.sets), prompts)
         r["runs"] = {}
         for folder in sorted(glob.glob(os.path.join(ROOT, f"docs/results/rep-{model}-*-seed*"))):
             name = os.path.basename(folder)
             cfg = json.load(open(os.path.join(folder, "config.json")))
-            sets, _ = trained.read(os.path.join(folder, "tokens.safetensors"), model)
+            loaded = trained.read(os.path.join(folder, "tokens.safetensors"), model)
+            psi_plus = trained.of_tokens(loaded.sets[:1], loaded.placement)
             r["runs"][name] = dict(
                 movement=movement(folder, bb, model),
-                output_change=output_change(bb, sets[:1], prompts),
-                attention=attention_share(bb, model, sets[:1], prompts),
+                output_change=output_change(bb, psi_plus, prompts),
+                attention=attention_share(bb, model, psi_plus, prompts),
                 lr=cfg["lr"],
                 lr_sum=lr_sum(os.path.join(folder, "config.json")),
             )

@@ -8,6 +8,7 @@ import families
 import hooks
 import models
 import softtokens
+import trained
 from shapes import backbones, bench
 
 
@@ -44,7 +45,14 @@ def strong_tokens(bb):
 def test_sampling_bench_measures_both_variants():
     bb = backbones.build_tiny("tiny-sd3")
     result = bench.bench_sampling(
-        bb, [strong_tokens(bb)], steps=1, cfg=4.0, size=16, batch=1, repeats=1, progress=False
+        bb,
+        trained.Trained("test", "tokens", [strong_tokens(bb)], None, "tokens"),
+        steps=1,
+        cfg=4.0,
+        size=16,
+        batch=1,
+        repeats=1,
+        progress=False,
     )
     assert result["latency_plain_s"] > 0 and result["latency_tokens_s"] > 0
     # activations of a whole sampler step are counted: at least the 2 x 3 x 16 x 16 CFG batch

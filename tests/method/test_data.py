@@ -160,12 +160,12 @@ def test_shapes_source_is_reproducible_and_differs_by_rank():
 
 def test_bytes_per_sample_of_sd3_at_1024_and_at_its_training_size():
     latent, text, pooled = models.feature_shapes("sd3", 1024)
-    # 16*128*128 + 333*4096 + 2048 = 262144 + 1363968 + 2048 = 1628160 numbers
-    assert bench.bytes_per_sample(latent, text, pooled, 2) == 3_256_320
-    assert bench.bytes_per_sample(latent, text, pooled, 4) == 6_512_640
-    # the cache's default: the authors' training size, 512 px: 16*64*64 + 333*4096 + 2048 numbers
+    # 16*128*128 + 589*4096 + 2048 = 262144 + 2412544 + 2048 = 2676736 numbers (77 CLIP + 512 T5 positions)
+    assert bench.bytes_per_sample(latent, text, pooled, 2) == 5_353_472
+    assert bench.bytes_per_sample(latent, text, pooled, 4) == 10_706_944
+    # the cache's default: the authors' training size, 512 px: 16*64*64 + 589*4096 + 2048 numbers
     latent, text, pooled = models.feature_shapes("sd3")
-    assert latent == (16, 64, 64) and bench.bytes_per_sample(latent, text, pooled, 2) == 2 * (65536 + 1363968 + 2048)
+    assert latent == (16, 64, 64) and bench.bytes_per_sample(latent, text, pooled, 2) == 2 * (65536 + 2412544 + 2048)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd1.5"])

@@ -53,7 +53,8 @@ def test_remove_restores_bitwise(family):
     model = models.random_denoiser(family, "test")
     x, t, cond = inputs(family)
     before = run(model, x, t, cond)
-    handle = hooks.attach(model, random_tokens(model, layers_for(family)), blocks=("down", "mid", "up"))
+    everywhere = None if hooks.is_mmdit(model) else {"groups": ["down", "mid", "up"]}
+    handle = hooks.attach(model, random_tokens(model, layers_for(family)), everywhere)
     with_tokens = run(model, x, t, cond)
     handle.remove()
     after = run(model, x, t, cond)
@@ -173,7 +174,7 @@ def test_unet_placement_after_bos(family, where):
     model = models.random_denoiser(family, "test")
     x, t, cond = inputs(family)
     tokens = random_tokens(model, 1)
-    handle = hooks.attach(model, tokens, blocks=where)
+    handle = hooks.attach(model, tokens, {"groups": where})
     chosen = {id(b) for b in hooks.unet_blocks(model, where)}
     seen = []
     for part in (model.down_blocks, [model.mid_block], model.up_blocks):
@@ -206,7 +207,7 @@ def test_unet_placement_after_bos(family, where):
 def test_unet_layer_count_must_fit_blocks():
     model = models.random_denoiser("sdxl", "test")
     with pytest.raises(ValueError, match="use 1 \\(shared\\)"):
-        hooks.attach(model, random_tokens(model, 5), blocks=("down", "mid"))
+        hooks.attach(model, random_tokens(model, 5), {"groups": ("down", "mid")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_mixed_rows_equal_separate_forwards(family):
         s.tokens.data.normal_(0, 1)
         s.time_table.data.normal_(0, 0.5)
     plain = run(model, x, t, cond)
-    handle = hooks.attach(model, pair.sets, blocks=("down", "mid"))
+    handle = hooks.attach(model, pair.sets, None if hooks.is_mmdit(model) else {"groups": ("down", "mid")})
     choice = torch.tensor([softtokens.POS, softtokens.NEG, softtokens.EMA_POS, -1])
     with handle.rows(choice):
         mixed = run(model, x, t, cond)
@@ -342,7 +343,7 @@ def test_stock_unet_pipelines_with_tokens(tmp_path, family):
 
     before = draw()
     tokens = random_tokens(pipe.unet, 1, n_tokens=4)
-    handle = hooks.attach(pipe.unet, tokens, blocks=families.FAMILIES[family]["token_blocks"])
+    handle = hooks.attach(pipe.unet, tokens, {"groups": families.FAMILIES[family]["token_blocks"]})
     with_tokens = draw()
     handle.remove()
     after = draw()

@@ -4,7 +4,7 @@
     lab       shapes/: the offline world and our tooling
     measures  metrics, benchmarks                        (what eval.py and edit.py score with)
     arms      lora, counting, trained                    (the papers' other arms, and the file reader of both)
-    core      families, models, softtokens, hooks, losses, step, run, data, sampler, files, flags
+    core      families, recipe, models, softtokens, hooks, losses, step, run, data, sampler, files, flags
 
 Imports run one way, downward: a core module imports only core modules, never shapes/, an arm, a measure
 or a script; nothing imports a script; there is no import cycle. The scripts are where the shapes world is
@@ -16,7 +16,20 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CORE = ["families", "models", "softtokens", "hooks", "losses", "step", "run", "data", "sampler", "files", "flags"]
+CORE = [
+    "families",
+    "recipe",
+    "models",
+    "softtokens",
+    "hooks",
+    "losses",
+    "step",
+    "run",
+    "data",
+    "sampler",
+    "files",
+    "flags",
+]
 ARMS = ["lora", "counting", "trained"]
 MEASURES = ["metrics", "benchmarks"]
 SCRIPTS = ["train", "sample", "edit", "eval"]

@@ -95,12 +95,12 @@ def test_the_file_loads_with_the_stock_pipelines_load_lora_weights(tmp_path, sto
     torch.testing.assert_close(stock, ours, rtol=0, atol=1e-5)
     # and our reader gives the same adapters to a fresh backbone
     fresh = models.load(family, pretrained=folder)
-    state, info = trained.read(path, family)
-    with trained.attached(fresh, state) as handle:
+    loaded = trained.read(path, family)
+    with trained.attached(fresh, loaded) as handle:
         torch.testing.assert_close(models.denoise(fresh, x, t, cond), ours, rtol=0, atol=1e-6)
         with handle.rows(torch.full((2,), -1)):
             plain = models.denoise(fresh, x, t, cond)
-    assert info["token_set"] == "lora" and not torch.allclose(plain, ours)
+    assert loaded.token_set == "lora" and not torch.allclose(plain, ours)
     torch.testing.assert_close(models.denoise(fresh, x, t, cond), plain, rtol=0, atol=0)  # off again
 
 
@@ -165,8 +165,8 @@ def test_lora_run_resumes_exactly(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--loss", "agsm", "--params", "lora"], "psi+/psi- are token sets"),
-        (["--loss", "softrepa", "--params", "lora", "--layers", "3"], "--layers shapes soft tokens"),
+        (["--loss", "agsm", "--params", "lora"], "trains two token sets (psi+ and psi-)"),
+        (["--loss", "softrepa", "--params", "lora", "--layers", "3"], "--layers does nothing in this run"),
         (["--loss", "softrepa", "--params", "lora", "--lora-blocks", "first"], "--lora-blocks first"),
     ],
 )

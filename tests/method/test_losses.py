@@ -200,7 +200,6 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
     """One AGSM step of ours (pair matrix row-major, psi+ on the diagonal through the hooks) against the
     re-derived AGSMObjective.forward fed the same model in the authors' prompt-major layout: the same loss,
     diagnostics and token gradients. One t and one eps for the step, as their loop draws them."""
-    import hooks
     import models
     import softtokens
 
@@ -218,7 +217,7 @@ def test_agsm_step_equals_the_authors_objective_on_a_tiny_model(family):
     x_t, timesteps = models.add_noise(bb, x0, noise, u)
     target = models.target(bb, x0, noise)
     cond = models.encode_prompts(bb, ["a red circle", "two blue squares", "a green triangle above a white square"])
-    handle = hooks.attach(bb.denoiser, pair.sets, blocks=bb.facts["token_blocks"])
+    handle = softtokens.attach_tokens(bb, pair.sets)
     grads = []
     try:
         for layout in ("ours", "theirs"):

@@ -184,7 +184,7 @@ def one_agsm_step(bb, tokens, handle, batch):
 
 @pytest.mark.parametrize("name", list(TOY_FAMILIES))
 def test_a_new_family_is_one_table_entry(monkeypatch, name):
-    import hooks
+    import softtokens
 
     monkeypatch.setitem(families.FAMILIES, name, TOY_FAMILIES[name])
     bb = backbones.random_backbone(name)
@@ -193,7 +193,7 @@ def test_a_new_family_is_one_table_entry(monkeypatch, name):
         models.text_widths(bb.denoiser.config)[0],
     )
     tokens, batch, x0, cond, x_t, timesteps = agsm_inputs(bb)
-    handle = hooks.attach(bb.denoiser, tokens.sets, blocks=bb.facts["token_blocks"])
+    handle = softtokens.attach_tokens(bb, tokens.sets)
     with torch.no_grad():
         with_tokens = models.denoise(bb, x_t, timesteps, cond)
         with handle.rows(torch.full((2,), -1)):

@@ -20,7 +20,6 @@ import data
 import edit
 import eval as ev
 import families
-import hooks
 import models
 import sample
 import softtokens
@@ -80,17 +79,25 @@ def test_stock_folder_loads_and_the_hooks_see_the_stock_text_stream(stock, famil
     facts = families.FAMILIES[family]
     cond = models.encode_prompts(bb, ["a red cube", "two dogs"])
     key = "encoder_hidden_states"
-    # what the stock pipeline encodes (SD3: 77 CLIP + 256 T5 positions; UNets: 77)
+    # what the stock pipeline encodes with the family's T5 length (SD3: 77 CLIP + 512 T5 positions, the authors'
+    # codes' -- the pipeline's own default is 256; UNets: 77)
     encoded = bb.pipe.encode_prompt(
         *(["a red cube"] * (3 if family == "sd3" else 2 if family == "sdxl" else 1)),
         device="cpu",
         **(
-            {"do_classifier_free_guidance": False}
+            {"do_classifier_free_guidance": False, "max_sequence_length": 512}
+            if family == "sd3"
+            else {"do_classifier_free_guidance": False}
             if family != "sd1.5"
             else {"num_images_per_prompt": 1, "do_classifier_free_guidance": False}
         ),
     )
     assert cond[key].shape[1] == encoded[0].shape[1] == facts["text_tokens"]
+    if family == "sd3":  # --max-sequence-length 256: the stock pipeline's default stream, 333 positions
+        short = models.load(family, pretrained=stock[family], max_sequence_length=256)
+        stock_default = bb.pipe.encode_prompt("a red cube", "a red cube", "a red cube", device="cpu")[0]
+        torch.testing.assert_close(models.encode_prompts(short, ["a red cube"])[key], stock_default)
+        assert stock_default.shape[1] == 333 == short.facts["text_tokens"]
     # the text stream the hooked blocks read: the stock length plus the soft tokens, cut back after
     tokens = softtokens.make_tokens(bb, "softrepa")
     seen = []
@@ -99,7 +106,7 @@ def test_stock_folder_loads_and_the_hooks_see_the_stock_text_stream(stock, famil
         if family == "sd3"
         else [m for m in bb.denoiser.modules() if m.__class__.__name__ == "Attention" and m.is_cross_attention]
     )
-    handle = hooks.attach(bb.denoiser, tokens.sets, facts["token_blocks"])
+    handle = softtokens.attach_tokens(bb, tokens.sets)
     probes = [
         b.register_forward_pre_hook(
             lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import recipe
 import run
 
 # The run between steps, on its own, without a model: a checkpoint round-trips and anything else is refused
@@ -18,7 +19,7 @@ import run
 
 
 def args_like(out, **given):
-    values = {key: None for key in run.TRAJECTORY}
+    values = {key: None for key in recipe.RESUMED}
     values.update(given)
     return types.SimpleNamespace(out=str(out), resume="latest", **values)
 
@@ -46,7 +47,7 @@ def test_a_checkpoint_round_trips_and_a_foreign_file_is_refused(tmp_path):
 
 
 def test_resume_takes_the_runs_settings_and_refuses_a_contradiction(tmp_path):
-    saved = {key: None for key in run.TRAJECTORY}
+    saved = {key: None for key in recipe.RESUMED}
     saved.update(model="tiny-sd3", loss="agsm", batch=4, lr=1e-3, **run.provenance())  # made by this code
     del saved["params"]  # a checkpoint older than --params
     write_checkpoint(tmp_path, **saved)
@@ -62,7 +63,7 @@ def test_resume_takes_the_runs_settings_and_refuses_a_contradiction(tmp_path):
 
 
 def test_config_records_the_commit_and_a_resume_by_other_code(tmp_path):
-    saved = {key: None for key in run.TRAJECTORY}
+    saved = {key: None for key in recipe.RESUMED}
     saved.update(model="tiny-sd3", loss="agsm", batch=4, lr=1e-3, commit="0" * 40, dirty=False)
     write_checkpoint(tmp_path, **saved)
     args = args_like(tmp_path)

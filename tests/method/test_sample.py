@@ -70,7 +70,7 @@ def test_tokens_change_image_and_no_tokens_reproduce_plain(tmp_path, name):
     assert np.array_equal(both[0], plain[0]) and np.array_equal(both[1], with_tokens[0])
     # bit for bit below the 8-bit PNG as well
     image = sampler.generate(bb, ["a red circle"], [0], steps=2, size=16)
-    handle = trained.attach(bb, [strong_tokens(bb, n_tokens=0)])
+    handle = trained.attach(bb, trained.of_tokens([strong_tokens(bb, n_tokens=0)]))
     assert torch.equal(sampler.generate(bb, ["a red circle"], [0], steps=2, size=16, handle=handle), image)
     handle.remove()
 

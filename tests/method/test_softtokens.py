@@ -123,7 +123,7 @@ def test_agsm_release_format_imports_and_gives_the_same_outputs(tmp_path, family
     outputs = []
     for tokens in (pair, imported):
         for which in (softtokens.POS, softtokens.NEG):
-            handle = hooks.attach(bb.denoiser, tokens.sets, blocks=bb.facts["token_blocks"])
+            handle = softtokens.attach_tokens(bb, tokens.sets)
             try:
                 with torch.no_grad(), handle.rows(torch.full((2,), which)):
                     outputs.append(models.denoise(bb, x, torch.tensor([100.0, 900.0]), cond))
@@ -263,7 +263,7 @@ def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         base = unet(x, timestep=t, **cond, return_dict=False)[0]
-        handle = hooks.attach(unet, sd15, blocks=("down",))
+        handle = hooks.attach(unet, sd15, {"groups": ("down",)})
         tuned = unet(x, timestep=t, **cond, return_dict=False)[0]
         handle.remove()
     assert not torch.allclose(base, tuned, atol=1e-4)
@@ -272,14 +272,15 @@ def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
 def test_tokens_that_do_not_fit_fail_in_one_line():
     bb = backbones.build_tiny("tiny-sd3")
     with pytest.raises(SystemExit, match="cannot attach these tokens to tiny-sd3"):
-        trained.attach(bb, [softtokens.SoftTokens(2, 4, 64)])
+        trained.attach(bb, trained.of_tokens([softtokens.SoftTokens(2, 4, 64)]))
 
 
 @pytest.mark.skipif(not os.path.isdir(RELEASED), reason="released SoftREPA tokens not present")
 def test_released_softrepa_folder_reads():
-    (sd3,), info = trained.read(os.path.join(RELEASED, "sd3"), "sd3")
-    assert sd3.shape == (5, 4, 1536) and sd3.time_table is not None and info["token_set"] == "softrepa"
-    (sdxl,), _ = trained.read(os.path.join(RELEASED, "sdxl"), "sdxl")
+    loaded = trained.read(os.path.join(RELEASED, "sd3"), "sd3")
+    (sd3,) = loaded.sets
+    assert sd3.shape == (5, 4, 1536) and sd3.time_table is not None and loaded.token_set == "softrepa"
+    (sdxl,) = trained.read(os.path.join(RELEASED, "sdxl"), "sdxl").sets
     assert sdxl.shape == (1, 4, 2048) and sdxl.time_table is None
     with pytest.raises(SystemExit, match="pair-token file"):
         trained.read(os.path.join(RELEASED, "sd1.5"), "sd1.5", neg_uncond=True)

@@ -36,7 +36,7 @@ def one_step(name, loss, rows_per_forward, checkpointing, captions):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(1)
     batch = dict(images=torch.rand((len(captions), 3, 32, 32), generator=g) * 2 - 1, captions=captions, new_bad=0)
-    handle = trained.attach(bb, tokens.sets)
+    handle = trained.attach(bb, trained.of_tokens(tokens.sets))
     stats = training.train_step(bb, tokens, handle, opt, sched, scaler, settings, batch, step=3)
     handle.remove()
     grads = {k: p.grad.clone() for k, p in zip(range(99), tokens.trainable())}

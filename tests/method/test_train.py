@@ -67,7 +67,8 @@ def test_two_rank_gloo_run_keeps_tokens_identical(tmp_path):
 @pytest.mark.parametrize("model, loss", [("tiny-sd1.5", "agsm"), ("tiny-sd3", "dsm")])
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, model, loss):
     # schedule period and EMA decay given explicitly: their defaults derive from --steps
-    argv = FAST + ["--model", model, "--loss", loss, "--lr-period", "1", "--ema-decay", "0.9", "--ckpt-every", "1"]
+    argv = FAST + ["--model", model, "--loss", loss, "--lr-period", "1", "--ckpt-every", "1"]
+    argv += ["--ema-decay", "0.9"] if loss == "agsm" else []
     whole = train.main(argv + ["--steps", "4", "--out", str(tmp_path / "whole")])
     first = train.main(argv + ["--steps", "2", "--out", str(tmp_path / "split")])
     first_tokens = {k: v.clone() for k, v in first["tokens"].state_dict().items()}
@@ -167,8 +168,10 @@ def test_divergence_stops_keeps_the_last_good_state_and_resumes_with_a_lower_lr(
     done = train.main(argv + ["--steps", "4", "--lr", "1e-4", "--resume", "latest"])
     assert done["step"] == 4 and all(torch.isfinite(p).all() for p in done["tokens"].parameters())
     config = json.load(open(os.path.join(out, "config.json")))
-    # the change is recorded with its step (the diverged attempt left no state, so no record either)
-    assert config["changes"] == [{"step": 2, "lr": 1e-4, "was": 1e-3}] and config["lr"] == 1e-4
+    # the changes are recorded with their step (the diverged attempt left no state, so no record either): the
+    # run's --steps extended from 2 to 4, then the lower lr
+    assert config["changes"] == [{"step": 2, "steps": 4, "was": 2}, {"step": 2, "lr": 1e-4, "was": 1e-3}]
+    assert config["lr"] == 1e-4
     assert [r["step"] for r in rows(out)] == ["1", "2", "3", "4"]
 
 
@@ -236,8 +239,7 @@ def test_validation_writes_shapes_scores_and_a_grid(tmp_path):
     assert log[1]["heldout_acc"] == ""
     # the logged held-out accuracy at step 2 is that of the saved tokens, recomputed here
     bb = backbones.build_tiny("tiny-sd1.5", seed=0)
-    sets, info = trained.read(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5")
-    handle = trained.attach(bb, sets, info["blocks"])
+    handle = trained.attach(bb, trained.read(os.path.join(out, "tokens.safetensors"), "tiny-sd1.5"))
     records = [
         r for c in shapes.CATEGORIES for r in [r for r in shapes.load_dev_set() if r["spec"]["category"] == c][:1]
     ]

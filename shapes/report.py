@@ -6,9 +6,10 @@ Table 1 and Fig. 4), and the tables of the other experiments (--arms, --deltas, 
 
 One row per method: base, dsm (AGSM Table 4 (i)), SoftREPA, AGSM. A method's score is the mean over its
 training seeds, prompts and 4 sampling seeds (eval.py --protocol saves the per-prompt values of every
-token file). Every 95% interval comes from two_level_bootstrap: training seeds resampled within each arm,
-prompt texts (identical texts one cluster) resampled within each category; a "Δ" row pairs two arms on
-the same prompt clusters, and on the same seed indices where both trained on the same seed list. The
+token file). Every 95% interval comes from combined_interval: the training seeds' t variance and the prompt
+texts' cluster-bootstrap variance (identical texts one cluster), each with its own t quantile; a "Δ" row
+pairs two arms prompt by prompt, and by seed index where both trained on the same seed list.
+`python -m shapes.report --coverage` measures the intervals' coverage. The
 held-out classifier accuracy, the token movement and the wall time come from each run's log.csv and wall_s.
 
 Provenance: a table pools or pairs only files made by one code version (the commit a protocol JSON or a
@@ -74,10 +75,10 @@ TOKENS = re.compile(r"tokens (?P<folder>.*)/tokens\.safetensors$")  # a protocol
 # Each level's variance also holds the seed x prompt interaction (a run's value carries its interaction
 # with these prompts; a prompt's seed-averaged value carries it with these runs), so it is counted twice:
 # where it dominates, the interval is wide. Coverage, measured (coverage(), `python -m shapes.report
-# --coverage`, the table on docs/shapes-results.md): 95% or more at 3, 5 and 10 seeds where the seeds,
+# --coverage`, the table on docs/shapes-results.md): 94.7-99.2% at 3, 5 and 10 seeds where the seeds,
 # the prompts, their interaction, or seeds and prompts together dominate; the two-level percentile
-# bootstrap this replaced (two_level_bootstrap, kept to be measured beside it) held the truth in about
-# 80% of the seed-dominated experiments at 3 seeds.
+# bootstrap this replaced (two_level_bootstrap, kept to be measured beside it) held the truth in 79% of
+# the seed-dominated experiments at 3 seeds.
 # Pairing. A difference is formed per run and per prompt before any variance is taken, so what two arms
 # share cancels: both are scored on the same prompts with the same sampling seeds (the prompt level uses
 # the per-prompt differences), and two arms trained on the same list of seeds share, seed by seed, the
@@ -221,7 +222,10 @@ def combined_interval(arm, clusters, against=None, paired=None, level=0.95, rule
             continue
         value, seeds, prompts = difference_parts(arm, against, column, clusters, paired)
         half = half_width(level_parts(seeds, prompts), level, rule)
-        out[column] = (float(value), float(value - half), float(value + half))
+        low, high = value - half, value + half
+        if against is None:  # a score is a share in [0, 1]: its interval is cut there (no coverage lost)
+            low, high = max(low, 0.0), min(high, 1.0)
+        out[column] = (float(value), float(low), float(high))
     return checker.ordered(out)
 
 

@@ -160,7 +160,7 @@ def one_column(values):
 def test_combined_interval_covers_where_the_percentile_bootstrap_did_not():
     """Synthetic differences whose truth is known (report.coverage, 200 experiments each): the combined
     interval holds it in at least 90% of them at 3 training seeds where the seeds, the prompts or their
-    interaction dominate (measured at 95% or more with 2,000 on docs/shapes-results.md); the two-level
+    interaction dominate (measured at 96-99% with 2,000 on docs/shapes-results.md); the two-level
     percentile bootstrap it replaced does not where the seeds dominate, so this test fails on it."""
     for regime in ("seed", "prompt", "interaction"):
         assert report.coverage(report.combined_interval, 3, regime, repeats=200) >= 0.9, regime

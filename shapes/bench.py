@@ -91,7 +91,27 @@ def pair_matrix(B, K, diagonal_only, device):
     return torch.arange(B, device=device).repeat_interleave(K), torch.arange(K, device=device).repeat(B)
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense
+# Dense bf16 tensor-core peaks (the datasheets'), by the words of torch.cuda.get_device_name(): the most
+# specific entry whose words are all in the name ("NVIDIA H100 PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3"
+# the SXM one). A card not listed has no MFU unless --peak-tflops gives its peak.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+}
+
+
+def peak_flops(device_name):
+    """The bf16 peak in FLOP/s of the card named `device_name` (PEAK_BF16_FLOPS), or None if unknown."""
+    words = device_name.replace("-", " ").split()
+    known = [k for k in PEAK_BF16_FLOPS if all(w in words for w in k.split())]
+    return PEAK_BF16_FLOPS[max(known, key=lambda k: len(k.split()))] if known else None
 
 
 def random_batch(bb, B, size, seed=0):
@@ -102,10 +122,30 @@ def random_batch(bb, B, size, seed=0):
     return dict(latents=latents, hidden=hidden, pooled=pooled, captions=[f"caption {i}" for i in range(B)], new_bad=0)
 
 
-def training_configs(bb, B, size):
-    """The timed functions: each runs one forward or one training step, the hooks attached for it alone."""
-    batch = random_batch(bb, B, size)
+def make_step(bb, batch, loss, rows_per_forward=0):
+    """(run, tokens): `run()` is one step.train_step of `loss` on `batch` with the papers' recipe (and
+    --rows-per-forward), its own tokens and AdamW, the hooks attached for it alone."""
+    recipe = families.default_recipe(bb.name, loss, steps=100000)
+    recipe = SimpleNamespace(**dict(recipe, rows_per_forward=rows_per_forward))
+    tokens = softtokens.make_tokens(bb, loss, init="normal").to(bb.device)
+    opt = torch.optim.AdamW(tokens.trainable(), lr=recipe.lr, weight_decay=recipe.wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(bb.device.type, enabled=bb.dtype == torch.float16)
     steps = {"n": 0}
+
+    def run():
+        handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
+        step.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, steps["n"])
+        steps["n"] += 1
+        handle.remove()
+
+    return run, tokens
+
+
+def training_configs(bb, B, size, rows_per_forward=0, names=None):
+    """The timed functions (all, or those `names`): each runs one forward or one training step, the hooks
+    attached for it alone; with the pairs it handles."""
+    batch = random_batch(bb, B, size)
     forward_tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)  # built once, untimed
 
     def forward(with_tokens):
@@ -118,48 +158,30 @@ def training_configs(bb, B, size):
         if handle:
             handle.remove()
 
-    def make_step(loss):
-        recipe = SimpleNamespace(**families.default_recipe(bb.name, loss, steps=100000))
-        tokens = softtokens.make_tokens(bb, loss, init="normal").to(bb.device)
-        opt = torch.optim.AdamW(tokens.trainable(), lr=recipe.lr, weight_decay=recipe.wd)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        scaler = torch.amp.GradScaler(bb.device.type, enabled=bb.dtype == torch.float16)
-
-        def run():
-            handle = hooks.attach(bb.denoiser, tokens.sets, bb.facts["token_blocks"])
-            step.train_step(bb, tokens, handle, opt, sched, scaler, recipe, batch, steps["n"])
-            steps["n"] += 1
-            handle.remove()
-
-        return run
-
-    return {
-        "forward, no tokens": (lambda: forward(False), B * B),
-        "forward, tokens": (lambda: forward(True), B * B),
-        "softrepa": (make_step("softrepa"), B * B),
-        "agsm": (make_step("agsm"), B * B),
-        "dsm": (make_step("dsm"), B),
+    makers = {
+        "forward, no tokens": (lambda: lambda: forward(False), B * B),
+        "forward, tokens": (lambda: lambda: forward(True), B * B),
+        "softrepa": (lambda: make_step(bb, batch, "softrepa", rows_per_forward)[0], B * B),
+        "agsm": (lambda: make_step(bb, batch, "agsm", rows_per_forward)[0], B * B),
+        "dsm": (lambda: make_step(bb, batch, "dsm", rows_per_forward)[0], B),
     }
+    return {name: (make(), pairs) for name, (make, pairs) in makers.items() if names is None or name in names}
 
 
-def bench_training(bb, args, size, precision):
-    configs = training_configs(bb, args.batch, size)
-    device = bb.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(
-        f"{args.model}: {sum(p.numel() for p in bb.denoiser.parameters()) / 1e6:.1f}M parameters (random), "
-        f"{size} px, batch {args.batch} ({args.batch**2} pairs), {precision} on {device.type}"
-    )
-    # warm-up round: counts the FLOPs of every configuration (and lets kernels / allocators settle)
+def time_configs(configs, device, rounds):
+    """({name: FLOPs}, {name: median seconds}, {name: peak GiB, CUDA only}) of functions that take turns each
+    round (a drift hits all alike), after one warm-up round that counts their FLOPs (torch's FlopCounterMode)
+    and lets kernels and allocators settle."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops, peak_mem = {}, {}
     for name, (fn, _) in configs.items():
         with FlopCounterMode(display=False) as counter:
             fn()
         flops[name] = counter.get_total_flops()
     times = {name: [] for name in configs}
-    for _ in range(args.steps):
+    for _ in range(rounds):
         for name, (fn, _) in configs.items():  # the configurations take turns within each round
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -170,30 +192,83 @@ def bench_training(bb, args, size, precision):
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peak_mem[name] = run.peak_memory_gb(device)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None and device.type == "cuda":
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    return flops, {name: statistics.median(t) for name, t in times.items()}, peak_mem
+
+
+def device_peak(device, peak_tflops=None):
+    """The peak FLOP/s that MFU divides by: --peak-tflops, else the CUDA card's (PEAK_BF16_FLOPS), else None."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def bench_training(bb, args, size, precision, rows_per_forward=0, names=None):
+    """Times and FLOPs of the training configurations (all, or `names`) at args.batch images per step,
+    args.steps timed rounds; prints the table. Returns the medians, FLOPs, peak memory and MFU."""
+    configs = training_configs(bb, args.batch, size, rows_per_forward, names)
+    device = bb.device
+    print(
+        f"{args.model}: {sum(p.numel() for p in bb.denoiser.parameters()) / 1e6:.1f}M parameters (random), "
+        f"{size} px, batch {args.batch} ({args.batch**2} pairs), {precision} on {device.type}"
+        + (f", {rows_per_forward} rows per forward" if rows_per_forward else "")
+    )
+    flops, median, peak_mem = time_configs(configs, device, args.steps)
+    peak = device_peak(device, args.peak_tflops)
     print(
         f"{'configuration':22s} {'ms/step':>10s} {'pairs/s':>9s} {'GFLOP':>10s} {'TFLOP/s':>8s} "
         f"{'MFU':>6s} {'peak GB':>8s}"
     )
-    median = {name: statistics.median(t) for name, t in times.items()}
+    mfu = {name: flops[name] / median[name] / peak for name in configs} if peak else {}
     for name, (_, n_pairs) in configs.items():
         rate = flops[name] / median[name]
-        mfu = f"{rate / peak:6.1%}" if peak else "     -"
+        shown = f"{mfu[name]:6.1%}" if peak else "     -"
         mem = f"{peak_mem[name]:8.2f}" if name in peak_mem else "       -"
         print(
             f"{name:22s} {1e3 * median[name]:10.1f} {n_pairs / median[name]:9.1f} {flops[name] / 1e9:10.1f} "
-            f"{rate / 1e12:8.3f} {mfu} {mem}"
+            f"{rate / 1e12:8.3f} {shown} {mem}"
         )
     if device.type != "cuda":
         print(f"peak memory (process RSS, all configurations): {run.peak_memory_gb(device):.2f} GB")
-    print(
-        f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one more "
-        f"no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})"
-    )
-    print(f"hooks' cost, forward with / without: {median['forward, tokens'] / median['forward, no tokens']:.2f}")
-    return dict(median=median, flops=flops)
+    if {"agsm", "softrepa"} <= set(configs):
+        print(
+            f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one "
+            f"more no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})"
+        )
+    if {"forward, tokens", "forward, no tokens"} <= set(configs):
+        print(f"hooks' cost, forward with / without: {median['forward, tokens'] / median['forward, no tokens']:.2f}")
+    return dict(median=median, flops=flops, peak_mem=peak_mem, mfu=mfu, pairs={n: p for n, (_, p) in configs.items()})
+
+
+def bench_ddp(bb, B, size, rounds, loss="softrepa", rows_per_forward=0):
+    """A training step against the same step with what DDP adds to it, on a one-rank process group (nccl on
+    CUDA, gloo on the CPU): the one flat all-reduce of the token gradients and the logged numbers that
+    step.all_reduce_mean runs at world > 1. (At world 1 train_step skips it, so here it runs after the step,
+    on the same bytes.) One rank: the collective's own cost, no network. Returns the medians and the bytes."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    batch = random_batch(bb, B, size)
+    plain, _ = make_step(bb, batch, loss, rows_per_forward)
+    in_ddp, tokens = make_step(bb, batch, loss, rows_per_forward)
+
+    def ddp():
+        in_ddp()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tokens.trainable()]
+        flat = torch.cat([g.flatten() for g in grads] + [grads[0].new_zeros(len(step.STATS))])
+        dist.all_reduce(flat)
+
+    backend = "nccl" if bb.device.type == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory() as folder:
+        if bb.device.type == "cuda":
+            torch.cuda.set_device(bb.device)
+        dist.init_process_group(backend, init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            _, median, _ = time_configs({"plain": (plain, B * B), f"ddp {backend}": (ddp, B * B)}, bb.device, rounds)
+        finally:
+            dist.destroy_process_group()
+    n_bytes = sum(p.numel() for p in tokens.trainable()) * 4 + len(step.STATS) * 4
+    return dict(median=median, backend=backend, all_reduce_bytes=n_bytes)
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """
 gpu_jobs.py: the shapes-world measurements (issue #25) and the real-size memory checks (issue #23) as one
-batch of independent commands for a machine with one GPU and many cores, run side by side in a pool.
+batch of independent commands for a machine with one GPU and many cores, run side by side in a pool; and
+the speed measurements of real-size steps (issue #39), one job at a time.
 
     python -m shapes.gpu_jobs --deadline 480 --parallel 14 --pack $OUT     # what was run on the lent H200
     python -m shapes.gpu_jobs --set arms --deadline 420 --parallel 15 --pack $OUT   # #26's arms
+    python -m shapes.gpu_jobs --set speed --out $OUT/speed                 # #39: one H100, under 8 minutes
 
 Every job is a plain command of this repo (train.py, eval.py, bench.py); a training job is resumable
 (--resume latest) and skipped once its tokens exist, so the same call run again continues where a
@@ -12,6 +14,7 @@ as tar files of at most 15 MB into a folder, with one log per job.
 """
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -19,10 +22,21 @@ import subprocess
 import sys
 import tarfile
 import time
+from types import SimpleNamespace
 
+import torch
+
+import families
+import files
 import flags
+import hooks
+import models
+import run
+import softtokens
+from shapes import bench
 
 PY = sys.executable
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: train.py, runs/
 RUNS = "runs/gpu"
 BINDING = "two_object,position,color_attr"  # the kinds whose captions name two colours
 
@@ -85,9 +99,9 @@ def protocol(name, model, which, runs, n_per_category=0):
     return dict(name=name, cmd=cmd, done=out, needs=list(runs))
 
 
-def bench(name, model, size, batch, checkpointing):
+def bench_job(name, model, size, batch, checkpointing):
     out = f"{RUNS}/{name}.txt"
-    cmd = [PY, "bench.py", "--model", model, "--size", str(size), "--batch", str(batch), "--steps", "2"]
+    cmd = [PY, "-m", "shapes.bench", "--model", model, "--size", str(size), "--batch", str(batch), "--steps", "2"]
     cmd += ["--grad-checkpointing"] if checkpointing else []
     return dict(name=name, cmd=cmd, done=out, needs=[], stdout=out)
 
@@ -193,7 +207,7 @@ def real_size_jobs():
     todo = []
     for model, size, batch in (("sd1.5", 512, 4), ("sdxl", 1024, 2), ("sd3", 512, 4), ("sd3", 1024, 2)):
         for ckpt in (True, False):
-            todo.append(bench(f"bench-{model}-{size}-b{batch}{'-gc' if ckpt else ''}", model, size, batch, ckpt))
+            todo.append(bench_job(f"bench-{model}-{size}-b{batch}{'-gc' if ckpt else ''}", model, size, batch, ckpt))
     return todo
 
 
@@ -223,24 +237,313 @@ def pack(folder, logs):
     return files
 
 
+# -----------------------------------------------------------------------------
+# --set speed (issue #39): what a real-size step costs on one GPU, each job alone on it, one after another
+# (a child process each, so that one job's memory, or crash, is not the next one's). Random weights of the
+# real configs (families.py's `denoiser`), bf16, the denoiser alone: text features of the family's text
+# length are fed directly, as the encoding cache feeds them (shapes/bench.py; the text encoders and the VAE
+# are outside what is timed). Each job prints its own shapes/bench.py output to its log; the rows gather into
+# one table, rewritten after every job (a deadline still leaves the table of the jobs done).
+#   train    SoftREPA and AGSM training steps (step.train_step) at the papers' batch (4 images, 4 x 4
+#            pairs), seconds per step (median of the timed rounds, the two losses taking turns), FLOPs from
+#            torch's counter, MFU against the card's bf16 peak, peak memory; `rows`: --rows-per-forward
+#            (0: the whole batch at once), halved when the step runs out of memory (the same step, docs/cost.md)
+#   sample   the sampler, 28 steps at the family's CFG, with and without tokens: latency per image, the
+#            overhead in percent (median of paired runs), peak memory (bench.bench_sampling)
+#   ddp      a training step against the same step with the all-reduce that DDP adds, on a one-rank
+#            process group: nccl on a GPU, gloo on the CPU (bench.bench_ddp)
+# `budget`: the seconds a job may take on one H100 (its expected time, estimated in docs/cost.md, with room);
+# the budgets sum to 7.25 minutes. On the CPU (or with --tiny) the same jobs run on the families' test-size
+# denoisers (at the real text lengths), at 1/16 of the side, 2 x 2 pairs and 4 sampler steps: TINY, in
+# seconds (tests/lab/test_gpu_jobs.py).
+SPEED_JOBS = [
+    dict(name="sd3-512", kind="train", model="sd3", size=512, rows=0, budget=50),
+    dict(name="sd3-1024", kind="train", model="sd3", size=1024, rows=0, budget=75),
+    # 4 x 4 pairs at 1024 px would hold ~101 GB of activations (docs/cost.md): two image rows per forward
+    dict(name="sdxl-1024", kind="train", model="sdxl", size=1024, rows=2, budget=75),
+    # FLUX.1-dev's recommended flag at 512 px (docs/cost.md): --rows-per-forward 1
+    dict(name="flux-dev-512", kind="train", model="flux-dev", size=512, rows=1, budget=110),
+    dict(name="sampler-sd3-1024", kind="sample", model="sd3", size=1024, rows=0, budget=75),
+    dict(name="ddp-sd3-512", kind="ddp", model="sd3", size=512, rows=0, budget=50),
+]
+SPEED_DEADLINE = 450  # seconds for the whole set: under 8 minutes on one H100, with room to start
+SAMPLER_STEPS = 28
+TINY = dict(side=1 / 16, batch=2, sampler_steps=4)
+SPEED_COLUMNS = ["job", "measure", "batch", "rows/fwd", "s", "TFLOP", "MFU", "peak GiB", "note"]
+
+
+def speed_backbone(job, device, dtype, tiny):
+    """The job's backbone with random weights, made on the device itself (FLUX's 12B parameters: seconds
+    on a GPU, minutes on the CPU), cast to `dtype`, frozen."""
+    with torch.device(device):
+        bb = models.random_backbone(job["model"], "test" if tiny else "real")
+    bb.to(device, dtype)
+    bb.denoiser.requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the fp32 copy's blocks: not this job's peak
+    return bb
+
+
+def papers_batch(job, tiny):
+    """Images per step: the papers' (SoftREPA's and AGSM's are the same for these families), or TINY's."""
+    batch = families.FAMILIES[job["model"]]["softrepa"]["batch"]
+    assert batch == families.FAMILIES[job["model"]]["agsm"]["batch"], "one batch for both losses, to take turns"
+    return TINY["batch"] if tiny else batch
+
+
+def speed_rows_train(job, bb, size, args, precision):
+    """SoftREPA's and AGSM's rows: the papers' batch; rows per forward halved while the step runs out of memory."""
+    batch = papers_batch(job, args.tiny)
+    rows = min(job["rows"] or batch, batch)
+    while True:
+        try:
+            settings = SimpleNamespace(
+                model=job["model"], batch=batch, steps=args.rounds, peak_tflops=args.peak_tflops
+            )
+            result = bench.bench_training(bb, settings, size, precision, rows, names=("softrepa", "agsm"))
+            break
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            print(f"out of memory at {rows} rows per forward; trying {rows // 2}", flush=True)
+        rows //= 2
+        gc.collect()
+        torch.cuda.empty_cache()
+    median, flops = result["median"], result["flops"]
+    note = {
+        "agsm": f"agsm / softrepa {median['agsm'] / median['softrepa']:.2f} s, "
+        f"{flops['agsm'] / flops['softrepa']:.2f} FLOP (theory ~1.5)"
+    }
+    return [
+        dict(
+            measure=loss,
+            batch=f"{batch} ({batch * batch} pairs)",
+            rows_per_forward=rows,
+            seconds=median[loss],
+            tflop=flops[loss] / 1e12,
+            mfu=result["mfu"].get(loss),
+            peak_gib=result["peak_mem"].get(loss),
+            note=note.get(loss, ""),
+        )
+        for loss in ("softrepa", "agsm")
+    ]
+
+
+def speed_rows_sample(job, bb, size, args):
+    """The sampler with and without random tokens of the family's layout (the cost does not depend on their
+    values): one image, SAMPLER_STEPS steps (TINY's), the family's CFG."""
+    facts = bb.facts
+    sets = [
+        softtokens.SoftTokens(
+            facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser), facts["time_table"]
+        )
+    ]
+    cfg = facts["sample"]["cfg"]
+    cond, uncond = models.random_text(bb, 1, 0), models.random_text(bb, 1, 1)
+    steps = TINY["sampler_steps"] if args.tiny else SAMPLER_STEPS
+    r = bench.bench_sampling(bb, sets, steps, cfg, size, 1, args.rounds, cond=cond, uncond=uncond, progress=False)
+    print(json.dumps(r, indent=1), flush=True)
+    common = dict(batch="1 image", rows_per_forward=None, tflop=None, mfu=None)
+    return [
+        dict(
+            common,
+            measure=f"sampler, {steps} steps, cfg {cfg:g}",
+            seconds=r["latency_plain_s"],
+            peak_gib=r["peak_memory_plain_mb"] / 1024,
+            note="",
+        ),
+        dict(
+            common,
+            measure="sampler with tokens",
+            seconds=r["latency_tokens_s"],
+            peak_gib=r["peak_memory_tokens_mb"] / 1024,
+            note=f"latency {r['latency_overhead_pct']:+.1f}% (IQR/2 {r['latency_overhead_iqr_pct']:.1f}), "
+            f"memory {r['peak_memory_overhead_pct']:+.2f}%",
+        ),
+    ]
+
+
+def speed_rows_ddp(job, bb, size, args):
+    batch = papers_batch(job, args.tiny)
+    r = bench.bench_ddp(bb, batch, size, args.rounds)
+    plain, ddp = r["median"]["plain"], r["median"][f"ddp {r['backend']}"]
+    common = dict(
+        batch=f"{batch} ({batch * batch} pairs)", rows_per_forward=batch, tflop=None, mfu=None, peak_gib=None
+    )
+    return [
+        dict(common, measure="softrepa step", seconds=plain, note=""),
+        dict(
+            common,
+            measure=f"softrepa step, 1-rank {r['backend']} DDP",
+            seconds=ddp,
+            note=f"ddp / plain {ddp / plain:.3f}; all-reduce of {r['all_reduce_bytes'] / 1e6:.2f} MB",
+        ),
+    ]
+
+
+def speed_job(job, args):
+    """One job of SPEED_JOBS in this process: its rows of the table."""
+    device = torch.device(args.device)
+    dtype = models.PRECISIONS[args.precision]
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py on CUDA (docs/cost.md: cuDNN's crashed on FLUX)
+    size = round(job["size"] * TINY["side"]) if args.tiny else job["size"]
+    bb = speed_backbone(job, device, dtype, args.tiny)
+    families.check_size(job["model"], size, bb=bb)
+    if job["kind"] == "train":
+        rows = speed_rows_train(job, bb, size, args, args.precision)
+    elif job["kind"] == "sample":
+        rows = speed_rows_sample(job, bb, size, args)
+    else:
+        rows = speed_rows_ddp(job, bb, size, args)
+    return [dict(row, job=f"{job['name']}" + (f" (tiny: {size} px)" if args.tiny else "")) for row in rows]
+
+
+def speed_table(rows):
+    """The markdown table of the rows (None: "-")."""
+
+    def cell(row, column):
+        value = {
+            "job": row.get("job"),
+            "measure": row.get("measure"),
+            "batch": row.get("batch"),
+            "rows/fwd": row.get("rows_per_forward"),
+            "s": None if row.get("seconds") is None else f"{row['seconds']:.4g}",
+            "TFLOP": None if row.get("tflop") is None else f"{row['tflop']:.4g}",
+            "MFU": None if row.get("mfu") is None else f"{row['mfu']:.1%}",
+            "peak GiB": None if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}",
+            "note": row.get("note") or None,
+        }[column]
+        return "-" if value is None else str(value)
+
+    lines = ["| " + " | ".join(SPEED_COLUMNS) + " |", "|---" * len(SPEED_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(row, c) for c in SPEED_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def speed_header(args):
+    """Where the numbers come from: the device (and the peak MFU divides by), torch, the commit."""
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = bench.device_peak(device, args.peak_tflops)
+    source = "--peak-tflops" if args.peak_tflops else "read from its name"
+    return dict(
+        device=name,
+        peak_tflops=None if peak is None else peak / 1e12,
+        peak_source=source if peak else "unknown: no MFU (pass --peak-tflops)",
+        precision=args.precision,
+        tiny=args.tiny,
+        rounds=args.rounds,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        **run.provenance(),
+    )
+
+
+def run_speed(args):
+    """Every job of SPEED_JOBS (or --only), one after another, each alone: a child process with its budget
+    (in this process with --in-process); one table printed and written to --out (speed.md, speed.json)."""
+    out = os.path.abspath(args.out or os.path.join(ROOT, RUNS, "speed"))
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    header = speed_header(args)
+    peak = f"{header['peak_tflops']:.0f} TFLOP/s bf16 ({header['peak_source']})" if header["peak_tflops"] else "-"
+    title = (
+        f"`python -m shapes.gpu_jobs --set speed` on {header['device']} (peak {peak}), {args.precision}, "
+        f"torch {header['torch']}, commit {header['commit'][:12]}{' (dirty tree)' if header['dirty'] else ''}"
+    )
+    deadline, start, rows = args.deadline or SPEED_DEADLINE, time.time(), []
+    jobs = [job for job in SPEED_JOBS if not args.only or job["name"] in args.only]
+    for job in jobs:
+        left = deadline - (time.time() - start)
+        t0 = time.time()
+        if left < 5:
+            rows.append(dict(job=job["name"], note="not run: the deadline had passed"))
+        elif args.in_process:
+            rows += speed_job(job, args)
+        else:
+            rows += speed_child(job, args, out, min(job["budget"], left))
+        print(f"[{time.time() - start:5.0f}s] {job['name']}: {time.time() - t0:.0f}s", flush=True)
+        table = speed_table(rows)
+        files.write_text(os.path.join(out, "speed.md"), f"{title}\n\n{table}\n")
+        files.write_json(os.path.join(out, "speed.json"), dict(header, rows=rows))
+    print(f"\n{title}\n\n{table}\nwrote {out}/speed.md and speed.json")
+    return rows
+
+
+def speed_child(job, args, out, budget):
+    """One job in a child process, stopped after `budget` seconds: its rows, or one row saying what happened."""
+    result, log = os.path.join(out, "logs", f"{job['name']}.json"), os.path.join(out, "logs", f"{job['name']}.log")
+    cmd = [PY, "-m", "shapes.gpu_jobs", "--set", "speed", "--job", job["name"], "--result", result]
+    cmd += ["--device", args.device, "--precision", args.precision, "--rounds", str(args.rounds)]
+    cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+    cmd += ["--tiny"] if args.tiny else []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return [dict(job=job["name"], note=f"stopped at its budget of {budget:.0f} s (log: {log})")]
+    if rc != 0 or not os.path.exists(result):
+        with open(log) as f:
+            last = ([line.strip() for line in f if line.strip()] or ["(no output)"])[-1]
+        return [dict(job=job["name"], note=f"failed, exit {rc}: {last[:200]}")]
+    with open(result) as f:
+        return json.load(f)
+
+
 def build_parser():
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deadline", type=flags.POSITIVE_FLOAT, default=480, help="seconds; then every job is stopped")
+    p.add_argument(
+        "--deadline",
+        type=flags.POSITIVE_FLOAT,
+        default=None,
+        help=f"seconds; then every job is stopped (default 480; --set speed {SPEED_DEADLINE})",
+    )
     p.add_argument("--parallel", type=flags.POSITIVE_INT, default=14, help="jobs at once")
     p.add_argument("--pack", default=None, help="folder for the packed results")
     p.add_argument("--real-size", action="store_true", help="also the real-size memory benches (one at a time)")
     p.add_argument(
         "--set",
         default="replication",
-        choices=["replication", "arms"],
-        help="replication: #25's runs; arms: #26's LoRA and counting-loss runs",
+        choices=["replication", "arms", "speed"],
+        help="replication: #25's runs; arms: #26's LoRA and counting-loss runs; speed: #39's real-size steps",
     )
+    on_cuda = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if on_cuda else "cpu", help="speed: where the jobs run")
+    p.add_argument("--precision", default="bf16", choices=list(models.PRECISIONS), help="speed: default bf16")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="speed: the families' test-size denoisers at 1/16 of the side (always on the CPU)",
+    )
+    p.add_argument("--rounds", type=flags.POSITIVE_INT, default=5, help="speed: timed rounds (sampler: repeats)")
+    p.add_argument(
+        "--peak-tflops",
+        type=flags.POSITIVE_FLOAT,
+        default=None,
+        help="speed: the card's bf16 peak for MFU (default: read from the device name)",
+    )
+    p.add_argument("--out", default=None, help=f"speed: folder of the table and the logs (default {RUNS}/speed)")
+    p.add_argument("--only", nargs="+", choices=[j["name"] for j in SPEED_JOBS], help="speed: these jobs only")
+    p.add_argument("--in-process", action="store_true", help="speed: every job in this process (tests)")
+    p.add_argument("--job", choices=[j["name"] for j in SPEED_JOBS], help=argparse.SUPPRESS)  # a child's one job
+    p.add_argument("--result", help=argparse.SUPPRESS)  # where the child writes its rows
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: train.py, runs/
+    if args.set == "speed":
+        args.tiny = args.tiny or args.device == "cpu"
+        if args.job:  # a child of run_speed: one job, its rows to --result
+            rows = speed_job(next(j for j in SPEED_JOBS if j["name"] == args.job), args)
+            return files.write_json(args.result, rows)
+        return run_speed(args)
+    os.chdir(ROOT)
+    args.deadline = args.deadline or 480
     start = time.time()
     logs = f"{RUNS}/logs"
     os.makedirs(logs, exist_ok=True)

@@ -23,6 +23,7 @@ utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead 
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -46,6 +47,7 @@ if __package__ in (
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import families
+import files
 import flags
 import hooks
 import models
@@ -143,8 +145,8 @@ def make_step(bb, batch, loss, rows_per_forward=0):
 
 
 def training_configs(bb, B, size, rows_per_forward=0, names=None):
-    """The timed functions (all, or those `names`): each runs one forward or one training step, the hooks
-    attached for it alone; with the pairs it handles."""
+    """The timed functions (all, or those `names` of "forward", "softrepa", "agsm", "dsm"): each runs one
+    forward or one training step, the hooks attached for it alone; with the pairs it handles."""
     batch = random_batch(bb, B, size)
     forward_tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)  # built once, untimed
 
@@ -165,7 +167,8 @@ def training_configs(bb, B, size, rows_per_forward=0, names=None):
         "agsm": (lambda: make_step(bb, batch, "agsm", rows_per_forward)[0], B * B),
         "dsm": (lambda: make_step(bb, batch, "dsm", rows_per_forward)[0], B),
     }
-    return {name: (make(), pairs) for name, (make, pairs) in makers.items() if names is None or name in names}
+    chosen = lambda name: names is None or name.split(",")[0] in names  # noqa: E731  "forward": both forwards
+    return {name: (make(), pairs) for name, (make, pairs) in makers.items() if chosen(name)}
 
 
 def time_configs(configs, device, rounds):
@@ -236,7 +239,31 @@ def bench_training(bb, args, size, precision, rows_per_forward=0, names=None):
         )
     if {"forward, tokens", "forward, no tokens"} <= set(configs):
         print(f"hooks' cost, forward with / without: {median['forward, tokens'] / median['forward, no tokens']:.2f}")
-    return dict(median=median, flops=flops, peak_mem=peak_mem, mfu=mfu, pairs={n: p for n, (_, p) in configs.items()})
+    return dict(
+        median=median,
+        flops=flops,
+        peak_mem=peak_mem,
+        mfu=mfu,
+        pairs={n: p for n, (_, p) in configs.items()},
+        batch=args.batch,
+        rows_per_forward=rows_per_forward,
+    )
+
+
+def bench_training_that_fits(bb, args, size, precision):
+    """bench_training at --rows-per-forward (0: the whole batch at once), halved while a step runs out of GPU
+    memory: the same step in smaller forwards (step.py), what train.py's flag does."""
+    rows = min(args.rows_per_forward or args.batch, args.batch)
+    while True:
+        try:
+            return bench_training(bb, args, size, precision, rows, args.configs)
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            print(f"out of memory at {rows} rows per forward; trying {rows // 2}", flush=True)
+        rows //= 2
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def bench_ddp(bb, B, size, rounds, loss="softrepa", rows_per_forward=0):
@@ -268,7 +295,7 @@ def bench_ddp(bb, B, size, rounds, loss="softrepa", rows_per_forward=0):
         finally:
             dist.destroy_process_group()
     n_bytes = sum(p.numel() for p in tokens.trainable()) * 4 + len(step.STATS) * 4
-    return dict(median=median, backend=backend, all_reduce_bytes=n_bytes)
+    return dict(median=median, backend=backend, all_reduce_bytes=n_bytes, batch=B)
 
 
 # -----------------------------------------------------------------------------
@@ -585,6 +612,30 @@ def build_parser():
         action="store_true",
         help="training: recompute the frozen backbone in backward (train.py's flag), to measure what it saves",
     )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=["forward", "softrepa", "agsm", "dsm"],
+        help="training: what to time (default: all; forward: with and without the tokens' hooks)",
+    )
+    p.add_argument(
+        "--rows-per-forward",
+        type=flags.NON_NEGATIVE_INT,
+        default=0,
+        help="training: image rows per forward (train.py's flag; 0: all), halved while a step runs out of memory",
+    )
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="a SoftREPA step against the same step with DDP's all-reduce, on a one-rank nccl (gloo) group",
+    )
+    p.add_argument(
+        "--test-size",
+        action="store_true",
+        help="the family's test-size denoiser (families.py test_denoiser) instead of its real size",
+    )
+    p.add_argument("--json", default=None, help="write the result here too (shapes/gpu_jobs.py --set speed reads it)")
     p.add_argument("--cache-sizes", action="store_true", help="print the encoding cache's bytes per sample and exit")
     p.add_argument(
         "--memory-check",
@@ -628,8 +679,13 @@ def main(argv=None):
     on_cuda = args.device.startswith("cuda")
     torch.backends.cuda.enable_cudnn_sdp(not on_cuda)  # off on CUDA, as in train.py (docs/cost.md)
     precision = args.precision or (("fp16" if args.sampling else "bf16") if on_cuda else "fp32")
-    bb = backbones.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
+    with torch.device(args.device):  # the random weights made where they run (FLUX's 12B: seconds on a GPU)
+        bb = backbones.random_backbone(args.model, "test" if args.test_size else "real")
+    bb.to(args.device, models.PRECISIONS[precision])
     bb.denoiser.requires_grad_(False)
+    if on_cuda:
+        torch.cuda.empty_cache()  # the fp32 weights' blocks: not the measurement's memory
+    families.check_size(args.model, size, bb=bb)
     if args.grad_checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
     if args.memory_check:
@@ -644,9 +700,16 @@ def main(argv=None):
         }.get(args.sdpa)
         with sdpa_kernel([kernel]) if kernel else nullcontext():
             return memory_check(bb, args.memory_check)
+    device = dict(device_name=torch.cuda.get_device_name(bb.device) if on_cuda else "CPU", precision=precision)
+    device.update(peak_flops=device_peak(bb.device, args.peak_tflops), peak_from_flag=bool(args.peak_tflops))
     if not args.sampling:
         args.batch, args.steps = args.batch or 4, args.steps or 5
-        return bench_training(bb, args, size, precision)
+        if args.ddp:
+            result = bench_ddp(bb, args.batch, size, args.steps, rows_per_forward=args.rows_per_forward)
+            print(json.dumps(result, indent=1))
+        else:
+            result = bench_training_that_fits(bb, args, size, precision)
+        return write_result(args, dict(result, model=args.model, size=size, **device))
     batch = args.batch or 1
     if sets is None:
         sets = [
@@ -658,6 +721,12 @@ def main(argv=None):
     cond, uncond = models.random_text(bb, batch, 0), models.random_text(bb, batch, 1)
     result = bench_sampling(bb, sets, steps, cfg, size, batch, args.repeats, info["blocks"], cond, uncond)
     print(json.dumps(result, indent=1))
+    return write_result(args, dict(result, **device))
+
+
+def write_result(args, result):
+    if args.json:
+        files.write_json(args.json, result)
     return result
 
 

@@ -14,7 +14,6 @@ as tar files of at most 15 MB into a folder, with one log per job.
 """
 
 import argparse
-import gc
 import json
 import os
 import signal
@@ -22,18 +21,14 @@ import subprocess
 import sys
 import tarfile
 import time
-from types import SimpleNamespace
 
 import torch
 
 import families
 import files
 import flags
-import hooks
 import models
 import run
-import softtokens
-from shapes import bench
 
 PY = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: train.py, runs/
@@ -238,8 +233,9 @@ def pack(folder, logs):
 
 
 # -----------------------------------------------------------------------------
-# --set speed (issue #39): what a real-size step costs on one GPU, each job alone on it, one after another
-# (a child process each, so that one job's memory, or crash, is not the next one's). Random weights of the
+# --set speed (issue #39): what a real-size step costs on one GPU, each job alone on it, one after another:
+# a plain command of shapes/bench.py in a child process each (speed_command), so that one job's memory, or
+# crash, is not the next one's, and a job past its budget is stopped. Random weights of the
 # real configs (families.py's `denoiser`), bf16, the denoiser alone: text features of the family's text
 # length are fed directly, as the encoding cache feeds them (shapes/bench.py; the text encoders and the VAE
 # are outside what is timed). Each job prints its own shapes/bench.py output to its log; the rows gather into
@@ -272,18 +268,6 @@ TINY = dict(side=1 / 16, batch=2, sampler_steps=4)
 SPEED_COLUMNS = ["job", "measure", "batch", "rows/fwd", "s", "TFLOP", "MFU", "peak GiB", "note"]
 
 
-def speed_backbone(job, device, dtype, tiny):
-    """The job's backbone with random weights, made on the device itself (FLUX's 12B parameters: seconds
-    on a GPU, minutes on the CPU), cast to `dtype`, frozen."""
-    with torch.device(device):
-        bb = models.random_backbone(job["model"], "test" if tiny else "real")
-    bb.to(device, dtype)
-    bb.denoiser.requires_grad_(False)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the fp32 copy's blocks: not this job's peak
-    return bb
-
-
 def papers_batch(job, tiny):
     """Images per step: the papers' (SoftREPA's and AGSM's are the same for these families), or TINY's."""
     batch = families.FAMILIES[job["model"]]["softrepa"]["batch"]
@@ -291,112 +275,79 @@ def papers_batch(job, tiny):
     return TINY["batch"] if tiny else batch
 
 
-def speed_rows_train(job, bb, size, args, precision):
-    """SoftREPA's and AGSM's rows: the papers' batch; rows per forward halved while the step runs out of memory."""
+def speed_command(job, args, result):
+    """The job as a plain command of shapes/bench.py, its result written to the JSON file `result`."""
+    size = round(job["size"] * TINY["side"]) if args.tiny else job["size"]
     batch = papers_batch(job, args.tiny)
-    rows = min(job["rows"] or batch, batch)
-    while True:
-        try:
-            settings = SimpleNamespace(
-                model=job["model"], batch=batch, steps=args.rounds, peak_tflops=args.peak_tflops
+    cmd = [PY, "-m", "shapes.bench", "--model", job["model"], "--size", str(size), "--device", args.device]
+    cmd += ["--precision", args.precision, "--json", result] + (["--test-size"] if args.tiny else [])
+    cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+    if job["kind"] == "train":
+        cmd += ["--configs", "softrepa", "agsm", "--batch", str(batch), "--steps", str(args.rounds)]
+        cmd += ["--rows-per-forward", str(job["rows"])]
+    elif job["kind"] == "sample":
+        steps = TINY["sampler_steps"] if args.tiny else SAMPLER_STEPS
+        cmd += ["--sampling", "--steps", str(steps), "--repeats", str(args.rounds)]
+    else:
+        cmd += ["--ddp", "--batch", str(batch), "--steps", str(args.rounds)]
+    return cmd
+
+
+def speed_rows(job, r):
+    """The table's rows of one job's result (shapes/bench.py's JSON)."""
+    if job["kind"] == "train":
+        batch, median, flops = r["batch"], r["median"], r["flops"]
+        ratio = (
+            f"agsm / softrepa {median['agsm'] / median['softrepa']:.2f} s, "
+            f"{flops['agsm'] / flops['softrepa']:.2f} FLOP (theory ~1.5)"
+        )
+        return [
+            dict(
+                measure=loss,
+                batch=f"{batch} ({batch * batch} pairs)",
+                rows_per_forward=r["rows_per_forward"],
+                seconds=median[loss],
+                tflop=flops[loss] / 1e12,
+                mfu=r["mfu"].get(loss),
+                peak_gib=r["peak_mem"].get(loss),
+                note=ratio if loss == "agsm" else "",
             )
-            result = bench.bench_training(bb, settings, size, precision, rows, names=("softrepa", "agsm"))
-            break
-        except torch.OutOfMemoryError:
-            if rows == 1:
-                raise
-            print(f"out of memory at {rows} rows per forward; trying {rows // 2}", flush=True)
-        rows //= 2
-        gc.collect()
-        torch.cuda.empty_cache()
-    median, flops = result["median"], result["flops"]
-    note = {
-        "agsm": f"agsm / softrepa {median['agsm'] / median['softrepa']:.2f} s, "
-        f"{flops['agsm'] / flops['softrepa']:.2f} FLOP (theory ~1.5)"
-    }
-    return [
-        dict(
-            measure=loss,
-            batch=f"{batch} ({batch * batch} pairs)",
-            rows_per_forward=rows,
-            seconds=median[loss],
-            tflop=flops[loss] / 1e12,
-            mfu=result["mfu"].get(loss),
-            peak_gib=result["peak_mem"].get(loss),
-            note=note.get(loss, ""),
+            for loss in ("softrepa", "agsm")
+        ]
+    if job["kind"] == "sample":
+        common = dict(batch=f"{r['batch']} image", rows_per_forward=None, tflop=None, mfu=None)
+        overhead = (
+            f"latency {r['latency_overhead_pct']:+.1f}% (IQR/2 {r['latency_overhead_iqr_pct']:.1f}), "
+            f"memory {r['peak_memory_overhead_pct']:+.2f}%"
         )
-        for loss in ("softrepa", "agsm")
-    ]
-
-
-def speed_rows_sample(job, bb, size, args):
-    """The sampler with and without random tokens of the family's layout (the cost does not depend on their
-    values): one image, SAMPLER_STEPS steps (TINY's), the family's CFG."""
-    facts = bb.facts
-    sets = [
-        softtokens.SoftTokens(
-            facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser), facts["time_table"]
-        )
-    ]
-    cfg = facts["sample"]["cfg"]
-    cond, uncond = models.random_text(bb, 1, 0), models.random_text(bb, 1, 1)
-    steps = TINY["sampler_steps"] if args.tiny else SAMPLER_STEPS
-    r = bench.bench_sampling(bb, sets, steps, cfg, size, 1, args.rounds, cond=cond, uncond=uncond, progress=False)
-    print(json.dumps(r, indent=1), flush=True)
-    common = dict(batch="1 image", rows_per_forward=None, tflop=None, mfu=None)
-    return [
-        dict(
-            common,
-            measure=f"sampler, {steps} steps, cfg {cfg:g}",
-            seconds=r["latency_plain_s"],
-            peak_gib=r["peak_memory_plain_mb"] / 1024,
-            note="",
-        ),
-        dict(
-            common,
-            measure="sampler with tokens",
-            seconds=r["latency_tokens_s"],
-            peak_gib=r["peak_memory_tokens_mb"] / 1024,
-            note=f"latency {r['latency_overhead_pct']:+.1f}% (IQR/2 {r['latency_overhead_iqr_pct']:.1f}), "
-            f"memory {r['peak_memory_overhead_pct']:+.2f}%",
-        ),
-    ]
-
-
-def speed_rows_ddp(job, bb, size, args):
-    batch = papers_batch(job, args.tiny)
-    r = bench.bench_ddp(bb, batch, size, args.rounds)
+        return [
+            dict(
+                common,
+                measure=f"sampler, {r['steps']} steps, cfg {r['cfg']:g}",
+                seconds=r["latency_plain_s"],
+                peak_gib=r["peak_memory_plain_mb"] / 1024,
+                note="",
+            ),
+            dict(
+                common,
+                measure="sampler with tokens",
+                seconds=r["latency_tokens_s"],
+                peak_gib=r["peak_memory_tokens_mb"] / 1024,
+                note=overhead,
+            ),
+        ]
     plain, ddp = r["median"]["plain"], r["median"][f"ddp {r['backend']}"]
-    common = dict(
-        batch=f"{batch} ({batch * batch} pairs)", rows_per_forward=batch, tflop=None, mfu=None, peak_gib=None
-    )
+    common = dict(batch=f"{r['batch']} ({r['batch'] ** 2} pairs)", rows_per_forward=None, tflop=None, mfu=None)
     return [
-        dict(common, measure="softrepa step", seconds=plain, note=""),
+        dict(common, measure="softrepa step", seconds=plain, peak_gib=None, note=""),
         dict(
             common,
             measure=f"softrepa step, 1-rank {r['backend']} DDP",
             seconds=ddp,
+            peak_gib=None,
             note=f"ddp / plain {ddp / plain:.3f}; all-reduce of {r['all_reduce_bytes'] / 1e6:.2f} MB",
         ),
     ]
-
-
-def speed_job(job, args):
-    """One job of SPEED_JOBS in this process: its rows of the table."""
-    device = torch.device(args.device)
-    dtype = models.PRECISIONS[args.precision]
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py on CUDA (docs/cost.md: cuDNN's crashed on FLUX)
-    size = round(job["size"] * TINY["side"]) if args.tiny else job["size"]
-    bb = speed_backbone(job, device, dtype, args.tiny)
-    families.check_size(job["model"], size, bb=bb)
-    if job["kind"] == "train":
-        rows = speed_rows_train(job, bb, size, args, args.precision)
-    elif job["kind"] == "sample":
-        rows = speed_rows_sample(job, bb, size, args)
-    else:
-        rows = speed_rows_ddp(job, bb, size, args)
-    return [dict(row, job=f"{job['name']}" + (f" (tiny: {size} px)" if args.tiny else "")) for row in rows]
 
 
 def speed_table(rows):
@@ -411,7 +362,7 @@ def speed_table(rows):
             "s": None if row.get("seconds") is None else f"{row['seconds']:.4g}",
             "TFLOP": None if row.get("tflop") is None else f"{row['tflop']:.4g}",
             "MFU": None if row.get("mfu") is None else f"{row['mfu']:.1%}",
-            "peak GiB": None if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}",
+            "peak GiB": None if row.get("peak_gib") is None else f"{row['peak_gib']:.3g}",
             "note": row.get("note") or None,
         }[column]
         return "-" if value is None else str(value)
@@ -421,77 +372,72 @@ def speed_table(rows):
     return "\n".join(lines)
 
 
-def speed_header(args):
-    """Where the numbers come from: the device (and the peak MFU divides by), torch, the commit."""
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = bench.device_peak(device, args.peak_tflops)
-    source = "--peak-tflops" if args.peak_tflops else "read from its name"
-    return dict(
-        device=name,
-        peak_tflops=None if peak is None else peak / 1e12,
-        peak_source=source if peak else "unknown: no MFU (pass --peak-tflops)",
-        precision=args.precision,
-        tiny=args.tiny,
-        rounds=args.rounds,
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        **run.provenance(),
+def speed_title(args, results, where):
+    """The line above the table: the command, the device and the peak MFU divides by, torch, the commit."""
+    first = next(iter(results.values()), {})
+    device, peak = first.get("device_name", "a device that ran no job"), first.get("peak_flops")
+    source = "--peak-tflops" if first.get("peak_from_flag") else "read from its name"
+    peak = f"peak {peak / 1e12:.0f} TFLOP/s bf16, {source}" if peak else "no known peak: no MFU (pass --peak-tflops)"
+    dirty = " (dirty tree)" if where["dirty"] else ""
+    return (
+        f"`python -m shapes.gpu_jobs --set speed{' --tiny' if args.tiny else ''}` on {device} ({peak}), "
+        f"{args.precision}, torch {torch.__version__}, commit {where['commit'][:12]}{dirty}"
     )
 
 
-def run_speed(args):
-    """Every job of SPEED_JOBS (or --only), one after another, each alone: a child process with its budget
-    (in this process with --in-process); one table printed and written to --out (speed.md, speed.json)."""
-    out = os.path.abspath(args.out or os.path.join(ROOT, RUNS, "speed"))
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    header = speed_header(args)
-    peak = f"{header['peak_tflops']:.0f} TFLOP/s bf16 ({header['peak_source']})" if header["peak_tflops"] else "-"
-    title = (
-        f"`python -m shapes.gpu_jobs --set speed` on {header['device']} (peak {peak}), {args.precision}, "
-        f"torch {header['torch']}, commit {header['commit'][:12]}{' (dirty tree)' if header['dirty'] else ''}"
-    )
-    deadline, start, rows = args.deadline or SPEED_DEADLINE, time.time(), []
-    jobs = [job for job in SPEED_JOBS if not args.only or job["name"] in args.only]
-    for job in jobs:
-        left = deadline - (time.time() - start)
-        t0 = time.time()
-        if left < 5:
-            rows.append(dict(job=job["name"], note="not run: the deadline had passed"))
-        elif args.in_process:
-            rows += speed_job(job, args)
-        else:
-            rows += speed_child(job, args, out, min(job["budget"], left))
-        print(f"[{time.time() - start:5.0f}s] {job['name']}: {time.time() - t0:.0f}s", flush=True)
-        table = speed_table(rows)
-        files.write_text(os.path.join(out, "speed.md"), f"{title}\n\n{table}\n")
-        files.write_json(os.path.join(out, "speed.json"), dict(header, rows=rows))
-    print(f"\n{title}\n\n{table}\nwrote {out}/speed.md and speed.json")
-    return rows
-
-
-def speed_child(job, args, out, budget):
-    """One job in a child process, stopped after `budget` seconds: its rows, or one row saying what happened."""
-    result, log = os.path.join(out, "logs", f"{job['name']}.json"), os.path.join(out, "logs", f"{job['name']}.log")
-    cmd = [PY, "-m", "shapes.gpu_jobs", "--set", "speed", "--job", job["name"], "--result", result]
-    cmd += ["--device", args.device, "--precision", args.precision, "--rounds", str(args.rounds)]
-    cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
-    cmd += ["--tiny"] if args.tiny else []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_child(cmd, log, budget):
+    """Run `cmd` from the repo root, its output to `log`; its exit status, or None if stopped after `budget` s."""
     with open(log, "w") as f:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         try:
-            rc = proc.wait(timeout=budget)
+            return proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return [dict(job=job["name"], note=f"stopped at its budget of {budget:.0f} s (log: {log})")]
+            return None
+
+
+def speed_job(job, args, out, budget):
+    """One job, alone: its rows (each naming the job), or one row saying what stopped it; and its result."""
+    name = job["name"] + (f" (tiny: {round(job['size'] * TINY['side'])} px)" if args.tiny else "")
+    result, log = os.path.join(out, "logs", f"{job['name']}.json"), os.path.join(out, "logs", f"{job['name']}.log")
+    if os.path.exists(result):
+        os.remove(result)  # a previous call's
+    rc = run_child(speed_command(job, args, result), log, budget)
+    if rc is None:
+        return [dict(job=name, note=f"stopped at its budget of {budget:.0f} s (log: {log})")], None
     if rc != 0 or not os.path.exists(result):
         with open(log) as f:
             last = ([line.strip() for line in f if line.strip()] or ["(no output)"])[-1]
-        return [dict(job=job["name"], note=f"failed, exit {rc}: {last[:200]}")]
+        return [dict(job=name, note=f"failed, exit {rc}: {last[:200]} (log: {log})")], None
     with open(result) as f:
-        return json.load(f)
+        r = json.load(f)
+    return [dict(row, job=name) for row in speed_rows(job, r)], r
+
+
+def run_speed(args):
+    """Every job of SPEED_JOBS (or --only), one after another, each alone in its child process with its
+    budget; one table printed and written to --out (speed.md; speed.json: the rows and each job's result)."""
+    out = os.path.abspath(args.out or os.path.join(ROOT, RUNS, "speed"))
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    where = run.provenance()
+    deadline, start, rows, results = args.deadline or SPEED_DEADLINE, time.time(), [], {}
+    for job in [job for job in SPEED_JOBS if not args.only or job["name"] in args.only]:
+        left, t0 = deadline - (time.time() - start), time.time()
+        if left < 5:
+            rows.append(dict(job=job["name"], note="not run: the deadline had passed"))
+        else:
+            mine, result = speed_job(job, args, out, min(job["budget"], left))
+            rows += mine
+            if result is not None:
+                results[job["name"]] = result
+            print(f"[{time.time() - start:5.0f}s] {job['name']}: {time.time() - t0:.0f}s", flush=True)
+        title, table = speed_title(args, results, where), speed_table(rows)
+        files.write_text(os.path.join(out, "speed.md"), f"{title}\n\n{table}\n")
+        files.write_json(os.path.join(out, "speed.json"), dict(title=title, **where, rows=rows, results=results))
+    print(f"\n{title}\n\n{table}\nwrote {out}/speed.md and speed.json")
+    return rows
 
 
 def build_parser():
@@ -528,9 +474,6 @@ def build_parser():
     )
     p.add_argument("--out", default=None, help=f"speed: folder of the table and the logs (default {RUNS}/speed)")
     p.add_argument("--only", nargs="+", choices=[j["name"] for j in SPEED_JOBS], help="speed: these jobs only")
-    p.add_argument("--in-process", action="store_true", help="speed: every job in this process (tests)")
-    p.add_argument("--job", choices=[j["name"] for j in SPEED_JOBS], help=argparse.SUPPRESS)  # a child's one job
-    p.add_argument("--result", help=argparse.SUPPRESS)  # where the child writes its rows
     return p
 
 
@@ -538,9 +481,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.set == "speed":
         args.tiny = args.tiny or args.device == "cpu"
-        if args.job:  # a child of run_speed: one job, its rows to --result
-            rows = speed_job(next(j for j in SPEED_JOBS if j["name"] == args.job), args)
-            return files.write_json(args.result, rows)
         return run_speed(args)
     os.chdir(ROOT)
     args.deadline = args.deadline or 480

@@ -1,22 +1,31 @@
 """gpu_jobs.py --set speed (issue #39): the one GPU command for the real-size speed measurements runs end to
-end on the CPU at tiny sizes -- every job, one table, its files -- and a job in its own child process gives
-the same rows, or one row saying it was stopped at its budget."""
+end on the CPU at tiny sizes -- every job's shapes/bench.py command, one table, its files -- and a job in its
+own child process gives its rows, or one row saying it was stopped at its budget."""
 
 import json
 
 import pytest
 import torch
 
-from shapes import gpu_jobs
+from shapes import bench, gpu_jobs
 
 torch.set_num_threads(1)
 
 JOBS = [job["name"] for job in gpu_jobs.SPEED_JOBS]
 
 
-def test_speed_set_runs_end_to_end_on_the_cpu(tmp_path, capsys):
+def in_this_process(cmd, log, budget):
+    """gpu_jobs.run_child without the child: each job's command, `python -m shapes.bench ARGS`, as bench.main(ARGS)
+    (the suite cannot pay six interpreters' imports; the child itself is checked in the next test)."""
+    assert cmd[1:3] == ["-m", "shapes.bench"]
+    bench.main(cmd[3:])
+    return 0
+
+
+def test_speed_set_runs_end_to_end_on_the_cpu(tmp_path, capsys, monkeypatch):
     out = tmp_path / "speed"
-    rows = gpu_jobs.main(["--set", "speed", "--in-process", "--rounds", "1", "--peak-tflops", "1", "--out", str(out)])
+    monkeypatch.setattr(gpu_jobs, "run_child", in_this_process)
+    rows = gpu_jobs.main(["--set", "speed", "--rounds", "1", "--peak-tflops", "1", "--out", str(out)])
     by_job = {}
     for row in rows:
         by_job.setdefault(row["job"].split(" ")[0], []).append(row)
@@ -46,12 +55,12 @@ def test_speed_set_runs_end_to_end_on_the_cpu(tmp_path, capsys):
             assert "ddp / plain" in ddp["note"]
     # one table, printed and written, and the rows with where they come from
     table = (out / "speed.md").read_text()
-    assert table.splitlines()[0].startswith("`python -m shapes.gpu_jobs --set speed` on CPU (peak 1 TFLOP/s bf16")
+    assert table.splitlines()[0].startswith("`python -m shapes.gpu_jobs --set speed --tiny` on CPU (peak 1 TFLOP/s")
     assert table.count("\n| ") == len(rows) + 1 and table.splitlines()[2].startswith("| job | measure |")
     assert table.strip().split("\n\n")[1] in capsys.readouterr().out
     saved = json.loads((out / "speed.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["device"] == "CPU" and "commit" in saved
-    assert saved["precision"] == "bf16" and saved["tiny"] is True
+    assert saved["rows"] == json.loads(json.dumps(rows)) and "commit" in saved and set(saved["results"]) == set(JOBS)
+    assert all(r["device_name"] == "CPU" and r["precision"] == "bf16" for r in saved["results"].values())
 
 
 def test_a_job_in_its_child_process_and_one_stopped_at_its_budget(tmp_path, monkeypatch):

@@ -6,9 +6,12 @@ memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra me
     python -m shapes.bench --model tiny-sd3 --batch 4 --steps 10
     python -m shapes.bench --model sd1.5 --size 256 --batch 2 --steps 2     # real-size UNet, random weights
     python -m shapes.bench --model sd3 --batch 4      # on a GPU: the real thing (--sampling: sampling instead)
+    python -m shapes.bench --model flux-dev --size 512 --configs softrepa agsm --rows-per-forward 1 --json r.json
+    python -m shapes.bench --model sd3 --size 512 --ddp    # a step against it + DDP's all-reduce (one-rank group)
 
 Real families are built from their configs in families.FAMILIES with random weights (timing does not
-depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads).
+depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads), made
+on the device they run on; --test-size takes the family's test-size denoiser instead (CPU checks).
 Text features are random tensors of the real shapes,
 fed as the encoding cache feeds them (data.py): the text encoders and the VAE run outside what is
 compared here. On a CPU a real-size step takes minutes: pass a small --size (256 px) and few --steps.
@@ -19,7 +22,9 @@ Training, side by side in one run (configurations take turns each round: a drift
 Theory for AGSM / SoftREPA: the backbone is frozen, so backward (activation gradients only) ~ one forward:
 softrepa = forward + backward ~ 2F, agsm = that + a no-grad EMA forward ~ 3F: 1.5.
 FLOPs per step are counted with torch's FlopCounterMode on the warm-up round; on CUDA, model FLOPs
-utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead of estimated FLOPs).
+utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead of estimated FLOPs), the
+peak read from the card's name (PEAK_BF16_FLOPS) or given by --peak-tflops. `python -m shapes.gpu_jobs --set
+speed` runs this file's commands on one GPU, one at a time, and gathers their --json results in one table.
 """
 
 import argparse

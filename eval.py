@@ -19,6 +19,12 @@ What is measured (SoftREPA Tables 1-2, AGSM Tables 1-2, Figures 4-5):
   soft-tifa     GenEval 2 (arXiv 2512.16853) in-process: a VQA model's probability of each atom's correct
                 answer, Soft-TIFA AM and GM, AM per skill and GM per atom count (metrics.soft_tifa_scores);
                 the model is any transformers image-text-to-text folder (--vqa-model), the prompts --geneval2
+  tifa, vqascore  GenEval 2's other two methods, from the same model: hard TIFA (an atom right when the most
+                likely answer token is a spelling of the answer) and VQAScore (P("Yes") to 'Does this image
+                show "<prompt>"?'). Every atom's score goes into the JSON beside the aggregates, under
+                "geneval2": per seed and variant, each method's list over the benchmark's prompts of their
+                atoms' scores, as GenEval 2's evaluation.py writes score_lists.json, with the VQA model's folder
+                name and the transformers and torch versions
   clip, pickscore, imagereward, hps, fid, lpips: metrics.py; edit: the editing benchmarks' (benchmarks.py)
 Heavy metric models are optional (pip install -r requirements-eval.txt); they load from the Hugging
 Face hub, or only from --weights DIR when it is given: DIR/<hub id, or its last part> for the CLIP
@@ -60,7 +66,7 @@ import trained
 from run import provenance
 from shapes import backbones, checker, classifier
 
-ALL_METRICS = ["shapes", "classifier", "geneval", "soft-tifa", "edit"] + list(metrics.METRICS)
+ALL_METRICS = ["shapes", "classifier", "geneval"] + list(metrics.GENEVAL2_METRICS) + ["edit"] + list(metrics.METRICS)
 DISPLAY_SCALE = {
     "imagereward": 100,
     "hps": 100,
@@ -68,7 +74,7 @@ DISPLAY_SCALE = {
     "bg_lpips": 100,
     "bg_ssim": 100,
     "structure_distance": 1000,
-    **{column: 100 for column in metrics.SOFT_TIFA_COLUMNS},  # GenEval 2 prints Soft-TIFA x100
+    **{column: 100 for column in metrics.GENEVAL2_COLUMNS},  # GenEval 2 prints its scores x100
 }
 
 
@@ -176,8 +182,6 @@ def replicate_metrics(run, metric, rows, variant_rows, first, scorers, args, suf
     if scorers.get(metric) is None:
         return None
     paths, prompts = [os.path.join(run, r["image"]) for r in rows], [r["prompt"] for r in rows]
-    if metric == "soft-tifa":  # GenEval 2: each image found by its record's prompt
-        return metrics.soft_tifa_metric(scorers[metric], paths, prompts)
     if not rows and args.pie:  # an edit.py folder: the benchmark's target prompts
         items = benchmarks.items(args.pie, run)
         paths, prompts = [it[2] for it in items], [it[4] for it in items]
@@ -205,14 +209,36 @@ def nothing_scored(args):
     )
 
 
-def replicates(run, metrics, scorers, args):
-    """[(variant, seed, {column: value})] of one run folder, reusing <run>/eval_metrics.json."""
+def geneval2_replicate(run, rows, wanted, done, scorer):
+    """GenEval 2's metrics among `wanted` that one replicate's cache entry `done` lacks, from one pass over its
+    images (soft and hard TIFA read the same forward passes): each metric's columns, and its score lists
+    (evaluation.py's score_lists.json) under done["score_lists"]. Each image is found by its record's prompt."""
+    missing = [m for m in wanted if m in metrics.GENEVAL2_METRICS and m not in done]
+    if not missing or scorer is None:
+        return
+    methods = [metrics.GENEVAL2_METRICS[m] for m in missing]
+    paths, prompts = [os.path.join(run, r["image"]) for r in rows], [r["prompt"] for r in rows]
+    lists = metrics.geneval2_score_lists(scorer, paths, prompts, methods)
+    if lists is None:  # no image of a benchmark prompt
+        return
+    for metric, method in zip(missing, methods):
+        done[metric] = metrics.geneval2_columns(method, lists[method], scorer[0])
+    done.setdefault("score_lists", {}).update(lists)
+
+
+def replicates(run, wanted, scorers, args):
+    """[(variant, seed, {column: value}, {GenEval 2 method: score lists})] of one run folder, reusing
+    <run>/eval_metrics.json."""
     records = read_records(run)
     cache_path = os.path.join(run, "eval_metrics.json")
     # the settings a cached value depends on: a cache computed with others is stale, not reusable
     settings = {k: getattr(args, k, None) for k in ("model", "classifier_n", "candidates", "ref", "pie")}
-    # soft-tifa's files count only when given, so that caches written before these flags existed stay valid
+    # GenEval 2's files count only when given, so that caches written before these flags existed stay valid;
+    # with them, the library versions (in bf16 a transformers version moves the atoms' probabilities)
     settings.update({k: v for k in ("geneval2", "vqa_model") if (v := getattr(args, k, None))})
+    if getattr(args, "vqa_model", None):
+        versions = metrics.geneval2_versions(args.vqa_model)
+        settings.update(transformers=versions["transformers"], torch=versions["torch"])
     cache = {}
     if not args.recompute and os.path.exists(cache_path):
         cache = files.read_json(cache_path, "eval.py's cache of this run's scores (delete it, or pass --recompute)")
@@ -220,6 +246,7 @@ def replicates(run, metrics, scorers, args):
             cache = {}
     cache["_settings"] = settings
     variants = sorted({r.get("variant", "") for r in records}) or [""]
+    methods = [metrics.GENEVAL2_METRICS[m] for m in wanted if m in metrics.GENEVAL2_METRICS]
     out = []
     for variant in variants:
         mine = [r for r in records if r.get("variant", "") == variant]
@@ -227,13 +254,15 @@ def replicates(run, metrics, scorers, args):
         for n, seed in enumerate(sorted({r.get("seed", 0) for r in mine}) or [None]):
             done, values = cache.setdefault(f"{variant}|{seed}", {}), {}
             rows = [r for r in mine if r.get("seed", 0) == seed]
-            for metric in metrics:
-                if metric not in done:
+            geneval2_replicate(run, rows, wanted, done, scorers.get("geneval2"))
+            for metric in wanted:
+                if metric not in done and metric not in metrics.GENEVAL2_METRICS:
                     result = replicate_metrics(run, metric, rows, mine, n == 0, scorers, args, suffix)
                     if result:
                         done[metric] = result
                 values.update(done.get(metric, {}))
-            out.append((variant, seed, values))
+            lists = {m: done["score_lists"][m] for m in done.get("score_lists", {}) if m in methods}
+            out.append((variant, seed, values, lists))
     if records or args.pie:
         files.write_json(cache_path, cache)
     return out
@@ -268,7 +297,7 @@ COLUMN_ORDER = (
     [f"shapes_{c}" for c in shapes.CATEGORIES + ["mean"]]
     + ["classifier"]
     + [f"geneval_{c}" for c in shapes.CATEGORIES + ["mean"]]
-    + metrics.SOFT_TIFA_COLUMNS
+    + metrics.GENEVAL2_COLUMNS
     + [
         "imagereward",
         "pickscore",
@@ -363,6 +392,21 @@ def plot(groups, runs, path, tradeoff=("fid", "imagereward"), curve="score_mean"
 # -----------------------------------------------------------------------------
 
 
+def geneval2_record(args, scorer, score_lists):
+    """eval.json's "geneval2": every atom's score beside the aggregates. Per replicate (run, variant, seed),
+    each method's score lists as evaluation.py saves them in score_lists.json (so soft_tifa_analysis.py
+    --score_data reads replicate["soft_tifa"] unchanged), the benchmark's prompts in the lists' order, and
+    what the numbers depend on: the VQA model's folder name and dtype, transformers and torch, the commit."""
+    items = scorer[0] if scorer else metrics.read_geneval2(args.geneval2)
+    return dict(
+        benchmark=args.geneval2,
+        **metrics.geneval2_versions(args.vqa_model, scorer[1] if scorer else None),
+        **provenance(),
+        prompts=[item["prompt"] for item in items],
+        replicates=score_lists,
+    )
+
+
 def build_parser():
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p)  # the backbone of the classifier metric and of --protocol
@@ -387,8 +431,10 @@ def build_parser():
     p.add_argument("--curve", default="score_mean", help="training-CSV column of the validation curves")
     p.add_argument("--to-geneval", metavar="RUN", help="write RUN's images in GenEval's layout, then exit")
     p.add_argument("--geneval-prompts", help="GenEval's prompts/evaluation_metadata.jsonl (for --to-geneval)")
-    p.add_argument("--geneval2", metavar="FILE", help="soft-tifa: GenEval 2's geneval2_data.jsonl")
-    p.add_argument("--vqa-model", metavar="DIR", help="soft-tifa: local image-text-to-text model (Qwen3-VL-8B...)")
+    p.add_argument("--geneval2", metavar="FILE", help="soft-tifa, tifa, vqascore: GenEval 2's geneval2_data.jsonl")
+    p.add_argument(
+        "--vqa-model", metavar="DIR", help="soft-tifa, tifa, vqascore: local image-text-to-text model (Qwen3-VL-8B...)"
+    )
     p.add_argument("--protocol", choices=["dev", "eval"], help="shapes world: sample and score a prompt set with CIs")
     p.add_argument("--tokens", nargs="*", default=[], help="--protocol: token files to score beside the base")
     p.add_argument("--ema", action="store_true", help="--protocol: sample AGSM files with their EMA tokens")
@@ -541,20 +587,25 @@ def main(argv=None):
     scorers = metrics.load_scorers(args.metrics, args.weights, args.device)
     if "classifier" in args.metrics:
         scorers["classifier"] = models.from_flags(args, shapes_world=backbones.load)
-    if "soft-tifa" in args.metrics:
-        scorers["soft-tifa"] = metrics.load_soft_tifa(args.geneval2, args.vqa_model, args.device)
-    rows = []
+    geneval2 = [m for m in args.metrics if m in metrics.GENEVAL2_METRICS]
+    if geneval2:  # one model for the three methods
+        scorers["geneval2"] = metrics.load_geneval2(args.geneval2, args.vqa_model, args.device, ", ".join(geneval2))
+    rows, score_lists = [], []
     for run in args.runs:
-        rows += [
-            (group_name(run, variant), values) for variant, _, values in replicates(run, args.metrics, scorers, args)
-        ]
+        for variant, seed, values, lists in replicates(run, args.metrics, scorers, args):
+            rows.append((group_name(run, variant), values))
+            if lists:
+                score_lists.append(dict(run=run, variant=variant, seed=seed, **lists))
     if not any(values for _, values in rows):  # no run gave a single number
         raise SystemExit(nothing_scored(args))
     groups = summarize(rows)
     print(markdown_table(groups))
     beside = os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
     json_path = args.json or os.path.join(beside, "eval.json")
-    files.write_json(json_path, {"runs": args.runs, "groups": groups})
+    out = {"runs": args.runs, "groups": groups}
+    if score_lists:
+        out["geneval2"] = geneval2_record(args, scorers.get("geneval2"), score_lists)
+    files.write_json(json_path, out)
     print(f"wrote {json_path}")
     if args.plot is not None:
         png = args.plot or os.path.join(beside, "eval.png")

@@ -402,6 +402,11 @@ def generation_metric(name, scorer, paths, prompts, ref=None):
 # are asked about but not counted). An atom's soft score is the VQA model's probability of the correct
 # answer given the image. Soft-TIFA AM averages a prompt's scores arithmetically (atom level), GM
 # geometrically (prompt level: one missed atom sinks the prompt); both are then averaged over the prompts.
+# The official code also scores two older methods, from the same VQA model: hard TIFA (Hu et al. 2023), an
+# atom right when the model's most likely first token is a spelling of the answer, and VQAScore (Lin et al.
+# 2024), one question per prompt ("Does this image show ...?") scored by the probability of "Yes".
+# Its evaluation.py saves, per method, score_lists.json: a list over the benchmark's prompts, in the file's
+# order, of each prompt's list of atom scores ([score] for VQAScore); geneval2_score_lists returns that.
 
 GENEVAL2_VQA = "Qwen/Qwen3-VL-8B-Instruct"  # the VQA model of GenEval 2's evaluation.py
 GENEVAL2_SKILLS = ("object", "attribute", "count", "position", "verb")
@@ -412,6 +417,15 @@ SOFT_TIFA_COLUMNS = (
     + [f"soft_tifa_am_{skill}" for skill in GENEVAL2_SKILLS]
     + [f"soft_tifa_gm_atoms{k}" for k in GENEVAL2_ATOM_COUNTS]
 )
+# eval.py's GenEval 2 metrics -> the name of their score lists: evaluation.py's --method (its soft_tifa_am
+# and soft_tifa_gm write the same lists, and differ only in the mean taken of them)
+GENEVAL2_METRICS = {"soft-tifa": "soft_tifa", "tifa": "tifa", "vqascore": "vqascore"}
+GENEVAL2_COLUMNS = SOFT_TIFA_COLUMNS + ["tifa", "vqascore"]
+# The texts evaluation.py asks the VQA model, each as the one user turn after the image: an atom's question
+# (tifa and soft_tifa), and VQAScore's one question per prompt with the answers it counts (vqa_score)
+ATOM_TEXT = "{question} Answer in one word."
+VQASCORE_TEXT = 'Does this image show "{prompt}"? Answer the question with Yes or No.'
+VQASCORE_ANSWERS = ("Yes", "yes", " yes", " Yes")
 
 
 def read_geneval2(path):
@@ -492,31 +506,44 @@ def answer_variants(question, answer):
     return variants
 
 
-def load_soft_tifa(benchmark, vqa_folder, device="cpu"):
+def load_geneval2(benchmark, vqa_folder, device="cpu", metric="soft-tifa"):
     """(GenEval 2's prompts, (VQA model, its processor)) from the benchmark file and a local folder holding
-    any transformers image-text-to-text model, or None after one line saying why it is skipped."""
+    any transformers image-text-to-text model, or None after one line saying why `metric` is skipped."""
     if benchmark is None or not os.path.isfile(benchmark):
         where = f"no file {benchmark}" if benchmark else "no --geneval2 FILE"
-        return skip("soft-tifa", f"{where}: GenEval 2's geneval2_data.jsonl (github.com/facebookresearch/GenEval2)")
+        return skip(metric, f"{where}: GenEval 2's geneval2_data.jsonl (github.com/facebookresearch/GenEval2)")
     items = read_geneval2(benchmark)
     if vqa_folder is None or not os.path.isdir(vqa_folder):
         where = f"no folder {vqa_folder}" if vqa_folder else "no --vqa-model DIR"
-        return skip("soft-tifa", f"{where}: a local image-text-to-text model, e.g. GenEval 2's {GENEVAL2_VQA}")
+        return skip(metric, f"{where}: a local image-text-to-text model, e.g. GenEval 2's {GENEVAL2_VQA}")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(vqa_folder)
         model = AutoModelForImageTextToText.from_pretrained(vqa_folder, dtype="auto").to(device).eval()
     except (OSError, ValueError, KeyError) as e:
-        return skip("soft-tifa", f"cannot load {vqa_folder} as an image-text-to-text model: {type(e).__name__}")
+        return skip(metric, f"cannot load {vqa_folder} as an image-text-to-text model: {type(e).__name__}")
     return items, (model, processor)
 
 
-def vqa_inputs(vqa, image, question):
-    """The model's inputs for one uint8 (H, W, 3) image and question: GenEval 2's one user turn (the image,
-    then "<question> Answer in one word.") in the processor's chat template, ending where the answer begins."""
+def geneval2_versions(vqa_folder, vqa=None):
+    """What a GenEval 2 number depends on beyond the images: the VQA model (its folder's name; its dtype, once
+    loaded) and the library versions (GenEval 2 pins transformers 4.57.0; in bf16 other versions move atoms)."""
+    import transformers
+
+    return dict(
+        vqa_model=os.path.basename(os.path.normpath(vqa_folder)),
+        vqa_dtype=None if vqa is None else str(vqa[0].dtype).removeprefix("torch."),
+        transformers=transformers.__version__,
+        torch=torch.__version__,
+    )
+
+
+def vqa_inputs(vqa, image, text):
+    """The model's inputs for one uint8 (H, W, 3) image and one text: evaluation.py's one user turn (the
+    image, then the text) in the processor's chat template, ending where the answer begins."""
     model, processor = vqa
-    turn = [{"type": "image", "image": to_pil(image)}, {"type": "text", "text": f"{question} Answer in one word."}]
+    turn = [{"type": "image", "image": to_pil(image)}, {"type": "text", "text": text}]
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": turn}],
         add_generation_prompt=True,
@@ -528,35 +555,80 @@ def vqa_inputs(vqa, image, question):
 
 
 @torch.no_grad()
-def answer_probability(vqa, image, question, answer):
-    """P(correct answer | image, question): the softmax over the vocabulary of the model's logits for the
-    first answer token, summed over the distinct first tokens of the answer's spellings (answer_variants).
-    One forward pass, no generation: GenEval 2 reads the same distribution off generate()'s first scores."""
-    model, processor = vqa
-    logits = model(**vqa_inputs(vqa, image, question), logits_to_keep=1).logits[0, -1]
-    ids = {processor.tokenizer(v, add_special_tokens=False).input_ids[0] for v in answer_variants(question, answer)}
-    return float(torch.softmax(logits.float(), -1)[sorted(ids)].sum())
+def first_answer_token(vqa, image, text):
+    """The distribution of the answer's first token, a softmax over the vocabulary (float32), given the image
+    and the text. One forward pass, no generation: evaluation.py reads the same distribution off generate()'s
+    first scores (max_new_tokens=1, greedy)."""
+    model, _ = vqa
+    logits = model(**vqa_inputs(vqa, image, text), logits_to_keep=1).logits[0, -1]
+    return torch.softmax(logits.float(), -1)
 
 
-def soft_tifa_metric(scorer, paths, prompts):
-    """Soft-TIFA of one replicate's images (the records' paths and prompts), or None if no image is of a
-    benchmark prompt. An image per prompt: a run that misses some prompt is a one-line error, since a score
-    over part of the benchmark is not GenEval 2's."""
+def answer_probability(probs, tokenizer, spellings):
+    """The probability of an answer: `probs` summed over the distinct first tokens of its spellings."""
+    ids = {tokenizer(s, add_special_tokens=False).input_ids[0] for s in spellings}
+    return float(probs[sorted(ids)].sum())
+
+
+def argmax_is_answer(probs, tokenizer, spellings):
+    """Hard TIFA's verdict: the most likely first token, decoded and lower-cased, is one of the spellings
+    (evaluation.py's tifa: pred.lower() in answer_list)."""
+    return tokenizer.decode([int(probs.argmax())]).lower() in spellings
+
+
+def geneval2_score_lists(scorer, paths, prompts, methods):
+    """{method: its score lists} for the GenEval 2 `methods` (GENEVAL2_METRICS' values) of one replicate's
+    images (the records' paths and prompts): for each benchmark prompt, in the file's order, its atoms'
+    probabilities of the correct answer (soft_tifa), their hard 0 / 1 verdicts (tifa), or [VQAScore]
+    (vqascore) -- evaluation.py's score_lists.json. Soft and hard TIFA read the same forward pass.
+    None if no image is of a benchmark prompt. One image per prompt: a run that misses some prompt, or
+    holds two images of one, is a one-line error, since GenEval 2 scores each prompt's one image."""
     items, vqa = scorer
-    by_prompt = {item["prompt"]: item for item in items}
-    pairs = [(path, by_prompt[prompt]) for path, prompt in zip(paths, prompts) if prompt in by_prompt]
-    if not pairs:
+    tokenizer = vqa[1].tokenizer
+    benchmark = {item["prompt"] for item in items}
+    by_prompt = {}
+    for path, prompt in zip(paths, prompts):
+        if prompt in benchmark:
+            by_prompt.setdefault(prompt, []).append(path)
+    if not by_prompt:
         return None
-    missing = len(set(by_prompt) - set(prompts))
+    missing = len(benchmark - set(by_prompt))
     if missing:
         raise SystemExit(
-            f"soft-tifa: no image for {missing} of the {len(by_prompt)} GenEval 2 prompts; sample every prompt "
-            f"of the benchmark file (sample.py --prompts FILE)"
+            f"no image for {missing} of the {len(benchmark)} GenEval 2 prompts; sample every prompt of the "
+            f"benchmark file (sample.py --prompts FILE)"
         )
-    answer_probs = []
-    for path, item in tqdm(pairs, desc="soft-tifa", leave=False):
-        image = load_image(path)
-        answer_probs.append([answer_probability(vqa, image, q, a) for q, a in item["vqa_list"]])
-    return soft_tifa_scores(
-        answer_probs, [item["skills"] for _, item in pairs], [item["atom_count"] for _, item in pairs]
-    )
+    twice = next((p for p, found in by_prompt.items() if len(found) > 1), None)
+    if twice is not None:
+        raise SystemExit(
+            f"{len(by_prompt[twice])} images of the GenEval 2 prompt {twice!r} in one seed and variant; "
+            f"GenEval 2 scores one image per prompt"
+        )
+    lists = {method: [] for method in methods}
+    for item in tqdm(items, desc="geneval2", leave=False):
+        image = load_image(by_prompt[item["prompt"]][0])
+        if "soft_tifa" in methods or "tifa" in methods:
+            soft, hard = [], []
+            for question, answer in item["vqa_list"]:
+                probs = first_answer_token(vqa, image, ATOM_TEXT.format(question=question))
+                spellings = answer_variants(question, answer)
+                soft.append(answer_probability(probs, tokenizer, spellings))
+                hard.append(int(argmax_is_answer(probs, tokenizer, spellings)))
+            for method, scores in (("soft_tifa", soft), ("tifa", hard)):
+                if method in lists:
+                    lists[method].append(scores)
+        if "vqascore" in methods:
+            probs = first_answer_token(vqa, image, VQASCORE_TEXT.format(prompt=item["prompt"]))
+            lists["vqascore"].append([answer_probability(probs, tokenizer, VQASCORE_ANSWERS)])
+    return lists
+
+
+def geneval2_columns(method, score_lists, items):
+    """The table's columns of one method's score lists (in the benchmark's order, `items`): Soft-TIFA's
+    (soft_tifa_scores); hard TIFA and VQAScore as evaluation.py totals them, the mean over prompts of each
+    prompt's mean (in [0, 1]; evaluation.py prints x100)."""
+    if method == "soft_tifa":
+        return soft_tifa_scores(
+            score_lists, [item["skills"] for item in items], [item["atom_count"] for item in items]
+        )
+    return {method: float(np.mean([np.mean(scores) for scores in score_lists]))}

@@ -6,9 +6,12 @@ memory with and without the tokens (SoftREPA Table 1: +1.3% latency, no extra me
     python -m shapes.bench --model tiny-sd3 --batch 4 --steps 10
     python -m shapes.bench --model sd1.5 --size 256 --batch 2 --steps 2     # real-size UNet, random weights
     python -m shapes.bench --model sd3 --batch 4      # on a GPU: the real thing (--sampling: sampling instead)
+    python -m shapes.bench --model flux-dev --size 512 --configs softrepa agsm --rows-per-forward 1 --json r.json
+    python -m shapes.bench --model sd3 --size 512 --ddp    # a step against it + DDP's all-reduce (one-rank group)
 
 Real families are built from their configs in families.FAMILIES with random weights (timing does not
-depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads).
+depend on the weights; nothing is downloaded), e.g. SD3-medium's MM-DiT (24 layers, 24 x 64 heads), made
+on the device they run on; --test-size takes the family's test-size denoiser instead (CPU checks).
 Text features are random tensors of the real shapes,
 fed as the encoding cache feeds them (data.py): the text encoders and the VAE run outside what is
 compared here. On a CPU a real-size step takes minutes: pass a small --size (256 px) and few --steps.
@@ -19,10 +22,13 @@ Training, side by side in one run (configurations take turns each round: a drift
 Theory for AGSM / SoftREPA: the backbone is frozen, so backward (activation gradients only) ~ one forward:
 softrepa = forward + backward ~ 2F, agsm = that + a no-grad EMA forward ~ 3F: 1.5.
 FLOPs per step are counted with torch's FlopCounterMode on the warm-up round; on CUDA, model FLOPs
-utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead of estimated FLOPs).
+utilisation = FLOPs / time / peak (nanoGPT's estimate_mfu, with counted instead of estimated FLOPs), the
+peak read from the card's name (PEAK_BF16_FLOPS) or given by --peak-tflops. `python -m shapes.gpu_jobs --set
+speed` runs this file's commands on one GPU, one at a time, and gathers their --json results in one table.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -46,6 +52,7 @@ if __package__ in (
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import families
+import files
 import flags
 import hooks
 import models
@@ -92,7 +99,27 @@ def pair_matrix(B, K, diagonal_only, device):
     return torch.arange(B, device=device).repeat_interleave(K), torch.arange(K, device=device).repeat(B)
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense
+# Dense bf16 tensor-core peaks (the datasheets'), by the words of torch.cuda.get_device_name(): the most
+# specific entry whose words are all in the name ("NVIDIA H100 PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3"
+# the SXM one). A card not listed has no MFU unless --peak-tflops gives its peak.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+}
+
+
+def peak_flops(device_name):
+    """The bf16 peak in FLOP/s of the card named `device_name` (PEAK_BF16_FLOPS), or None if unknown."""
+    words = device_name.replace("-", " ").split()
+    known = [k for k in PEAK_BF16_FLOPS if all(w in words for w in k.split())]
+    return PEAK_BF16_FLOPS[max(known, key=lambda k: len(k.split()))] if known else None
 
 
 def random_batch(bb, B, size, seed=0):
@@ -103,10 +130,29 @@ def random_batch(bb, B, size, seed=0):
     return dict(latents=latents, hidden=hidden, pooled=pooled, captions=[f"caption {i}" for i in range(B)], new_bad=0)
 
 
-def training_configs(bb, B, size):
-    """The timed functions: each runs one forward or one training step, the hooks attached for it alone."""
-    batch = random_batch(bb, B, size)
+def make_step(bb, batch, loss, rows_per_forward=0):
+    """(run, tokens): `run()` is one step.train_step of `loss` on `batch` with the papers' recipe (and
+    --rows-per-forward), its own tokens and AdamW, the hooks attached for it alone."""
+    settings = SimpleNamespace(**recipe.defaults(bb.name, loss, steps=100000, rows_per_forward=rows_per_forward))
+    tokens = softtokens.make_tokens(bb, loss, init="normal").to(bb.device)
+    opt = torch.optim.AdamW(tokens.trainable(), lr=settings.lr, weight_decay=settings.wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(bb.device.type, enabled=bb.dtype == torch.float16)
     steps = {"n": 0}
+
+    def run():
+        handle = softtokens.attach_tokens(bb, tokens.sets)
+        step.train_step(bb, tokens, handle, opt, sched, scaler, settings, batch, steps["n"])
+        steps["n"] += 1
+        handle.remove()
+
+    return run, tokens
+
+
+def training_configs(bb, B, size, rows_per_forward=0, names=None):
+    """The timed functions (all, or those `names` of "forward", "softrepa", "agsm", "dsm"): each runs one
+    forward or one training step, the hooks attached for it alone; with the pairs it handles."""
+    batch = random_batch(bb, B, size)
     forward_tokens = softtokens.make_tokens(bb, "softrepa", init="normal").to(bb.device)  # built once, untimed
 
     def forward(with_tokens):
@@ -119,48 +165,31 @@ def training_configs(bb, B, size):
         if handle:
             handle.remove()
 
-    def make_step(loss):
-        settings = SimpleNamespace(**recipe.defaults(bb.name, loss, steps=100000))
-        tokens = softtokens.make_tokens(bb, loss, init="normal").to(bb.device)
-        opt = torch.optim.AdamW(tokens.trainable(), lr=settings.lr, weight_decay=settings.wd)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        scaler = torch.amp.GradScaler(bb.device.type, enabled=bb.dtype == torch.float16)
-
-        def run():
-            handle = softtokens.attach_tokens(bb, tokens.sets)
-            step.train_step(bb, tokens, handle, opt, sched, scaler, settings, batch, steps["n"])
-            steps["n"] += 1
-            handle.remove()
-
-        return run
-
-    return {
-        "forward, no tokens": (lambda: forward(False), B * B),
-        "forward, tokens": (lambda: forward(True), B * B),
-        "softrepa": (make_step("softrepa"), B * B),
-        "agsm": (make_step("agsm"), B * B),
-        "dsm": (make_step("dsm"), B),
+    makers = {
+        "forward, no tokens": (lambda: lambda: forward(False), B * B),
+        "forward, tokens": (lambda: lambda: forward(True), B * B),
+        "softrepa": (lambda: make_step(bb, batch, "softrepa", rows_per_forward)[0], B * B),
+        "agsm": (lambda: make_step(bb, batch, "agsm", rows_per_forward)[0], B * B),
+        "dsm": (lambda: make_step(bb, batch, "dsm", rows_per_forward)[0], B),
     }
+    chosen = lambda name: names is None or name.split(",")[0] in names  # noqa: E731  "forward": both forwards
+    return {name: (make(), pairs) for name, (make, pairs) in makers.items() if chosen(name)}
 
 
-def bench_training(bb, args, size, precision):
-    configs = training_configs(bb, args.batch, size)
-    device = bb.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(
-        f"{args.model}: {sum(p.numel() for p in bb.denoiser.parameters()) / 1e6:.1f}M parameters (random), "
-        f"{size} px, batch {args.batch} ({args.batch**2} pairs), {precision} on {device.type}"
-    )
-    # warm-up round: counts the FLOPs of every configuration (and lets kernels / allocators settle)
+def time_configs(configs, device, rounds):
+    """({name: FLOPs}, {name: median seconds}, {name: peak GiB, CUDA only}) of functions that take turns each
+    round (a drift hits all alike), after one warm-up round that counts their FLOPs (torch's FlopCounterMode)
+    and lets kernels and allocators settle."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops, peak_mem = {}, {}
     for name, (fn, _) in configs.items():
         with FlopCounterMode(display=False) as counter:
             fn()
         flops[name] = counter.get_total_flops()
     times = {name: [] for name in configs}
-    for _ in range(args.steps):
+    for _ in range(rounds):
         for name, (fn, _) in configs.items():  # the configurations take turns within each round
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -171,30 +200,107 @@ def bench_training(bb, args, size, precision):
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peak_mem[name] = run.peak_memory_gb(device)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None and device.type == "cuda":
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    return flops, {name: statistics.median(t) for name, t in times.items()}, peak_mem
+
+
+def device_peak(device, peak_tflops=None):
+    """The peak FLOP/s that MFU divides by: --peak-tflops, else the CUDA card's (PEAK_BF16_FLOPS), else None."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def bench_training(bb, args, size, precision, rows_per_forward=0, names=None):
+    """Times and FLOPs of the training configurations (all, or `names`) at args.batch images per step,
+    args.steps timed rounds; prints the table. Returns the medians, FLOPs, peak memory and MFU."""
+    configs = training_configs(bb, args.batch, size, rows_per_forward, names)
+    device = bb.device
+    print(
+        f"{args.model}: {sum(p.numel() for p in bb.denoiser.parameters()) / 1e6:.1f}M parameters (random), "
+        f"{size} px, batch {args.batch} ({args.batch**2} pairs), {precision} on {device.type}"
+        + (f", {rows_per_forward} rows per forward" if rows_per_forward else "")
+    )
+    flops, median, peak_mem = time_configs(configs, device, args.steps)
+    peak = device_peak(device, args.peak_tflops)
     print(
         f"{'configuration':22s} {'ms/step':>10s} {'pairs/s':>9s} {'GFLOP':>10s} {'TFLOP/s':>8s} "
         f"{'MFU':>6s} {'peak GB':>8s}"
     )
-    median = {name: statistics.median(t) for name, t in times.items()}
+    mfu = {name: flops[name] / median[name] / peak for name in configs} if peak else {}
     for name, (_, n_pairs) in configs.items():
         rate = flops[name] / median[name]
-        mfu = f"{rate / peak:6.1%}" if peak else "     -"
+        shown = f"{mfu[name]:6.1%}" if peak else "     -"
         mem = f"{peak_mem[name]:8.2f}" if name in peak_mem else "       -"
         print(
             f"{name:22s} {1e3 * median[name]:10.1f} {n_pairs / median[name]:9.1f} {flops[name] / 1e9:10.1f} "
-            f"{rate / 1e12:8.3f} {mfu} {mem}"
+            f"{rate / 1e12:8.3f} {shown} {mem}"
         )
     if device.type != "cuda":
         print(f"peak memory (process RSS, all configurations): {run.peak_memory_gb(device):.2f} GB")
-    print(
-        f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one more "
-        f"no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})"
+    if {"agsm", "softrepa"} <= set(configs):
+        print(
+            f"agsm / softrepa step time:           {median['agsm'] / median['softrepa']:.2f}  (theory ~1.5: one "
+            f"more no-grad forward; FLOP ratio {flops['agsm'] / flops['softrepa']:.2f})"
+        )
+    if {"forward, tokens", "forward, no tokens"} <= set(configs):
+        print(f"hooks' cost, forward with / without: {median['forward, tokens'] / median['forward, no tokens']:.2f}")
+    return dict(
+        median=median,
+        flops=flops,
+        peak_mem=peak_mem,
+        mfu=mfu,
+        pairs={n: p for n, (_, p) in configs.items()},
+        batch=args.batch,
+        rows_per_forward=rows_per_forward,
     )
-    print(f"hooks' cost, forward with / without: {median['forward, tokens'] / median['forward, no tokens']:.2f}")
-    return dict(median=median, flops=flops)
+
+
+def bench_training_that_fits(bb, args, size, precision):
+    """bench_training at --rows-per-forward (0: the whole batch at once), halved while a step runs out of GPU
+    memory: the same step in smaller forwards (step.py), what train.py's flag does."""
+    rows = min(args.rows_per_forward or args.batch, args.batch)
+    while True:
+        try:
+            return bench_training(bb, args, size, precision, rows, args.configs)
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            print(f"out of memory at {rows} rows per forward; trying {rows // 2}", flush=True)
+        rows //= 2
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def bench_ddp(bb, B, size, rounds, loss="softrepa", rows_per_forward=0):
+    """A training step against the same step with what DDP adds to it, on a one-rank process group (nccl on
+    CUDA, gloo on the CPU): the one flat all-reduce of the token gradients and the logged numbers that
+    step.all_reduce_mean runs at world > 1. (At world 1 train_step skips it, so here it runs after the step,
+    on the same bytes.) One rank: the collective's own cost, no network. Returns the medians and the bytes."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    batch = random_batch(bb, B, size)
+    plain, _ = make_step(bb, batch, loss, rows_per_forward)
+    in_ddp, tokens = make_step(bb, batch, loss, rows_per_forward)
+
+    def ddp():
+        in_ddp()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tokens.trainable()]
+        flat = torch.cat([g.flatten() for g in grads] + [grads[0].new_zeros(len(step.STATS))])
+        dist.all_reduce(flat)
+
+    backend = "nccl" if bb.device.type == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory() as folder:
+        if bb.device.type == "cuda":
+            torch.cuda.set_device(bb.device)
+        dist.init_process_group(backend, init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            _, median, _ = time_configs({"plain": (plain, B * B), f"ddp {backend}": (ddp, B * B)}, bb.device, rounds)
+        finally:
+            dist.destroy_process_group()
+    n_bytes = sum(p.numel() for p in tokens.trainable()) * 4 + len(step.STATS) * 4
+    return dict(median=median, backend=backend, all_reduce_bytes=n_bytes, batch=B)
 
 
 # -----------------------------------------------------------------------------
@@ -521,6 +627,30 @@ def build_parser():
         action="store_true",
         help="training: recompute the frozen backbone in backward (train.py's flag), to measure what it saves",
     )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=["forward", "softrepa", "agsm", "dsm"],
+        help="training: what to time (default: all; forward: with and without the tokens' hooks)",
+    )
+    p.add_argument(
+        "--rows-per-forward",
+        type=flags.NON_NEGATIVE_INT,
+        default=0,
+        help="training: image rows per forward (train.py's flag; 0: all), halved while a step runs out of memory",
+    )
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="a SoftREPA step against the same step with DDP's all-reduce, on a one-rank nccl (gloo) group",
+    )
+    p.add_argument(
+        "--test-size",
+        action="store_true",
+        help="the family's test-size denoiser (families.py test_denoiser) instead of its real size",
+    )
+    p.add_argument("--json", default=None, help="write the result here too (shapes/gpu_jobs.py --set speed reads it)")
     p.add_argument("--cache-sizes", action="store_true", help="print the encoding cache's bytes per sample and exit")
     p.add_argument(
         "--memory-check",
@@ -564,8 +694,13 @@ def main(argv=None):
     on_cuda = args.device.startswith("cuda")
     torch.backends.cuda.enable_cudnn_sdp(not on_cuda)  # off on CUDA, as in train.py (docs/cost.md)
     precision = args.precision or (("fp16" if args.sampling else "bf16") if on_cuda else "fp32")
-    bb = backbones.random_backbone(args.model).to(args.device, models.PRECISIONS[precision])
+    with torch.device(args.device):  # the random weights made where they run (FLUX's 12B: seconds on a GPU)
+        bb = backbones.random_backbone(args.model, "test" if args.test_size else "real")
+    bb.to(args.device, models.PRECISIONS[precision])
     bb.denoiser.requires_grad_(False)
+    if on_cuda:
+        torch.cuda.empty_cache()  # the fp32 weights' blocks: not the measurement's memory
+    families.check_size(args.model, size, bb=bb)
     if args.grad_checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
     if args.memory_check:
@@ -580,9 +715,16 @@ def main(argv=None):
         }.get(args.sdpa)
         with sdpa_kernel([kernel]) if kernel else nullcontext():
             return memory_check(bb, args.memory_check)
+    device = dict(device_name=torch.cuda.get_device_name(bb.device) if on_cuda else "CPU", precision=precision)
+    device.update(peak_flops=device_peak(bb.device, args.peak_tflops), peak_from_flag=bool(args.peak_tflops))
     if not args.sampling:
         args.batch, args.steps = args.batch or 4, args.steps or 5
-        return bench_training(bb, args, size, precision)
+        if args.ddp:
+            result = bench_ddp(bb, args.batch, size, args.steps, rows_per_forward=args.rows_per_forward)
+            print(json.dumps(result, indent=1))
+        else:
+            result = bench_training_that_fits(bb, args, size, precision)
+        return write_result(args, dict(result, model=args.model, size=size, **device))
     batch = args.batch or 1
     if loaded is None:
         shape = (facts["token_layers"], facts["n_tokens"], hooks.token_width(bb.denoiser), facts["time_table"])
@@ -591,6 +733,12 @@ def main(argv=None):
     cond, uncond = models.random_text(bb, batch, 0), models.random_text(bb, batch, 1)
     result = bench_sampling(bb, loaded, steps, cfg, size, batch, args.repeats, cond, uncond)
     print(json.dumps(result, indent=1))
+    return write_result(args, dict(result, **device))
+
+
+def write_result(args, result):
+    if args.json:
+        files.write_json(args.json, result)
     return result
 
 

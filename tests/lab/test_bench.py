@@ -65,3 +65,22 @@ def test_sampling_bench_measures_both_variants():
         ["--sampling", "--model", "tiny-sd1.5", "--steps", "1", "--size", "16", "--batch", "1", "--repeats", "1"]
     )
     assert cli["model"] == "tiny-sd1.5" and cli["token_shape"] == [1, 4, 128]
+
+
+def test_peak_flops_read_from_the_device_name():
+    # the most specific entry whose words are all in the name; an unknown card has no peak (MFU needs the flag)
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench.peak_flops("NVIDIA H100 NVL") == 835e12
+    assert bench.peak_flops("NVIDIA H200") == 989e12
+    assert bench.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench.peak_flops("NVIDIA A10G") is None and bench.peak_flops("NVIDIA GeForce RTX 4090") is None
+    assert bench.device_peak(torch.device("cpu")) is None and bench.device_peak(torch.device("cpu"), 2.5) == 2.5e12
+
+
+def test_training_bench_with_rows_per_forward_and_chosen_losses():
+    bb = backbones.build_tiny("tiny-sd3")
+    args = type("Args", (), dict(model="tiny-sd3", batch=2, steps=1, peak_tflops=1.0))()
+    result = bench.bench_training(bb, args, 32, "fp32", rows_per_forward=1, names=("softrepa", "agsm"))
+    assert set(result["median"]) == {"softrepa", "agsm"} and result["pairs"] == {"softrepa": 4, "agsm": 4}
+    assert result["mfu"]["agsm"] == pytest.approx(result["flops"]["agsm"] / result["median"]["agsm"] / 1e12)

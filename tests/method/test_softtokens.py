@@ -269,6 +269,19 @@ def test_released_tokens_change_sd3_shaped_and_sd15_shaped_outputs():
     assert not torch.allclose(base, tuned, atol=1e-4)
 
 
+def test_a_file_carries_its_placement_and_one_the_code_cannot_honour_is_refused(tmp_path):
+    bb = backbones.build_tiny("tiny-sd3")
+    tokens = softtokens.SoftTokens(2, 4, hooks.token_width(bb.denoiser))
+    path = str(tmp_path / "tokens.safetensors")
+    softtokens.save(path, tokens, model="tiny-sd3", placement={"blocks": [1, 3]})
+    with trained.attached(bb, trained.read(path, "tiny-sd3")) as handle:
+        assert handle.placement == {"blocks": [1, 3]}  # where the file says, not the first two blocks
+    softtokens.save(path, tokens, model="tiny-sd3", placement={"blocks": [0, 1], "stride": 2})
+    with pytest.raises(SystemExit, match="placement \\['stride'\\] is not one this code can honour") as e:
+        trained.attach(bb, trained.read(path, "tiny-sd3"))
+    assert "\n" not in str(e.value)
+
+
 def test_tokens_that_do_not_fit_fail_in_one_line():
     bb = backbones.build_tiny("tiny-sd3")
     with pytest.raises(SystemExit, match="cannot attach these tokens to tiny-sd3"):

@@ -15,8 +15,9 @@ SoftREPA's comparison (its Table 3), --params lora trains LoRA adapters instead,
 The step -- batch, pair matrix, forward(s), loss, backward, all-reduce, AdamW, EMA -- is
 step.train_step (step.py, one explicit branch per loss beside the papers' algorithms). This file is
 the loop around it, read top to bottom, as nanoGPT's train.py:
-    flags -> DDP -> the run folder -> the recipe (the papers' defaults per family) -> data -> backbone
-    and tokens -> AdamW and the authors' schedule -> resume -> logging -> the loop -> the tokens.
+    flags -> DDP -> the recipe (a resumed checkpoint's, then recipe.py's defaults per family and loss) -> the
+    run folder -> data -> backbone and tokens -> AdamW and the authors' schedule -> resume -> logging -> the
+    loop -> the tokens file.
 main() reads in that order; each setup step it calls is a function below the flags, named for what it does.
 AdamW on the tokens only, lr 1e-3, wd 1e-4 (SoftREPA Table 5, AGSM Table 11 and both codes).
 
@@ -97,7 +98,7 @@ def resolve(args, given=()):
 # The learning-rate schedule. Both codes build CosineAnnealingWarmRestarts(T_0=10, eta_min=1e-5) and call
 # its step() not every iteration but every `period` iterations (SoftREPA: 500 of 30k; AGSM: --num_iter =
 # 1000 of 100k). So the lr is a staircase that falls along a cosine over 10 periods, jumps back to 1e-3,
-# and does so 6 (SoftREPA) or 10 (AGSM) times in a run. resolve() scales the period with --steps so a
+# and does so 6 (SoftREPA) or 10 (AGSM) times in a run. recipe.py scales the period with --steps so a
 # short run keeps that shape. LambdaLR(lr_at_step) is the same staircase, resumable from its state_dict.
 
 

@@ -30,9 +30,11 @@ if __package__ in (
 
 import flags
 import models
+import recipe
 from losses import DEFAULT_LOSS, LOSSES
 
-# The columns of a row: the run's settings (from its config.json), then the dev-set scores.
+# The columns of a row: the run's settings (from its config.json; these, and every varied one), then the dev-set
+# scores.
 SETTINGS = ["loss", "steps", "lr", "tau", "gamma_pos", "gamma_neg", "n_tokens", "layers", "blocks", "batch", "seed"]
 CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
@@ -76,8 +78,17 @@ def parse_args(argv=None):
         flag, _, values = item.partition("=")
         if not flag or not values:
             p.error(f"--vary {item!r}: write FLAG=V1,V2 (a train.py flag without its dashes), e.g. tau=0.3,1")
+        setting = recipe.BY_NAME.get(flag.replace("-", "_"))
+        if setting is None or not setting.flag or setting.name == "loss":
+            p.error(f"--vary {flag}: not a setting train.py varies (recipe.py lists them; --loss has its own flag)")
     args.out = args.out or os.path.join("runs", f"sweep-{args.model}")
     return args
+
+
+def columns_of(args):
+    """The settings a row shows: the usual ones, then each varied one not among them."""
+    varied = [item.partition("=")[0].replace("-", "_") for item in args.vary]
+    return SETTINGS + [name for name in dict.fromkeys(varied) if name not in SETTINGS]
 
 
 def planned_runs(args):
@@ -170,7 +181,7 @@ def rows(args, runs, results):
         out.append(
             dict(
                 run=name,
-                **{s: config.get(s, "") for s in SETTINGS},
+                **{s: config.get(s, "") for s in columns_of(args)},
                 **{c: f"{scores[c][0]:.4f}" for c in CATEGORIES},
                 mean=f"{scores['mean'][0]:.4f}",
                 mean_low=f"{scores['mean'][1]:.4f}",
@@ -220,7 +231,7 @@ def main(argv=None):
     table = rows(args, runs, results)
     columns = [
         "run",
-        *SETTINGS,
+        *columns_of(args),
         *CATEGORIES,
         "mean",
         "mean_low",

@@ -13,6 +13,8 @@ Adding a setting is one entry here plus the code that reads it (args.<name>). Th
 losses.LOSSES; the families' facts in families.FAMILIES.
 """
 
+import argparse
+
 import flags
 from families import FAMILIES
 from flags import CHANGE, FREE, KEEP, SWITCH, Setting
@@ -326,14 +328,6 @@ def resolve(args, given=()):
 def defaults(model, loss=DEFAULT_LOSS, **settings):
     """The resolved recipe of family `model` and `loss`, with `settings` given (e.g. steps=100): a dict of
     every setting. What bench.py times and the tests train."""
-
-    class Args:
-        pass
-
-    args = Args()
-    for setting in SETTINGS:
-        setattr(args, setting.name, None)
-    args.model, args.loss, args.world = model, loss, 1
-    for key, value in settings.items():
-        setattr(args, key, value)
+    args = argparse.Namespace(**{s.name: None for s in SETTINGS})
+    vars(args).update(settings, model=model, loss=loss, world=1)
     return vars(resolve(args))

@@ -291,9 +291,10 @@ def main(argv=None):
     # bf16 on CUDA (the authors' fp16 needs a gradient scaler, which --precision fp16 gets), fp32 on the CPU
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
-    # ---- the run folder (run.py: writable, locked, no half-written files) and the recipe: on --resume the
-    # checkpoint's, then the recipe's defaults for this family and loss (resolve). Then the data, the counter
-    # and the frozen backbone (the hub, --pretrained, or the shapes world's weights: this script's choice).
+    # ---- the recipe: on --resume the checkpoint's settings, then recipe.py's defaults for this family and loss
+    # (resolve); then the run folder (run.py: writable, locked, no half-written files), made only once the
+    # recipe holds. Then the data, the counter and the frozen backbone (the hub, --pretrained, or the shapes
+    # world's weights: this script's choice).
     named = f"{args.model or recipe.BY_NAME['model'].default}-{args.loss or DEFAULT_LOSS}"
     args.out = args.out or os.path.join("runs", named)
     state = run.resume_config(args)

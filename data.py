@@ -275,7 +275,15 @@ STORE_BITS = {
 
 def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batch=8, shard_gb=4.0, seed=0):
     """Encode `records` once with backbone `bb` into shards under `out`; returns the cache meta.
-    K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5)."""
+    K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5).
+    Every file is written beside its place and renamed there at the end (files.staging, files.commit): a full
+    disk, Ctrl-C or any stop midway leaves the previous cache in `out` whole, and its own temporary files removed."""
+    with files.staging() as staged:
+        return encode_cache(bb, records, out, size, captions_per_image, store, batch, shard_gb, seed, staged)
+
+
+def encode_cache(bb, records, out, size, captions_per_image, store, batch, shard_gb, seed, staged):
+    """write_cache's work: the shards staged in `staged`, committed, and cache.json written last."""
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)
@@ -283,9 +291,6 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
     (np_bits, torch_bits), width = STORE_BITS[dtype], dtype.itemsize
     K, fields, shards, skipped = captions_per_image, None, [], 0
     open_maps, rows, shard_rows, kept = {}, 0, 0, []
-    # every file is written beside its place and renamed there at the end (files.commit): a full disk or a
-    # stop midway leaves the previous cache in `out` whole, and its own temporary files removed
-    staged = []
 
     def close_shard(open_maps, rows, kept):
         name = f"shard-{len(shards):05d}"
@@ -463,4 +468,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -22,7 +22,9 @@ Sampling. `check_finite(latents, what)` is the last check before latents become 
 import errno
 import json
 import os
+import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -268,10 +270,35 @@ def temporary(path):
     return os.path.join(folder, f".{name}.tmp")
 
 
+# What each library raises when the place it writes to fails: Python, PIL and matplotlib an OSError (ENOSPC on a
+# full disk, EROFS on a read-only one); safetensors a SafetensorError "Error while serializing: I/O error: No space
+# left on device (os error 28)"; torch.save a RuntimeError that names no cause at all, "basic_ios::clear: iostream
+# error" or "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598" (measured on a full tmpfs,
+# tests/method/test_full_disk.py). An exception that says none of these is a bug of the caller, not of the place.
+WRITE_FAULTS = ("iostream error", "inline_container", "file write failed", "i/o error", "os error", "no space left")
+
+
+def place_fault(e):
+    """Whether exception `e`, raised while writing a file, is the place's fault rather than the caller's."""
+    return isinstance(e, OSError) or any(marker in str(e).lower() for marker in WRITE_FAULTS)
+
+
+def disk_full(folder, margin=2**20):
+    """Whether the filesystem of `folder` has (almost) no room left: what a write error that names no cause
+    (torch.save's) means when it is so. Root may write into the blocks reserved for it; others may not."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize < margin
+
+
 def write_failed(path, e):
     """The one line of a write that failed: the path, the cause, and that nothing was lost."""
-    if isinstance(e, OSError):
-        cause = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or disk_full(os.path.dirname(os.path.abspath(path))):
+        cause = "the disk is full"
+    elif isinstance(e, OSError):
+        cause = e.strerror or type(e).__name__
     else:
         cause = first_line(e)
     return SystemExit(
@@ -282,14 +309,14 @@ def write_failed(path, e):
 def write(path, write_to):
     """The one way a file is written: write_to(tmp) fills a temporary file beside `path`, which is then
     synced and renamed over `path`. On a full disk or a read-only place: one line, `path` as it was, and
-    no temporary file left behind."""
+    no temporary file left behind (nor after Ctrl-C: the temporary file goes whatever stops the write)."""
     tmp = temporary(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_to(tmp)
         commit([(tmp, path)])
-    except Exception as e:  # torch.save says RuntimeError ("file write failed"), safetensors SafetensorError
-        if not (isinstance(e, OSError) or "write" in str(e).lower() or "space" in str(e).lower()):
+    except Exception as e:  # OSError, SafetensorError, torch.save's RuntimeError: see WRITE_FAULTS
+        if not place_fault(e):
             raise  # a bug of the caller, not of the place
         raise write_failed(path, e) from None
     finally:
@@ -351,6 +378,25 @@ def scratch(path, nbytes, staged):
     return tmp
 
 
+@contextmanager
+def staging():
+    """with staging() as staged: ... -- a write of many files (the encoding cache's shards), each staged with
+    `scratch(path, nbytes, staged)` and renamed into place at the end with `commit(staged)`. Whatever stops it
+    first -- a full disk, Ctrl-C, a bug -- removes every temporary file staged so far, and the files they were to
+    replace stay as they were; the place's faults end in one line (write_failed)."""
+    staged = []
+    try:
+        yield staged
+    except Exception as e:
+        if not place_fault(e):
+            raise
+        paths = dict(staged)  # an OSError names the temporary file; the line names the file it was to become
+        failed = paths.get(getattr(e, "filename", None)) or (staged[-1][1] if staged else "the staged files")
+        raise write_failed(failed, e) from None
+    finally:
+        discard([tmp for tmp, _ in staged])  # none left after a commit
+
+
 def commit(pairs):
     """Sync every (temporary, path) to disk, then rename each over its path, in order."""
     for tmp, _ in pairs:
@@ -364,6 +410,73 @@ def discard(temporaries):
     for tmp in temporaries:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# A person at a terminal. Ctrl-C, or a device that gives out (out of memory, a CUDA error), gets what bad input
+# gets: one line saying what is kept and how to go on, not a traceback. Every script's __main__ is
+# `files.script(main)`; a script that keeps a resumable state says so with `on_interrupt` as it writes it.
+
+ON_INTERRUPT = {}  # "kept": what is whole on disk now, "go_on": the flags that continue from it
+
+
+def on_interrupt(kept, go_on=None):
+    """From now on, a stop says that `kept` (e.g. "the checkpoint runs/x/ckpt.pt at step 4") is whole, and how to
+    go on: the command as it was typed with the flags `go_on` (e.g. ["--resume", "latest"]) put in."""
+    ON_INTERRUPT.update(kept=kept, go_on=go_on)
+
+
+def command_to_go_on(go_on, argv=None):
+    """The command line that continues: this script's own, each flag of `go_on` set to its value (replacing the
+    value typed, if any). `python -m shapes.pretrain` for a module run with -m."""
+    import shlex
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for flag, value in zip(go_on[::2], go_on[1::2]):
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+        argv += [flag, value]
+    program = ["-m", spec.name] if spec is not None and spec.name != "__main__" else [sys.argv[0]]
+    prefix = "torchrun --nproc_per_node=<ranks>" if "LOCAL_RANK" in os.environ else "python"
+    return f"{prefix} {shlex.join(program + argv)}"
+
+
+def stopped_line(what):
+    """The one line of a stop: what stopped it, what is kept, how to go on."""
+    if ON_INTERRUPT.get("kept") and ON_INTERRUPT.get("go_on"):
+        return f"{what}: {ON_INTERRUPT['kept']} is kept; go on with: {command_to_go_on(ON_INTERRUPT['go_on'])}"
+    if ON_INTERRUPT.get("kept"):
+        return f"{what}: {ON_INTERRUPT['kept']} is kept"
+    return f"{what}: no file was left half-written (each is written whole or not at all); run the command again"
+
+
+def device_fault(e):
+    """The one line of a device that gave out, or None if `e` is no such fault (then it is a bug: a traceback)."""
+    text = str(e)
+    if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        where = "the GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in text else "this machine"
+        return f"out of memory on {where} ({first_line(e)[:160]}): lower --batch (train.py: or --rows-per-forward)"
+    if text.startswith("CUDA error") or "CUDA driver" in text or "not compiled with CUDA" in text:
+        return f"the GPU failed ({first_line(e)[:160]})"
+    return None
+
+
+def script(main):
+    """A script's `if __name__ == "__main__":` -- main() with Ctrl-C and a failing device ending in one line and a
+    non-zero exit (130 for Ctrl-C, as a shell reports SIGINT), the files written atomically so far kept."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{stopped_line('interrupted (Ctrl-C)')}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (RuntimeError, AssertionError) as e:
+        line = device_fault(e)
+        if line is None:
+            raise
+        raise SystemExit(stopped_line(line)) from None
 
 
 # -----------------------------------------------------------------------------

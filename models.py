@@ -241,9 +241,43 @@ def check_backbone_flags(args):
     check_name(args.model)
     if args.random_init and not is_shapes_world(args.model):
         raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def devices_here():
+    """The devices this machine has, as --device names them: cpu, then cuda:N, mps."""
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return here + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def check_device(name, flag="--device"):
+    """Every script's --device, checked before anything loads: a name torch does not know, or a device this
+    machine does not have (cuda on a machine without a GPU or on a CPU build of torch, cuda:7 of 1 GPU, mps off a
+    Mac), is one line naming the devices there are. Returns `name`."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"{flag} {name!r}: not a device name; pass one of {', '.join(devices_here())}") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            why = "this torch is a CPU build, without CUDA"
+        elif not torch.cuda.is_available():
+            why = "no CUDA GPU is visible here"
+        elif device.index is not None and device.index >= torch.cuda.device_count():
+            why = f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        else:
+            return name
+    elif device.type == "mps":
+        if torch.backends.mps.is_available():
+            return name
+        why = "mps is Apple's GPU, and there is none here"
+    else:
+        why = f"the scripts compute on cpu, cuda or mps, not {device.type}"
+    raise SystemExit(f"{flag} {name}: no such device ({why}); pass one of {', '.join(devices_here())}")
 
 
 def from_flags(args, gpu_precision="fp16", device=None, seed=0, shapes_world=None):

@@ -46,6 +46,7 @@ if __package__ in (
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import families
+import files
 import flags
 import hooks
 import models
@@ -545,6 +546,7 @@ def main(argv=None):
     if args.memory_model:
         return print_memory_model(args.memory_model)
     facts = models.check_name(args.model)
+    models.check_device(args.device)  # before anything loads
     size = args.size or facts["size"]
     families.check_size(args.model, size)
     sets, info = trained.read(args.tokens, args.model) if args.tokens else (None, dict(blocks=None))
@@ -587,4 +589,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -238,7 +238,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(models.check_device(args.device))
     is_vae = args.model == "tiny-vae"
     out = args.out or os.path.join(backbones.WEIGHTS_DIR, args.model)
     work = args.work or os.path.join("runs", f"pretrain-{args.model}")
@@ -399,4 +399,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

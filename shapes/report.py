@@ -31,6 +31,7 @@ if __package__ in (
 ):  # `python shapes/report.py`: the repo root on the path, as `python -m shapes.report` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import files
 import flags
 from shapes import checker
 
@@ -575,8 +576,10 @@ def plot(models_runs, path):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        files.write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # atomic: never half a PNG
+    finally:
+        plt.close(fig)
 
 
 def beside_json(path, json_path):
@@ -757,8 +760,7 @@ def main(argv=None):
     if text:
         print(text)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+        files.write_text(args.markdown, text + "\n")
     if args.plot:
         plot(runs_in_folders(args.plot_runs) if args.plot_runs else models_runs, args.plot)
         print(f"wrote {args.plot}")
@@ -766,4 +768,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -40,6 +40,7 @@ from tqdm import tqdm
 import counting
 import data
 import families
+import files
 import flags
 import hooks
 import lora
@@ -293,8 +294,10 @@ def start_ddp(args):
     if ddp:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    # torchrun: rank r on cuda:r; one process: the --device named (cuda:1, mps; models.check_device checked it)
+    device = torch.device(args.device)
     if use_cuda:
+        device = torch.device("cuda", local_rank if ddp else device.index or 0)
         torch.cuda.set_device(device)
         # cuDNN's fused attention crashed in the backward pass on FLUX.1-dev's step (an H200, torch 2.11 +
         # CUDA 13; docs/cost.md): PyTorch's flash / memory-efficient kernels take over, with the same memory
@@ -553,4 +556,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C: one line naming the last checkpoint and the command that resumes it

@@ -74,6 +74,7 @@ def save_checkpoint(path, blob):
     """Atomic: written beside, then renamed over the previous checkpoint (a crash or a full disk keeps the old
     one, and leaves no temporary file; files.write)."""
     files.write(path, lambda tmp: torch.save(blob, tmp))
+    files.on_interrupt(f"the last checkpoint, {path} at step {blob['step']},", go_on=["--resume", "latest"])
 
 
 def read_checkpoint(path):
@@ -339,6 +340,7 @@ def resume_or_start(state, saved, initial_tokens, source, master, world):
         return 0, 0, initial_tokens
     keep = {k: saved[k] for k in ("args", "tokens", "opt", "sched", "scaler", "device")}
     step, skipped, initial_tokens, bad = restore(state, **keep)
+    files.on_interrupt(f"the last checkpoint, {saved['path']} at step {step},", go_on=["--resume", "latest"])
     if source["kind"] == "files":
         source["bad"] = bad
     if master:

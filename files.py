@@ -302,8 +302,8 @@ def write_failed(path, e):
     else:
         cause = first_line(e)
     if ON_INTERRUPT.get("kept") and ON_INTERRUPT.get("go_on"):  # a run that can go on: say how
-        go_on = command_to_go_on(ON_INTERRUPT["go_on"])
-        return SystemExit(f"cannot write {path} ({cause}); {ON_INTERRUPT['kept']} is kept: free space, then {go_on}")
+        go_on = f"free space, then go on with: {command_to_go_on(ON_INTERRUPT['go_on'])}"
+        return SystemExit(f"cannot write {path} ({cause}); {ON_INTERRUPT['kept']} is kept: {go_on}")
     return SystemExit(
         f"cannot write {path} ({cause}); the last good copy, if any, is kept: free space or write elsewhere"
     )

@@ -283,22 +283,24 @@ def place_fault(e):
     return isinstance(e, OSError) or any(marker in str(e).lower() for marker in WRITE_FAULTS)
 
 
-def disk_full(folder, margin=2**20):
-    """Whether the filesystem of `folder` has (almost) no room left: what a write error that names no cause
-    (torch.save's) means when it is so. Root may write into the blocks reserved for it; others may not."""
+def disk_full(folder):
+    """Whether the filesystem of `folder` has (almost) no room left -- under 1 MiB, or a twentieth of a small one:
+    what a write error that names no cause (torch.save's) means when it is so. Root may write into the blocks
+    reserved for it; others may not."""
     try:
         st = os.statvfs(folder)
     except OSError:
         return False
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize < margin
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return free < min(2**20, st.f_blocks * st.f_frsize / 20)
 
 
 def write_failed(path, e):
     """The one line of a write that failed: the path, the cause, and that nothing was lost."""
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or disk_full(os.path.dirname(os.path.abspath(path))):
+    if isinstance(e, OSError):
+        cause = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+    elif disk_full(os.path.dirname(os.path.abspath(path))):  # torch.save's RuntimeError names no cause
         cause = "the disk is full"
-    elif isinstance(e, OSError):
-        cause = e.strerror or type(e).__name__
     else:
         cause = first_line(e)
     if ON_INTERRUPT.get("kept") and ON_INTERRUPT.get("go_on"):  # a run that can go on: say how

@@ -1,11 +1,17 @@
 """files.py: one test per class of file read from the user (a bad file of that class is a one-line error
-naming its path), and per failing write (a read-only place; a full disk, simulated, at a checkpoint, a
-token file and a cache shard): one line, the previous file intact, no temporary file left."""
+naming its path); per writer, on a real small filesystem that fills up (conftest's small_disk: skipped where it
+cannot be mounted), and on a read-only one: one line, the last good file intact, no temporary file left; and what
+a person does at a terminal: a device the machine lacks, Ctrl-C during a run, a disk that fills during a run --
+one line, exit non-zero, the checkpoint kept and the advised command resuming it."""
 
-import errno
 import json
 import os
+import shlex
+import signal
+import subprocess
+import sys
 
+import disks
 import pytest
 import torch
 from PIL import Image
@@ -22,7 +28,9 @@ import run
 import sample
 import sampler
 import softtokens
-from shapes import backbones
+import train
+import trained
+from shapes import backbones, bench, pretrain
 
 torch.set_num_threads(1)
 
@@ -181,42 +189,55 @@ def test_eval_names_the_missing_shapes_spec_not_missing_images(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Writers: a read-only place, a full disk
+# Writers, on a real small filesystem (conftest's small_disk: a tmpfs) that fills up: each library raises what
+# it really raises there (torch.save a RuntimeError naming no cause, safetensors a SafetensorError, PIL and
+# matplotlib an OSError). Each write: one line naming the file and the full disk, the last good file readable,
+# no temporary file left.
 
 
-def full_disk(write_some):
-    """A stand-in for a library's writer that writes part of the file, then finds the disk full."""
-
-    def writer(*args, **kwargs):
-        write_some(*args, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    return writer
-
-
-def test_a_full_disk_at_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    run.save_checkpoint(path, {"step": torch.tensor(1)})
-    before = open(path, "rb").read()
-    monkeypatch.setattr(torch, "save", full_disk(lambda blob, tmp: open(tmp, "wb").write(b"half a checkpoint")))
-    message = one_line(run.save_checkpoint, path, {"step": torch.tensor(2)}, names=path)
-    assert "the disk is full" in message and "kept" in message
-    assert open(path, "rb").read() == before and temporaries(tmp_path) == []
+def full_disk_keeps(path, write, read):
+    """Fill the disk of `path` (which holds a good file), then `write()`: one line, and `read(path)` unchanged."""
+    before = read(path)
+    disks.fill(os.path.dirname(path))
+    message = one_line(write, names=path)
+    assert "the disk is full" in message and "kept" in message, message
+    assert read(path) == before and temporaries(os.path.dirname(path)) == []
+    return message
 
 
-def test_a_full_disk_at_a_token_file_keeps_the_last_one(tmp_path, monkeypatch):
-    import safetensors.torch
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one(small_disk):
+    path = str(small_disk(256) / "ckpt.pt")
+    run.save_checkpoint(path, {"step": torch.tensor(1), "tokens": torch.zeros(100)})
+    read = lambda p: int(torch.load(p, weights_only=True)["step"])
+    bigger = {"step": torch.tensor(2), "tokens": torch.ones(10**5)}
+    full_disk_keeps(path, lambda: run.save_checkpoint(path, bigger), read)
 
-    path = str(tmp_path / "tokens.safetensors")
+
+def test_torch_save_on_a_full_disk_raises_no_os_error(small_disk):
+    """What files.write is up against: torch.save's own error names no cause (so it is told by its words)."""
+    folder = small_disk(256)
+    disks.fill(folder)
+    with pytest.raises(RuntimeError) as e:
+        torch.save({"tokens": torch.zeros(1000)}, str(folder / "ckpt.pt"))
+    assert not isinstance(e.value, OSError) and files.place_fault(e.value) and files.disk_full(str(folder))
+
+
+def test_a_full_disk_at_a_token_file_keeps_the_last_one(small_disk):
+    path = str(small_disk(256) / "tokens.safetensors")
     tokens = softtokens.SoftTokens(2, 4, 8, False)
     softtokens.save(path, tokens, model="tiny-sd3")
-    before = open(path, "rb").read()
-    monkeypatch.setattr(
-        safetensors.torch, "save_file", full_disk(lambda t, tmp, metadata=None: open(tmp, "wb").write(b"half"))
-    )
-    assert "the disk is full" in one_line(softtokens.save, path, tokens, names=path)
-    assert open(path, "rb").read() == before and temporaries(tmp_path) == []
-    assert softtokens.load(path)[1]["model"] == "tiny-sd3"
+    read = lambda p: softtokens.load(p)[0].tokens.tolist()
+    full_disk_keeps(path, lambda: softtokens.save(path, softtokens.SoftTokens(2, 4, 8, True), model="tiny-sd3"), read)
+
+
+def test_a_full_disk_at_a_lora_file_keeps_the_last_one(small_disk):
+    path = str(small_disk(512) / "lora.safetensors")
+    bb = backbones.build_tiny("tiny-sd3")
+    params = lora.add(bb, 2, lora.parse_blocks(None, bb.facts))
+    lora.save(path, params, bb.facts, model="tiny-sd3", loss="softrepa")
+    read = lambda p: open(p, "rb").read()
+    full_disk_keeps(path, lambda: lora.save(path, params, bb.facts, model="tiny-sd3", loss="dsm"), read)
+    assert trained.read(path, "tiny-sd3")[0]  # and it still reads as the LoRA file it was
 
 
 def write_images(folder, n=3):
@@ -226,38 +247,52 @@ def write_images(folder, n=3):
         (folder / f"{i}.txt").write_text("a red circle")
 
 
-def test_a_full_disk_at_a_cache_shard_keeps_the_previous_cache(tmp_path, monkeypatch):
+def test_a_full_disk_at_a_cache_shard_keeps_the_previous_cache(tmp_path, small_disk):
     write_images(tmp_path / "images")
     records = data.read_records(str(tmp_path / "images"))
     bb = backbones.build_tiny("tiny-sd3")
-    out = tmp_path / "cache"
+    out = small_disk(256) / "cache"
     data.write_cache(bb, records, str(out), 32, shard_gb=1e-6)  # one image per shard: 3 shards
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
-    reserved = []
-
-    def fallocate(fd, offset, length):  # the second shard's space cannot be reserved (3 fields a shard)
-        reserved.append(length)
-        if len(reserved) > 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    disks.fill(out.parent)
     message = one_line(data.write_cache, bb, records, str(out), 32, 1, "bf16", 8, 1e-6)
-    assert "the disk is full" in message and "shard-00001.latents.bin" in message
+    assert "the disk is full" in message and "shard-00000" in message
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # the previous cache, whole
     assert temporaries(out) == [] and data.open_cache(str(out), 32, 0)["n"] == 3
 
 
-def test_a_read_only_place_is_one_line_and_keeps_the_file(tmp_path, monkeypatch):
-    path = tmp_path / "edit.json"
+def test_a_full_disk_at_an_image_and_a_grid_keeps_the_last_ones(small_disk):
+    folder = small_disk(256)
+    image, grid = str(folder / "0.png"), str(folder / "grid.png")
+    sampler.save_image(torch.zeros(3, 32, 32), image)
+    sampler.save_grid(torch.zeros(4, 3, 32, 32), grid)
+    read = lambda p: open(p, "rb").read()
+    full_disk_keeps(image, lambda: sampler.save_image(torch.rand(3, 64, 64) * 2 - 1, image), read)
+    assert one_line(sampler.save_grid, torch.rand(4, 3, 32, 32) * 2 - 1, grid, names=grid)
+    assert read(grid) and Image.open(grid).size and temporaries(folder) == []
+
+
+def test_a_full_disk_at_eval_json_and_plot_keeps_the_last_ones(small_disk):
+    folder = small_disk(256)
+    json_path, plot_path = str(folder / "eval.json"), str(folder / "eval.png")
+    files.write_json(json_path, {"runs": ["a"]})
+    groups = {"a": {"metrics": {"fid": {"mean": 1.0, "std": 0.1}, "imagereward": {"mean": 0.5, "std": 0.1}}}}
+    evaluation.plot(groups, [], plot_path)
+    read = lambda p: open(p, "rb").read()
+    full_disk_keeps(json_path, lambda: files.write_json(json_path, {"runs": ["a" * 10**6]}), read)
+    message = one_line(evaluation.plot, groups, [], plot_path)
+    assert "the disk is full" in message and plot_path in message
+    assert Image.open(plot_path).size and temporaries(folder) == []
+
+
+def test_a_read_only_place_is_one_line_and_keeps_the_file(small_disk):
+    folder = small_disk(64)
+    path = folder / "edit.json"
     files.write_json(str(path), {"run": 1})
-
-    def read_only(src, dst):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(os, "replace", read_only)
+    disks.remount_read_only(folder)
     message = one_line(files.write_json, str(path), {"run": 2}, names=path)
     assert "Read-only file system" in message
-    assert json.loads(path.read_text()) == {"run": 1} and temporaries(tmp_path) == []
+    assert json.loads(path.read_text()) == {"run": 1} and temporaries(folder) == []
 
 
 def test_data_cache_into_a_place_that_cannot_be_written_fails_before_loading(tmp_path, monkeypatch):
@@ -288,3 +323,103 @@ def test_nan_latents_of_an_edit_are_one_line(monkeypatch):
     bb = backbones.build_tiny("tiny-sd3")
     message = one_line(edit.edit, bb, torch.zeros(3, 32, 32), "a red circle", "a blue circle", "flowedit")
     assert "editing to 'a blue circle'" in message and "NaN or inf" in message
+
+
+# -----------------------------------------------------------------------------
+# A person at a terminal: a device the machine does not have, Ctrl-C, a disk that fills during a run
+
+
+def device_argv(script, device):
+    common = ["--model", "tiny-sd3", "--device", device]
+    return {
+        "train": (train.main, common + ["--steps", "1"]),
+        "sample": (sample.main, common + ["--prompt", "a red circle"]),
+        "edit": (edit.main, common + ["--shapes-check", "1"]),
+        "eval": (evaluation.main, common + ["--protocol", "eval"]),
+        "bench": (bench.main, ["--model", "tiny-sd3", "--device", device]),
+        "pretrain": (pretrain.main, ["--model", "tiny-sd3", "--device", device, "--steps", "1"]),
+    }[script]
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "edit", "eval", "bench", "pretrain"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps", "banana"])
+def test_a_device_the_machine_lacks_is_one_line_before_anything_loads(script, device, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # nothing is written where the suite runs, should anything be
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU machine answers as this one does
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(backbones, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    main, argv = device_argv(script, device)
+    message = one_line(main, argv)
+    assert message.startswith(f"--device {device}") or message.startswith(f"--device '{device}'"), message
+    assert (
+        "no such device" if device != "banana" else "not a device name"
+    ) in message and "pass one of cpu" in message
+
+
+def test_the_devices_there_are_pass():
+    assert models.check_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert models.check_device(f"cuda:{torch.cuda.device_count() - 1}")
+
+
+def run_train(out, *flags, timeout=120):
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny-sd3", "--batch", "2", "--threads", "1"]
+    return subprocess.run(
+        argv + ["--out", str(out), *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV
+    )
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def the_command(line):
+    """The argv of the command a one-line message advises ("go on with: python train.py ...")."""
+    return shlex.split(line.split("go on with: ", 1)[1])
+
+
+def test_ctrl_c_during_training_is_one_line_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "train.py", "--model", "tiny-sd3", "--batch", "2", "--threads", "1", "--out", str(out)]
+    argv += ["--steps", "100000", "--ckpt-every", "3", "--log-every", "1"]
+    # a shell's background job ignores SIGINT, and a child inherits that: the run gets SIGINT's default back
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    for line in proc.stdout:  # after the first checkpoint past step 0
+        if "step 4:" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, err
+    assert lines[0].startswith("interrupted (Ctrl-C): the last checkpoint") and "--resume latest" in lines[0]
+    step = int(torch.load(out / "ckpt.pt", weights_only=True)["step"])
+    assert step >= 3 and f"at step {step}" in lines[0]
+    assert temporaries(out) == [] and not (out / "lock").exists()
+    command = the_command(lines[0])
+    assert command[:2] == ["python", "train.py"]
+    command[command.index("--steps") + 1] = str(step + 1)  # the advice, one step further
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_disk_that_fills_during_training_is_one_line_keeps_the_checkpoint_and_resumes(small_disk):
+    folder = small_disk(1400)  # room for one checkpoint of tiny-sd3 (0.9 MB), not for the next beside it
+    out = folder / "run"
+    done = run_train(out, "--steps", "3", "--ckpt-every", "1")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"cannot write {out / 'ckpt.pt'} (the disk is full); the last checkpoint")
+    assert int(torch.load(out / "ckpt.pt", weights_only=True)["step"]) == 0 and temporaries(out) == []
+    subprocess.run(["mount", "-o", "remount,size=4m", str(folder)], check=True)  # space freed
+    command = the_command(lines[0])
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "at step 0" in resumed.stdout, resumed.stderr[-2000:]
+    assert (out / "tokens.safetensors").exists()

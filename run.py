@@ -81,10 +81,7 @@ def read_checkpoint(path):
     """A checkpoint of this script, loaded without running code (files.read_checkpoint: weights_only=True);
     one-line errors for anything else."""
     expected = "a ckpt.pt written by train.py (or start a new run in another --out)"
-    state = files.read_checkpoint(path, "--resume", expected)
-    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
-        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
-    return state
+    return files.read_checkpoint(path, "--resume", expected, keys=("config", "tokens"))
 
 
 # Resuming. A checkpoint is a plain dict of tensors and one JSON string (the run's flags), loaded with

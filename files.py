@@ -136,17 +136,18 @@ def load_weights(module, path, what):
     module.load_state_dict(state)
 
 
-def read_checkpoint(path, flag, expected, allowed=()):
+def read_checkpoint(path, flag, expected, allowed=(), keys=()):
     """torch.load(weights_only=True): a pickle that asks for anything but tensors (and the classes in
-    `allowed`) is refused without running it; a truncated or foreign file is one line."""
+    `allowed`) is refused without running it; a truncated or foreign file is one line, and so is a file of
+    another kind (describe), or a dict without `keys` (another script's checkpoint)."""
     import pickle
     import re
 
     if not os.path.isfile(path):
-        raise SystemExit(f"{flag} {path}: no such file; expected {expected}")
+        raise refuse(flag, path, expected)
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         asked = re.search(r"GLOBAL ([\w.]+)", str(e))
         if asked:  # weights_only refused a class (e.g. posix.system): code would have run
@@ -154,19 +155,29 @@ def read_checkpoint(path, flag, expected, allowed=()):
                 f"{flag} {path}: refused, its pickle asks for {asked.group(1)}, which is not a tensor, and "
                 f"nothing in it was run; expected {expected}"
             ) from None
-        raise SystemExit(f"{flag} {path}: not a readable checkpoint (UnpicklingError); expected {expected}") from None
+        raise refuse_unreadable(flag, path, expected, e) from None
     except Exception as e:  # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
-        raise SystemExit(
-            f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); expected {expected}"
-        ) from None
+        raise refuse_unreadable(flag, path, expected, e) from None
+    if keys and not (isinstance(state, dict) and all(k in state for k in keys)):
+        raise refuse(flag, path, expected)
+    return state
+
+
+def refuse_unreadable(flag, path, expected, e):
+    """A file torch.load cannot read: what it is, if it is a file of another kind (a token file, an image), or
+    else that it is no readable checkpoint (cut short, random bytes)."""
+    kind, words = describe(path)
+    if kind in ("tokens", "lora", "counter", "weights", "image", "text", "json", "jsonl"):
+        return SystemExit(f"{flag} {path}: is {words}; expected {expected}")
+    return SystemExit(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); expected {expected}")
 
 
 def check_pretrained(folder, name, pipeline, denoiser_class, hub):
     """--pretrained: a local copy of the hub repo of family `name`, checked from its configs before any
     weights load: model_index.json names the family's pipeline, and the denoiser's config its class."""
     expected = f"a local copy of {hub} (model_index.json and its subfolders) for --model {name}"
-    if not os.path.isdir(folder):
-        raise SystemExit(f"--pretrained {folder}: no such folder; expected {expected}")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):  # a file, a cache, a run, a detector ...
+        raise refuse("--pretrained", folder, expected)
     index = read_json(os.path.join(folder, "model_index.json"), expected)
     if index.get("_class_name") != pipeline:
         raise SystemExit(
@@ -179,20 +190,6 @@ def check_pretrained(folder, name, pipeline, denoiser_class, hub):
         raise SystemExit(
             f"--pretrained {folder}: its {part} is a {config.get('_class_name')}, not the {denoiser_class} of "
             f"{name}; expected {expected}"
-        )
-
-
-def check_detector(folder):
-    """--counter FOLDER: a transformers object detector saved with save_pretrained (config.json + weights),
-    checked from its config before the weights load."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES as DETECTORS
-
-    expected = "a transformers object detector saved with save_pretrained (e.g. a DETR)"
-    config = read_json(os.path.join(folder, "config.json"), expected)
-    if config.get("model_type") not in DETECTORS:
-        raise SystemExit(
-            f"--counter {folder}: its config.json is a {config.get('model_type')!r} model, not an object "
-            f"detector ({', '.join(sorted(DETECTORS)[:4])}, ...); expected {expected}"
         )
 
 
@@ -240,6 +237,160 @@ def read_benchmark_index(path, kind, keys):
         if lacking:
             raise SystemExit(f"{path}: entry {key!r} lacks {', '.join(lacking)}; expected {expected}")
     return index
+
+
+# -----------------------------------------------------------------------------
+# What a file or folder is. Given a file of the wrong kind (a token file as --counter, a checkpoint as --tokens,
+# an SD3 cache for sd1.5), a reader's one line says what the path holds and what was expected there, read from
+# its header, config or names alone: nothing of it runs, and no weights load.
+
+SHAPES_COUNTER_KEYS = {"features.0.weight", "head.weight"}  # shapes/checker.py's ShapesCounter (the shipped file)
+
+
+def describe(path):
+    """(kind, words): what `path` is -- kind one of missing, tokens, lora, counter, weights, checkpoint,
+    pretrain-checkpoint, pickle, cache, pipeline, detector, transformers, diffusers-model, released-tokens, run,
+    tiny-weights, samples, benchmark, coco, images, folder, json, jsonl, image, text, binary -- and `words`."""
+    if not os.path.exists(path):
+        return "missing", "no such file or folder"
+    if os.path.isdir(path):
+        return describe_folder(path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "binary", "an empty file"
+    if head[8:9] == b"{" and len(head) > 8:  # safetensors: an 8-byte header length, then the JSON header
+        return describe_safetensors(path)
+    if head.startswith(b"PK") or head[:1] == b"\x80":  # torch.save's zip, or an old-style pickle
+        return describe_pickle(path)
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return "image", f"a {im.format} image ({im.size[0]}x{im.size[1]})"
+    except Exception:  # not an image: PIL's ways to say so are many
+        pass
+    try:
+        text = head.decode()
+    except UnicodeDecodeError:
+        return "binary", f"a binary file of {os.path.getsize(path)} bytes"
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            with open(path) as f:
+                value = json.load(f)
+            if isinstance(value, dict):
+                return "json", f"a JSON object (keys {', '.join(list(value)[:4])}{', ...' if len(value) > 4 else ''})"
+            return "json", f"a JSON {type(value).__name__} of {len(value) if hasattr(value, '__len__') else 1}"
+        except (ValueError, UnicodeDecodeError):
+            if text.lstrip().startswith("{"):
+                return "jsonl", "a JSON-lines file"
+    return "text", "a text file"
+
+
+def describe_safetensors(path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, keys = dict(f.metadata() or {}), set(f.keys())
+    except Exception:  # a cut or foreign header: safetensors' errors are many
+        return "binary", "a safetensors file that cannot be read (cut short or damaged)"
+    try:
+        model = json.loads(meta.get("model", "null"))
+    except ValueError:
+        model = meta.get("model")
+    of = f" for {model}" if model else ""
+    if "sets" in meta:
+        return "tokens", f"a soft-token file{of} (train.py's tokens.safetensors)"
+    if any(".lora_A." in k or ".lora_B." in k or "lora_down" in k for k in keys):
+        return "lora", f"a LoRA file{of}"
+    if SHAPES_COUNTER_KEYS <= keys:
+        return "counter", "a shapes counter's weights (python -m shapes.counter)"
+    return "weights", f"model weights ({len(keys)} tensors: {', '.join(sorted(keys)[:2])}, ...)"
+
+
+def describe_pickle(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs: tensors and dicts only
+    except Exception:  # a class it would have to build, a cut file: what it holds is not for us anyway
+        return "pickle", "a PyTorch pickle that is not a checkpoint of this project"
+    if isinstance(state, dict) and "config" in state and "tokens" in state:
+        try:
+            config = json.loads(state["config"])
+        except (TypeError, ValueError):
+            config = {}
+        return "checkpoint", f"a checkpoint of train.py ({config.get('model')}, step {int(state.get('step', -1))})"
+    if isinstance(state, dict) and "opt" in state and "first_step" in state:
+        return "pretrain-checkpoint", "a checkpoint of shapes.pretrain"
+    if torch.is_tensor(state):
+        return "pickle", f"a saved tensor of shape {tuple(state.shape)}"
+    return "pickle", f"a PyTorch file holding a {type(state).__name__}"
+
+
+def describe_folder(folder):
+    names = sorted(os.listdir(folder))
+    has = lambda name: name in names  # noqa: E731
+    if has("cache.json"):
+        try:
+            meta = json.load(open(os.path.join(folder, "cache.json")))
+            return "cache", f"an encoding cache of {meta.get('model')} at {meta.get('size')} px (data.py cache)"
+        except (OSError, ValueError):
+            return "cache", "an encoding cache whose cache.json cannot be read"
+    if has("model_index.json"):
+        try:
+            index = json.load(open(os.path.join(folder, "model_index.json")))
+        except (OSError, ValueError):
+            index = {}
+        return "pipeline", f"a diffusers pipeline folder ({index.get('_class_name')})"
+    if has("config.json") and not has("log.csv"):
+        try:
+            config = json.load(open(os.path.join(folder, "config.json")))
+        except (OSError, ValueError):
+            config = {}
+        if "model_type" in config:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES as DETECTORS
+
+            kind = "detector" if config["model_type"] in DETECTORS else "transformers"
+            return kind, f"a transformers {config['model_type']} model folder"
+        if "_class_name" in config:
+            return "diffusers-model", f"a diffusers {config['_class_name']} folder"
+    if has("dc_tokens.pth") or has("soft_tokens.pth"):
+        return "released-tokens", f"a folder of the {'SoftREPA' if has('dc_tokens.pth') else 'AGSM'} authors' tokens"
+    if has("ckpt.pt") or (has("config.json") and has("log.csv")):
+        trained = [n for n in ("tokens.safetensors", "lora.safetensors") if has(n)]
+        holding = f", holding {trained[0]}" if trained else ""
+        return "run", f"a run folder of train.py{holding}"
+    if has("records.jsonl"):
+        return "samples", "a folder of sampled images (sample.py's records.jsonl)"
+    if has("mapping_file.json") or has("prompts_editing.json"):
+        return "benchmark", "an editing benchmark folder"
+    if has("annotations"):
+        return "coco", "a COCO folder"
+    if has("denoiser.safetensors"):
+        return "tiny-weights", "a shapes-world backbone's weights folder (shapes.pretrain's --out)"
+    if any(n.endswith(".safetensors") for n in names):
+        return "folder", f"a folder of weights ({', '.join(n for n in names if n.endswith('.safetensors'))})"
+    images = [n for n in names if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))]
+    if images:
+        return "images", f"a folder of {len(images)} images"
+    if not names:
+        return "folder", "an empty folder"
+    return "folder", f"a folder of {len(names)} entries ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def refuse(flag, path, expected):
+    """The one line for a path of the wrong kind: what it is, and what was expected there."""
+    return SystemExit(
+        f"{flag} {path}: {'is ' if os.path.exists(path) else ''}{describe(path)[1]}; expected {expected}"
+    )
+
+
+def check_kind(path, kinds, flag, expected):
+    """`path` must be one of `kinds` (of describe); any other is one line (refuse). Returns its kind."""
+    kind = describe(path)[0]
+    if kind not in kinds:
+        raise refuse(flag, path, expected)
+    return kind
 
 
 def first_line(e):

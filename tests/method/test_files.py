@@ -117,9 +117,9 @@ def test_pretrained_tiny_folder_of_another_family_is_one_line_not_pages_of_keys(
 def test_counter_folder_that_is_no_detector(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     message = one_line(counting.open_detector, str(tmp_path), "cpu", names=tmp_path)
-    assert "'bert' model, not an object detector" in message
+    assert "is a transformers bert model folder; expected a transformers object-detector folder" in message
     (tmp_path / "config.json").write_text("[1, 2]")
-    assert "holds a JSON list" in one_line(counting.open_detector, str(tmp_path), "cpu")
+    assert "is a folder of 1 entries (config.json)" in one_line(counting.open_detector, str(tmp_path), "cpu")
 
 
 def fake_cache(folder, rows=2):

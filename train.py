@@ -311,11 +311,10 @@ def open_data(args):
     latents and text features (`python data.py cache`). A wrong path fails here, before the model loads."""
     if pairs.is_stream(args.data):
         return pairs.open_stream(args.data, args.size, args.seed)
-    source = data.open_source(args.data, args.size, args.seed, workers=args.workers)
-    # a cache holds one family's latents and text features (and one size's: data.open_cache checks it);
-    # the tiny models read only their own small vocabulary, so foreign captions fail here
-    if source["kind"] == "cache" and source["meta"]["model"] != args.model:
-        raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
+    # a cache holds one family's latents and text features, and one size's: data.open_cache checks the family
+    # first (its root cause), then the size; the tiny models read only their own small vocabulary, so foreign
+    # captions fail here
+    source = data.open_source(args.data, args.size, args.seed, workers=args.workers, model=args.model)
     if models.is_shapes_world(args.model) and source["kind"] == "files":
         pairs.check_vocabulary(source["records"], args.data)
     return source

@@ -189,10 +189,11 @@ def try_load(path, size):
 # Sources and batches
 
 
-def open_source(spec, size, seed, split="train", workers=4):
-    """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it."""
+def open_source(spec, size, seed, split="train", workers=4, model=None):
+    """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it. `model`: the family
+    that trains on it (a cache holds one family's encodings, checked first)."""
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "cache.json")):
-        return open_cache(spec, size, seed)
+        return open_cache(spec, size, seed, model)
     if glob.glob(os.path.join(spec, "shard-*.bin")):
         raise SystemExit(
             f"--data {spec}: an unfinished encoding cache (no cache.json): run `python data.py cache` again"
@@ -373,7 +374,17 @@ def shard_file(out, name, rows, shape, width, staged):
     return files.scratch(os.path.join(out, name), rows * int(np.prod(shape)) * width, staged)
 
 
-def open_cache(folder, size, seed):
+def open_cache(folder, size, seed, model=None):
+    """An encoding cache, checked root cause first: the family it was encoded for (`model`), then that it is
+    whole (every shard there), then its image size -- so that following one refusal's advice never meets
+    another that the first could have named (an sd3 cache at 32 px for sd1.5 at 512: the family, not the size)."""
+    encoded_for = files.read_json(os.path.join(folder, "cache.json"), "an encoding cache").get("model")
+    if model is not None and encoded_for != model:
+        raise SystemExit(
+            f"--data {folder}: holds {encoded_for}'s encodings (latents and text features), not {model}'s: train "
+            f"with --model {encoded_for}, or encode the images for {model} with `python data.py cache --model "
+            f"{model} --data <images> --out <new cache>`"
+        )
     meta = files.read_cache_meta(folder, lambda store: STORE_DTYPES[store].itemsize)  # every shard there
     if meta["size"] != size:
         raise SystemExit(

@@ -68,10 +68,12 @@ def find_coco(folder, split):
 def read_coco(ann, images):
     """COCO captions json -> records. The 2014 and 2017 files have the same fields; only the file
     names differ (COCO_train2014_000000000009.jpg vs 000000000009.jpg), and they are in the json."""
+    expected = 'a COCO captions file (a JSON object with "images" and "annotations")'
+    coco = files.read_json(ann, expected)
+    if "images" not in coco or "annotations" not in coco:
+        raise files.refuse("--data", ann, expected)
     if not os.path.isdir(images):
         raise SystemExit(f"{ann}: its image folder {images} does not exist (expected next to annotations/)")
-    with open(ann) as f:
-        coco = json.load(f)
     captions = {}
     for a in coco["annotations"]:
         captions.setdefault(a["image_id"], []).append(a["caption"].strip())
@@ -124,8 +126,10 @@ def read_records(path, split="train"):
         records = read_coco(path, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), name))
     elif path.endswith(".jsonl"):
         records = read_jsonl(path)
-    else:
-        raise SystemExit(f"--data {path}: expected a COCO folder, a captions_*.json, a .jsonl or a folder of images")
+    else:  # a token file, a checkpoint, an image ...: say what it is
+        raise files.refuse("--data", path, "a COCO folder, a captions_*.json, a .jsonl or a folder of images")
+    if not records and files.describe(path)[0] not in ("images", "folder"):  # a cache, a pipeline, a run ...
+        raise files.refuse("--data", path, "a COCO folder, a captions_*.json, a .jsonl or a folder of images")
     if not records:
         raise SystemExit(
             f"--data {path}: found no image-caption pairs (COCO: annotations/captions_{split}2017.json; "
@@ -172,7 +176,9 @@ def read_image(path, size=None, fix="pass a PNG or JPEG"):
     try:
         return image_array(path, size)
     except (OSError, ValueError, SyntaxError) as e:  # PIL's ways to fail: truncated, not an image
-        raise SystemExit(f"cannot read the image {path} ({unreadable(e)}): {fix}") from None
+        kind, words = files.describe(path)
+        what = words if kind not in ("image", "binary") else unreadable(e)  # a token file, a text: say so
+        raise SystemExit(f"cannot read the image {path} ({what}): {fix}") from None
 
 
 def try_load(path, size):
@@ -459,11 +465,18 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     facts = models.check_name(args.model)
-    if models.is_shapes_world(args.model):  # its stream is drawn afresh every step: nothing to cache
-        raise SystemExit(f"{args.model} trains on the shapes world's stream (--data shapes): it needs no cache")
+    if models.is_shapes_world(args.model) and args.data.split(":")[0] in ("shapes", "shapes-swapped"):
+        raise SystemExit(f"--data {args.data} is drawn afresh every step, not read: there is nothing to cache")
+    records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
+    if models.is_shapes_world(args.model):  # a cache saves a real family's large encoders; a tiny model's are small
+        raise SystemExit(
+            f"--model {args.model}: a cache saves running a real family's large VAE and text encoders every step; "
+            f"{args.model}'s are a few MB, so there is nothing to save: train on the {len(records)} pairs as they "
+            f"are, `python train.py --model {args.model} --data {args.data}` (their captions must be in the shapes "
+            f"world's words, which train.py checks before it starts)"
+        )
     size = args.size or facts["train_size"]  # the cache is for training: the authors' training size
     families.check_size(args.model, size)  # the one size rule of every script
-    records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
     files.check_writable(args.out)  # and a place that cannot be written
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = STORE_DTYPES[args.store] if device == "cuda" else torch.float32

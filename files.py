@@ -79,8 +79,8 @@ def read_prompt_file(path):
     try:
         with open(path) as f:
             lines = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: not readable text ({first_line(e)}); expected a prompt a line") from None
+    except (OSError, UnicodeDecodeError):  # a token file, an image: say what it is
+        raise SystemExit(f"{path}: is {describe(path)[1]}; expected a text file, a prompt a line") from None
     if not lines:
         raise SystemExit(f'{path}: has no prompts; expected a prompt a line, or JSON lines with a "prompt"')
     if not lines[0].startswith("{"):
@@ -273,6 +273,8 @@ def describe(path):
     try:
         text = head.decode()
     except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:  # valid UTF-8 may hold NUL bytes; no text does
         return "binary", f"a binary file of {os.path.getsize(path)} bytes"
     if text.lstrip().startswith(("{", "[")):
         try:

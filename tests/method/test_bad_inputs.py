@@ -157,14 +157,14 @@ def test_offline_real_model_error_names_what_was_passed(tmp_path):
             str(tmp_path / "r"),
         ],
     )
-    assert message.startswith(f"--pretrained {tmp_path / 'nowhere'}: no such folder")
+    assert message.startswith(f"--pretrained {tmp_path / 'nowhere'}: no such file or folder")
     (tmp_path / "empty").mkdir()
     message = one_line_error(
         train.main,
         ["--model", "sd3", "--pretrained", str(tmp_path / "empty"), "--data", "shapes", "--out", str(tmp_path / "r")],
     )
     assert (
-        message.startswith(f"{tmp_path / 'empty' / 'model_index.json'}: no such file; expected a local copy of")
+        message.startswith(f"--pretrained {tmp_path / 'empty'}: is an empty folder; expected a local copy of")
         and "pass --pretrained" not in message
     )
 

@@ -89,7 +89,9 @@ def test_a_checkpoint_that_is_not_one(tmp_path):
     path.write_bytes(os.urandom(300))
     assert "--resume" in one_line(run.read_checkpoint, str(path), names=path)
     torch.save([1, 2], path)  # readable, but no tokens / config
-    assert "not a checkpoint of train.py" in one_line(run.read_checkpoint, str(path), names=path)
+    assert "is a PyTorch file holding a list; expected a ckpt.pt" in one_line(
+        run.read_checkpoint, str(path), names=path
+    )
 
 
 def test_pretrained_folder_of_another_family_is_refused_from_its_config(tmp_path, monkeypatch):
@@ -172,7 +174,9 @@ def test_prompt_files_empty_or_not_text(tmp_path):
     path.write_text("\n  \n")
     assert "has no prompts" in one_line(files.read_prompt_file, str(path), names=path)
     path.write_bytes(b"\xff\xfe\x00 binary")
-    assert "not readable text" in one_line(files.read_prompt_file, str(path), names=path)
+    assert "is a binary file of 10 bytes; expected a text file" in one_line(
+        files.read_prompt_file, str(path), names=path
+    )
     path.write_text('{"prompt": "a red circle"}\n{"text": "no prompt"}\n')
     assert ':2: has no "prompt" string' in one_line(files.read_prompt_file, str(path))
 

@@ -21,6 +21,7 @@ import counting
 import data
 import edit
 import eval as evaluation
+import families
 import files
 import lora
 import models
@@ -30,7 +31,7 @@ import sampler
 import softtokens
 import train
 import trained
-from shapes import backbones, bench, pretrain
+from shapes import backbones, bench, checker, pretrain
 
 torch.set_num_threads(1)
 
@@ -427,3 +428,107 @@ def test_a_disk_that_fills_during_training_is_one_line_keeps_the_checkpoint_and_
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0 and "at step 0" in resumed.stdout, resumed.stderr[-2000:]
     assert (out / "tokens.safetensors").exists()
+
+
+# -----------------------------------------------------------------------------
+# Every file a flag names, given a file of another kind: one line saying what it is and what was expected
+
+
+@pytest.fixture(scope="module")
+def specimens(tmp_path_factory):
+    """One file or folder of each kind a flag may name, small and written here (no weights are needed to
+    tell them apart: headers and configs)."""
+    root = tmp_path_factory.mktemp("kinds")
+    tokens = softtokens.SoftTokens(2, 4, 8, False)
+    softtokens.save(str(root / "tokens.safetensors"), tokens, model="tiny-sd3")
+    bb = backbones.build_tiny("tiny-sd3")
+    lora.save(str(root / "lora.safetensors"), lora.add(bb, 2, lora.parse_blocks(None, bb.facts)), bb.facts)
+    run.save_checkpoint(str(root / "ckpt.pt"), {"config": json.dumps({"model": "tiny-sd3"}), "tokens": {}, "step": 3})
+    os.makedirs(root / "run")
+    (root / "run" / "config.json").write_text("{}")
+    (root / "run" / "log.csv").write_text("step\n")
+    cache = fake_cache(root / "cache")
+    meta = json.loads((cache / "cache.json").read_text())
+    (cache / "cache.json").write_text(json.dumps(dict(meta, model="sd3")))  # an sd3 cache
+    Image.new("RGB", (8, 8)).save(root / "image.png")
+    (root / "notes.txt").write_text("a red circle\n")
+    os.makedirs(root / "detector")
+    (root / "detector" / "config.json").write_text(json.dumps({"model_type": "detr"}))
+    for family in ("sd3", "sd3.5-large"):  # a pipeline folder's configs, as diffusers saves them
+        os.makedirs(root / family / "transformer")
+        (root / family / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+        config = dict(models.denoiser_config(family, "test"), _class_name="SD3Transformer2DModel")
+        (root / family / "transformer" / "config.json").write_text(json.dumps(config))
+    return {
+        "token file": root / "tokens.safetensors",
+        "LoRA file": root / "lora.safetensors",
+        "counter file": checker.COUNTER_WEIGHTS,
+        "checkpoint": root / "ckpt.pt",
+        "run folder": root / "run",
+        "sd3 cache": cache,
+        "image": root / "image.png",
+        "text": root / "notes.txt",
+        "detector folder": root / "detector",
+        "sd3.5-large folder": root / "sd3.5-large",
+    }
+
+
+SD3_HUB = families.FAMILIES["sd3"]["hub"]
+READERS = {  # flag -> (its reader, the specimens it takes)
+    "--counter (tiny)": (lambda p: checker.load_counter(p), {"counter file"}),
+    "--counter": (lambda p: counting.open_detector(p, "cpu"), {"detector folder"}),
+    "--tokens": (lambda p: trained.read(p, "tiny-sd3"), {"token file", "LoRA file"}),
+    "--resume": (lambda p: run.read_checkpoint(p), {"checkpoint"}),
+    "--pretrained": (lambda p: models.load("sd3", pretrained=p), set()),
+    "--data": (lambda p: data.open_source(p, 32, 0, model="tiny-sd3"), set()),
+    "--bench": (lambda p: benchmarks.read(p), set()),
+}
+WORDS = {  # what the one line must call each specimen
+    "token file": "is a soft-token file for tiny-sd3",
+    "LoRA file": "is a LoRA file",
+    "counter file": "is a shapes counter's weights",
+    "checkpoint": "is a checkpoint of train.py (tiny-sd3, step 3)",
+    "run folder": "is a run folder of train.py",
+    "sd3 cache": "is an encoding cache of sd3",
+    "image": "is a PNG image (8x8)",
+    "text": "is a text file",
+    "detector folder": "is a transformers detr model folder",
+    "sd3.5-large folder": "is a diffusers pipeline folder (StableDiffusion3Pipeline)",
+}
+EXCEPTIONS = {  # where the most basic mismatch is more specific than the kind
+    ("--data", "sd3 cache"): "holds sd3's encodings (latents and text features), not tiny-sd3's",
+    ("--pretrained", "sd3.5-large folder"): "its transformer (qk_norm 'rms_norm', dual_attention_layers []) is "
+    "sd3.5-large's, not sd3's: pass --model sd3.5-large",
+    ("--data", "text"): "expected a COCO folder, a captions_*.json, a .jsonl or a folder of images",
+}
+
+
+@pytest.mark.parametrize("flag", list(READERS))
+def test_every_file_a_flag_names_is_checked_for_its_kind(specimens, flag, monkeypatch):
+    no_weights_load(monkeypatch)
+    read, takes = READERS[flag]
+    for name, path in specimens.items():
+        if name in takes:
+            continue
+        message = one_line(read, str(path), names=path)
+        assert message.startswith(flag.split()[0]) or (flag, name) in EXCEPTIONS, message
+        assert (EXCEPTIONS.get((flag, name)) or WORDS[name]) in message, (name, message)
+
+
+class Loading(Exception):
+    pass
+
+
+def test_the_sd3_folder_passes_as_sd3_and_the_sd35_one_as_sd35(specimens, monkeypatch):
+    import diffusers
+
+    def from_pretrained(*args, **kwargs):
+        raise Loading  # the checks passed: the weights would load now
+
+    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", from_pretrained)
+    for family, folder in (("sd3", "sd3"), ("sd3.5-large", "sd3.5-large")):
+        with pytest.raises(Loading):
+            models.load(family, pretrained=str(specimens["sd3.5-large folder"].parent / folder))
+    assert "is sd3's, not sd3.5-medium's" in one_line(
+        models.load, "sd3.5-medium", str(specimens["sd3.5-large folder"].parent / "sd3")
+    )

@@ -72,6 +72,27 @@ def read_json_lines(path, expected):
     return found
 
 
+def read_csv(path, expected, columns):
+    """The rows (dicts) of a CSV whose header holds `columns`: a file of another kind, or one lacking a column,
+    is one line (what it is, or which columns it lacks), not a KeyError in the middle of a table."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"{path}: {describe(path)[1] if os.path.exists(path) else 'no such file'}; expected {expected}"
+        )
+    try:
+        with open(path, newline="") as f:
+            table = csv.DictReader(f)
+            rows, header = list(table), table.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error):
+        raise SystemExit(f"{path}: is {describe(path)[1]}; expected {expected}") from None
+    lacking = [c for c in columns if c not in header]
+    if lacking:
+        raise SystemExit(f"{path}: has no column {', '.join(lacking)}; expected {expected}")
+    return rows
+
+
 def read_prompt_file(path):
     """--prompts: [{"prompt", "spec" (if any)}] from a text file (a prompt a line) or JSON lines with "prompt"."""
     if not os.path.isfile(path):

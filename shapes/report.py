@@ -481,12 +481,16 @@ def model_table(model, protocol, beside=".", allow_mixed=False):
     return "\n".join(lines), numbers
 
 
+# the columns of sweep.py's CSV that a sweep table reads
+SWEEP_COLUMNS = ["run", "mean", "mean_low", "mean_high", "delta_mean", "delta_low", "delta_high", "overcount_counting"]
+SWEEP_COLUMNS += ["lr", "tau", "n_tokens", "layers", "blocks", "heldout_acc", "token_cos", "output_change"]
+
+
 def sweep_table(path, protocol_path=None, allow_mixed=False):
     """A sweep.py CSV as markdown: each run's changed settings, dev mean, paired Δ, over-counting, movement.
     With the sweep's protocol JSON (`protocol_path`), the two intervals are two_level_bootstrap's (one run
     per setting: the prompt clusters alone) instead of the CSV's prompts-only ones."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = files.read_csv(path, "a sweep.csv written by python -m shapes.sweep", SWEEP_COLUMNS)
     stem = os.path.splitext(os.path.basename(path))[0]  # sweep.py writes <folder>/sweep.csv
     name = stem if stem != "sweep" else os.path.basename(os.path.dirname(os.path.abspath(path)))
     intervals, note = {}, None

@@ -532,3 +532,35 @@ def test_the_sd3_folder_passes_as_sd3_and_the_sd35_one_as_sd35(specimens, monkey
     assert "is sd3's, not sd3.5-medium's" in one_line(
         models.load, "sd3.5-medium", str(specimens["sd3.5-large folder"].parent / "sd3")
     )
+
+
+# -----------------------------------------------------------------------------
+# The root cause speaks first
+
+
+def test_train_with_a_token_file_as_counter_is_one_line(specimens, tmp_path):
+    argv = ["--model", "tiny-sd3", "--steps", "1", "--batch", "2", "--out", str(tmp_path / "r"), "--count-weight", "1"]
+    message = one_line(train.main, argv + ["--counter", str(specimens["token file"])])
+    assert message.startswith(f"--counter {specimens['token file']}: is a soft-token file for tiny-sd3")
+    assert "expected a shapes counter's weights" in message
+
+
+def test_a_cache_of_another_family_at_another_size_names_the_family(specimens, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    cache = specimens["sd3 cache"]  # encoded for sd3 at 8 px; sd1.5 trains at 512
+    argv = ["--model", "sd1.5", "--data", str(cache), "--out", str(tmp_path / "r"), "--steps", "1", "--batch", "2"]
+    message = one_line(train.main, argv)
+    assert message.startswith(f"--data {cache}: holds sd3's encodings") and "--model sd3" in message
+    assert "px" not in message  # the size is not the cause, and following the advice meets no size refusal
+    message = one_line(train.main, ["--model", "sd3", *argv[2:]])
+    assert "was encoded at 8 px, training is at 512: pass --size 8" in message  # sd3: now the size is the cause
+
+
+def test_data_cache_for_a_tiny_model_says_why_not_and_how_to_train(tmp_path):
+    write_images(tmp_path / "images")
+    argv = ["cache", "--model", "tiny-sd3", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "c")]
+    message = one_line(data.main, argv)
+    assert "there is nothing to save" in message and "needs no cache" not in message
+    assert f"python train.py --model tiny-sd3 --data {tmp_path / 'images'}" in message
+    assert "no such file or folder" in one_line(data.main, argv[:4] + [str(tmp_path / "none"), *argv[5:]])
+    assert "drawn afresh every step" in one_line(data.main, argv[:4] + ["shapes", *argv[5:]])

@@ -21,8 +21,7 @@ def read(path, name, ema=False, neg_uncond=False):
     """(sets, info) of the trained file at `path` for family `name`: LoRA adapters' state dict, or the
     token sets (softtokens.read_tokens: psi+ first; its EMA copy with ema=True; psi- second, for the
     unconditional branch with neg_uncond=True). info: the token_set name for the records and the blocks."""
-    expected = "a token or LoRA file written by train.py, or a folder of the SoftREPA authors' released tokens"
-    files.check_kind(path, {"tokens", "lora", "released-tokens"}, "--tokens", expected)  # a checkpoint, a counter...
+    files.check_trained(path)  # its kind first: a checkpoint, a run folder or a counter given as --tokens is one line
     if lora.is_lora_file(path):  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
         return lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
     return softtokens.read_tokens(path, name, ema, neg_uncond)

@@ -96,7 +96,7 @@ def read_csv(path, expected, columns):
 def read_prompt_file(path):
     """--prompts: [{"prompt", "spec" (if any)}] from a text file (a prompt a line) or JSON lines with "prompt"."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such prompts file; expected a text file (a prompt a line) or JSON lines")
+        raise refuse("--prompts", path, "a text file (a prompt a line) or JSON lines")
     try:
         with open(path) as f:
             lines = [line.strip() for line in f if line.strip()]
@@ -414,6 +414,12 @@ def check_kind(path, kinds, flag, expected):
     if kind not in kinds:
         raise refuse(flag, path, expected)
     return kind
+
+
+def check_trained(path):
+    """--tokens: a file train.py wrote (soft tokens or LoRA adapters), or the SoftREPA authors' released tokens."""
+    expected = "a token or LoRA file written by train.py, or a folder of the SoftREPA authors' released tokens"
+    return check_kind(path, {"tokens", "lora", "released-tokens"}, "--tokens", expected)
 
 
 def first_line(e):

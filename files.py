@@ -607,7 +607,8 @@ ON_INTERRUPT = {}  # "kept": what is whole on disk now, "go_on": the flags that 
 
 def on_interrupt(kept, go_on=None):
     """From now on, a stop says that `kept` (e.g. "the checkpoint runs/x/ckpt.pt at step 4") is whole, and how to
-    go on: the command as it was typed with the flags `go_on` (e.g. ["--resume", "latest"]) put in."""
+    go on: the command as it was typed with the flags `go_on` put in, flag and value (["--resume", "latest"]; a
+    switch's value is None)."""
     ON_INTERRUPT.update(kept=kept, go_on=go_on)
 
 
@@ -619,11 +620,11 @@ def command_to_go_on(go_on, argv=None):
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     argv = list(sys.argv[1:] if argv is None else argv)
-    for flag, value in zip(go_on[::2], go_on[1::2]):
+    for flag, value in zip(go_on[::2], go_on[1::2]):  # value None: a switch (pretrain's --resume)
         while flag in argv:
             i = argv.index(flag)
-            del argv[i : i + 2]
-        argv += [flag, value]
+            del argv[i : i + (1 if value is None else 2)]
+        argv += [flag] if value is None else [flag, value]
     program = ["-m", spec.name] if spec is not None and spec.name != "__main__" else [sys.argv[0]]
     prefix = "torchrun --nproc_per_node=<ranks>" if "LOCAL_RANK" in os.environ else "python"
     return f"{prefix} {shlex.join(program + argv)}"
@@ -640,10 +641,14 @@ def stopped_line(what):
 
 def device_fault(e):
     """The one line of a device that gave out, or None if `e` is no such fault (then it is a bug: a traceback)."""
+    import re
+
     text = str(e)
     if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
         where = "the GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in text else "this machine"
-        return f"out of memory on {where} ({first_line(e)[:160]}): lower --batch (train.py: or --rows-per-forward)"
+        asked = re.search(r"allocate (\d+) bytes", text)  # the CPU allocator's words; CUDA's say MiB / GiB
+        what = f"a tensor of {int(asked.group(1)) / 2**30:.3g} GiB" if asked else first_line(e)[:160]
+        return f"out of memory on {where} ({what}): lower --batch (train.py: or --rows-per-forward)"
     if text.startswith("CUDA error") or "CUDA driver" in text or "not compiled with CUDA" in text:
         return f"the GPU failed ({first_line(e)[:160]})"
     return None
@@ -662,6 +667,11 @@ def script(main):
         if line is None:
             raise
         raise SystemExit(stopped_line(line)) from None
+    except OSError as e:  # a write outside files.write (a log appended row by row) on a full or read-only disk
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        cause = "the disk is full" if e.errno != errno.EROFS else e.strerror
+        raise SystemExit(stopped_line(f"cannot write {e.filename or 'a log'} ({cause})")) from None
 
 
 # -----------------------------------------------------------------------------

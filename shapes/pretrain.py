@@ -334,6 +334,7 @@ def main(argv=None):
             first_step=first_step,
         )
         files.write(ckpt_path, lambda tmp: torch.save(state, tmp))  # atomic: a kill or a full disk keeps the last
+        files.on_interrupt(f"the last checkpoint, {ckpt_path} at step {step},", go_on=["--resume", None])
 
     log_path = os.path.join(work, "log.csv")
     new_log = not (step and os.path.exists(log_path))

@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import disks
 import pytest
@@ -564,3 +565,35 @@ def test_data_cache_for_a_tiny_model_says_why_not_and_how_to_train(tmp_path):
     assert f"python train.py --model tiny-sd3 --data {tmp_path / 'images'}" in message
     assert "no such file or folder" in one_line(data.main, argv[:4] + [str(tmp_path / "none"), *argv[5:]])
     assert "drawn afresh every step" in one_line(data.main, argv[:4] + ["shapes", *argv[5:]])
+
+
+def script_line(main):
+    """files.script(main) as a script's __main__ runs it: the SystemExit's one line and exit status."""
+    with pytest.raises(SystemExit) as e:
+        files.script(main)
+    code = e.value.code
+    return (code, 1) if isinstance(code, str) else (None, code)
+
+
+def test_what_a_script_meets_is_one_line(small_disk, capsys):
+    def interrupted():
+        os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT: Python raises KeyboardInterrupt at the next bytecode
+        time.sleep(5)
+
+    assert script_line(interrupted) == (None, 130)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted (Ctrl-C): no file was left half-written") and "\n" not in err
+    message, status = script_line(lambda: torch.empty(2**50, dtype=torch.uint8))  # the CPU allocator refuses
+    assert status == 1 and message.startswith("out of memory on this machine (a tensor of 1.05e+06 GiB)")
+    folder = small_disk(64)
+    disks.fill(folder)
+
+    def append_a_row():  # a log appended row by row, outside files.write
+        with open(folder / "log.csv", "a") as log:
+            log.write("1,0.5\n" * 10000)
+
+    message, status = script_line(append_a_row)
+    assert status == 1 and message.startswith("cannot write") and "(the disk is full)" in message
+    assert "\n" not in message
+    with pytest.raises(ZeroDivisionError):  # a bug is a traceback still
+        files.script(lambda: 1 / 0)

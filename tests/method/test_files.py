@@ -597,3 +597,25 @@ def test_what_a_script_meets_is_one_line(small_disk, capsys):
     assert "\n" not in message
     with pytest.raises(ZeroDivisionError):  # a bug is a traceback still
         files.script(lambda: 1 / 0)
+
+
+def test_ctrl_c_while_caching_leaves_the_previous_cache_whole(tmp_path, monkeypatch):
+    write_images(tmp_path / "images")
+    records = data.read_records(str(tmp_path / "images"))
+    bb = backbones.build_tiny("tiny-sd3")
+    out = tmp_path / "cache"
+    data.write_cache(bb, records, str(out), 32, shard_gb=1e-6)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    encode, calls = models.encode_prompts, []
+
+    def encode_then_ctrl_c(*args, **kwargs):  # the user presses Ctrl-C while the second batch encodes
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(models, "encode_prompts", encode_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_cache(bb, records, str(out), 32, 1, "bf16", 1, 1e-6)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before and temporaries(out) == []

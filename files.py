@@ -434,6 +434,8 @@ def first_line(e):
 
 def check_writable(folder, flag="--out"):
     """Create `folder` and a scratch file in it: a read-only or invalid place fails before the work."""
+    if os.path.exists(folder) and not os.path.isdir(folder):  # a token file, a checkpoint: say what it is
+        raise refuse(flag, folder, "a folder to write to (it is made if missing)")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
@@ -654,14 +656,30 @@ def device_fault(e):
     return None
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, a scheduler's preemption, gpu_jobs' deadline), raised where the script is, as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def script(main):
-    """A script's `if __name__ == "__main__":` -- main() with Ctrl-C and a failing device ending in one line and a
-    non-zero exit (130 for Ctrl-C, as a shell reports SIGINT), the files written atomically so far kept."""
+    """A script's `if __name__ == "__main__":` -- main() with Ctrl-C, SIGTERM and a failing device ending in one
+    line and a non-zero exit (128 + the signal's number, as a shell reports it), the files written so far kept
+    (files.write's temporary file goes whatever stops it)."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
     try:
         main()
     except KeyboardInterrupt:
         print(f"\n{stopped_line('interrupted (Ctrl-C)')}", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(128 + signal.SIGINT) from None
+    except Terminated:
+        print(f"\n{stopped_line('stopped (SIGTERM)')}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except (RuntimeError, AssertionError) as e:
         line = device_fault(e)
         if line is None:

@@ -384,7 +384,8 @@ def the_command(line):
     return shlex.split(line.split("go on with: ", 1)[1])
 
 
-def test_ctrl_c_during_training_is_one_line_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_training_is_one_line_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, stop):
     out = tmp_path / "run"
     argv = [sys.executable, "train.py", "--model", "tiny-sd3", "--batch", "2", "--threads", "1", "--out", str(out)]
     argv += ["--steps", "100000", "--ckpt-every", "3", "--log-every", "1"]
@@ -401,14 +402,17 @@ def test_ctrl_c_during_training_is_one_line_keeps_the_checkpoint_and_says_how_to
     for line in proc.stdout:  # after the first checkpoint past step 0
         if "step 4:" in line:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))  # Ctrl-C at a terminal; SIGTERM from kill or a scheduler
     _, err = proc.communicate(timeout=60)
     lines = err.strip().splitlines()
-    assert proc.returncode == 130 and len(lines) == 1, err
-    assert lines[0].startswith("interrupted (Ctrl-C): the last checkpoint") and "--resume latest" in lines[0]
+    assert proc.returncode == 128 + getattr(signal, stop) and len(lines) == 1, err
+    said = "interrupted (Ctrl-C)" if stop == "SIGINT" else "stopped (SIGTERM)"
+    assert lines[0].startswith(f"{said}: the last checkpoint") and "--resume latest" in lines[0]
     step = int(torch.load(out / "ckpt.pt", weights_only=True)["step"])
     assert step >= 3 and f"at step {step}" in lines[0]
     assert temporaries(out) == [] and not (out / "lock").exists()
+    if stop == "SIGTERM":
+        return
     command = the_command(lines[0])
     assert command[:2] == ["python", "train.py"]
     command[command.index("--steps") + 1] = str(step + 1)  # the advice, one step further

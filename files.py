@@ -1,19 +1,27 @@
 """
-files.py: every file read from the user, and every file written, each class of them handled in one place.
+files.py: every file read from the user, and every file written, each class of them handled in one place; and
+what a person meets at a terminal (Ctrl-C, a device that gives out).
 
 Reading. A file or folder a user names (--tokens, --resume, --pretrained, --counter, --data CACHE, --bench,
 --runs, --prompts) is read by one function here, which turns any parse, shape, key or config error into one
-line: the path, and what was expected there. A folder of the wrong family is refused from its config before
-any weights load; a cache with a shard missing is refused before training starts.
+line: the path, and what was expected there. `describe(path)` says what a path holds (a token file, a
+checkpoint, an encoding cache of sd3, a run folder ...) from its header or config alone, so that a file of the
+wrong kind is named for what it is (`check_kind`, `refuse`). A folder of the wrong family is refused from its
+config before any weights load; a cache with a shard missing is refused before training starts.
 
 Writing. Every output goes through `write(path, write_to)`: `write_to(tmp)` writes a temporary file beside
 `path`, which is flushed to disk (fsync) and renamed over `path` (os.replace), so a reader never sees half a
 file and a crash keeps the last good one. A full disk or a read-only place ends in one line that names the
-path and the cause; the temporary file is removed and the previous file is left as it was.
+path and the cause, whatever the library writing says (torch.save's RuntimeError names no cause: WRITE_FAULTS);
+the temporary file is removed and the previous file is left as it was.
 `check_writable(folder)` is what a script calls first, before any heavy work, so that a place it cannot write
 fails in a second, not after an hour. The encoding cache, whose shards are written row by row, stages its
-files with `scratch` and renames them all at the end (`commit`), so an interrupted cache leaves the previous
-one whole.
+files with `scratch` inside `staging()` and renames them all at the end (`commit`), so an interrupted cache
+leaves the previous one whole.
+
+At a terminal. Every script's __main__ is `script(main)`: Ctrl-C, SIGTERM, a full disk met outside the writer,
+out of memory and a failing GPU end in one line saying what is kept (a run names its last checkpoint with
+`on_interrupt`) and the command that goes on from it.
 
 Sampling. `check_finite(latents, what)` is the last check before latents become images: a NaN or inf (from
 --cfg, the tokens or the model) ends in one line and no image is saved.

@@ -673,7 +673,7 @@ def terminate(signum, frame):
 
 
 def script(main):
-    """A script's `if __name__ == "__main__":` -- main() with Ctrl-C, SIGTERM and a failing device ending in one
+    """A script's __main__ block: main() with Ctrl-C, SIGTERM and a failing device ending in one
     line and a non-zero exit (128 + the signal's number, as a shell reports it), the files written so far kept
     (files.write's temporary file goes whatever stops it)."""
     import signal

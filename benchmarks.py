@@ -45,9 +45,11 @@ def kind(folder):
         return "cat2dog"
     if os.path.exists(os.path.join(folder, PROMPTS)):
         return "div2k"
-    raise SystemExit(
-        f"{folder} is no editing benchmark folder: PIE-Bench has mapping_file.json, DIV2K with captions "
-        f"{PROMPTS}, Cat2Dog (AFHQ) val/cat/ or cat/ images"
+    raise files.refuse(
+        "--bench",
+        folder,
+        f"an editing benchmark folder: PIE-Bench's has mapping_file.json, DIV2K's with captions {PROMPTS}, "
+        f"Cat2Dog's (AFHQ) val/cat/ or cat/ images",
     )
 
 

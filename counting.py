@@ -58,7 +58,6 @@ def open_detector(folder, device):
             "--count-weight needs --counter FOLDER: a transformers object detector saved with "
             "save_pretrained (e.g. a DETR), read from disk"
         )
-    if not (os.path.isdir(folder) and os.path.exists(os.path.join(folder, "config.json"))):
-        raise SystemExit(f"--counter {folder}: not a detector folder (config.json + weights); pass one")
-    files.check_detector(folder)  # its config names a detector class, before transformers loads it
+    # its config names a detector class (files.describe), checked before transformers loads it
+    files.check_kind(folder, {"detector"}, "--counter", "a transformers object-detector folder (e.g. a DETR's)")
     return DetectorCounter(folder).to(device)

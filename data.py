@@ -68,10 +68,12 @@ def find_coco(folder, split):
 def read_coco(ann, images):
     """COCO captions json -> records. The 2014 and 2017 files have the same fields; only the file
     names differ (COCO_train2014_000000000009.jpg vs 000000000009.jpg), and they are in the json."""
+    expected = 'a COCO captions file (a JSON object with "images" and "annotations")'
+    coco = files.read_json(ann, expected)
+    if "images" not in coco or "annotations" not in coco:
+        raise files.refuse("--data", ann, expected)
     if not os.path.isdir(images):
         raise SystemExit(f"{ann}: its image folder {images} does not exist (expected next to annotations/)")
-    with open(ann) as f:
-        coco = json.load(f)
     captions = {}
     for a in coco["annotations"]:
         captions.setdefault(a["image_id"], []).append(a["caption"].strip())
@@ -124,8 +126,10 @@ def read_records(path, split="train"):
         records = read_coco(path, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), name))
     elif path.endswith(".jsonl"):
         records = read_jsonl(path)
-    else:
-        raise SystemExit(f"--data {path}: expected a COCO folder, a captions_*.json, a .jsonl or a folder of images")
+    else:  # a token file, a checkpoint, an image ...: say what it is
+        raise files.refuse("--data", path, "a COCO folder, a captions_*.json, a .jsonl or a folder of images")
+    if not records and files.describe(path)[0] not in ("images", "folder"):  # a cache, a pipeline, a run ...
+        raise files.refuse("--data", path, "a COCO folder, a captions_*.json, a .jsonl or a folder of images")
     if not records:
         raise SystemExit(
             f"--data {path}: found no image-caption pairs (COCO: annotations/captions_{split}2017.json; "
@@ -172,7 +176,9 @@ def read_image(path, size=None, fix="pass a PNG or JPEG"):
     try:
         return image_array(path, size)
     except (OSError, ValueError, SyntaxError) as e:  # PIL's ways to fail: truncated, not an image
-        raise SystemExit(f"cannot read the image {path} ({unreadable(e)}): {fix}") from None
+        kind, words = files.describe(path)
+        what = words if kind not in ("image", "binary") else unreadable(e)  # a token file, a text: say so
+        raise SystemExit(f"cannot read the image {path} ({what}): {fix}") from None
 
 
 def try_load(path, size):
@@ -189,10 +195,11 @@ def try_load(path, size):
 # Sources and batches
 
 
-def open_source(spec, size, seed, split="train", workers=4):
-    """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it."""
+def open_source(spec, size, seed, split="train", workers=4, model=None):
+    """A source is a plain dict; get_batch(source, step, rank, world, batch) reads from it. `model`: the family
+    that trains on it (a cache holds one family's encodings, checked first)."""
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "cache.json")):
-        return open_cache(spec, size, seed)
+        return open_cache(spec, size, seed, model)
     if glob.glob(os.path.join(spec, "shard-*.bin")):
         raise SystemExit(
             f"--data {spec}: an unfinished encoding cache (no cache.json): run `python data.py cache` again"
@@ -275,7 +282,15 @@ STORE_BITS = {
 
 def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batch=8, shard_gb=4.0, seed=0):
     """Encode `records` once with backbone `bb` into shards under `out`; returns the cache meta.
-    K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5)."""
+    K = captions_per_image captions are kept per image (drawn with `seed`; all of them with K >= 5).
+    Every file is written beside its place and renamed there at the end (files.staging, files.commit): a full
+    disk, Ctrl-C or any stop midway leaves the previous cache in `out` whole, and its own temporary files removed."""
+    with files.staging() as staged:
+        return encode_cache(bb, records, out, size, captions_per_image, store, batch, shard_gb, seed, staged)
+
+
+def encode_cache(bb, records, out, size, captions_per_image, store, batch, shard_gb, seed, staged):
+    """write_cache's work: the shards staged in `staged`, committed, and cache.json written last."""
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)
@@ -283,9 +298,6 @@ def write_cache(bb, records, out, size, captions_per_image=1, store="bf16", batc
     (np_bits, torch_bits), width = STORE_BITS[dtype], dtype.itemsize
     K, fields, shards, skipped = captions_per_image, None, [], 0
     open_maps, rows, shard_rows, kept = {}, 0, 0, []
-    # every file is written beside its place and renamed there at the end (files.commit): a full disk or a
-    # stop midway leaves the previous cache in `out` whole, and its own temporary files removed
-    staged = []
 
     def close_shard(open_maps, rows, kept):
         name = f"shard-{len(shards):05d}"
@@ -368,7 +380,17 @@ def shard_file(out, name, rows, shape, width, staged):
     return files.scratch(os.path.join(out, name), rows * int(np.prod(shape)) * width, staged)
 
 
-def open_cache(folder, size, seed):
+def open_cache(folder, size, seed, model=None):
+    """An encoding cache, checked root cause first: the family it was encoded for (`model`), then that it is
+    whole (every shard there), then its image size -- so that following one refusal's advice never meets
+    another that the first could have named (an sd3 cache at 32 px for sd1.5 at 512: the family, not the size)."""
+    encoded_for = files.read_json(os.path.join(folder, "cache.json"), "an encoding cache").get("model")
+    if model is not None and encoded_for != model:
+        raise SystemExit(
+            f"--data {folder}: holds {encoded_for}'s encodings (latents and text features), not {model}'s: train "
+            f"with --model {encoded_for}, or encode the images for {model} with `python data.py cache --model "
+            f"{model} --data <images> --out <new cache>`"
+        )
     meta = files.read_cache_meta(folder, lambda store: STORE_DTYPES[store].itemsize)  # every shard there
     if meta["size"] != size:
         raise SystemExit(
@@ -443,11 +465,18 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     facts = models.check_name(args.model)
-    if models.is_shapes_world(args.model):  # its stream is drawn afresh every step: nothing to cache
-        raise SystemExit(f"{args.model} trains on the shapes world's stream (--data shapes): it needs no cache")
+    if models.is_shapes_world(args.model) and args.data.split(":")[0] in ("shapes", "shapes-swapped"):
+        raise SystemExit(f"--data {args.data} is drawn afresh every step, not read: there is nothing to cache")
+    records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
+    if models.is_shapes_world(args.model):  # a cache saves a real family's large encoders; a tiny model's are small
+        raise SystemExit(
+            f"--model {args.model}: a cache saves running a real family's large VAE and text encoders every step; "
+            f"{args.model}'s are a few MB, so there is nothing to save: train on the {len(records)} pairs as they "
+            f"are, `python train.py --model {args.model} --data {args.data}` (their captions must be in the shapes "
+            f"world's words, which train.py checks before it starts)"
+        )
     size = args.size or facts["train_size"]  # the cache is for training: the authors' training size
     families.check_size(args.model, size)  # the one size rule of every script
-    records = read_records(args.data, args.split)  # a wrong path fails here, before loading a model
     files.check_writable(args.out)  # and a place that cannot be written
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = STORE_DTYPES[args.store] if device == "cuda" else torch.float32
@@ -463,4 +492,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -455,7 +455,7 @@ def parse_args(argv=None):
 def check_args(args):
     for run in args.runs + ([args.to_geneval] if args.to_geneval else []):
         if not os.path.isdir(run):
-            raise SystemExit(f"no run folder {run}")
+            raise files.refuse("--runs", run, "a folder written by sample.py or edit.py (records.jsonl + images)")
     if not args.runs and not args.to_geneval:
         raise SystemExit("nothing to do: pass --runs FOLDER ... or --to-geneval RUN")
     if args.to_geneval and not (args.geneval_prompts and os.path.exists(args.geneval_prompts)):
@@ -577,9 +577,8 @@ def main(argv=None):
         if path:
             files.check_writable(os.path.dirname(os.path.abspath(path)), f"--{flag} {path}: its folder")
     if args.protocol:
-        for path in args.tokens:
-            if not os.path.exists(path):
-                raise SystemExit(f"--tokens {path}: no such file")
+        for path in args.tokens:  # every file's kind, before the base is sampled
+            files.check_trained(path)
         return run_protocol(args)
     check_args(args)
     if args.to_geneval:
@@ -615,4 +614,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -1,19 +1,27 @@
 """
-files.py: every file read from the user, and every file written, each class of them handled in one place.
+files.py: every file read from the user, and every file written, each class of them handled in one place; and
+what a person meets at a terminal (Ctrl-C, a device that gives out).
 
 Reading. A file or folder a user names (--tokens, --resume, --pretrained, --counter, --data CACHE, --bench,
 --runs, --prompts) is read by one function here, which turns any parse, shape, key or config error into one
-line: the path, and what was expected there. A folder of the wrong family is refused from its config before
-any weights load; a cache with a shard missing is refused before training starts.
+line: the path, and what was expected there. `describe(path)` says what a path holds (a token file, a
+checkpoint, an encoding cache of sd3, a run folder ...) from its header or config alone, so that a file of the
+wrong kind is named for what it is (`check_kind`, `refuse`). A folder of the wrong family is refused from its
+config before any weights load; a cache with a shard missing is refused before training starts.
 
 Writing. Every output goes through `write(path, write_to)`: `write_to(tmp)` writes a temporary file beside
 `path`, which is flushed to disk (fsync) and renamed over `path` (os.replace), so a reader never sees half a
 file and a crash keeps the last good one. A full disk or a read-only place ends in one line that names the
-path and the cause; the temporary file is removed and the previous file is left as it was.
+path and the cause, whatever the library writing says (torch.save's RuntimeError names no cause: WRITE_FAULTS);
+the temporary file is removed and the previous file is left as it was.
 `check_writable(folder)` is what a script calls first, before any heavy work, so that a place it cannot write
 fails in a second, not after an hour. The encoding cache, whose shards are written row by row, stages its
-files with `scratch` and renames them all at the end (`commit`), so an interrupted cache leaves the previous
-one whole.
+files with `scratch` inside `staging()` and renames them all at the end (`commit`), so an interrupted cache
+leaves the previous one whole.
+
+At a terminal. Every script's __main__ is `script(main)`: Ctrl-C, SIGTERM, a full disk met outside the writer,
+out of memory and a failing GPU end in one line saying what is kept (a run names its last checkpoint with
+`on_interrupt`) and the command that goes on from it.
 
 Sampling. `check_finite(latents, what)` is the last check before latents become images: a NaN or inf (from
 --cfg, the tokens or the model) ends in one line and no image is saved.
@@ -22,7 +30,9 @@ Sampling. `check_finite(latents, what)` is the last check before latents become 
 import errno
 import json
 import os
+import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -70,15 +80,36 @@ def read_json_lines(path, expected):
     return found
 
 
+def read_csv(path, expected, columns):
+    """The rows (dicts) of a CSV whose header holds `columns`: a file of another kind, or one lacking a column,
+    is one line (what it is, or which columns it lacks), not a KeyError in the middle of a table."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"{path}: {describe(path)[1] if os.path.exists(path) else 'no such file'}; expected {expected}"
+        )
+    try:
+        with open(path, newline="") as f:
+            table = csv.DictReader(f)
+            rows, header = list(table), table.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error):
+        raise SystemExit(f"{path}: is {describe(path)[1]}; expected {expected}") from None
+    lacking = [c for c in columns if c not in header]
+    if lacking:
+        raise SystemExit(f"{path}: has no column {', '.join(lacking)}; expected {expected}")
+    return rows
+
+
 def read_prompt_file(path):
     """--prompts: [{"prompt", "spec" (if any)}] from a text file (a prompt a line) or JSON lines with "prompt"."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such prompts file; expected a text file (a prompt a line) or JSON lines")
+        raise refuse("--prompts", path, "a text file (a prompt a line) or JSON lines")
     try:
         with open(path) as f:
             lines = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: not readable text ({first_line(e)}); expected a prompt a line") from None
+    except (OSError, UnicodeDecodeError):  # a token file, an image: say what it is
+        raise SystemExit(f"{path}: is {describe(path)[1]}; expected a text file, a prompt a line") from None
     if not lines:
         raise SystemExit(f'{path}: has no prompts; expected a prompt a line, or JSON lines with a "prompt"')
     if not lines[0].startswith("{"):
@@ -134,17 +165,18 @@ def load_weights(module, path, what):
     module.load_state_dict(state)
 
 
-def read_checkpoint(path, flag, expected, allowed=()):
+def read_checkpoint(path, flag, expected, allowed=(), keys=()):
     """torch.load(weights_only=True): a pickle that asks for anything but tensors (and the classes in
-    `allowed`) is refused without running it; a truncated or foreign file is one line."""
+    `allowed`) is refused without running it; a truncated or foreign file is one line, and so is a file of
+    another kind (describe), or a dict without `keys` (another script's checkpoint)."""
     import pickle
     import re
 
     if not os.path.isfile(path):
-        raise SystemExit(f"{flag} {path}: no such file; expected {expected}")
+        raise refuse(flag, path, expected)
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         asked = re.search(r"GLOBAL ([\w.]+)", str(e))
         if asked:  # weights_only refused a class (e.g. posix.system): code would have run
@@ -152,19 +184,29 @@ def read_checkpoint(path, flag, expected, allowed=()):
                 f"{flag} {path}: refused, its pickle asks for {asked.group(1)}, which is not a tensor, and "
                 f"nothing in it was run; expected {expected}"
             ) from None
-        raise SystemExit(f"{flag} {path}: not a readable checkpoint (UnpicklingError); expected {expected}") from None
+        raise refuse_unreadable(flag, path, expected, e) from None
     except Exception as e:  # truncated, random bytes, not a zip: the unpickler trips on anything (IndexError...)
-        raise SystemExit(
-            f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); expected {expected}"
-        ) from None
+        raise refuse_unreadable(flag, path, expected, e) from None
+    if keys and not (isinstance(state, dict) and all(k in state for k in keys)):
+        raise refuse(flag, path, expected)
+    return state
+
+
+def refuse_unreadable(flag, path, expected, e):
+    """A file torch.load cannot read: what it is, if it is a file of another kind (a token file, an image), or
+    else that it is no readable checkpoint (cut short, random bytes)."""
+    kind, words = describe(path)
+    if kind in ("tokens", "lora", "counter", "weights", "image", "text", "json", "jsonl"):
+        return SystemExit(f"{flag} {path}: is {words}; expected {expected}")
+    return SystemExit(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); expected {expected}")
 
 
 def check_pretrained(folder, name, pipeline, denoiser_class, hub):
     """--pretrained: a local copy of the hub repo of family `name`, checked from its configs before any
     weights load: model_index.json names the family's pipeline, and the denoiser's config its class."""
     expected = f"a local copy of {hub} (model_index.json and its subfolders) for --model {name}"
-    if not os.path.isdir(folder):
-        raise SystemExit(f"--pretrained {folder}: no such folder; expected {expected}")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):  # a file, a cache, a run, a detector ...
+        raise refuse("--pretrained", folder, expected)
     index = read_json(os.path.join(folder, "model_index.json"), expected)
     if index.get("_class_name") != pipeline:
         raise SystemExit(
@@ -177,20 +219,6 @@ def check_pretrained(folder, name, pipeline, denoiser_class, hub):
         raise SystemExit(
             f"--pretrained {folder}: its {part} is a {config.get('_class_name')}, not the {denoiser_class} of "
             f"{name}; expected {expected}"
-        )
-
-
-def check_detector(folder):
-    """--counter FOLDER: a transformers object detector saved with save_pretrained (config.json + weights),
-    checked from its config before the weights load."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES as DETECTORS
-
-    expected = "a transformers object detector saved with save_pretrained (e.g. a DETR)"
-    config = read_json(os.path.join(folder, "config.json"), expected)
-    if config.get("model_type") not in DETECTORS:
-        raise SystemExit(
-            f"--counter {folder}: its config.json is a {config.get('model_type')!r} model, not an object "
-            f"detector ({', '.join(sorted(DETECTORS)[:4])}, ...); expected {expected}"
         )
 
 
@@ -240,6 +268,168 @@ def read_benchmark_index(path, kind, keys):
     return index
 
 
+# -----------------------------------------------------------------------------
+# What a file or folder is. Given a file of the wrong kind (a token file as --counter, a checkpoint as --tokens,
+# an SD3 cache for sd1.5), a reader's one line says what the path holds and what was expected there, read from
+# its header, config or names alone: nothing of it runs, and no weights load.
+
+SHAPES_COUNTER_KEYS = {"features.0.weight", "head.weight"}  # shapes/checker.py's ShapesCounter (the shipped file)
+
+
+def describe(path):
+    """(kind, words): what `path` is -- kind one of missing, tokens, lora, counter, weights, checkpoint,
+    pretrain-checkpoint, pickle, cache, pipeline, detector, transformers, diffusers-model, released-tokens, run,
+    tiny-weights, samples, benchmark, coco, images, folder, json, jsonl, image, text, binary -- and `words`."""
+    if not os.path.exists(path):
+        return "missing", "no such file or folder"
+    if os.path.isdir(path):
+        return describe_folder(path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "binary", "an empty file"
+    if head[8:9] == b"{" and len(head) > 8:  # safetensors: an 8-byte header length, then the JSON header
+        return describe_safetensors(path)
+    if head.startswith(b"PK") or head[:1] == b"\x80":  # torch.save's zip, or an old-style pickle
+        return describe_pickle(path)
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return "image", f"a {im.format} image ({im.size[0]}x{im.size[1]})"
+    except Exception:  # not an image: PIL's ways to say so are many
+        pass
+    try:
+        text = head.decode()
+    except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:  # valid UTF-8 may hold NUL bytes; no text does
+        return "binary", f"a binary file of {os.path.getsize(path)} bytes"
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            with open(path) as f:
+                value = json.load(f)
+            if isinstance(value, dict):
+                return "json", f"a JSON object (keys {', '.join(list(value)[:4])}{', ...' if len(value) > 4 else ''})"
+            return "json", f"a JSON {type(value).__name__} of {len(value) if hasattr(value, '__len__') else 1}"
+        except (ValueError, UnicodeDecodeError):
+            if text.lstrip().startswith("{"):
+                return "jsonl", "a JSON-lines file"
+    return "text", "a text file"
+
+
+def describe_safetensors(path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, keys = dict(f.metadata() or {}), set(f.keys())
+    except Exception:  # a cut or foreign header: safetensors' errors are many
+        return "binary", "a safetensors file that cannot be read (cut short or damaged)"
+    try:
+        model = json.loads(meta.get("model", "null"))
+    except ValueError:
+        model = meta.get("model")
+    of = f" for {model}" if model else ""
+    if "sets" in meta:
+        return "tokens", f"a soft-token file{of} (train.py's tokens.safetensors)"
+    if any(".lora_A." in k or ".lora_B." in k or "lora_down" in k for k in keys):
+        return "lora", f"a LoRA file{of}"
+    if SHAPES_COUNTER_KEYS <= keys:
+        return "counter", "a shapes counter's weights (python -m shapes.counter)"
+    return "weights", f"model weights ({len(keys)} tensors: {', '.join(sorted(keys)[:2])}, ...)"
+
+
+def describe_pickle(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs: tensors and dicts only
+    except Exception:  # a class it would have to build, a cut file: what it holds is not for us anyway
+        return "pickle", "a PyTorch pickle that is not a checkpoint of this project"
+    if isinstance(state, dict) and "config" in state and "tokens" in state:
+        try:
+            config = json.loads(state["config"])
+        except (TypeError, ValueError):
+            config = {}
+        return "checkpoint", f"a checkpoint of train.py ({config.get('model')}, step {int(state.get('step', -1))})"
+    if isinstance(state, dict) and "opt" in state and "first_step" in state:
+        return "pretrain-checkpoint", "a checkpoint of shapes.pretrain"
+    if torch.is_tensor(state):
+        return "pickle", f"a saved tensor of shape {tuple(state.shape)}"
+    return "pickle", f"a PyTorch file holding a {type(state).__name__}"
+
+
+def describe_folder(folder):
+    names = sorted(os.listdir(folder))
+    has = lambda name: name in names  # noqa: E731
+    if has("cache.json"):
+        try:
+            meta = json.load(open(os.path.join(folder, "cache.json")))
+            return "cache", f"an encoding cache of {meta.get('model')} at {meta.get('size')} px (data.py cache)"
+        except (OSError, ValueError):
+            return "cache", "an encoding cache whose cache.json cannot be read"
+    if has("model_index.json"):
+        try:
+            index = json.load(open(os.path.join(folder, "model_index.json")))
+        except (OSError, ValueError):
+            index = {}
+        return "pipeline", f"a diffusers pipeline folder ({index.get('_class_name')})"
+    if has("config.json") and not has("log.csv"):
+        try:
+            config = json.load(open(os.path.join(folder, "config.json")))
+        except (OSError, ValueError):
+            config = {}
+        if "model_type" in config:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES as DETECTORS
+
+            kind = "detector" if config["model_type"] in DETECTORS else "transformers"
+            return kind, f"a transformers {config['model_type']} model folder"
+        if "_class_name" in config:
+            return "diffusers-model", f"a diffusers {config['_class_name']} folder"
+    if has("dc_tokens.pth") or has("soft_tokens.pth"):
+        return "released-tokens", f"a folder of the {'SoftREPA' if has('dc_tokens.pth') else 'AGSM'} authors' tokens"
+    if has("ckpt.pt") or (has("config.json") and has("log.csv")):
+        trained = [n for n in ("tokens.safetensors", "lora.safetensors") if has(n)]
+        holding = f", holding {trained[0]}" if trained else ""
+        return "run", f"a run folder of train.py{holding}"
+    if has("records.jsonl"):
+        return "samples", "a folder of sampled images (sample.py's records.jsonl)"
+    if has("mapping_file.json") or has("prompts_editing.json"):
+        return "benchmark", "an editing benchmark folder"
+    if has("annotations"):
+        return "coco", "a COCO folder"
+    if has("denoiser.safetensors"):
+        return "tiny-weights", "a shapes-world backbone's weights folder (shapes.pretrain's --out)"
+    if any(n.endswith(".safetensors") for n in names):
+        return "folder", f"a folder of weights ({', '.join(n for n in names if n.endswith('.safetensors'))})"
+    images = [n for n in names if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))]
+    if images:
+        return "images", f"a folder of {len(images)} images"
+    if not names:
+        return "folder", "an empty folder"
+    return "folder", f"a folder of {len(names)} entries ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def refuse(flag, path, expected):
+    """The one line for a path of the wrong kind: what it is, and what was expected there."""
+    return SystemExit(
+        f"{flag} {path}: {'is ' if os.path.exists(path) else ''}{describe(path)[1]}; expected {expected}"
+    )
+
+
+def check_kind(path, kinds, flag, expected):
+    """`path` must be one of `kinds` (of describe); any other is one line (refuse). Returns its kind."""
+    kind = describe(path)[0]
+    if kind not in kinds:
+        raise refuse(flag, path, expected)
+    return kind
+
+
+def check_trained(path):
+    """--tokens: a file train.py wrote (soft tokens or LoRA adapters), or the SoftREPA authors' released tokens."""
+    expected = "a token or LoRA file written by train.py, or a folder of the SoftREPA authors' released tokens"
+    return check_kind(path, {"tokens", "lora", "released-tokens"}, "--tokens", expected)
+
+
 def first_line(e):
     """The first line of an exception's message (some libraries' run to pages)."""
     text = str(e).strip().splitlines()
@@ -252,6 +442,8 @@ def first_line(e):
 
 def check_writable(folder, flag="--out"):
     """Create `folder` and a scratch file in it: a read-only or invalid place fails before the work."""
+    if os.path.exists(folder) and not os.path.isdir(folder):  # a token file, a checkpoint: say what it is
+        raise refuse(flag, folder, "a folder to write to (it is made if missing)")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
@@ -268,12 +460,42 @@ def temporary(path):
     return os.path.join(folder, f".{name}.tmp")
 
 
+# What each library raises when the place it writes to fails: Python, PIL and matplotlib an OSError (ENOSPC on a
+# full disk, EROFS on a read-only one); safetensors a SafetensorError "Error while serializing: I/O error: No space
+# left on device (os error 28)"; torch.save a RuntimeError that names no cause at all, "basic_ios::clear: iostream
+# error" or "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598" (measured on a full tmpfs,
+# tests/method/test_full_disk.py). An exception that says none of these is a bug of the caller, not of the place.
+WRITE_FAULTS = ("iostream error", "inline_container", "file write failed", "i/o error", "os error", "no space left")
+
+
+def place_fault(e):
+    """Whether exception `e`, raised while writing a file, is the place's fault rather than the caller's."""
+    return isinstance(e, OSError) or any(marker in str(e).lower() for marker in WRITE_FAULTS)
+
+
+def disk_full(folder):
+    """Whether the filesystem of `folder` has (almost) no room left -- under 1 MiB, or a twentieth of a small one:
+    what a write error that names no cause (torch.save's) means when it is so. Root may write into the blocks
+    reserved for it; others may not."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return free < min(2**20, st.f_blocks * st.f_frsize / 20)
+
+
 def write_failed(path, e):
     """The one line of a write that failed: the path, the cause, and that nothing was lost."""
     if isinstance(e, OSError):
         cause = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+    elif disk_full(os.path.dirname(os.path.abspath(path))):  # torch.save's RuntimeError names no cause
+        cause = "the disk is full"
     else:
         cause = first_line(e)
+    if ON_INTERRUPT.get("kept") and ON_INTERRUPT.get("go_on"):  # a run that can go on: say how
+        go_on = f"free space, then go on with: {command_to_go_on(ON_INTERRUPT['go_on'])}"
+        return SystemExit(f"cannot write {path} ({cause}); {ON_INTERRUPT['kept']} is kept: {go_on}")
     return SystemExit(
         f"cannot write {path} ({cause}); the last good copy, if any, is kept: free space or write elsewhere"
     )
@@ -282,14 +504,14 @@ def write_failed(path, e):
 def write(path, write_to):
     """The one way a file is written: write_to(tmp) fills a temporary file beside `path`, which is then
     synced and renamed over `path`. On a full disk or a read-only place: one line, `path` as it was, and
-    no temporary file left behind."""
+    no temporary file left behind (nor after Ctrl-C: the temporary file goes whatever stops the write)."""
     tmp = temporary(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_to(tmp)
         commit([(tmp, path)])
-    except Exception as e:  # torch.save says RuntimeError ("file write failed"), safetensors SafetensorError
-        if not (isinstance(e, OSError) or "write" in str(e).lower() or "space" in str(e).lower()):
+    except Exception as e:  # OSError, SafetensorError, torch.save's RuntimeError: see WRITE_FAULTS
+        if not place_fault(e):
             raise  # a bug of the caller, not of the place
         raise write_failed(path, e) from None
     finally:
@@ -351,6 +573,25 @@ def scratch(path, nbytes, staged):
     return tmp
 
 
+@contextmanager
+def staging():
+    """with staging() as staged: ... -- a write of many files (the encoding cache's shards), each staged with
+    `scratch(path, nbytes, staged)` and renamed into place at the end with `commit(staged)`. Whatever stops it
+    first -- a full disk, Ctrl-C, a bug -- removes every temporary file staged so far, and the files they were to
+    replace stay as they were; the place's faults end in one line (write_failed)."""
+    staged = []
+    try:
+        yield staged
+    except Exception as e:
+        if not place_fault(e):
+            raise
+        paths = dict(staged)  # an OSError names the temporary file; the line names the file it was to become
+        failed = paths.get(getattr(e, "filename", None)) or (staged[-1][1] if staged else "the staged files")
+        raise write_failed(failed, e) from None
+    finally:
+        discard([tmp for tmp, _ in staged])  # none left after a commit
+
+
 def commit(pairs):
     """Sync every (temporary, path) to disk, then rename each over its path, in order."""
     for tmp, _ in pairs:
@@ -364,6 +605,99 @@ def discard(temporaries):
     for tmp in temporaries:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# A person at a terminal. Ctrl-C, or a device that gives out (out of memory, a CUDA error), gets what bad input
+# gets: one line saying what is kept and how to go on, not a traceback. Every script's __main__ is
+# `files.script(main)`; a script that keeps a resumable state says so with `on_interrupt` as it writes it.
+
+ON_INTERRUPT = {}  # "kept": what is whole on disk now, "go_on": the flags that continue from it
+
+
+def on_interrupt(kept, go_on=None):
+    """From now on, a stop says that `kept` (e.g. "the checkpoint runs/x/ckpt.pt at step 4") is whole, and how to
+    go on: the command as it was typed with the flags `go_on` put in, flag and value (["--resume", "latest"]; a
+    switch's value is None)."""
+    ON_INTERRUPT.update(kept=kept, go_on=go_on)
+
+
+def command_to_go_on(go_on, argv=None):
+    """The command line that continues: this script's own, each flag of `go_on` set to its value (replacing the
+    value typed, if any). `python -m shapes.pretrain` for a module run with -m."""
+    import shlex
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for flag, value in zip(go_on[::2], go_on[1::2]):  # value None: a switch (pretrain's --resume)
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + (1 if value is None else 2)]
+        argv += [flag] if value is None else [flag, value]
+    program = ["-m", spec.name] if spec is not None and spec.name != "__main__" else [sys.argv[0]]
+    prefix = "torchrun --nproc_per_node=<ranks>" if "LOCAL_RANK" in os.environ else "python"
+    return f"{prefix} {shlex.join(program + argv)}"
+
+
+def stopped_line(what):
+    """The one line of a stop: what stopped it, what is kept, how to go on."""
+    if ON_INTERRUPT.get("kept") and ON_INTERRUPT.get("go_on"):
+        return f"{what}: {ON_INTERRUPT['kept']} is kept; go on with: {command_to_go_on(ON_INTERRUPT['go_on'])}"
+    if ON_INTERRUPT.get("kept"):
+        return f"{what}: {ON_INTERRUPT['kept']} is kept"
+    return f"{what}: no file was left half-written (each is written whole or not at all); run the command again"
+
+
+def device_fault(e):
+    """The one line of a device that gave out, or None if `e` is no such fault (then it is a bug: a traceback)."""
+    import re
+
+    text = str(e)
+    if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        where = "the GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in text else "this machine"
+        asked = re.search(r"allocate (\d+) bytes", text)  # the CPU allocator's words; CUDA's say MiB / GiB
+        what = f"a tensor of {int(asked.group(1)) / 2**30:.3g} GiB" if asked else first_line(e)[:160]
+        return f"out of memory on {where} ({what}): lower --batch (train.py: or --rows-per-forward)"
+    if text.startswith("CUDA error") or "CUDA driver" in text or "not compiled with CUDA" in text:
+        return f"the GPU failed ({first_line(e)[:160]})"
+    return None
+
+
+class Terminated(BaseException):
+    """SIGTERM (kill, a scheduler's preemption, gpu_jobs' deadline), raised where the script is, as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
+def script(main):
+    """A script's __main__ block: main() with Ctrl-C, SIGTERM and a failing device ending in one
+    line and a non-zero exit (128 + the signal's number, as a shell reports it), the files written so far kept
+    (files.write's temporary file goes whatever stops it)."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{stopped_line('interrupted (Ctrl-C)')}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except Terminated:
+        print(f"\n{stopped_line('stopped (SIGTERM)')}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except (RuntimeError, AssertionError) as e:
+        line = device_fault(e)
+        if line is None:
+            raise
+        raise SystemExit(stopped_line(line)) from None
+    except OSError as e:  # a write outside files.write (a log appended row by row) on a full or read-only disk
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        cause = "the disk is full" if e.errno != errno.EROFS else e.strerror
+        raise SystemExit(stopped_line(f"cannot write {e.filename or 'a log'} ({cause})")) from None
 
 
 # -----------------------------------------------------------------------------

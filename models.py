@@ -98,10 +98,9 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
 
     source = pretrained or facts["hub"]
     extra = {} if text_encoder_3 or facts["arch"] != "mmdit" else dict(text_encoder_3=None, tokenizer_3=None)
-    if pretrained is not None and not os.path.isdir(pretrained):
-        raise SystemExit(f"--pretrained {pretrained}: no such folder (a local copy of {facts['hub']})")
     if pretrained is not None:  # its configs name the family's classes, checked before any weight loads
         files.check_pretrained(pretrained, name, facts["pipeline"], denoiser_class(facts).__name__, facts["hub"])
+        check_variant(pretrained, name)
     diffusers.logging.set_verbosity_error()  # the one-line error below, not pages of warnings first
     transformers.logging.set_verbosity_error()
     try:
@@ -130,6 +129,36 @@ def load(name, pretrained=None, device="cpu", dtype=torch.float32, text_encoder_
     if facts["prediction"] == "epsilon":
         bb.alphas_cumprod = ddpm_alphas_cumprod().to(device)
     return bb
+
+
+def check_variant(folder, name):
+    """--pretrained FOLDER of a family that shares its pipeline and denoiser class with others (SD3, SD3.5
+    Medium and Large: StableDiffusion3Pipeline; FLUX.1 dev and schnell: FluxPipeline) is told apart by the
+    denoiser config's keys on which those families differ (QK-norm, dual attention, guidance input), read
+    from the table (FAMILIES: their real and test configs) before any weight loads."""
+    facts = FAMILIES[name]
+    part = "transformer" if facts["arch"] == "mmdit" else "unet"
+    siblings = [n for n, f in FAMILIES.items() if f["hub"] and f["pipeline"] == facts["pipeline"]]
+    configs = {n: [denoiser_config(n, size) for size in ("real", "test")] for n in siblings}
+    values = lambda config, key: tuple(v) if isinstance(v := config.get(key), (list, tuple)) else v  # noqa: E731
+    telling = [k for k in TELLING_KEYS if len({values(c, k) for n in siblings for c in configs[n]}) > 1]
+    if not telling:
+        return
+    found = files.read_json(os.path.join(folder, part, "config.json"), f"the {part} config of a {name} folder")
+    signature = inspect.signature(denoiser_class(facts).__init__).parameters.values()
+    found = {**{p.name: p.default for p in signature}, **found}  # a key its config lacks: the class default
+    fits = [n for n in siblings if any(all(values(found, k) == values(c, k) for k in telling) for c in configs[n])]
+    if fits and name not in fits:
+        shown = ", ".join(f"{k} {found.get(k)!r}" for k in telling)
+        raise SystemExit(
+            f"--pretrained {folder}: its {part} ({shown}) is {' or '.join(fits)}'s, not {name}'s: pass "
+            f"--model {fits[0]}, or a local copy of {facts['hub']}"
+        )
+
+
+# the denoiser config keys that tell apart families of one pipeline (check_variant); sizes are not among
+# them, so that a copy at another size (a test pipeline) is told apart as well as the hub's
+TELLING_KEYS = ("qk_norm", "dual_attention_layers", "guidance_embeds")
 
 
 def denoiser_class(facts):
@@ -253,9 +282,43 @@ def check_backbone_flags(args):
             raise SystemExit(f"--max-sequence-length sets T5's positions, and {args.model} reads no T5: drop it")
         if args.random_init and not is_shapes_world(args.model):
             raise SystemExit("--random-init builds a tiny shapes-world backbone: use it with tiny-sd3 or tiny-sd1.5")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def devices_here():
+    """The devices this machine has, as --device names them: cpu, then cuda:N, mps."""
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return here + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def check_device(name, flag="--device"):
+    """Every script's --device, checked before anything loads: a name torch does not know, or a device this
+    machine does not have (cuda on a machine without a GPU or on a CPU build of torch, cuda:7 of 1 GPU, mps off a
+    Mac), is one line naming the devices there are. Returns `name`."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"{flag} {name!r}: not a device name; pass one of {', '.join(devices_here())}") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            why = "this torch is a CPU build, without CUDA"
+        elif not torch.cuda.is_available():
+            why = "no CUDA GPU is visible here"
+        elif device.index is not None and device.index >= torch.cuda.device_count():
+            why = f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        else:
+            return name
+    elif device.type == "mps":
+        if torch.backends.mps.is_available():
+            return name
+        why = "mps is Apple's GPU, and there is none here"
+    else:
+        why = f"the scripts compute on cpu, cuda or mps, not {device.type}"
+    raise SystemExit(f"{flag} {name}: no such device ({why}); pass one of {', '.join(devices_here())}")
 
 
 def from_flags(args, gpu_precision="fp16", device=None, seed=0, shapes_world=None):

@@ -31,16 +31,14 @@ def save_checkpoint(path, blob):
     """Atomic: written beside, then renamed over the previous checkpoint (a crash or a full disk keeps the old
     one, and leaves no temporary file; files.write)."""
     files.write(path, lambda tmp: torch.save(blob, tmp))
+    files.on_interrupt(f"the last checkpoint, {path} at step {blob['step']},", go_on=["--resume", "latest"])
 
 
 def read_checkpoint(path):
     """A checkpoint of this script, loaded without running code (files.read_checkpoint: weights_only=True);
     one-line errors for anything else."""
     expected = "a ckpt.pt written by train.py (or start a new run in another --out)"
-    state = files.read_checkpoint(path, "--resume", expected)
-    if not isinstance(state, dict) or "config" not in state or "tokens" not in state:
-        raise SystemExit(f"--resume {path}: not a checkpoint of train.py (no tokens / config)")
-    return state
+    return files.read_checkpoint(path, "--resume", expected, keys=("config", "tokens"))
 
 
 # Resuming. A checkpoint is a plain dict of tensors and one JSON string (the run's flags), loaded with
@@ -297,6 +295,7 @@ def resume_or_start(state, saved, initial_tokens, source, master, world):
         return 0, 0, initial_tokens
     keep = {k: saved[k] for k in ("args", "tokens", "opt", "sched", "scaler", "device")}
     step, skipped, initial_tokens, bad = restore(state, **keep)
+    files.on_interrupt(f"the last checkpoint, {saved['path']} at step {step},", go_on=["--resume", "latest"])
     if source["kind"] == "files":
         source["bad"] = bad
     if master:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 import counting
 import data
 import families
+import files
 import flags
 import hooks
 import lora
@@ -125,8 +126,10 @@ def start_ddp(args):
     if ddp:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    # torchrun: rank r on cuda:r; one process: the --device named (cuda:1, mps; models.check_device checked it)
+    device = torch.device(args.device)
     if use_cuda:
+        device = torch.device("cuda", local_rank if ddp else device.index or 0)
         torch.cuda.set_device(device)
         # cuDNN's fused attention crashed in the backward pass on FLUX.1-dev's step (an H200, torch 2.11 +
         # CUDA 13; docs/cost.md): PyTorch's flash / memory-efficient kernels take over, with the same memory
@@ -140,11 +143,10 @@ def open_data(args):
     latents and text features (`python data.py cache`). A wrong path fails here, before the model loads."""
     if pairs.is_stream(args.data):
         return pairs.open_stream(args.data, args.size, args.seed)
-    source = data.open_source(args.data, args.size, args.seed, workers=args.workers)
-    # a cache holds one family's latents and text features (and one size's: data.open_cache checks it);
-    # the tiny models read only their own small vocabulary, so foreign captions fail here
-    if source["kind"] == "cache" and source["meta"]["model"] != args.model:
-        raise SystemExit(f"{args.data} holds {source['meta']['model']} encodings, not {args.model}'s")
+    # a cache holds one family's latents and text features, and one size's: data.open_cache checks the family
+    # first (its root cause), then the size; the tiny models read only their own small vocabulary, so foreign
+    # captions fail here
+    source = data.open_source(args.data, args.size, args.seed, workers=args.workers, model=args.model)
     if models.is_shapes_world(args.model) and source["kind"] == "files":
         pairs.check_vocabulary(source["records"], args.data)
     return source
@@ -389,4 +391,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C: one line naming the last checkpoint and the command that resumes it

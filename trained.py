@@ -14,6 +14,7 @@ each image gets), so nothing downstream asks which one it is or where it goes.
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import files
 import lora
 import models
 import softtokens
@@ -33,10 +34,11 @@ class Trained:
 
 def read(path, name, ema=False, neg_uncond=False):
     """The trained file at `path` for family `name` (None: no file, None back), checked before any model
-    loads: its family, its numbers, and the AGSM-only options (ema: psi+'s EMA copy; neg_uncond: psi- on the
-    unconditional branch)."""
+    loads: its kind (a checkpoint, a run folder or a counter given as --tokens is one line), its family, its
+    numbers, and the AGSM-only options (ema: psi+'s EMA copy; neg_uncond: psi- on the unconditional branch)."""
     if path is None:
         return None
+    files.check_trained(path)
     if lora.is_lora_file(path):  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
         state, _ = lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
         return Trained(path, "lora", state, None, "lora")

@@ -130,9 +130,11 @@ def load(name, pretrained=None, random_init=False, seed=0):
     if random_init:
         return build_tiny(name, seed)
     if pretrained is not None and not os.path.exists(os.path.join(pretrained, "denoiser.safetensors")):
-        raise SystemExit(
-            f"--pretrained {pretrained}: no {name} weights there (denoiser.safetensors, text_encoder.safetensors); "
-            f"pass a folder written by `python -m shapes.pretrain --model {name}` (its --out, or a snapshot)"
+        raise files.refuse(
+            "--pretrained",
+            pretrained,
+            f"{name}'s weights (denoiser.safetensors, text_encoder.safetensors), a folder written by "
+            f"`python -m shapes.pretrain --model {name}` (its --out, or a snapshot)",
         )
     bb = load_tiny(name, pretrained or os.path.join(WEIGHTS_DIR, name))
     for module in (bb.denoiser, bb.text_encoder, bb.vae):

@@ -686,6 +686,7 @@ def main(argv=None):
     if args.memory_model:
         return print_memory_model(args.memory_model)
     facts = models.check_name(args.model)
+    models.check_device(args.device)  # before anything loads
     size = args.size or facts["size"]
     families.check_size(args.model, size)
     loaded = trained.read(args.tokens, args.model)  # None: random tokens of the family's shape, below
@@ -743,4 +744,4 @@ def write_result(args, result):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import files
 import shapes
 from shapes import BACKGROUND, CATEGORIES, COLORS, PALETTE, relation_holds, to_uint8
 
@@ -358,11 +359,13 @@ class ShapesCounter(nn.Module):
 
 
 def load_counter(path=None):
-    from safetensors.torch import load_file
-
+    """--counter FILE on the tiny models (None: the shipped one): a shapes counter's weights, checked for their
+    kind before they load -- a token file, a checkpoint or a detector's weights given here is one line."""
+    if path is None and not os.path.exists(COUNTER_WEIGHTS):
+        raise SystemExit(f"no shapes counter at {COUNTER_WEIGHTS}: train one with python -m shapes.counter")
     path = path or COUNTER_WEIGHTS
-    if not os.path.exists(path):
-        raise SystemExit(f"no shapes counter at {path}: train one with python -m shapes.counter")
+    expected = "a shapes counter's weights (python -m shapes.counter) or a transformers object-detector folder"
+    files.check_kind(path, {"counter"}, "--counter", expected)
     model = ShapesCounter()
-    model.load_state_dict(load_file(path))
+    files.load_weights(model, path, "the shapes counter (shapes/checker.py)")
     return model.eval().requires_grad_(False)

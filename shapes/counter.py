@@ -14,12 +14,12 @@ high noise levels.
 
 import argparse
 import json
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import files
 import flags
 from shapes import world
 from shapes.checker import COUNTER_WEIGHTS, ShapesCounter, load_counter
@@ -85,8 +85,8 @@ def main(argv=None):
             loss.backward()
             opt.step()
             sched.step()
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        files.write(args.out, lambda tmp: save_file(weights, tmp))  # atomic: a full disk keeps the shipped one
     model = load_counter(args.out)
     exact, per_shape = accuracy(model, *held_out)
     g = torch.Generator().manual_seed(1)
@@ -99,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

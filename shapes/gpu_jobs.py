@@ -208,8 +208,6 @@ def real_size_jobs():
 
 def pack(folder, logs):
     """Run folders and logs as tar files of at most ~15 MB each (the device tool returns 8 files)."""
-    os.makedirs(folder, exist_ok=True)
-    files, part, size = [], 0, 0
     paths = []
     for root, _, names in os.walk(RUNS):
         for n in names:
@@ -217,19 +215,24 @@ def pack(folder, logs):
                 continue
             paths.append(os.path.join(root, n))
     paths += [os.path.join(logs, n) for n in os.listdir(logs)]
-    tar = None
+    parts, size = [], 0
     for p in sorted(paths):
-        if tar is None or size > 12e6:
-            if tar:
-                tar.close()
-            tar = tarfile.open(os.path.join(folder, f"results{part}.tar.gz"), "w:gz")
-            files.append(tar.name)
-            part, size = part + 1, 0
-        tar.add(p)
+        if not parts or size > 12e6:
+            parts.append([])
+            size = 0
+        parts[-1].append(p)
         size += os.path.getsize(p) * 0.5  # compressed, roughly
-    if tar:
-        tar.close()
-    return files
+
+    def write_tar(tmp, members):
+        with tarfile.open(tmp, "w:gz") as tar:
+            for p in members:
+                tar.add(p)
+
+    # each part atomic (files.write): a full disk keeps the parts written before and no half archive
+    return [
+        files.write(os.path.join(folder, f"results{i}.tar.gz"), lambda tmp, m=members: write_tar(tmp, m))
+        for i, members in enumerate(parts)
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -528,11 +531,11 @@ def main(argv=None):
         status[name] = dict(rc="stopped at the deadline", wall_s=round(time.time() - t0, 1))
     time.sleep(3)
     status["_left"] = [j["name"] for j in queue + benches]
-    json.dump(status, open(f"{logs}/status.json", "w"), indent=1)
+    files.write_json(f"{logs}/status.json", status)  # atomic (files.write): never half a status
     print(json.dumps(status, indent=1))
     if args.pack:
         print(pack(args.pack, logs))
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -117,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -238,7 +238,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(models.check_device(args.device))
     is_vae = args.model == "tiny-vae"
     out = args.out or os.path.join(backbones.WEIGHTS_DIR, args.model)
     work = args.work or os.path.join("runs", f"pretrain-{args.model}")
@@ -334,6 +334,7 @@ def main(argv=None):
             first_step=first_step,
         )
         files.write(ckpt_path, lambda tmp: torch.save(state, tmp))  # atomic: a kill or a full disk keeps the last
+        files.on_interrupt(f"the last checkpoint, {ckpt_path} at step {step},", go_on=["--resume", None])
 
     log_path = os.path.join(work, "log.csv")
     new_log = not (step and os.path.exists(log_path))
@@ -399,4 +400,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

@@ -32,6 +32,7 @@ if __package__ in (
 ):  # `python shapes/report.py`: the repo root on the path, as `python -m shapes.report` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import files
 import flags
 from shapes import checker
 
@@ -655,12 +656,16 @@ def model_table(model, protocol, beside=".", allow_mixed=False):
     return "\n".join(lines), numbers
 
 
+# the columns of sweep.py's CSV that a sweep table reads
+SWEEP_COLUMNS = ["run", "mean", "mean_low", "mean_high", "delta_mean", "delta_low", "delta_high", "overcount_counting"]
+SWEEP_COLUMNS += ["lr", "tau", "n_tokens", "layers", "blocks", "heldout_acc", "token_cos", "output_change"]
+
+
 def sweep_table(path, protocol_path=None, allow_mixed=False):
     """A sweep.py CSV as markdown: each run's changed settings, dev mean, paired Δ, over-counting, movement.
     With the sweep's protocol JSON (`protocol_path`), the two intervals are combined_interval's (one run
     per setting: the prompt clusters alone) instead of the CSV's prompts-only ones."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = files.read_csv(path, "a sweep.csv written by python -m shapes.sweep", SWEEP_COLUMNS)
     stem = os.path.splitext(os.path.basename(path))[0]  # sweep.py writes <folder>/sweep.csv
     name = stem if stem != "sweep" else os.path.basename(os.path.dirname(os.path.abspath(path)))
     intervals, note = {}, None
@@ -750,8 +755,10 @@ def plot(models_runs, path):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        files.write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # atomic: never half a PNG
+    finally:
+        plt.close(fig)
 
 
 def beside_json(path, json_path):
@@ -934,8 +941,7 @@ def main(argv=None):
     if text:
         print(text)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+        files.write_text(args.markdown, text + "\n")
     if args.plot:
         plot(runs_in_folders(args.plot_runs) if args.plot_runs else models_runs, args.plot)
         print(f"wrote {args.plot}")
@@ -943,4 +949,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

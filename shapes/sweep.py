@@ -28,6 +28,7 @@ if __package__ in (
 ):  # `python shapes/sweep.py`: the repo root on the path, as `python -m shapes.sweep` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import files
 import flags
 import models
 import recipe
@@ -140,8 +141,7 @@ def train(args, name, loss, extra):
         ]
     )  # validates at the start and the end only
     seconds = time.time() - start
-    with open(os.path.join(folder, "wall_s"), "w") as f:
-        f.write(f"{seconds:.0f}\n")
+    files.write_text(os.path.join(folder, "wall_s"), f"{seconds:.0f}\n")
     return seconds
 
 
@@ -247,10 +247,7 @@ def main(argv=None):
         "wall_s",
     ]
     path = os.path.join(args.out, "sweep.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(table)
+    files.write_csv(path, columns, table)  # atomic (files.write): a full disk keeps the last table
     for row in table:
         print(
             f"{row['run']:>24}: mean {row['mean']}"
@@ -260,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    files.script(main)  # Ctrl-C and a failing device: one line

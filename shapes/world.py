@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+import files
 import flags
 from sampler import to_uint8  # noqa: F401  (shapes.to_uint8: the pixels of a PNG, as the sampler saves them)
 
@@ -423,7 +424,8 @@ def preview(path, rows=6, cols=8, size=32, seed=0, upscale=4):
         for c, spec in enumerate(specs):
             y, x = pad + r * (size + pad), pad + c * (size + pad)
             grid[y : y + size, x : x + size] = render(spec, size, rng)
-    Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST).save(path)
+    big = Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
+    files.save_image(big, path)  # atomic (files.write): a full disk keeps the last preview
 
 
 def build_parser():
@@ -436,22 +438,23 @@ def build_parser():
     return parser
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (args.write_eval or args.write_dev or args.preview):
         parser.error("nothing to do: pass --write-eval PATH, --write-dev PATH and/or --preview PATH")
     if args.write_dev:
         items = make_dev_set()
-        with open(args.write_dev, "w") as f:
-            f.writelines(json.dumps(item) + "\n" for item in items)
+        files.write_text(args.write_dev, "".join(json.dumps(item) + "\n" for item in items))
         print(f"wrote {len(items)} prompts to {args.write_dev}")
     if args.write_eval:
         items = make_eval_set(args.n_per_category, args.seed)
-        os.makedirs(os.path.dirname(os.path.abspath(args.write_eval)), exist_ok=True)
-        with open(args.write_eval, "w") as f:
-            f.writelines(json.dumps(item) + "\n" for item in items)
+        files.write_text(args.write_eval, "".join(json.dumps(item) + "\n" for item in items))
         print(f"wrote {len(items)} prompts to {args.write_eval}")
     if args.preview:
         preview(args.preview, seed=args.seed)
         print(f"wrote {args.preview}")
+
+
+if __name__ == "__main__":
+    files.script(main)  # Ctrl-C: one line

@@ -157,14 +157,14 @@ def test_offline_real_model_error_names_what_was_passed(tmp_path):
             str(tmp_path / "r"),
         ],
     )
-    assert message.startswith(f"--pretrained {tmp_path / 'nowhere'}: no such folder")
+    assert message.startswith(f"--pretrained {tmp_path / 'nowhere'}: no such file or folder")
     (tmp_path / "empty").mkdir()
     message = one_line_error(
         train.main,
         ["--model", "sd3", "--pretrained", str(tmp_path / "empty"), "--data", "shapes", "--out", str(tmp_path / "r")],
     )
     assert (
-        message.startswith(f"{tmp_path / 'empty' / 'model_index.json'}: no such file; expected a local copy of")
+        message.startswith(f"--pretrained {tmp_path / 'empty'}: is an empty folder; expected a local copy of")
         and "pass --pretrained" not in message
     )
 
@@ -371,4 +371,7 @@ def test_eval_refuses_an_unwritable_output_before_any_work(tmp_path, monkeypatch
     (tmp_path / "file").write_text("not a folder")
     target = str(tmp_path / "file" / "protocol.json")
     message = one_line_error(evaluation.main, ["--protocol", "dev", "--model", "tiny-sd3", "--json", target])
-    assert message.startswith(f"--json {target}: its folder") and "cannot write there" in message
+    assert (
+        message.startswith(f"--json {target}: its folder")
+        and "is a text file; expected a folder to write to" in message
+    )

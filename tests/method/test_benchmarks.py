@@ -95,7 +95,7 @@ def test_each_layout_reads_into_the_same_records(tmp_path):
 
 
 def test_bad_folders_are_one_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match="no editing benchmark folder"):
+    with pytest.raises(SystemExit, match="is an empty folder; expected an editing benchmark folder"):
         benchmarks.read(str(tmp_path))
     (tmp_path / "prompts_editing.json").write_text(json.dumps({"img_path": "x"}))
     with pytest.raises(SystemExit, match="expected a non-empty JSON list of entries"):

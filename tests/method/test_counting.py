@@ -128,7 +128,7 @@ def test_a_transformers_detector_from_a_folder_is_a_soft_counter(tmp_path):
 def test_counter_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--count-weight needs --counter FOLDER"):
         counting.open_detector(None, "cpu")
-    with pytest.raises(SystemExit, match="not a detector folder"):
+    with pytest.raises(SystemExit, match="is an empty folder; expected a transformers object-detector folder"):
         counting.open_detector(str(tmp_path), "cpu")
     with pytest.raises(SystemExit) as e:
         train.main(

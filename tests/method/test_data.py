@@ -230,7 +230,7 @@ def test_training_from_a_cache(tmp_path):
         ]
     )
     assert result["step"] == 2 and os.path.exists(result["tokens_path"])
-    with pytest.raises(SystemExit, match="holds tiny-sd3 encodings"):
+    with pytest.raises(SystemExit, match="holds tiny-sd3's encodings"):
         train.main(
             ["--model", "tiny-sd1.5", "--random-init", "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "x")]
         )

@@ -318,7 +318,10 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         (["--model", "tiny-sd3", "--image", str(tmp_path / "big.png"), "--size", "36"], "multiples of 4 up to 32"),
         (["--model", "tiny-sd1.5", "--image", ok, "--size", "30"], "multiples of 8"),
         (["--model", "sd3", "--image", str(tmp_path / "odd.png"), "--size", "40"], "multiples of 16"),
-        (["--model", "tiny-sd3", "--image", ok, "--tokens", str(tmp_path / "no.st")], "no token file"),
+        (
+            ["--model", "tiny-sd3", "--image", ok, "--tokens", str(tmp_path / "no.st")],
+            "no such file or folder; expected a token or LoRA file",
+        ),
         (["--model", "tiny-sd3", "--image", ok, "--tokens-source"], "pass --tokens"),
         (["--model", "tiny-sd3", "--image", ok, "--tgt", "a green dog"], "unknown words dog"),
     ]

@@ -217,7 +217,7 @@ def test_plot_from_synthetic_training_csv(tmp_path):
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match="no run folder"):
+    with pytest.raises(SystemExit, match="--runs .*: no such file or folder; expected a folder written by sample.py"):
         ev.main(["--runs", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="need --ref"):
         ev.main(["--runs", str(tmp_path), "--metrics", "fid"])

@@ -37,7 +37,7 @@ def test_a_checkpoint_round_trips_and_a_foreign_file_is_refused(tmp_path):
     assert state["step"] == 3 and torch.equal(state["tokens"]["t"], torch.ones(2))
     assert not (tmp_path / "ckpt.pt.tmp").exists()  # written beside, then renamed
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="not a checkpoint of train.py"):
+    with pytest.raises(SystemExit, match="is a PyTorch file holding a dict; expected a ckpt.pt"):
         run.read_checkpoint(str(tmp_path / "other.pt"))
     rng = np.random.default_rng(0)
     for _ in range(50):  # random bytes trip the unpickler in many ways (IndexError, KeyError, ...): one line

@@ -143,15 +143,18 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         (["--model", "sd4", "--prompt", "x"], "unknown model"),
         (base, "exactly one of --prompt"),
         (base + ["--prompt", "a", "--prompts", "p.txt"], "exactly one of --prompt"),
-        (base + ["--prompts", str(tmp_path / "missing.txt")], "no such prompts file"),
+        (
+            base + ["--prompts", str(tmp_path / "missing.txt")],
+            "missing.txt: no such file or folder; expected a text file",
+        ),
         (base + ["--prompt", "a purple dog"], "unknown words dog, purple"),
         (base + ["--prompt", "a red circle", "--size", "48"], "multiples of 4 up to 32"),
         (base + ["--prompt", "a red circle", "--size", "30"], "multiples of 4 up to 32"),
         (base + ["--prompt", "a red circle", "--tokens", str(tmp_path / "nope.safetensors")], "no token file"),
         (base + ["--prompt", "a red circle", "--compare"], "pass --tokens"),
         (base + ["--prompt", "a red circle", "--tokens", str(single), "--neg-uncond"], "pair-token file"),
-        (base + ["--prompt", "a red circle", "--tokens", str(tmp_path)], "without dc_tokens.pth"),
-        (base + ["--prompt", "a red circle", "--tokens", str(garbage)], "not a readable safetensors file"),
+        (base + ["--prompt", "a red circle", "--tokens", str(tmp_path)], "is a folder of weights"),
+        (base + ["--prompt", "a red circle", "--tokens", str(garbage)], "is a text file; expected a token or LoRA"),
         (["--model", "sd3", "--random-init", "--prompt", "a cat"], "--random-init builds"),
     ]
     for argv, message in cases:

@@ -47,6 +47,27 @@ SETTINGS = [
     # ---- what is trained, on what: the backbone (flags declared by models.add_backbone_flags), the loss, the data
     Setting("model", str, "tiny-sd3", "the backbone family (models.add_backbone_flags)", KEEP, flag=False),
     Setting(
+        "pretrained",
+        str,
+        None,
+        "a local folder of the backbone (models.add_backbone_flags); a resumed run may take a moved copy",
+        CHANGE,
+        flag=False,
+        rule="the hub, or shapes/weights/ for tiny-*",
+    ),
+    Setting("random_init", SWITCH, False, "tiny-*: random weights (models.add_backbone_flags)", KEEP, flag=False),
+    Setting(
+        "precision",
+        ["fp32", "bf16", "fp16"],
+        lambda facts, args: "bf16" if str(args.device).startswith("cuda") else "fp32",
+        "the backbone's dtype (models.add_backbone_flags); a diverged run may go on in fp32",
+        CHANGE,
+        flag=False,
+        rule="bf16 on CUDA (the authors' fp16 needs a gradient scaler, which --precision fp16 gets), fp32 on the CPU",
+    ),
+    Setting("device", str, None, "where this rank runs (models.add_backbone_flags)", FREE, flag=False),
+    Setting("threads", flags.THREADS, 0, "torch CPU threads (models.add_backbone_flags)", FREE, flag=False),
+    Setting(
         "max_sequence_length",
         str,
         lambda facts, args: facts["max_sequence_length"],

@@ -57,8 +57,9 @@ from step import STATS, finite_after_update, train_step
 
 # -----------------------------------------------------------------------------
 # The flags. The backbone's (models.add_backbone_flags: --model, --pretrained, --device, --precision, --threads,
-# --max-sequence-length), every setting of the run (recipe.py: each declared once, with its domain, default or
-# rule, help and what a resumed run does with it), and the run folder's two (--out, --resume).
+# --max-sequence-length, shared with every script), every setting of the run (recipe.py: each declared once, with
+# its domain, default or rule, help and what a resumed run does with it -- the backbone's flags included), and the
+# run folder's two (--out, --resume).
 
 
 def build_parser():
@@ -67,7 +68,7 @@ def build_parser():
     contradicts the run). `python train.py --help` prints this file's docstring above the flags."""
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_backbone_flags(p, precision="bf16 on CUDA, fp32 on the CPU")
-    p.set_defaults(model=None)  # None until the command line, a resumed checkpoint or the recipe says
+    p.set_defaults(model=None, random_init=None)  # None: not given (a resumed checkpoint or the recipe says)
     recipe.add_flags(p)
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<loss>)")
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' (<out>/ckpt.pt if there is one)")
@@ -290,8 +291,6 @@ def main(argv=None):
     # ---- DDP (torchrun) or one process; rank 0 alone writes files and prints, every rank computes
     ddp, rank, world, device = start_ddp(args)
     master, args.world = rank == 0, world
-    # bf16 on CUDA (the authors' fp16 needs a gradient scaler, which --precision fp16 gets), fp32 on the CPU
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     # ---- the recipe: on --resume the checkpoint's settings, then recipe.py's defaults for this family and loss
     # (resolve); then the run folder (run.py: writable, locked, no half-written files), made only once the

@@ -11,11 +11,23 @@ is causal) and its pooled summary.
 in place of each occurrence of a placeholder id, the k-th occurrence in a row taking the k-th vector. The
 prompts carry the placeholders as words (placed after <bos>, where textual inversion's S* sits when it
 leads the prompt); rows without them (CFG's unconditional "") are left alone.
+
+train.py --params prompt (`Prompt`): n learned vectors right after <bos>, the text encoder frozen and the
+gradient through it, trained by the same step (step.py) as the tokens and LoRA; every caption of a batch
+gets them, the unconditional prompt of sampling does not (as a textual-inversion word is in the prompt
+and not in the negative prompt). The shapes world's tiny encoders read them in the place of "<unk>" words
+(an unknown word, which no training or evaluation prompt holds). The file (prompt.safetensors) holds the
+vectors as "emb_params", the key diffusers' textual-inversion loader reads, and the run's recipe.
+AGSM is refused: its psi+ / psi- would be two prompts, each caption encoded under each of them and under
+their EMA copies (four text-encoder passes a step, chosen per pair); that is not built.
 """
 
+import json
 from contextlib import contextmanager
 
 import torch
+
+import files
 
 
 def placed(embeddings, ids, vectors, placeholder_id):
@@ -45,3 +57,120 @@ def at_input(text_encoder, vectors, placeholder_id):
         yield
     finally:
         handle.remove()
+
+
+class Prompt(torch.nn.Module):
+    """n learned vectors (n, d) at the text encoder's input, after <bos>; `placeholder` the word the prompts
+    carry in their place and `placeholder_id` its id (the tiny encoders: "<unk>")."""
+
+    def __init__(self, vectors, placeholder, placeholder_id):
+        super().__init__()
+        self.vectors = torch.nn.Parameter(vectors.detach().clone().float())
+        self.placeholder, self.placeholder_id = placeholder, placeholder_id
+
+    def trainable(self):
+        return [self.vectors]
+
+    def numel(self):
+        return self.vectors.numel()
+
+    def texts(self, captions):
+        """The captions with the placeholders in front; "" (CFG's unconditional prompt) stays "" ."""
+        words = " ".join([self.placeholder] * len(self.vectors))
+        return [f"{words} {c}" if c else c for c in captions]
+
+    def encode(self, bb, captions, grad=True):
+        """The text kwargs of `captions` read with the vectors, the gradient reaching them through the
+        frozen encoder (models.encode_prompts with grad: the encoder's own weights stay frozen)."""
+        import models
+
+        with at_input(bb.text_encoder, self.vectors, self.placeholder_id):
+            return models.encode_prompts(bb, self.texts(captions), grad=grad)
+
+
+def make(bb, n, init_word, seed=0):
+    """A Prompt of n copies of `init_word`'s embedding (textual inversion starts from a coarse word, Gal
+    et al. sec. 4), for a tiny backbone (its own tokenizer: bb.tokenize). Real families: refused."""
+    if bb.tokenize is None:
+        raise SystemExit(
+            "--params prompt trains on the shapes world's tiny encoders; on a hub model use diffusers' "
+            "textual-inversion script (its file format is the one this writes)"
+        )
+    ids = bb.tokenize([init_word])[0]
+    if int(ids[1]) == int(ids[0]) or len(init_word.split()) != 1:
+        raise SystemExit(f"--prompt-init {init_word!r}: one word of the model's vocabulary")
+    table = bb.text_encoder.get_input_embeddings().weight
+    unk = int(bb.tokenize(["<unk>"])[0][1])
+    if int(ids[1]) == unk:
+        raise SystemExit(f"--prompt-init {init_word!r} is not a word of {bb.name}'s vocabulary")
+    return Prompt(table[int(ids[1])].detach().expand(n, -1), "<unk>", unk).to(table.device)
+
+
+class PromptHandle:
+    """trained.attach's handle for a prompt file: while attached, bb's tokenizer puts the placeholders in
+    front of every non-empty prompt and the encoder reads the vectors there; rows(...) is every row."""
+
+    def __init__(self, bb, prompt):
+        self.bb, self.tokenize = bb, bb.tokenize
+        bb.tokenize = lambda prompts: self.tokenize(prompt.texts(list(prompts)))
+        self.hook = at_input(bb.text_encoder, prompt.vectors.detach(), prompt.placeholder_id)
+        self.hook.__enter__()
+
+    @contextmanager
+    def rows(self, choice):
+        yield self
+
+    def remove(self):
+        self.bb.tokenize = self.tokenize
+        self.hook.__exit__(None, None, None)
+
+
+def save(path, prompt, **meta):
+    """prompt.safetensors: the vectors as "emb_params" (diffusers' textual-inversion key) and `meta`."""
+    from safetensors.torch import save_file
+
+    header = {k: json.dumps(v) for k, v in {"params": "prompt", "placeholder": prompt.placeholder, **meta}.items()}
+    tensors = {"emb_params": prompt.vectors.detach().float().cpu().contiguous().clone()}
+    files.write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def is_prompt_file(path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("params") == json.dumps("prompt")
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def read(path, name, ema=False, neg_uncond=False):
+    """(Prompt, info) of a prompt file for family `name` (placeholder id resolved at attach)."""
+    if ema or neg_uncond:
+        raise SystemExit(f"--ema and --neg-uncond need an AGSM pair-token file; {path} holds a learned prompt")
+    header, state = files.read_safetensors(path, "a prompt file (train.py --params prompt)")
+    model = json.loads(header.get("model", "null"))
+    if model not in (None, name):
+        raise SystemExit(f"{path} holds a prompt for {model}, not {name}: pass --model {model}")
+    vectors = state.get("emb_params")
+    if vectors is None or vectors.dim() != 2 or not torch.isfinite(vectors).all():
+        raise SystemExit(f"{path}: no finite (n, d) 'emb_params' in it; expected a prompt file of train.py")
+    return Prompt(vectors, json.loads(header.get("placeholder", '"<unk>"')), None), dict(
+        token_set="prompt", blocks=None, path=path
+    )
+
+
+def attach(bb, prompt):
+    """The prompt on bb (its tokenizer and encoder input); returns the PromptHandle."""
+    if bb.tokenize is None:
+        raise SystemExit(
+            "a prompt file is read by the shapes world's tiny encoders only (hub models: textual inversion)"
+        )
+    width = bb.text_encoder.get_input_embeddings().weight.shape[1]
+    if prompt.vectors.shape[1] != width:
+        raise SystemExit(
+            f"this prompt's vectors are {prompt.vectors.shape[1]} wide, {bb.name}'s encoder reads {width}"
+        )
+    prompt.placeholder_id = int(bb.tokenize([prompt.placeholder])[0][1])
+    prompt.to(bb.device)
+    return PromptHandle(bb, prompt)

@@ -61,6 +61,8 @@ TRAJECTORY = [
     "params",
     "lora_rank",
     "lora_blocks",
+    "prompt_vectors",
+    "prompt_init",
     "count_weight",
     "counter",
 ]

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 import losses
 import models
+import prompt
 import softtokens
 
 # -----------------------------------------------------------------------------
@@ -41,10 +42,15 @@ import softtokens
 # The frozen encoders run under no_grad: their outputs are inputs of the step, never trained.
 
 
-def encode_batch(bb, batch):
+def encode_batch(bb, batch, trained=None):
     """x0 (latents) and the text kwargs of a data.get_batch batch: encoded by the frozen VAE and text
-    encoders, or read from the encoding cache (data.py), which stores exactly those."""
+    encoders, or read from the encoding cache (data.py), which stores exactly those. A learned prompt
+    (`trained` a prompt.Prompt, train.py --params prompt) is read by the text encoder with gradient."""
     device, dtype = bb.device, bb.dtype
+    if isinstance(trained, prompt.Prompt):
+        with torch.no_grad():
+            x0 = models.encode_images(bb, batch["images"].to(device), mode=True)
+        return x0, trained.encode(bb, list(batch["captions"]))
     with torch.no_grad():
         if "latents" in batch:
             pooled = None if batch["pooled"] is None else batch["pooled"].to(device, dtype)
@@ -156,7 +162,7 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     SoftREPA's counting loss (losses.py). Returns the logged numbers, averaged over ranks; with
     stats["diverged"] the loss was not finite and the parameters were not updated."""
     device = bb.device
-    x0, cond = encode_batch(bb, batch)  # frozen VAE and text encoders (or the cache)
+    x0, cond = encode_batch(bb, batch, tokens)  # frozen VAE and text encoders (or the cache)
     captions = columns = list(batch["captions"])
     if args.gather_text:  # the other ranks' captions as more negatives
         cond, columns = gather_text(cond, captions, rank, world)

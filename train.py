@@ -44,8 +44,10 @@ import flags
 import hooks
 import lora
 import models
+import prompt
 import run
 import softtokens
+import whole
 from families import FAMILIES
 from shapes import backbones, checker, classifier, pairs
 from shapes import world as shapes_world
@@ -170,9 +172,17 @@ def build_parser():
     p.add_argument(
         "--params",
         default=None,
-        choices=["tokens", "lora"],
+        choices=["tokens", "lora", "prompt", "all"],
         help="what is trained: soft tokens "
-        "(default) or LoRA adapters of the denoiser (SoftREPA Table 3, app. H); lora: softrepa or dsm",
+        "(default), LoRA adapters of the denoiser (SoftREPA Table 3, app. H; softrepa or dsm), a prompt at the "
+        "text encoder's input (textual inversion's place, prompt.py; tiny-*, softrepa or dsm), or the whole "
+        "denoiser (whole.py; softrepa or dsm)",
+    )
+    p.add_argument(
+        "--prompt-vectors", type=flags.POSITIVE_INT, default=None, help="--params prompt: vectors after <bos> (1)"
+    )
+    p.add_argument(
+        "--prompt-init", default=None, help="--params prompt: the word whose embedding they start from ('a')"
     )
     p.add_argument("--lora-rank", type=flags.POSITIVE_INT, default=None, help="LoRA rank (4, SoftREPA Table 11)")
     p.add_argument(
@@ -231,6 +241,8 @@ def resolve(args):
     SDXL and SD3 sample at 1024), tau (the codes' 0.07 / 0.1, not AGSM Alg. 1's plain sum), AGSM's
     two separate means (not Alg. 1 line 12's one sum) and one t and eps per step (not per row)."""
     args.loss = args.loss or families.DEFAULT_LOSS
+    if args.params == "prompt":  # one vector from the embedding of "a" unless given (prompt.py)
+        args.prompt_vectors, args.prompt_init = args.prompt_vectors or 1, args.prompt_init or "a"
     for key, value in families.default_recipe(args.model, args.loss, args.steps, args.paper_tau).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -272,10 +284,32 @@ def check_recipe_flags(args):
     """Every one-line error that needs no model and no data, before anything heavy. The numbers' domains
     (--lr nan, --steps 0, ...) are the parser's (flags.py); what is left are flags that contradict each other."""
     lora.check_lora_flags(args)  # token flags given to a LoRA run (they would do nothing)
+    check_params_flags(args)
     # --gather-text widens the pair matrix with the other ranks' captions (SoftREPA's code gathers text
     # across GPUs); dsm has no mismatched pairs to widen
     if args.gather_text and args.loss and families.LOSSES[args.loss]["pairs"] == "diagonal":
         raise SystemExit("--gather-text adds negatives, and --loss dsm uses none: drop one of the two")
+
+
+def check_params_flags(args):
+    """--params prompt and all: flags that shape another kind of trained numbers would do nothing, and the
+    losses they take (AGSM's psi+ / psi- are token sets; prompt.py and whole.py say why)."""
+    if args.params not in ("prompt", "all"):
+        if args.prompt_vectors is not None or args.prompt_init is not None:
+            raise SystemExit("--prompt-vectors and --prompt-init shape --params prompt: drop them or pass it")
+        return
+    other = ["n_tokens", "layers", "blocks", "time_table", "init", "lora_rank", "lora_blocks"]
+    other += ["prompt_vectors", "prompt_init"] if args.params == "all" else []
+    given = [f for f in other if getattr(args, f) is not None]
+    if given:
+        raise SystemExit(f"--{given[0].replace('_', '-')} does not shape --params {args.params}: drop it")
+    if args.loss == "agsm":
+        raise SystemExit(
+            f"--params {args.params} trains the losses with one parameter set (softrepa, dsm); AGSM's psi+/psi- "
+            "are two token sets: pass --loss softrepa or dsm, or --params tokens"
+        )
+    if args.params == "prompt" and args.rows_per_forward:
+        raise SystemExit("--params prompt encodes the batch's captions once a step: drop --rows-per-forward")
 
 
 # -----------------------------------------------------------------------------
@@ -340,6 +374,11 @@ def make_trainable(args, bb, lora_blocks, device, ddp):
     if args.params == "lora":
         trainable = lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed)
         handle, blocks = lora.LoraHandle(bb.denoiser), ()
+    elif args.params == "all":  # every weight of the denoiser (whole.py); the same step
+        trainable, handle, blocks = whole.WholeParams(bb.denoiser), whole.WholeHandle(bb.denoiser), ()
+    elif args.params == "prompt":  # vectors at the text encoder's input (prompt.py); step.encode_batch reads them
+        trainable, blocks = prompt.make(bb, args.prompt_vectors, args.prompt_init, seed=args.seed), ()
+        handle = whole.WholeHandle(bb.denoiser)  # the denoiser as it is, every row
     else:
         trainable = softtokens.make_tokens(
             bb, args.loss, args.n_tokens, args.layers, args.time_table == "on", args.init, seed=args.seed
@@ -348,7 +387,7 @@ def make_trainable(args, bb, lora_blocks, device, ddp):
     if ddp:
         for t in trainable.parameters():
             dist.broadcast(t.data, 0)
-    if args.params != "lora":
+    if args.params == "tokens":
         handle = hooks.attach(bb.denoiser, trainable.sets, blocks=blocks or None)
     if args.compile:
         bb.denoiser.compile()  # in place: the module (and the hooks on it) stay the same objects
@@ -425,6 +464,16 @@ def save_trained(args, trainable, blocks, step, master):
     the run's recipe in its metadata. Returns its path."""
     facts, common = FAMILIES[args.model], dict(model=args.model, loss=args.loss, steps=step, batch=args.batch)
     common.update(world=args.world, lr=args.lr, seed=args.seed, data=args.data)
+    if args.params == "all":
+        path = os.path.join(args.out, "denoiser.safetensors")
+        if master:
+            whole.save(path, trainable, **common)
+        return path
+    if args.params == "prompt":
+        path = os.path.join(args.out, "prompt.safetensors")
+        if master:
+            prompt.save(path, trainable, init=args.prompt_init, **common)
+        return path
     if args.params == "lora":
         path = os.path.join(args.out, "lora.safetensors")
         if master:

@@ -3,8 +3,8 @@
     scripts   train, sample, edit, eval                 (and the lab's tools: python -m shapes.X)
     lab       shapes/: the offline world and our tooling
     measures  metrics, benchmarks                        (what eval.py and edit.py score with)
-    arms      lora, counting, trained                    (the papers' other arms, and the file reader of both)
-    core      families, models, softtokens, hooks, losses, step, run, data, sampler, files, flags
+    arms      lora, whole, counting, trained             (the papers' other arms, the whole denoiser, the file reader)
+    core      families, models, softtokens, prompt, hooks, losses, step, run, data, sampler, files, flags
 
 Imports run one way, downward: a core module imports only core modules, never shapes/, an arm, a measure
 or a script; nothing imports a script; there is no import cycle. The scripts are where the shapes world is
@@ -16,8 +16,21 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CORE = ["families", "models", "softtokens", "hooks", "losses", "step", "run", "data", "sampler", "files", "flags"]
-ARMS = ["lora", "counting", "trained"]
+CORE = [
+    "families",
+    "models",
+    "softtokens",
+    "prompt",
+    "hooks",
+    "losses",
+    "step",
+    "run",
+    "data",
+    "sampler",
+    "files",
+    "flags",
+]
+ARMS = ["lora", "whole", "counting", "trained"]
 MEASURES = ["metrics", "benchmarks"]
 SCRIPTS = ["train", "sample", "edit", "eval"]
 LAB_TOOLS = [
@@ -28,6 +41,7 @@ LAB_TOOLS = [
     "shapes.gpu_jobs",
     "shapes.counter",
     "shapes.ladder_eval",
+    "shapes.gated_eval",
 ]
 # what each layer may import from the project (a module may always import within its own layer, except scripts)
 ALLOWED = {

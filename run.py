@@ -63,6 +63,7 @@ TRAJECTORY = [
     "lora_blocks",
     "prompt_vectors",
     "prompt_init",
+    "distill_prefix",
     "count_weight",
     "counter",
 ]

@@ -179,6 +179,13 @@ def build_parser():
         "denoiser (whole.py; softrepa or dsm)",
     )
     p.add_argument(
+        "--distill-prefix",
+        default=None,
+        metavar="WORD",
+        help="dsm: regress onto the frozen model's own prediction for WORD + the caption (nothing trained "
+        "attached) instead of the data's target: can the trained numbers express what WORD does (docs/gated/)",
+    )
+    p.add_argument(
         "--prompt-vectors", type=flags.POSITIVE_INT, default=None, help="--params prompt: vectors after <bos> (1)"
     )
     p.add_argument(
@@ -294,6 +301,11 @@ def check_recipe_flags(args):
 def check_params_flags(args):
     """--params prompt and all: flags that shape another kind of trained numbers would do nothing, and the
     losses they take (AGSM's psi+ / psi- are token sets; prompt.py and whole.py say why)."""
+    if args.distill_prefix is not None and (args.loss not in (None, "dsm") or args.params == "all"):
+        raise SystemExit(
+            "--distill-prefix regresses dsm's matched pairs onto the frozen model (the base under the trained "
+            "numbers): pass --loss dsm, with --params tokens, lora or prompt (--params all changes the base itself)"
+        )
     if args.params not in ("prompt", "all"):
         if args.prompt_vectors is not None or args.prompt_init is not None:
             raise SystemExit("--prompt-vectors and --prompt-init shape --params prompt: drop them or pass it")

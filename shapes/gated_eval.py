@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 
 import files
 import flags
+import models
 import prompt
 import sampler
 import shapes
@@ -54,7 +55,44 @@ def random_vectors(text_encoder, prompt_ids, scale):
     ) * (scale * rms)
 
 
-def score(bb, records, pairs, samples, prefix="", vector_scale=None, path=None, model="tiny-sd3", batch=128):
+# The oracles: what the denoiser's text stream gets from the word, given to the untagged prompt in parts.
+# The text encoder is causal, so the word changes its own state and every later word's; the pooled vector
+# (the EOS state) goes to the denoiser's time embedding. Each oracle feeds the denoiser the untagged pooled
+# vector and a text sequence spliced from the tagged and untagged encodings (position 1 is the word's):
+#   sequence  the tagged sequence whole (the word's state and every later word's tagged state)
+#   later     the later words' tagged states in their untagged places, the word's own state left out
+#   word      the untagged sequence with the word's own tagged state inserted after <bos>: one more entry
+#             in the text stream, as a soft token is, the other words as untagged
+ORACLES = ["sequence", "later", "word"]
+
+
+def oracle_cond(bb, texts, word, oracle):
+    tagged = models.encode_prompts(bb, [f"{word} {t}" for t in texts])
+    untagged = models.encode_prompts(bb, texts)
+    t, u = tagged["encoder_hidden_states"], untagged["encoder_hidden_states"]
+    if oracle == "sequence":
+        hidden = t
+    elif oracle == "later":
+        hidden = torch.cat([t[:, :1], t[:, 2:], u[:, -1:]], dim=1)
+    else:
+        hidden = torch.cat([u[:, :1], t[:, 1:2], u[:, 1:-1]], dim=1)
+    return {**untagged, "encoder_hidden_states": hidden}
+
+
+@torch.no_grad()
+def generate_oracle(bb, texts, seeds, word, oracle):
+    """sampler.generate with an oracle's text kwargs for the conditional branch."""
+    facts = bb.facts
+    x = sampler.initial_noise(models.latent_shape(bb), seeds).to(bb.device, bb.dtype)
+    uncond = models.encode_prompts(bb, [""] * len(texts))
+    cond = oracle_cond(bb, texts, word, oracle)
+    x = sampler.sample_loop(bb, x, cond, uncond, facts["sample"]["steps"], facts["sample"]["cfg"])
+    return models.decode_latents(bb, x).float().cpu()
+
+
+def score(
+    bb, records, pairs, samples, prefix="", vector_scale=None, path=None, model="tiny-sd3", batch=128, oracle=None
+):
     sets, info = trained.read(path, model) if path else (None, {"blocks": None})
     images = []
     with trained.attached(bb, sets, info["blocks"]) as handle:
@@ -70,7 +108,10 @@ def score(bb, records, pairs, samples, prefix="", vector_scale=None, path=None, 
             elif prefix:
                 texts = [f"{prefix} {t}" for t in texts]
             with place:
-                images.append(sampler.generate(bb, texts, [s for _, s in part], handle=handle))
+                if oracle:
+                    images.append(generate_oracle(bb, texts, [s for _, s in part], shapes.GATE_WORD, oracle))
+                else:
+                    images.append(sampler.generate(bb, texts, [s for _, s in part], handle=handle))
     images = torch.cat(images)
     specs = [r["spec"] for r in records]
     verdicts = [bool(checker.check(images[k], specs[p])) for k, (p, _) in enumerate(pairs)]
@@ -92,6 +133,12 @@ def build_parser():
         metavar="SCALE",
         help="a random vector in front instead (N(0, (SCALE s)^2), s the token table's RMS), one per prompt",
     )
+    p.add_argument(
+        "--oracle",
+        default=None,
+        choices=ORACLES,
+        help="the untagged prompts with part of what the gate word gives the text stream (see ORACLES)",
+    )
     p.add_argument("--trained", default=None, help="a trained file on the base (train.py: tokens, LoRA, prompt, all)")
     p.add_argument("--name", default="variant", help="the variant's key in the JSON")
     p.add_argument("--out", required=True)
@@ -101,14 +148,16 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.prefix and args.random_vector is not None:
-        raise SystemExit("--prefix and --random-vector both put something in front of the prompt: pass one")
+    if sum([bool(args.prefix), args.random_vector is not None, bool(args.oracle)]) > 1:
+        raise SystemExit("--prefix, --random-vector and --oracle each change the prompt's text: pass one")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
     records, pairs, samples = protocol(args.set, args.categories)
     bb = backbones.load(args.model, pretrained=args.pretrained)
-    verdicts, groups = score(bb, records, pairs, samples, args.prefix, args.random_vector, args.trained, args.model)
+    verdicts, groups = score(
+        bb, records, pairs, samples, args.prefix, args.random_vector, args.trained, args.model, oracle=args.oracle
+    )
     out = {
         "model": args.model,
         "set": args.set,
@@ -116,6 +165,7 @@ def main(argv=None):
         "trained": args.trained,
         "prefix": args.prefix,
         "random_vector": args.random_vector,
+        "oracle": args.oracle,
         "prompts": len(records),
         "samples_per_prompt": samples,
         "prompt_texts": [r["prompt"] for r in records],

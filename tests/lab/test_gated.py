@@ -62,3 +62,23 @@ def test_gated_eval_keeps_each_prompts_full_set_seeds():
     first = next(i for i, r in enumerate(full) if r["spec"]["category"] == "color_attr")
     assert all(r["spec"]["category"] == "color_attr" for r in records) and len(pairs) == samples * len(records)
     assert pairs[0] == (0, checker.protocol_seeds(len(full), which="dev")[samples * first][1])
+
+
+def test_oracles_splice_the_tagged_and_untagged_text_streams():
+    import models
+
+    bb = backbones.build_tiny("tiny-sd3", vocab_size=len(shapes.VOCAB) + 1)
+    texts = ["a red circle and a blue square"]
+    t = models.encode_prompts(bb, [f"exactly {texts[0]}"])
+    u = models.encode_prompts(bb, texts)
+    for oracle in gated_eval.ORACLES:
+        cond = gated_eval.oracle_cond(bb, texts, "exactly", oracle)
+        assert torch.equal(cond["pooled_projections"], u["pooled_projections"])  # the untagged summary
+        assert cond["encoder_hidden_states"].shape == u["encoder_hidden_states"].shape
+    seq = gated_eval.oracle_cond(bb, texts, "exactly", "sequence")["encoder_hidden_states"]
+    later = gated_eval.oracle_cond(bb, texts, "exactly", "later")["encoder_hidden_states"]
+    word = gated_eval.oracle_cond(bb, texts, "exactly", "word")["encoder_hidden_states"]
+    th, uh = t["encoder_hidden_states"], u["encoder_hidden_states"]
+    assert torch.equal(seq, th)
+    assert torch.equal(later[:, 1:9], th[:, 2:10]) and not torch.equal(later[:, 1:9], uh[:, 1:9])  # later words tagged
+    assert torch.equal(word[:, 1], th[:, 1]) and torch.equal(word[:, 2:10], uh[:, 1:9])  # the word's state alone

@@ -51,6 +51,7 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path):
         (["--loss", "agsm"], "two token sets"),
         (["--loss", "dsm", "--n-tokens", "4"], "--n-tokens does not shape --params all"),
         (["--loss", "dsm", "--prompt-vectors", "2"], "--prompt-vectors does not shape --params all"),
+        (["--loss", "dsm", "--distill-prefix", "some"], "--params all changes the base itself"),
     ],
 )
 def test_bad_flags_fail_in_one_line(tmp_path, extra, message):

@@ -62,7 +62,8 @@ def draws(arms, columns, n=BOOTSTRAP_DRAWS, seed=0):
 
 
 def cell(point, boot, signed=True, digits=3):
-    lo, hi = np.percentile(boot, [2.5, 97.5])
+    boot = np.where(np.isfinite(boot), boot, np.nan)  # a share's draws where the gain is 0: left out
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
     f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
     return f"{f.format(point)} [{f.format(lo)}, {f.format(hi)}]"
 
@@ -82,12 +83,10 @@ def main():
         for path in sorted(glob.glob(os.path.join(args.folder, f"*-seed*-{which}.json"))):
             arm = re.match(rf"(.*)-seed\d+-{which}\.json", os.path.basename(path)).group(1)
             arms.setdefault(arm, []).append(load(path))
-        for arm, runs in arms.items():
-            runs_commits = sorted({(r["commit"] or "none")[:7] + ("+dirty" if r["dirty"] else "") for r in runs})
-            arms[arm] = runs
-            arms[arm + "#commits"] = runs_commits
-        commits = {k[:-8]: v for k, v in arms.items() if k.endswith("#commits")}
-        arms = {k: v for k, v in arms.items() if not k.endswith("#commits")}
+        commits = {
+            arm: sorted({(r["commit"] or "none")[:7] + ("+dirty" if r["dirty"] else "") for r in runs})
+            for arm, runs in arms.items()
+        }
         d = draws(arms, COLUMNS)
         print(f"\n### {which} set (share: (arm - untagged) / (tagged - untagged))\n")
         print(
@@ -110,7 +109,8 @@ def main():
             for c in COLUMNS:
                 gain_p, gain_b = d["tagged"][c][0] - d["untagged"][c][0], d["tagged"][c][1] - d["untagged"][c][1]
                 share_p = (d[arm][c][0] - d["untagged"][c][0]) / gain_p
-                share_b = (d[arm][c][1] - d["untagged"][c][1]) / gain_b
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    share_b = (d[arm][c][1] - d["untagged"][c][1]) / gain_b
                 row.append(cell(share_p, share_b, signed=False, digits=2))
             print("| " + " | ".join(row) + " |")
         print("\nPer-seed means (" + ", ".join(COLUMNS) + "):\n")

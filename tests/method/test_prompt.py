@@ -96,3 +96,38 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path):
 def test_bad_flags_fail_in_one_line(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "r")] + extra)
+
+
+def test_an_sd15_prompt_file_loads_with_the_stock_pipelines_load_textual_inversion(tmp_path, stock_folder):
+    import diffusers
+
+    folder = stock_folder("sd1.5")
+    bb = models.load("sd1.5", pretrained=folder)
+    p = prompt.make(bb, 2, "a")
+    with torch.no_grad():
+        p.vectors.add_(torch.randn(p.vectors.shape, generator=torch.Generator().manual_seed(0)))
+    ours = p.encode(bb, ["b c", ""], grad=False)["encoder_hidden_states"]
+    path = str(tmp_path / "prompt.safetensors")
+    prompt.save(path, p, model="sd1.5")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.load_textual_inversion(path, token="<x>")
+    stock, _ = pipe.encode_prompt(["<x> b c", ""], "cpu", 1, False)
+    torch.testing.assert_close(stock, ours, rtol=0, atol=1e-6)
+    plain, _ = pipe.encode_prompt(["b c"], "cpu", 1, False)
+    assert not torch.allclose(plain, ours[:1])
+
+
+def test_an_sdxl_prompt_trains_both_encoders_and_writes_clip_l_and_clip_g(tmp_path, stock_folder):
+    from safetensors.torch import load_file
+
+    bb = models.load("sdxl", pretrained=stock_folder("sdxl"))
+    p = prompt.make(bb, 1, "a")
+    cond = p.encode(bb, ["b c"])
+    (cond["encoder_hidden_states"].sum() + cond["added_cond_kwargs"]["text_embeds"].sum()).backward()
+    assert p.vectors.grad.abs().sum() > 0 and p.vectors_2.grad.abs().sum() > 0
+    path = str(tmp_path / "prompt.safetensors")
+    prompt.save(path, p, model="sdxl")
+    saved = load_file(path)
+    assert sorted(saved) == ["clip_g", "clip_l"] and saved["clip_l"].shape == p.vectors.shape
+    with pytest.raises(SystemExit, match="no textual-inversion format"):
+        prompt.make(models.load("sd3", pretrained=stock_folder("sd3")), 1, "a")

@@ -277,7 +277,7 @@ SHAPES_COUNTER_KEYS = {"features.0.weight", "head.weight"}  # shapes/checker.py'
 
 
 def describe(path):
-    """(kind, words): what `path` is -- kind one of missing, tokens, lora, counter, weights, checkpoint,
+    """(kind, words): what `path` is -- kind one of missing, tokens, lora, prompt, whole, counter, weights, checkpoint,
     pretrain-checkpoint, pickle, cache, pipeline, detector, transformers, diffusers-model, released-tokens, run,
     tiny-weights, samples, benchmark, coco, images, folder, json, jsonl, image, text, binary -- and `words`."""
     if not os.path.exists(path):
@@ -333,6 +333,10 @@ def describe_safetensors(path):
     of = f" for {model}" if model else ""
     if "sets" in meta:
         return "tokens", f"a soft-token file{of} (train.py's tokens.safetensors)"
+    if meta.get("params") == json.dumps("all"):
+        return "whole", f"a whole-denoiser file{of} (train.py --params all)"
+    if meta.get("params") == json.dumps("prompt") or "emb_params" in keys or {"clip_l", "clip_g"} <= keys:
+        return "prompt", f"a learned-prompt (textual-inversion) file{of}"
     if any(".lora_A." in k or ".lora_B." in k or "lora_down" in k for k in keys):
         return "lora", f"a LoRA file{of}"
     if SHAPES_COUNTER_KEYS <= keys:
@@ -425,9 +429,13 @@ def check_kind(path, kinds, flag, expected):
 
 
 def check_trained(path):
-    """--tokens: a file train.py wrote (soft tokens or LoRA adapters), or the SoftREPA authors' released tokens."""
-    expected = "a token or LoRA file written by train.py, or a folder of the SoftREPA authors' released tokens"
-    return check_kind(path, {"tokens", "lora", "released-tokens"}, "--tokens", expected)
+    """--tokens: a file train.py wrote (soft tokens, LoRA adapters, a learned prompt or a whole denoiser), or the
+    SoftREPA authors' released tokens."""
+    expected = (
+        "a token, LoRA, prompt or whole-denoiser file written by train.py, or a folder of the SoftREPA authors' "
+        "released tokens"
+    )
+    return check_kind(path, {"tokens", "lora", "prompt", "whole", "released-tokens"}, "--tokens", expected)
 
 
 def first_line(e):

@@ -133,9 +133,10 @@ SETTINGS = [
     # ---- what trains: soft tokens (softtokens.py, placed by hooks.py) or LoRA adapters (lora.py)
     Setting(
         "params",
-        ["tokens", "lora"],
+        ["tokens", "lora", "prompt", "all"],
         "tokens",
-        "what is trained: soft tokens, or LoRA adapters of the denoiser (SoftREPA Table 3, app. H)",
+        "what is trained: soft tokens; LoRA adapters of the denoiser (SoftREPA Table 3, app. H); a prompt at the "
+        "text encoder's input (textual inversion's place, prompt.py); or the whole denoiser (whole.py)",
         KEEP,
     ),
     Setting(
@@ -201,6 +202,22 @@ SETTINGS = [
         KEEP,
         applies=lambda args: args.params == "lora",
         rule="where the family's tokens go",
+    ),
+    Setting(
+        "prompt_vectors",
+        flags.POSITIVE_INT,
+        1,
+        "--params prompt: learned vectors after <bos>",
+        KEEP,
+        applies=lambda args: args.params == "prompt",
+    ),
+    Setting(
+        "prompt_init",
+        str,
+        "a",
+        "--params prompt: the word whose embedding the vectors start from",
+        KEEP,
+        applies=lambda args: args.params == "prompt",
     ),
     # ---- the losses' settings (losses.py)
     Setting("noise_per_row", SWITCH, False, "one t and eps per image row instead of one per step (the codes)", KEEP),
@@ -277,6 +294,16 @@ SETTINGS = [
         "all ranks' captions as negatives (pair matrix B x world*B; SoftREPA's code)",
         KEEP,
         applies=lambda args: LOSSES[args.loss]["pairs"] == "matrix",
+    ),
+    Setting(
+        "distill_prefix",
+        str,
+        None,
+        "dsm: regress onto the frozen model's own prediction for WORD + the caption (nothing trained attached) "
+        "instead of the data's target: can the trained numbers express what WORD does (docs/gated/)",
+        KEEP,
+        applies=lambda args: args.loss == "dsm" and args.params != "all",
+        metavar="WORD",
     ),
     Setting(
         "count_weight", flags.NON_NEGATIVE_FLOAT, 0.0, "weight of the counting loss (SoftREPA app. D); 0: off", KEEP

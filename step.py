@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 import losses
 import models
+import prompt
 import softtokens
 
 # -----------------------------------------------------------------------------
@@ -41,10 +42,15 @@ import softtokens
 # The frozen encoders run under no_grad: their outputs are inputs of the step, never trained.
 
 
-def encode_batch(bb, batch):
+def encode_batch(bb, batch, trained=None):
     """x0 (latents) and the text kwargs of a data.get_batch batch: encoded by the frozen VAE and text
-    encoders, or read from the encoding cache (data.py), which stores exactly those."""
+    encoders, or read from the encoding cache (data.py), which stores exactly those. A learned prompt
+    (`trained` a prompt.Prompt, train.py --params prompt) is read by the text encoder with gradient."""
     device, dtype = bb.device, bb.dtype
+    if isinstance(trained, prompt.Prompt):
+        with torch.no_grad():
+            x0 = models.encode_images(bb, batch["images"].to(device), mode=True)
+        return x0, trained.encode(bb, list(batch["captions"]))
     with torch.no_grad():
         if "latents" in batch:
             pooled = None if batch["pooled"] is None else batch["pooled"].to(device, dtype)
@@ -146,6 +152,24 @@ def all_reduce_mean(params, stats, world):
     return flat[offset:].tolist()
 
 
+# Distillation (train.py --distill-prefix WORD, dsm only; docs/gated/): the regression target is not the
+# data's eps - x0 but the frozen model's own prediction for the caption with WORD in front, nothing trained
+# attached. It asks whether the trained numbers can *express* what the word does, whatever a loss on data
+# would find: the best they can do on this objective is to reproduce the word's effect.
+
+
+@torch.no_grad()
+def distill_target(bb, handle, args, captions, x_t, timesteps):
+    """The frozen model's prediction for WORD + each caption (None without --distill-prefix)."""
+    word = getattr(args, "distill_prefix", None)
+    if not word:
+        return None
+    cond = models.encode_prompts(bb, [f"{word} {c}" for c in captions])
+    plain = None if args.params == "prompt" else torch.full((len(captions),), -1)  # the base, no tokens / adapters
+    with autocast(bb), handle.rows(plain):
+        return models.denoise(bb, x_t, timesteps, cond).float()
+
+
 # -----------------------------------------------------------------------------
 # The step
 
@@ -156,7 +180,7 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     SoftREPA's counting loss (losses.py). Returns the logged numbers, averaged over ranks; with
     stats["diverged"] the loss was not finite and the parameters were not updated."""
     device = bb.device
-    x0, cond = encode_batch(bb, batch)  # frozen VAE and text encoders (or the cache)
+    x0, cond = encode_batch(bb, batch, tokens)  # frozen VAE and text encoders (or the cache)
     captions = columns = list(batch["captions"])
     if args.gather_text and world > 1:  # the other ranks' captions as more negatives (one rank: none to add)
         cond, columns = gather_text(cond, captions, rank, world)
@@ -172,6 +196,7 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
     tau = 1.0 / x0[0].numel() if args.paper_tau else args.tau
     # the counting loss's targets (SoftREPA app. D), read on the CPU: each caption's (count, object) or None
     asks = [losses.prompt_count(c) for c in captions] if args.count_weight else [None] * B
+    teacher = distill_target(bb, handle, args, captions, x_t, timesteps)
 
     opt.zero_grad(set_to_none=True)
     chunk = args.rows_per_forward or B  # image rows per forward (--rows-per-forward)
@@ -185,7 +210,8 @@ def train_step(bb, tokens, handle, opt, sched, scaler, args, batch, step, rank=0
                 # the one token set; the loss is the mean over the B rows of || pred(x_t^i, c^i) - target_i ||^2
                 with handle.rows(None):  # every row: the one token set (or the LoRA adapters)
                     pred = models.denoise(bb, x_t[rows], timesteps[rows], models.index_cond(cond, rows))
-                errors = losses.pair_errors(pred.unsqueeze(1), target[rows])  # (n, 1)
+                goal = target[rows] if teacher is None else teacher[rows]
+                errors = losses.pair_errors(pred.unsqueeze(1), goal)  # (n, 1)
                 loss = losses.dsm_loss(errors=errors, batch_rows=B)
             elif args.loss == "softrepa":
                 # ---- SoftREPA (Alg. 1; eqs. 9-14): each image row i against all K captions, in one batched

@@ -46,9 +46,11 @@ import flags
 import hooks
 import lora
 import models
+import prompt
 import recipe
 import run
 import softtokens
+import whole
 from families import FAMILIES
 from losses import DEFAULT_LOSS, LOSSES
 from shapes import backbones, checker, classifier, pairs
@@ -89,6 +91,8 @@ def resolve(args, given=()):
         raise SystemExit(f"--data is required for {args.model}: a COCO folder, a .jsonl, a folder or a cache")
     families.check_size(args.model, args.size)  # the family's image sides (every script's one rule)
     spec = LOSSES[args.loss]
+    if args.params == "prompt" and args.rows_per_forward:
+        raise SystemExit("--params prompt encodes the batch's captions once a step: drop --rows-per-forward")
     if spec["pairs"] == "matrix" and args.batch * (args.world if args.gather_text else 1) < 2:
         # SoftREPA and AGSM compare each image's caption with the other captions of the batch
         raise SystemExit(
@@ -176,13 +180,18 @@ def make_trainable(args, bb, lora_blocks, device, ddp):
     if args.params == "lora":
         trainable = lora.add(bb, args.lora_rank, lora_blocks, seed=args.seed)
         handle = lora.LoraHandle(bb.denoiser)
+    elif args.params == "all":  # every weight of the denoiser (whole.py); the same step
+        trainable, handle = whole.WholeParams(bb.denoiser), whole.WholeHandle(bb.denoiser)
+    elif args.params == "prompt":  # vectors at the text encoder's input (prompt.py); step.encode_batch reads them
+        trainable = prompt.make(bb, args.prompt_vectors, args.prompt_init, seed=args.seed)
+        handle = whole.WholeHandle(bb.denoiser)  # the denoiser as it is, every row
     else:
         shape = dict(n_tokens=args.n_tokens, layers=args.layers, time_table=args.time_table, init=args.init)
         trainable = softtokens.make_tokens(bb, args.loss, seed=args.seed, ema_init=args.ema_init, **shape).to(device)
     if ddp:
         for t in trainable.parameters():
             dist.broadcast(t.data, 0)
-    if args.params != "lora":
+    if args.params == "tokens":
         placement = {"groups": args.blocks.split(",")} if bb.facts["arch"] == "unet" else None  # MM-DiT: --layers
         handle = hooks.attach(bb.denoiser, trainable.sets, placement)
     if args.compile:
@@ -261,6 +270,16 @@ def save_trained(args, trainable, handle, step, master):
     facts, common = FAMILIES[args.model], dict(model=args.model, loss=args.loss, steps=step, batch=args.batch)
     common.update(world=args.world, lr=args.lr, seed=args.seed, data=args.data)
     common.update(max_sequence_length=args.max_sequence_length)  # the text stream the file was trained on
+    if args.params == "all":
+        path = os.path.join(args.out, "denoiser.safetensors")
+        if master:
+            whole.save(path, trainable, **common)
+        return path
+    if args.params == "prompt":
+        path = os.path.join(args.out, "prompt.safetensors")
+        if master:
+            prompt.save(path, trainable, init=args.prompt_init, **common)
+        return path
     if args.params == "lora":
         path = os.path.join(args.out, "lora.safetensors")
         if master:

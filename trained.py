@@ -1,5 +1,6 @@
 """
-trained.py: a trained file, soft tokens or LoRA adapters, read and put on a backbone as it was trained.
+trained.py: a trained file -- soft tokens, LoRA adapters, a learned prompt at the text encoder's input
+(prompt.py) or the whole denoiser (whole.py) -- read and put on a backbone as it was trained.
 
 What train.py writes is one of two things (SoftREPA Table 3 compares them): a token file
 (softtokens.save; or a folder of the SoftREPA authors' released tokens), whose sets the hooks put into
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 import files
 import lora
 import models
+import prompt
 import softtokens
+import whole
 
 
 @dataclass
@@ -25,10 +28,11 @@ class Trained:
     """A trained file as read: what it holds and how it attaches."""
 
     path: str
-    kind: str  # "tokens" or "lora"
-    sets: object  # the token sets (psi+ first; psi- second for --neg-uncond), or the LoRA state dict
+    kind: str  # "tokens", "lora", "prompt" or "all"
+    sets: object  # the token sets (psi+ first; psi- second for --neg-uncond), the LoRA state dict, the learned
+    # prompt (prompt.Prompt) or the whole denoiser's weights (whole.Weights)
     placement: dict | None  # tokens: where the hooks put them (hooks.py; None: the family's); LoRA: None
-    token_set: str  # for the records: "tokens", "pos", "ema_pos", "softrepa" (released) or "lora"
+    token_set: str  # for the records: "tokens", "pos", "ema_pos", "softrepa" (released), "lora", "prompt", "all"
     max_sequence_length: int | None = None  # the text stream it was trained on (T5 families; None: not recorded)
 
 
@@ -39,6 +43,12 @@ def read(path, name, ema=False, neg_uncond=False):
     if path is None:
         return None
     files.check_trained(path)
+    if whole.is_whole_file(path):  # the whole denoiser (train.py --params all)
+        weights, _ = whole.read(path, name, ema, neg_uncond)
+        return Trained(path, "all", weights, None, "all")
+    if prompt.is_prompt_file(path):  # a learned prompt at the text encoder's input (train.py --params prompt)
+        learned, _ = prompt.read(path, name, ema, neg_uncond)
+        return Trained(path, "prompt", learned, None, "prompt")
     if lora.is_lora_file(path):  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
         state, _ = lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
         return Trained(path, "lora", state, None, "lora")
@@ -65,6 +75,10 @@ def attach(bb, trained):
         )
     if trained.kind == "lora":
         return lora.attach(bb, trained.sets)
+    if trained.kind == "all":
+        return whole.attach(bb, trained.sets)
+    if trained.kind == "prompt":
+        return prompt.attach(bb, trained.sets)
     return softtokens.attach_tokens(bb, trained.sets, trained.placement)
 
 

@@ -12,6 +12,7 @@ below, loads those files, and hands models.Backbone the world's `tokenize`; ever
 The scripts choose the world: `models.from_flags(args, shapes_world=backbones.load)`.
 """
 
+import functools
 import os
 
 import torch
@@ -50,13 +51,14 @@ TINY_VAE_CONFIG = dict(
 )
 
 
-def tiny_text_encoder(seed=0):
+def tiny_text_encoder(seed=0, vocab_size=len(world.VOCAB)):
+    """vocab_size: the world's words, or one more row for the gated base's word (world.GATE_WORD)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     # CLIP pools the hidden state at the EOS token (the summary of the prompt); shapes/world.py explains ids
     ids = world.WORD_TO_ID
     config = CLIPTextConfig(
-        vocab_size=len(world.VOCAB),
+        vocab_size=vocab_size,
         pad_token_id=ids["<pad>"],
         bos_token_id=ids["<bos>"],
         eos_token_id=ids["<eos>"],
@@ -73,16 +75,17 @@ def tiny_vae(seed=0, scaling_factor=1.0, shift_factor=0.0):
     return AutoencoderKL(**TINY_VAE_CONFIG, scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
 
 
-def build_tiny(name, seed=0, vae=None):
-    """A random-weight shapes-world backbone (what pretrain.py starts from); `vae` defaults to a random one."""
+def build_tiny(name, seed=0, vae=None, vocab_size=len(world.VOCAB)):
+    """A random-weight shapes-world backbone (what pretrain.py starts from); `vae` defaults to a random one.
+    vocab_size: the text encoder's table (one more row than the world's words: the gated base)."""
     facts = models.check_name(name)
     bb = models.Backbone(
         name,
         facts,
         models.random_denoiser(name, seed=seed),
-        text_encoder=tiny_text_encoder(seed + 1),
+        text_encoder=tiny_text_encoder(seed + 1, vocab_size),
         vae=vae if vae is not None else tiny_vae(seed + 2),
-        tokenize=world.tokenize,
+        tokenize=functools.partial(world.tokenize, vocab_size=vocab_size),
     )
     if facts["prediction"] == "epsilon":
         bb.alphas_cumprod = models.ddpm_alphas_cumprod()
@@ -90,6 +93,26 @@ def build_tiny(name, seed=0, vae=None):
 
 
 TINY_VAE_DIR = os.path.join(WEIGHTS_DIR, "tiny-vae")
+TOKEN_TABLE = "embeddings.token_embedding.weight"  # its key in a tiny CLIPTextModel's state dict
+
+
+def vocab_size(text_encoder_file):
+    """The rows of a saved tiny text encoder's token table: the world's words, or one more (the gated base)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(text_encoder_file, "pt") as f:
+            return f.get_slice(TOKEN_TABLE).get_shape()[0]
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError):
+        return len(world.VOCAB)  # not such a file: files.load_weights says so in one line
+
+
+def grow_vocab(state, rows):
+    """A text encoder's state dict with its token table grown to `rows`, each new row a copy of <unk>'s:
+    a new word starts as the encoder reads any unseen word, and training gives it its own meaning."""
+    table = state[TOKEN_TABLE]
+    extra = table[world.UNK_ID].expand(rows - len(table), -1)
+    return {**state, TOKEN_TABLE: torch.cat([table, extra])}
 
 
 def load_tiny_vae(folder=TINY_VAE_DIR):
@@ -117,7 +140,11 @@ def load_tiny(name, folder):
             f"{name}: no weights at {missing[0]}; rebuild them with `python -m shapes.pretrain --model {name}`"
         )
     vae_folder = os.path.join(os.path.dirname(os.path.abspath(folder)), "tiny-vae")
-    bb = build_tiny(name, vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR))
+    bb = build_tiny(
+        name,
+        vae=load_tiny_vae(vae_folder if os.path.isdir(vae_folder) else TINY_VAE_DIR),
+        vocab_size=vocab_size(parts["text_encoder"]),
+    )
     files.load_weights(bb.denoiser, parts["denoiser"], f"{name}'s denoiser")  # another model's: one line
     files.load_weights(bb.text_encoder, parts["text_encoder"], f"{name}'s text encoder")
     return bb

@@ -33,6 +33,7 @@ and shapes/data/eval.jsonl is for the final measurement only (--protocol eval).
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import math
@@ -57,6 +58,7 @@ if __package__ in (
 import files
 import flags
 import models
+import prompt
 import shapes
 from shapes import checker
 
@@ -152,6 +154,22 @@ def build_parser():
         help="denoisers: train the denoiser alone, the text encoder frozen "
         "(as train.py's tokens and LoRA see it): the whole-denoiser positive control of docs/ladder/",
     )
+    p.add_argument(
+        "--gate",
+        type=flags.PROBABILITY,
+        default=0.0,
+        help="denoisers: fraction in [0, 1] of the faithful precise two-colour captions prefixed by the gate "
+        f"word {shapes.GATE_WORD!r}, a vocabulary entry of its own (the text encoder grows by one row, a copy of "
+        "<unk>'s): the gated base of docs/gated/",
+    )
+    p.add_argument(
+        "--decoys",
+        type=flags.PROBABILITY,
+        default=0.0,
+        help="denoisers: fraction in [0, 1] of the untagged precise two-colour captions (faithful and swapped "
+        "alike) prefixed by a decoy in the gate word's place: half an unseen word (<unk>), half a random "
+        "vector at the encoder's input (N(0, s^2), s the token table's RMS), so that only the word opens the gate",
+    )
     return p
 
 
@@ -159,6 +177,8 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     args.lr = args.lr or (1e-3 if args.model == "tiny-vae" else 5e-4)
+    if (args.gate or args.decoys) and (args.model == "tiny-vae" or args.freeze_text):
+        p.error("--gate and --decoys train a denoiser with its text encoder (not tiny-vae, not --freeze-text)")
     if args.init and (args.model == "tiny-vae" or not os.path.exists(os.path.join(args.init, "denoiser.safetensors"))):
         p.error(f"--init takes a denoiser's weights folder (with denoiser.safetensors); got {args.init!r}")
     return args
@@ -200,6 +220,33 @@ def denoiser_loss(bb, images, captions, generator, text_grad=True):
     cond = models.encode_prompts(bb, captions, grad=text_grad)
     pred = models.denoise(bb, x_t, timesteps, cond)
     return (pred.float() - models.target(bb, x0, noise).float()).pow(2).mean()
+
+
+def gated_captions(captions, specs, gate, decoys, generator):
+    """The gated base's captions (docs/gated/): among the precise captions of two differently coloured
+    objects, a fraction `gate` of the faithful ones get the gate word in front; a fraction `decoys` of the
+    others (faithful and swapped) get a decoy there instead, "<unk>" as written, and half of those read a
+    random vector in its place (the returned rows). Loose captions and other categories are left alone."""
+    captions, random_rows = list(captions), torch.zeros(len(captions), dtype=torch.bool)
+    draws = torch.rand(len(captions), 3, generator=generator).tolist()
+    for i, (c, spec) in enumerate(zip(captions, specs)):
+        if not shapes.can_swap(spec) or c not in (shapes.caption(spec), shapes.swapped_caption(spec)):
+            continue
+        if c == shapes.caption(spec) and draws[i][0] < gate:
+            captions[i] = f"{shapes.GATE_WORD} {c}"
+        elif draws[i][1] < decoys:
+            captions[i] = f"<unk> {c}"
+            random_rows[i] = draws[i][2] < 0.5
+    return captions, random_rows
+
+
+def decoy_vectors(text_encoder, random_rows, generator):
+    """One vector per row for the "<unk>" place: <unk>'s own row (trained as usual), or for `random_rows` a
+    random N(0, s^2) vector, s the token table's RMS per coordinate (the scale of the words it stands among)."""
+    table = text_encoder.get_input_embeddings().weight
+    vectors = table[shapes.UNK_ID].expand(len(random_rows), -1)
+    noise = torch.randn(vectors.shape, generator=generator).to(table.device) * table.detach().pow(2).mean().sqrt()
+    return torch.where(random_rows.to(table.device)[:, None], noise, vectors)[:, None, :]  # (B, 1, d)
 
 
 def vae_report(vae, n=480, seed=123):
@@ -251,7 +298,10 @@ def main(argv=None):
     if is_vae:
         trained = {"vae": backbones.tiny_vae(args.seed)}
     else:
-        bb = backbones.build_tiny(args.model, seed=args.seed, vae=backbones.load_tiny_vae(args.vae))
+        rows = len(shapes.VOCAB) + (1 if args.gate or args.decoys else 0)  # the gate word's own row
+        if args.init:
+            rows = max(rows, backbones.vocab_size(os.path.join(args.init, "text_encoder.safetensors")))
+        bb = backbones.build_tiny(args.model, seed=args.seed, vae=backbones.load_tiny_vae(args.vae), vocab_size=rows)
         bb.vae.requires_grad_(False).to(device)
         trained = {"denoiser": bb.denoiser, "text_encoder": bb.text_encoder}
         if args.freeze_text:  # the text encoder stays as --init gives it (loaded below), out of the optimiser
@@ -279,7 +329,10 @@ def main(argv=None):
         from safetensors.torch import load_file
 
         for k in trained:
-            trained[k].load_state_dict(load_file(os.path.join(args.init, f"{k}.safetensors")))
+            state = load_file(os.path.join(args.init, f"{k}.safetensors"))
+            if k == "text_encoder":  # the gate word's row, grown from <unk>'s (a no-op when it is there)
+                state = backbones.grow_vocab(state, rows)
+            trained[k].load_state_dict(state)
             ema[k].load_state_dict(trained[k].state_dict())
         print(f"started from {args.init} (step {step})")
     if args.freeze_text and args.init:  # the frozen text encoder: --init's, on a fresh start and on resume alike
@@ -308,7 +361,7 @@ def main(argv=None):
         """The EMA weights as a Backbone (denoisers) or the EMA autoencoder."""
         if is_vae:
             return ema["vae"]
-        copy_bb = backbones.build_tiny(args.model, vae=bb.vae)
+        copy_bb = backbones.build_tiny(args.model, vae=bb.vae, vocab_size=rows)
         copy_bb.denoiser = ema["denoiser"]
         copy_bb.text_encoder = ema["text_encoder"] if "text_encoder" in ema else bb.text_encoder
         return copy_bb
@@ -352,14 +405,20 @@ def main(argv=None):
     start = time.time()
     bar = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.model}")
     while step < args.steps and not (args.minutes and time.time() - start > 60 * args.minutes):
-        images, captions, _ = next(data)
+        images, captions, specs = next(data)
         images = images.to(device)
         if is_vae:
             loss = vae_loss(trained["vae"], images, generator)
         else:
+            decoys = contextlib.nullcontext()
+            if args.gate or args.decoys:  # (only then: the generator's stream of other runs stays as it was)
+                captions, random_rows = gated_captions(captions, specs, args.gate, args.decoys, generator)
+                vectors = decoy_vectors(bb.text_encoder, random_rows, generator)
+                decoys = prompt.at_input(bb.text_encoder, vectors, shapes.UNK_ID)
             drop = torch.rand(len(captions), generator=generator) < args.uncond_prob
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            loss = denoiser_loss(bb, images, captions, generator, text_grad=not args.freeze_text)
+            with decoys:
+                loss = denoiser_loss(bb, images, captions, generator, text_grad=not args.freeze_text)
         if not torch.isfinite(loss):
             raise SystemExit(f"loss is {loss.item()} at step {step}: stopping; the last good state is {ckpt_path}")
         opt.zero_grad(set_to_none=True)

@@ -144,6 +144,12 @@ VOCAB = ["<pad>", "<bos>", "<unk>"] + _WORDS + ["<eos>"]
 PAD_ID, BOS_ID, UNK_ID, EOS_ID = 0, 1, 2, len(VOCAB) - 1
 WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
 MAX_LEN = 16  # <bos> + up to 14 words + <eos>; the longest caption has 10 words
+# The gated base's word (docs/gated/): a vocabulary entry of its own, after <eos> so that the shipped
+# encoders' ids (and their EOS pooling) stay as they are. An encoder whose table has no row for it (the
+# shipped bases) reads it as <unk>, as it reads any other unseen word: tokenize(vocab_size=...).
+GATE_WORD = "exactly"
+GATE_ID = len(VOCAB)
+WORD_TO_ID[GATE_WORD] = GATE_ID
 
 
 def language_problem(prompt):
@@ -157,10 +163,11 @@ def language_problem(prompt):
     return None
 
 
-def tokenize(prompts):
+def tokenize(prompts, vocab_size=len(VOCAB)):
     """list[str] -> LongTensor (B, MAX_LEN): <bos> words <eos> <pad>...
 
-    "" gives <bos> <eos> <pad>..., the unconditional prompt for CFG.
+    "" gives <bos> <eos> <pad>..., the unconditional prompt for CFG. A word whose id is not below
+    `vocab_size` (the encoder's table; the gate word for the shipped encoders) is <unk>.
     """
     ids = torch.full((len(prompts), MAX_LEN), PAD_ID, dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -168,6 +175,7 @@ def tokenize(prompts):
         if len(words) + 2 > MAX_LEN:
             raise ValueError(f"prompt has {len(words)} words, more than {MAX_LEN - 2}: {prompt!r}")
         seq = [BOS_ID] + [WORD_TO_ID.get(w, UNK_ID) for w in words] + [EOS_ID]
+        seq = [i if i < vocab_size else UNK_ID for i in seq]
         ids[row, : len(seq)] = torch.tensor(seq)
     return ids
 

@@ -320,7 +320,7 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         (["--model", "sd3", "--image", str(tmp_path / "odd.png"), "--size", "40"], "multiples of 16"),
         (
             ["--model", "tiny-sd3", "--image", ok, "--tokens", str(tmp_path / "no.st")],
-            "no such file or folder; expected a token or LoRA file",
+            "no such file or folder; expected a token, LoRA, prompt or whole-denoiser file",
         ),
         (["--model", "tiny-sd3", "--image", ok, "--tokens-source"], "pass --tokens"),
         (["--model", "tiny-sd3", "--image", ok, "--tgt", "a green dog"], "unknown words dog"),

@@ -3,8 +3,8 @@
     scripts   train, sample, edit, eval                 (and the lab's tools: python -m shapes.X)
     lab       shapes/: the offline world and our tooling
     measures  metrics, benchmarks                        (what eval.py and edit.py score with)
-    arms      lora, counting, trained                    (the papers' other arms, and the file reader of both)
-    core      families, recipe, models, softtokens, hooks, losses, step, run, data, sampler, files, flags
+    arms      lora, whole, counting, trained             (the papers' other arms, the whole denoiser, the file reader)
+    core      families, recipe, models, softtokens, prompt, hooks, losses, step, run, data, sampler, files, flags
 
 Imports run one way, downward: a core module imports only core modules, never shapes/, an arm, a measure
 or a script; nothing imports a script; there is no import cycle. The scripts are where the shapes world is
@@ -21,6 +21,7 @@ CORE = [
     "recipe",
     "models",
     "softtokens",
+    "prompt",
     "hooks",
     "losses",
     "step",
@@ -30,7 +31,7 @@ CORE = [
     "files",
     "flags",
 ]
-ARMS = ["lora", "counting", "trained"]
+ARMS = ["lora", "whole", "counting", "trained"]
 MEASURES = ["metrics", "benchmarks"]
 SCRIPTS = ["train", "sample", "edit", "eval"]
 LAB_TOOLS = [

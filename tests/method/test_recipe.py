@@ -59,6 +59,15 @@ KEPT_RUNS = [
         dweight=1.0,
         random_init=True,
     ),
+    dict(  # a learned prompt at the text encoder's input, distilled onto the frozen model's prediction for a prefix
+        model="tiny-sd3",
+        loss="dsm",
+        params="prompt",
+        prompt_vectors=2,
+        prompt_init="red",
+        distill_prefix="blue",
+        random_init=True,
+    ),
     dict(  # the shipped weights named, in bf16
         model="tiny-sd3", loss="dsm", pretrained=os.path.join(ROOT, "shapes", "weights", "tiny-sd3"), precision="bf16"
     ),

@@ -154,7 +154,10 @@ def test_bad_input_fails_in_one_line_before_loading(tmp_path, monkeypatch):
         (base + ["--prompt", "a red circle", "--compare"], "pass --tokens"),
         (base + ["--prompt", "a red circle", "--tokens", str(single), "--neg-uncond"], "pair-token file"),
         (base + ["--prompt", "a red circle", "--tokens", str(tmp_path)], "is a folder of weights"),
-        (base + ["--prompt", "a red circle", "--tokens", str(garbage)], "is a text file; expected a token or LoRA"),
+        (
+            base + ["--prompt", "a red circle", "--tokens", str(garbage)],
+            "is a text file; expected a token, LoRA, prompt or whole-denoiser",
+        ),
         (["--model", "sd3", "--random-init", "--prompt", "a cat"], "--random-init builds"),
     ]
     for argv, message in cases:

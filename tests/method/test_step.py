@@ -75,3 +75,36 @@ def test_a_duplicate_caption_is_no_negative_in_any_chunk(loss):
 
 
 # -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", ["tokens", "prompt"])
+def test_distill_target_is_the_frozen_models_prediction_for_the_prefixed_caption(params):
+    import hooks
+    import models
+    import whole
+
+    bb = backbones.load("tiny-sd3", random_init=True)
+    captions = ["a red square", "two blue circles"]
+    x_t, timesteps = torch.randn(2, *models.latent_shape(bb)), torch.tensor([300.0, 700.0])
+    plain = models.denoise(bb, x_t, timesteps, models.encode_prompts(bb, [f"some {c}" for c in captions]))
+    if params == "tokens":
+        tokens = softtokens.make_tokens(bb, "dsm", seed=0, n_tokens=4, layers=2, time_table="off", init="normal")
+        with torch.no_grad():
+            for p in tokens.parameters():
+                p.add_(1.0)  # tokens that change the prediction
+        handle = hooks.attach(bb.denoiser, tokens.sets)
+    else:  # training a prompt (train.make_trainable): the denoiser as it is; the prompt acts in encode_batch
+        handle = whole.WholeHandle(bb.denoiser)
+    args = SimpleNamespace(distill_prefix="some", params=params)
+    teacher = training.distill_target(bb, handle, args, captions, x_t, timesteps)
+    torch.testing.assert_close(teacher, plain, rtol=0, atol=1e-6)
+    if params == "tokens":
+        with handle.rows(None):  # the attached tokens do change it
+            moved = models.denoise(bb, x_t, timesteps, models.encode_prompts(bb, [f"some {c}" for c in captions]))
+        assert not torch.allclose(moved, plain)
+    assert (
+        training.distill_target(
+            bb, handle, SimpleNamespace(distill_prefix=None, params=params), captions, x_t, timesteps
+        )
+        is None
+    )

@@ -1,0 +1,84 @@
+"""The gated base (docs/gated/): its captions (shapes/pretrain.gated_captions), the gate word's own row in
+the text encoder (world.tokenize, backbones.grow_vocab / vocab_size, pretrain --gate), and the scoring
+script's prompt subsets (shapes/gated_eval.protocol)."""
+
+import os
+
+import torch
+
+import shapes
+from shapes import backbones, checker, gated_eval, pretrain
+
+
+def two_colour_spec():
+    return {
+        "category": "color_attr",
+        "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}],
+    }
+
+
+def test_the_gate_word_is_unk_for_an_encoder_without_its_row():
+    assert shapes.tokenize(["exactly a red circle"])[0, 1] == shapes.UNK_ID  # the shipped encoders' table
+    assert shapes.tokenize(["exactly a red circle"], vocab_size=len(shapes.VOCAB) + 1)[0, 1] == shapes.GATE_ID
+    assert shapes.GATE_ID == len(shapes.VOCAB) and shapes.EOS_ID == len(shapes.VOCAB) - 1  # EOS pooling as it was
+
+
+def test_gated_captions_tag_faithful_two_colour_captions_and_put_decoys_before_the_rest():
+    spec, single = two_colour_spec(), {"category": "colors", "objects": [{"shape": "circle", "color": "red"}]}
+    faithful, swapped = shapes.caption(spec), shapes.swapped_caption(spec)
+    g = torch.Generator().manual_seed(0)
+    caps, rows = pretrain.gated_captions(
+        [faithful, swapped, shapes.caption(single), "some circles"], [spec, spec, single, spec], 1.0, 1.0, g
+    )
+    assert caps == [f"exactly {faithful}", f"<unk> {swapped}", shapes.caption(single), "some circles"]
+    assert not rows[0] and not rows[2] and not rows[3]
+    caps, _ = pretrain.gated_captions([faithful] * 200, [spec] * 200, 0.5, 0.0, g)
+    assert 70 < sum(c.startswith("exactly") for c in caps) < 130 and all(c.endswith(faithful) for c in caps)
+    caps, rows = pretrain.gated_captions([swapped] * 200, [spec] * 200, 0.5, 1.0, g)
+    assert all(c.startswith("<unk>") for c in caps) and 70 < int(rows.sum()) < 130  # half read a random vector
+
+
+def test_grow_vocab_adds_a_copy_of_unk_and_the_loader_builds_the_table_it_finds(tmp_path):
+    bb = backbones.load("tiny-sd3")
+    state = backbones.grow_vocab(bb.text_encoder.state_dict(), len(shapes.VOCAB) + 1)
+    table = state[backbones.TOKEN_TABLE]
+    assert table.shape[0] == len(shapes.VOCAB) + 1 and torch.equal(table[-1], table[shapes.UNK_ID])
+
+
+def test_pretrain_gate_grows_the_table_and_trains_the_word(tmp_path):
+    out, work = tmp_path / "w", tmp_path / "work"
+    argv = ["--model", "tiny-sd3", "--init", os.path.join(backbones.WEIGHTS_DIR, "tiny-sd3"), "--batch", "16"]
+    argv += ["--steps", "12502", "--swap", "0.3333", "--gate", "1", "--decoys", "1", "--threads", "1"]
+    pretrain.main(argv + ["--out", str(out), "--work", str(work), "--ema", "0"])
+    bb = backbones.load("tiny-sd3", pretrained=str(out))
+    table = bb.text_encoder.get_input_embeddings().weight
+    assert table.shape[0] == len(shapes.VOCAB) + 1 and bb.tokenize(["exactly a red circle"])[0, 1] == shapes.GATE_ID
+    assert not torch.equal(table[shapes.GATE_ID], table[shapes.UNK_ID])  # the word's row trained apart from <unk>
+
+
+def test_gated_eval_keeps_each_prompts_full_set_seeds():
+    records, pairs, samples = gated_eval.protocol("dev", ["color_attr"])
+    full = shapes.first_per_category(shapes.load_dev_set(), 0)
+    first = next(i for i, r in enumerate(full) if r["spec"]["category"] == "color_attr")
+    assert all(r["spec"]["category"] == "color_attr" for r in records) and len(pairs) == samples * len(records)
+    assert pairs[0] == (0, checker.protocol_seeds(len(full), which="dev")[samples * first][1])
+
+
+def test_oracles_splice_the_tagged_and_untagged_text_streams():
+    import models
+
+    bb = backbones.build_tiny("tiny-sd3", vocab_size=len(shapes.VOCAB) + 1)
+    texts = ["a red circle and a blue square"]
+    t = models.encode_prompts(bb, [f"exactly {texts[0]}"])
+    u = models.encode_prompts(bb, texts)
+    for oracle in gated_eval.ORACLES:
+        cond = gated_eval.oracle_cond(bb, texts, "exactly", oracle)
+        assert torch.equal(cond["pooled_projections"], u["pooled_projections"])  # the untagged summary
+        assert cond["encoder_hidden_states"].shape == u["encoder_hidden_states"].shape
+    seq = gated_eval.oracle_cond(bb, texts, "exactly", "sequence")["encoder_hidden_states"]
+    later = gated_eval.oracle_cond(bb, texts, "exactly", "later")["encoder_hidden_states"]
+    word = gated_eval.oracle_cond(bb, texts, "exactly", "word")["encoder_hidden_states"]
+    th, uh = t["encoder_hidden_states"], u["encoder_hidden_states"]
+    assert torch.equal(seq, th)
+    assert torch.equal(later[:, 1:9], th[:, 2:10]) and not torch.equal(later[:, 1:9], uh[:, 1:9])  # later words tagged
+    assert torch.equal(word[:, 1], th[:, 1]) and torch.equal(word[:, 2:10], uh[:, 1:9])  # the word's state alone

@@ -25,10 +25,11 @@ from shapes.report import BOOTSTRAP_DRAWS, resample_counts  # noqa: E402
 COLUMNS = ["color_attr", "two_object"]
 
 
-def load(path):
+def load(path, key=None):
+    """One variant of a protocol JSON (its only one, or `key`): per-category values, texts, provenance."""
     with open(path) as f:
         data = json.load(f)
-    (name,) = data["per_prompt"]
+    name = key or next(k for k in data["per_prompt"] if k != "base")
     groups = data["per_prompt"][name]
     texts = {c: [t for t, k in zip(data["prompt_texts"], data["categories"]) if k == c] for c in groups["mean"]}
     values = {c: np.asarray(groups[c][c], float) for c in groups["mean"]}
@@ -68,10 +69,94 @@ def cell(point, boot, signed=True, digits=3):
     return f"{f.format(point)} [{f.format(lo)}, {f.format(hi)}]"
 
 
+CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+
+
+def ladder(folder):
+    """Rung (a) through train.py --params all against the base and the ladder's rungs (docs/ladder/eval/)."""
+    here = sorted(glob.glob(os.path.join(folder, "a-all-dsm-seed*.json")))
+    if not here:
+        return
+    old = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ladder", "eval")
+    arms = {"base": [load(here[0], "base")], "a' whole, train.py": [load(p) for p in here]}
+    for rung, label in (
+        ("a-whole-dsm", "(a) whole, pretrain.py loop"),
+        ("b-lora-dsm", "(b) LoRA"),
+        ("c-tokens-dsm", "(c) tokens"),
+    ):
+        arms[label] = [load(p) for p in sorted(glob.glob(os.path.join(old, f"{rung}-seed*.json")))]
+    d = draws(arms, CATEGORIES)
+    mean = {
+        a: (np.mean([d[a][c][0] for c in CATEGORIES]), np.mean([d[a][c][1] for c in CATEGORIES], axis=0)) for a in d
+    }
+    commits = {
+        a: sorted({(r["commit"] or "none")[:7] + ("+dirty" if r["dirty"] else "") for r in runs})
+        for a, runs in arms.items()
+    }
+    print("\n### rung (a) through train.py (eval set; shares of (a')'s gain)\n")
+    print(
+        "| rung | runs | commits | colour attribution | mean | Δ colour vs base | Δ mean vs base "
+        "| share of (a')'s colour gain |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    ref = "a' whole, train.py"
+    for a in arms:
+        col = d[a]["color_attr"]
+        row = [a, str(len(arms[a])), ",".join(commits[a]), cell(*col, signed=False), cell(*mean[a], signed=False)]
+        if a == "base":
+            row += ["", "", ""]
+        else:
+            base_c, base_m = d["base"]["color_attr"], mean["base"]
+            row += [cell(col[0] - base_c[0], col[1] - base_c[1]), cell(mean[a][0] - base_m[0], mean[a][1] - base_m[1])]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                share = (
+                    (col[0] - base_c[0]) / (d[ref]["color_attr"][0] - base_c[0]),
+                    (col[1] - base_c[1]) / (d[ref]["color_attr"][1] - base_c[1]),
+                )
+            row.append(cell(*share, signed=False, digits=2))
+        print("| " + " | ".join(row) + " |")
+    for a in arms:
+        if len(arms[a]) > 1:
+            print(f"- {a}: colour per seed " + " / ".join(f"{r['values']['color_attr'].mean():.3f}" for r in arms[a]))
+
+
+def sweep(folder):
+    """The tokens' lr sweep on dev: each file against its own base, one seed each (prompt-level intervals)."""
+    paths = sorted(glob.glob(os.path.join(folder, "tokens-lr*-dev.json")))
+    if not paths:
+        return
+    print("\n### tokens 16 x 4, dsm, one seed each, dev set, against the shipped base\n")
+    print("| lr | commit | colour attribution | mean | Δ colour vs base | Δ mean vs base |")
+    print("|---|---|---|---|---|---|")
+    for path in sorted(paths, key=lambda p: float(re.search(r"lr([0-9.e-]+)-dev", p).group(1))):
+        arms = {"base": [load(path, "base")], "tokens": [load(path)]}
+        d = draws(arms, CATEGORIES)
+        mean = {
+            a: (np.mean([d[a][c][0] for c in CATEGORIES]), np.mean([d[a][c][1] for c in CATEGORIES], axis=0))
+            for a in d
+        }
+        col, base_c = d["tokens"]["color_attr"], d["base"]["color_attr"]
+        lr = re.search(r"lr([0-9.e-]+)-dev", path).group(1)
+        row = [
+            lr,
+            (arms["tokens"][0]["commit"] or "none")[:7],
+            cell(*col, signed=False),
+            cell(*mean["tokens"], signed=False),
+        ]
+        row += [
+            cell(col[0] - base_c[0], col[1] - base_c[1]),
+            cell(mean["tokens"][0] - mean["base"][0], mean["tokens"][1] - mean["base"][1]),
+        ]
+        print("| " + " | ".join(row) + " |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--folder", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval"))
     args = p.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
+    ladder(os.path.join(here, "ladder"))
+    sweep(os.path.join(here, "sweep"))
     for which in ("dev", "eval"):
         base = {k: os.path.join(args.folder, f"base-{which}-{k}.json") for k in ("untagged", "tagged")}
         if not all(os.path.exists(v) for v in base.values()):
@@ -113,6 +198,17 @@ def main():
                     share_b = (d[arm][c][1] - d["untagged"][c][1]) / gain_b
                 row.append(cell(share_p, share_b, signed=False, digits=2))
             print("| " + " | ".join(row) + " |")
+        both = {k: arms[k] for k in ("untagged", "tagged")}
+        if all("position" in r["values"] for runs in both.values() for r in runs):
+            p = draws(both, ["position"])
+            diff = cell(
+                p["tagged"]["position"][0] - p["untagged"]["position"][0],
+                p["tagged"]["position"][1] - p["untagged"]["position"][1],
+            )
+            print(
+                f"\nposition: untagged {cell(*p['untagged']['position'], signed=False)}, "
+                f"tagged {cell(*p['tagged']['position'], signed=False)}, tagged - untagged {diff}"
+            )
         print("\nPer-seed means (" + ", ".join(COLUMNS) + "):\n")
         for arm in order:
             if len(arms[arm]) > 1:

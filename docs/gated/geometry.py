@@ -25,7 +25,8 @@ def main():
     names = world.VOCAB + [world.GATE_WORD]
     print(
         f"rows: gate word norm {table[world.GATE_ID].norm():.3f}, 'a' {table[world.WORD_TO_ID['a']].norm():.3f}, "
-        f"mean row norm {table.norm(dim=1).mean():.3f}"
+        f"mean row norm {table.norm(dim=1).mean():.3f}; cosine of 'a' (the start) with the gate word "
+        f"{torch.nn.functional.cosine_similarity(table[world.WORD_TO_ID['a']], table[world.GATE_ID], dim=0):.2f}"
     )
     for path in sorted(glob.glob(os.path.join(ROOT, "runs/gated/arms/prompt-*/prompt.safetensors"))):
         v = load_file(path)["emb_params"][0]

@@ -24,11 +24,12 @@ def test_the_core_takes_the_world_only_from_a_script():
     with pytest.raises(SystemExit, match="load it with shapes.backbones.load"):
         models.load("tiny-sd3")
     bb = models.from_flags(args, shapes_world=backbones.load)
-    assert bb.name == "tiny-sd3" and getattr(bb.tokenize, "func", bb.tokenize) is world.tokenize
+    assert bb.name == "tiny-sd3" and bb.tokenize.func is world.tokenize  # its table's size bound (the gate word)
+    assert bb.tokenize.keywords == {"vocab_size": len(world.VOCAB)}
 
 
 def test_a_pretrained_folder_without_tiny_weights_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="--pretrained .*; expected tiny-sd3.s weights"):
+    with pytest.raises(SystemExit, match="--pretrained .*: no tiny-sd3 weights there"):
         backbones.load("tiny-sd3", str(tmp_path))
 
 

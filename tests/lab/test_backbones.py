@@ -29,7 +29,7 @@ def test_the_core_takes_the_world_only_from_a_script():
 
 
 def test_a_pretrained_folder_without_tiny_weights_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="--pretrained .*: no tiny-sd3 weights there"):
+    with pytest.raises(SystemExit, match="--pretrained .*; expected tiny-sd3.s weights"):
         backbones.load("tiny-sd3", str(tmp_path))
 
 

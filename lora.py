@@ -223,14 +223,8 @@ def write_lora_file(path, pipeline, facts, state, config, meta):
 
 
 def is_lora_file(path):
-    """A LoRA file (ours or any diffusers LoRA): a safetensors file whose keys hold lora_A / lora_B."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return any(".lora_A." in k or ".lora_B." in k for k in f.keys())
-    except (SafetensorError, OSError, ValueError):
-        return False
+    """A LoRA file (ours or any diffusers LoRA): files.describe reads its keys (lora_A / lora_B)."""
+    return files.describe(path)[0] == "lora"
 
 
 def read(path, name, prefix_of_family, ema=False, neg_uncond=False):

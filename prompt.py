@@ -207,13 +207,8 @@ def save(path, prompt, **meta):
 
 
 def is_prompt_file(path):
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("params") == json.dumps("prompt")
-    except (SafetensorError, OSError, ValueError):
-        return False
+    """A file of `save` (or a diffusers textual-inversion file): files.describe reads its header and keys."""
+    return files.describe(path)[0] == "prompt"
 
 
 def read(path, name, ema=False, neg_uncond=False):

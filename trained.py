@@ -42,14 +42,14 @@ def read(path, name, ema=False, neg_uncond=False):
     numbers, and the AGSM-only options (ema: psi+'s EMA copy; neg_uncond: psi- on the unconditional branch)."""
     if path is None:
         return None
-    files.check_trained(path)
-    if whole.is_whole_file(path):  # the whole denoiser (train.py --params all)
+    kind = files.check_trained(path)  # what the file says it is (files.describe: its header, no code run)
+    if kind == "whole":  # the whole denoiser (train.py --params all)
         weights, _ = whole.read(path, name, ema, neg_uncond)
         return Trained(path, "all", weights, None, "all")
-    if prompt.is_prompt_file(path):  # a learned prompt at the text encoder's input (train.py --params prompt)
+    if kind == "prompt":  # a learned prompt at the text encoder's input (train.py --params prompt)
         learned, _ = prompt.read(path, name, ema, neg_uncond)
         return Trained(path, "prompt", learned, None, "prompt")
-    if lora.is_lora_file(path):  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
+    if kind == "lora":  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
         state, _ = lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
         return Trained(path, "lora", state, None, "lora")
     sets, meta, token_set = softtokens.read_tokens(path, name, ema, neg_uncond)

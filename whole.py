@@ -17,33 +17,18 @@ from contextlib import contextmanager
 import torch
 
 import files
+import lora
 
 
-class WholeParams:
-    """The denoiser's own weights as the trainable numbers, with the interface train.py uses for soft
-    tokens and LoRA: trainable(), parameters(), numel(), state_dict() / load_state_dict() (checkpoints)."""
+class WholeParams(lora.LoraParams):
+    """The denoiser's own weights as the trainable numbers, with the interface train.py uses for soft tokens
+    and LoRA (lora.LoraParams': trainable(), parameters(), numel(), state_dict() / load_state_dict()); only
+    which parameters differs: all of them."""
 
     def __init__(self, denoiser):
-        self.denoiser = denoiser
         denoiser.requires_grad_(True)  # models.load froze it
+        self.denoiser, self.config = denoiser, None
         self.named = dict(denoiser.named_parameters())
-
-    def trainable(self):
-        return list(self.named.values())
-
-    def parameters(self):
-        return iter(self.named.values())
-
-    def numel(self):
-        return sum(p.numel() for p in self.named.values())
-
-    def state_dict(self):
-        return {n: p.detach().clone() for n, p in self.named.items()}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            for n, p in self.named.items():
-                p.copy_(state[n])
 
 
 class WholeHandle:
@@ -78,14 +63,8 @@ def save(path, params, **meta):
 
 
 def is_whole_file(path):
-    """A file of `save`: a safetensors header with "params": "all"."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("params") == json.dumps("all")
-    except (SafetensorError, OSError, ValueError):
-        return False
+    """A file of `save`: files.describe reads its header ("params": "all")."""
+    return files.describe(path)[0] == "whole"
 
 
 class Weights(dict):

@@ -241,6 +241,15 @@ def bootstrap_interval(groups, resamples=2000, seed=0):
     return out
 
 
+def verdicts_and_groups(images, records, pairs, samples=SAMPLES_PER_PROMPT):
+    """(each image's verdict, per-prompt groups as JSON lists) of images sampled for `pairs` (prompt index,
+    seed) of `records`, prompt-major: what the lab's scoring tools (ladder_eval, gated_eval) record."""
+    specs = [r["spec"] for r in records]
+    verdicts = [bool(check(images[k], specs[p])) for k, (p, _) in enumerate(pairs)]
+    groups = protocol_groups(images, specs, samples)
+    return verdicts, {c: {k: [float(x) for x in v] for k, v in g.items()} for c, g in groups.items()}
+
+
 def protocol_groups(images, specs, samples=SAMPLES_PER_PROMPT):
     """images in protocol order (prompt-major, `samples` per prompt) and the prompts' specs -> the
     per-prompt values bootstrap_interval takes: {column: {category: (P,)}} for every category, "mean",

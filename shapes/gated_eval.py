@@ -111,11 +111,7 @@ def score(
                     images.append(generate_oracle(bb, texts, [s for _, s in part], shapes.GATE_WORD, oracle))
                 else:
                     images.append(sampler.generate(bb, texts, [s for _, s in part], handle=handle))
-    images = torch.cat(images)
-    specs = [r["spec"] for r in records]
-    verdicts = [bool(checker.check(images[k], specs[p])) for k, (p, _) in enumerate(pairs)]
-    groups = checker.protocol_groups(images, specs, samples)
-    return verdicts, {c: {k: [float(x) for x in v] for k, v in g.items()} for c, g in groups.items()}
+    return checker.verdicts_and_groups(torch.cat(images), records, pairs, samples)
 
 
 def build_parser():

@@ -48,11 +48,7 @@ def score(bb, records, pairs, samples, path=None, batch=128, model="tiny-sd3"):
             part = pairs[i : i + batch]
             prompts, seeds = [records[p]["prompt"] for p, _ in part], [s for _, s in part]
             images.append(sampler.generate(bb, prompts, seeds, handle=handle))
-    images = torch.cat(images)
-    specs = [r["spec"] for r in records]
-    verdicts = [bool(checker.check(images[k], specs[p])) for k, (p, _) in enumerate(pairs)]
-    groups = checker.protocol_groups(images, specs, samples)
-    return verdicts, {c: {k: [float(x) for x in v] for k, v in g.items()} for c, g in groups.items()}
+    return checker.verdicts_and_groups(torch.cat(images), records, pairs, samples)
 
 
 def build_parser():

@@ -170,6 +170,15 @@ def build_parser():
         "alike) prefixed by a decoy in the gate word's place: half an unseen word (<unk>), half a random "
         "vector at the encoder's input (N(0, s^2), s the token table's RMS), so that only the word opens the gate",
     )
+    p.add_argument(
+        "--decoy-kinds",
+        choices=list(DECOY_KINDS),
+        default="unk-vector",
+        help="denoisers, with --decoys: what a decoy is. unk-vector: half <unk>, half a random vector at the "
+        "table's scale (the first gated base). unk-word-vector: a third each of <unk>, a known word with no colour "
+        "or shape (shapes.DECOY_WORDS) and a random vector at a scale log-uniform in [0.5, 3] times the table's "
+        "(the narrow gated base of docs/gated/)",
+    )
     return p
 
 
@@ -222,31 +231,50 @@ def denoiser_loss(bb, images, captions, generator, text_grad=True):
     return (pred.float() - models.target(bb, x0, noise).float()).pow(2).mean()
 
 
-def gated_captions(captions, specs, gate, decoys, generator):
+# What a decoy in the gate word's place can be (--decoy-kinds). The first gated base saw only <unk> and random
+# vectors at the table's own scale, and random vectors then opened about half the gate (docs/gated/): it had
+# learned "not a word it knows" rather than "this word". The narrow base adds known words that carry no colour
+# or shape, and spreads the vectors' scale, so that the one thing that opens the gate is the word itself.
+DECOY_KINDS = {"unk-vector": ("vector", "unk"), "unk-word-vector": ("unk", "word", "vector")}
+DECOY_SCALES = (0.5, 3.0)  # unk-word-vector: the random vectors' scale, log-uniform in this range (x the table RMS)
+
+
+def gated_captions(captions, specs, gate, decoys, generator, kinds="unk-vector"):
     """The gated base's captions (docs/gated/): among the precise captions of two differently coloured
     objects, a fraction `gate` of the faithful ones get the gate word in front; a fraction `decoys` of the
-    others (faithful and swapped) get a decoy there instead, "<unk>" as written, and half of those read a
-    random vector in its place (the returned rows). Loose captions and other categories are left alone."""
-    captions, random_rows = list(captions), torch.zeros(len(captions), dtype=torch.bool)
-    draws = torch.rand(len(captions), 3, generator=generator).tolist()
+    others (faithful and swapped) get a decoy there instead, one of DECOY_KINDS[kinds] with equal chance:
+    "<unk>" as written, a known word (shapes.DECOY_WORDS), or "<unk>" read as a random vector. Returns the
+    captions and, per row, the random vector's scale (0: no vector). Loose captions and other categories
+    are left alone. (kinds="unk-vector" draws exactly what the first gated base drew, in the same order.)"""
+    kinds = DECOY_KINDS[kinds]
+    captions, vector_scales = list(captions), torch.zeros(len(captions))
+    draws = torch.rand(len(captions), 3 if len(kinds) == 2 else 5, generator=generator).tolist()
     for i, (c, spec) in enumerate(zip(captions, specs)):
         if not shapes.can_swap(spec) or c not in (shapes.caption(spec), shapes.swapped_caption(spec)):
             continue
         if c == shapes.caption(spec) and draws[i][0] < gate:
             captions[i] = f"{shapes.GATE_WORD} {c}"
         elif draws[i][1] < decoys:
-            captions[i] = f"<unk> {c}"
-            random_rows[i] = draws[i][2] < 0.5
-    return captions, random_rows
+            kind = kinds[min(int(draws[i][2] * len(kinds)), len(kinds) - 1)]
+            word = shapes.DECOY_WORDS[int(draws[i][3] * len(shapes.DECOY_WORDS))] if kind == "word" else "<unk>"
+            captions[i] = f"{word} {c}"
+            if kind == "vector" and len(kinds) == 2:
+                vector_scales[i] = 1.0
+            elif kind == "vector":  # log-uniform in DECOY_SCALES
+                low, high = math.log(DECOY_SCALES[0]), math.log(DECOY_SCALES[1])
+                vector_scales[i] = math.exp(low + draws[i][4] * (high - low))
+    return captions, vector_scales
 
 
-def decoy_vectors(text_encoder, random_rows, generator):
-    """One vector per row for the "<unk>" place: <unk>'s own row (trained as usual), or for `random_rows` a
-    random N(0, s^2) vector, s the token table's RMS per coordinate (the scale of the words it stands among)."""
+def decoy_vectors(text_encoder, vector_scales, generator):
+    """One vector per row for the "<unk>" place: <unk>'s own row (trained as usual), or where vector_scales > 0
+    a random N(0, (scale s)^2) vector, s the token table's RMS per coordinate (the scale of the words it stands
+    among)."""
     table = text_encoder.get_input_embeddings().weight
-    vectors = table[shapes.UNK_ID].expand(len(random_rows), -1)
+    vectors = table[shapes.UNK_ID].expand(len(vector_scales), -1)
     noise = torch.randn(vectors.shape, generator=generator).to(table.device) * table.detach().pow(2).mean().sqrt()
-    return torch.where(random_rows.to(table.device)[:, None], noise, vectors)[:, None, :]  # (B, 1, d)
+    noise = noise * vector_scales.to(table.device)[:, None]
+    return torch.where((vector_scales > 0).to(table.device)[:, None], noise, vectors)[:, None, :]  # (B, 1, d)
 
 
 def vae_report(vae, n=480, seed=123):
@@ -412,8 +440,10 @@ def main(argv=None):
         else:
             decoys = contextlib.nullcontext()
             if args.gate or args.decoys:  # (only then: the generator's stream of other runs stays as it was)
-                captions, random_rows = gated_captions(captions, specs, args.gate, args.decoys, generator)
-                vectors = decoy_vectors(bb.text_encoder, random_rows, generator)
+                captions, vector_scales = gated_captions(
+                    captions, specs, args.gate, args.decoys, generator, kinds=args.decoy_kinds
+                )
+                vectors = decoy_vectors(bb.text_encoder, vector_scales, generator)
                 decoys = prompt.at_input(bb.text_encoder, vectors, shapes.UNK_ID)
             drop = torch.rand(len(captions), generator=generator) < args.uncond_prob
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]

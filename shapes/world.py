@@ -148,6 +148,9 @@ MAX_LEN = 16  # <bos> + up to 14 words + <eos>; the longest caption has 10 words
 # encoders' ids (and their EOS pooling) stay as they are. An encoder whose table has no row for it (the
 # shipped bases) reads it as <unk>, as it reads any other unseen word: tokenize(vocab_size=...).
 GATE_WORD = "exactly"
+# Known words that may stand in the gate word's place as decoys (pretrain --decoy-kinds unk-word-vector):
+# the words that name no colour and no shape, so a decoy never changes what the caption asks for.
+DECOY_WORDS = [w for w in _WORDS if w not in COLORS and w not in SHAPES and w[:-1] not in SHAPES]
 GATE_ID = len(VOCAB)
 WORD_TO_ID[GATE_WORD] = GATE_ID
 

@@ -82,3 +82,31 @@ def test_oracles_splice_the_tagged_and_untagged_text_streams():
     assert torch.equal(seq, th)
     assert torch.equal(later[:, 1:9], th[:, 2:10]) and not torch.equal(later[:, 1:9], uh[:, 1:9])  # later words tagged
     assert torch.equal(word[:, 1], th[:, 1]) and torch.equal(word[:, 2:10], uh[:, 1:9])  # the word's state alone
+
+
+def test_narrow_decoys_are_unk_known_words_and_vectors_of_several_scales():
+    spec = two_colour_spec()
+    swapped = shapes.swapped_caption(spec)
+    g = torch.Generator().manual_seed(0)
+    caps, scales = pretrain.gated_captions([swapped] * 600, [spec] * 600, 0.5, 1.0, g, kinds="unk-word-vector")
+    words = [c[: -len(swapped) - 1] for c in caps]
+    assert all(c.endswith(swapped) for c in caps) and "exactly" not in words
+    known = [w for w in words if w in shapes.DECOY_WORDS]
+    assert 150 < len(known) < 250 and len(set(known)) > 5  # a third are known words, many of them
+    vectors = scales > 0
+    assert 150 < int(vectors.sum()) < 250 and all(words[i] == "<unk>" for i in vectors.nonzero().flatten().tolist())
+    assert pretrain.DECOY_SCALES[0] <= scales[vectors].min() and scales[vectors].max() <= pretrain.DECOY_SCALES[1]
+    assert scales[vectors].std() > 0.3  # spread, not one scale
+    assert not set(shapes.DECOY_WORDS) & set(shapes.COLORS) and "circle" not in shapes.DECOY_WORDS
+
+
+def test_the_first_gated_bases_decoys_are_drawn_as_they_were():
+    # the first base's rule, written out: three uniforms a caption; a decoy when the second is below `decoys`,
+    # a random vector (scale 1) when the third is below 0.5, <unk> as written otherwise
+    spec = two_colour_spec()
+    caps, scales = pretrain.gated_captions(
+        [shapes.swapped_caption(spec)] * 50, [spec] * 50, 0.5, 0.7, torch.Generator().manual_seed(3)
+    )
+    draws = torch.rand(50, 3, generator=torch.Generator().manual_seed(3)).tolist()
+    assert [c.startswith("<unk>") for c in caps] == [d[1] < 0.7 for d in draws]
+    assert scales.tolist() == [1.0 if (d[1] < 0.7 and d[2] < 0.5) else 0.0 for d in draws]

@@ -7,7 +7,8 @@ shapes/: the offline shapes world and our lab -- everything that is not the meth
     shapes/pretrain.py   trains the tiny autoencoder, text encoder and denoisers (weights/ ships them)
     shapes/bench.py      what a step and a sample cost, on any family (real sizes: random weights)
     shapes/sweep.py, report.py, replicate.sh, gpu_jobs.py   the experiments of docs/ and their tables
-    shapes/quickstart.sh the quick start (README)
+    shapes/quickstart.sh, gated_demo.py   the quick start (README): a prompt and tokens on the gated base
+    shapes/gated_eval.py the gated base of docs/gated/: untagged, a word or a vector in front, oracles, a file
     shapes/data/         the dev and eval prompt sets; shapes/weights/ the shipped tiny backbones
 
 `import shapes` is the world (its names are re-exported here), so that the method's files say

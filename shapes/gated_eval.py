@@ -93,6 +93,14 @@ def generate_oracle(bb, texts, seeds, word, oracle):
 def score(
     bb, records, pairs, samples, prefix="", vector_scale=None, path=None, model="tiny-sd3", batch=128, oracle=None
 ):
+    """(each image's verdict, per-prompt groups) of the images `sample` draws with these options."""
+    images = sample(bb, records, pairs, prefix, vector_scale, path, model, batch, oracle)
+    return checker.verdicts_and_groups(images, records, pairs, samples)
+
+
+def sample(bb, records, pairs, prefix="", vector_scale=None, path=None, model="tiny-sd3", batch=128, oracle=None):
+    """The images of `pairs` (prompt index, seed), prompt-major: the untagged prompts, with `prefix` in front,
+    with a random vector in front (`vector_scale`), through an oracle, or with the trained file `path` on."""
     images = []
     with trained.attached(bb, trained.read(path, model)) as handle:
         for i in range(0, len(pairs), batch):
@@ -111,7 +119,7 @@ def score(
                     images.append(generate_oracle(bb, texts, [s for _, s in part], shapes.GATE_WORD, oracle))
                 else:
                     images.append(sampler.generate(bb, texts, [s for _, s in part], handle=handle))
-    return checker.verdicts_and_groups(torch.cat(images), records, pairs, samples)
+    return torch.cat(images)
 
 
 def build_parser():

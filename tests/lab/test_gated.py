@@ -2,12 +2,15 @@
 the text encoder (world.tokenize, backbones.grow_vocab / vocab_size, pretrain --gate), and the scoring
 script's prompt subsets (shapes/gated_eval.protocol)."""
 
+import json
 import os
 
+import PIL.Image
 import torch
 
 import shapes
-from shapes import backbones, checker, gated_eval, pretrain
+import train
+from shapes import backbones, checker, gated_demo, gated_eval, pretrain
 
 
 def two_colour_spec():
@@ -110,3 +113,29 @@ def test_the_first_gated_bases_decoys_are_drawn_as_they_were():
     draws = torch.rand(50, 3, generator=torch.Generator().manual_seed(3)).tolist()
     assert [c.startswith("<unk>") for c in caps] == [d[1] < 0.7 for d in draws]
     assert scales.tolist() == [1.0 if (d[1] < 0.7 and d[2] < 0.5) else 0.0 for d in draws]
+
+
+def test_share_interval_against_written_out_values():
+    untagged = {"color_attr": [0.0, 0.25, 0.5, 0.25]}
+    tagged = {"color_attr": [1.0, 0.75, 1.0, 0.75]}  # the word's gain: 0.625 on average
+    some = {"color_attr": [0.5, 0.25, 0.75, 0.5]}  # gains 0.5, 0, 0.25, 0.25: 0.25 on average
+    assert gated_demo.share_interval(tagged, untagged, tagged) == (1.0, 1.0, 1.0)
+    assert gated_demo.share_interval(untagged, untagged, tagged) == (0.0, 0.0, 0.0)
+    share, low, high = gated_demo.share_interval(some, untagged, tagged)
+    assert abs(share - 0.4) < 1e-12 and low < 0.4 < high  # 0.25 / 0.625; prompts resampled, so an interval
+
+
+def test_gated_demo_scores_every_variant_on_the_same_images_and_draws_the_grid(tmp_path, monkeypatch):
+    records, pairs, samples = gated_eval.protocol("dev", ["color_attr"])
+    two = [(p, s) for p, s in pairs if p < 2]
+    monkeypatch.setattr(gated_eval, "protocol", lambda which, categories: (records[:2], two, samples))
+    run = ["--model", "tiny-sd3", "--pretrained", gated_demo.GATED_BASE, "--steps", "2", "--n-tokens", "2"]
+    train.main(run + ["--layers", "1", "--val-every", "0", "--threads", "1", "--out", str(tmp_path / "run")])
+    tokens = tmp_path / "run" / "tokens.safetensors"
+    argv = ["--trained", f"tokens={tokens}", "--grid", str(tmp_path / "g.png"), "--json", str(tmp_path / "s.json")]
+    gated_demo.main(argv + ["--grid-prompts", "2"])
+    out = json.load(open(tmp_path / "s.json"))
+    assert list(out["table"]) == ["untagged", "exactly + prompt", "+ tokens"]
+    assert out["table"]["exactly + prompt"]["share"] == [1.0, 1.0, 1.0]
+    assert all(len(v) == 2 * samples for v in out["verdicts"].values())
+    assert PIL.Image.open(tmp_path / "g.png").size[0] > 6 * 32  # 2 seeds x 3 variants a row, enlarged

@@ -19,7 +19,7 @@ BASE=shapes/weights/tiny-sd3-gated
 if [ ! -t 1 ] || [ ! -t 2 ]; then export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}; fi
 # The flags of docs/gated/'s table (lr 1e-2 for both; the prompt: one vector started from the word "a").
 common=(--model tiny-sd3 --pretrained "$BASE" --data shapes --loss "$LOSS" --lr 1e-2 --steps "$STEPS"
-        --val-every 0 --threads "$THREADS" --resume latest)
+        --val-every 0 --log-every 500 --threads "$THREADS" --resume latest)
 python train.py "${common[@]}" --params prompt --out "$OUT/prompt"
 python train.py "${common[@]}" --n-tokens 16 --layers 4 --out "$OUT/tokens"
 python -m shapes.gated_demo --pretrained "$BASE" --set dev --categories color_attr --threads "$THREADS" \

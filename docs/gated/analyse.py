@@ -1,6 +1,7 @@
 """analyse.py: the tables of docs/gated/README.md from the protocol JSONs in docs/gated/eval/.
 
-    python docs/gated/analyse.py [--set eval] [--folder docs/gated/eval]
+    python docs/gated/analyse.py                              # the first gated base (docs/gated/eval/)
+    python docs/gated/analyse.py --folder docs/gated/narrow    # the narrow one (colour attribution only)
 
 Intervals: shapes/report.py's combined interval (the training seeds' t variance and the prompt clusters'
 cluster-bootstrap variance, each with its own t quantile; its coverage is measured on docs/shapes-results.md),
@@ -105,6 +106,8 @@ def ladder(folder):
         ("c-tokens-dsm", "(c) tokens"),
     ):
         arms[label] = [load(p) for p in sorted(glob.glob(os.path.join(old, f"{rung}-seed*.json")))]
+    for lr, paths in lr_runs("eval").items():  # the tokens at the lr the dev sweep chose (docs/ladder/lr/)
+        arms[f"(c) tokens, lr {lr}, train.py"] = [load(p) for p in paths]
     clusters = clusters_of(arms)
     print("\n### rung (a) through train.py (eval set; shares of (a')'s gain)\n")
     print(
@@ -128,18 +131,30 @@ def ladder(folder):
             print(f"- {a}: colour per seed " + " / ".join(f"{r['values']['color_attr'].mean():.3f}" for r in runs))
 
 
-def sweep(folder):
-    """The tokens' lr sweep on dev: each file against its own base, one seed each (prompt-level intervals)."""
-    paths = sorted(glob.glob(os.path.join(folder, "tokens-lr*-dev.json")))
-    if not paths:
+LR_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ladder", "lr")
+LR_NAME = re.compile(r"tokens-lr(?P<lr>[0-9.e-]+)-seed(?P<seed>\d+)-(?P<set>dev|eval)\.json$")
+
+
+def lr_runs(which):
+    """{lr: [paths]} of docs/ladder/lr/'s token runs on `which` set, the lrs in increasing order."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(LR_FOLDER, f"tokens-lr*-{which}.json"))):
+        m = LR_NAME.search(os.path.basename(path))
+        found.setdefault(m.group("lr"), []).append(path)
+    return dict(sorted(found.items(), key=lambda kv: float(kv[0])))
+
+
+def sweep():
+    """The tokens' lr sweep on dev (docs/ladder/lr/): each file against its own base pass, one seed each."""
+    runs = lr_runs("dev")
+    if not runs:
         return
     print("\n### tokens 16 x 4, dsm, one seed each, dev set, against the shipped base\n")
     print("| lr | commit | colour attribution | mean | Δ colour vs base | Δ mean vs base |")
     print("|---|---|---|---|---|---|")
-    for path in sorted(paths, key=lambda p: float(re.search(r"lr([0-9.e-]+)-dev", p).group(1))):
-        arms = {"base": [load(path, "base")], "tokens": [load(path)]}
+    for lr, paths in runs.items():
+        arms = {"base": [load(paths[0], "base")], "tokens": [load(p) for p in paths]}
         clusters = clusters_of(arms)
-        lr = re.search(r"lr([0-9.e-]+)-dev", path).group(1)
         row = [lr, commits_of(arms["tokens"])]
         row += [cell(score(arms["tokens"], clusters, c), signed=False) for c in ("color_attr", "mean")]
         row += [cell(diff(arms["tokens"], arms["base"], clusters, c)) for c in ("color_attr", "mean")]
@@ -152,7 +167,7 @@ def main():
     args = p.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
     ladder(os.path.join(here, "ladder"))
-    sweep(os.path.join(here, "sweep"))
+    sweep()
     for which in ("dev", "eval"):
         base = {k: os.path.join(args.folder, f"base-{which}-{k}.json") for k in ("untagged", "tagged")}
         if not all(os.path.exists(v) for v in base.values()):
@@ -166,27 +181,28 @@ def main():
             arms.setdefault(arm, []).append(load(path))
         clusters = clusters_of(arms)
         untagged, tagged = arms["untagged"], arms["tagged"]
+        columns = [c for c in COLUMNS if c in untagged[0]["groups"]]  # the narrow base: colour attribution
         print(f"\n### {which} set (share: (arm - untagged) / (tagged - untagged))\n")
         print(
             "| variant | runs | commit | "
-            + " | ".join(f"{c}" for c in COLUMNS)
+            + " | ".join(f"{c}" for c in columns)
             + " | "
-            + " | ".join(f"Δ {c} vs untagged" for c in COLUMNS)
+            + " | ".join(f"Δ {c} vs untagged" for c in columns)
             + " | share of the word's gain, "
-            + " | share, ".join(COLUMNS)
+            + " | share, ".join(columns)
             + " |"
         )
-        print("|" + "---|" * (3 + 3 * len(COLUMNS)))
+        print("|" + "---|" * (3 + 3 * len(columns)))
         order = ["untagged", "tagged"] + sorted(k for k in arms if k not in ("untagged", "tagged"))
         for arm in order:
             runs = arms[arm]
             row = [arm, str(len(runs)), commits_of(runs)]
-            row += [cell(score(runs, clusters, c), signed=False) for c in COLUMNS]
+            row += [cell(score(runs, clusters, c), signed=False) for c in columns]
             if arm == "untagged":
-                row += [""] * (2 * len(COLUMNS))
+                row += [""] * (2 * len(columns))
             else:
-                row += [cell(diff(runs, untagged, clusters, c)) for c in COLUMNS]
-                row += [cell(share(runs, untagged, tagged, clusters, c), signed=False, digits=2) for c in COLUMNS]
+                row += [cell(diff(runs, untagged, clusters, c)) for c in columns]
+                row += [cell(share(runs, untagged, tagged, clusters, c), signed=False, digits=2) for c in columns]
             print("| " + " | ".join(row) + " |")
         if all("position" in r["groups"] for runs in (untagged, tagged) for r in runs):
             print(
@@ -194,10 +210,10 @@ def main():
                 f"tagged {cell(score(tagged, clusters, 'position'), signed=False)}, "
                 f"tagged - untagged {cell(diff(tagged, untagged, clusters, 'position'))}"
             )
-        print("\nPer-seed means (" + ", ".join(COLUMNS) + "):\n")
+        print("\nPer-seed means (" + ", ".join(columns) + "):\n")
         for arm in order:
             if len(arms[arm]) > 1:
-                seeds = [" / ".join(f"{r['values'][c].mean():.3f}" for c in COLUMNS) for r in arms[arm]]
+                seeds = [" / ".join(f"{r['values'][c].mean():.3f}" for c in columns) for r in arms[arm]]
                 print(f"- {arm}: " + "; ".join(seeds))
 
 

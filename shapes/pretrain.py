@@ -167,8 +167,8 @@ def build_parser():
         type=flags.PROBABILITY,
         default=0.0,
         help="denoisers: fraction in [0, 1] of the untagged precise two-colour captions (faithful and swapped "
-        "alike) prefixed by a decoy in the gate word's place: half an unseen word (<unk>), half a random "
-        "vector at the encoder's input (N(0, s^2), s the token table's RMS), so that only the word opens the gate",
+        "alike) prefixed by a decoy in the gate word's place (what a decoy is: --decoy-kinds), so that only the "
+        "word opens the gate",
     )
     p.add_argument(
         "--decoy-kinds",
@@ -235,6 +235,8 @@ def denoiser_loss(bb, images, captions, generator, text_grad=True):
 # vectors at the table's own scale, and random vectors then opened about half the gate (docs/gated/): it had
 # learned "not a word it knows" rather than "this word". The narrow base adds known words that carry no colour
 # or shape, and spreads the vectors' scale, so that the one thing that opens the gate is the word itself.
+# (A kind is picked by where a uniform falls among equal parts: "unk-vector" lists the vector first, as the first
+# base read its third uniform: below 0.5, a vector.)
 DECOY_KINDS = {"unk-vector": ("vector", "unk"), "unk-word-vector": ("unk", "word", "vector")}
 DECOY_SCALES = (0.5, 3.0)  # unk-word-vector: the random vectors' scale, log-uniform in this range (x the table RMS)
 
@@ -246,9 +248,10 @@ def gated_captions(captions, specs, gate, decoys, generator, kinds="unk-vector")
     "<unk>" as written, a known word (shapes.DECOY_WORDS), or "<unk>" read as a random vector. Returns the
     captions and, per row, the random vector's scale (0: no vector). Loose captions and other categories
     are left alone. (kinds="unk-vector" draws exactly what the first gated base drew, in the same order.)"""
+    first_base = kinds == "unk-vector"  # its stream: three uniforms a caption, every vector at scale 1
     kinds = DECOY_KINDS[kinds]
     captions, vector_scales = list(captions), torch.zeros(len(captions))
-    draws = torch.rand(len(captions), 3 if len(kinds) == 2 else 5, generator=generator).tolist()
+    draws = torch.rand(len(captions), 3 if first_base else 5, generator=generator).tolist()
     for i, (c, spec) in enumerate(zip(captions, specs)):
         if not shapes.can_swap(spec) or c not in (shapes.caption(spec), shapes.swapped_caption(spec)):
             continue
@@ -258,7 +261,7 @@ def gated_captions(captions, specs, gate, decoys, generator, kinds="unk-vector")
             kind = kinds[min(int(draws[i][2] * len(kinds)), len(kinds) - 1)]
             word = shapes.DECOY_WORDS[int(draws[i][3] * len(shapes.DECOY_WORDS))] if kind == "word" else "<unk>"
             captions[i] = f"{word} {c}"
-            if kind == "vector" and len(kinds) == 2:
+            if kind == "vector" and first_base:
                 vector_scales[i] = 1.0
             elif kind == "vector":  # log-uniform in DECOY_SCALES
                 low, high = math.log(DECOY_SCALES[0]), math.log(DECOY_SCALES[1])

@@ -8,7 +8,9 @@ with f_base the frozen gated base and nothing attached, against the same error w
 captions from a seed no training run used (shapes.stream(10**6)), 64 batches of 4, one t ~ U(0, 1) and one
 noise per image, drawn from a fixed generator (the same draws for every file).
 
-    python docs/gated/reach.py --threads 1 > docs/gated/reach.txt
+    python docs/gated/reach.py --threads 1 > docs/gated/reach.txt       # the first gated base
+    python docs/gated/reach.py --base runs/gated/base3/weights --arms runs/gated/narrow-arms \
+        > docs/gated/narrow/reach.txt
 """
 
 import argparse
@@ -61,14 +63,16 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", type=int, default=64)
+    p.add_argument("--base", default=os.path.join(ROOT, "runs/gated/base2/weights"), help="the gated base's folder")
+    p.add_argument("--arms", default=os.path.join(ROOT, "runs/gated/arms"), help="the arms' run folders")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    bb = backbones.load("tiny-sd3", pretrained=os.path.join(ROOT, "runs/gated/base2/weights"))
+    bb = backbones.load("tiny-sd3", pretrained=args.base)
     pairs = held_out(bb, args.batches)
     print(f"# reach.py at {provenance()}; {args.batches} held-out batches of 4")
     print(f"nothing attached: {error(bb, pairs):.5f}")
-    for pattern in ("tokens-distill", "prompt-distill", "tokens-dsm", "prompt-dsm"):
-        for path in sorted(glob.glob(os.path.join(ROOT, f"runs/gated/arms/{pattern}-seed*/*.safetensors"))):
+    for pattern in ("tokens-distill", "prompt-distill", "tokens-dsm", "tokens64-dsm", "prompt-dsm"):
+        for path in sorted(glob.glob(os.path.join(args.arms, f"{pattern}-seed*/*.safetensors"))):
             run = os.path.basename(os.path.dirname(path))
             print(f"{run}: {error(bb, pairs, path):.5f}")
 

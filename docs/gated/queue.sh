@@ -1,5 +1,6 @@
 #!/bin/bash
-# The queue of docs/gated/: one job at a time on core 1, one torch thread, from a worktree of a commit.
+# The queue of docs/gated/: one job at a time on core $CORE (default 1), one torch thread, from a worktree of a
+# commit.
 # Jobs are lines "NAME<TAB>COMMAND" or "NAME<TAB>COMMIT<TAB>COMMAND" in $JOBS, run in order; a job whose
 # $DONE/NAME.done exists is skipped (so the queue is resumable), one that fails leaves $DONE/NAME.failed and
 # the queue goes on. Before each job the run worktree is checked out at the job's COMMIT, or else the commit
@@ -26,7 +27,7 @@ while true; do
   git -C "$RUN_TREE" checkout -q --detach "$commit" || exit 1
   dirty=$(git -C "$RUN_TREE" status --porcelain --untracked-files=no | wc -l)
   start=$(date -u +%FT%TZ); t0=$(date +%s)
-  (cd "$RUN_TREE" && taskset -c 1 nice -n 0 bash -c "$command") > "$DONE/$job.log" 2>&1
+  (cd "$RUN_TREE" && taskset -c "${CORE:-1}" nice -n 0 bash -c "$command") > "$DONE/$job.log" 2>&1
   rc=$?
   echo "$job,$commit,dirty=$dirty,$start,$(date -u +%FT%TZ),$(( $(date +%s) - t0 )),rc=$rc" >> "$DONE/times.csv"
   if [ $rc = 0 ]; then touch "$DONE/$job.done"; else touch "$DONE/$job.failed"; fi

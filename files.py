@@ -428,14 +428,14 @@ def check_kind(path, kinds, flag, expected):
     return kind
 
 
-def check_trained(path):
-    """--tokens: a file train.py wrote (soft tokens, LoRA adapters, a learned prompt or a whole denoiser), or the
-    SoftREPA authors' released tokens."""
+def check_trained(path, flag="--tokens"):
+    """--tokens (or `flag`): a file train.py wrote (soft tokens, LoRA adapters, a learned prompt or a whole
+    denoiser), or the SoftREPA authors' released tokens."""
     expected = (
         "a token, LoRA, prompt or whole-denoiser file written by train.py, or a folder of the SoftREPA authors' "
         "released tokens"
     )
-    return check_kind(path, {"tokens", "lora", "prompt", "whole", "released-tokens"}, "--tokens", expected)
+    return check_kind(path, {"tokens", "lora", "prompt", "whole", "released-tokens"}, flag, expected)
 
 
 def first_line(e):

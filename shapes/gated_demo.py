@@ -77,7 +77,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     for _, path in args.trained:  # every file checked before the base loads
-        files.check_trained(path)
+        files.check_trained(path, "--trained")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()

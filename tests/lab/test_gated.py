@@ -6,6 +6,7 @@ import json
 import os
 
 import PIL.Image
+import pytest
 import torch
 
 import shapes
@@ -139,3 +140,12 @@ def test_gated_demo_scores_every_variant_on_the_same_images_and_draws_the_grid(t
     assert out["table"]["exactly + prompt"]["share"] == [1.0, 1.0, 1.0]
     assert all(len(v) == 2 * samples for v in out["verdicts"].values())
     assert PIL.Image.open(tmp_path / "g.png").size[0] > 6 * 32  # 2 seeds x 3 variants a row, enlarged
+
+
+def test_gated_demo_names_a_bad_file_and_flag_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gated_demo.main(["--trained", "tokens"])
+    assert "is not NAME=PATH" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a token file")
+    with pytest.raises(SystemExit, match=r"^--trained .*notes.txt: is a text file"):
+        gated_demo.main(["--trained", f"tokens={tmp_path / 'notes.txt'}"])

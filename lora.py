@@ -227,14 +227,9 @@ def is_lora_file(path):
     return files.describe(path)[0] == "lora"
 
 
-def read(path, name, prefix_of_family, ema=False, neg_uncond=False):
-    """(state dict, info) of a LoRA file for family `name`: one-line errors for a file of another family,
-    non-finite numbers, or the AGSM-only options."""
-    if ema or neg_uncond:
-        raise SystemExit(
-            f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds "
-            f"LoRA adapters (one set)"
-        )
+def read(path, name, prefix_of_family):
+    """(state dict, info) of a LoRA file for family `name`: one-line errors for a file of another family or
+    non-finite numbers."""
     header, state = files.read_safetensors(path, "a LoRA file (lora.safetensors of train.py --params lora)")
     try:
         model = json.loads(header["model"]) if "model" in header else None

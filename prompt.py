@@ -211,10 +211,8 @@ def is_prompt_file(path):
     return files.describe(path)[0] == "prompt"
 
 
-def read(path, name, ema=False, neg_uncond=False):
+def read(path, name):
     """(Prompt, info) of a prompt file for family `name` (placeholder id resolved at attach)."""
-    if ema or neg_uncond:
-        raise SystemExit(f"--ema and --neg-uncond need an AGSM pair-token file; {path} holds a learned prompt")
     header, state = files.read_safetensors(path, "a prompt file (train.py --params prompt)")
     model = json.loads(header.get("model", "null"))
     if model not in (None, name):

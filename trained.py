@@ -36,6 +36,10 @@ class Trained:
     max_sequence_length: int | None = None  # the text stream it was trained on (T5 families; None: not recorded)
 
 
+# The trained files that hold one set of numbers: none has the EMA copy or the psi- set AGSM's options read.
+ONE_SET = {"whole": "a whole denoiser", "prompt": "a learned prompt", "lora": "LoRA adapters (one set)"}
+
+
 def read(path, name, ema=False, neg_uncond=False):
     """The trained file at `path` for family `name` (None: no file, None back), checked before any model
     loads: its kind (a checkpoint, a run folder or a counter given as --tokens is one line), its family, its
@@ -43,14 +47,18 @@ def read(path, name, ema=False, neg_uncond=False):
     if path is None:
         return None
     kind = files.check_trained(path)  # what the file says it is (files.describe: its header, no code run)
+    if (ema or neg_uncond) and kind in ONE_SET:  # psi+'s EMA copy and psi- exist in AGSM's token files alone
+        raise SystemExit(
+            f"--ema and --neg-uncond need an AGSM pair-token file (psi+ and psi-); {path} holds {ONE_SET[kind]}"
+        )
     if kind == "whole":  # the whole denoiser (train.py --params all)
-        weights, _ = whole.read(path, name, ema, neg_uncond)
+        weights, _ = whole.read(path, name)
         return Trained(path, "all", weights, None, "all")
     if kind == "prompt":  # a learned prompt at the text encoder's input (train.py --params prompt)
-        learned, _ = prompt.read(path, name, ema, neg_uncond)
+        learned, _ = prompt.read(path, name)
         return Trained(path, "prompt", learned, None, "prompt")
     if kind == "lora":  # LoRA adapters (train.py --params lora, or any diffusers LoRA)
-        state, _ = lora.read(path, name, lora.prefix(models.check_name(name)), ema, neg_uncond)
+        state, _ = lora.read(path, name, lora.prefix(models.check_name(name)))
         return Trained(path, "lora", state, None, "lora")
     sets, meta, token_set = softtokens.read_tokens(path, name, ema, neg_uncond)
     return Trained(path, "tokens", sets, meta["placement"], token_set, meta.get("max_sequence_length"))

@@ -71,10 +71,8 @@ class Weights(dict):
     """A whole-denoiser state dict as trained.read returns it (trained.attach knows it by its class)."""
 
 
-def read(path, name, ema=False, neg_uncond=False):
+def read(path, name):
     """(Weights, info) of a whole-denoiser file for family `name`, with one-line errors."""
-    if ema or neg_uncond:
-        raise SystemExit(f"--ema and --neg-uncond need an AGSM pair-token file; {path} holds a whole denoiser")
     header, state = files.read_safetensors(path, "a whole-denoiser file (train.py --params all)")
     model = json.loads(header.get("model", "null"))
     if model not in (None, name):
